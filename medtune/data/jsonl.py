@@ -1,0 +1,161 @@
+"""Streaming JSON Lines I/O for canonical samples, with bad-record accounting and atomic writes.
+
+* Reading yields one sample at a time, so memory does not grow with the file. A line that is not JSON or not
+  a valid sample becomes a :class:`RecordError` naming the file, the line and the reason: counted and skipped
+  by default, raised when ``strict``.
+* Writing goes to a temporary file beside the target and is renamed into place only when the writer closes
+  without an exception, so a crash never leaves a half-written file where a later step would pick it up.
+* :class:`Tally` is the "N read, N written, N skipped (reasons)" line every command ends with.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Iterable, Iterator
+
+from medtune.data.schema import Sample, SchemaError
+
+
+class RecordError(ValueError):
+    """A bad input record: which file, which record (line or index), and why."""
+
+    def __init__(self, file: str | os.PathLike, record: int | str | None, reason: str):
+        self.file, self.record, self.reason = str(file), record, reason
+        where = f"{self.file}:{record}" if record is not None else self.file
+        super().__init__(f"{where}: {reason}")
+
+
+@dataclass
+class Tally:
+    """Counts of what a command read, wrote and skipped, with each skip's reason kept for the summary."""
+
+    read: int = 0
+    written: int = 0
+    skipped: collections.Counter = field(default_factory=collections.Counter)
+    examples: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def skip(self, reason: str, example: str | None = None) -> None:
+        """Count one skipped record under a short ``reason``; ``example`` (e.g. file:line) is kept once."""
+        self.skipped[reason] += 1
+        if example is not None:
+            self.examples.setdefault(reason, example)
+
+    def skip_error(self, error: RecordError, reason: str | None = None) -> None:
+        self.skip(reason or _short_reason(error.reason), str(error))
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def summary(self) -> str:
+        line = f"{self.read} read, {self.written} written, {self.n_skipped} skipped"
+        if self.skipped:
+            line += " (" + ", ".join(f"{n} {reason}" for reason, n in self.skipped.most_common()) + ")"
+        return line
+
+    def details(self) -> list[str]:
+        """One line per skip reason with its first example, for a report or ``--verbose`` output."""
+        return [f"{reason}: {n} (first: {self.examples.get(reason, '-')})" for reason, n in self.skipped.most_common()]
+
+    def to_dict(self) -> dict:
+        return {"read": self.read, "written": self.written, "skipped": dict(self.skipped), "notes": self.notes}
+
+
+def _short_reason(reason: str) -> str:
+    """Group messages by their stable head ("unknown role 'x' ..." -> "unknown role") for counting."""
+    head = reason.split(":")[0].split("(")[0]
+    words = [w for w in head.split() if not any(c in w for c in "'\"0123456789/")]
+    return " ".join(words[:6]) or reason[:60]
+
+
+def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any | RecordError]]:
+    """Yield ``(line_number, parsed_object)``; a line that does not parse yields a RecordError instead."""
+    with open(path, "r", encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as error:
+                yield number, RecordError(path, number, f"not valid JSON ({error.msg} at column {error.colno})")
+
+
+def read_samples(path: str | os.PathLike, *, strict: bool = False, tally: Tally | None = None) -> Iterator[Sample]:
+    """Stream canonical samples from a ``.jsonl`` file; bad lines are counted in ``tally`` (or raised)."""
+    tally = tally if tally is not None else Tally()
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    for number, obj in iter_json_lines(path):
+        tally.read += 1
+        if isinstance(obj, RecordError):
+            error = obj
+        else:
+            try:
+                yield Sample.from_dict(obj)
+                continue
+            except SchemaError as schema_error:
+                error = RecordError(path, number, str(schema_error))
+        if strict:
+            raise error
+        tally.skip_error(error)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """Open a temporary file next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class SampleWriter:
+    """Write samples to JSON Lines atomically: ``with SampleWriter(out) as w: w.write(sample)``."""
+
+    def __init__(self, path: str | os.PathLike, tally: Tally | None = None):
+        self.path = Path(path)
+        self.tally = tally if tally is not None else Tally()
+        self._context = None
+        self._handle = None
+
+    def __enter__(self) -> "SampleWriter":
+        self._context = atomic_open(self.path)
+        self._handle = self._context.__enter__()
+        return self
+
+    def write(self, sample: Sample | dict) -> None:
+        record = sample.to_dict() if isinstance(sample, Sample) else sample
+        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.tally.written += 1
+
+    def __exit__(self, *exc) -> bool:
+        return self._context.__exit__(*exc)
+
+
+def write_samples(path: str | os.PathLike, samples: Iterable[Sample | dict], tally: Tally | None = None) -> Tally:
+    with SampleWriter(path, tally) as writer:
+        for sample in samples:
+            writer.write(sample)
+    return writer.tally
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write one JSON document atomically (reports, results, manifests)."""
+    with atomic_open(path) as handle:
+        json.dump(obj, handle, indent=2, ensure_ascii=False)
+        handle.write("\n")

@@ -1,0 +1,5 @@
+"""Command-line verbs of this stage (registered by ``medtune.cli``)."""
+
+
+def register(subparsers) -> None:
+    """Nothing yet: this stage's verbs land with its issue."""
