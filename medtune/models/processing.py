@@ -1,0 +1,267 @@
+"""Canonical sample -> model inputs: token ids, attention mask, labels and pixel values.
+
+Design choices:
+
+* Text goes through the model's chat template (:mod:`medtune.models.templates`) and is tokenised in ONE call
+  on the whole rendered string, exactly as ``tokenizer.apply_chat_template(tokenize=True)`` does, so training
+  ids equal serving ids. Labels come from the template's trainable segments mapped onto tokens through the
+  tokenizer's character offsets (a token is trained when its last character lies in an assistant reply).
+* Each image placeholder (one special token) is expanded to ``vlm.image_tokens_per_image`` copies after
+  tokenisation: LLaVA-style models scatter one image feature into each copy, in order.
+* Truncation never cuts image tokens. A sample over ``max_length`` is either dropped (``truncation="drop"``)
+  or cut at the end (``"text"``) when what is kept still holds every image token and at least one trained
+  token; otherwise :class:`SkipSample` says why, and callers count it in their Tally.
+* Pixels: ``pad`` pastes the image on a square canvas filled with the processor's mean colour (LLaVA,
+  PathChat); ``resize`` squashes to a square; ``crop`` resizes the short side and centre-crops. The vision
+  tower's own image processor then normalises. Images are decoded late (:func:`load_pixel_values`), so a
+  tokenised cache stores ids and image references, not pixels.
+* Native VLMs (``vlm.template == "native"``) use their processor for everything; labels come from rendering
+  conversation prefixes and counting their tokens.
+"""
+from __future__ import annotations
+
+import bisect
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from medtune.models.templates import (Segment, get_template, render_with_tokenizer, to_chat_messages)
+
+IGNORE_INDEX = -100
+TRUNCATION_MODES = ("text", "drop")
+
+
+class SkipSample(Exception):
+    """A sample that cannot be used as it is; ``reason`` is the short phrase counted in the run's summary."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tokens and labels
+
+def tokenize_segments(segments: Sequence[Segment], tokenizer) -> tuple[list[int], list[bool]]:
+    """Token ids of the concatenated segments and, per token, whether it is trained.
+
+    The ids are those of one tokenizer call on the whole text (no special tokens added), so they equal
+    ``apply_chat_template(tokenize=True)``; segment boundaries never change the tokenisation.
+    """
+    text = "".join(segment.text for segment in segments)
+    ends, flags, position = [], [], 0  # segment i covers characters [ends[i-1], ends[i])
+    for segment in segments:
+        position += len(segment.text)
+        ends.append(position)
+        flags.append(segment.trainable)
+    if not getattr(tokenizer, "is_fast", False):
+        return _tokenize_by_prefixes(segments, tokenizer)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    trainable = []
+    for start, end in encoding["offset_mapping"]:
+        last_char = end - 1 if end > start else start
+        trainable.append(flags[min(bisect.bisect_right(ends, last_char), len(flags) - 1)] if flags else False)
+    return list(encoding["input_ids"]), trainable
+
+
+def _tokenize_by_prefixes(segments: Sequence[Segment], tokenizer) -> tuple[list[int], list[bool]]:
+    """Fallback for tokenizers without offsets: a segment owns the tokens its prefix adds."""
+    text = "".join(segment.text for segment in segments)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    trainable, prefix, done = [False] * len(ids), "", 0
+    for segment in segments:
+        prefix += segment.text
+        count = min(len(tokenizer(prefix, add_special_tokens=False)["input_ids"]), len(ids))
+        trainable[done:count] = [segment.trainable] * (count - done)
+        done = max(done, count)
+    return ids, trainable
+
+
+def expand_image_tokens(ids: list[int], labels: list[int], image_token_id: int,
+                        tokens_per_image: int) -> tuple[list[int], list[int]]:
+    """Replace each image placeholder by ``tokens_per_image`` copies (labels ignored there)."""
+    out_ids, out_labels = [], []
+    for token, label in zip(ids, labels):
+        if token == image_token_id:
+            out_ids += [image_token_id] * tokens_per_image
+            out_labels += [IGNORE_INDEX] * tokens_per_image
+        else:
+            out_ids.append(token)
+            out_labels.append(label)
+    return out_ids, out_labels
+
+
+def truncate(ids: list[int], labels: list[int], image_token_id: int, *, max_length: int,
+             truncation: str) -> tuple[list[int], list[int]]:
+    """Cut trailing text to ``max_length`` if that keeps every image token and a trained token, else skip."""
+    if truncation not in TRUNCATION_MODES:
+        raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
+    if len(ids) <= max_length:
+        return ids, labels
+    if truncation == "drop":
+        raise SkipSample("too long", f"{len(ids)} tokens > max_length {max_length}")
+    kept_images = ids[:max_length].count(image_token_id)
+    if kept_images != ids.count(image_token_id):
+        raise SkipSample("too long", f"{len(ids)} tokens; cutting to {max_length} would cut image tokens")
+    # labels[0] is never predicted (nothing comes before it), so it does not count as a trained token
+    if all(label == IGNORE_INDEX for label in labels[1:max_length]):
+        raise SkipSample("too long", f"{len(ids)} tokens; nothing to train on in the first {max_length}")
+    return ids[:max_length], labels[:max_length]
+
+
+def encode_text(sample, vlm, *, max_length: int, truncation: str = "text",
+                add_generation_prompt: bool = False) -> dict[str, list[int]]:
+    """input_ids / attention_mask / labels of a composed-VLM sample, without loading its images."""
+    messages = to_chat_messages(sample)
+    template = get_template(vlm.template)
+    segments = render_with_tokenizer(template, messages, vlm.tokenizer, image_token=vlm.image_token,
+                                     add_generation_prompt=add_generation_prompt)
+    ids, trainable = tokenize_segments(segments, vlm.tokenizer)
+    n_placeholders, n_images = ids.count(vlm.image_token_id), len(sample.images)
+    if n_placeholders != n_images:
+        raise SkipSample("image token in text", f"{n_placeholders} image tokens for {n_images} images "
+                                                f"(text must not contain {vlm.image_token!r})")
+    labels = [token if train else IGNORE_INDEX for token, train in zip(ids, trainable)]
+    if not add_generation_prompt and all(label == IGNORE_INDEX for label in labels):
+        raise SkipSample("no assistant reply")
+    ids, labels = expand_image_tokens(ids, labels, vlm.image_token_id, vlm.image_tokens_per_image or 1)
+    ids, labels = truncate(ids, labels, vlm.image_token_id, max_length=max_length, truncation=truncation)
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Images
+
+def _load_image(ref, image_root, allowed_roots):
+    """medtune.data.images.load_image when available (DICOM, NIfTI, path checks); plain PIL until then."""
+    try:
+        from medtune.data.images import load_image
+    except ImportError:
+        from PIL import Image
+
+        root = Path(image_root)
+        path = (root / ref.path).resolve()
+        roots = [root.resolve(), *(Path(r).resolve() for r in allowed_roots)]
+        if not any(path.is_relative_to(r) for r in roots):
+            raise SkipSample("bad image", f"{ref.path} is outside the image root {root}")
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    return load_image(ref, image_root, allowed_roots=allowed_roots)
+
+
+def square_image(image, mode: str, size: int, fill_mean: Sequence[float]):
+    """Make a PIL image square by padding with the mean colour, resizing, or resize-and-centre-crop."""
+    from PIL import Image
+
+    width, height = image.size
+    if mode == "pad":
+        if width == height:
+            return image
+        side = max(width, height)
+        canvas = Image.new("RGB", (side, side), tuple(int(round(c * 255)) for c in fill_mean))
+        canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+        return canvas
+    if mode == "resize":
+        return image.resize((size, size), Image.Resampling.BICUBIC)
+    if mode == "crop":
+        scale = size / min(width, height)
+        resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))),
+                               Image.Resampling.BICUBIC)
+        left, top = (resized.width - size) // 2, (resized.height - size) // 2
+        return resized.crop((left, top, left + size, top + size))
+    raise ValueError(f"pad_mode must be pad, resize or crop, got {mode!r}")
+
+
+def pixel_values_for(images: list, vlm):
+    """[n_images, 3, H, W] float tensor from PIL images, or None when there are none."""
+    if not images:
+        return None
+    mean = getattr(vlm.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
+    squared = [square_image(image, vlm.pad_mode, vlm.image_size, mean) for image in images]
+    return vlm.image_processor(images=squared, return_tensors="pt")["pixel_values"]
+
+
+def load_pixel_values(image_refs: list, vlm, image_root: str | os.PathLike, *, allowed_roots=()):
+    """Decode and preprocess a sample's images; an unreadable image becomes SkipSample("bad image")."""
+    images = []
+    for ref in image_refs:
+        try:
+            images.append(_load_image(ref, image_root, allowed_roots))
+        except SkipSample:
+            raise
+        except (OSError, ValueError) as error:  # ImageError is a ValueError; PIL raises OSError subclasses
+            raise SkipSample("bad image", str(error)) from error
+    return pixel_values_for(images, vlm)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public entry points
+
+def encode_sample(sample, vlm, image_root: str | os.PathLike, *, max_length: int, truncation: str = "text",
+                  allowed_roots=()) -> dict[str, Any]:
+    """A training example: input_ids, attention_mask, labels (lists) and pixel_values (tensor or None).
+
+    Raises :class:`SkipSample` for a sample that is too long, has no reply or has an unreadable image.
+    """
+    if vlm.template == "native":
+        images = [_load_or_skip(ref, image_root, allowed_roots) for ref in sample.images]
+        return _encode_native(to_chat_messages(sample), images, vlm, max_length=max_length, truncation=truncation)
+    encoded = encode_text(sample, vlm, max_length=max_length, truncation=truncation)
+    encoded["pixel_values"] = load_pixel_values(sample.images, vlm, image_root, allowed_roots=allowed_roots)
+    return encoded
+
+
+def _load_or_skip(ref, image_root, allowed_roots):
+    try:
+        return _load_image(ref, image_root, allowed_roots)
+    except (OSError, ValueError) as error:
+        raise SkipSample("bad image", str(error)) from error
+
+
+def encode_prompt(messages: list[dict], vlm, images: list) -> dict[str, Any]:
+    """Tensors ([1, L]) for generation: the conversation rendered with the assistant's turn opened."""
+    import torch
+
+    if vlm.template == "native":
+        text = vlm.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return dict(vlm.processor(text=text, images=images or None, return_tensors="pt"))
+    segments = render_with_tokenizer(get_template(vlm.template), messages, vlm.tokenizer,
+                                     add_generation_prompt=True, image_token=vlm.image_token)
+    ids, _ = tokenize_segments(segments, vlm.tokenizer)
+    ids, _ = expand_image_tokens(ids, ids, vlm.image_token_id, vlm.image_tokens_per_image or 1)
+    if ids.count(vlm.image_token_id) != len(images) * (vlm.image_tokens_per_image or 1):
+        raise ValueError(f"the conversation has {ids.count(vlm.image_token_id) // (vlm.image_tokens_per_image or 1)}"
+                         f" image places but {len(images)} images were given")
+    return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+            "pixel_values": pixel_values_for(images, vlm)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Native VLMs: the processor renders, expands image tokens and makes pixels; we only find the replies.
+
+def _encode_native(messages: list[dict], images: list, vlm, *, max_length: int, truncation: str) -> dict[str, Any]:
+    processor = vlm.processor
+
+    def n_tokens(conversation, add_generation_prompt):
+        n_images = sum(1 for m in conversation if not isinstance(m["content"], str)
+                       for part in m["content"] if part.get("type") == "image")
+        text = processor.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                             tokenize=False)
+        return len(processor(text=text, images=images[:n_images] or None)["input_ids"][0])
+
+    text = processor.apply_chat_template(messages, tokenize=False)
+    batch = processor(text=text, images=images or None, return_tensors="pt")
+    ids = batch["input_ids"][0].tolist()
+    labels = [IGNORE_INDEX] * len(ids)
+    for index, message in enumerate(messages):
+        if message["role"] == "assistant":
+            start = n_tokens(messages[:index], True)
+            end = min(n_tokens(messages[:index + 1], False), len(ids))
+            labels[start:end] = ids[start:end]
+    if all(label == IGNORE_INDEX for label in labels):
+        raise SkipSample("no assistant reply")
+    ids, labels = truncate(ids, labels, vlm.image_token_id, max_length=max_length, truncation=truncation)
+    out = {key: value for key, value in batch.items() if key not in ("input_ids", "attention_mask")}
+    out.update(input_ids=ids, attention_mask=[1] * len(ids), labels=labels)
+    out.setdefault("pixel_values", None)
+    return out
