@@ -1,0 +1,371 @@
+"""Build a composed vision-language model from named parts, and load any VLM checkpoint.
+
+``build_vlm(ModelSpec)`` assembles vision tower + projector + causal LM (+ tokenizer with an image token,
+image processor and chat template) and returns them together as a ``VLM``, so model and preprocessing
+cannot drift apart. With the ``mlp2x_gelu`` projector the model *is* transformers'
+``LlavaForConditionalGeneration`` (loads and serves without medtune); other projectors give a
+``medtune_vlm`` model (see composed.py). ``load_vlm`` reads back what ``VLM.save`` wrote, and loads
+native Hugging Face VLMs (Qwen2-VL, Idefics3, llava-hf ...) through AutoModelForImageTextToText +
+AutoProcessor with template "native".
+
+Design choices:
+- Pretrained parts keep their weights exactly: the tower and the LM are loaded with from_pretrained and
+  *moved* into the composed model (the composed shell is built on the meta device, so a 7B LM is never
+  allocated twice). Only the projector (and new embedding rows) start random.
+- Every setting is explicit in ``ModelSpec``; what the model needs to know at preprocessing time
+  (template, pad mode, image tokens per image) is saved next to the weights in ``medtune.json``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from medtune.models.projectors import PROJECTOR_NAMES
+
+log = logging.getLogger(__name__)
+
+MEDTUNE_FILE = "medtune.json"
+FEATURE_SELECTS = ("patch", "cls_patch")
+PAD_MODES = ("pad", "resize", "crop")
+DTYPES = ("float32", "bfloat16", "float16")
+NATIVE_TEMPLATE = "native"
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to build a composed VLM. Parts are checkpoints (hub name or local path) or
+    config dicts with a ``model_type`` (random initialisation)."""
+
+    vision: str | dict[str, Any]
+    """Vision tower: a checkpoint (a full CLIP/SigLIP checkpoint is fine: its vision half is used) or a
+    config dict such as ``{"model_type": "clip_vision_model", "hidden_size": 32, ...}``."""
+    llm: str | dict[str, Any]
+    """Causal LM: a checkpoint or a config dict (``model_type`` llama, mistral, phi, stablelm, qwen2 ...)."""
+    projector: str = "mlp2x_gelu"
+    """One of ``linear``, ``mlp2x_gelu`` (gives a transformers Llava model), ``attn_pool+mlp2x_gelu``."""
+    projector_queries: int = 128
+    """Learned queries of the attention pool, i.e. image tokens per image (attn_pool only)."""
+    projector_heads: int = 8
+    """Attention heads of the attention pool; must divide the vision width (attn_pool only)."""
+    vision_feature_layer: int = -2
+    """Which hidden state of the tower feeds the projector (-2: the penultimate layer, as in LLaVA)."""
+    vision_feature_select: str = "patch"
+    """``patch``: patch tokens only (LLaVA's "default"); ``cls_patch``: CLS + patches ("full")."""
+    tokenizer: str | None = None
+    """A tokenizer checkpoint, ``"offline"`` (the bundled-text BPE), or None for the LLM checkpoint's own."""
+    template: str = "vicuna"
+    """medtune chat template name (see medtune.models.templates); stored as the tokenizer's chat_template."""
+    image_size: int | None = None
+    """Input resolution in pixels; None takes the tower's. A pretrained tower only accepts its own size."""
+    pad_mode: str = "pad"
+    """How non-square images become square: ``pad`` with the image mean (LLaVA, PathChat), ``resize``, ``crop``."""
+    image_mean: tuple[float, float, float] | None = None
+    """Normalisation mean; None takes the tower checkpoint's processor, or the tower family's default."""
+    image_std: tuple[float, float, float] | None = None
+    """Normalisation std; as image_mean."""
+    image_token: str = "<image>"
+    """Placeholder token for an image in the text; added to the tokenizer if absent."""
+    dtype: str = "float32"
+    """Weight dtype of the built model: float32, bfloat16 or float16."""
+    seed: int = 0
+    """Seed for everything that starts random (projector, parts built from configs)."""
+
+    def __post_init__(self) -> None:
+        for name in ("vision", "llm"):
+            part = getattr(self, name)
+            if isinstance(part, dict) and not part.get("model_type"):
+                raise ValueError(f"ModelSpec.{name}: a config dict needs a model_type, got keys {sorted(part)}")
+            if not isinstance(part, (str, dict)) or part in ("", {}):
+                raise ValueError(f"ModelSpec.{name}: give a checkpoint name/path or a config dict, got {part!r}")
+        _check_choice("projector", self.projector, PROJECTOR_NAMES)
+        _check_choice("vision_feature_select", self.vision_feature_select, FEATURE_SELECTS)
+        _check_choice("pad_mode", self.pad_mode, PAD_MODES)
+        _check_choice("dtype", self.dtype, DTYPES)
+        if self.projector_queries < 1 or self.projector_heads < 1:
+            raise ValueError("ModelSpec: projector_queries and projector_heads must be positive")
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"ModelSpec.image_size must be positive, got {self.image_size}")
+        if self.tokenizer is None and isinstance(self.llm, dict):
+            raise ValueError("ModelSpec.tokenizer: an LLM built from a config has no tokenizer of its own; "
+                             "set tokenizer to 'offline' or a tokenizer checkpoint")
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if value is not None:
+                if len(value) != 3:
+                    raise ValueError(f"ModelSpec.{name} needs 3 values (R, G, B), got {value}")
+                setattr(self, name, tuple(float(v) for v in value))
+
+    @classmethod
+    def from_dict(cls, settings: dict[str, Any]) -> ModelSpec:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ValueError(f"unknown model spec keys {unknown}; known: {sorted(known)}")
+        return cls(**settings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"ModelSpec.{name}: {value!r} is not one of {', '.join(choices)}")
+
+
+@dataclass
+class VLM:
+    """A vision-language model with everything needed to feed it (see module docstring)."""
+
+    model: Any
+    tokenizer: Any
+    image_processor: Any
+    processor: Any = None
+    """LlavaProcessor for Llava models, the model's own processor for native VLMs, else None."""
+    template: str = "vicuna"
+    image_token: str = "<image>"
+    image_token_id: int = -1
+    image_tokens_per_image: int | None = None
+    """Placeholder tokens per image in composed models; None for native VLMs (their processor expands)."""
+    image_size: int = 224
+    pad_mode: str = "pad"
+    spec: dict[str, Any] | None = field(default=None, repr=False)
+
+    def save(self, out_dir: str | Path) -> None:
+        """Weights (safetensors), tokenizer with chat template, image processor / processor, medtune.json."""
+        from medtune.data.jsonl import write_json
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out)
+        if self.processor is not None:
+            self.processor.save_pretrained(out)  # also writes tokenizer and image processor
+        self.tokenizer.save_pretrained(out)
+        if self.image_processor is not None:
+            self.image_processor.save_pretrained(out)
+        write_json(out / MEDTUNE_FILE, self.metadata())
+
+    def metadata(self) -> dict[str, Any]:
+        from medtune import __version__
+
+        return {"medtune_version": __version__, "template": self.template, "image_token": self.image_token,
+                "image_tokens_per_image": self.image_tokens_per_image, "image_size": self.image_size,
+                "pad_mode": self.pad_mode, "spec": self.spec}
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- build
+
+
+def build_vlm(spec: ModelSpec) -> VLM:
+    """Assemble the composed model described by ``spec`` (see module docstring)."""
+    import torch
+
+    from medtune.models import vision
+
+    torch.manual_seed(spec.seed)
+    vision_config = vision.vision_config(spec.vision, spec.image_size)
+    tower = vision.load_vision_tower(spec.vision, vision_config)
+    layout = vision.measure_layout(tower, vision_config)
+    _check_feature_layer(spec.vision_feature_layer, layout)
+    strategy, tokens_per_image = _feature_selection(spec, layout)
+
+    tokenizer = _load_tokenizer(spec)
+    llm = _load_llm(spec, tokenizer)
+    model = _compose(spec, tower, llm, tokenizer, strategy, tokens_per_image)
+    model.to(getattr(torch, spec.dtype)).eval()
+
+    if spec.template != NATIVE_TEMPLATE:
+        tokenizer.chat_template = chat_template(spec.template)
+    image_processor = vision.image_processor_for(spec.vision, vision_config, spec.image_mean, spec.image_std)
+    processor = None
+    if spec.projector == "mlp2x_gelu":
+        from transformers import LlavaProcessor
+
+        # With these three numbers LlavaProcessor expands "<image>" to exactly tokens_per_image tokens,
+        # so AutoProcessor in plain transformers prepares inputs the same way medtune does.
+        processor = LlavaProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=vision_config.patch_size,
+            vision_feature_select_strategy=strategy, chat_template=tokenizer.chat_template,
+            image_token=spec.image_token, num_additional_image_tokens=layout.num_extra_tokens)
+    return VLM(model=model, tokenizer=tokenizer, image_processor=image_processor, processor=processor,
+               template=spec.template, image_token=spec.image_token,
+               image_token_id=tokenizer.convert_tokens_to_ids(spec.image_token),
+               image_tokens_per_image=tokens_per_image, image_size=vision_config.image_size,
+               pad_mode=spec.pad_mode, spec=spec.to_dict())
+
+
+def chat_template(name: str) -> str:
+    """The Jinja chat template of the medtune template ``name``."""
+    from medtune.models.templates import get_template
+
+    return get_template(name).jinja
+
+
+def _check_feature_layer(layer: int, layout) -> None:
+    count = layout.num_hidden_states
+    if not -count <= layer < count:
+        raise ValueError(f"vision_feature_layer {layer} is out of range: the tower has {count} hidden states "
+                         f"(embeddings + {count - 1} layers), so use {-count}..{count - 1}")
+
+
+def _feature_selection(spec: ModelSpec, layout) -> tuple[str, int]:
+    """LLaVA's vision_feature_select_strategy and the number of image tokens per image."""
+    extra = layout.num_extra_tokens
+    if extra not in (0, 1):
+        raise ValueError(f"the vision tower emits {extra} non-patch tokens per image; only towers with one "
+                         "CLS token (CLIP-like) or none (SigLIP-like) are supported")
+    if spec.vision_feature_select == "cls_patch" and extra == 0:
+        raise ValueError("vision_feature_select 'cls_patch' needs a tower with a CLS token; this one has none")
+    # LLaVA's "default" drops the first token (the CLS); "full" keeps all tokens the tower emits.
+    strategy = "default" if spec.vision_feature_select == "patch" and extra == 1 else "full"
+    tokens = layout.num_patches + (extra if strategy == "full" else 0)
+    if spec.projector == "attn_pool+mlp2x_gelu":
+        tokens = spec.projector_queries
+    return strategy, tokens
+
+
+def _load_tokenizer(spec: ModelSpec):
+    if spec.tokenizer == "offline":
+        from medtune.models.tokenizer import offline_tokenizer
+
+        tokenizer = offline_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or spec.llm)
+    if spec.image_token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([spec.image_token], special_tokens=True)
+    if tokenizer.pad_token is None:
+        # LLaVA pads Llama with unk; any token works as pad since padded positions are masked out.
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def _load_llm(spec: ModelSpec, tokenizer):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if isinstance(spec.llm, str):
+        return AutoModelForCausalLM.from_pretrained(spec.llm, dtype="float32")
+    settings = dict(spec.llm)
+    settings.setdefault("vocab_size", len(tokenizer))
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        settings.setdefault(name, getattr(tokenizer, name))
+    config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def _compose(spec: ModelSpec, tower, llm, tokenizer, strategy: str, tokens_per_image: int):
+    """Put tower, projector and LM into one Llava / medtune_vlm model, moving (not copying) the parts."""
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    from medtune.models.composed import MedtuneVLMConfig, MedtuneVLMForConditionalGeneration
+    from medtune.models.projectors import build_projector
+
+    common = dict(vision_config=tower.config, text_config=llm.config,
+                  image_token_index=tokenizer.convert_tokens_to_ids(spec.image_token),
+                  image_seq_length=tokens_per_image, vision_feature_layer=spec.vision_feature_layer,
+                  vision_feature_select_strategy=strategy, projector_hidden_act="gelu",
+                  tie_word_embeddings=bool(llm.config.tie_word_embeddings))
+    if spec.projector == "mlp2x_gelu":
+        config, model_class = LlavaConfig(**common), LlavaForConditionalGeneration
+    else:
+        config = MedtuneVLMConfig(**common, projector_type=spec.projector,
+                                  projector_queries=spec.projector_queries, projector_heads=spec.projector_heads)
+        model_class = MedtuneVLMForConditionalGeneration
+    with torch.device("meta"):
+        model = model_class(config)
+    model.model.vision_tower = tower
+    model.model.language_model = llm.base_model
+    model.lm_head = llm.get_output_embeddings()
+    if spec.projector == "mlp2x_gelu":
+        model.model.multi_modal_projector = LlavaMultiModalProjector(config)
+    else:
+        model.model.multi_modal_projector = build_projector(
+            spec.projector, tower.config.hidden_size, llm.config.hidden_size,
+            num_queries=spec.projector_queries, num_heads=spec.projector_heads)
+    model.generation_config = llm.generation_config
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_meta:
+            raise RuntimeError(f"composing the VLM left {name} uninitialised (meta tensor)")
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- load
+
+
+def load_vlm(name_or_path: str | Path, *, dtype=None, device: str = "cpu") -> VLM:
+    """A medtune checkpoint (Llava or medtune_vlm) or a native Hugging Face VLM, local path or hub name."""
+    import medtune.models.composed  # noqa: F401  (registers medtune_vlm with the Auto classes)
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+    from transformers.utils import cached_file
+
+    source = str(name_or_path)
+    if Path(source).exists() and not (Path(source) / "config.json").exists():
+        raise FileNotFoundError(f"{source} is not a model checkpoint (no config.json)")
+    model_kwargs = {"dtype": _torch_dtype(dtype)} if dtype is not None else {}
+    model = AutoModelForImageTextToText.from_pretrained(source, **model_kwargs).to(device).eval()
+    metadata_file = cached_file(source, MEDTUNE_FILE, _raise_exceptions_for_missing_entries=False)
+    if metadata_file is None:
+        return _native_vlm(source, model)
+    metadata = json.loads(Path(metadata_file).read_text(encoding="utf-8"))
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    processor = None
+    if model.config.model_type == "llava":
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(source)
+    return VLM(model=model, tokenizer=tokenizer, image_processor=AutoImageProcessor.from_pretrained(source),
+               processor=processor, template=metadata["template"], image_token=metadata["image_token"],
+               image_token_id=model.config.image_token_id,
+               image_tokens_per_image=metadata["image_tokens_per_image"], image_size=metadata["image_size"],
+               pad_mode=metadata["pad_mode"], spec=metadata.get("spec"))
+
+
+def _native_vlm(source: str, model) -> VLM:
+    """A VLM medtune did not write: its own processor and chat template do the preprocessing."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(source)
+    tokenizer = processor.tokenizer
+    image_token = getattr(processor, "image_token", None) or "<image>"
+    image_token_id = getattr(processor, "image_token_id", None)
+    if image_token_id is None:
+        image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+    image_processor = getattr(processor, "image_processor", None)
+    return VLM(model=model, tokenizer=tokenizer, image_processor=image_processor, processor=processor,
+               template=NATIVE_TEMPLATE, image_token=image_token, image_token_id=int(image_token_id),
+               image_tokens_per_image=None, image_size=_processor_image_size(image_processor),
+               pad_mode="resize")
+
+
+def _processor_image_size(image_processor) -> int:
+    """The square side the processor produces, best effort (native processors may resize dynamically)."""
+    for name in ("crop_size", "size"):
+        size = getattr(image_processor, name, None)
+        if isinstance(size, dict):
+            for key in ("height", "shortest_edge", "longest_edge"):
+                if size.get(key):
+                    return int(size[key])
+        elif isinstance(size, int):
+            return size
+    return 0
+
+
+def _torch_dtype(dtype):
+    import torch
+
+    if isinstance(dtype, str):
+        if dtype == "auto":
+            return dtype
+        _check_choice("dtype", dtype, DTYPES)
+        return getattr(torch, dtype)
+    return dtype

@@ -1,0 +1,86 @@
+"""medtune's own composed VLM class, for projectors transformers' LLaVA does not have.
+
+A vision tower + projector + causal LM with the ``mlp2x_gelu`` projector *is* transformers'
+``LlavaForConditionalGeneration``, and medtune builds exactly that. For ``linear`` and
+``attn_pool+mlp2x_gelu`` we need a model class of our own; rather than re-implement the LLaVA forward
+pass (placeholder mask, feature-layer choice, generation, caching), these classes *subclass* LLaVA's and
+change one thing: the projector module. The config subclasses ``LlavaConfig`` with model_type
+``medtune_vlm`` and two extra fields, so every LLaVA option (image_token_id, vision_feature_layer,
+vision_feature_select_strategy) means the same thing here.
+
+Importing this module registers the classes with AutoConfig, AutoModel and AutoModelForImageTextToText,
+so ``AutoModelForImageTextToText.from_pretrained(path)`` loads a medtune_vlm checkpoint (safetensors)
+once medtune is imported.
+"""
+from __future__ import annotations
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageTextToText,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaModel,
+)
+from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
+from torch import nn
+
+from medtune.models.projectors import PROJECTOR_NAMES, build_projector
+
+
+class MedtuneVLMConfig(LlavaConfig):
+    """LlavaConfig plus the projector choice.
+
+    projector_type: one of ``projectors.PROJECTOR_NAMES``.
+    projector_queries: learned queries of the attention pool (= image tokens per image).
+    projector_heads: attention heads of the attention pool; must divide the vision width.
+    """
+
+    model_type = "medtune_vlm"
+
+    projector_type: str = "linear"
+    projector_queries: int = 128
+    projector_heads: int = 8
+
+    def validate_architecture(self):
+        """Part of transformers' strict-config validation: reject settings no model can be built from."""
+        if self.projector_type not in PROJECTOR_NAMES:
+            raise ValueError(f"unknown projector_type {self.projector_type!r}; choose one of {PROJECTOR_NAMES}")
+        if self.projector_queries < 1 or self.projector_heads < 1:
+            raise ValueError("projector_queries and projector_heads must be positive")
+
+
+class MedtuneVLMModel(LlavaModel):
+    config_class = MedtuneVLMConfig
+    config: MedtuneVLMConfig
+
+    def __init__(self, config: MedtuneVLMConfig):
+        # Skip LlavaModel.__init__ (it would build the MLP projector); build the same parts with ours.
+        LlavaPreTrainedModel.__init__(self, config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = build_projector(
+            config.projector_type, config.vision_config.hidden_size, config.text_config.hidden_size,
+            num_queries=config.projector_queries, num_heads=config.projector_heads)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+
+class MedtuneVLMForConditionalGeneration(LlavaForConditionalGeneration):
+    config_class = MedtuneVLMConfig
+    config: MedtuneVLMConfig
+
+    def __init__(self, config: MedtuneVLMConfig):
+        LlavaPreTrainedModel.__init__(self, config)
+        self.model = MedtuneVLMModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+
+def register() -> None:
+    """Make the Auto classes know medtune_vlm (idempotent; runs on import)."""
+    AutoConfig.register(MedtuneVLMConfig.model_type, MedtuneVLMConfig, exist_ok=True)
+    AutoModel.register(MedtuneVLMConfig, MedtuneVLMModel, exist_ok=True)
+    AutoModelForImageTextToText.register(MedtuneVLMConfig, MedtuneVLMForConditionalGeneration, exist_ok=True)
+
+
+register()
