@@ -1,0 +1,144 @@
+"""What trains: the one place that freezes parts, adds LoRA and builds per-part learning-rate groups.
+
+A composed VLM has three parts (vision encoder, projector, language model), plus LoRA adapters when a stage
+asks for them. Parameters are assigned to a part by the module names the Hugging Face VLM classes use
+(``vision_tower`` / ``visual``, ``multi_modal_projector`` / ``projector`` / ``merger``, ``language_model`` /
+``lm_head``), never by the model's name; a parameter that matches no part is an error, so a new
+architecture cannot silently train the wrong thing.
+
+Design choices:
+
+* A learning rate of 0 freezes the part (``requires_grad=False``): frozen weights get no gradient, no optimizer
+  state and no all-reduce.
+* LoRA goes through PEFT on the LLM (optionally the vision tower); a trained projector is saved whole next to the
+  adapters (``modules_to_save``), the way LLaVA-Med and PathChat train the projector with LoRA.
+* Each part becomes its own optimizer parameter group (split again into decay / no-decay), so the Trainer's
+  scheduler scales every group from its own peak learning rate.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from medtune.train.recipe import LearningRates, LoraSpec, RecipeError
+
+log = logging.getLogger(__name__)
+
+PARTS = ("vision", "projector", "llm")
+
+# Module-name components that mark a part, checked in this order (a projector nested inside a vision module,
+# like Qwen2-VL's visual.merger, is a projector; LoRA and PEFT's saved copies are checked first).
+_PART_COMPONENTS = (
+    ("lora", ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")),
+    ("projector", ("multi_modal_projector", "projector", "mm_projector", "merger")),
+    ("vision", ("vision_tower", "visual", "vision_model", "vision_encoder")),
+    ("llm", ("language_model", "lm_head", "text_model")),
+)
+
+
+def part_of(parameter_name: str) -> str:
+    """The part (vision, projector, llm or lora) a parameter belongs to, from its dotted name."""
+    components = set(parameter_name.split("."))
+    for part, markers in _PART_COMPONENTS:
+        if components.intersection(markers):
+            return part
+    raise ValueError(f"parameter {parameter_name!r} belongs to no known part (vision, projector, llm); "
+                     "medtune cannot tell what it should train")
+
+
+def module_name_of(model, part: str) -> str:
+    """The dotted name of the module holding a whole part (e.g. ``model.multi_modal_projector``)."""
+    markers = dict(_PART_COMPONENTS)[part]
+    for name, _ in model.named_modules():
+        if name and name.split(".")[-1] in markers:
+            return name
+    raise ValueError(f"the model has no {part} module (looked for {', '.join(markers)})")
+
+
+@dataclass
+class TrainableSummary:
+    """Parameter counts per part, trainable and total, for the log and the run summary."""
+
+    trainable: Counter
+    total: Counter
+
+    def line(self) -> str:
+        parts = [f"{p} {self.trainable[p]:,}/{self.total[p]:,}" for p in (*PARTS, "lora") if self.total[p]]
+        return "trainable parameters: " + ", ".join(parts)
+
+    def to_dict(self) -> dict:
+        return {"trainable": dict(self.trainable), "total": dict(self.total)}
+
+
+def apply_trainable_parts(model, lr: LearningRates, lora: LoraSpec | None = None):
+    """Freeze what has lr 0, unfreeze the rest, add LoRA if asked; returns the (possibly PEFT-wrapped) model."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    if lora is not None:
+        whole = [part for part in ("projector", "vision") if getattr(lr, part) > 0]
+        model = add_lora(model, lora, train_whole=whole)
+    for name, parameter in model.named_parameters():
+        part = part_of(name)
+        if part == "lora":
+            parameter.requires_grad_(True)
+        elif "original_module" in name.split("."):
+            continue  # PEFT's frozen original of a module it saves whole
+        elif getattr(lr, part) > 0:
+            parameter.requires_grad_(True)
+    summary = summarise(model)
+    if not any(summary.trainable.values()):
+        raise RecipeError("lr: no parameter trains with these learning rates (every part is frozen)")
+    log.info(summary.line())
+    return model
+
+
+def summarise(model) -> TrainableSummary:
+    trainable, total = Counter(), Counter()
+    for name, parameter in model.named_parameters():
+        part = part_of(name)
+        total[part] += parameter.numel()
+        if parameter.requires_grad:
+            trainable[part] += parameter.numel()
+    return TrainableSummary(trainable, total)
+
+
+def add_lora(model, lora: LoraSpec, *, train_whole: list[str] = ()):
+    """Wrap ``model`` with PEFT LoRA on the LLM's (and optionally the vision tower's) named linear layers.
+
+    ``train_whole`` names parts trained in full beside the adapters (projector, vision): PEFT keeps a trainable
+    copy of each and saves it with the adapters, so a checkpoint holds everything that changed.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    scopes = [re.escape(module_name_of(model, "llm"))]
+    if lora.on_vision:
+        scopes.append(re.escape(module_name_of(model, "vision")))
+    layers = "|".join(re.escape(name) for name in lora.target_modules)
+    # A regex target confines adapters to the chosen parts: the projector's and vision tower's linear layers
+    # often share names (fc1, linear_1, q_proj) with the LLM's.
+    target = rf"^({'|'.join(scopes)})\..*\.({layers})$"
+    if not any(re.match(target, name) for name, _ in model.named_modules()):
+        raise RecipeError(f"lora.target_modules: none of {lora.target_modules} is a layer of the model's "
+                          "language model")
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target, bias="none",
+        modules_to_save=[module_name_of(model, part).split(".")[-1] for part in train_whole] or None,
+    )
+    return get_peft_model(model, config)
+
+
+def parameter_groups(model, lr: LearningRates, weight_decay: float, decay_names: set[str]) -> list[dict]:
+    """Optimizer groups: one per (part, decay or not), each with its part's learning rate."""
+    groups: dict[tuple[str, bool], list] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        key = (part_of(name), name in decay_names)
+        groups.setdefault(key, []).append(parameter)
+    return [
+        {"params": params, "lr": getattr(lr, part), "weight_decay": weight_decay if decays else 0.0,
+         "part": part}
+        for (part, decays), params in sorted(groups.items())
+    ]

@@ -1,0 +1,143 @@
+"""Recipe validation: every mistake fails before any work, with the key path and a reason."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from medtune.train.recipe import RecipeError, apply_overrides, load_recipe, make_tiny, parse_recipe
+
+
+def minimal(**stage_changes) -> dict:
+    stage = {"name": "align", "data": {"path": "captions.jsonl"}, "lr": {"projector": 2e-3}}
+    stage.update(stage_changes)
+    return {"model": "some/model", "output_dir": "runs/x", "stages": [stage]}
+
+
+def error_of(raw: dict) -> str:
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(raw)
+    return str(info.value)
+
+
+def test_valid_recipe_gets_defaults_and_typed_values():
+    raw = minimal()
+    raw["stages"][0]["lr"]["projector"] = "2e-3"   # YAML reads 2e-3 without a dot as a string
+    recipe = parse_recipe(raw)
+    stage = recipe.stages[0]
+    assert stage.lr.projector == pytest.approx(2e-3) and stage.lr.llm == 0.0
+    assert stage.schedule == "cosine" and stage.precision == "fp32" and stage.lora is None
+    assert recipe.report_to == ["tensorboard"]
+
+
+def test_unknown_key_is_named_with_a_suggestion():
+    raw = minimal()
+    raw["stages"].append({"name": "sft", "data": {"path": "x"}, "lr": {"projectr": 1e-4}})
+    assert error_of(raw) == "stages[1].lr.projectr: unknown key (did you mean projector?)"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"batch_size": "4"}, "stages[0].batch_size: expected an integer, got str '4'"),
+    ({"batch_size": True}, "stages[0].batch_size: expected an integer, got bool True"),
+    ({"precision": "fp16"}, "stages[0].precision: 'fp16' is not one of fp32, bf16"),
+    ({"packing": "yes"}, "stages[0].packing: expected true or false, got str 'yes'"),
+    ({"data": "captions.jsonl"}, "stages[0].data: expected a mapping, got str 'captions.jsonl'"),
+])
+def test_wrong_types_name_the_key(change, message):
+    assert error_of(minimal(**change)) == message
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"lr": {"projector": 0}}, "stages[0].lr: every part is frozen"),
+    ({"lr": {"llm": 1e-5, "lora": 1e-4}, "lora": {"r": 8}}, "stages[0].lr.llm: full fine-tuning of the LLM"),
+    ({"lr": {"projector": 1e-4}, "lora": {"r": 8}}, "stages[0].lr.lora: the stage has a lora section"),
+    ({"lr": {"lora": 1e-4}}, "stages[0].lr.lora: set to 0.0001 but the stage has no lora section"),
+    ({"lr": {"vision": 1e-5, "lora": 1e-4}, "lora": {"on_vision": True}}, "stages[0].lr.vision:"),
+    ({"packing": True, "group_by_length": True}, "stages[0].group_by_length: cannot be combined with packing"),
+    ({"lr": {"projector": -1.0}}, "stages[0].lr.projector: a learning rate cannot be negative"),
+    ({"data": {"path": "a", "mixture": "m.yaml"}}, "stages[0].data: give exactly one of path"),
+    ({"eval_steps": 10}, "stages[0].eval_steps: needs eval_data"),
+    ({"max_steps": 0}, "stages[0].max_steps: must be at least 1"),
+])
+def test_impossible_combinations_fail_naming_the_key(change, key):
+    assert error_of(minimal(**change)).startswith(key)
+
+
+def test_missing_and_duplicate_keys():
+    raw = minimal()
+    del raw["output_dir"]
+    assert error_of(raw) == "output_dir: required key is missing"
+    raw = minimal()
+    raw["stages"].append(dict(raw["stages"][0]))
+    assert error_of(raw).startswith("stages[1].name: stage names must be unique")
+
+
+def test_defaults_merge_under_every_stage_and_are_checked():
+    raw = minimal()
+    raw["defaults"] = {"max_length": 512, "lr": {"vision": 1e-5}}
+    recipe = parse_recipe(raw)
+    assert recipe.stages[0].max_length == 512
+    assert (recipe.stages[0].lr.vision, recipe.stages[0].lr.projector) == (1e-5, 2e-3)
+    raw["defaults"] = {"max_lenght": 512}
+    assert error_of(raw) == "defaults.max_lenght: unknown key (did you mean max_length?)"
+
+
+def test_overrides_address_dotted_paths_and_every_stage():
+    raw = minimal()
+    raw["stages"].append({"name": "sft", "data": {"path": "x"}, "lr": {"llm": 2e-5}})
+    out = apply_overrides(raw, ["stages.1.max_steps=3", "stages.*.lr.projector=0.5", "seed=7"])
+    assert out["stages"][1]["max_steps"] == 3 and out["seed"] == 7
+    assert [s["lr"]["projector"] for s in out["stages"]] == [0.5, 0.5]
+    assert raw["stages"][1].get("max_steps") is None   # the input is not modified
+    with pytest.raises(RecipeError, match="'5' is not an index of a list of 2 items"):
+        apply_overrides(raw, ["stages.5.max_steps=3"])
+    with pytest.raises(RecipeError, match="expected key=value"):
+        apply_overrides(raw, ["stages.0.max_steps"])
+
+
+def test_override_typos_are_caught_like_file_typos(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(minimal()))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, ["stages.0.max_stepz=3"])
+    assert str(info.value) == f"{path}: stages[0].max_stepz: unknown key (did you mean max_steps?)"
+
+
+def test_tiny_keeps_what_trains_and_swaps_model_data_and_steps(tmp_path):
+    raw = minimal(lora={"r": 64, "quantize": "4bit"}, lr={"projector": 2e-5, "lora": 2e-4})
+    raw["model"] = {"projector": "attn_pool_mlp2x_gelu", "template": "llava_llama_2", "llm": "meta/llama"}
+    raw["distributed"] = {"strategy": "zero3"}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    recipe = load_recipe(path, ["tiny=true"])
+    stage = recipe.stages[0]
+    assert recipe.model == {"preset": "tiny", "projector": "attn_pool_mlp2x_gelu", "template": "llava_llama_2"}
+    assert stage.max_steps == 2 and stage.data.format == "vqa-rad" and stage.data.limit == 16
+    assert stage.lr.lora == 2e-4 and stage.lora.r == 4 and stage.lora.quantize is None
+    assert recipe.distributed.strategy == "ddp"
+    assert make_tiny(raw)["stages"][0]["data"]["path"].startswith("bundled:")
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_recipe(tmp_path / "nope.yaml")
+    path = tmp_path / "r.yaml"
+    path.write_text("model: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(path)
+
+
+def test_environment_checks_bf16_qlora_and_deepspeed(monkeypatch):
+    from medtune.train import recipe as recipe_module
+
+    recipe = parse_recipe(minimal(precision="bf16"))
+    monkeypatch.setattr(recipe_module, "bf16_supported", lambda device: False)
+    with pytest.raises(RecipeError, match=r"stages\[0\].precision: bf16 is not supported on this cpu"):
+        recipe_module.check_environment(recipe, device="cpu")
+    recipe = parse_recipe(minimal(lr={"lora": 1e-4}, lora={"quantize": "4bit"}))
+    with pytest.raises(RecipeError, match=r"stages\[0\].lora.quantize: QLoRA needs a CUDA GPU"):
+        recipe_module.check_environment(recipe, device="cpu")
+    raw = minimal()
+    raw["distributed"] = {"strategy": "zero3"}
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(RecipeError, match="needs DeepSpeed, an optional extra"):
+        recipe_module.check_environment(parse_recipe(raw), device="cpu")
