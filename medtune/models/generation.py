@@ -1,0 +1,332 @@
+"""Text generation from a loaded VLM: one engine for the terminal, the web demo, the API and evaluation.
+
+Design choices:
+
+* Prompts are built by ``medtune.models.processing.encode_prompt`` (the model's own chat template and image
+  processing), so serving and evaluating a checkpoint build exactly the prompt it was trained on.
+* Batches are padded on the LEFT by hand: every row then ends at the same position, so the first generated
+  token of each row sits right after its own prompt, and ``generate`` derives position ids from the attention
+  mask. A batched greedy run therefore returns what one-by-one runs return (tested).
+* ``temperature == 0`` means greedy decoding (deterministic); otherwise nucleus sampling, made reproducible by
+  ``GenerationSettings.seed``, which seeds a forked RNG so the caller's global random state is left alone.
+* Stop strings are checked on the decoded text of each row by a stopping criterion (a row stops once any stop
+  string appears) and cut from the returned text, as OpenAI's ``stop`` does. ``stream`` holds back text that
+  could be the start of a stop string, so a client never sees part of one.
+* One lock per Generator: the model runs one ``generate`` at a time; concurrent callers (web sessions, API
+  workers) queue on it instead of fighting for the same cores. The API batches requests on top of this.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+if TYPE_CHECKING:  # heavy imports stay inside functions (this module is imported by CLI modules)
+    import torch
+    from PIL import Image
+
+    from medtune.models.build import VLM
+
+Conversation = list[dict]
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How to decode. ``temperature == 0`` is greedy; ``seed`` makes sampling reproducible."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):  # a single stop string is a common way to write it
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature must be between 0 and 2, got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Completion:
+    """One generated answer with what an API reports about it."""
+
+    text: str
+    finish_reason: str  # "stop" (end of turn or a stop string) | "length" (max_new_tokens reached)
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class TextStream:
+    """An iterator of text deltas; ``completion`` is filled in once the iteration has finished."""
+
+    deltas: Iterator[str]
+    completion: Completion | None = field(default=None)
+
+    def __iter__(self) -> Iterator[str]:
+        return self.deltas
+
+    def __next__(self) -> str:
+        return next(self.deltas)
+
+
+class Generator:
+    """Generates answers for OpenAI-style conversations with a loaded :class:`VLM`.
+
+    ``conversations`` hold message dicts ``{role, content: str | [{type: text, text} | {type: image}]}``;
+    ``images[i]`` lists the PIL images of conversation ``i`` in the order of its image parts.
+    """
+
+    def __init__(self, vlm: "VLM"):
+        self.vlm = vlm
+        self.tokenizer = vlm.tokenizer
+        self._lock = threading.Lock()
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
+        self.eos_token_ids = _eos_token_ids(vlm)
+
+    # -- public API -------------------------------------------------------------------------------------------
+
+    def generate(self, conversations: Sequence[Conversation], images: Sequence[Sequence["Image.Image"]],
+                 settings: GenerationSettings = GenerationSettings()) -> list[str]:
+        """Answers for a batch of conversations (one ``generate`` call, left padded)."""
+        return [c.text for c in self.complete(conversations, images, settings)]
+
+    def complete(self, conversations: Sequence[Conversation], images: Sequence[Sequence["Image.Image"]],
+                 settings: GenerationSettings = GenerationSettings()) -> list[Completion]:
+        """Like :meth:`generate`, with finish reasons and token counts."""
+        if len(conversations) != len(images):
+            raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
+        if not conversations:
+            return []
+        batch = self._encode_batch(conversations, images)
+        prompt_length = batch["input_ids"].shape[1]
+        with self._lock:
+            output = self._run_generate(batch, settings)
+        return [self._completion(row[prompt_length:], int(mask.sum()), settings)
+                for row, mask in zip(output, batch["attention_mask"])]
+
+    def stream(self, conversation: Conversation, images: Sequence["Image.Image"],
+               settings: GenerationSettings = GenerationSettings()) -> TextStream:
+        """Text deltas of one answer as it is generated; joined they equal :meth:`generate`'s answer."""
+        batch = self._encode_batch([conversation], [images])
+        stream = TextStream(deltas=iter(()))
+        stream.deltas = self._stream_deltas(batch, settings, stream)
+        return stream
+
+    # -- encoding ---------------------------------------------------------------------------------------------
+
+    def _encode_batch(self, conversations, images) -> dict[str, Any]:
+        from medtune.models.processing import encode_prompt
+
+        encodings = [encode_prompt(list(conv), self.vlm, list(imgs)) for conv, imgs in zip(conversations, images)]
+        return _collate_left_padded(encodings, self.pad_token_id, self.vlm.model)
+
+    # -- decoding ---------------------------------------------------------------------------------------------
+
+    def _run_generate(self, batch: dict, settings: GenerationSettings, streamer=None, cancel=None):
+        import torch
+        from transformers import StoppingCriteriaList
+
+        criteria = StoppingCriteriaList()
+        if settings.stop:
+            criteria.append(_StopStrings(self.tokenizer, settings.stop, batch["input_ids"].shape[1]))
+        if cancel is not None:
+            criteria.append(_Cancelled(cancel))
+        kwargs = dict(batch, max_new_tokens=settings.max_new_tokens, do_sample=not settings.greedy,
+                      pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_ids,
+                      stopping_criteria=criteria, streamer=streamer, use_cache=True)
+        if settings.greedy:
+            # generation_config defaults from a checkpoint (e.g. temperature=0.9) must not leak into greedy runs
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
+        with torch.inference_mode(), torch.random.fork_rng(devices=[]):
+            if settings.seed is not None:
+                torch.manual_seed(settings.seed)
+            return self.vlm.model.generate(**kwargs)
+
+    def _completion(self, new_tokens, prompt_tokens: int, settings: GenerationSettings) -> Completion:
+        ids = new_tokens.tolist()
+        ended = next((i for i, t in enumerate(ids) if t in self.eos_token_ids), None)
+        if ended is not None:
+            ids = ids[: ended + 1]
+        else:  # a row stopped early (stop string) while others ran on is filled with padding
+            while ids and ids[-1] == self.pad_token_id:
+                ids.pop()
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        cut = _cut_at_stop(text, settings.stop)
+        stopped = ended is not None or cut is not None
+        return Completion(text=text if cut is None else text[:cut], finish_reason="stop" if stopped else "length",
+                          prompt_tokens=prompt_tokens, completion_tokens=len(ids))
+
+    def _stream_deltas(self, batch: dict, settings: GenerationSettings, stream: TextStream) -> Iterator[str]:
+        tokens: queue.Queue = queue.Queue()
+        cancel = threading.Event()
+        failure: list[BaseException] = []
+
+        def work():
+            try:
+                with self._lock:
+                    self._run_generate(batch, settings, streamer=_QueueStreamer(tokens), cancel=cancel)
+            except BaseException as error:  # re-raised in the consumer, which owns the error reporting
+                failure.append(error)
+            finally:
+                tokens.put(None)
+
+        thread = threading.Thread(target=work, name="medtune-stream", daemon=True)
+        thread.start()
+        ids: list[int] = []
+        sent = 0
+        try:
+            while (token := tokens.get()) is not None:
+                if token in self.eos_token_ids:
+                    ids.append(token)
+                    break
+                ids.append(token)
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                if _cut_at_stop(text, settings.stop) is not None:
+                    break
+                safe = _safe_prefix_length(text, settings.stop)
+                if safe > sent:
+                    yield text[sent:safe]
+                    sent = safe
+        finally:
+            cancel.set()  # a consumer that stops early (client gone) ends the generation too
+            thread.join()
+        if failure:
+            raise failure[0]
+        final = self._completion(_as_tensor(ids), int(batch["attention_mask"].sum()), settings)
+        stream.completion = final
+        if len(final.text) > sent:
+            yield final.text[sent:]
+
+
+# -- helpers ------------------------------------------------------------------------------------------------
+
+
+def _eos_token_ids(vlm) -> list[int]:
+    """End-of-turn ids: the checkpoint's generation config (it may list a template's end token) plus EOS."""
+    configured = getattr(getattr(vlm.model, "generation_config", None), "eos_token_id", None)
+    ids = list(configured) if isinstance(configured, (list, tuple)) else [configured]
+    ids.append(vlm.tokenizer.eos_token_id)
+    return sorted({i for i in ids if i is not None})
+
+
+def _as_tensor(ids: list[int]):
+    import torch
+
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _flat_ids(value) -> list[int]:
+    """input_ids as a flat list whether the encoder returned a list, a (L,) or a (1, L) tensor."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if value and isinstance(value[0], list):
+        if len(value) != 1:
+            raise ValueError(f"encode_prompt returned {len(value)} rows for one conversation")
+        value = value[0]
+    return [int(v) for v in value]
+
+
+def _collate_left_padded(encodings: list[dict], pad_token_id: int, model) -> dict:
+    """One batch: input_ids/attention_mask padded on the left; image tensors concatenated along dim 0.
+
+    (B, L) token tensors; pixel_values (sum of images, ...) in the model's dtype; other tensors (image_sizes,
+    image_grid_thw) concatenated as they are. Encodings without images contribute nothing to those.
+    """
+    import torch
+
+    rows = [_flat_ids(e["input_ids"]) for e in encodings]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, width - len(row):] = 1
+    batch: dict[str, Any] = {"input_ids": input_ids.to(model.device), "attention_mask": attention_mask.to(model.device)}
+    skip = {"input_ids", "attention_mask", "labels"}
+    for key in sorted({k for e in encodings for k in e} - skip):
+        parts = [torch.as_tensor(e[key]) for e in encodings if e.get(key) is not None]
+        if not parts:
+            continue
+        value = torch.cat(parts, dim=0).to(model.device)
+        if value.is_floating_point():
+            value = value.to(model.dtype)
+        batch[key] = value
+    return batch
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> int | None:
+    """Index of the earliest stop string in ``text`` (None when there is none)."""
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _safe_prefix_length(text: str, stop: Sequence[str]) -> int:
+    """How much of ``text`` can be shown: not a trailing partial stop string, nor an unfinished character."""
+    safe = len(text.rstrip("\ufffd"))  # an incomplete multi-byte character decodes to U+FFFD for now
+    for s in stop:
+        for size in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:size]):
+                safe = min(safe, len(text) - size)
+                break
+    return safe
+
+
+class _StopStrings:
+    """Stopping criterion: a row is done once its decoded continuation contains a stop string."""
+
+    def __init__(self, tokenizer, stop: Sequence[str], prompt_length: int):
+        self.tokenizer, self.stop, self.prompt_length = tokenizer, tuple(stop), prompt_length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
+        done = [_cut_at_stop(t, self.stop) is not None for t in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class _Cancelled:
+    """Stopping criterion that ends every row once the consumer of a stream has gone away."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _QueueStreamer:
+    """A ``generate`` streamer that hands each new token id to a queue (the prompt, sent first, is skipped)."""
+
+    def __init__(self, tokens: queue.Queue):
+        self.tokens = tokens
+        self.prompt_seen = False
+
+    def put(self, value: "torch.Tensor"):
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.tokens.put(int(token))
+
+    def end(self):
+        pass
