@@ -1,5 +1,587 @@
-"""Placeholder: this verb lands with the foundation issue."""
+"""Dataset mixtures: several datasets, each sampled by a ratio or a count, as one deterministic stream.
+
+A mixture comes from one of two files, read by :func:`load_mixture`:
+
+* a medtune mix recipe (YAML)::
+
+      seed: 0                      # default seed for iter_samples / `medtune data mix`
+      shuffle: full                # full | interleave | none (true = full, false = none)
+      include_credentialed: false  # samples with meta.credential true ship without images: kept out by default
+      datasets:
+        - name: vqa-rad            # unique; prefixes output ids ("vqa-rad/17")
+          path: ../data/vqa_rad/trainset.json   # relative paths are relative to the recipe file
+          format: vqa-rad          # canonical (default) or any reader in medtune.data.formats
+          image_root: ../data/vqa_rad/images    # default: the format's default image root
+          ratio: 0.5               # or count: 200 (not both; neither means ratio 1)
+          replacement: false
+
+* a GMAI-VL dataset list (JSON): ``{name: {image_dir, annotations, sample_ratio, length, data_augment}}``
+  (InternVL's spellings ``root``, ``annotation``, ``repeat_time`` are accepted too). Annotations are LLaVA
+  conversation JSON or JSONL; ``sample_ratio`` is the ratio below; ``length`` is checked against the records
+  actually read and a difference is reported; ``data_augment`` is a training-time switch, recorded, not applied.
+
+Sampling. For a dataset with N usable records the target is ``count``, or ``ratio * N`` rounded to the nearest
+integer (halves up). Without replacement the target is met with whole copies first, then a remainder drawn
+without replacement: ratio 0.3 is a random 30% subset, ratio 2.5 is every record twice plus a random half of
+them once more (so no record appears more than once above the others). With ``replacement: true`` every one of
+the target draws is independent and uniform (a record may appear any number of times). Each dataset's draw uses
+its own generator seeded by (seed, dataset name), so adding a dataset does not change what the others select.
+
+Streaming. A mixture is read in two passes: the first counts each dataset's usable records (bad records and
+credentialed ones are not usable), the second streams the records again and emits the selected indices. No
+dataset is held in memory. Order: ``none`` emits dataset after dataset in file order; ``interleave`` streams
+too, drawing which dataset comes next from a seeded shuffle of the dataset labels (so datasets are spread
+through the stream in proportion, each in file order); ``full`` is a uniform shuffle of the whole mixture and
+therefore holds the *selected* samples (not the source datasets) in memory.
+
+Ids. Output ids are ``NAME/ID`` and extra copies of a record ``NAME/ID#2``, ``NAME/ID#3`` ..., so ids stay unique
+across datasets and copies (``medtune data check`` flags duplicate ids).
+
+Images in ``medtune data mix`` output. Image paths in a canonical file are relative to one image root, but a
+mixture has one root per dataset. ``mix`` takes the deepest directory containing every dataset's image root
+(their common path), rewrites each image path relative to it (``vqa_rad/images/synpic1.jpg``), prints it and
+records it as ``image_root`` in the manifest (``OUT`` with suffix ``.manifest.json``); pass it as
+``--image-root`` to later commands. Image paths that are absolute or climb out of their dataset's root with
+``..`` are refused (counted as skipped) rather than rewritten into something that points elsewhere.
+
+Readers. Formats other than ``canonical`` are read through ``medtune.data.formats.read_records``. Until that
+registry provides them, small private readers for ``llava`` and ``vqa-rad`` below stand in (marked TEMPORARY);
+they are used only when the registry does not know the format.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import importlib
+import itertools
+import json
+import math
+import os
+import posixpath
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from medtune.data.jsonl import RecordError, SampleWriter, Tally, iter_json_lines, read_samples, write_json
+from medtune.data.schema import ImageRef, Message, Metadata, Part, Sample, SchemaError, qa_sample
+
+SHUFFLE_MODES = ("full", "interleave", "none")
+_RECIPE_KEYS = {"seed", "shuffle", "include_credentialed", "datasets"}
+_DATASET_KEYS = {"name", "path", "format", "image_root", "ratio", "count", "replacement"}
+# GMAI-VL's keys, with InternVL's spellings of the same things as aliases.
+_GMAI_ALIASES = {"image_dir": ("image_dir", "root"), "annotations": ("annotations", "annotation"),
+                 "sample_ratio": ("sample_ratio", "repeat_time")}
+_GMAI_KEYS = {alias for names in _GMAI_ALIASES.values() for alias in names} | {"length", "data_augment"}
+CREDENTIAL_SKIP = "credentialed (images not shipped; include_credentialed to keep)"
+
+
+class RecipeError(ValueError):
+    """A mix recipe or GMAI-VL list is malformed; the message names the file, the dataset and the reason."""
+
+
+@dataclass
+class DatasetSpec:
+    """One dataset of a mixture and how much of it to take."""
+
+    name: str
+    path: Path
+    format: str = "canonical"
+    image_root: Path | None = None   # None: the format's default image root
+    ratio: float | None = None       # fraction (<= 1) or multiplier (> 1) of the usable records
+    count: int | None = None         # an exact number of samples instead of a ratio
+    replacement: bool = False
+    declared_length: int | None = None   # GMAI-VL "length": what the list claims the annotations hold
+    data_augment: Any = None              # GMAI-VL "data_augment": recorded, not applied
+
+    def __post_init__(self):
+        if self.ratio is not None and self.count is not None:
+            raise RecipeError(f"dataset {self.name!r}: give ratio or count, not both")
+        if self.ratio is None and self.count is None:
+            self.ratio = 1.0
+        if self.ratio is not None and (not _is_number(self.ratio) or self.ratio < 0):
+            raise RecipeError(f"dataset {self.name!r}: ratio must be a number >= 0, got {self.ratio!r}")
+        if self.count is not None and (not isinstance(self.count, int) or isinstance(self.count, bool)
+                                       or self.count < 0):
+            raise RecipeError(f"dataset {self.name!r}: count must be an integer >= 0, got {self.count!r}")
+        if not isinstance(self.replacement, bool):
+            raise RecipeError(f"dataset {self.name!r}: replacement must be true or false")
+        if self.image_root is None:
+            self.image_root = default_image_root(self.format, self.path)
+
+    def target(self, available: int) -> int:
+        """How many samples this dataset contributes when ``available`` records are usable."""
+        if self.count is not None:
+            if available == 0 and self.count > 0:
+                raise RecipeError(f"dataset {self.name!r}: count {self.count} requested but {self.path} "
+                                  "has no usable records")
+            return self.count
+        return math.floor(self.ratio * available + 0.5)
+
+    def describe_sampling(self, available: int) -> str:
+        """How the target is met, in words, e.g. "2 whole copies + 766 drawn without replacement"."""
+        target = self.target(available)
+        asked = f"count {self.count}" if self.count is not None else f"ratio {self.ratio:g}"
+        if self.replacement:
+            return f"{asked}: {target} independent draws with replacement"
+        copies, remainder = divmod(target, available) if available else (0, 0)
+        whole = f"{copies} whole {'copy' if copies == 1 else 'copies'} + " if copies else ""
+        return f"{asked}: {whole}{remainder} drawn without replacement"
+
+
+@dataclass
+class Selection:
+    """Which records of a dataset are taken: each ``base`` times, plus ``extra[index]`` more."""
+
+    base: int = 0
+    extra: collections.Counter = field(default_factory=collections.Counter)
+
+    def multiplicity(self, index: int) -> int:
+        return self.base + self.extra.get(index, 0)
+
+
+def select_indices(available: int, target: int, replacement: bool, rng: random.Random) -> Selection:
+    """Pick ``target`` records out of ``available`` as described in the module docstring."""
+    if target == 0 or available == 0:
+        return Selection()
+    if replacement:
+        return Selection(0, collections.Counter(rng.randrange(available) for _ in range(target)))
+    copies, remainder = divmod(target, available)
+    return Selection(copies, collections.Counter(rng.sample(range(available), remainder)))
+
+
+@dataclass
+class Entry:
+    """One emitted sample: its dataset, the sample as read, and which copy of it this is (1-based)."""
+
+    dataset: DatasetSpec
+    sample: Sample
+    copy: int
+
+    def renamed(self) -> Sample:
+        """The sample with its mixture id (``NAME/ID``, copies ``NAME/ID#k``) and a source if it had none."""
+        suffix = "" if self.copy == 1 else f"#{self.copy}"
+        meta = self.sample.meta
+        if meta.source is None:
+            meta = dataclasses.replace(meta, source=self.dataset.name)
+        return dataclasses.replace(self.sample, id=f"{self.dataset.name}/{self.sample.id}{suffix}", meta=meta)
+
+
+@dataclass
+class Mixture:
+    """Datasets with their sampling, read lazily; ``iter_samples`` streams one deterministic mixture."""
+
+    datasets: list[DatasetSpec]
+    seed: int = 0
+    shuffle: str = "full"
+    include_credentialed: bool = False
+    strict: bool = False
+    source: Path | None = None
+    _available: dict[str, int] | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        names = [d.name for d in self.datasets]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise RecipeError(f"{self.source or 'recipe'}: dataset names must be unique, repeated: {duplicates}")
+        if not self.datasets:
+            raise RecipeError(f"{self.source or 'recipe'}: no datasets")
+        if self.shuffle not in SHUFFLE_MODES:
+            raise RecipeError(f"{self.source or 'recipe'}: shuffle must be one of {SHUFFLE_MODES}, "
+                              f"got {self.shuffle!r}")
+
+    def available(self) -> dict[str, int]:
+        """Usable records per dataset (first pass; cached)."""
+        if self._available is None:
+            self._available = {d.name: sum(1 for _ in self._usable(d, Tally())) for d in self.datasets}
+        return self._available
+
+    def targets(self) -> dict[str, int]:
+        """Samples each dataset contributes (requested counts)."""
+        available = self.available()
+        return {d.name: d.target(available[d.name]) for d in self.datasets}
+
+    def selections(self, seed: int) -> dict[str, Selection]:
+        available, targets = self.available(), self.targets()
+        return {d.name: select_indices(available[d.name], targets[d.name], d.replacement,
+                                       random.Random(f"medtune-mix:{seed}:{d.name}"))
+                for d in self.datasets}
+
+    def iter_samples(self, seed: int | None = None, tally: Tally | None = None
+                     ) -> Iterator[tuple[Sample, Path]]:
+        """Yield ``(sample, image_root)``; image paths stay relative to their own dataset's root.
+
+        ``seed`` None uses the recipe's seed. ``tally`` counts records read and skipped in the second pass.
+        """
+        for entry in self.iter_entries(seed, tally):
+            yield entry.renamed(), entry.dataset.image_root
+
+    def iter_entries(self, seed: int | None = None, tally: Tally | None = None) -> Iterator[Entry]:
+        seed = self.seed if seed is None else seed
+        tally = tally if tally is not None else Tally()
+        selections = self.selections(seed)
+        streams = {d.name: self._selected(d, selections[d.name], tally) for d in self.datasets}
+        if self.shuffle == "none":
+            yield from itertools.chain.from_iterable(streams[d.name] for d in self.datasets)
+            return
+        order_rng = random.Random(f"medtune-mix-order:{seed}")
+        if self.shuffle == "full":
+            entries = [entry for d in self.datasets for entry in streams[d.name]]
+            order_rng.shuffle(entries)
+            yield from entries
+            return
+        targets = self.targets()
+        labels = [d.name for d in self.datasets for _ in range(targets[d.name])]
+        order_rng.shuffle(labels)
+        for name in labels:
+            entry = next(streams[name], None)
+            if entry is None:
+                raise RecipeError(f"dataset {name!r}: fewer usable records on the second pass than the first; "
+                                  "did the file change while mixing?")
+            yield entry
+
+    def _selected(self, dataset: DatasetSpec, selection: Selection, tally: Tally) -> Iterator[Entry]:
+        for index, sample in enumerate(self._usable(dataset, tally)):
+            for copy in range(1, selection.multiplicity(index) + 1):
+                yield Entry(dataset, sample, copy)
+
+    def _usable(self, dataset: DatasetSpec, tally: Tally) -> Iterator[Sample]:
+        """The dataset's samples minus credentialed ones (unless included) and unsafe image paths, counted."""
+        for sample in read_dataset(dataset.format, dataset.path, tally=tally, strict=self.strict):
+            if sample.meta.credential and not self.include_credentialed:
+                tally.skip(CREDENTIAL_SKIP, f"{dataset.path}: {sample.id}")
+                continue
+            unsafe = next((i.path for i in sample.images if not _stays_inside(i.path)), None)
+            if unsafe is not None:
+                error = RecordError(dataset.path, sample.id, f"image path {unsafe!r} leaves the image root")
+                if self.strict:
+                    raise error
+                tally.skip("image path leaves the image root", str(error))
+                continue
+            yield sample
+
+
+def _stays_inside(path: str) -> bool:
+    normal = posixpath.normpath(path.replace("\\", "/"))
+    return not (posixpath.isabs(normal) or normal == ".." or normal.startswith("../"))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ---------------------------------------------------------------------------------------------- loading recipes
+
+def load_mixture(recipe: str | os.PathLike | dict, *, strict: bool = False) -> Mixture:
+    """A :class:`Mixture` from a mix recipe (YAML path or dict) or a GMAI-VL dataset list (JSON path or dict).
+
+    Relative paths in a file are relative to that file's directory; in a dict, to the working directory.
+    """
+    if isinstance(recipe, dict):
+        return _mixture_from_dict(recipe, Path.cwd(), None, strict)
+    path = Path(recipe)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such mix recipe")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml  # a core dependency; imported here to keep `medtune --help` fast
+            data = yaml.safe_load(text)
+    except (ValueError, ImportError) as error:
+        raise RecipeError(f"{path}: cannot parse ({error})") from None
+    except Exception as error:  # yaml.YAMLError does not derive from ValueError
+        raise RecipeError(f"{path}: cannot parse YAML ({error})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping, got {type(data).__name__}")
+    return _mixture_from_dict(data, path.parent, path, strict)
+
+
+def _mixture_from_dict(data: dict, base: Path, source: Path | None, strict: bool) -> Mixture:
+    where = source or "recipe"
+    if "datasets" not in data:
+        return _gmai_list(data, base, source, strict)
+    unknown = set(data) - _RECIPE_KEYS
+    if unknown:
+        raise RecipeError(f"{where}: unknown keys {sorted(unknown)} (expected {sorted(_RECIPE_KEYS)})")
+    if not isinstance(data["datasets"], list):
+        raise RecipeError(f"{where}: 'datasets' must be a list")
+    shuffle = {True: "full", False: "none"}.get(data.get("shuffle", "full"), data.get("shuffle"))
+    seed = data.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise RecipeError(f"{where}: seed must be an integer, got {seed!r}")
+    include = data.get("include_credentialed", False)
+    if not isinstance(include, bool):
+        raise RecipeError(f"{where}: include_credentialed must be true or false")
+    datasets = [_dataset_spec(entry, base, where, number) for number, entry in enumerate(data["datasets"], 1)]
+    return Mixture(datasets, seed=seed, shuffle=shuffle, include_credentialed=include, strict=strict,
+                   source=source)
+
+
+def _dataset_spec(entry: Any, base: Path, where: Any, number: int) -> DatasetSpec:
+    if not isinstance(entry, dict):
+        raise RecipeError(f"{where}: dataset {number} must be a mapping")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name or "/" in name:
+        raise RecipeError(f"{where}: dataset {number} needs a 'name' without '/', got {name!r}")
+    unknown = set(entry) - _DATASET_KEYS
+    if unknown:
+        raise RecipeError(f"{where}: dataset {name!r} has unknown keys {sorted(unknown)}")
+    if not isinstance(entry.get("path"), str):
+        raise RecipeError(f"{where}: dataset {name!r} needs a 'path'")
+    root = entry.get("image_root")
+    try:
+        return DatasetSpec(name=name, path=base / entry["path"], format=entry.get("format", "canonical"),
+                           image_root=base / root if root else None, ratio=entry.get("ratio"),
+                           count=entry.get("count"), replacement=entry.get("replacement", False))
+    except RecipeError as error:
+        raise RecipeError(f"{where}: {error}") from None
+
+
+def _gmai_list(data: dict, base: Path, source: Path | None, strict: bool) -> Mixture:
+    where = source or "dataset list"
+    datasets = []
+    for name, entry in data.items():
+        if not isinstance(entry, dict):
+            raise RecipeError(f"{where}: not a mix recipe (no 'datasets') nor a GMAI-VL list "
+                              f"(entry {name!r} is not an object)")
+        unknown = set(entry) - _GMAI_KEYS
+        if unknown:
+            raise RecipeError(f"{where}: dataset {name!r} has unknown keys {sorted(unknown)} "
+                              f"(GMAI-VL list keys: image_dir, annotations, sample_ratio, length, data_augment)")
+        fields = {key: next((entry[a] for a in aliases if a in entry), None) for key, aliases in _GMAI_ALIASES.items()}
+        if not isinstance(fields["annotations"], str):
+            raise RecipeError(f"{where}: dataset {name!r} needs 'annotations' (a LLaVA JSON or JSONL file)")
+        length = entry.get("length")
+        try:
+            datasets.append(DatasetSpec(
+                name=str(name), path=base / fields["annotations"], format="llava",
+                image_root=base / fields["image_dir"] if fields["image_dir"] else None,
+                ratio=1.0 if fields["sample_ratio"] is None else fields["sample_ratio"],
+                declared_length=length if isinstance(length, int) else None,
+                data_augment=entry.get("data_augment")))
+        except RecipeError as error:
+            raise RecipeError(f"{where}: {error}") from None
+    return Mixture(datasets, source=source, strict=strict)
+
+
+# ------------------------------------------------------------------------------------------- reading datasets
+
+def _formats_registry():
+    """``medtune.data.formats`` when it provides the agreed registry, else None (see the module docstring)."""
+    try:
+        module = importlib.import_module("medtune.data.formats")
+    except ImportError:
+        return None
+    return module if hasattr(module, "FORMATS") and hasattr(module, "read_records") else None
+
+
+def read_dataset(fmt: str, path: str | os.PathLike, *, tally: Tally, strict: bool = False) -> Iterator[Sample]:
+    """Canonical samples from ``path`` in format ``fmt`` (canonical JSONL, or any registered format)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if fmt == "canonical":
+        return read_samples(path, strict=strict, tally=tally)
+    registry = _formats_registry()
+    if registry is not None and fmt in registry.FORMATS:
+        return registry.read_records(fmt, path, tally=tally, strict=strict)
+    if fmt in _FALLBACK_READERS:
+        return _FALLBACK_READERS[fmt](Path(path), tally, strict)
+    known = sorted({"canonical", *_FALLBACK_READERS, *(registry.FORMATS if registry else ())})
+    raise RecipeError(f"{path}: unknown format {fmt!r} (known: {', '.join(known)})")
+
+
+def default_image_root(fmt: str, path: str | os.PathLike) -> Path:
+    """Where a format keeps its images by default (the registry's answer when it has one)."""
+    registry = _formats_registry()
+    if registry is not None and fmt in registry.FORMATS and hasattr(registry, "default_image_root"):
+        return Path(registry.default_image_root(fmt, path))
+    folder = Path(path).parent
+    if fmt == "vqa-rad" and (folder / "images").is_dir():
+        return folder / "images"
+    return folder
+
+
+# TEMPORARY private readers, used only while medtune.data.formats does not register these formats. They read
+# just what mixing and leakage need; the formats package owns the complete, tested readers.
+
+def _iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(record number, object) from a JSON list or a JSONL file; a bad JSON line yields a RecordError."""
+    if path.suffix.lower() == ".jsonl":
+        yield from iter_json_lines(path)
+        return
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        yield 0, RecordError(path, None, f"not valid JSON ({error.msg} at line {error.lineno})")
+        return
+    if not isinstance(records, list):
+        yield 0, RecordError(path, None, "expected a JSON list of records")
+        return
+    yield from enumerate(records)
+
+
+def _read_with(convert: Callable[[Any, int], Sample], path: Path, tally: Tally, strict: bool) -> Iterator[Sample]:
+    for number, record in _iter_json_records(path):
+        tally.read += 1
+        error = record if isinstance(record, RecordError) else None
+        if error is None:
+            try:
+                yield convert(record, number)
+                continue
+            except (SchemaError, KeyError, TypeError, ValueError) as problem:
+                error = RecordError(path, number, str(problem) or type(problem).__name__)
+        if strict:
+            raise error
+        tally.skip_error(error)
+
+
+_LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _llava_sample(record: Any, number: int) -> Sample:
+    if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+        raise SchemaError("a LLaVA record needs a 'conversations' list")
+    images = record.get("image") or []
+    images = [images] if isinstance(images, str) else list(images)
+    turns = [(_LLAVA_ROLES.get(t.get("from")), t.get("value")) for t in record["conversations"]]
+    if any(role is None or not isinstance(text, str) for role, text in turns):
+        raise SchemaError("conversation turns need 'from' (human|gpt|assistant|system) and a string 'value'")
+    while turns and turns[0][0] == "assistant":  # GMAI-VL drops leading assistant turns
+        turns.pop(0)
+    placeholders = sum(text.count("<image>") for _, text in turns)
+    if placeholders == 0 and images and turns:  # no placeholder: images go before the first user text
+        turns[0] = (turns[0][0], "<image>" * len(images) + turns[0][1])
+        placeholders = len(images)
+    if placeholders != len(images):
+        raise SchemaError(f"{placeholders} <image> placeholders but {len(images)} images")
+    pending = iter(images)
+    messages = []
+    for role, text in turns:
+        parts = []
+        for index, piece in enumerate(text.split("<image>")):
+            if index:
+                parts.append(Part.of_image(ImageRef(next(pending))))
+            if piece.strip():
+                parts.append(Part.of_text(piece.strip()))
+        messages.append(Message(role, tuple(parts)))
+    return Sample(id=str(record.get("id", number)), messages=messages)
+
+
+def _vqa_rad_sample(record: Any, number: int) -> Sample:
+    if not isinstance(record, dict):
+        raise SchemaError("a VQA-RAD record must be an object")
+    extra = {k: record[k] for k in ("phrase_type", "question_type", "question_frame") if k in record}
+    meta = Metadata(source="vqa-rad", answer_type=record.get("answer_type"),
+                    organ=str(record["image_organ"]).strip().lower() if record.get("image_organ") else None,
+                    extra=extra)
+    return qa_sample(str(record["qid"]), str(record["question"]), str(record["answer"]),
+                     [ImageRef(record["image_name"])], meta=meta)
+
+
+_FALLBACK_READERS: dict[str, Callable[[Path, Tally, bool], Iterator[Sample]]] = {
+    "llava": lambda path, tally, strict: _read_with(_llava_sample, path, tally, strict),
+    "vqa-rad": lambda path, tally, strict: _read_with(_vqa_rad_sample, path, tally, strict),
+}
+
+
+# ------------------------------------------------------------------------------------------ `medtune data mix`
+
+def common_image_root(mixture: Mixture) -> tuple[Path, dict[str, str]]:
+    """The common directory of all image roots, and each dataset's root relative to it (POSIX, '' for same)."""
+    roots = {d.name: Path(os.path.abspath(d.image_root)) for d in mixture.datasets}
+    common = Path(os.path.commonpath([str(r) for r in roots.values()]))
+    prefixes = {name: "" if root == common else root.relative_to(common).as_posix() for name, root in roots.items()}
+    return common, prefixes
+
+
+def rebase_images(sample: Sample, prefix: str) -> Sample:
+    """``sample`` with every image path prefixed by ``prefix`` (a folder relative to the new image root)."""
+    if not prefix:
+        return sample
+
+    def moved(part: Part) -> Part:
+        if part.type != "image":
+            return part
+        image = dataclasses.replace(part.image, path=posixpath.normpath(posixpath.join(prefix, part.image.path)))
+        return Part(type="image", image=image)
+
+    messages = [Message(m.role, tuple(moved(p) for p in m.content)) for m in sample.messages]
+    return dataclasses.replace(sample, messages=messages)
+
+
+def write_mixture(mixture: Mixture, out: Path, *, seed: int | None = None, progress: bool = True) -> tuple[Tally, dict]:
+    """Write the mixture as canonical JSONL at ``out`` plus its manifest; return the tally and the manifest."""
+    from tqdm import tqdm
+
+    seed = mixture.seed if seed is None else seed
+    tally = Tally()
+    common, prefixes = common_image_root(mixture)
+    targets = mixture.targets()
+    written = collections.Counter()
+    with SampleWriter(out, tally) as writer:
+        entries = tqdm(mixture.iter_entries(seed, tally), total=sum(targets.values()), unit="sample",
+                       desc="mixing", disable=not progress)
+        for entry in entries:
+            writer.write(rebase_images(entry.renamed(), prefixes[entry.dataset.name]))
+            written[entry.dataset.name] += 1
+    manifest = _manifest(mixture, seed, common, prefixes, written, tally)
+    write_json(manifest_path(out), manifest)
+    return tally, manifest
+
+
+def manifest_path(out: str | os.PathLike) -> Path:
+    return Path(out).with_suffix(".manifest.json")
+
+
+def _manifest(mixture: Mixture, seed: int, common: Path, prefixes: dict[str, str],
+              written: collections.Counter, tally: Tally) -> dict:
+    available, targets = mixture.available(), mixture.targets()
+    datasets = []
+    for d in mixture.datasets:
+        info = {"name": d.name, "path": os.path.abspath(d.path), "format": d.format,
+                "image_root": os.path.abspath(d.image_root), "image_prefix": prefixes[d.name],
+                "sampling": d.describe_sampling(available[d.name]),
+                "ratio": d.ratio, "count": d.count, "replacement": d.replacement,
+                "available": available[d.name], "requested": targets[d.name], "written": written[d.name]}
+        if d.declared_length is not None:
+            info["declared_length"] = d.declared_length
+        if d.data_augment is not None:
+            info["data_augment"] = d.data_augment
+        datasets.append(info)
+    return {"recipe": os.path.abspath(mixture.source) if mixture.source else None, "seed": seed, "shuffle": mixture.shuffle,
+            "include_credentialed": mixture.include_credentialed, "image_root": str(common),
+            "datasets": datasets, "tally": tally.to_dict()}
 
 
 def register(subparsers) -> None:
-    pass
+    parser = subparsers.add_parser(
+        "mix", help="sample several datasets into one canonical JSONL (mix recipe YAML or GMAI-VL list JSON)",
+        description="Write a deterministic mixture of datasets as canonical JSONL, with OUT.manifest.json "
+                    "recording per-dataset counts, the seed and the common image root of the output.")
+    parser.add_argument("recipe", help="mix recipe (.yaml) or GMAI-VL dataset list (.json)")
+    parser.add_argument("out", type=Path, help="output canonical JSONL")
+    parser.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    parser.add_argument("--include-credentialed", action="store_true",
+                        help="keep credentialed samples (once you have supplied their images)")
+    parser.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping")
+    parser.set_defaults(func=_run_mix)
+
+
+def _run_mix(args) -> int:
+    mixture = load_mixture(args.recipe, strict=args.strict)
+    if args.include_credentialed:
+        mixture.include_credentialed = True
+    tally, manifest = write_mixture(mixture, args.out, seed=args.seed)
+    for info in manifest["datasets"]:
+        length = info.get("declared_length")
+        mismatch = f" (list says length {length})" if length is not None and length != info["available"] else ""
+        print(f"{info['name']}: {info['written']} of {info['available']} usable records{mismatch} "
+              f"[{info['sampling']}]")
+    print(f"image root for {args.out}: {manifest['image_root']} (pass as --image-root; also in "
+          f"{manifest_path(args.out)})")
+    for line in tally.details():
+        print(f"  skipped {line}")
+    print(tally.summary())
+    return 0
