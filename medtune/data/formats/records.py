@@ -1,0 +1,379 @@
+"""Shared machinery for format readers and writers: streaming record iteration, the skip/count loop and
+``<image>`` placeholder handling.
+
+* :func:`iter_records` streams a JSON array *or* JSON Lines file one record at a time. JSON arrays are parsed
+  incrementally with ``json.JSONDecoder.raw_decode`` over fixed-size chunks, so a multi-gigabyte LLaVA file
+  needs memory for one record, not for the whole list. A syntax error inside an array cannot be resynchronised
+  (there is no line structure to fall back on), so it ends the file with one counted error.
+* :func:`convert_records` is the loop every reader shares: it counts each record as read, turns a converter's
+  ``ValueError`` into a :class:`RecordError` naming file, record and reason, skips and counts it (or raises when
+  ``strict``), and counts deliberate exclusions (:class:`Skip`, e.g. credentialed MedMax rows) without ever
+  failing on them, because they are a policy, not bad input.
+* :func:`messages_from_turns` implements the LLaVA conventions shared by ``llava``, ``messages`` (string content)
+  and ``medmax``: leading assistant turns are dropped (as GMAI-VL does) and counted, ``<image>`` placeholders are
+  matched to the image list in order, and a record with images but no placeholder gets them in front of its
+  first user turn.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from medtune.data.jsonl import RecordError, Tally, atomic_open
+from medtune.data.schema import ImageRef, Message, Part, Sample
+
+IMAGE_PLACEHOLDER = "<image>"
+_CHUNK_CHARS = 1 << 16
+
+# Speaker names seen in LLaVA, ShareGPT and OpenAI files, mapped onto canonical roles.
+ROLE_ALIASES = {
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "model": "assistant", "bot": "assistant",
+    "system": "system",
+}
+
+
+class Skip(Exception):
+    """A record left out on purpose (not an error): counted under ``reason``, never raised by ``strict``."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TurnStats:
+    """What a reader changed while building messages, reported as notes at the end of a file."""
+
+    def __init__(self):
+        self.leading_assistant_dropped = 0
+
+    def add_notes(self, tally: Tally, path: str | os.PathLike) -> None:
+        if self.leading_assistant_dropped:
+            tally.notes.append(f"{self.leading_assistant_dropped} leading assistant turns dropped ({path})")
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+def iter_records(path: str | os.PathLike) -> Iterator[tuple[int | str, Any]]:
+    """Yield ``(where, record)`` from a JSON array (``where`` = ``"[index]"``) or JSON Lines (line number).
+
+    A record that does not parse is yielded as a :class:`RecordError` in place of the record.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path, "r", encoding="utf-8") as handle:
+        first = _first_non_space(handle)
+    if first == "[":
+        yield from _iter_json_array(path)
+    else:
+        yield from _iter_json_lines(path)
+
+
+def _first_non_space(handle) -> str:
+    while True:
+        chunk = handle.read(4096)
+        if not chunk:
+            return ""
+        stripped = chunk.lstrip("\ufeff \t\r\n")
+        if stripped:
+            return stripped[0]
+
+
+def _iter_json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    with open(path, "r", encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as error:
+                yield number, RecordError(path, number, f"not valid JSON ({error.msg} at column {error.colno})")
+
+
+class _ChunkBuffer:
+    """A sliding window over a text file: ``text[pos:]`` is unread; consumed text is dropped as we go."""
+
+    def __init__(self, handle):
+        self.handle, self.text, self.pos, self.eof = handle, "", 0, False
+        self.lines_before = 0  # newlines in text already dropped, for error line numbers
+
+    def fill(self, size: int = _CHUNK_CHARS) -> bool:
+        """Read more text; False at end of file. Drops the consumed prefix so memory stays flat."""
+        if self.eof:
+            return False
+        if self.pos > _CHUNK_CHARS:
+            self.lines_before += self.text.count("\n", 0, self.pos)
+            self.text, self.pos = self.text[self.pos:], 0
+        chunk = self.handle.read(size)
+        if not chunk:
+            self.eof = True
+            return False
+        self.text += chunk
+        return True
+
+    def skip_space(self) -> str:
+        """Advance past whitespace; return the next character ('' at end of file)."""
+        while True:
+            while self.pos < len(self.text) and self.text[self.pos] in " \t\r\n\ufeff":
+                self.pos += 1
+            if self.pos < len(self.text):
+                return self.text[self.pos]
+            if not self.fill():
+                return ""
+
+    def line_at(self, pos: int) -> int:
+        return self.lines_before + self.text.count("\n", 0, pos) + 1
+
+
+def _iter_json_array(path: Path) -> Iterator[tuple[str, Any]]:
+    decoder = json.JSONDecoder()
+    with open(path, "r", encoding="utf-8") as handle:
+        buffer = _ChunkBuffer(handle)
+        buffer.skip_space()
+        buffer.pos += 1  # the opening '['
+        index = 0
+        while True:
+            char = buffer.skip_space()
+            if char == "]":
+                return
+            if char == "":
+                yield f"[{index}]", RecordError(path, f"[{index}]", "not valid JSON (file ends inside the list)")
+                return
+            result = _decode_next(decoder, buffer)
+            if isinstance(result, str):
+                yield f"[{index}]", RecordError(path, f"[{index}]", result + "; the rest of the file is unreadable")
+                return
+            yield f"[{index}]", result
+            index += 1
+            char = buffer.skip_space()
+            if char == ",":
+                buffer.pos += 1
+            elif char != "]":
+                line = buffer.line_at(buffer.pos)
+                yield f"[{index}]", RecordError(
+                    path, f"[{index}]", f"not valid JSON (expected ',' or ']' at line {line}); "
+                                        "the rest of the file is unreadable")
+                return
+
+
+def _decode_next(decoder: json.JSONDecoder, buffer: _ChunkBuffer) -> Any:
+    """Decode the value at ``buffer.pos``, reading more text until it is complete; a str is an error message."""
+    size = _CHUNK_CHARS
+    while True:
+        try:
+            value, end = decoder.raw_decode(buffer.text, buffer.pos)
+        except json.JSONDecodeError as error:
+            if buffer.fill(size):
+                size *= 2  # a record larger than the window: grow geometrically, not one chunk per retry
+                continue
+            return f"not valid JSON ({error.msg} at line {buffer.line_at(error.pos)})"
+        # A number ending exactly at the window's edge may continue in the next chunk.
+        if end == len(buffer.text) and buffer.fill(size):
+            continue
+        buffer.pos = end
+        return value
+
+
+def convert_records(path: str | os.PathLike, records: Iterable[tuple[int | str, Any]],
+                    convert: Callable[[Any, int | str], Sample], *, tally: Tally,
+                    strict: bool = False) -> Iterator[Sample]:
+    """Turn raw records into samples with ``convert(record, where)``; count, skip or raise bad ones."""
+    for where, record in records:
+        tally.read += 1
+        error = None
+        try:
+            if isinstance(record, RecordError):
+                raise record
+            sample = convert(record, where)
+        except Skip as skip:
+            tally.skip(skip.reason, f"{path}:{where}")
+            continue
+        except RecordError as record_error:
+            error = record_error
+        except (ValueError, TypeError) as problem:  # SchemaError is a ValueError
+            error = RecordError(path, where, str(problem))
+        if error is not None:
+            if strict:
+                raise error
+            tally.skip_error(error)
+            continue
+        yield sample
+
+
+def require(record: Any, *keys: str) -> list[Any]:
+    """The values of ``keys`` in a JSON object, with a clear message when the record or a key is missing."""
+    if not isinstance(record, dict):
+        raise ValueError(f"record is not a JSON object (got {type(record).__name__})")
+    for key in keys:
+        if record.get(key) is None:
+            raise ValueError(f"missing field {key!r}")
+        if record[key] == "":
+            raise ValueError(f"empty field {key!r}")
+    return [record[key] for key in keys]
+
+
+def text_value(value: Any, name: str) -> str:
+    """A JSON scalar as text: benchmark files store some answers as numbers (VQA-RAD has ``"answer": 5``)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"field {name!r} must be text, got {type(value).__name__}")
+
+
+def record_id(record: dict, path: str | os.PathLike, where: int | str, *keys: str) -> str:
+    """The record's own id (first of ``keys`` present), else ``<file stem>-<index or line>``."""
+    for key in keys or ("id",):
+        value = record.get(key)
+        if value not in (None, ""):
+            return text_value(value, key)
+    return f"{Path(path).stem}-{str(where).strip('[]')}"
+
+
+def split_from_name(path: str | os.PathLike) -> str | None:
+    """``trainset.json`` -> train, ``validate_en.json`` -> validation, ``test_slice.json`` -> test."""
+    stem = Path(path).name.lower()
+    for needle, split in (("train", "train"), ("val", "validation"), ("dev", "validation"), ("test", "test")):
+        if needle in stem:
+            return split
+    return None
+
+
+def existing_subfolder(path: str | os.PathLike, *names: str) -> Path:
+    """The first of ``names`` that exists beside the data file, else the data file's folder."""
+    folder = Path(path).parent
+    for name in names:
+        if (folder / name).is_dir():
+            return folder / name
+    return folder
+
+
+# ------------------------------------------------------------------------------------- placeholders
+
+def image_refs(value: Any) -> list[ImageRef]:
+    """LLaVA's ``image`` field: absent, one path, a list of paths, or medtune's ``{path, frame|axis|slice}``."""
+    if value is None or value == "" or value == []:
+        return []
+    values = value if isinstance(value, list) else [value]
+    return [ImageRef.from_dict(item) for item in values]
+
+
+def image_json(ref: ImageRef) -> str | dict:
+    """The inverse of :func:`image_refs` for one image: a plain path unless a frame or slice is named."""
+    data = ref.to_dict()
+    return ref.path if list(data) == ["path"] else data
+
+
+def placeholder_count(text: Any) -> int:
+    if not isinstance(text, str):
+        raise ValueError(f"turn text must be a string, got {type(text).__name__}")
+    return text.count(IMAGE_PLACEHOLDER)
+
+
+def messages_from_turns(turns: list[tuple[str, Any]], images: list[ImageRef], stats: TurnStats, *,
+                        parts_of: Callable[[Any, Iterator[ImageRef]], list[Part]] = None,
+                        slots_of: Callable[[Any], int] = placeholder_count) -> list[Message]:
+    """Build canonical messages from ``(speaker, content)`` turns whose content holds image slots.
+
+    By default content is text with ``<image>`` placeholders; ``parts_of`` / ``slots_of`` let a format with
+    structured content (OpenAI parts) reuse the same rules: leading assistant turns dropped and counted,
+    slots matched to ``images`` in order, images without any slot put in front of the first user turn.
+    """
+    parts_of = parts_of or parts_from_text
+    roles = []
+    for speaker, content in turns:
+        role = ROLE_ALIASES.get(str(speaker).strip().lower())
+        if role is None:
+            raise ValueError(f"unknown speaker {speaker!r} (expected human, gpt, user, assistant or system)")
+        roles.append((role, content))
+    roles = _drop_leading_assistant(roles, stats)
+    slots = sum(slots_of(content) for _, content in roles)
+    prepend: list[ImageRef] = []
+    if slots == 0 and images:
+        prepend, images = list(images), []
+    elif slots != len(images):
+        raise ValueError(f"<image> placeholders do not match images: {slots} placeholder(s) in the "
+                         f"text, {len(images)} image(s) listed")
+    queue = iter(images)
+    messages = []
+    for role, content in roles:
+        parts = parts_of(content, queue)
+        if prepend and role == "user":
+            parts = [Part.of_image(ref) for ref in prepend] + parts
+            prepend = []
+        messages.append(Message(role, tuple(parts)))
+    if prepend:
+        raise ValueError("record lists images but has no user turn to attach them to")
+    return messages
+
+
+def _drop_leading_assistant(turns: list[tuple[str, Any]], stats: TurnStats) -> list[tuple[str, Any]]:
+    """Drop assistant turns before the first user turn (kept as is when there is no user turn at all)."""
+    first_user = next((i for i, (role, _) in enumerate(turns) if role == "user"), None)
+    if first_user is None:
+        return turns
+    kept = [turn for i, turn in enumerate(turns) if i >= first_user or turn[0] != "assistant"]
+    stats.leading_assistant_dropped += len(turns) - len(kept)
+    return kept
+
+
+def parts_from_text(text: str, images: Iterator[ImageRef]) -> list[Part]:
+    """Split ``text`` at ``<image>``; one newline next to a placeholder belongs to it (LLaVA writes
+    ``"<image>\\nQuestion"``), so writing with :func:`text_from_parts` and reading back is lossless."""
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    parts: list[Part] = []
+    for i, piece in enumerate(pieces):
+        if i > 0:
+            parts.append(Part.of_image(next(images)))
+            piece = piece[1:] if piece.startswith("\n") else piece
+        if i < len(pieces) - 1 and piece.endswith("\n"):
+            piece = piece[:-1]
+        if piece:
+            parts.append(Part.of_text(piece))
+    return parts or [Part.of_text("")]
+
+
+def text_from_parts(message: Message, images: list[ImageRef]) -> str:
+    """A message as text with ``<image>`` placeholders (image refs appended to ``images`` in order)."""
+    pieces = []
+    for part in message.content:
+        if part.type == "image":
+            images.append(part.image)
+            pieces.append(IMAGE_PLACEHOLDER)
+        else:
+            if IMAGE_PLACEHOLDER in part.text:
+                raise ValueError("text contains a literal <image>, which would be read back as an image")
+            pieces.append(part.text)
+    return "\n".join(pieces)
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+def write_json_records(path: str | os.PathLike, records: Iterable[dict], *, tally: Tally) -> None:
+    """Stream records atomically: a JSON array for ``.json`` files, JSON Lines for anything else."""
+    as_array = Path(path).suffix.lower() == ".json"
+    with atomic_open(path) as handle:
+        if as_array:
+            handle.write("[")
+        for count, record in enumerate(records):
+            line = json.dumps(record, ensure_ascii=False)
+            if as_array:
+                handle.write(("\n" if count == 0 else ",\n") + line)
+            else:
+                handle.write(line + "\n")
+            tally.written += 1
+        if as_array:
+            handle.write("\n]\n")
+
+
+def converted_for_writing(path: str | os.PathLike, samples: Iterable[Sample], convert: Callable[[Sample], dict],
+                          *, tally: Tally) -> Iterator[dict]:
+    """Map samples to external records; one that the format cannot express is skipped and counted."""
+    for sample in samples:
+        try:
+            yield convert(sample)
+        except ValueError as problem:
+            tally.skip_error(RecordError(path, f"sample {sample.id}", str(problem)))
