@@ -1,5 +1,207 @@
-"""Command-line verbs of this stage (registered by ``medtune.cli``)."""
+"""``medtune eval``: score predictions, compare runs, merge shards, list tasks, and run a model.
+
+    medtune eval score PREDICTIONS (--task T [--data PATH] | --gt FILE [--gt-format F]) [--metrics compat,strict]
+                       [--compat-flavour med-moe|llava-med] [--out DIR] [--allow-missing]
+                       [--judge-endpoint URL --judge-model NAME]
+    medtune eval compare A B          (also: medtune eval --compare A B)
+    medtune eval merge SHARD... --out FILE [--task T [--data PATH] | --gt FILE]
+    medtune eval tasks
+    medtune eval run --task T (--model PATH | --endpoint URL) --out DIR [--num-shards N --shard-index I]
+
+Nothing heavy is imported here; ``run`` hands its arguments to ``medtune.eval.run.run_from_args``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+JUDGE_KEY_ENV = "MEDTUNE_JUDGE_API_KEY"
 
 
 def register(subparsers) -> None:
-    """Nothing yet: this stage's verbs land with its issue."""
+    parser = subparsers.add_parser("eval", help="evaluate on medical VQA: score, compare, merge, run",
+                                   description="Evaluate models on medical VQA benchmarks.")
+    parser.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                        help="compare two scoring runs (results.json or their folders)")
+    parser.set_defaults(func=_eval_root, eval_parser=parser)
+    verbs = parser.add_subparsers(dest="eval_verb", metavar="ACTION")
+    _add_score(verbs)
+    _add_compare(verbs)
+    _add_merge(verbs)
+    verbs.add_parser("tasks", help="list the built-in tasks").set_defaults(func=_tasks)
+    _add_run(verbs)
+
+
+def _add_task_options(parser, *, required: bool) -> None:
+    source = parser.add_mutually_exclusive_group(required=required)
+    source.add_argument("--task", help="a built-in task (see `medtune eval tasks`)")
+    source.add_argument("--gt", type=Path, help="ground truth: any file with answers and answer types")
+    parser.add_argument("--data", type=Path, help="where the task's questions are (default: bundled, if any)")
+    parser.add_argument("--gt-format", default=None,
+                        help="format of --gt or --data (default: canonical for --gt, the task's own otherwise)")
+
+
+def _add_score(verbs) -> None:
+    p = verbs.add_parser("score", help="score a predictions file (medtune or LLaVA-Med/Med-MoE answers)")
+    p.add_argument("predictions", type=Path, help="JSONL: medtune predictions or LLaVA-Med answer file")
+    _add_task_options(p, required=True)
+    p.add_argument("--metrics", default="compat,strict", help="families: compat, strict, judge (comma list)")
+    p.add_argument("--compat-flavour", choices=("med-moe", "llava-med"), default="med-moe",
+                   help="which reference script the compat family reproduces")
+    p.add_argument("--out", type=Path, help="folder for results.json, results.md, results.png, wrong_answers.jsonl")
+    p.add_argument("--allow-missing", action="store_true", help="score questions without a prediction as wrong")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--judge-endpoint", help=f"OpenAI-compatible base URL for the LLM judge (key: ${JUDGE_KEY_ENV})")
+    p.add_argument("--judge-model", help="model name at the judge endpoint")
+    p.set_defaults(func=_score)
+
+
+def _add_compare(verbs) -> None:
+    p = verbs.add_parser("compare", help="two scoring runs side by side")
+    p.add_argument("a", type=Path)
+    p.add_argument("b", type=Path)
+    p.add_argument("--all-groups", action="store_true", help="include the per-organ and per-modality rows")
+    p.set_defaults(func=_compare)
+
+
+def _add_merge(verbs) -> None:
+    p = verbs.add_parser("merge", help="merge shard prediction files; every id exactly once")
+    p.add_argument("shards", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    _add_task_options(p, required=False)
+    p.set_defaults(func=_merge)
+
+
+def _add_run(verbs) -> None:
+    p = verbs.add_parser("run", help="answer a task's questions with a model or an endpoint, then score")
+    p.add_argument("--task", default="vqa-rad")
+    p.add_argument("--data", type=Path)
+    p.add_argument("--gt-format", default=None, help="format of --data")
+    p.add_argument("--image-root", type=Path)
+    backend = p.add_mutually_exclusive_group(required=True)
+    backend.add_argument("--model", help="a local checkpoint (medtune or Hugging Face)")
+    backend.add_argument("--endpoint", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--endpoint-model", help="model name at the endpoint")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--prompt-style", choices=("plain", "short"), default="plain")
+    p.add_argument("--num-shards", type=int, default=1)
+    p.add_argument("--shard-index", type=int, default=0)
+    p.add_argument("--shard-mode", choices=("modulo", "contiguous"), default="modulo")
+    p.add_argument("--metrics", default="compat,strict")
+    p.set_defaults(func=_run)
+
+
+def _eval_root(args) -> int:
+    if args.compare:
+        print(_compare_text(*args.compare, all_groups=False))
+        return 0
+    args.eval_parser.print_help()
+    return 2
+
+
+def task_from_args(args):
+    from medtune.eval.tasks import get_task
+    if getattr(args, "gt", None):
+        return get_task("custom", data=args.gt, data_format=args.gt_format or "canonical")
+    return get_task(args.task, data=args.data, data_format=args.gt_format,
+                    image_root=getattr(args, "image_root", None), prompt_style=getattr(args, "prompt_style", "plain"))
+
+
+def _families(text: str) -> tuple[str, ...]:
+    from medtune.cli import UserError
+    from medtune.eval.metrics import FAMILIES
+    families = tuple(f.strip() for f in text.split(",") if f.strip())
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown or not families:
+        raise UserError(f"--metrics: unknown families {unknown} (choose from {', '.join(FAMILIES)})")
+    return families
+
+
+def _judge(args):
+    from medtune.cli import UserError
+    if not args.judge_endpoint:
+        if "judge" in _families(args.metrics):
+            raise UserError("the judge family needs --judge-endpoint and --judge-model")
+        return None
+    if not args.judge_model:
+        raise UserError("--judge-endpoint needs --judge-model")
+    from medtune.eval.judge import Judge
+    return Judge(args.judge_endpoint, args.judge_model, api_key=os.environ.get(JUDGE_KEY_ENV))
+
+
+def _score(args) -> int:
+    from medtune.cli import UserError
+    from medtune.eval.metrics import MissingPredictions
+    from medtune.eval.score import score_predictions
+
+    families = tuple(f for f in _families(args.metrics) if f != "judge")
+    try:
+        result = score_predictions(task_from_args(args), args.predictions, out_dir=args.out, families=families,
+                                   compat_flavour=args.compat_flavour, judge=_judge(args),
+                                   allow_missing=args.allow_missing, strict=args.strict,
+                                   resamples=args.resamples, seed=args.seed)
+    except MissingPredictions as error:
+        raise UserError(str(error)) from None
+    for row in result.headline():
+        print(f"{row.family:7s} {row.answer_type:6s} {row.metric:9s} {row.estimate.value:6.2f} "
+              f"[{row.estimate.low:.2f}, {row.estimate.high:.2f}] n={row.estimate.n}")
+    if result.compat_table is not None:
+        print(f"\ncompat table ({result.compat_table.flavour}):\n{result.compat_table.render()}")
+    missing = sum(i.missing for i in result.items)
+    print(f"\n{len(result.items)} questions scored, {missing} without prediction, "
+          f"{len(result.unexpected)} unexpected predictions" +
+          (f"; report in {args.out}" if args.out else ""))
+    return 0
+
+
+def _compare_text(a, b, *, all_groups: bool) -> str:
+    from medtune.eval.report import compare
+    return compare(a, b, all_groups=all_groups)
+
+
+def _compare(args) -> int:
+    print(_compare_text(args.a, args.b, all_groups=args.all_groups))
+    return 0
+
+
+def _merge(args) -> int:
+    from medtune.cli import UserError
+    from medtune.eval.predictions import MergeError, merge_predictions
+
+    expected = None
+    if args.task or args.gt:
+        expected = [s.id for s in task_from_args(args).samples()]
+    try:
+        written = merge_predictions(args.shards, args.out, expected)
+    except MergeError as error:
+        raise UserError(str(error)) from None
+    print(f"{len(args.shards)} shards merged, {written} predictions written to {args.out}")
+    return 0
+
+
+def _tasks(args) -> int:
+    from medtune.eval import tasks
+    for line in (tasks.__doc__ or "").splitlines():
+        if line.startswith("``") and "``" in line[2:]:
+            print(line.replace("``", ""))
+    return 0
+
+
+def _run(args) -> int:
+    from medtune.cli import UserError
+    try:
+        from medtune.eval import run
+    except ImportError:
+        raise UserError("`medtune eval run` is not available in this build yet (medtune.eval.run is missing); "
+                        "score existing predictions with `medtune eval score`") from None
+    return run.run_from_args(args)
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m medtune.eval.cli` for debugging
+    from medtune.cli import main
+    sys.exit(main(["eval", *sys.argv[1:]]))

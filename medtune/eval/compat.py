@@ -1,0 +1,184 @@
+"""Compatibility metrics: the numbers the LLaVA-Med and Med-MoE evaluation scripts print, to the last digit.
+
+Reimplemented from the behaviour of ``run_eval.py`` and ``eval_metrics/`` in microsoft/LLaVA-Med (v1.0,
+commit ad758b6) and jiangsongtao/Med-MoE (``run_eval.py``); no code is taken from them. Their quirks are
+kept on purpose, because published tables were produced with them:
+
+* Both strings are lowercased. A CLOSED item is a hit when the ground-truth string is a raw substring of the
+  prediction, so "no" is a hit inside "normal" and "not" (the ``strict`` family does not do this).
+* OPEN items go through the VQA-style word normalisation (:func:`normalize_words`): punctuation removed or
+  turned into spaces depending on the spaces around it, periods not followed by a digit removed (only the
+  first 32: their ``re.sub`` receives ``re.UNICODE``, whose value 32 lands in the ``count`` slot), number
+  words to digits, articles dropped, apostrophe-less contractions mapped to their apostrophe form.
+* Recall counts shared words with the *prediction's* multiplicity: ``tp / (tp + fn)`` with
+  ``tp = sum(pred_count[w] for shared w)`` and ``fn = sum(gt_count[w] for gt-only w)``; precision is
+  ``tp / (tp + fp)``; all three are 0 when either side is empty or nothing is shared.
+* "Exact match" is the number of *distinct* ground-truth words found in the prediction divided by the
+  prediction's word count (so a long, correct answer scores low).
+* BLEU-1/2/3 are NLTK ``sentence_bleu`` with weights (1,0,0,0), (0,1,0,0), (0,0,1,0) on the whitespace
+  split of the lowercased *raw* strings (Med-MoE: smoothing method1).
+* Every figure is a macro mean over items, times 100, printed by ``tabulate`` with its default ``"g"``
+  float format (6 significant digits): :func:`printed` gives that string.
+
+Two flavours differ in details (``FLAVOURS``):
+
+``med-moe`` (default)
+    the description above; answer types ``open``/``OPEN`` and ``close``/``CLOSED``; closed F1, precision
+    and recall are reported too.
+``llava-med``
+    LLaVA-Med v1.0 ``run_eval.py``: both strings are normalised *before* everything (so open metrics see a
+    twice-normalised string, and the closed substring test runs on normalised strings); BLEU without
+    smoothing, plus the default 4-gram ``bleu``; a CLOSED item counts as a hit when the prediction contains
+    "yes" or "no" and the ground truth, as a miss only when it contains neither "yes" nor "no", and is left
+    out of the yes/no accuracy otherwise (a known bug that inflates the figure; reported as ``None`` here,
+    so the item is counted as excluded, never silently).
+
+Items are matched to ground truth by question id (their scripts pair by position); answer types come from
+the canonical sample (``open``/``closed``); ``mcq`` items are not scored by this family.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+FLAVOURS = ("med-moe", "llava-med")
+HEADLINE = {"open": "recall", "closed": "accuracy"}
+
+# Characters that the VQA normalisation removes (when they touch a space) or turns into a space.
+_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`",
+                ",", "?", "!")
+_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
+_PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
+_PERIOD_LIMIT = 32  # see module docstring: re.UNICODE passed as count
+_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_ARTICLES = frozenset({"a", "an", "the"})
+
+# The VQA challenge's contraction table (word without apostrophes -> apostrophe form), as used by the
+# LLaVA-Med glossary. Entries with capital letters are left out: words are lowercased before the lookup,
+# so those entries can never apply. One entry maps the other way ("somebody'd" -> "somebodyd"), kept.
+_CONTRACTIONS = dict(pair.split("=") for pair in """
+aint=ain't arent=aren't cant=can't couldve=could've couldnt=couldn't couldn'tve=couldn't've
+couldnt've=couldn't've didnt=didn't doesnt=doesn't dont=don't hadnt=hadn't hadnt've=hadn't've
+hadn'tve=hadn't've hasnt=hasn't havent=haven't hed=he'd hed've=he'd've he'dve=he'd've hes=he's howd=how'd
+howll=how'll hows=how's isnt=isn't itd=it'd itd've=it'd've it'dve=it'd've itll=it'll let's=let's maam=ma'am
+mightnt=mightn't mightnt've=mightn't've mightn'tve=mightn't've mightve=might've mustnt=mustn't
+mustve=must've neednt=needn't notve=not've oclock=o'clock oughtnt=oughtn't ow's'at='ow's'at
+'ows'at='ow's'at 'ow'sat='ow's'at shant=shan't shed've=she'd've she'dve=she'd've she's=she's
+shouldve=should've shouldnt=shouldn't shouldnt've=shouldn't've shouldn'tve=shouldn't've
+somebody'd=somebodyd somebodyd've=somebody'd've somebody'dve=somebody'd've somebodyll=somebody'll
+somebodys=somebody's someoned=someone'd someoned've=someone'd've someone'dve=someone'd've
+someonell=someone'll someones=someone's somethingd=something'd somethingd've=something'd've
+something'dve=something'd've somethingll=something'll thats=that's thered=there'd thered've=there'd've
+there'dve=there'd've therere=there're theres=there's theyd=they'd theyd've=they'd've they'dve=they'd've
+theyll=they'll theyre=they're theyve=they've twas='twas wasnt=wasn't wed've=we'd've we'dve=we'd've
+weve=we've werent=weren't whatll=what'll whatre=what're whats=what's whatve=what've whens=when's
+whered=where'd wheres=where's whereve=where've whod=who'd whod've=who'd've who'dve=who'd've wholl=who'll
+whos=who's whove=who've whyll=why'll whyre=why're whys=why's wont=won't wouldve=would've
+wouldnt=wouldn't wouldnt've=wouldn't've wouldn'tve=wouldn't've yall=y'all yall'll=y'all'll
+y'allll=y'all'll yall'd've=y'all'd've y'alld've=y'all'd've y'all'dve=y'all'd've youd=you'd
+youd've=you'd've you'dve=you'd've youll=you'll youre=you're youve=you've
+""".split())
+
+
+def normalize_words(text: str) -> str:
+    """The LLaVA-Med / VQA word normalisation, quirks included (see the module docstring)."""
+    # The space test looks at the original string for every character; a digit-comma-digit anywhere in
+    # it makes every punctuation character vanish instead of becoming a space.
+    remove_all = _DIGIT_COMMA_DIGIT.search(text) is not None
+    out = text
+    for char in _PUNCTUATION:
+        touches_space = f"{char} " in text or f" {char}" in text
+        out = out.replace(char, "" if touches_space or remove_all else " ")
+    out = _PERIOD_NOT_BEFORE_DIGIT.sub("", out, count=_PERIOD_LIMIT)
+    words = [_NUMBER_WORDS.get(word, word) for word in out.lower().split()]
+    words = [_CONTRACTIONS.get(word, word) for word in words if word not in _ARTICLES]
+    return " ".join(words).replace(",", "")
+
+
+def word_counts(text: str) -> Counter:
+    """Their ``split_sentence(text, 1)``: lowercased whitespace words with their counts."""
+    return Counter(text.lower().split())
+
+
+def f1_precision_recall(prediction: str, truth: str) -> tuple[float, float, float]:
+    """Their ``calculate_f1score`` on normalised words: shared words counted with the prediction's counts."""
+    pred_words = word_counts(normalize_words(prediction))
+    truth_words = word_counts(normalize_words(truth))
+    if not pred_words or not truth_words:
+        return 0.0, 0.0, 0.0
+    true_pos = sum(n for word, n in pred_words.items() if word in truth_words)
+    false_pos = sum(n for word, n in pred_words.items() if word not in truth_words)
+    false_neg = sum(n for word, n in truth_words.items() if word not in pred_words)
+    if true_pos == 0:
+        return 0.0, 0.0, 0.0
+    precision = true_pos / (true_pos + false_pos)
+    recall = true_pos / (true_pos + false_neg)
+    return 2 * precision * recall / (precision + recall), precision, recall
+
+
+def exact_match(prediction: str, truth: str) -> float:
+    """Their ``calculate_exactmatch``: distinct truth words present in the prediction / prediction length."""
+    pred_words = word_counts(normalize_words(prediction))
+    truth_words = word_counts(normalize_words(truth))
+    total = sum(pred_words.values())
+    if total == 0:
+        return 0.0
+    return sum(1 for word in truth_words if word in pred_words) / total
+
+
+_BLEU_WEIGHTS = {"bleu1": (1, 0, 0, 0), "bleu2": (0, 1, 0, 0), "bleu3": (0, 0, 1, 0)}
+
+
+def bleu_scores(prediction: str, truth: str, *, smoothing: bool = True, with_default: bool = False) -> dict:
+    """Sentence BLEU-1/2/3 on whitespace-split strings (NLTK; method1 smoothing unless ``smoothing=False``)."""
+    import warnings
+
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    smoothing_function = SmoothingFunction().method1 if smoothing else None
+    weights = dict(_BLEU_WEIGHTS, bleu=(0.25, 0.25, 0.25, 0.25)) if with_default else _BLEU_WEIGHTS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NLTK warns on every zero n-gram count; their scripts silence it too
+        return {name: float(sentence_bleu([truth.split()], prediction.split(), weights=w,
+                                          smoothing_function=smoothing_function))
+                for name, w in weights.items()}
+
+
+def score_item(prediction: str, truth: str, answer_type: str, flavour: str = "med-moe") -> dict[str, float | None]:
+    """Per-item figures (fractions in [0, 1]); the family's aggregates are their means times 100.
+
+    Returns ``{}`` for answer types this family does not score (``mcq``).
+    """
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown compatibility flavour {flavour!r} (expected one of {', '.join(FLAVOURS)})")
+    pred, gt = prediction.lower(), truth.lower()
+    if flavour == "llava-med":
+        pred, gt = normalize_words(pred), normalize_words(gt)
+    if answer_type == "open":
+        f1, precision, recall = f1_precision_recall(pred, gt)
+        scores = {"recall": recall, "precision": precision, "f1": f1, "exact_match": exact_match(pred, gt)}
+        scores.update(bleu_scores(pred, gt, smoothing=flavour == "med-moe", with_default=flavour == "llava-med"))
+        return scores
+    if answer_type == "closed":
+        if flavour == "llava-med":
+            return {"accuracy": _llava_med_closed_hit(pred, gt)}
+        f1, precision, recall = f1_precision_recall(pred, gt)
+        return {"accuracy": float(gt in pred), "f1": f1, "precision": precision, "recall": recall}
+    return {}
+
+
+def _llava_med_closed_hit(pred: str, gt: str) -> float | None:
+    if "yes" in pred or "no" in pred:
+        return 1.0 if gt in pred else None  # their script appends nothing here: the item drops out
+    return 0.0
+
+
+def printed(value: float) -> str:
+    """A figure as their scripts print it: ``tabulate``'s default ``"g"`` format of the percentage."""
+    return format(value, "g")
+
+
+def macro_mean_percent(values: list[float]) -> float:
+    """``sum(values) / len(values) * 100`` in that order, as their scripts compute it (float order matters)."""
+    return sum(values) / len(values) * 100 if values else 0.0

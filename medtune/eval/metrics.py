@@ -1,0 +1,236 @@
+"""Scoring predictions against ground truth: items, metric families, and the rows of a report.
+
+The pipeline is three small steps, each usable alone:
+
+1. :func:`match_items` pairs ground-truth samples with predictions **by question id** (never by position)
+   and says which ids are missing or unexpected; a missing prediction is an error unless the caller allows
+   it, in which case it is scored as an empty answer (wrong), never left out of the denominator.
+2. :func:`score_items` computes per-item figures for each family: ``compat`` (LLaVA-Med / Med-MoE
+   compatibility, :mod:`medtune.eval.compat`), ``strict`` (:mod:`medtune.eval.strict`) and ``judge``
+   (an LLM judge for open answers, :mod:`medtune.eval.judge`, only when a judge is given).
+3. :func:`aggregate` turns per-item figures into :class:`Row` s: every metric per answer type with n and a
+   95% bootstrap interval; an ``all`` row of each family's headline metric across answer types; headline
+   metrics again per organ and per modality where the data has them.
+
+A per-item figure of ``None`` means the reference script would leave the item out of that metric (the
+LLaVA-Med flavour's yes/no quirk); such items are counted in ``Row.excluded`` so nothing vanishes unseen.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from medtune.data.schema import Sample
+from medtune.eval import compat, strict
+from medtune.eval.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, Estimate, estimate
+
+FAMILIES = ("compat", "strict", "judge")
+DEFAULT_FAMILIES = ("compat", "strict")
+HEADLINE = {"compat": compat.HEADLINE, "strict": strict.HEADLINE, "judge": {"open": "accuracy"}}
+BREAKDOWNS = ("organ", "modality")
+
+
+class MissingPredictions(ValueError):
+    """Ground-truth questions without a prediction; the message names them."""
+
+
+@dataclass
+class Item:
+    """One question with its ground truth and the prediction being scored."""
+
+    id: str
+    question: str
+    answer: str
+    answer_type: str
+    prediction: str
+    choices: list[str] | None = None
+    organ: str | None = None
+    modality: str | None = None
+    missing: bool = False
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None and v is not False}
+
+
+@dataclass
+class Row:
+    """One reported figure: a family's metric on a group of items."""
+
+    task: str
+    family: str
+    answer_type: str           # open | closed | mcq | all
+    metric: str
+    estimate: Estimate
+    group_by: str = "all"      # all | organ | modality
+    group: str = "all"
+    excluded: int = 0          # items the reference script leaves out of this metric
+
+    @property
+    def key(self) -> tuple:
+        return (self.task, self.family, self.answer_type, self.group_by, self.group, self.metric)
+
+    def to_dict(self) -> dict:
+        out = {"task": self.task, "family": self.family, "answer_type": self.answer_type,
+               "group_by": self.group_by, "group": self.group, "metric": self.metric, **self.estimate.to_dict()}
+        if self.excluded:
+            out["excluded"] = self.excluded
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Row":
+        est = Estimate(data["value"], data["n"], data["ci_low"], data["ci_high"])
+        return cls(data["task"], data["family"], data["answer_type"], data["metric"], est,
+                   data.get("group_by", "all"), data.get("group", "all"), data.get("excluded", 0))
+
+
+def item_from_sample(sample: Sample, prediction: str | None) -> Item:
+    meta = sample.meta
+    if meta.answer is None or meta.answer_type is None:
+        raise ValueError(f"sample {sample.id!r} has no ground-truth answer or answer_type in its metadata")
+    return Item(id=sample.id, question=sample.question, answer=meta.answer, answer_type=meta.answer_type,
+                prediction=prediction or "", choices=meta.choices, organ=meta.organ, modality=meta.modality,
+                missing=prediction is None)
+
+
+def match_items(samples: Iterable[Sample], predictions: Mapping[str, str], *,
+                allow_missing: bool = False) -> tuple[list[Item], list[str]]:
+    """Items in ground-truth order, and the prediction ids that match no question (reported, not scored)."""
+    samples = list(samples)
+    missing = [s.id for s in samples if s.id not in predictions]
+    if missing and not allow_missing:
+        raise MissingPredictions(f"{len(missing)} of {len(samples)} questions have no prediction "
+                                 f"(ids: {_some(missing)}); pass --allow-missing to score them as wrong")
+    known = {s.id for s in samples}
+    unexpected = [pid for pid in predictions if pid not in known]
+    return [item_from_sample(s, predictions.get(s.id)) for s in samples], unexpected
+
+
+def _some(ids: list[str], limit: int = 20) -> str:
+    shown = ", ".join(ids[:limit])
+    return shown + (f", ... ({len(ids) - limit} more)" if len(ids) > limit else "")
+
+
+def score_items(items: list[Item], families: Iterable[str] = DEFAULT_FAMILIES, *,
+                compat_flavour: str = "med-moe", judge=None) -> dict[str, dict[str, dict]]:
+    """``{family: {item id: {metric: value}}}``; ``judge`` is a :class:`medtune.eval.judge.Judge`."""
+    scores: dict[str, dict[str, dict]] = {}
+    for family in families:
+        if family not in FAMILIES:
+            raise ValueError(f"unknown metric family {family!r} (expected some of {', '.join(FAMILIES)})")
+        if family == "compat":
+            scores[family] = {i.id: compat.score_item(i.prediction, i.answer, i.answer_type, compat_flavour)
+                              for i in items}
+        elif family == "strict":
+            scores[family] = {i.id: strict.score_item(i.prediction, i.answer, i.answer_type, i.choices)
+                              for i in items}
+        elif family == "judge":
+            if judge is None:
+                raise ValueError("the judge family needs a judge endpoint (--judge-endpoint)")
+            scores[family] = judge.score(items)
+    return scores
+
+
+def aggregate(task: str, items: list[Item], scores: dict[str, dict[str, dict]], *,
+              resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> list[Row]:
+    """Every family's metrics per answer type, its headline across types, and headlines per organ/modality."""
+    rows: list[Row] = []
+    for family, per_item in scores.items():
+        by_type: dict[str, list[Item]] = {}
+        for item in items:
+            if per_item.get(item.id):
+                by_type.setdefault(item.answer_type, []).append(item)
+        for answer_type, group in by_type.items():
+            for metric in _metric_names(group, per_item):
+                rows.append(_row(task, family, answer_type, metric, group, per_item, resamples, seed))
+        rows.extend(_headline_rows(task, family, by_type, per_item, resamples, seed))
+    return rows
+
+
+def _metric_names(group: list[Item], per_item: dict[str, dict]) -> list[str]:
+    names: dict[str, None] = {}
+    for item in group:
+        names.update(dict.fromkeys(per_item[item.id]))
+    return list(names)
+
+
+def _row(task, family, answer_type, metric, group, per_item, resamples, seed, group_by="all", group_name="all",
+         metric_of=None) -> Row:
+    # A missing key means the metric does not apply to that item; an explicit None means the reference
+    # script drops the item from this metric, which is counted as excluded.
+    metric_names = [metric_of(i) if metric_of else metric for i in group]
+    values = [per_item[i.id][m] for i, m in zip(group, metric_names) if m in per_item[i.id]]
+    kept = [v for v in values if v is not None]
+    return Row(task, family, answer_type, metric, estimate(kept, resamples=resamples, seed=seed),
+               group_by, group_name, excluded=len(values) - len(kept))
+
+
+def _headline_rows(task, family, by_type, per_item, resamples, seed) -> list[Row]:
+    """The family's headline (e.g. closed accuracy, open recall) over all types, then per organ/modality."""
+    headline = HEADLINE[family]
+    scored = [i for answer_type, group in by_type.items() if answer_type in headline for i in group]
+    if not scored:
+        return []
+    metric_of = lambda item: headline[item.answer_type]  # noqa: E731 - one use, reads better inline
+    rows = []
+    # One figure across answer types only where it means one thing (an answer is right or wrong); the
+    # compat headline mixes closed accuracy with open recall, so it has none.
+    if len(by_type) > 1 and family != "compat":
+        rows.append(_row(task, family, "all", "headline", scored, per_item, resamples, seed, metric_of=metric_of))
+    for field_name in BREAKDOWNS:
+        for answer_type, group in by_type.items():
+            if answer_type not in headline:
+                continue
+            values = sorted({getattr(i, field_name) for i in group if getattr(i, field_name)})
+            for value in values:
+                members = [i for i in group if getattr(i, field_name) == value]
+                rows.append(_row(task, family, answer_type, headline[answer_type], members, per_item,
+                                 resamples, seed, field_name, value))
+    return rows
+
+
+def is_wrong(family: str, item: Item, item_scores: dict) -> bool:
+    """Whether a family counts an item as wrong on its headline metric (partial credit counts as wrong)."""
+    metric = HEADLINE[family].get(item.answer_type)
+    value = item_scores.get(metric) if metric else None
+    return value is not None and value < 1.0
+
+
+@dataclass
+class CompatTable:
+    """The table the reference script prints: its labels, our values, and the strings it would show."""
+
+    flavour: str
+    lines: list[tuple[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"flavour": self.flavour,
+                "lines": [{"label": label, "value": value, "printed": compat.printed(value)}
+                          for label, value in self.lines]}
+
+    def render(self) -> str:
+        width = max(len(label) for label, _ in self.lines)
+        return "\n".join(f"{label:<{width}}  {compat.printed(value)}" for label, value in self.lines)
+
+
+_COMPAT_LABELS = {
+    "med-moe": [("open", "exact_match", "Exact Match Score"), ("open", "f1", "F1 Score"),
+                ("open", "precision", "Precision"), ("open", "recall", "Recall"),
+                ("open", "bleu1", "BLEU Score (Weight 1)"), ("open", "bleu2", "BLEU Score (Weight 2)"),
+                ("open", "bleu3", "BLEU Score (Weight 3)"), ("closed", "accuracy", "yes/no accuracy"),
+                ("closed", "f1", "Closed F1 Score"), ("closed", "precision", "Closed Precision"),
+                ("closed", "recall", "Closed Recall")],
+    "llava-med": [("open", "exact_match", "exact match score"), ("open", "f1", "f1 score"),
+                  ("open", "precision", "precision"), ("open", "recall", "recall"),
+                  ("open", "bleu", "bleu_score"), ("open", "bleu1", "bleu_score_1"),
+                  ("open", "bleu2", "bleu_score_2"), ("open", "bleu3", "bleu_score_3"),
+                  ("closed", "accuracy", "yes/no accuracy")],
+}
+
+
+def compat_table(items: list[Item], compat_scores: dict[str, dict], flavour: str = "med-moe") -> CompatTable:
+    """The compatibility figures in the reference script's order and labels, summed in item order."""
+    table = CompatTable(flavour)
+    for answer_type, metric, label in _COMPAT_LABELS[flavour]:
+        values = [compat_scores[i.id].get(metric) for i in items if i.answer_type == answer_type]
+        table.lines.append((label, compat.macro_mean_percent([v for v in values if v is not None])))
+    return table

@@ -1,0 +1,63 @@
+"""Score a predictions file against a task's ground truth and write the report: the model-free path.
+
+``medtune eval score`` calls :func:`score_predictions`; the generation path (``medtune eval run``) will call
+it too once its predictions file is complete, so a run and a rescoring of its file give the same report.
+Ground truth is a task (:func:`medtune.eval.tasks.get_task`) or any file a format reader understands.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medtune import __version__
+from medtune.data.jsonl import Tally
+from medtune.eval import metrics, report
+from medtune.eval.predictions import read_predictions
+from medtune.eval.stats import DEFAULT_RESAMPLES, DEFAULT_SEED
+from medtune.eval.tasks import Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoreResult:
+    rows: list[metrics.Row]
+    items: list[metrics.Item]
+    scores: dict[str, dict]
+    compat_table: metrics.CompatTable | None
+    unexpected: list[str]
+    paths: dict[str, Path] = field(default_factory=dict)
+
+    def headline(self) -> list[metrics.Row]:
+        return [r for r in self.rows if r.group_by == "all" and report._is_headline(r)]
+
+
+def score_predictions(task: Task, predictions_path: str | os.PathLike, *, out_dir: str | os.PathLike | None = None,
+                      families=metrics.DEFAULT_FAMILIES, compat_flavour: str = "med-moe", judge=None,
+                      allow_missing: bool = False, strict: bool = False, resamples: int = DEFAULT_RESAMPLES,
+                      seed: int = DEFAULT_SEED) -> ScoreResult:
+    """Match predictions to ``task``'s questions by id, score every family, and write the report if asked."""
+    families = tuple(families) + (("judge",) if judge is not None and "judge" not in families else ())
+    gt_tally, pred_tally = Tally(), Tally()
+    samples = task.samples(tally=gt_tally, strict=strict)
+    predictions = read_predictions(predictions_path, tally=pred_tally, strict=strict)
+    items, unexpected = metrics.match_items(samples, predictions, allow_missing=allow_missing)
+    if unexpected:
+        log.warning("%d predictions match no question of %s (first: %s); they are not scored",
+                    len(unexpected), task.name, ", ".join(unexpected[:5]))
+    scores = metrics.score_items(items, families, compat_flavour=compat_flavour, judge=judge)
+    rows = metrics.aggregate(task.name, items, scores, resamples=resamples, seed=seed)
+    table = metrics.compat_table(items, scores["compat"], compat_flavour) if "compat" in scores else None
+    result = ScoreResult(rows, items, scores, table, unexpected)
+    if out_dir is not None:
+        info = {"medtune_version": __version__, "task": task.describe(), "predictions": str(predictions_path),
+                "families": list(families), "compat_flavour": compat_flavour,
+                "counts": {"questions": len(items), "missing": [i.id for i in items if i.missing],
+                           "unexpected": unexpected, "ground_truth": gt_tally.to_dict(),
+                           "predictions": pred_tally.to_dict()}}
+        result.paths = report.write_report(out_dir, rows=rows, items=items, scores=scores, info=info,
+                                           compat_table=table, judge_records=getattr(judge, "records", None),
+                                           resamples=resamples, seed=seed)
+    return result

@@ -1,0 +1,219 @@
+"""Evaluation tasks: where the questions come from, how each becomes a prompt, and how it is generated.
+
+A :class:`Task` is data, not code: a data file read by one of medtune's format readers (the benchmark's
+question id is the sample id), an image root, a prompt style, and generation settings per answer type.
+Scoring is the same for every task (:mod:`medtune.eval.metrics`); only multiple-choice tasks get option
+lists in their prompts. The prompt sent for every question is recorded in the predictions file, so a
+reader can see exactly what the model was asked.
+
+Built-in tasks (:data:`TASKS`):
+
+``vqa-rad``   bundled VQA-RAD test split (451 questions, open + closed); needs no arguments.
+``slake``     SLAKE English test split; the bundled question file is used when no ``data`` is given, the
+              images (``imgs/``) must be supplied with ``image_root`` to generate answers.
+``pathvqa``   PathVQA test split; ``data`` is required.
+``pmc-vqa``   PMC-VQA style multiple choice; ``data`` is required.
+``mcq``       any canonical file of multiple-choice questions (``meta.choices``), e.g. OmniMedVQA converted.
+``custom``    any canonical file (or any format with ``data_format``) whose samples carry ``answer_type``.
+
+Prompts: ``plain`` sends the question alone (the LLaVA-Med protocol, so compatibility numbers compare with
+theirs); multiple-choice questions always list their options and ask for the letter.
+"""
+from __future__ import annotations
+
+import os
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from medtune.data.jsonl import RecordError, Tally
+from medtune.data.schema import Sample
+
+# Closed and multiple-choice answers are short; the open budget leaves room for a sentence. Greedy decoding
+# keeps runs reproducible.
+DEFAULT_SETTINGS = {
+    "open": {"max_new_tokens": 128, "temperature": 0.0, "top_p": 1.0},
+    "closed": {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0},
+    "mcq": {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0},
+}
+PROMPT_STYLES = ("plain", "short")
+MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+SHORT_INSTRUCTION = "Answer the question using a single word or phrase."
+
+
+class TaskDataMissing(FileNotFoundError):
+    """A task's data is not where it should be; the message says what to pass."""
+
+
+@dataclass
+class Task:
+    """One benchmark: its questions, prompts and generation settings."""
+
+    name: str
+    data_path: Path
+    data_format: str
+    image_root: Path | None = None
+    prompt_style: str = "plain"
+    settings: dict[str, dict] = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_SETTINGS.items()})
+    reader_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"unknown prompt style {self.prompt_style!r} (expected one of {PROMPT_STYLES})")
+
+    def samples(self, *, tally: Tally | None = None, strict: bool = False) -> list[Sample]:
+        """The task's questions with ground truth; samples without answer or answer type are skipped and
+        counted (raised when ``strict``)."""
+        tally = tally if tally is not None else Tally()
+        out = []
+        for index, sample in enumerate(read_task_records(self.data_format, self.data_path, tally=tally,
+                                                         strict=strict, **self.reader_options)):
+            reason = _unscorable(sample)
+            if reason is None:
+                out.append(sample)
+                continue
+            error = RecordError(self.data_path, sample.id, reason)
+            if strict:
+                raise error
+            tally.skip_error(error, reason)
+        return out
+
+    def prompt(self, sample: Sample) -> str:
+        """The text sent with the image(s): the question, plus options and an instruction for MCQ."""
+        question = sample.question.strip()
+        if sample.meta.answer_type == "mcq":
+            options = "\n".join(f"{letter}. {choice}" for letter, choice in
+                                zip(string.ascii_uppercase, sample.meta.choices or []))
+            return f"{question}\n{options}\n{MCQ_INSTRUCTION}"
+        if self.prompt_style == "short":
+            return f"{question}\n{SHORT_INSTRUCTION}"
+        return question
+
+    def messages(self, sample: Sample) -> list[dict]:
+        """OpenAI-style user message: image parts (``{"type": "image", "image": ImageRef}``, resolved against
+        :attr:`image_root` by the runner) then the prompt."""
+        parts = [{"type": "image", "image": image} for image in sample.images]
+        return [{"role": "user", "content": parts + [{"type": "text", "text": self.prompt(sample)}]}]
+
+    def settings_for(self, sample: Sample) -> dict:
+        return dict(self.settings[sample.meta.answer_type])
+
+    def describe(self) -> dict:
+        """What a report records about the task."""
+        return {"name": self.name, "data": str(self.data_path), "format": self.data_format,
+                "image_root": str(self.image_root) if self.image_root else None,
+                "prompt_style": self.prompt_style, "settings": self.settings}
+
+
+def _unscorable(sample: Sample) -> str | None:
+    meta = sample.meta
+    if meta.answer_type is None:
+        return "no answer_type"
+    if meta.answer is None:
+        return "no ground-truth answer"
+    if meta.answer_type == "mcq" and not meta.choices:
+        return "multiple-choice question without choices"
+    return None
+
+
+def read_task_records(fmt: str, path: Path, *, tally: Tally, strict: bool = False, **options) -> Iterator[Sample]:
+    """Read through ``medtune.data.formats.read_records``; canonical JSONL is read directly."""
+    if fmt == "canonical":
+        from medtune.data.jsonl import read_samples
+        return read_samples(path, strict=strict, tally=tally)
+    try:
+        from medtune.data.formats import read_records
+    except ImportError:  # the formats package is landing in parallel; see _read_benchmark_json
+        if fmt in _FALLBACK_FIELDS and not options:
+            return _read_benchmark_json(fmt, path, tally=tally)
+        raise
+    return read_records(fmt, path, tally=tally, strict=strict, **options)
+
+
+# Private stop-gap (until medtune.data.formats provides read_records): the fields of the two bundled
+# benchmark JSON files, read into the same samples the interface promises (qid as id, meta filled).
+_FALLBACK_FIELDS = {"vqa-rad": ("image_name", "image_organ", None), "slake": ("img_name", "location", "modality")}
+
+
+def _read_benchmark_json(fmt: str, path: Path, *, tally: Tally) -> Iterator[Sample]:
+    import json
+
+    from medtune.data.schema import ImageRef, Metadata, qa_sample
+
+    image_key, organ_key, modality_key = _FALLBACK_FIELDS[fmt]
+    with open(path, encoding="utf-8") as handle:
+        records = json.load(handle)
+    for record in records:
+        tally.read += 1
+        if fmt == "slake" and record.get("q_lang", "en") != "en":
+            tally.skip("not English")
+            continue
+        meta = Metadata(source=fmt, split="test", answer_type=record["answer_type"].strip(),
+                        organ=record.get(organ_key), modality=record.get(modality_key) if modality_key else None)
+        yield qa_sample(str(record["qid"]), record["question"], str(record["answer"]),
+                        [ImageRef(record[image_key])], meta)
+
+
+def _bundled(*parts: str) -> Path | None:
+    from medtune.paths import bundled_data
+    try:
+        return bundled_data(*parts)
+    except FileNotFoundError:
+        return None
+
+
+def _require(name: str, data: str | os.PathLike | None, what: str, default: Path | None = None) -> Path:
+    path = Path(data) if data else default
+    if path is None:
+        raise TaskDataMissing(f"task {name!r} needs its data: pass --data PATH ({what})")
+    if not path.exists():
+        raise TaskDataMissing(f"task {name!r}: {path} does not exist ({what})")
+    return path
+
+
+def _vqa_rad(data, image_root, data_format, **kw) -> Task:
+    path = _require("vqa-rad", data, "VQA-RAD testset.json", _bundled("vqa_rad", "testset.json"))
+    root = image_root or (path.parent / "images")
+    return Task("vqa-rad", path, data_format or "vqa-rad", Path(root), **kw)
+
+
+def _slake(data, image_root, data_format, **kw) -> Task:
+    path = _require("slake", data, "SLAKE test.json / test_en.json", _bundled("slake", "test_en.json"))
+    root = image_root or (path.parent / "imgs")
+    return Task("slake", path, data_format or "slake", Path(root), **kw)
+
+
+def _pathvqa(data, image_root, data_format, **kw) -> Task:
+    path = _require("pathvqa", data, "the PathVQA test split, in a layout `medtune data convert --from pathvqa` reads")
+    return Task("pathvqa", path, data_format or "pathvqa", Path(image_root) if image_root else None, **kw)
+
+
+def _pmc_vqa(data, image_root, data_format, **kw) -> Task:
+    path = _require("pmc-vqa", data, "the PMC-VQA test CSV, e.g. test_clean.csv")
+    return Task("pmc-vqa", path, data_format or "pmc-vqa", Path(image_root) if image_root else None, **kw)
+
+
+def _mcq(data, image_root, data_format, **kw) -> Task:
+    path = _require("mcq", data, "a canonical JSONL of multiple-choice questions with meta.choices")
+    return Task("mcq", path, data_format or "canonical", Path(image_root) if image_root else None, **kw)
+
+
+def _custom(data, image_root, data_format, **kw) -> Task:
+    path = _require("custom", data, "a canonical JSONL whose samples have meta.answer and meta.answer_type")
+    return Task("custom", path, data_format or "canonical", Path(image_root) if image_root else None, **kw)
+
+
+TASKS: dict[str, Callable[..., Task]] = {
+    "vqa-rad": _vqa_rad, "slake": _slake, "pathvqa": _pathvqa, "pmc-vqa": _pmc_vqa, "mcq": _mcq,
+    "custom": _custom,
+}
+
+
+def get_task(name: str, *, data: str | os.PathLike | None = None, image_root: str | os.PathLike | None = None,
+             data_format: str | None = None, prompt_style: str = "plain", **reader_options) -> Task:
+    """A built-in task by name; ``data`` overrides where its questions come from."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r} (built in: {', '.join(TASKS)})")
+    return TASKS[name](data, Path(image_root) if image_root else None, data_format,
+                       prompt_style=prompt_style, reader_options=reader_options)
