@@ -1,0 +1,502 @@
+"""Safe image loading for canonical samples: PNG/JPEG through PIL, DICOM through pydicom, NIfTI through nibabel.
+
+Every image medtune reads (training, evaluation, serving uploads, ``data check``) comes through here, so the
+guards live in one place:
+
+* **Paths stay inside the dataset.** A sample's image path is relative to its image root; ``..`` escapes and
+  absolute paths outside the root are refused unless the user allowed another root explicitly. Paths are judged
+  lexically (after normalising ``..``) and the normalised path is what gets opened, so a record cannot walk out
+  through ``..``; symlinks the user placed inside the root are followed.
+* **Decompression bombs are refused before decoding.** ``Image.open`` reads only the header; the pixel count is
+  compared with ``max_pixels`` before any pixel is decoded. PIL's own process-wide guard is switched off only
+  for the header read (under a lock), so our error, naming the file, the size and the limit, is the one a user
+  sees, and the caller chooses the limit.
+* **Every failure is an ImageError naming the file and a reason**, with a distinct reason for a missing file,
+  an empty file, a file that is not an image, truncated data and an over-large image.
+* **Always RGB out.** L/1/P/CMYK/YCbCr convert with PIL's standard conversions (CMYK is converted without ICC
+  colour management); anything with transparency (RGBA, LA, PA, P with a transparent colour) is composited
+  on **white**, because medical figures with alpha are drawings on a page; 16-bit and float greyscale PNG/TIFF
+  (I;16, I, F) are stretched from their own min/max to 0..255, the same rule as a DICOM without a window.
+* **DICOM**: modality LUT (rescale slope/intercept) first, then a VOI window: a named preset if the caller
+  gives one, else the file's first WindowCenter/WindowWidth, else the frame's min/max. MONOCHROME1 is inverted
+  so that bright means dense everywhere. Multi-frame files decode only the requested frame. Colour DICOM
+  (ultrasound, secondary capture) passes through as RGB. Patient identifiers never leave this module:
+  :func:`dicom_metadata` reads only whitelisted tags, pydicom's warnings (which can quote element values) are
+  silenced while reading, and quoted values are removed from error messages.
+* **NIfTI**: one 2-D slice, read lazily from the volume. The axis (axial, coronal, sagittal) and slice index
+  count in the closest canonical RAS+ orientation (slice 0 = most inferior / posterior / patient-left), default
+  the middle axial slice; 4-D volumes use their first volume. Slices are shown in the radiological convention:
+  superior (axial: anterior) up, patient right on the image left, sagittal anterior on the left. Windowing
+  as for DICOM, with the header's cal_min/cal_max as the file's own window. Presets are in Hounsfield units, so
+  they are meaningful for CT only.
+* PNG/JPEG ignore ``window``: they are already display images.
+
+pydicom and nibabel are the ``[dicom]`` extra and are imported only when such a file is opened.
+"""
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import os
+import re
+import threading
+import warnings
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from medtune.data.jsonl import atomic_open
+from medtune.data.schema import ImageRef
+
+# Large enough for whole-slide thumbnails and 7k x 7k scans, far below what would exhaust memory (RGB: 150 MB).
+DEFAULT_MAX_PIXELS = 50_000_000
+
+# (center, width) in Hounsfield units; common CT display windows as listed by Radiopaedia ("Windowing (CT)").
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (50.0, 350.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+    "subdural": (75.0, 215.0),
+    "stroke": (32.0, 8.0),
+    "abdomen": (50.0, 400.0),
+    "liver": (30.0, 150.0),
+    "soft_tissue": (50.0, 400.0),
+    "temporal_bone": (600.0, 2800.0),
+}
+# Not a preset: stretch the data's own min/max, ignoring any window stored in the file.
+MINMAX = "minmax"
+
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# Tags that may leave a DICOM file as metadata (keyword -> medtune name). Nothing that identifies a patient,
+# an institution or a person, and no free-text descriptions (they often carry names).
+DICOM_METADATA_TAGS = {
+    "Modality": "modality",
+    "BodyPartExamined": "body_part",
+    "ViewPosition": "view",
+    "ImageLaterality": "laterality",
+    "Laterality": "laterality",
+    "PatientPosition": "patient_position",
+    "PhotometricInterpretation": "photometric",
+    "Rows": "rows",
+    "Columns": "columns",
+    "NumberOfFrames": "frames",
+    "BitsStored": "bits_stored",
+    "PixelSpacing": "pixel_spacing",
+    "SliceThickness": "slice_thickness",
+}
+_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # axis name -> RAS+ axis it is perpendicular to
+
+
+class ImageError(ValueError):
+    """An image cannot be used: ``file`` says which, ``reason`` says why (no patient data in either)."""
+
+    def __init__(self, file: str | os.PathLike, reason: str):
+        self.file, self.reason = str(file), reason
+        super().__init__(f"{self.file}: {reason}")
+
+
+class WindowError(ValueError):
+    """An unknown window preset name."""
+
+
+# --------------------------------------------------------------------------------------------------- paths
+
+def resolve_image_path(path: str, root: str | os.PathLike, allowed_roots: Iterable[str | os.PathLike] = ()
+                       ) -> Path:
+    """The file an image path names, refusing anything outside ``root`` and ``allowed_roots``.
+
+    Relative paths are joined to ``root``; absolute paths are taken as they are. Either way the normalised
+    path must lie inside one of the roots. The normalised path is returned (and should be opened), so
+    ``a/../b`` can never resolve differently through a symlink ``a``.
+    """
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise ImageError(repr(path), "image path must be a non-empty string without NUL bytes")
+    root = os.path.abspath(root)
+    candidate = Path(os.path.normpath(path if os.path.isabs(path) else os.path.join(root, path)))
+    roots = [Path(root)] + [Path(os.path.abspath(r)) for r in allowed_roots]
+    if not any(candidate == r or r in candidate.parents for r in roots):
+        allowed = ", ".join(str(r) for r in roots)
+        raise ImageError(path, f"path is outside the image root ({allowed}); "
+                               "use --allow-root DIR to allow another folder")
+    return candidate
+
+
+def _image_kind(path: Path, head: bytes) -> str:
+    name = path.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if name.endswith(DICOM_SUFFIXES) or head[128:132] == b"DICM":
+        return "dicom"
+    return "pil"
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+def load_image(ref: ImageRef | str, root: str | os.PathLike, *, allowed_roots: Iterable = (),
+               window: str | Sequence[float] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Load the image a reference names as an RGB PIL image (see the module docstring for every rule)."""
+    ref = ImageRef(ref) if isinstance(ref, str) else ref
+    path = resolve_image_path(ref.path, root, allowed_roots)
+    window_bounds(window)  # an unknown preset is the caller's mistake, reported before touching the file
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageError(path, "file not found") from None
+    except OSError as error:
+        raise ImageError(path, f"cannot read the file ({error.strerror})") from None
+    if path.is_dir():
+        raise ImageError(path, "is a folder, not an image file")
+    if size == 0:
+        raise ImageError(path, "empty file (0 bytes)")
+    with open(path, "rb") as handle:
+        head = handle.read(132)
+    kind = _image_kind(path, head)
+    if kind == "dicom":
+        return _load_dicom(path, ref.frame, window, max_pixels)
+    if kind == "nifti":
+        return _load_nifti(path, ref.axis, ref.slice, window, max_pixels)
+    return _load_pil(path, path, max_pixels)
+
+
+def image_from_bytes(data: bytes, *, name: str = "upload", window: str | Sequence[float] | None = None,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Load an uploaded file (PNG/JPEG/…, DICOM, NIfTI or gzipped NIfTI) with the same limits as files.
+
+    ``name`` only appears in error messages (and its suffix helps recognise DICOM without a preamble).
+    DICOM gives its first frame; NIfTI its middle axial slice.
+    """
+    window_bounds(window)
+    if not data:
+        raise ImageError(name, "empty file (0 bytes)")
+    lowered = name.lower()
+    if data[:2] == b"\x1f\x8b" or lowered.endswith(NIFTI_SUFFIXES):
+        return _load_nifti(_nifti_from_bytes(data, name, max_pixels), None, None, window, max_pixels, name=name)
+    if data[128:132] == b"DICM" or lowered.endswith(DICOM_SUFFIXES):
+        return _load_dicom(io.BytesIO(data), None, window, max_pixels, name=name)
+    return _load_pil(io.BytesIO(data), name, max_pixels)
+
+
+_PIL_GUARD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pil_guard_off():
+    """Switch PIL's global decompression-bomb guard off while a header is read; our own check follows.
+
+    PIL raises for images over twice its global limit inside ``Image.open``, with no file name and a limit
+    the caller cannot choose per call. The lock keeps concurrent medtune loads from restoring each other's value.
+    """
+    with _PIL_GUARD_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _check_pixels(name, width: int, height: int, max_pixels: int, what: str = "image") -> None:
+    if width * height > max_pixels:
+        raise ImageError(name, f"{what} is {width}x{height} = {width * height:,} pixels, over the limit of "
+                               f"{max_pixels:,} (possible decompression bomb; raise max_pixels to allow it)")
+
+
+def _load_pil(source, name, max_pixels: int) -> Image.Image:
+    try:
+        with _pil_guard_off():
+            image = Image.open(source)
+    except Image.UnidentifiedImageError:
+        raise ImageError(name, "not an image file (PIL does not recognise the format)") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageError(name, f"corrupt image header ({_clean(error)})") from None
+    with image:
+        _check_pixels(name, *image.size, max_pixels)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image.load()
+        except Image.DecompressionBombError as error:  # frames of animated formats are checked again by PIL
+            raise ImageError(name, f"over PIL's own pixel limit ({_clean(error)})") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as error:
+            raise ImageError(name, f"truncated or corrupt image data ({_clean(error)})") from None
+        return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB by the module's documented rules (alpha on white, 16-bit min/max)."""
+    if image.mode == "RGB":
+        return image.copy()
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        return _grey_to_rgb(_window_to_uint8(values, _minmax_window(values)))
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _grey_to_rgb(grey: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.ascontiguousarray(grey), mode="L").convert("RGB")
+
+
+def _clean(error: BaseException) -> str:
+    """An exception's message without quoted values (which, for DICOM, could be a patient's name)."""
+    text = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", str(error)) or type(error).__name__
+    return text[:200]
+
+
+# ---------------------------------------------------------------------------------------------- windowing
+
+def window_bounds(window: str | Sequence[float] | None) -> tuple[float, float] | str | None:
+    """A preset name or (center, width) -> (center, width); None and "minmax" pass through. Unknown: WindowError."""
+    if window is None or window == MINMAX:
+        return window
+    if isinstance(window, str):
+        key = window.strip().lower().replace("-", "_").replace(" ", "_")
+        if key not in WINDOW_PRESETS:
+            raise WindowError(f"unknown window preset {window!r} (known: {', '.join(WINDOW_PRESETS)}, {MINMAX})")
+        return WINDOW_PRESETS[key]
+    center, width = (float(v) for v in window)
+    if width <= 0:
+        raise WindowError(f"window width must be positive, got {width}")
+    return center, width
+
+
+def _minmax_window(values: np.ndarray) -> tuple[float, float]:
+    low, high = float(np.min(values)), float(np.max(values))
+    return (low + high) / 2, max(high - low, 1e-6)
+
+
+def _window_to_uint8(values: np.ndarray, center_width: tuple[float, float]) -> np.ndarray:
+    """Linear VOI window: center - width/2 -> 0, center + width/2 -> 255, clipped outside."""
+    center, width = center_width
+    low = center - width / 2
+    scaled = (values.astype(np.float64) - low) * 255.0 / width
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _choose_window(window, file_window: tuple[float, float] | None, values: np.ndarray) -> tuple[float, float]:
+    """Caller's preset beats the file's window, which beats the data's own min/max."""
+    bounds = window_bounds(window)
+    if isinstance(bounds, tuple):
+        return bounds
+    if bounds is None and file_window is not None:
+        return file_window
+    return _minmax_window(values)
+
+
+# -------------------------------------------------------------------------------------------------- DICOM
+
+def _import_pydicom():
+    try:
+        import pydicom
+        import pydicom.pixels
+    except ImportError:
+        raise ImportError("reading DICOM needs pydicom: pip install 'medtune[dicom]'") from None
+    return pydicom
+
+
+@contextlib.contextmanager
+def _quiet_pydicom():
+    # pydicom's validation warnings quote element values, and an invalid PatientName would be quoted too.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _read_dicom(source, name, pydicom, **options):
+    try:
+        with _quiet_pydicom():
+            return pydicom.dcmread(source, **options)
+    except pydicom.errors.InvalidDicomError:
+        raise ImageError(name, "not a DICOM file (no DICM preamble or readable DICOM header)") from None
+    except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as error:
+        raise ImageError(name, f"unreadable DICOM header ({type(error).__name__}: {_clean(error)})") from None
+
+
+def _load_dicom(source, frame: int | None, window, max_pixels: int, *, name=None) -> Image.Image:
+    pydicom = _import_pydicom()
+    name = name if name is not None else source
+    dataset = _read_dicom(source, name, pydicom)
+    if "PixelData" not in dataset and "FloatPixelData" not in dataset and "DoubleFloatPixelData" not in dataset:
+        raise ImageError(name, "DICOM file has no pixel data (not an image object)")
+    rows, columns = int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0)
+    _check_pixels(name, columns, rows, max_pixels, what="DICOM frame")
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    index = frame or 0
+    if index >= frames:
+        raise ImageError(name, f"frame {index} out of range (the file has {frames} frame{'s' * (frames > 1)})")
+    try:
+        with _quiet_pydicom():
+            pixels = pydicom.pixels.pixel_array(dataset, index=index if frames > 1 else None)
+    except Exception as error:  # decoders raise many types; none of them is ours to let through
+        raise ImageError(name, f"DICOM pixel data cannot be decoded ({type(error).__name__}: {_clean(error)})"
+                         ) from None
+    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "PALETTE COLOR":
+        pixels = pydicom.pixels.apply_color_lut(pixels, dataset)
+    if pixels.ndim == 3:  # colour (RGB / YBR already converted to RGB by pydicom)
+        return Image.fromarray(_colour_to_uint8(pixels, int(dataset.get("BitsStored", 8) or 8)), mode="RGB")
+    values = pydicom.pixels.apply_modality_lut(pixels, dataset).astype(np.float64)
+    grey = _window_to_uint8(values, _choose_window(window, _dicom_window(dataset), values))
+    if photometric == "MONOCHROME1":  # low values are bright in MONOCHROME1
+        grey = 255 - grey
+    return _grey_to_rgb(grey)
+
+
+def _colour_to_uint8(pixels: np.ndarray, bits_stored: int) -> np.ndarray:
+    if pixels.dtype == np.uint8:
+        return pixels
+    return np.clip(np.rint(pixels.astype(np.float64) * (255.0 / (2 ** bits_stored - 1))), 0, 255).astype(np.uint8)
+
+
+def _dicom_window(dataset) -> tuple[float, float] | None:
+    """The file's first (WindowCenter, WindowWidth) pair, or None when absent or unusable."""
+    center, width = dataset.get("WindowCenter"), dataset.get("WindowWidth")
+    if center is None or width is None or center == "" or width == "":
+        return None
+    first = lambda v: float(v[0] if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue" else v)
+    try:
+        center, width = first(center), first(width)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return (center, width) if width > 0 else None
+
+
+def dicom_metadata(path: str | os.PathLike) -> dict:
+    """Whitelisted, non-identifying tags of a DICOM file (see DICOM_METADATA_TAGS); nothing else is read."""
+    pydicom = _import_pydicom()
+    dataset = _read_dicom(path, path, pydicom, stop_before_pixels=True, specific_tags=list(DICOM_METADATA_TAGS))
+    out = {}
+    for keyword, key in DICOM_METADATA_TAGS.items():
+        value = dataset.get(keyword)
+        if value is None or value == "" or key in out:
+            continue
+        if type(value).__name__ == "MultiValue" or isinstance(value, (list, tuple)):
+            out[key] = [float(v) for v in value]
+        elif isinstance(value, (int, float)):
+            out[key] = int(value) if float(value).is_integer() else float(value)
+        else:
+            out[key] = str(value)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- NIfTI
+
+def _import_nibabel():
+    try:
+        import nibabel
+    except ImportError:
+        raise ImportError("reading NIfTI needs nibabel: pip install 'medtune[dicom]'") from None
+    return nibabel
+
+
+def _nifti_from_bytes(data: bytes, name: str, max_pixels: int):
+    nibabel = _import_nibabel()
+    if data[:2] == b"\x1f\x8b":
+        data = _gunzip_bounded(data, name, limit=max_pixels * 16)
+    try:
+        return nibabel.Nifti1Image.from_bytes(data)
+    except Exception as error:  # nibabel raises several types for a bad header
+        raise ImageError(name, f"not a readable NIfTI-1 volume ({type(error).__name__}: {_clean(error)})") from None
+
+
+def _gunzip_bounded(data: bytes, name: str, limit: int) -> bytes:
+    """Decompress an uploaded .nii.gz, refusing more than ``limit`` bytes (a gzip bomb is cheap to send)."""
+    chunks, total = [], 0
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as handle:
+            while chunk := handle.read(1 << 20):
+                total += len(chunk)
+                if total > limit:
+                    raise ImageError(name, f"decompressed NIfTI is over {limit:,} bytes (16 bytes per allowed "
+                                           "pixel; raise max_pixels to allow it)")
+                chunks.append(chunk)
+    except (OSError, EOFError) as error:
+        raise ImageError(name, f"truncated or corrupt gzip data ({_clean(error)})") from None
+    return b"".join(chunks)
+
+
+def _load_nifti(source, axis: str | None, slice_index: int | None, window, max_pixels: int, *,
+                name=None) -> Image.Image:
+    nibabel = _import_nibabel()
+    name = name if name is not None else source
+    if isinstance(source, (str, Path)):
+        try:
+            volume = nibabel.load(str(source))
+        except Exception as error:  # ImageFileError, ValueError, OSError, gzip errors ...
+            raise ImageError(name, f"not a readable NIfTI volume ({type(error).__name__}: {_clean(error)})"
+                             ) from None
+    else:
+        volume = source
+    plane = _nifti_plane(volume, axis or "axial", slice_index, name, max_pixels)
+    header_window = _nifti_cal_window(volume)
+    return _grey_to_rgb(_window_to_uint8(plane, _choose_window(window, header_window, plane)))
+
+
+def _nifti_plane(volume, axis: str, slice_index: int | None, name, max_pixels: int) -> np.ndarray:
+    """One 2-D slice (rows x columns, display orientation) read lazily from a 3-D or 4-D volume."""
+    nibabel = _import_nibabel()
+    shape = volume.shape
+    if len(shape) < 3:
+        raise ImageError(name, f"NIfTI data has {len(shape)} dimensions; a volume needs 3 or 4")
+    orientation = nibabel.orientations.io_orientation(volume.affine)  # per array axis: (RAS axis, +1/-1)
+    array_axis = int(np.flatnonzero(orientation[:3, 0] == _AXES[axis])[0])
+    other = [a for a in range(3) if a != array_axis]
+    _check_pixels(name, shape[other[1]], shape[other[0]], max_pixels, what=f"{axis} slice")
+    count = shape[array_axis]
+    position = count // 2 if slice_index is None else slice_index
+    if position >= count:
+        raise ImageError(name, f"{axis} slice {position} out of range (the volume has {count})")
+    array_position = position if orientation[array_axis, 1] > 0 else count - 1 - position
+    index = [slice(None)] * 3 + [0] * (len(shape) - 3)
+    index[array_axis] = array_position
+    try:
+        plane = np.asarray(volume.dataobj[tuple(index)], dtype=np.float64)
+    except Exception as error:
+        raise ImageError(name, f"NIfTI voxel data cannot be read ({type(error).__name__}: {_clean(error)})"
+                         ) from None
+    # Put the two remaining axes in RAS order, each increasing towards R/A/S, then show it radiologically.
+    if orientation[other[0], 0] > orientation[other[1], 0]:
+        plane, other = plane.T, other[::-1]
+    for dim, array_dim in enumerate(other):
+        if orientation[array_dim, 1] < 0:
+            plane = np.flip(plane, axis=dim)
+    return np.ascontiguousarray(plane.T[::-1, ::-1])
+
+
+def _nifti_cal_window(volume) -> tuple[float, float] | None:
+    low, high = float(volume.header.get("cal_min", 0)), float(volume.header.get("cal_max", 0))
+    return ((low + high) / 2, high - low) if high > low else None
+
+
+# ------------------------------------------------------------------------------------------- materialising
+
+def materialise(ref: ImageRef, root: str | os.PathLike, out_dir: str | os.PathLike, *,
+                window: str | Sequence[float] | None = None, allowed_roots: Iterable = ()) -> ImageRef:
+    """Write the image a reference names as a PNG in ``out_dir``; return a reference relative to ``out_dir``.
+
+    The name is the source's stem plus a hash of (resolved source path, frame, axis, slice, window), so the same
+    reference always lands in the same file and an existing file is reused. The PNG holds pixels only: no text
+    chunks or other metadata travel from the source.
+    """
+    ref = ImageRef(ref) if isinstance(ref, str) else ref
+    allowed_roots = tuple(allowed_roots)
+    source = resolve_image_path(ref.path, root, allowed_roots)
+    key = "|".join(str(v) for v in (source, ref.frame, ref.axis, ref.slice, window))
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", source.name.split(".")[0])[:40] or "image"
+    out = Path(out_dir) / f"{stem}-{digest}.png"
+    if not out.exists():
+        image = load_image(ref, root, allowed_roots=allowed_roots, window=window)
+        with atomic_open(out, "wb") as handle:
+            image.save(handle, format="PNG")
+    return ImageRef(out.name)
