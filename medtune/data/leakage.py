@@ -25,7 +25,7 @@ four kinds of overlap, each with the ids involved (``--report`` writes them all 
    JSON and no training record's. Frames are recognised by ``meta.extra["phrase_type"] == "frame"`` and an
    integer id (the qid); other datasets have none, and this category is then 0.
 4. Near-duplicate questions: a training question on the same images as a test question whose token sets
-   (lower-case runs of letters and digits, so punctuation and word order do not matter) have a Jaccard
+   (runs of word characters of the normalised text, so punctuation and word order do not matter) have a Jaccard
    similarity of at least ``--near-threshold`` (default 0.8), exact pairs excluded. Answers are not compared:
    the same question on the same image teaches the answer even when phrased differently. Each training sample
    is reported once, with its most similar test question.
@@ -36,8 +36,8 @@ OUT stay relative to the training set's image root, which is printed. Both files
 fingerprints and the training set's frame records are kept in memory, not the samples, and ``--clean`` reads
 the training set a second time.
 
-Reading goes through ``medtune.data.mixture.read_dataset``: the formats registry when it provides the format,
-otherwise that module's temporary private reader (``vqa-rad`` and ``llava``).
+Files are read through the formats registry (``--format vqa-rad`` for the MEVF files; canonical JSONL by
+default), whose VQA-RAD reader keeps the qid as the sample id and ``phrase_type`` in ``meta.extra``.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def normalise(text: str) -> str:
 
 
 def question_tokens(text: str) -> frozenset[str]:
-    """The token set compared for near duplicates: runs of letters and digits of the normalised text."""
+    """The token set compared for near duplicates: runs of word characters of the normalised text."""
     return frozenset(re.findall(r"\w+", normalise(text)))
 
 
@@ -294,7 +294,8 @@ def _categories(text: str) -> tuple[str, ...]:
     names = tuple(name.strip() for name in text.split(",") if name.strip())
     unknown = [name for name in names if name not in CATEGORIES]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown categories {unknown or text!r} (choose from {', '.join(CATEGORIES)})")
+        raise argparse.ArgumentTypeError(
+            f"unknown categories {unknown or text!r} (choose from {', '.join(CATEGORIES)})")
     return names
 
 

@@ -44,15 +44,13 @@ records it as ``image_root`` in the manifest (``OUT`` with suffix ``.manifest.js
 ``--image-root`` to later commands. Image paths that are absolute or climb out of their dataset's root with
 ``..`` are refused (counted as skipped) rather than rewritten into something that points elsewhere.
 
-Readers. Formats other than ``canonical`` are read through ``medtune.data.formats.read_records``. Until that
-registry provides them, small private readers for ``llava`` and ``vqa-rad`` below stand in (marked TEMPORARY);
-they are used only when the registry does not know the format.
+Readers. Every dataset is read through ``medtune.data.formats.read_records`` (``canonical`` included), so a
+mixture accepts any format the registry knows; GMAI-VL annotations are read as ``llava``.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
-import importlib
 import itertools
 import json
 import math
@@ -61,10 +59,10 @@ import posixpath
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
-from medtune.data.jsonl import RecordError, SampleWriter, Tally, iter_json_lines, read_samples, write_json
-from medtune.data.schema import ImageRef, Message, Metadata, Part, Sample, SchemaError, qa_sample
+from medtune.data.jsonl import RecordError, SampleWriter, Tally, write_json
+from medtune.data.schema import Message, Part, Sample
 
 SHUFFLE_MODES = ("full", "interleave", "none")
 _RECIPE_KEYS = {"seed", "shuffle", "include_credentialed", "datasets"}
@@ -125,8 +123,10 @@ class DatasetSpec:
         if self.replacement:
             return f"{asked}: {target} independent draws with replacement"
         copies, remainder = divmod(target, available) if available else (0, 0)
-        whole = f"{copies} whole {'copy' if copies == 1 else 'copies'} + " if copies else ""
-        return f"{asked}: {whole}{remainder} drawn without replacement"
+        parts = [f"{copies} whole {'copy' if copies == 1 else 'copies'}"] if copies else []
+        if remainder or not copies:
+            parts.append(f"{remainder} drawn without replacement")
+        return f"{asked}: {' + '.join(parts)}"
 
 
 @dataclass
@@ -307,7 +307,8 @@ def _mixture_from_dict(data: dict, base: Path, source: Path | None, strict: bool
         raise RecipeError(f"{where}: unknown keys {sorted(unknown)} (expected {sorted(_RECIPE_KEYS)})")
     if not isinstance(data["datasets"], list):
         raise RecipeError(f"{where}: 'datasets' must be a list")
-    shuffle = {True: "full", False: "none"}.get(data.get("shuffle", "full"), data.get("shuffle"))
+    shuffle = data.get("shuffle", "full")
+    shuffle = {True: "full", False: "none"}.get(shuffle, shuffle) if isinstance(shuffle, (bool, str)) else shuffle
     seed = data.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise RecipeError(f"{where}: seed must be an integer, got {seed!r}")
@@ -368,122 +369,22 @@ def _gmai_list(data: dict, base: Path, source: Path | None, strict: bool) -> Mix
 
 # ------------------------------------------------------------------------------------------- reading datasets
 
-def _formats_registry():
-    """``medtune.data.formats`` when it provides the agreed registry, else None (see the module docstring)."""
-    try:
-        module = importlib.import_module("medtune.data.formats")
-    except ImportError:
-        return None
-    return module if hasattr(module, "FORMATS") and hasattr(module, "read_records") else None
-
-
 def read_dataset(fmt: str, path: str | os.PathLike, *, tally: Tally, strict: bool = False) -> Iterator[Sample]:
-    """Canonical samples from ``path`` in format ``fmt`` (canonical JSONL, or any registered format)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    if fmt == "canonical":
-        return read_samples(path, strict=strict, tally=tally)
-    registry = _formats_registry()
-    if registry is not None and fmt in registry.FORMATS:
-        return registry.read_records(fmt, path, tally=tally, strict=strict)
-    if fmt in _FALLBACK_READERS:
-        return _FALLBACK_READERS[fmt](Path(path), tally, strict)
-    known = sorted({"canonical", *_FALLBACK_READERS, *(registry.FORMATS if registry else ())})
-    raise RecipeError(f"{path}: unknown format {fmt!r} (known: {', '.join(known)})")
+    """Canonical samples from ``path`` in format ``fmt`` (any reader of the formats registry)."""
+    from medtune.data import formats
+
+    if fmt not in formats.FORMATS:
+        raise RecipeError(f"{path}: unknown format {fmt!r} (known: {', '.join(formats.FORMATS)})")
+    return formats.read_records(fmt, path, tally=tally, strict=strict)
 
 
 def default_image_root(fmt: str, path: str | os.PathLike) -> Path:
-    """Where a format keeps its images by default (the registry's answer when it has one)."""
-    registry = _formats_registry()
-    if registry is not None and fmt in registry.FORMATS and hasattr(registry, "default_image_root"):
-        return Path(registry.default_image_root(fmt, path))
-    folder = Path(path).parent
-    if fmt == "vqa-rad" and (folder / "images").is_dir():
-        return folder / "images"
-    return folder
+    """Where a format keeps its images by default (the registry's answer)."""
+    from medtune.data import formats
 
-
-# TEMPORARY private readers, used only while medtune.data.formats does not register these formats. They read
-# just what mixing and leakage need; the formats package owns the complete, tested readers.
-
-def _iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
-    """(record number, object) from a JSON list or a JSONL file; a bad JSON line yields a RecordError."""
-    if path.suffix.lower() == ".jsonl":
-        yield from iter_json_lines(path)
-        return
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        yield 0, RecordError(path, None, f"not valid JSON ({error.msg} at line {error.lineno})")
-        return
-    if not isinstance(records, list):
-        yield 0, RecordError(path, None, "expected a JSON list of records")
-        return
-    yield from enumerate(records)
-
-
-def _read_with(convert: Callable[[Any, int], Sample], path: Path, tally: Tally, strict: bool) -> Iterator[Sample]:
-    for number, record in _iter_json_records(path):
-        tally.read += 1
-        error = record if isinstance(record, RecordError) else None
-        if error is None:
-            try:
-                yield convert(record, number)
-                continue
-            except (SchemaError, KeyError, TypeError, ValueError) as problem:
-                error = RecordError(path, number, str(problem) or type(problem).__name__)
-        if strict:
-            raise error
-        tally.skip_error(error)
-
-
-_LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
-def _llava_sample(record: Any, number: int) -> Sample:
-    if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
-        raise SchemaError("a LLaVA record needs a 'conversations' list")
-    images = record.get("image") or []
-    images = [images] if isinstance(images, str) else list(images)
-    turns = [(_LLAVA_ROLES.get(t.get("from")), t.get("value")) for t in record["conversations"]]
-    if any(role is None or not isinstance(text, str) for role, text in turns):
-        raise SchemaError("conversation turns need 'from' (human|gpt|assistant|system) and a string 'value'")
-    while turns and turns[0][0] == "assistant":  # GMAI-VL drops leading assistant turns
-        turns.pop(0)
-    placeholders = sum(text.count("<image>") for _, text in turns)
-    if placeholders == 0 and images and turns:  # no placeholder: images go before the first user text
-        turns[0] = (turns[0][0], "<image>" * len(images) + turns[0][1])
-        placeholders = len(images)
-    if placeholders != len(images):
-        raise SchemaError(f"{placeholders} <image> placeholders but {len(images)} images")
-    pending = iter(images)
-    messages = []
-    for role, text in turns:
-        parts = []
-        for index, piece in enumerate(text.split("<image>")):
-            if index:
-                parts.append(Part.of_image(ImageRef(next(pending))))
-            if piece.strip():
-                parts.append(Part.of_text(piece.strip()))
-        messages.append(Message(role, tuple(parts)))
-    return Sample(id=str(record.get("id", number)), messages=messages)
-
-
-def _vqa_rad_sample(record: Any, number: int) -> Sample:
-    if not isinstance(record, dict):
-        raise SchemaError("a VQA-RAD record must be an object")
-    extra = {k: record[k] for k in ("phrase_type", "question_type", "question_frame") if k in record}
-    meta = Metadata(source="vqa-rad", answer_type=record.get("answer_type"),
-                    organ=str(record["image_organ"]).strip().lower() if record.get("image_organ") else None,
-                    extra=extra)
-    return qa_sample(str(record["qid"]), str(record["question"]), str(record["answer"]),
-                     [ImageRef(record["image_name"])], meta=meta)
-
-
-_FALLBACK_READERS: dict[str, Callable[[Path, Tally, bool], Iterator[Sample]]] = {
-    "llava": lambda path, tally, strict: _read_with(_llava_sample, path, tally, strict),
-    "vqa-rad": lambda path, tally, strict: _read_with(_vqa_rad_sample, path, tally, strict),
-}
+    if fmt not in formats.FORMATS:
+        raise RecipeError(f"{path}: unknown format {fmt!r} (known: {', '.join(formats.FORMATS)})")
+    return Path(formats.default_image_root(fmt, path))
 
 
 # ------------------------------------------------------------------------------------------ `medtune data mix`
@@ -550,7 +451,8 @@ def _manifest(mixture: Mixture, seed: int, common: Path, prefixes: dict[str, str
         if d.data_augment is not None:
             info["data_augment"] = d.data_augment
         datasets.append(info)
-    return {"recipe": os.path.abspath(mixture.source) if mixture.source else None, "seed": seed, "shuffle": mixture.shuffle,
+    return {"recipe": os.path.abspath(mixture.source) if mixture.source else None, "seed": seed,
+            "shuffle": mixture.shuffle,
             "include_credentialed": mixture.include_credentialed, "image_root": str(common),
             "datasets": datasets, "tally": tally.to_dict()}
 
@@ -577,7 +479,7 @@ def _run_mix(args) -> int:
     for info in manifest["datasets"]:
         length = info.get("declared_length")
         mismatch = f" (list says length {length})" if length is not None and length != info["available"] else ""
-        print(f"{info['name']}: {info['written']} of {info['available']} usable records{mismatch} "
+        print(f"{info['name']}: {info['written']} samples from {info['available']} usable records{mismatch} "
               f"[{info['sampling']}]")
     print(f"image root for {args.out}: {manifest['image_root']} (pass as --image-root; also in "
           f"{manifest_path(args.out)})")
