@@ -104,13 +104,13 @@ class _ChunkBuffer:
         """Read more text; False at end of file. Drops the consumed prefix so memory stays flat."""
         if self.eof:
             return False
+        chunk = self.handle.read(size)
+        if not chunk:  # leave the text as it is, so positions in a pending error stay valid
+            self.eof = True
+            return False
         if self.pos > _CHUNK_CHARS:
             self.lines_before += self.text.count("\n", 0, self.pos)
             self.text, self.pos = self.text[self.pos:], 0
-        chunk = self.handle.read(size)
-        if not chunk:
-            self.eof = True
-            return False
         self.text += chunk
         return True
 
@@ -142,11 +142,11 @@ def _iter_json_array(path: Path) -> Iterator[tuple[str, Any]]:
             if char == "":
                 yield f"[{index}]", RecordError(path, f"[{index}]", "not valid JSON (file ends inside the list)")
                 return
-            result = _decode_next(decoder, buffer)
-            if isinstance(result, str):
-                yield f"[{index}]", RecordError(path, f"[{index}]", result + "; the rest of the file is unreadable")
+            value, problem = _decode_next(decoder, buffer)
+            if problem:
+                yield f"[{index}]", RecordError(path, f"[{index}]", problem + "; the rest of the file is unreadable")
                 return
-            yield f"[{index}]", result
+            yield f"[{index}]", value
             index += 1
             char = buffer.skip_space()
             if char == ",":
@@ -159,8 +159,8 @@ def _iter_json_array(path: Path) -> Iterator[tuple[str, Any]]:
                 return
 
 
-def _decode_next(decoder: json.JSONDecoder, buffer: _ChunkBuffer) -> Any:
-    """Decode the value at ``buffer.pos``, reading more text until it is complete; a str is an error message."""
+def _decode_next(decoder: json.JSONDecoder, buffer: _ChunkBuffer) -> tuple[Any, str | None]:
+    """Decode the value at ``buffer.pos``, reading more text until it is complete: ``(value, error or None)``."""
     size = _CHUNK_CHARS
     while True:
         try:
@@ -169,12 +169,12 @@ def _decode_next(decoder: json.JSONDecoder, buffer: _ChunkBuffer) -> Any:
             if buffer.fill(size):
                 size *= 2  # a record larger than the window: grow geometrically, not one chunk per retry
                 continue
-            return f"not valid JSON ({error.msg} at line {buffer.line_at(error.pos)})"
+            return None, f"not valid JSON ({error.msg} at line {buffer.line_at(error.pos)})"
         # A number ending exactly at the window's edge may continue in the next chunk.
         if end == len(buffer.text) and buffer.fill(size):
             continue
         buffer.pos = end
-        return value
+        return value, None
 
 
 def convert_records(path: str | os.PathLike, records: Iterable[tuple[int | str, Any]],
