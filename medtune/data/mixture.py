@@ -71,7 +71,7 @@ _DATASET_KEYS = {"name", "path", "format", "image_root", "ratio", "count", "repl
 _GMAI_ALIASES = {"image_dir": ("image_dir", "root"), "annotations": ("annotations", "annotation"),
                  "sample_ratio": ("sample_ratio", "repeat_time")}
 _GMAI_KEYS = {alias for names in _GMAI_ALIASES.values() for alias in names} | {"length", "data_augment"}
-CREDENTIAL_SKIP = "credentialed (images not shipped; include_credentialed to keep)"
+CREDENTIAL_SKIP = "credentialed (images not shipped)"   # the reason the MedMax reader counts them under
 
 
 class RecipeError(ValueError):
@@ -177,7 +177,7 @@ class Mixture:
     include_credentialed: bool = False
     strict: bool = False
     source: Path | None = None
-    _available: dict[str, int] | None = field(default=None, repr=False)
+    _available: dict[bool, dict[str, int]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         names = [d.name for d in self.datasets]
@@ -191,10 +191,11 @@ class Mixture:
                               f"got {self.shuffle!r}")
 
     def available(self) -> dict[str, int]:
-        """Usable records per dataset (first pass; cached)."""
-        if self._available is None:
-            self._available = {d.name: sum(1 for _ in self._usable(d, Tally())) for d in self.datasets}
-        return self._available
+        """Usable records per dataset (first pass; cached per credential setting)."""
+        key = self.include_credentialed
+        if key not in self._available:
+            self._available[key] = {d.name: sum(1 for _ in self._usable(d, Tally())) for d in self.datasets}
+        return self._available[key]
 
     def targets(self) -> dict[str, int]:
         """Samples each dataset contributes (requested counts)."""
@@ -239,6 +240,11 @@ class Mixture:
                 raise RecipeError(f"dataset {name!r}: fewer usable records on the second pass than the first; "
                                   "did the file change while mixing?")
             yield entry
+        # Read each file to its end so the tally counts every record, and check nothing selected is left over.
+        for name, stream in streams.items():
+            if next(stream, None) is not None:
+                raise RecipeError(f"dataset {name!r}: more usable records on the second pass than the first; "
+                                  "did the file change while mixing?")
 
     def _selected(self, dataset: DatasetSpec, selection: Selection, tally: Tally) -> Iterator[Entry]:
         for index, sample in enumerate(self._usable(dataset, tally)):
@@ -247,7 +253,8 @@ class Mixture:
 
     def _usable(self, dataset: DatasetSpec, tally: Tally) -> Iterator[Sample]:
         """The dataset's samples minus credentialed ones (unless included) and unsafe image paths, counted."""
-        for sample in read_dataset(dataset.format, dataset.path, tally=tally, strict=self.strict):
+        for sample in read_dataset(dataset.format, dataset.path, tally=tally, strict=self.strict,
+                                   include_credentialed=self.include_credentialed):
             if sample.meta.credential and not self.include_credentialed:
                 tally.skip(CREDENTIAL_SKIP, f"{dataset.path}: {sample.id}")
                 continue
@@ -369,13 +376,21 @@ def _gmai_list(data: dict, base: Path, source: Path | None, strict: bool) -> Mix
 
 # ------------------------------------------------------------------------------------------- reading datasets
 
-def read_dataset(fmt: str, path: str | os.PathLike, *, tally: Tally, strict: bool = False) -> Iterator[Sample]:
-    """Canonical samples from ``path`` in format ``fmt`` (any reader of the formats registry)."""
+def read_dataset(fmt: str, path: str | os.PathLike, *, tally: Tally, strict: bool = False,
+                 include_credentialed: bool = False) -> Iterator[Sample]:
+    """Canonical samples from ``path`` in format ``fmt`` (any reader of the formats registry).
+
+    Readers that drop credentialed rows themselves (MedMax: those rows ship without image paths) are asked to
+    keep them when ``include_credentialed``; otherwise the mixture filters on ``meta.credential``.
+    """
     from medtune.data import formats
 
     if fmt not in formats.FORMATS:
         raise RecipeError(f"{path}: unknown format {fmt!r} (known: {', '.join(formats.FORMATS)})")
-    return formats.read_records(fmt, path, tally=tally, strict=strict)
+    options = {}
+    if include_credentialed and "include_credentialed" in formats.FORMATS[fmt].options:
+        options["include_credentialed"] = True
+    return formats.read_records(fmt, path, tally=tally, strict=strict, **options)
 
 
 def default_image_root(fmt: str, path: str | os.PathLike) -> Path:

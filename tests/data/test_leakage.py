@@ -36,6 +36,7 @@ def test_vqa_rad_known_leakage(vqa_rad_run):
     assert report["rephrasings"]["count"] == 283
     assert report["images"] == {**report["images"], "test_images": 203, "test_images_in_train": 203}
     assert (report["train_records"], report["test_records"]) == (3064, 451)
+    assert report["unreadable_images"] == {}          # images were compared by content, not by path
 
 
 def test_vqa_rad_rephrasings_match_public_question_frames(vqa_rad_run):

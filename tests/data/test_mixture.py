@@ -74,8 +74,10 @@ def test_streaming_orders_are_deterministic_and_lazy(recipe, shuffle):
     mixture.shuffle = shuffle
     assert _ids(mixture) == _ids(mixture) != _ids(mixture, seed=9)
     tally = Tally()
-    next(mixture.iter_samples(tally=tally))
+    stream = mixture.iter_samples(tally=tally)
+    next(stream)
     assert tally.read < 10 + 7 + 6                                   # the first sample comes before all is read
+    assert len(list(stream)) == 5 + 18 + 3 - 1 and tally.read == 10 + 7 + 6
     if shuffle == "none":
         firsts = [i.split("/")[0] for i in _ids(mixture)]
         assert firsts == sorted(firsts, key="abc".index)
@@ -97,8 +99,7 @@ def test_credentialed_samples_are_skipped_and_counted_unless_included(recipe):
     tally = Tally()
     ids = _ids(mixture, tally=tally)
     assert not {"c/c0", "c/c1"} & set(ids)
-    assert tally.skipped == {"credentialed (images not shipped; include_credentialed to keep)": 2}
-    mixture = load_mixture(recipe)
+    assert tally.skipped == {"credentialed (images not shipped)": 2}
     mixture.include_credentialed = True
     assert mixture.available()["c"] == 6
 
@@ -121,8 +122,21 @@ def test_mix_cli_writes_resolvable_paths_and_manifest(recipe, tmp_path, capsys):
     assert by_name["b"]["image_prefix"] == "b/images" and manifest["seed"] == 3
     output = capsys.readouterr().out
     assert f"image root for {out}: {tmp_path}" in output
-    assert output.strip().splitlines()[-1] == "23 read, 26 written, 2 skipped (2 credentialed (images not shipped; " \
-                                              "include_credentialed to keep))"
+    assert output.strip().splitlines()[-1] == "23 read, 26 written, 2 skipped (2 credentialed (images not shipped))"
+
+
+def test_medmax_credentialed_rows_follow_the_recipe(tmp_path):
+    rows = [{"text": "<image> A chest film. No effusion.", "image_path": "a.png", "credential": "NO"},
+            {"text": "<image> A CT. A mass.", "image_path": "b.png", "credential": "YES"},
+            {"text": "Text only.", "credential": "NO"}]
+    (tmp_path / "medmax.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    recipe = {"datasets": [{"name": "m", "path": str(tmp_path / "medmax.jsonl"), "format": "medmax"}]}
+    tally = Tally()
+    assert len(_ids(load_mixture(recipe), tally=tally)) == 2
+    assert tally.skipped == {"credentialed (images not shipped)": 1}
+    included = load_mixture({**recipe, "include_credentialed": True})
+    credentialed = [s for s, _ in included.iter_samples() if s.meta.credential]
+    assert len(credentialed) == 1 and credentialed[0].images[0].path == "b.png"
 
 
 def _llava_records(prefix, n):
