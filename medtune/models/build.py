@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,10 @@ FEATURE_SELECTS = ("patch", "cls_patch")
 PAD_MODES = ("pad", "resize", "crop")
 DTYPES = ("float32", "bfloat16", "float16")
 NATIVE_TEMPLATE = "native"
+
+
+class SpecError(ValueError):
+    """A model spec that cannot be built: the message names the field and what is wrong."""
 
 
 @dataclass
@@ -77,25 +81,25 @@ class ModelSpec:
         for name in ("vision", "llm"):
             part = getattr(self, name)
             if isinstance(part, dict) and not part.get("model_type"):
-                raise ValueError(f"ModelSpec.{name}: a config dict needs a model_type, got keys {sorted(part)}")
+                raise SpecError(f"ModelSpec.{name}: a config dict needs a model_type, got keys {sorted(part)}")
             if not isinstance(part, (str, dict)) or part in ("", {}):
-                raise ValueError(f"ModelSpec.{name}: give a checkpoint name/path or a config dict, got {part!r}")
+                raise SpecError(f"ModelSpec.{name}: give a checkpoint name/path or a config dict, got {part!r}")
         _check_choice("projector", self.projector, PROJECTOR_NAMES)
         _check_choice("vision_feature_select", self.vision_feature_select, FEATURE_SELECTS)
         _check_choice("pad_mode", self.pad_mode, PAD_MODES)
         _check_choice("dtype", self.dtype, DTYPES)
         if self.projector_queries < 1 or self.projector_heads < 1:
-            raise ValueError("ModelSpec: projector_queries and projector_heads must be positive")
+            raise SpecError("ModelSpec: projector_queries and projector_heads must be positive")
         if self.image_size is not None and self.image_size < 1:
-            raise ValueError(f"ModelSpec.image_size must be positive, got {self.image_size}")
+            raise SpecError(f"ModelSpec.image_size must be positive, got {self.image_size}")
         if self.tokenizer is None and isinstance(self.llm, dict):
-            raise ValueError("ModelSpec.tokenizer: an LLM built from a config has no tokenizer of its own; "
+            raise SpecError("ModelSpec.tokenizer: an LLM built from a config has no tokenizer of its own; "
                              "set tokenizer to 'offline' or a tokenizer checkpoint")
         for name in ("image_mean", "image_std"):
             value = getattr(self, name)
             if value is not None:
                 if len(value) != 3:
-                    raise ValueError(f"ModelSpec.{name} needs 3 values (R, G, B), got {value}")
+                    raise SpecError(f"ModelSpec.{name} needs 3 values (R, G, B), got {value}")
                 setattr(self, name, tuple(float(v) for v in value))
 
     @classmethod
@@ -103,7 +107,10 @@ class ModelSpec:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(settings) - known)
         if unknown:
-            raise ValueError(f"unknown model spec keys {unknown}; known: {sorted(known)}")
+            raise SpecError(f"unknown model spec keys {unknown}; known: {sorted(known)}")
+        missing = sorted(f.name for f in fields(cls) if f.name not in settings and f.default is MISSING)
+        if missing:
+            raise SpecError(f"model spec is missing {missing}")
         return cls(**settings)
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,7 +119,7 @@ class ModelSpec:
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"ModelSpec.{name}: {value!r} is not one of {', '.join(choices)}")
+        raise SpecError(f"ModelSpec.{name}: {value!r} is not one of {', '.join(choices)}")
 
 
 @dataclass
@@ -209,7 +216,7 @@ def chat_template(name: str) -> str:
 def _check_feature_layer(layer: int, layout) -> None:
     count = layout.num_hidden_states
     if not -count <= layer < count:
-        raise ValueError(f"vision_feature_layer {layer} is out of range: the tower has {count} hidden states "
+        raise SpecError(f"vision_feature_layer {layer} is out of range: the tower has {count} hidden states "
                          f"(embeddings + {count - 1} layers), so use {-count}..{count - 1}")
 
 
@@ -217,10 +224,10 @@ def _feature_selection(spec: ModelSpec, layout) -> tuple[str, int]:
     """LLaVA's vision_feature_select_strategy and the number of image tokens per image."""
     extra = layout.num_extra_tokens
     if extra not in (0, 1):
-        raise ValueError(f"the vision tower emits {extra} non-patch tokens per image; only towers with one "
+        raise SpecError(f"the vision tower emits {extra} non-patch tokens per image; only towers with one "
                          "CLS token (CLIP-like) or none (SigLIP-like) are supported")
     if spec.vision_feature_select == "cls_patch" and extra == 0:
-        raise ValueError("vision_feature_select 'cls_patch' needs a tower with a CLS token; this one has none")
+        raise SpecError("vision_feature_select 'cls_patch' needs a tower with a CLS token; this one has none")
     # LLaVA's "default" drops the first token (the CLS); "full" keeps all tokens the tower emits.
     strategy = "default" if spec.vision_feature_select == "patch" and extra == 1 else "full"
     tokens = layout.num_patches + (extra if strategy == "full" else 0)
@@ -351,12 +358,13 @@ def _processor_image_size(image_processor) -> int:
     """The square side the processor produces, best effort (native processors may resize dynamically)."""
     for name in ("crop_size", "size"):
         size = getattr(image_processor, name, None)
-        if isinstance(size, dict):
-            for key in ("height", "shortest_edge", "longest_edge"):
-                if size.get(key):
-                    return int(size[key])
-        elif isinstance(size, int):
+        if isinstance(size, int):
             return size
+        for key in ("height", "shortest_edge", "longest_edge"):
+            # transformers 5 keeps sizes as dicts or SizeDict objects (attribute access).
+            value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+            if value:
+                return int(value)
     return 0
 
 

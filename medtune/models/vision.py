@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medtune.models.build import SpecError
+
 # Normalisation statistics when a tower comes from a bare config (no preprocessor_config.json to read).
 # Facts from the original releases: OpenAI CLIP's training statistics; SigLIP normalises to [-1, 1].
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -34,7 +36,7 @@ def vision_config(source: str | dict[str, Any], image_size: int | None = None):
         settings = dict(source)
         model_type = settings.pop("model_type", None)
         if not model_type:
-            raise ValueError(f"vision config dict needs a model_type (e.g. clip_vision_model): {source}")
+            raise SpecError(f"vision config dict needs a model_type (e.g. clip_vision_model): {source}")
         if image_size is not None:
             settings["image_size"] = image_size
         return AutoConfig.for_model(model_type, **settings)
@@ -42,7 +44,7 @@ def vision_config(source: str | dict[str, Any], image_size: int | None = None):
     # A full CLIP/SigLIP checkpoint carries text and vision configs; the tower is the vision half.
     config = getattr(config, "vision_config", None) or config
     if image_size is not None and getattr(config, "image_size", image_size) != image_size:
-        raise ValueError(f"vision tower {source} was trained at image_size {config.image_size}, not {image_size}; "
+        raise SpecError(f"vision tower {source} was trained at image_size {config.image_size}, not {image_size}; "
                          "leave image_size unset or pick a tower trained at that size")
     return config
 
