@@ -265,20 +265,20 @@ def register(subparsers) -> None:
                     "and near-duplicate questions between TRAIN and TEST.")
     parser.add_argument("train", type=Path, help="training set")
     parser.add_argument("test", type=Path, help="evaluation set")
-    parser.add_argument("--format", default=None, help="format of both files (default: canonical)")
-    parser.add_argument("--format-train", default=None, help="format of TRAIN (overrides --format)")
-    parser.add_argument("--format-test", default=None, help="format of TEST (overrides --format)")
-    parser.add_argument("--image-root", type=Path, default=None, help="image root of both files")
-    parser.add_argument("--image-root-train", type=Path, default=None, help="image root of TRAIN")
-    parser.add_argument("--image-root-test", type=Path, default=None, help="image root of TEST")
-    parser.add_argument("--near-threshold", type=_threshold, default=DEFAULT_NEAR_THRESHOLD,
+    parser.add_argument("--format", default=None, metavar="FMT", help="format of both files (default: canonical)")
+    parser.add_argument("--format-train", default=None, metavar="FMT", help="format of TRAIN (overrides --format)")
+    parser.add_argument("--format-test", default=None, metavar="FMT", help="format of TEST (overrides --format)")
+    parser.add_argument("--image-root", type=Path, default=None, metavar="DIR", help="image root of both files")
+    parser.add_argument("--image-root-train", type=Path, default=None, metavar="DIR", help="image root of TRAIN")
+    parser.add_argument("--image-root-test", type=Path, default=None, metavar="DIR", help="image root of TEST")
+    parser.add_argument("--near-threshold", type=_threshold, metavar="J", default=DEFAULT_NEAR_THRESHOLD,
                         help=f"token-set Jaccard for near-duplicate questions (default {DEFAULT_NEAR_THRESHOLD})")
     parser.add_argument("--clean", type=Path, default=None, metavar="OUT",
                         help="write TRAIN without the leaking records as canonical JSONL")
-    parser.add_argument("--remove", type=_categories, default=DEFAULT_REMOVE,
+    parser.add_argument("--remove", type=_categories, metavar="CATEGORIES", default=DEFAULT_REMOVE,
                         help="comma-separated categories --clean drops: exact, rephrasing, near "
                              "(default: exact,rephrasing)")
-    parser.add_argument("--report", type=Path, default=None, help="write the findings as JSON")
+    parser.add_argument("--report", type=Path, default=None, metavar="FILE", help="write the findings as JSON")
     parser.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping")
     parser.set_defaults(func=_run_leakage)
 
