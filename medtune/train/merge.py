@@ -1,0 +1,83 @@
+"""Merge LoRA adapters into their base model: a plain checkpoint that needs neither medtune nor PEFT.
+
+A LoRA checkpoint (a Trainer ``checkpoint-N`` or a stage's ``adapter/``) holds the adapters, any part trained
+whole beside them (the projector, PEFT's ``modules_to_save``), the tokenizer with the stage's chat template,
+and ``adapter_config.json`` naming the base model. :func:`merge_checkpoint` loads the base, applies the
+adapters with PEFT, folds them into the weights (``merge_and_unload``) and writes the result with
+safetensors, together with the checkpoint's tokenizer, processor and medtune.json, into a directory that
+appears only when complete. A checkpoint without adapters (full fine-tuning) is already plain: its model
+files are copied as they are.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from medtune.cli import UserError
+from medtune.train.checkpoints import atomic_directory
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+# Everything Trainer writes into a checkpoint that is training state, not part of a model.
+_TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin",
+                   "medtune-complete.json", "README.md")
+_ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin", ADAPTER_CONFIG)
+
+
+def merge_checkpoint(checkpoint: str | Path, out: str | Path, *, base: str | Path | None = None) -> Path:
+    """Write ``checkpoint`` (LoRA or full) as a plain model into ``out``; returns ``out``."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"{checkpoint}: no such checkpoint directory")
+    if out.exists():
+        raise UserError(f"{out} already exists; choose a new output directory")
+    with atomic_directory(out) as staging:
+        if (checkpoint / ADAPTER_CONFIG).is_file():
+            _merge_adapters(checkpoint, staging, base)
+        elif (checkpoint / "config.json").is_file():
+            _copy_model_files(checkpoint, staging, skip=())
+        else:
+            raise UserError(f"{checkpoint} is neither a LoRA checkpoint (no {ADAPTER_CONFIG}) nor a model "
+                            "(no config.json)")
+    return out
+
+
+def _merge_adapters(checkpoint: Path, out: Path, base: str | Path | None) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    import medtune.models.composed  # noqa: F401  (medtune_vlm models load through the Auto classes)
+
+    base = Path(base) if base is not None else _base_of(checkpoint)
+    model = AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, str(checkpoint)).merge_and_unload()
+    model.save_pretrained(out, safe_serialization=True)
+    # tokenizer (with this stage's chat template), processor and medtune.json come from the checkpoint;
+    # anything it lacks (an image processor saved only with the base) from the base
+    _copy_model_files(checkpoint, out, skip=_ADAPTER_FILES)
+    _copy_model_files(base, out, skip=("config.json", "generation_config.json"), weights=False, overwrite=False)
+
+
+def _base_of(checkpoint: Path) -> Path:
+    config = json.loads((checkpoint / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    name = config.get("base_model_name_or_path")
+    if not name or not Path(name).is_dir():
+        raise UserError(f"{checkpoint}: its base model {name!r} is not a local directory; pass --base")
+    return Path(name)
+
+
+def _copy_model_files(source: Path, out: Path, *, skip, weights: bool = True, overwrite: bool = True) -> None:
+    for path in source.iterdir():
+        if not path.is_file() or path.name in _TRAINING_STATE or path.name in skip:
+            continue
+        if path.name.startswith("rng_state") or path.suffix in (".pt", ".pth", ".bin"):
+            continue   # pickled training state never travels into a model directory
+        is_weights = path.suffix == ".safetensors" or path.name.endswith(".safetensors.index.json")
+        if is_weights and not weights:
+            continue
+        if overwrite or not (out / path.name).exists():
+            shutil.copy2(path, out / path.name)

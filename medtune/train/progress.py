@@ -1,0 +1,88 @@
+"""What a person sees while a stage trains: a progress bar and a metrics file, as Trainer callbacks.
+
+* :class:`ProgressBarCallback`: one tqdm bar per stage (main process only) showing loss, learning rate and
+  tokens per second (non-padding tokens, all ranks); tqdm supplies the elapsed time and the ETA.
+* :class:`MetricsFileCallback`: every Trainer log (loss, learning rate, grad norm, eval) becomes one JSON line
+  in the stage's ``metrics.jsonl`` with the step, epoch, tokens seen and tokens per second. After a resume,
+  lines past the checkpoint's step (written by the interrupted run) are dropped first, so the file reads as
+  one run.
+
+TensorBoard (and W&B / MLflow when asked for) come from Trainer's own integrations (``report_to``).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+
+class _TokenRate:
+    """Tokens per second since this process started training (resumed tokens excluded)."""
+
+    def __init__(self):
+        self.start_time = self.start_tokens = None
+
+    def begin(self, state) -> None:
+        self.start_time, self.start_tokens = time.monotonic(), state.num_input_tokens_seen or 0
+
+    def rate(self, state) -> float:
+        elapsed = time.monotonic() - (self.start_time or time.monotonic())
+        done = (state.num_input_tokens_seen or 0) - (self.start_tokens or 0)
+        return done / elapsed if elapsed > 0 else 0.0
+
+
+class ProgressBarCallback(TrainerCallback):
+    def __init__(self):
+        self.bar = None
+        self.tokens = _TokenRate()
+        self.shown: dict[str, str] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.tokens.begin(state)
+        if state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step",
+                            dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+            self.shown["tok/s"] = f"{self.tokens.rate(state):,.0f}"
+            self.bar.set_postfix(self.shown, refresh=False)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs:
+            if "loss" in logs:
+                self.shown["loss"] = f"{logs['loss']:.4f}"
+            if "learning_rate" in logs:
+                self.shown["lr"] = f"{logs['learning_rate']:.2e}"
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class MetricsFileCallback(TrainerCallback):
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.tokens = _TokenRate()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.tokens.begin(state)
+        if state.is_world_process_zero and self.path.exists():
+            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
+            self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "epoch": state.epoch, **logs,
+                  "tokens_seen": state.num_input_tokens_seen, "tokens_per_second": round(self.tokens.rate(state), 1)}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")

@@ -1,0 +1,343 @@
+"""Trainer glue: run a recipe's stages with Hugging Face Trainer, one stage after another.
+
+Trainer + Accelerate carry the loop, schedules, mixed precision, logging and the distributed engines; this
+module decides what they are given:
+
+* the model of each stage (stage 0: built from the recipe's ModelSpec or loaded; stage n: stage n-1's output),
+  with its trainable parts and per-part learning-rate groups (:mod:`medtune.train.parts`);
+* the data and collator (:mod:`medtune.train.data`);
+* TrainingArguments translated from the stage (schedule, precision, accumulation, DDP/FSDP2/DeepSpeed);
+* checkpoints with a completion marker and rotation among complete ones (:mod:`medtune.train.checkpoints`);
+* what the user sees (:mod:`medtune.train.progress`): a progress bar, metrics.jsonl, TensorBoard, a summary.
+
+Layout of a run::
+
+    OUTPUT/stage-0-align/checkpoint-N/   Trainer checkpoints (+ medtune-complete.json), last K kept
+    OUTPUT/stage-0-align/model/          the stage's result, a plain checkpoint (LoRA merged) stage 1 starts from
+    OUTPUT/stage-0-align/adapter/        the LoRA adapters (LoRA stages only)
+    OUTPUT/stage-0-align/metrics.jsonl   one line per logging step; summary.json at the end
+    OUTPUT/summary.json                  all stages
+
+A stage whose ``model/`` exists is finished; ``--resume`` skips it and continues an unfinished stage from its
+newest complete checkpoint. Without ``--resume`` an existing stage directory is an error, never overwritten.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medtune.data.jsonl import Tally, write_json
+from medtune.train import checkpoints
+from medtune.train.recipe import Recipe, RecipeError, Stage, check_environment
+
+log = logging.getLogger(__name__)
+
+MODEL_DIR, ADAPTER_DIR, BASE_DIR = "model", "adapter", "base-model"
+
+
+def stage_dir(output_dir: str | Path, index: int, stage: Stage) -> Path:
+    return Path(output_dir) / f"stage-{index}-{stage.name}"
+
+
+@dataclass
+class StageResult:
+    """What one stage did; saved as the stage's summary.json."""
+
+    stage: str
+    model_dir: str
+    steps: int = 0
+    samples: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    seconds: float = 0.0
+    train_loss: float | None = None
+    skipped: dict = field(default_factory=dict)
+    skipped_examples: dict = field(default_factory=dict)
+    last_checkpoint: str | None = None
+    trainable: dict = field(default_factory=dict)
+    resumed_from: str | None = None
+    already_done: bool = False
+
+    def line(self) -> str:
+        if self.already_done:
+            return f"stage {self.stage}: already finished ({self.model_dir})"
+        skipped = sum(self.skipped.values())
+        reasons = ", ".join(f"{n} {reason}" for reason, n in self.skipped.items())
+        loss = f"{self.train_loss:.4f}" if self.train_loss is not None else "-"
+        return (f"stage {self.stage}: {self.steps} steps, {self.samples} samples, {self.tokens:,} tokens, "
+                f"{skipped} samples skipped{f' ({reasons})' if reasons else ''}, loss {loss}, "
+                f"{self.seconds:.1f}s; model: {self.model_dir}; last checkpoint: {self.last_checkpoint or '-'}")
+
+
+# ---- the recipe -----------------------------------------------------------------------------------------
+
+
+def run_recipe(recipe: Recipe, *, start_stage: int = 0, resume: bool = False) -> list[StageResult]:
+    """Run stages ``start_stage..`` of ``recipe``; each starts from the previous stage's ``model/``."""
+    if not 0 <= start_stage < len(recipe.stages):
+        raise RecipeError(f"--start-stage {start_stage}: the recipe has stages 0..{len(recipe.stages) - 1}")
+    check_environment(recipe)
+    results = []
+    for index in range(start_stage, len(recipe.stages)):
+        results.append(run_stage(recipe, index, resume=resume))
+        if is_main_process():
+            write_json(Path(recipe.output_dir) / "summary.json",
+                       {"stages": [r.__dict__ for r in results]})
+    return results
+
+
+def run_stage(recipe: Recipe, index: int, *, resume: bool = False) -> StageResult:
+    stage = recipe.stages[index]
+    directory = stage_dir(recipe.output_dir, index, stage)
+    if (directory / MODEL_DIR).is_dir():
+        if not resume:
+            raise RecipeError(f"stage {stage.name} already finished in {directory}; pass --resume to skip "
+                              "finished stages, or choose another --output")
+        return StageResult(stage.name, str(directory / MODEL_DIR), already_done=True)
+    resume_from = _resume_point(directory, stage, resume)
+    vlm, base_path = load_stage_model(recipe, index)
+    _apply_template(vlm, stage)
+    tally = Tally()
+    from medtune.train.data import encode_stage_data, make_collator
+
+    dataset = encode_stage_data(stage.data, vlm, max_length=stage.max_length, tally=tally, seed=recipe.seed,
+                                progress=is_main_process())
+    eval_dataset = None
+    if stage.eval_data is not None:
+        eval_dataset = encode_stage_data(stage.eval_data, vlm, max_length=stage.max_length, tally=Tally(),
+                                         seed=recipe.seed, progress=False)
+    from medtune.train.parts import apply_trainable_parts, summarise
+
+    if stage.lora is not None and base_path is None:
+        base_path = _save_base(vlm, directory)
+    model = apply_trainable_parts(vlm.model, stage.lr, stage.lora)
+    if stage.lora is not None:
+        model.peft_config["default"].base_model_name_or_path = str(Path(base_path).resolve())
+    trainer = build_trainer(recipe, stage, vlm, model, dataset, eval_dataset, make_collator(
+        vlm, packing=stage.packing, max_length=stage.max_length), directory)
+    started = time.monotonic()
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    save_stage_model(trainer, vlm, stage, directory)
+    total, trained = dataset.count_tokens()
+    result = StageResult(
+        stage=stage.name, model_dir=str(directory / MODEL_DIR), steps=trainer.state.global_step,
+        samples=len(dataset), tokens=int(trainer.state.num_input_tokens_seen or 0), trained_tokens=trained,
+        seconds=time.monotonic() - started, train_loss=output.metrics.get("train_loss"),
+        skipped=dict(tally.skipped), skipped_examples=dict(tally.examples),
+        last_checkpoint=_str(checkpoints.latest_complete_checkpoint(directory)),
+        trainable=summarise(model).to_dict(), resumed_from=_str(resume_from))
+    if is_main_process():
+        write_json(directory / "summary.json", result.__dict__)
+        print(result.line(), flush=True)
+    return result
+
+
+def _str(path) -> str | None:
+    return str(path) if path is not None else None
+
+
+def _resume_point(directory: Path, stage: Stage, resume: bool) -> Path | None:
+    existing = checkpoints.list_checkpoints(directory)
+    if not resume:
+        if existing:
+            raise RecipeError(f"{directory} holds checkpoints of an earlier run of stage {stage.name}; pass "
+                              "--resume to continue it, or choose another --output")
+        return None
+    if is_main_process():
+        checkpoints.discard_incomplete(directory)
+    barrier()
+    latest = checkpoints.latest_complete_checkpoint(directory)
+    if latest is not None:
+        log.info("stage %s: resuming from %s", stage.name, latest)
+    return latest
+
+
+# ---- models ---------------------------------------------------------------------------------------------
+
+
+def load_stage_model(recipe: Recipe, index: int):
+    """(VLM, path it was loaded from or None): stage 0 builds or loads ``recipe.model``; stage n loads n-1's."""
+    from medtune.models.build import ModelSpec, build_vlm, load_vlm
+
+    if index > 0:
+        previous = stage_dir(recipe.output_dir, index - 1, recipe.stages[index - 1]) / MODEL_DIR
+        if not previous.is_dir():
+            raise RecipeError(f"stage {recipe.stages[index].name} starts from stage "
+                              f"{recipe.stages[index - 1].name}'s model, which is not at {previous}; run stage "
+                              f"{index - 1} first (--start-stage {index - 1})")
+        return load_vlm(previous), previous
+    if isinstance(recipe.model, str):
+        return load_vlm(recipe.model), recipe.model
+    settings = dict(recipe.model)
+    if "preset" in settings:
+        from medtune.models.presets import preset_spec
+
+        spec = preset_spec(settings.pop("preset"), **settings)
+    else:
+        spec = ModelSpec.from_dict(settings)
+    return build_vlm(spec), None
+
+
+def _apply_template(vlm, stage: Stage) -> None:
+    """A stage's template replaces the model's, and is stored with the tokenizer of every checkpoint."""
+    if stage.template is None or stage.template == vlm.template:
+        return
+    if vlm.template == "native":
+        raise RecipeError(f"stage {stage.name}: template {stage.template!r} cannot replace a native VLM's "
+                          "own chat template; remove template")
+    from medtune.models.templates import get_template
+
+    jinja = get_template(stage.template).jinja
+    vlm.template = stage.template
+    vlm.tokenizer.chat_template = jinja
+    if vlm.processor is not None:
+        vlm.processor.chat_template = jinja
+
+
+def _save_base(vlm, directory: Path) -> Path:
+    """LoRA checkpoints name their base model; a model built in memory is saved once so they can."""
+    target = directory / BASE_DIR
+    if is_main_process() and not target.is_dir():
+        with checkpoints.atomic_directory(target) as staging:
+            vlm.save(staging)
+    barrier()
+    return target
+
+
+def save_stage_model(trainer, vlm, stage: Stage, directory: Path) -> None:
+    """Write the stage's ``model/`` atomically: full weights, or (LoRA) adapters plus the merged model."""
+    staging = directory / ".final.partial"
+    trainer.save_model(str(staging))
+    if is_main_process():
+        if stage.lora is not None:
+            from medtune.train.merge import merge_checkpoint
+
+            if (directory / ADAPTER_DIR).exists():
+                import shutil
+
+                shutil.rmtree(directory / ADAPTER_DIR)
+            os.replace(staging, directory / ADAPTER_DIR)
+            merge_checkpoint(directory / ADAPTER_DIR, directory / MODEL_DIR)
+        else:
+            os.replace(staging, directory / MODEL_DIR)
+        for directory_written in (directory / MODEL_DIR, directory / ADAPTER_DIR):
+            # Trainer pickles its arguments beside the weights; a model directory holds no pickles
+            (directory_written / "training_args.bin").unlink(missing_ok=True)
+    barrier()
+
+
+# ---- Trainer --------------------------------------------------------------------------------------------
+
+
+def build_trainer(recipe: Recipe, stage: Stage, vlm, model, dataset, eval_dataset, collator, directory: Path):
+    from medtune.train.progress import MetricsFileCallback, ProgressBarCallback
+    from medtune.train.trainer import MedtuneTrainer
+
+    args = training_arguments(recipe, stage, directory, model)
+    trainer = MedtuneTrainer(
+        model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, data_collator=collator,
+        processing_class=vlm.processor or vlm.tokenizer, learning_rates=stage.lr,
+        keep_last_k=stage.keep_last_k, save_extras=lambda out: _save_extras(vlm, out),
+    )
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ProgressBarCallback())
+    trainer.add_callback(MetricsFileCallback(directory / "metrics.jsonl"))
+    return trainer
+
+
+def _save_extras(vlm, out_dir) -> None:
+    """What load_vlm needs beside weights and tokenizer: the image processor and medtune.json."""
+    from medtune.models.build import MEDTUNE_FILE
+
+    if vlm.image_processor is not None:
+        vlm.image_processor.save_pretrained(out_dir)
+    if vlm.template != "native":
+        write_json(Path(out_dir) / MEDTUNE_FILE, vlm.metadata())
+
+
+def training_arguments(recipe: Recipe, stage: Stage, directory: Path, model):
+    from transformers import TrainingArguments
+
+    settings: dict[str, Any] = dict(
+        output_dir=str(directory), seed=recipe.seed, data_seed=recipe.seed,
+        per_device_train_batch_size=stage.batch_size, per_device_eval_batch_size=stage.batch_size,
+        gradient_accumulation_steps=stage.grad_accum, num_train_epochs=stage.epochs,
+        max_steps=stage.max_steps if stage.max_steps is not None else -1,
+        lr_scheduler_type=stage.schedule, warmup_steps=stage.warmup_ratio, weight_decay=stage.weight_decay,
+        max_grad_norm=stage.max_grad_norm,
+        learning_rate=max(stage.lr.vision, stage.lr.projector, stage.lr.llm, stage.lr.lora),
+        bf16=stage.precision == "bf16", activation_checkpointing=stage.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if stage.gradient_checkpointing else None,
+        save_strategy="steps", save_steps=stage.save_steps, save_total_limit=None,
+        eval_strategy="steps" if stage.eval_steps else "no", eval_steps=stage.eval_steps,
+        logging_strategy="steps", logging_steps=stage.log_steps,   # TensorBoard: OUTPUT/stage-*/runs/
+        report_to=[r for r in recipe.report_to if r != "none"] or "none",
+        include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
+        dataloader_num_workers=stage.dataloader_workers, disable_tqdm=True,
+        train_sampling_strategy="group_by_length" if stage.group_by_length else "random",
+        ddp_find_unused_parameters=_may_leave_parameters_unused(stage),
+        ddp_backend=recipe.distributed.backend,
+    )
+    settings.update(distributed_arguments(recipe, model))
+    return TrainingArguments(**settings)
+
+
+def _may_leave_parameters_unused(stage: Stage) -> bool:
+    """LLaVA feeds a hidden layer below the tower's top to the projector: a trained tower has unused layers."""
+    return stage.lr.vision > 0 or (stage.lora is not None and stage.lora.on_vision)
+
+
+def distributed_arguments(recipe: Recipe, model) -> dict:
+    """Trainer arguments for the recipe's sharding strategy; nothing when running in one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return {}
+    spec = recipe.distributed
+    if spec.deepspeed_config:
+        return {"deepspeed": spec.deepspeed_config}
+    if spec.strategy in ("zero2", "zero3"):
+        return {"deepspeed": deepspeed_config(int(spec.strategy[-1]))}
+    if spec.strategy == "fsdp2":
+        config = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                  "state_dict_type": "FULL_STATE_DICT", "reshard_after_forward": True,
+                  **spec.fsdp_config}
+        return {"fsdp": "full_shard auto_wrap", "fsdp_config": config}
+    return {}
+
+
+def deepspeed_config(zero_stage: int) -> dict:
+    """A DeepSpeed ZeRO-2/3 config whose batch and precision settings follow TrainingArguments ("auto")."""
+    zero: dict[str, Any] = {"stage": zero_stage, "overlap_comm": True, "contiguous_gradients": True}
+    if zero_stage == 3:
+        # gather full weights on save so checkpoints are plain safetensors that load in one process
+        zero.update(stage3_gather_16bit_weights_on_model_save=True)
+    return {"zero_optimization": zero, "bf16": {"enabled": "auto"}, "train_batch_size": "auto",
+            "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto"}
+
+
+# ---- processes ------------------------------------------------------------------------------------------
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The metrics.jsonl of a stage, as a list of dicts (for tests and reports)."""
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]

@@ -1,0 +1,69 @@
+"""MedtuneTrainer: Hugging Face Trainer with medtune's per-part optimizer groups and atomic checkpoints.
+
+Only three hooks are overridden, each for one reason:
+
+* ``create_optimizer``: one parameter group per trainable part with that part's learning rate
+  (:func:`medtune.train.parts.parameter_groups`); Trainer's scheduler then scales every group from its own
+  peak. Overriding the method (rather than passing an optimizer in) keeps Trainer's ordering under FSDP and
+  DeepSpeed, where the optimizer must be built after the model is wrapped.
+* ``_save_checkpoint``: after Trainer has written everything (weights, optimizer, scheduler, RNG states,
+  trainer state with the data position), all ranks meet and the main process writes the completion marker
+  and rotates old complete checkpoints (:mod:`medtune.train.checkpoints`). Trainer's own rotation is off
+  (``save_total_limit=None``) because it would count a half-written directory.
+* ``_save``: a checkpoint also gets what ``load_vlm`` needs (image processor, medtune.json), so every
+  checkpoint loads and merges on its own.
+* ``_get_train_sampler``: length grouping reads lengths from the encoded rows instead of decoding every
+  sample's images to measure them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from transformers import Trainer
+
+from medtune.train import checkpoints
+from medtune.train.parts import parameter_groups
+from medtune.train.recipe import LearningRates
+
+
+class MedtuneTrainer(Trainer):
+    def __init__(self, *args, learning_rates: LearningRates, keep_last_k: int = 2,
+                 save_extras: Callable[[str], None] | None = None, **kwargs):
+        self.learning_rates = learning_rates
+        self.keep_last_k = keep_last_k
+        self.save_extras = save_extras
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(opt_model))
+            groups = parameter_groups(opt_model, self.learning_rates, self.args.weight_decay, decay)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            optimizer_kwargs.pop("lr", None)   # every group carries its own
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+            checkpoints.mark_complete(folder)
+            checkpoints.rotate(folder.parent, self.keep_last_k)
+        self.accelerator.wait_for_everyone()
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.args.should_save and self.save_extras is not None:
+            self.save_extras(output_dir or self.args.output_dir)
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        dataset=dataset, lengths=dataset.lengths)
+        return super()._get_train_sampler(train_dataset)
