@@ -133,19 +133,9 @@ def encode_text(sample, vlm, *, max_length: int, truncation: str = "text",
 # Images
 
 def _load_image(ref, image_root, allowed_roots):
-    """medtune.data.images.load_image when available (DICOM, NIfTI, path checks); plain PIL until then."""
-    try:
-        from medtune.data.images import load_image
-    except ImportError:
-        from PIL import Image
+    """One image as RGB PIL (PNG/JPEG/DICOM/NIfTI, path guard, pixel limit: medtune.data.images)."""
+    from medtune.data.images import load_image
 
-        root = Path(image_root)
-        path = (root / ref.path).resolve()
-        roots = [root.resolve(), *(Path(r).resolve() for r in allowed_roots)]
-        if not any(path.is_relative_to(r) for r in roots):
-            raise SkipSample("bad image", f"{ref.path} is outside the image root {root}")
-        with Image.open(path) as image:
-            return image.convert("RGB")
     return load_image(ref, image_root, allowed_roots=allowed_roots)
 
 
@@ -181,17 +171,20 @@ def pixel_values_for(images: list, vlm):
     return vlm.image_processor(images=squared, return_tensors="pt")["pixel_values"]
 
 
-def load_pixel_values(image_refs: list, vlm, image_root: str | os.PathLike, *, allowed_roots=()):
-    """Decode and preprocess a sample's images; an unreadable image becomes SkipSample("bad image")."""
+def load_images(image_refs: list, image_root: str | os.PathLike, *, allowed_roots=()) -> list:
+    """Decode a sample's images; an unreadable or out-of-root image becomes SkipSample("bad image")."""
     images = []
     for ref in image_refs:
         try:
             images.append(_load_image(ref, image_root, allowed_roots))
-        except SkipSample:
-            raise
         except (OSError, ValueError) as error:  # ImageError is a ValueError; PIL raises OSError subclasses
             raise SkipSample("bad image", str(error)) from error
-    return pixel_values_for(images, vlm)
+    return images
+
+
+def load_pixel_values(image_refs: list, vlm, image_root: str | os.PathLike, *, allowed_roots=()):
+    """[n_images, 3, H, W] pixel values of a sample's images (None without images)."""
+    return pixel_values_for(load_images(image_refs, image_root, allowed_roots=allowed_roots), vlm)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -204,18 +197,11 @@ def encode_sample(sample, vlm, image_root: str | os.PathLike, *, max_length: int
     Raises :class:`SkipSample` for a sample that is too long, has no reply or has an unreadable image.
     """
     if vlm.template == "native":
-        images = [_load_or_skip(ref, image_root, allowed_roots) for ref in sample.images]
+        images = load_images(sample.images, image_root, allowed_roots=allowed_roots)
         return _encode_native(to_chat_messages(sample), images, vlm, max_length=max_length, truncation=truncation)
     encoded = encode_text(sample, vlm, max_length=max_length, truncation=truncation)
     encoded["pixel_values"] = load_pixel_values(sample.images, vlm, image_root, allowed_roots=allowed_roots)
     return encoded
-
-
-def _load_or_skip(ref, image_root, allowed_roots):
-    try:
-        return _load_image(ref, image_root, allowed_roots)
-    except (OSError, ValueError) as error:
-        raise SkipSample("bad image", str(error)) from error
 
 
 def encode_prompt(messages: list[dict], vlm, images: list) -> dict[str, Any]:
