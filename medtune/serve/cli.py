@@ -1,5 +1,109 @@
-"""Command-line verbs of this stage (registered by ``medtune.cli``)."""
+"""Command-line verbs of the serving stage: ``medtune chat``, ``medtune serve`` and ``medtune web``.
+
+Each verb loads the model inside its function (torch, FastAPI, Gradio are imported there), so registering the
+verbs costs nothing for the other commands.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
 
 
 def register(subparsers) -> None:
-    """Nothing yet: this stage's verbs land with its issue."""
+    _register_chat(subparsers)
+    _register_serve(subparsers)
+    _register_web(subparsers)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _register_chat(subparsers) -> None:
+    parser = subparsers.add_parser("chat", help="talk to a model in the terminal (streamed answers)",
+                                   description="An interactive conversation with a model. Type /help for "
+                                               "commands (load an image, reset, change sampling settings).")
+    parser.add_argument("model", help="a medtune checkpoint folder or a local Hugging Face VLM")
+    parser.add_argument("--image", help="an image to talk about: PNG/JPEG, DICOM or NIfTI")
+    parser.add_argument("--window", help="window preset for DICOM images (lung, bone, brain, ...)")
+    parser.add_argument("--slice", type=int, help="slice of a NIfTI volume (default: the middle one)")
+    parser.add_argument("--max-tokens", type=_positive_int, default=256, help="longest answer in tokens")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (deterministic)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling (temperature > 0)")
+    parser.set_defaults(func=_run_chat)
+
+
+def _run_chat(args) -> int:
+    from medtune.serve.chat import run_chat
+
+    return run_chat(args)
+
+
+def _register_serve(subparsers) -> None:
+    # api.py imports no web framework at module level; its defaults are the documented ones
+    from medtune.serve.api import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_TOKENS, DEFAULT_MAX_TOKENS_LIMIT
+
+    parser = subparsers.add_parser("serve", help="serve a model as an OpenAI-compatible HTTP API",
+                                   description="GET /v1/models, POST /v1/chat/completions (streaming with "
+                                               "stream: true), GET /health. Binds to loopback by default.")
+    parser.add_argument("model", help="a medtune checkpoint folder or a local Hugging Face VLM")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model-name", help="the model id clients send (default: the model folder's name)")
+    parser.add_argument("--api-key", default=os.environ.get("MEDTUNE_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $MEDTUNE_API_KEY)")
+    parser.add_argument("--allowed-image-root", type=Path,
+                        help="accept image paths under this folder (default: data URIs only)")
+    parser.add_argument("--max-tokens-limit", type=_positive_int, default=DEFAULT_MAX_TOKENS_LIMIT,
+                        help="largest max_tokens a request may ask for")
+    parser.add_argument("--default-max-tokens", type=_positive_int, default=None,
+                        help=f"max_tokens when a request does not say (default: {DEFAULT_MAX_TOKENS}, "
+                             "or the limit if lower)")
+    parser.add_argument("--max-image-bytes", type=_positive_int, default=DEFAULT_MAX_IMAGE_BYTES,
+                        help="largest image file accepted, in bytes")
+    parser.add_argument("--max-pixels", type=_positive_int, default=None,
+                        help="largest image accepted, in pixels (default: the image loader's guard)")
+    parser.add_argument("--max-batch-size", type=_positive_int, default=8,
+                        help="requests with equal settings generated together")
+    parser.set_defaults(func=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from medtune.cli import UserError
+    from medtune.serve.api import DEFAULT_MAX_TOKENS, serve
+
+    if args.allowed_image_root is not None and not args.allowed_image_root.is_dir():
+        raise UserError(f"--allowed-image-root {args.allowed_image_root} is not a folder")
+    if args.default_max_tokens is None:
+        args.default_max_tokens = min(DEFAULT_MAX_TOKENS, args.max_tokens_limit)
+    if args.default_max_tokens > args.max_tokens_limit:
+        raise UserError(f"--default-max-tokens {args.default_max_tokens} is over --max-tokens-limit "
+                        f"{args.max_tokens_limit}")
+    config = dict(model_id=args.model_name or Path(args.model).name, api_key=args.api_key,
+                  allowed_image_root=args.allowed_image_root.resolve() if args.allowed_image_root else None,
+                  max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
+                  max_image_bytes=args.max_image_bytes, max_pixels=args.max_pixels,
+                  max_batch_size=args.max_batch_size)
+    serve(args.model, host=args.host, port=args.port, config_overrides=config)
+    return 0
+
+
+def _register_web(subparsers) -> None:
+    parser = subparsers.add_parser("web", help="a browser demo (Gradio): upload an image and chat",
+                                   description="Upload a PNG/JPEG/DICOM image, pick a window preset for DICOM, "
+                                               "chat, regenerate, clear; shows the image as the model sees it.")
+    parser.add_argument("model", help="a medtune checkpoint folder or a local Hugging Face VLM")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.set_defaults(func=_run_web)
+
+
+def _run_web(args) -> int:
+    from medtune.serve.web import run_web
+
+    return run_web(args)

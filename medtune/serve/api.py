@@ -1,0 +1,526 @@
+"""An OpenAI-compatible HTTP API for a medtune model: ``medtune serve``.
+
+Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (plain, or ``stream: true`` as server-sent
+``chat.completion.chunk`` events ending with ``data: [DONE]``) and ``GET /health``.
+
+Design choices:
+
+* Requests are validated by hand (``parse_chat_request``) rather than by a pydantic model, so that every bad
+  request gets OpenAI's error shape ``{"error": {"message", "type", "param", "code"}}`` with a message that
+  names the offending field (``messages[0].content[1].image_url``), and the server keeps serving.
+* Images arrive as ``image_url`` data URIs (PNG/JPEG/..., or ``application/dicom``) or as file paths under the
+  one root the operator allows (``--allowed-image-root``). Remote URLs are never fetched. Byte and pixel
+  limits apply before anything is decoded in full.
+* One worker thread owns the model. It micro-batches: it takes the oldest waiting request and every other
+  waiting request with the same decoding settings (up to ``max_batch_size``) into one ``Generator.complete``
+  call. Streams run alone. Greedy results do not depend on the batch (left padding is tested), sampled
+  requests with a ``seed`` run alone so the seed reproduces. If a batch fails, its requests are retried one by
+  one so only the faulty request gets the error. Nothing waiting is dropped: the queue is unbounded.
+* Binds to loopback by default; an API key (``--api-key`` or ``MEDTUNE_API_KEY``) is required as a Bearer
+  token on ``/v1`` routes when set. ``/health`` stays open for load balancers and says nothing private.
+"""
+# No `from __future__ import annotations` here: FastAPI reads the handlers' annotations (Request) at
+# registration, and they are imported inside create_app, so they must be evaluated where they are defined.
+import asyncio
+import base64
+import binascii
+import collections
+import concurrent.futures
+import hmac
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medtune.models.generation import Completion, GenerationSettings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_TOKENS_LIMIT = 1024
+DEFAULT_MAX_TOKENS = 256
+ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+IMAGE_MEDIA_TYPES = ("image/", "application/dicom")
+
+
+class ApiError(Exception):
+    """A request the server refuses; rendered as OpenAI's error JSON with this status code."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 type: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class ServerConfig:
+    """What the operator decides about a server (the command-line options of ``medtune serve``)."""
+
+    model_id: str
+    api_key: str | None = None
+    allowed_image_root: Path | None = None
+    max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_pixels: int | None = None  # None: the image loader's own decompression-bomb guard
+    max_batch_size: int = 8
+
+    @property
+    def max_body_bytes(self) -> int:
+        # base64 inflates by 4/3; leave room for a few images and the text of a long conversation
+        return 4 * (self.max_image_bytes * 4 // 3) + 4 * 1024 * 1024
+
+
+@dataclass
+class ChatRequest:
+    """A validated chat request: the conversation in Generator form, its images and decoding settings."""
+
+    conversation: list[dict]
+    images: list[Any]
+    settings: GenerationSettings
+    stream: bool = False
+    include_usage: bool = False
+
+
+# -- validation -----------------------------------------------------------------------------------------------
+
+
+def parse_json_body(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ApiError(400, f"request body is not valid JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def parse_chat_request(body: dict, config: ServerConfig) -> ChatRequest:
+    """Check a ``/v1/chat/completions`` body and decode its images; raises :class:`ApiError` naming the field."""
+    model = body.get("model")
+    if model is None:
+        raise ApiError(400, "missing required parameter 'model'", param="model")
+    if model != config.model_id:
+        raise ApiError(404, f"model {model!r} not found; this server serves {config.model_id!r}",
+                       param="model", code="model_not_found")
+    if body.get("n", 1) != 1:
+        raise ApiError(400, "only n=1 is supported", param="n")
+    conversation, images = _parse_messages(body.get("messages"), config)
+    stream = _optional(body, "stream", bool, False)
+    options = _optional(body, "stream_options", dict, {}) or {}
+    return ChatRequest(conversation, images, _parse_settings(body, config), stream=stream,
+                       include_usage=bool(options.get("include_usage", False)))
+
+
+def _optional(body: dict, name: str, kind: type | tuple, default):
+    value = body.get(name)
+    if value is None:
+        return default
+    # bool is an int in Python; a JSON true is not a number of tokens
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
+        raise ApiError(400, f"'{name}' must be {_kind_name(kind)}, got {json.dumps(value)}", param=name)
+    return value
+
+
+def _as_tuple(kind) -> tuple:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _kind_name(kind) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", dict: "an object",
+             list: "an array"}
+    return " or ".join(names.get(k, k.__name__) for k in _as_tuple(kind))
+
+
+def _parse_settings(body: dict, config: ServerConfig) -> GenerationSettings:
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _optional(body, name, int, config.default_max_tokens)
+    if max_tokens < 1:
+        raise ApiError(400, f"'{name}' must be at least 1, got {max_tokens}", param=name)
+    if max_tokens > config.max_tokens_limit:
+        raise ApiError(400, f"'{name}' is {max_tokens}, over this server's limit of {config.max_tokens_limit}",
+                       param=name)
+    temperature = float(_optional(body, "temperature", (int, float), 1.0))
+    if not 0.0 <= temperature <= 2.0:
+        raise ApiError(400, f"'temperature' must be between 0 and 2, got {temperature}", param="temperature")
+    top_p = float(_optional(body, "top_p", (int, float), 1.0))
+    if not 0.0 < top_p <= 1.0:
+        raise ApiError(400, f"'top_p' must be greater than 0 and at most 1, got {top_p}", param="top_p")
+    stop = _optional(body, "stop", (str, list), ())
+    stop = (stop,) if isinstance(stop, str) else tuple(stop)
+    if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, "'stop' must be a non-empty string or a list of at most 4 of them", param="stop")
+    seed = _optional(body, "seed", int, None)
+    return GenerationSettings(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop,
+                              seed=seed)
+
+
+def _parse_messages(messages, config: ServerConfig) -> tuple[list[dict], list]:
+    if messages is None:
+        raise ApiError(400, "missing required parameter 'messages'", param="messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty array of message objects", param="messages")
+    conversation, images = [], []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise ApiError(400, f"{where} must be an object with 'role' and 'content'", param=where)
+        role = ROLE_ALIASES.get(message.get("role"))
+        if role is None:
+            raise ApiError(400, f"{where}.role must be system, user or assistant, got {message.get('role')!r}",
+                           param=f"{where}.role")
+        parts = _parse_content(message.get("content"), role, where, config, images)
+        conversation.append({"role": role, "content": parts})
+    if not any(m["role"] == "user" for m in conversation):
+        raise ApiError(400, "'messages' has no user message", param="messages")
+    return conversation, images
+
+
+def _parse_content(content, role: str, where: str, config: ServerConfig, images: list) -> list[dict]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise ApiError(400, f"{where}.content must be a string or an array of parts", param=f"{where}.content")
+    parts = []
+    for j, part in enumerate(content):
+        here = f"{where}.content[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            if role != "user":
+                raise ApiError(400, f"{here}: images are only accepted in user messages", param=here)
+            images.append(decode_image_part(part.get("image_url"), config, f"{here}.image_url"))
+            parts.append({"type": "image"})
+        else:
+            raise ApiError(400, f"{here} must be {{type: text, text}} or {{type: image_url, image_url: {{url}}}}",
+                           param=here)
+    return parts
+
+
+# -- images ---------------------------------------------------------------------------------------------------
+
+
+def decode_image_part(image_url, config: ServerConfig, param: str):
+    """A PIL image from an ``image_url`` value: ``{"url": ..., "window": optional DICOM preset}`` or a string."""
+    from medtune.data import images as image_io
+
+    if isinstance(image_url, str):
+        image_url = {"url": image_url}
+    if not isinstance(image_url, dict) or not isinstance(image_url.get("url"), str):
+        raise ApiError(400, f"{param} must be an object with a string 'url'", param=param)
+    url, window = image_url["url"], image_url.get("window")
+    if window is not None and window not in image_io.WINDOW_PRESETS:
+        raise ApiError(400, f"{param}.window {window!r} is not a preset ({', '.join(image_io.WINDOW_PRESETS)})",
+                       param=f"{param}.window")
+    limits = {} if config.max_pixels is None else {"max_pixels": config.max_pixels}
+    try:
+        if url.startswith("data:"):
+            data, media_type = _data_uri_bytes(url, config, param)
+            # the suffix lets the loader recognise DICOM files written without the 128-byte preamble
+            name = "upload.dcm" if media_type == "application/dicom" else f"upload.{media_type.split('/')[-1]}"
+            return image_io.image_from_bytes(data, name=name, window=window, **limits)
+        if url.startswith(("http://", "https://")):
+            raise ApiError(400, f"{param}: remote image URLs are not fetched; send a data URI or a path under the "
+                                f"server's allowed image root", param=param)
+        path = _allowed_path(url.removeprefix("file://"), config, param)
+        return image_io.load_image(str(path), config.allowed_image_root,
+                                   allowed_roots=(config.allowed_image_root,), window=window, **limits)
+    except image_io.ImageError as error:
+        raise ApiError(400, f"{param}: {error}", param=param) from None
+
+
+def _data_uri_bytes(url: str, config: ServerConfig, param: str) -> tuple[bytes, str]:
+    header, sep, payload = url.partition(",")
+    media_type = header.removeprefix("data:").split(";")[0].strip().lower()
+    if not sep or not header.endswith(";base64"):
+        raise ApiError(400, f"{param}: a data URI must look like data:image/png;base64,<data>", param=param)
+    if not media_type.startswith(IMAGE_MEDIA_TYPES):
+        raise ApiError(400, f"{param}: media type {media_type or '(none)'!r} is not an image "
+                            f"(expected image/* or application/dicom)", param=param)
+    if len(payload) * 3 // 4 > config.max_image_bytes:
+        raise ApiError(400, f"{param}: image is over the limit of {config.max_image_bytes} bytes", param=param)
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise ApiError(400, f"{param}: image data is not valid base64 ({error})", param=param) from None
+    if len(data) > config.max_image_bytes:
+        raise ApiError(400, f"{param}: image is over the limit of {config.max_image_bytes} bytes", param=param)
+    return data, media_type
+
+
+def _allowed_path(path: str, config: ServerConfig, param: str) -> Path:
+    from medtune.data import images as image_io
+
+    if config.allowed_image_root is None:
+        raise ApiError(400, f"{param}: image paths are not accepted by this server (no --allowed-image-root); "
+                            f"send a data URI", param=param)
+    try:
+        resolved = image_io.resolve_image_path(path, config.allowed_image_root,
+                                               allowed_roots=(config.allowed_image_root,))
+    except image_io.ImageError:
+        raise ApiError(400, f"{param}: path {path!r} is outside the allowed image root", param=param) from None
+    if not resolved.is_file():
+        raise ApiError(400, f"{param}: no image file at {path!r} under the allowed image root", param=param)
+    if resolved.stat().st_size > config.max_image_bytes:
+        raise ApiError(400, f"{param}: image is over the limit of {config.max_image_bytes} bytes", param=param)
+    return resolved
+
+
+# -- the worker -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    request: ChatRequest
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    # streaming jobs: deltas go to an asyncio queue in the server's event loop
+    loop: asyncio.AbstractEventLoop | None = None
+    deltas: asyncio.Queue | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def batch_key(self):
+        """Jobs with equal keys can share one generate call; None: this job runs alone."""
+        settings = self.request.settings
+        if self.request.stream or (settings.seed is not None and not settings.greedy):
+            return None
+        return settings
+
+
+class BatchingWorker:
+    """One thread that owns the Generator and micro-batches waiting requests with the same settings."""
+
+    def __init__(self, generator, max_batch_size: int = 8):
+        self.generator = generator
+        self.max_batch_size = max_batch_size
+        self._queue: queue.Queue = queue.Queue()
+        self._held: collections.deque = collections.deque()  # taken off the queue but not batchable yet
+        self.batch_sizes: collections.Counter = collections.Counter()
+        self._thread = threading.Thread(target=self._loop, name="medtune-generate", daemon=True)
+        self._thread.start()
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize() + len(self._held)
+
+    def submit(self, request: ChatRequest) -> concurrent.futures.Future:
+        job = _Job(request)
+        self._queue.put(job)
+        return job.future
+
+    def submit_stream(self, request: ChatRequest, loop: asyncio.AbstractEventLoop) -> _Job:
+        job = _Job(request, loop=loop, deltas=asyncio.Queue())
+        self._queue.put(job)
+        return job
+
+    def close(self):
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _next(self, block: bool):
+        if self._held:
+            return self._held.popleft()
+        return self._queue.get(block=block)
+
+    def _loop(self):
+        while (job := self._next(block=True)) is not None:
+            if job.request.stream:
+                self._run_stream(job)
+            else:
+                self._run_batch(self._gather(job))
+
+    def _gather(self, first: _Job) -> list[_Job]:
+        batch, key, skipped = [first], first.batch_key(), []
+        if key is not None:
+            while len(batch) < self.max_batch_size:
+                try:
+                    job = self._next(block=False)
+                except queue.Empty:
+                    break
+                if job is None:  # shutting down: let the loop see it after this batch
+                    skipped.append(job)
+                    break
+                (batch if job.batch_key() == key else skipped).append(job)
+        self._held.extendleft(reversed(skipped))  # keep arrival order for the ones that wait
+        return batch
+
+    def _run_batch(self, batch: list[_Job]):
+        self.batch_sizes[len(batch)] += 1
+        requests = [job.request for job in batch]
+        try:
+            completions = self.generator.complete([r.conversation for r in requests], [r.images for r in requests],
+                                                  requests[0].settings)
+        except Exception as error:
+            if len(batch) > 1:  # find the culprit: only its own request should fail
+                for job in batch:
+                    self._run_batch([job])
+                return
+            log.exception("generation failed")
+            batch[0].future.set_exception(_as_api_error(error))
+            return
+        for job, completion in zip(batch, completions):
+            job.future.set_result(completion)
+
+    def _run_stream(self, job: _Job):
+        request = job.request
+        put = lambda item: job.loop.call_soon_threadsafe(job.deltas.put_nowait, item)  # noqa: E731
+        try:
+            stream = self.generator.stream(request.conversation, request.images, request.settings)
+            for delta in stream:
+                if job.cancelled.is_set():
+                    stream.deltas.close()  # stops the generation thread too
+                    break
+                put(delta)
+            put(stream.completion)
+        except Exception as error:
+            log.exception("streaming generation failed")
+            put(_as_api_error(error))
+
+
+def _as_api_error(error: BaseException) -> ApiError:
+    if isinstance(error, ApiError):
+        return error
+    if _is_input_error(error):
+        return ApiError(400, f"the request cannot be encoded for this model: {error}")
+    return ApiError(500, f"generation failed: {type(error).__name__}", type="server_error")
+
+
+def _is_input_error(error: BaseException) -> bool:
+    """Errors in what a client sent (too long, wrong number of images) as opposed to server faults."""
+    try:
+        from medtune.models.processing import SkipSample
+    except ImportError:  # pragma: no cover - preprocessing not installed
+        SkipSample = ()  # noqa: N806
+    return isinstance(error, SkipSample) or type(error).__module__.startswith("medtune")
+
+
+# -- the app --------------------------------------------------------------------------------------------------
+
+
+def create_app(generator, config: ServerConfig):
+    """The FastAPI application; ``generator`` needs ``complete`` and ``stream`` like :class:`Generator`."""
+    from fastapi import FastAPI, Request
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    worker = BatchingWorker(generator, config.max_batch_size)
+    app = FastAPI(title="medtune", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.worker = worker
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError):
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return JSONResponse(ApiError(error.status_code, str(error.detail), type=kind).body(),
+                            status_code=error.status_code)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": config.model_id, "waiting": worker.waiting}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        _check_key(request, config)
+        return {"object": "list", "data": [{"id": config.model_id, "object": "model", "created": 0,
+                                            "owned_by": "medtune"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        _check_key(request, config)
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
+            raise ApiError(413, f"request body of {length} bytes is over the limit of {config.max_body_bytes}")
+        body = parse_json_body(await request.body())
+        chat = await run_in_threadpool(parse_chat_request, body, config)  # image decoding off the event loop
+        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if chat.stream:
+            job = worker.submit_stream(chat, asyncio.get_running_loop())
+            return StreamingResponse(_sse_events(job, completion_id, created, config.model_id, request),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        completion = await asyncio.wrap_future(worker.submit(chat))
+        return _completion_body(completion, completion_id, created, config.model_id)
+
+    return app
+
+
+def _check_key(request, config: ServerConfig) -> None:
+    if config.api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
+        raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                       type="authentication_error", code="invalid_api_key")
+
+
+def _usage(completion: Completion) -> dict:
+    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
+            "total_tokens": completion.prompt_tokens + completion.completion_tokens}
+
+
+def _completion_body(completion: Completion, completion_id: str, created: int, model_id: str) -> dict:
+    return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_id,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
+                         "finish_reason": completion.finish_reason}],
+            "usage": _usage(completion)}
+
+
+async def _sse_events(job: _Job, completion_id: str, created: int, model_id: str, request):
+    """``data: {chunk}`` events: the role, the text deltas, the finish reason (and usage), then [DONE]."""
+
+    def chunk(delta: dict, finish_reason=None, **extra) -> str:
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
+        return f"data: {json.dumps(body)}\n\n"
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            item = await job.deltas.get()
+            if isinstance(item, str):
+                yield chunk({"content": item})
+            elif isinstance(item, ApiError):
+                yield f"data: {json.dumps(item.body())}\n\n"
+                break
+            else:  # the finished Completion
+                yield chunk({}, finish_reason=item.finish_reason)
+                if job.request.include_usage:
+                    body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                            "model": model_id, "choices": [], "usage": _usage(item)}
+                    yield f"data: {json.dumps(body)}\n\n"
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancelled.set()  # the client went away early: stop generating for it
+
+
+# -- entry point ----------------------------------------------------------------------------------------------
+
+
+def serve(model: str, *, host: str, port: int, config_overrides: dict) -> None:
+    """Load ``model`` and serve it until interrupted (``medtune serve``)."""
+    import uvicorn
+
+    from medtune.models.build import load_vlm
+    from medtune.models.generation import Generator
+
+    config = ServerConfig(**config_overrides)
+    if host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
+        log.warning("serving on %s without an API key: anyone who can reach this port can use the model", host)
+    generator = Generator(load_vlm(model))
+    app = create_app(generator, config)
+    log.info("serving %s as %r on http://%s:%d/v1", model, config.model_id, host, port)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+    app.state.worker.close()

@@ -1,0 +1,215 @@
+"""``medtune chat``: a conversation with a model in the terminal, answers streamed token by token.
+
+Design choices:
+
+* :class:`ChatSession` holds the conversation, the current image and the sampling settings, and knows nothing
+  about terminals; :func:`chat_loop` reads lines from any text stream and writes to any other, so the real
+  command is tested by feeding its stdin (tests/serve/test_chat.py).
+* The current image goes with the next question; loading another image starts a new conversation, because
+  the LLaVA-style models medtune trains see one image per conversation.
+* Images go through ``medtune.data.images.load_image``: PNG/JPEG, DICOM (with a window preset) and NIfTI
+  (with a slice), with the same decompression-bomb guard as everywhere else.
+* Every answer line starts with ``assistant: `` and ends with a newline, so output stays parseable when
+  stdin is not a terminal (no prompts are printed then).
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, TextIO
+
+from medtune.models.generation import GenerationSettings
+
+HELP = """commands:
+  /image PATH           talk about another image (PNG/JPEG, DICOM, NIfTI); starts a new conversation
+  /set NAME VALUE       change a setting: temperature, top_p, max_tokens, seed, window, slice
+  /settings             show the current settings
+  /reset                forget the conversation (the image stays)
+  /help                 this text
+  /quit                 leave (also Ctrl-D)
+anything else is sent to the model as your next message"""
+
+SAMPLING_SETTINGS = {"temperature": float, "top_p": float, "max_tokens": int, "seed": int}
+
+
+class ChatCommandError(ValueError):
+    """A command the user typed cannot be carried out; shown as one line, the session goes on."""
+
+
+@dataclass
+class ChatSession:
+    """A conversation with one model: messages so far, the current image, and sampling settings."""
+
+    generator: Any
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    window: str | None = None
+    slice: int | None = None
+    messages: list[dict] = field(default_factory=list)
+    images: list = field(default_factory=list)
+    image: Any = None  # the current PIL image, sent with the next question when the conversation is new
+    image_name: str | None = None
+
+    def load_image(self, path: str) -> None:
+        """Make ``path`` the current image and start a new conversation about it."""
+        self.image = load_image_file(path, window=self.window, slice=self.slice)
+        self.image_name = path
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages, self.images = [], []
+
+    def ask(self, text: str):
+        """Add the user's message and return the stream of the answer; the answer is recorded at its end."""
+        content: list[dict] = [{"type": "text", "text": text}]
+        if self.image is not None and not self.images:
+            content.insert(0, {"type": "image"})
+            self.images = [self.image]
+        self.messages.append({"role": "user", "content": content})
+        return self.generator.stream(self.messages, self.images, self.settings)
+
+    def record_answer(self, text: str) -> None:
+        self.messages.append({"role": "assistant", "content": text})
+
+    def set(self, name: str, value: str) -> None:
+        """``/set NAME VALUE``: a sampling setting, or the window/slice used for the next /image."""
+        if name == "window":
+            self.window = _check_window(None if value.lower() == "none" else value)
+        elif name == "slice":
+            self.slice = None if value.lower() == "none" else _parse(int, name, value)
+        elif name in SAMPLING_SETTINGS:
+            parsed = _parse(SAMPLING_SETTINGS[name], name, value)
+            key = "max_new_tokens" if name == "max_tokens" else name
+            try:
+                self.settings = dataclasses.replace(self.settings, **{key: parsed})
+            except ValueError as error:
+                raise ChatCommandError(str(error)) from None
+        else:
+            known = ", ".join([*SAMPLING_SETTINGS, "window", "slice"])
+            raise ChatCommandError(f"unknown setting {name!r} (settings: {known})")
+
+    def describe(self) -> str:
+        s = self.settings
+        return (f"temperature={s.temperature} top_p={s.top_p} max_tokens={s.max_new_tokens} seed={s.seed} "
+                f"window={self.window} slice={self.slice} image={self.image_name}")
+
+
+def _parse(kind: type, name: str, value: str):
+    try:
+        return kind(value)
+    except ValueError:
+        raise ChatCommandError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}") \
+            from None
+
+
+def _check_window(window: str | None) -> str | None:
+    from medtune.data.images import WINDOW_PRESETS
+
+    if window is not None and window not in WINDOW_PRESETS:
+        raise ChatCommandError(f"unknown window preset {window!r} (presets: {', '.join(WINDOW_PRESETS)})")
+    return window
+
+
+def load_image_file(path: str, *, window: str | None = None, slice: int | None = None):
+    """A PIL image from a PNG/JPEG/DICOM/NIfTI file given on the command line."""
+    from medtune.data.images import load_image
+    from medtune.data.schema import ImageRef
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"no image file at {path}")
+    _check_window(window)
+    return load_image(ImageRef(path=file.name, slice=slice), file.resolve().parent, window=window)
+
+
+def handle_command(session: ChatSession, line: str, out: TextIO) -> bool:
+    """Carry out a ``/command``; returns False when the user wants to leave."""
+    name, _, rest = line[1:].strip().partition(" ")
+    rest = rest.strip()
+    if name in ("quit", "exit", "q"):
+        return False
+    if name == "help":
+        print(HELP, file=out)
+    elif name == "reset":
+        session.reset()
+        print("conversation reset", file=out)
+    elif name == "settings":
+        print(session.describe(), file=out)
+    elif name == "image":
+        if not rest:
+            raise ChatCommandError("usage: /image PATH")
+        session.load_image(rest)
+        print(f"image: {rest} (new conversation)", file=out)
+    elif name == "set":
+        setting, _, value = rest.partition(" ")
+        if not value.strip():
+            raise ChatCommandError("usage: /set NAME VALUE, e.g. /set temperature 0.7")
+        session.set(setting, value.strip())
+        print(session.describe(), file=out)
+    else:
+        raise ChatCommandError(f"unknown command /{name} (type /help)")
+    return True
+
+
+def chat_loop(session: ChatSession, lines: Iterable[str], out: TextIO) -> None:
+    """Read messages and commands from ``lines`` until /quit or the end; stream answers to ``out``."""
+    from medtune.data.images import ImageError
+
+    for raw in lines:
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            try:
+                if not handle_command(session, line, out):
+                    return
+            except (ChatCommandError, ImageError, FileNotFoundError) as error:
+                print(f"error: {error}", file=out)
+            out.flush()
+            continue
+        print("assistant: ", end="", file=out, flush=True)
+        stream = session.ask(line)
+        pieces = []
+        for delta in stream:
+            pieces.append(delta)
+            print(delta, end="", file=out, flush=True)
+        print(file=out, flush=True)
+        session.record_answer("".join(pieces))
+
+
+def _terminal_lines(prompt: str):
+    """Lines typed at an interactive terminal (with line editing), until Ctrl-D."""
+    try:
+        import readline  # noqa: F401  (gives input() history and editing where available)
+    except ImportError:
+        pass
+    while True:
+        try:
+            yield input(prompt)
+        except EOFError:
+            print()
+            return
+
+
+def run_chat(args) -> int:
+    """``medtune chat MODEL [--image FILE] [--window PRESET] [--slice N]``."""
+    from medtune.cli import UserError
+    from medtune.models.build import load_vlm
+    from medtune.models.generation import Generator
+
+    try:
+        settings = GenerationSettings(max_new_tokens=args.max_tokens, temperature=args.temperature,
+                                      top_p=args.top_p, seed=args.seed)
+        _check_window(args.window)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    session = ChatSession(Generator(load_vlm(args.model)), settings, window=args.window, slice=args.slice)
+    if args.image:
+        session.load_image(args.image)
+    interactive = sys.stdin.isatty()
+    print(f"medtune chat: {args.model}" + (f" with image {args.image}" if args.image else "")
+          + ". Type /help for commands, /quit to leave.", flush=True)
+    lines = _terminal_lines("you> ") if interactive else sys.stdin
+    chat_loop(session, lines, sys.stdout)
+    return 0

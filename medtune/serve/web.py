@@ -1,0 +1,180 @@
+"""``medtune web``: a browser demo (Gradio Blocks) to upload a medical image and chat about it.
+
+Design choices:
+
+* The upload is a ``gr.File``, not a ``gr.Image``: the browser cannot decode DICOM, so the file goes to the
+  server as bytes and ``medtune.data.images`` reads it (PNG/JPEG/DICOM/NIfTI, window preset for DICOM,
+  decompression-bomb guard).
+* Next to the upload the page shows the image *as the model sees it*: windowed, made square with the
+  model's pad mode (``medtune.models.processing.square_image``) and resized to its input size. What a
+  clinician looks at is then exactly what the model got.
+* The conversation lives in a per-browser-session ``gr.State`` in Generator form (OpenAI-style messages and
+  the image); the Chatbot only displays it, as plain text (no Markdown), so answers read as generated.
+* Answers stream through ``Generator.stream``; Gradio's queue runs one generation at a time per event, and
+  the Generator's lock serialises the rest, so several open tabs share the model safely.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medtune.models.generation import GenerationSettings
+
+AUTO_WINDOW = "auto (from the file)"
+UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".nii", ".gz", ".bmp", ".tif", ".tiff", ".webp"]
+
+
+@dataclass
+class WebSession:
+    """One browser tab's conversation: messages in Generator form plus the current image."""
+
+    messages: list[dict] = field(default_factory=list)
+    image: Any = None
+    image_name: str | None = None
+
+    def images(self) -> list:
+        has_image_part = any(isinstance(m["content"], list) and any(p.get("type") == "image" for p in m["content"])
+                             for m in self.messages)
+        return [self.image] if has_image_part else []
+
+
+def model_view(image, vlm):
+    """The image as the model sees it: squared with the model's pad mode, resized to its input size."""
+    from PIL import Image
+
+    from medtune.models.processing import square_image
+
+    mean = getattr(vlm.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
+    squared = square_image(image.convert("RGB"), vlm.pad_mode, vlm.image_size, mean)
+    return squared.resize((vlm.image_size, vlm.image_size), Image.Resampling.BICUBIC)
+
+
+def read_upload(path: str, window: str | None):
+    """A PIL image from an uploaded file; DICOM windowed with ``window`` (None: the file's own window)."""
+    from medtune.data.images import image_from_bytes
+
+    data = Path(path).read_bytes()
+    return image_from_bytes(data, name=Path(path).name, window=window)
+
+
+def chat_history(session: WebSession) -> list[dict]:
+    """The Chatbot's value: text of each message (an image part is shown as a marker)."""
+    history = []
+    for message in session.messages:
+        content = message["content"]
+        if isinstance(content, list):
+            content = "\n".join(p["text"] if p["type"] == "text" else "[image]" for p in content)
+        history.append({"role": message["role"], "content": content})
+    return history
+
+
+def build_app(generator, *, title: str = "medtune"):
+    """The Gradio Blocks app for ``generator`` (a :class:`medtune.models.generation.Generator`)."""
+    import gradio as gr
+
+    from medtune.data.images import WINDOW_PRESETS, ImageError
+
+    vlm = generator.vlm
+
+    def on_image(file, window, session: WebSession):
+        session = WebSession()  # a new image starts a new conversation
+        if file is None:
+            return session, None, [], "No image: the model answers from text alone."
+        try:
+            image = read_upload(file, None if window == AUTO_WINDOW else window)
+        except (ImageError, OSError, ValueError) as error:
+            return session, None, [], f"Could not read the image: {error}"
+        session.image, session.image_name = image, Path(file).name
+        return session, model_view(image, vlm), [], (f"{session.image_name}: {image.width}×{image.height} px, "
+                                                      f"shown as the model sees it ({vlm.image_size} px).")
+
+    def answer(session: WebSession, settings: GenerationSettings):
+        history = chat_history(session)
+        history.append({"role": "assistant", "content": ""})
+        pieces = []
+        for delta in generator.stream(session.messages, session.images(), settings):
+            pieces.append(delta)
+            history[-1]["content"] = "".join(pieces)
+            yield session, history
+        session.messages.append({"role": "assistant", "content": "".join(pieces)})
+        yield session, chat_history(session)
+
+    def settings_from(temperature, top_p, max_tokens, seed) -> GenerationSettings:
+        return GenerationSettings(max_new_tokens=int(max_tokens), temperature=float(temperature),
+                                  top_p=float(top_p), seed=None if seed in (None, "") else int(seed))
+
+    def on_send(question, session: WebSession, temperature, top_p, max_tokens, seed):
+        if not question or not question.strip():
+            yield "", session, chat_history(session)
+            return
+        content = [{"type": "text", "text": question.strip()}]
+        if session.image is not None and not session.images():
+            content.insert(0, {"type": "image"})
+        session.messages.append({"role": "user", "content": content})
+        settings = settings_from(temperature, top_p, max_tokens, seed)
+        for session, history in answer(session, settings):
+            yield "", session, history
+
+    def on_regenerate(session: WebSession, temperature, top_p, max_tokens, seed):
+        if session.messages and session.messages[-1]["role"] == "assistant":
+            session.messages.pop()
+        if not session.messages:
+            yield session, []
+            return
+        yield from answer(session, settings_from(temperature, top_p, max_tokens, seed))
+
+    def on_clear(session: WebSession):
+        session.messages = []
+        return session, []
+
+    with gr.Blocks(title=title, analytics_enabled=False) as app:
+        gr.Markdown(f"## {title}\nUpload a PNG, JPEG or DICOM image and ask about it. "
+                    "Research demo: not for clinical use.")
+        session = gr.State(WebSession())
+        with gr.Row():
+            with gr.Column(scale=1):
+                upload = gr.File(label="Image (PNG/JPEG/DICOM)", file_types=UPLOAD_TYPES, elem_id="upload")
+                window = gr.Dropdown([AUTO_WINDOW, *WINDOW_PRESETS], value=AUTO_WINDOW,
+                                     label="DICOM window preset", elem_id="window")
+                seen = gr.Image(label="What the model sees", interactive=False, type="pil", elem_id="model-view",
+                                format="png")
+                status = gr.Markdown("No image: the model answers from text alone.", elem_id="status")
+                with gr.Accordion("Sampling", open=False):
+                    temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0 = greedy)")
+                    top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top_p")
+                    max_tokens = gr.Slider(1, 1024, value=128, step=1, label="max tokens")
+                    seed = gr.Number(value=None, precision=0, label="seed (sampling only)")
+            with gr.Column(scale=2):
+                chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", render_markdown=False, height=420,
+                                     feedback_options=None)
+                question = gr.Textbox(label="Your question", placeholder="Ask about the image and press Enter",
+                                      elem_id="question")
+                with gr.Row():
+                    send = gr.Button("Send", variant="primary", elem_id="send")
+                    regenerate = gr.Button("Regenerate", elem_id="regenerate")
+                    clear = gr.Button("Clear", elem_id="clear")
+
+        sampling = [temperature, top_p, max_tokens, seed]
+        for trigger in (upload.change, window.change):
+            trigger(on_image, [upload, window, session], [session, seen, chatbot, status])
+        for trigger in (send.click, question.submit):
+            trigger(on_send, [question, session, *sampling], [question, session, chatbot])
+        regenerate.click(on_regenerate, [session, *sampling], [session, chatbot])
+        clear.click(on_clear, [session], [session, chatbot])
+    return app
+
+
+def run_web(args) -> int:
+    """``medtune web MODEL [--host] [--port]``."""
+    import logging
+
+    from medtune.models.build import load_vlm
+    from medtune.models.generation import Generator
+
+    generator = Generator(load_vlm(args.model))
+    app = build_app(generator, title=f"medtune · {Path(args.model).name}")
+    logging.getLogger(__name__).info("web demo on http://%s:%d", args.host, args.port)
+    app.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, share=False,
+                                                  ssr_mode=False, show_error=True, quiet=True)
+    return 0
