@@ -40,7 +40,8 @@ def _add_task_options(parser, *, required: bool) -> None:
     source.add_argument("--gt", type=Path, help="ground truth: any file with answers and answer types")
     parser.add_argument("--data", type=Path, help="where the task's questions are (default: bundled, if any)")
     parser.add_argument("--gt-format", default=None,
-                        help="format of --gt or --data (default: canonical for --gt, the task's own otherwise)")
+                        help="format of --gt or --data (default for --gt: canonical for .jsonl, llava-med-vqa "
+                             "(LLaVA-Med / Med-MoE test JSON) otherwise; for --data: the task's own)")
 
 
 def _add_score(verbs) -> None:
@@ -107,7 +108,8 @@ def _eval_root(args) -> int:
 def task_from_args(args):
     from medtune.eval.tasks import get_task
     if getattr(args, "gt", None):
-        return get_task("custom", data=args.gt, data_format=args.gt_format or "canonical")
+        guess = "canonical" if args.gt.suffix == ".jsonl" else "llava-med-vqa"
+        return get_task("custom", data=args.gt, data_format=args.gt_format or guess)
     return get_task(args.task, data=args.data, data_format=args.gt_format,
                     image_root=getattr(args, "image_root", None), prompt_style=getattr(args, "prompt_style", "plain"))
 

@@ -78,8 +78,7 @@ class Row:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Row":
-        est = Estimate(data["value"], data["n"], data["ci_low"], data["ci_high"])
-        return cls(data["task"], data["family"], data["answer_type"], data["metric"], est,
+        return cls(data["task"], data["family"], data["answer_type"], data["metric"], Estimate.from_dict(data),
                    data.get("group_by", "all"), data.get("group", "all"), data.get("excluded", 0))
 
 

@@ -8,6 +8,7 @@ to resample and the interval collapses to the mean.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -30,7 +31,16 @@ class Estimate:
         return self.low <= other.high and other.low <= self.high
 
     def to_dict(self) -> dict:
-        return {"value": self.value, "n": self.n, "ci_low": self.low, "ci_high": self.high}
+        """JSON-ready: an undefined figure (no items) is ``null``, not NaN, which JSON does not have."""
+        def finite(x: float) -> float | None:
+            return None if math.isnan(x) else x
+        return {"value": finite(self.value), "n": self.n, "ci_low": finite(self.low), "ci_high": finite(self.high)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Estimate":
+        def number(x) -> float:
+            return float("nan") if x is None else float(x)
+        return cls(number(data["value"]), int(data["n"]), number(data["ci_low"]), number(data["ci_high"]))
 
 
 def bootstrap_ci(values: Sequence[float], *, resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,

@@ -118,41 +118,14 @@ def _unscorable(sample: Sample) -> str | None:
 
 
 def read_task_records(fmt: str, path: Path, *, tally: Tally, strict: bool = False, **options) -> Iterator[Sample]:
-    """Read through ``medtune.data.formats.read_records``; canonical JSONL is read directly."""
-    if fmt == "canonical":
-        from medtune.data.jsonl import read_samples
-        return read_samples(path, strict=strict, tally=tally)
-    try:
-        from medtune.data.formats import read_records
-    except ImportError:  # the formats package is landing in parallel; see _read_benchmark_json
-        if fmt in _FALLBACK_FIELDS and not options:
-            return _read_benchmark_json(fmt, path, tally=tally)
-        raise
+    """Read through the format registry (``medtune.data.formats``), so tasks accept every format it knows."""
+    from medtune.data.formats import read_records
     return read_records(fmt, path, tally=tally, strict=strict, **options)
 
 
-# Private stop-gap (until medtune.data.formats provides read_records): the fields of the two bundled
-# benchmark JSON files, read into the same samples the interface promises (qid as id, meta filled).
-_FALLBACK_FIELDS = {"vqa-rad": ("image_name", "image_organ", None), "slake": ("img_name", "location", "modality")}
-
-
-def _read_benchmark_json(fmt: str, path: Path, *, tally: Tally) -> Iterator[Sample]:
-    import json
-
-    from medtune.data.schema import ImageRef, Metadata, qa_sample
-
-    image_key, organ_key, modality_key = _FALLBACK_FIELDS[fmt]
-    with open(path, encoding="utf-8") as handle:
-        records = json.load(handle)
-    for record in records:
-        tally.read += 1
-        if fmt == "slake" and record.get("q_lang", "en") != "en":
-            tally.skip("not English")
-            continue
-        meta = Metadata(source=fmt, split="test", answer_type=record["answer_type"].strip(),
-                        organ=record.get(organ_key), modality=record.get(modality_key) if modality_key else None)
-        yield qa_sample(str(record["qid"]), record["question"], str(record["answer"]),
-                        [ImageRef(record[image_key])], meta)
+def _image_root(fmt: str, path: Path, given: Path | None) -> Path:
+    from medtune.data.formats import default_image_root
+    return Path(given) if given else default_image_root(fmt, path)
 
 
 def _bundled(*parts: str) -> Path | None:
@@ -174,34 +147,38 @@ def _require(name: str, data: str | os.PathLike | None, what: str, default: Path
 
 def _vqa_rad(data, image_root, data_format, **kw) -> Task:
     path = _require("vqa-rad", data, "VQA-RAD testset.json", _bundled("vqa_rad", "testset.json"))
-    root = image_root or (path.parent / "images")
-    return Task("vqa-rad", path, data_format or "vqa-rad", Path(root), **kw)
+    fmt = data_format or "vqa-rad"
+    return Task("vqa-rad", path, fmt, _image_root(fmt, path, image_root), **kw)
 
 
 def _slake(data, image_root, data_format, **kw) -> Task:
     path = _require("slake", data, "SLAKE test.json / test_en.json", _bundled("slake", "test_en.json"))
-    root = image_root or (path.parent / "imgs")
-    return Task("slake", path, data_format or "slake", Path(root), **kw)
+    fmt = data_format or "slake"
+    return Task("slake", path, fmt, _image_root(fmt, path, image_root), **kw)
 
 
 def _pathvqa(data, image_root, data_format, **kw) -> Task:
     path = _require("pathvqa", data, "the PathVQA test split, in a layout `medtune data convert --from pathvqa` reads")
-    return Task("pathvqa", path, data_format or "pathvqa", Path(image_root) if image_root else None, **kw)
+    fmt = data_format or "pathvqa"
+    return Task("pathvqa", path, fmt, _image_root(fmt, path, image_root), **kw)
 
 
 def _pmc_vqa(data, image_root, data_format, **kw) -> Task:
     path = _require("pmc-vqa", data, "the PMC-VQA test CSV, e.g. test_clean.csv")
-    return Task("pmc-vqa", path, data_format or "pmc-vqa", Path(image_root) if image_root else None, **kw)
+    fmt = data_format or "pmc-vqa"
+    return Task("pmc-vqa", path, fmt, _image_root(fmt, path, image_root), **kw)
 
 
 def _mcq(data, image_root, data_format, **kw) -> Task:
     path = _require("mcq", data, "a canonical JSONL of multiple-choice questions with meta.choices")
-    return Task("mcq", path, data_format or "canonical", Path(image_root) if image_root else None, **kw)
+    fmt = data_format or "canonical"
+    return Task("mcq", path, fmt, _image_root(fmt, path, image_root), **kw)
 
 
 def _custom(data, image_root, data_format, **kw) -> Task:
     path = _require("custom", data, "a canonical JSONL whose samples have meta.answer and meta.answer_type")
-    return Task("custom", path, data_format or "canonical", Path(image_root) if image_root else None, **kw)
+    fmt = data_format or "canonical"
+    return Task("custom", path, fmt, _image_root(fmt, path, image_root), **kw)
 
 
 TASKS: dict[str, Callable[..., Task]] = {
