@@ -1,5 +1,278 @@
-"""Placeholder: this verb lands with the foundation issue."""
+"""``medtune data check FILE``: find every problem in a dataset before a training run trips over it.
 
+The check reads the file in any known format, converts what it can to canonical samples and reports, one line
+per problem with its location:
+
+* records that do not parse or do not validate (bad JSON, unknown answer_type, placeholder count that does not
+  match the images, ...) as the format reader reports them;
+* structural problems in parsed samples: empty turns, no user turn, an assistant speaking first, two
+  consecutive turns of one role, a system message after the start, literal ``<image>`` placeholders left in
+  the text, duplicate ids;
+* every image that is missing, outside the image root, not an image, truncated, over the pixel limit or an
+  undecodable DICOM/NIfTI, with :class:`~medtune.data.images.ImageError`'s reason. Each distinct image
+  reference is loaded once, however many samples share it.
+
+Locations are ``file:line`` for canonical JSON Lines (read here line by line); other formats are read through
+their reader, which names ``file:line`` / ``file:[index]`` for records it rejects; for problems in samples it
+accepted the check names ``file:[index]`` in JSON arrays and ``file: record N`` (the Nth record) otherwise. Warnings (an unanswered question,
+placeholders that merely duplicate image parts) do not fail the check unless ``--strict``. Exit code 1 when
+errors exist. Messages never contain DICOM element values: image errors come from the images module, which
+reads only pixels and whitelisted tags.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from medtune.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from medtune.data.jsonl import RecordError, Tally, iter_json_lines, write_json
+from medtune.data.schema import ImageRef, Sample, SchemaError
+
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass
+class Problem:
+    where: str          # "file:line" or "file: record N"
+    kind: str           # short category used for counting ("unreadable image", "duplicate id", ...)
+    message: str
+    sample_id: str | None = None
+    severity: str = "error"  # or "warning"
+
+    def line(self) -> str:
+        sample = f" [id {self.sample_id}]" if self.sample_id else ""
+        return f"{self.where}: {self.severity}: {self.message}{sample}"
+
+
+class _RecordingTally(Tally):
+    """A Tally that also keeps every record error a format reader reports (a Tally keeps only the first)."""
+
+    def __init__(self):
+        super().__init__()
+        self.errors: list[RecordError] = []
+
+    def skip_error(self, error: RecordError, reason: str | None = None) -> None:
+        self.errors.append(error)
+        super().skip_error(error, reason)
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+def located_samples(fmt: str, path: Path, tally: Tally) -> Iterator[tuple[str, Sample | RecordError]]:
+    """Yield ``(location, sample or the error that stopped a record)`` for every record of ``path``."""
+    if fmt == "canonical":
+        yield from _canonical_located(path, tally)
+        return
+    from medtune.data.formats import read_records
+
+    recording = _RecordingTally()
+    is_array = _starts_with_bracket(path)
+    for sample in read_records(fmt, path, tally=recording, strict=False):
+        yield from _drain(recording)
+        # JSON arrays: the reader's own "[index]" notation; other files: the count (blank lines are not counted).
+        yield (f"{path}:[{recording.read - 1}]" if is_array else f"{path}: record {recording.read}"), sample
+    yield from _drain(recording)
+    tally.read += recording.read
+    tally.skipped.update(recording.skipped)
+    tally.notes.extend(recording.notes)
+
+
+def _starts_with_bracket(path: Path) -> bool:
+    with open(path, "r", encoding="utf-8", errors="replace") as handle:
+        return handle.read(4096).lstrip("\ufeff \t\r\n")[:1] == "["
+
+
+def _drain(recording: _RecordingTally) -> Iterator[tuple[str, RecordError]]:
+    while recording.errors:
+        error = recording.errors.pop(0)
+        yield (f"{error.file}:{error.record}" if error.record is not None else error.file), error
+
+
+def _canonical_located(path: Path, tally: Tally) -> Iterator[tuple[str, Sample | RecordError]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    for number, obj in iter_json_lines(path):
+        tally.read += 1
+        if not isinstance(obj, RecordError):
+            try:
+                obj = Sample.from_dict(obj)
+            except SchemaError as error:
+                obj = RecordError(path, number, str(error))
+        if isinstance(obj, RecordError):
+            tally.skip_error(obj)
+        yield f"{path}:{number}", obj
+
+
+def _record_error_kind(reason: str) -> str:
+    if reason.startswith("not valid JSON"):
+        return "unparsable record"
+    if "answer_type" in reason:
+        return "unknown answer_type"
+    if IMAGE_PLACEHOLDER in reason or "placeholder" in reason:
+        return "placeholder mismatch"
+    return "invalid record"
+
+
+# ---------------------------------------------------------------------------------------- sample checks
+
+def turn_problems(sample: Sample) -> Iterator[tuple[str, str, str]]:
+    """(kind, message, severity) for empty, missing and misordered turns."""
+    roles = [message.role for message in sample.messages]
+    for index, message in enumerate(sample.messages):
+        if not message.images and not message.text.strip():
+            yield "empty turn", f"empty {message.role} turn (message {index + 1})", "error"
+        if message.role == "system" and index > 0:
+            yield "misordered turns", f"system message at position {index + 1} (only the first may be system)", \
+                "error"
+    conversation = [(i, role) for i, role in enumerate(roles) if role != "system"]
+    if "user" not in roles:
+        yield "misordered turns", "no user turn", "error"
+    elif conversation and conversation[0][1] == "assistant":
+        yield "misordered turns", "assistant turn before any user turn", "error"
+    for (i, first), (j, second) in zip(conversation, conversation[1:]):
+        if first == second:
+            yield "misordered turns", f"two consecutive {first} turns (messages {i + 1} and {j + 1})", "error"
+    if "user" in roles and "assistant" not in roles:
+        yield "no answer", "no assistant turn (a question without an answer)", "warning"
+
+
+def placeholder_problems(sample: Sample) -> Iterator[tuple[str, str, str]]:
+    """Literal ``<image>`` left in text: canonical samples carry images as parts, so it would be an extra image."""
+    placeholders = sum(m.text.count(IMAGE_PLACEHOLDER) for m in sample.messages)
+    if not placeholders:
+        return
+    images = len(sample.images)
+    if placeholders != images:
+        yield ("placeholder mismatch",
+               f"{placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) in the text but {images} image part(s)", "error")
+    else:
+        yield ("placeholder mismatch",
+               f"'{IMAGE_PLACEHOLDER}' in the text duplicates the {images} image part(s)", "warning")
+
+
+class ImageChecker:
+    """Loads each distinct image reference once and remembers the outcome (None when it is fine)."""
+
+    def __init__(self, root: Path, allowed_roots: Iterable = (), max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.root, self.allowed_roots, self.max_pixels = root, tuple(allowed_roots), max_pixels
+        self.outcomes: dict[ImageRef, ImageError | None] = {}
+
+    def check(self, ref: ImageRef) -> ImageError | None:
+        if ref not in self.outcomes:
+            try:
+                load_image(ref, self.root, allowed_roots=self.allowed_roots, max_pixels=self.max_pixels)
+                self.outcomes[ref] = None
+            except ImageError as error:
+                self.outcomes[ref] = error
+        return self.outcomes[ref]
+
+
+def image_problem_kind(error: ImageError) -> str:
+    if error.reason == "file not found":
+        return "missing image"
+    if "outside the image root" in error.reason:
+        return "image outside root"
+    return "unreadable image"
+
+
+# ------------------------------------------------------------------------------------------------ check
+
+def check_dataset(path: Path, fmt: str, image_root: Path, *, allowed_roots: Iterable = (),
+                  max_pixels: int = DEFAULT_MAX_PIXELS, tally: Tally | None = None,
+                  progress: bool = True) -> tuple[list[Problem], ImageChecker]:
+    """Every problem in ``path``, in file order, plus the image checker (for counts)."""
+    from tqdm import tqdm
+
+    tally = tally if tally is not None else Tally()
+    images = ImageChecker(image_root, allowed_roots, max_pixels)
+    problems: list[Problem] = []
+    first_seen: dict[str, str] = {}
+    records = tqdm(located_samples(fmt, path, tally), desc="checking", unit=" records", disable=not progress,
+                   file=sys.stderr)
+    for where, item in records:
+        if isinstance(item, RecordError):
+            problems.append(Problem(where, _record_error_kind(item.reason), item.reason))
+            continue
+        problems.extend(sample_problems(item, where, images, first_seen))
+    return problems, images
+
+
+def sample_problems(sample: Sample, where: str, images: ImageChecker, first_seen: dict[str, str]
+                    ) -> Iterator[Problem]:
+    if sample.id in first_seen:
+        yield Problem(where, "duplicate id", f"duplicate id {sample.id!r} (first at {first_seen[sample.id]})",
+                      sample.id)
+    else:
+        first_seen[sample.id] = where
+    for kind, message, severity in (*turn_problems(sample), *placeholder_problems(sample)):
+        yield Problem(where, kind, message, sample.id, severity)
+    for ref in dict.fromkeys(sample.images):
+        error = images.check(ref)
+        if error is not None:
+            yield Problem(where, image_problem_kind(error), f"image {ref.path!r}: {error.reason}", sample.id)
+
+
+# -------------------------------------------------------------------------------------------------- CLI
 
 def register(subparsers) -> None:
-    pass
+    from medtune.data.formats import FORMATS
+
+    parser = subparsers.add_parser(
+        "check", help="report every problem in a dataset (exit code 1 when there are errors)",
+        description="Check FILE: records that do not parse, empty or misordered turns, placeholder/image count "
+                    "mismatches, duplicate ids, unknown answer types, and every image that is missing, "
+                    "unreadable, outside the image root or too large. One line per problem, with its location.")
+    parser.add_argument("file", metavar="FILE", help="dataset file")
+    parser.add_argument("--format", default="canonical", choices=list(FORMATS), metavar="FMT",
+                        help=f"format of FILE (default canonical; known: {', '.join(FORMATS)})")
+    parser.add_argument("--image-root", metavar="DIR",
+                        help="folder image paths are relative to (default: depends on the format, usually FILE's)")
+    parser.add_argument("--allow-root", action="append", default=[], metavar="DIR",
+                        help="also allow images under DIR (repeatable); paths outside every root are errors")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                        help=f"refuse images with more pixels than N (default {DEFAULT_MAX_PIXELS:,})")
+    parser.add_argument("--strict", action="store_true", help="count warnings as errors")
+    parser.add_argument("--report", metavar="OUT.json", help="also write the problems as JSON")
+    parser.set_defaults(func=run_check)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from medtune.data.formats import default_image_root
+
+    path = Path(args.file)
+    image_root = Path(args.image_root) if args.image_root else default_image_root(args.format, path)
+    tally = Tally()
+    problems, images = check_dataset(path, args.format, image_root, allowed_roots=args.allow_root,
+                                     max_pixels=args.max_pixels, tally=tally, progress=sys.stderr.isatty())
+    for problem in problems:
+        print(problem.line())
+    report = summarise(problems, images, tally, path=path, fmt=args.format, image_root=image_root)
+    print(report["summary"])
+    if report["by_kind"]:
+        print("  " + ", ".join(f"{n} {kind}" for kind, n in report["by_kind"].items()))
+    print(tally.summary())
+    for note in tally.notes:
+        print(f"note: {note}")
+    if args.report:
+        write_json(args.report, report)
+    failed = report["errors"] > 0 or (args.strict and report["warnings"] > 0)
+    return 1 if failed else 0
+
+
+def summarise(problems: list[Problem], images: ImageChecker, tally: Tally, *, path: Path, fmt: str,
+              image_root: Path) -> dict:
+    errors = sum(p.severity == "error" for p in problems)
+    warnings = len(problems) - errors
+    bad_images = sum(outcome is not None for outcome in images.outcomes.values())
+    by_kind = collections.Counter(p.kind for p in problems)
+    summary = (f"checked {tally.read} records and {len(images.outcomes)} distinct images "
+               f"({bad_images} unusable): {errors} errors, {warnings} warnings")
+    return {"file": os.fspath(path), "format": fmt, "image_root": os.fspath(image_root), "records": tally.read,
+            "images_checked": len(images.outcomes), "images_unusable": bad_images, "errors": errors,
+            "warnings": warnings, "by_kind": dict(by_kind.most_common()), "summary": summary,
+            "tally": tally.to_dict(), "problems": [asdict(p) for p in problems]}
