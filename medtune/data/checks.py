@@ -169,6 +169,9 @@ class ImageChecker:
                 self.outcomes[ref] = None
             except ImageError as error:
                 self.outcomes[ref] = error
+            except ImportError as error:  # DICOM/NIfTI without the [dicom] extra: one clear line, not a traceback
+                from medtune.cli import UserError
+                raise UserError(f"{ref.path}: {error}") from None
         return self.outcomes[ref]
 
 

@@ -13,7 +13,8 @@ guards live in one place:
   sees, and the caller chooses the limit.
 * **Every failure is an ImageError naming the file and a reason**, with a distinct reason for a missing file,
   an empty file, a file that is not an image, truncated data and an over-large image.
-* **Always RGB out.** L/1/P/CMYK/YCbCr convert with PIL's standard conversions (CMYK is converted without ICC
+* **Always RGB out**, upright: an EXIF orientation (phone photos of skin or slides) is applied, as image
+  viewers do. L/1/P/CMYK/YCbCr convert with PIL's standard conversions (CMYK is converted without ICC
   colour management); anything with transparency (RGBA, LA, PA, P with a transparent colour) is composited
   on **white**, because medical figures with alpha are drawings on a page; 16-bit and float greyscale PNG/TIFF
   (I;16, I, F) are stretched from their own min/max to 0..255, the same rule as a DICOM without a window.
@@ -47,7 +48,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from medtune.data.jsonl import atomic_open
 from medtune.data.schema import ImageRef
@@ -90,6 +91,7 @@ DICOM_METADATA_TAGS = {
     "PixelSpacing": "pixel_spacing",
     "SliceThickness": "slice_thickness",
 }
+_EXIF_ORIENTATION = 0x0112
 _AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # axis name -> RAS+ axis it is perpendicular to
 
 
@@ -225,6 +227,8 @@ def _load_pil(source, name, max_pixels: int) -> Image.Image:
             raise ImageError(name, f"over PIL's own pixel limit ({_clean(error)})") from None
         except (OSError, SyntaxError, ValueError, EOFError) as error:
             raise ImageError(name, f"truncated or corrupt image data ({_clean(error)})") from None
+        if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # camera photos: show them as viewers do
+            image = ImageOps.exif_transpose(image)
         return to_rgb(image)
 
 

@@ -123,3 +123,18 @@ def make_broken_dataset(root: Path) -> tuple[Path, dict[int, str]]:
     path = root / "broken.jsonl"
     path.write_text("".join(text + "\n" for text, _ in lines))
     return path, {number: message for number, (_, message) in enumerate(lines, start=1) if message}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Write the broken inputs into a folder for manual runs: ``python tests/data/broken_inputs.py OUT``."""
+    import sys
+
+    out = Path((argv if argv is not None else sys.argv[1:])[0])
+    path, expected = make_broken_dataset(out)
+    print(f"wrote {path}; try: medtune data check {path}")
+    for line, message in expected.items():
+        print(f"  line {line}: expect {message!r}")
+
+
+if __name__ == "__main__":
+    main()

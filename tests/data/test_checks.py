@@ -163,3 +163,32 @@ def test_bundled_vqa_rad_test_split_is_clean(capsys):
     assert main(["data", "check", str(testset), "--format", "vqa-rad"]) == 0
     out = capsys.readouterr().out
     assert "checked 451 records" in out and "0 errors, 0 warnings" in out
+
+
+def test_reports_on_pydicom_samples_carry_no_patient_data(tmp_path, capsys):
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+
+    sources = [Path(get_testdata_file(name)) for name in ("CT_small.dcm", "MR_small.dcm")]
+    secrets = [str(value) for path in sources for value in (dcmread(path).PatientName, dcmread(path).PatientID)]
+    records = [{"id": p.stem, "messages": [user(image(str(p)), text("Q?")), assistant("A")]} for p in sources]
+    records.append({"id": "f", "messages": [user(image(str(sources[0]), frame=1), text("Q?")), assistant("A")]})
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    report, stats = tmp_path / "report.json", tmp_path / "stats.json"
+    allow = ["--allow-root", str(sources[0].parent)]
+    assert main(["data", "check", str(data), "--report", str(report), *allow]) == 1  # frame 1 does not exist
+    assert main(["data", "stats", str(data), "--json", str(stats)]) == 0
+    out, err = capsys.readouterr()
+    assert "frame 1 out of range (the file has 1 frame)" in out
+    for secret in secrets:
+        assert secret and secret not in out + err + report.read_text() + stats.read_text()
+
+
+def test_dicom_without_the_extra_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    import sys
+    write_dicom(tmp_path / "x.dcm", np.zeros((4, 4)))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "messages": [user(image("x.dcm"), text("Q?"))]}])
+    monkeypatch.setitem(sys.modules, "pydicom", None)
+    assert main(["data", "check", str(data)]) == 2
+    assert capsys.readouterr().err.strip() == ("medtune data: error: x.dcm: reading DICOM needs pydicom: "
+                                               "pip install 'medtune[dicom]'")

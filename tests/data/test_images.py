@@ -102,6 +102,16 @@ def test_each_broken_file_has_its_own_reason(tmp_path):
 
 # ------------------------------------------------------------------------------------- mode conversion
 
+def test_exif_orientation_is_applied(tmp_path):
+    pixels = np.zeros((8, 16, 3), dtype=np.uint8)
+    pixels[0, 0] = 255  # top-left marker
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: rotate 90 degrees clockwise to display
+    Image.fromarray(pixels).save(tmp_path / "phone.png", exif=exif)
+    loaded = np.asarray(load_image("phone.png", tmp_path))
+    assert loaded.shape == (16, 8, 3)
+    assert loaded[0, -1].tolist() == [255, 255, 255]  # the marker is now top-right
+
 @pytest.mark.parametrize("mode, pixel, expected", [
     ("L", 77, (77, 77, 77)),
     ("1", 1, (255, 255, 255)),
