@@ -158,12 +158,22 @@ def sample_spans(position_ids_row) -> list[tuple[int, int]]:
 
 
 class PackingCollator:
-    """A DataCollator for Trainer over a :class:`PackedDataset`: each feature is one row (a list of samples)."""
+    """A DataCollator for Trainer that packs.
 
-    def __init__(self, pad_token_id: int, attention: str = "position_ids", mask_dtype=None):
+    Features are either rows already planned by :class:`PackedDataset` (each a list of samples), or single
+    samples, which are then packed into rows of at most ``max_length`` tokens within the batch (best fit).
+    """
+
+    def __init__(self, vlm, max_length: int | None = None, *, attention: str = "position_ids", mask_dtype=None):
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
-        self.pad_token_id, self.attention, self.mask_dtype = pad_token_id, attention, mask_dtype
+        self.pad_token_id = vlm.tokenizer.pad_token_id
+        self.max_length, self.attention, self.mask_dtype = max_length, attention, mask_dtype
 
-    def __call__(self, rows: Sequence[Sequence[dict]]) -> dict[str, Any]:
-        return pack_rows(rows, self.pad_token_id, attention=self.attention, mask_dtype=self.mask_dtype)
+    def __call__(self, features: Sequence[dict] | Sequence[Sequence[dict]]) -> dict[str, Any]:
+        if features and isinstance(features[0], dict):
+            if self.max_length is None:
+                raise ValueError("PackingCollator got single samples: give max_length to pack them into rows")
+            plan = plan_rows([len(f["input_ids"]) for f in features], self.max_length)
+            features = [[features[i] for i in row] for row in plan]
+        return pack_rows(features, self.pad_token_id, attention=self.attention, mask_dtype=self.mask_dtype)
