@@ -190,7 +190,7 @@ def build_vlm(spec: ModelSpec) -> VLM:
         tokenizer.chat_template = chat_template(spec.template)
     image_processor = vision.image_processor_for(spec.vision, vision_config, spec.image_mean, spec.image_std)
     processor = None
-    if spec.projector == "mlp2x_gelu":
+    if model.config.model_type == "llava":
         from transformers import LlavaProcessor
 
         # With these three numbers LlavaProcessor expands "<image>" to exactly tokens_per_image tokens,
@@ -280,18 +280,24 @@ def _compose(spec: ModelSpec, tower, llm, tokenizer, strategy: str, tokens_per_i
                   image_seq_length=tokens_per_image, vision_feature_layer=spec.vision_feature_layer,
                   vision_feature_select_strategy=strategy, projector_hidden_act="gelu",
                   tie_word_embeddings=bool(llm.config.tie_word_embeddings))
-    if spec.projector == "mlp2x_gelu":
+    lm_head = llm.get_output_embeddings()
+    lm_head_bias = getattr(lm_head, "bias", None) is not None
+    if spec.projector == "mlp2x_gelu" and not lm_head_bias:
         config, model_class = LlavaConfig(**common), LlavaForConditionalGeneration
     else:
-        config = MedtuneVLMConfig(**common, projector_type=spec.projector,
-                                  projector_queries=spec.projector_queries, projector_heads=spec.projector_heads)
+        if spec.projector == "mlp2x_gelu":
+            # LLaVA's class has no LM-head bias and would silently drop Phi's; keep it in our class.
+            log.warning("the LM head of %s has a bias, which transformers' Llava cannot hold: building a "
+                        "medtune_vlm model with the mlp2x_gelu projector instead", llm.config.model_type)
+        config = MedtuneVLMConfig(**common, projector_type=spec.projector, projector_queries=spec.projector_queries,
+                                  projector_heads=spec.projector_heads, lm_head_bias=lm_head_bias)
         model_class = MedtuneVLMForConditionalGeneration
     with torch.device("meta"):
         model = model_class(config)
     model.model.vision_tower = tower
     model.model.language_model = llm.base_model
-    model.lm_head = llm.get_output_embeddings()
-    if spec.projector == "mlp2x_gelu":
+    model.lm_head = lm_head
+    if model_class is LlavaForConditionalGeneration:
         model.model.multi_modal_projector = LlavaMultiModalProjector(config)
     else:
         model.model.multi_modal_projector = build_projector(

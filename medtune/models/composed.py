@@ -4,7 +4,7 @@ A vision tower + projector + causal LM with the ``mlp2x_gelu`` projector *is* tr
 ``LlavaForConditionalGeneration``, and medtune builds exactly that. For ``linear`` and
 ``attn_pool+mlp2x_gelu`` we need a model class of our own; rather than re-implement the LLaVA forward
 pass (placeholder mask, feature-layer choice, generation, caching), these classes *subclass* LLaVA's and
-change one thing: the projector module. The config subclasses ``LlavaConfig`` with model_type
+change the projector module (and allow a bias on the LM head, which LLaVA's class drops). The config subclasses ``LlavaConfig`` with model_type
 ``medtune_vlm`` and two extra fields, so every LLaVA option (image_token_id, vision_feature_layer,
 vision_feature_select_strategy) means the same thing here.
 
@@ -34,6 +34,7 @@ class MedtuneVLMConfig(LlavaConfig):
     projector_type: one of ``projectors.PROJECTOR_NAMES``.
     projector_queries: learned queries of the attention pool (= image tokens per image).
     projector_heads: attention heads of the attention pool; must divide the vision width.
+    lm_head_bias: whether the LM head has a bias (Phi does; LLaVA's head never has one).
     """
 
     model_type = "medtune_vlm"
@@ -41,6 +42,7 @@ class MedtuneVLMConfig(LlavaConfig):
     projector_type: str = "linear"
     projector_queries: int = 128
     projector_heads: int = 8
+    lm_head_bias: bool = False
 
     def validate_architecture(self):
         """Part of transformers' strict-config validation: reject settings no model can be built from."""
@@ -72,7 +74,8 @@ class MedtuneVLMForConditionalGeneration(LlavaForConditionalGeneration):
     def __init__(self, config: MedtuneVLMConfig):
         LlavaPreTrainedModel.__init__(self, config)
         self.model = MedtuneVLMModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size,
+                                 bias=config.lm_head_bias)
         self.post_init()
 
 

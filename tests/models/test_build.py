@@ -197,3 +197,34 @@ def test_bad_specs_are_refused_naming_the_field(overrides, message):
 def test_load_vlm_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a model checkpoint"):
         load_vlm(tmp_path)
+
+
+LLM_WIDTHS = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+
+
+@pytest.mark.parametrize("family, extra", [
+    ("llama", {"num_key_value_heads": 2, "tie_word_embeddings": True}),
+    ("mistral", {"num_key_value_heads": 2}),
+    ("qwen2", {"num_key_value_heads": 2, "tie_word_embeddings": True}),
+    ("stablelm", {"num_key_value_heads": 4}),
+    ("phi", {"num_key_value_heads": 4}),
+])
+def test_llm_families_round_trip_with_a_new_image_token(tmp_path, family, extra):
+    """A new image token grows the vocabulary by one; tied embeddings stay tied; Phi's LM-head bias
+    (which transformers' Llava class cannot hold) makes the model a medtune_vlm instead of losing it."""
+    from transformers import AutoModelForImageTextToText
+
+    vlm = build_vlm(tiny_spec(llm={"model_type": family, **LLM_WIDTHS, **extra}, image_token="<img>"))
+    assert vlm.model.config.text_config.vocab_size == len(vlm.tokenizer) == 2049
+    assert vlm.image_token_id == 2048
+    tied = extra.get("tie_word_embeddings", False)
+    assert (vlm.model.lm_head.weight is vlm.model.get_input_embeddings().weight) == tied
+    has_bias = vlm.model.lm_head.bias is not None
+    assert vlm.model.config.model_type == ("medtune_vlm" if has_bias else "llava")
+    assert has_bias == (family == "phi")
+    if has_bias:
+        torch.nn.init.normal_(vlm.model.lm_head.bias)  # a trained head's bias is not zero
+    vlm.save(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    inputs = _inputs(vlm)
+    assert torch.equal(_logits(loaded, inputs), _logits(vlm.model, inputs))
