@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -234,11 +235,17 @@ def record_id(record: dict, path: str | os.PathLike, where: int | str, *keys: st
 
 
 def split_from_name(path: str | os.PathLike) -> str | None:
-    """``trainset.json`` -> train, ``validate_en.json`` -> validation, ``test_slice.json`` -> test."""
-    stem = Path(path).name.lower()
-    for needle, split in (("train", "train"), ("val", "validation"), ("dev", "validation"), ("test", "test")):
-        if needle in stem:
-            return split
+    """``trainset.json`` -> train, ``validate_en.json`` -> validation, ``test_slice.json`` -> test.
+
+    Matched on words of the file name, so ``llava_med_eval_qa50.jsonl`` is not taken for a validation split.
+    """
+    for word in re.findall(r"[a-z]+", Path(path).name.lower()):
+        if word.startswith("train"):
+            return "train"
+        if word.startswith("test"):
+            return "test"
+        if word in ("val", "valid", "validate", "validation", "dev"):
+            return "validation"
     return None
 
 
