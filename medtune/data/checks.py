@@ -14,10 +14,10 @@ per problem with its location:
 
 Locations are ``file:line`` for canonical JSON Lines (read here line by line); other formats are read through
 their reader, which names ``file:line`` / ``file:[index]`` for records it rejects; for problems in samples it
-accepted the check names ``file:[index]`` in JSON arrays and ``file: record N`` (the Nth record) otherwise. Warnings (an unanswered question,
-placeholders that merely duplicate image parts) do not fail the check unless ``--strict``. Exit code 1 when
-errors exist. Messages never contain DICOM element values: image errors come from the images module, which
-reads only pixels and whitelisted tags.
+accepted the check names ``file:[index]`` in JSON arrays and ``file: record N`` (the Nth record) otherwise.
+Warnings (an unanswered question, placeholders that merely duplicate image parts) do not fail the check unless
+``--strict``. Exit code 1 when errors exist. Messages never contain DICOM element values: image errors come
+from the images module, which reads only pixels and whitelisted tags.
 """
 from __future__ import annotations
 

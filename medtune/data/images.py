@@ -215,8 +215,8 @@ def _load_pil(source, name, max_pixels: int) -> Image.Image:
             image = Image.open(source)
     except Image.UnidentifiedImageError:
         raise ImageError(name, "not an image file (PIL does not recognise the format)") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ImageError(name, f"corrupt image header ({_clean(error)})") from None
+    except Exception as error:  # plugins raise OSError, SyntaxError, struct.error, ... on hostile headers
+        raise ImageError(name, f"corrupt image header ({type(error).__name__}: {_clean(error)})") from None
     with image:
         _check_pixels(name, *image.size, max_pixels)
         try:
@@ -225,7 +225,7 @@ def _load_pil(source, name, max_pixels: int) -> Image.Image:
                 image.load()
         except Image.DecompressionBombError as error:  # frames of animated formats are checked again by PIL
             raise ImageError(name, f"over PIL's own pixel limit ({_clean(error)})") from None
-        except (OSError, SyntaxError, ValueError, EOFError) as error:
+        except Exception as error:  # decoders of untrusted data raise many types; a bad file must not crash a run
             raise ImageError(name, f"truncated or corrupt image data ({_clean(error)})") from None
         if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # camera photos: show them as viewers do
             image = ImageOps.exif_transpose(image)
