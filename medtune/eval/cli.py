@@ -51,6 +51,8 @@ def _add_score(verbs) -> None:
     p.add_argument("--metrics", default="compat,strict", help="families: compat, strict, judge (comma list)")
     p.add_argument("--compat-flavour", choices=("med-moe", "llava-med"), default="med-moe",
                    help="which reference script the compat family reproduces")
+    p.add_argument("--candidates", type=Path,
+                   help="LLaVA-Med candidate answer file: adds its 'open accuracy' (llava-med flavour)")
     p.add_argument("--out", type=Path, help="folder for results.json, results.md, results.png, wrong_answers.jsonl")
     p.add_argument("--allow-missing", action="store_true", help="score questions without a prediction as wrong")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
@@ -139,12 +141,15 @@ def _judge(args):
 def _score(args) -> int:
     from medtune.cli import UserError
     from medtune.eval.metrics import MissingPredictions
-    from medtune.eval.score import score_predictions
+    from medtune.eval.score import read_candidates, score_predictions
 
+    if args.candidates and args.compat_flavour != "llava-med":
+        raise UserError("--candidates is used by the llava-med flavour only (add --compat-flavour llava-med)")
     families = tuple(f for f in _families(args.metrics) if f != "judge")
     try:
         result = score_predictions(task_from_args(args), args.predictions, out_dir=args.out, families=families,
                                    compat_flavour=args.compat_flavour, judge=_judge(args),
+                                   candidates=read_candidates(args.candidates) if args.candidates else None,
                                    allow_missing=args.allow_missing, strict=args.strict,
                                    resamples=args.resamples, seed=args.seed)
     except MissingPredictions as error:
@@ -154,6 +159,9 @@ def _score(args) -> int:
               f"[{row.estimate.low:.2f}, {row.estimate.high:.2f}] n={row.estimate.n}")
     if result.compat_table is not None:
         print(f"\ncompat table ({result.compat_table.flavour}):\n{result.compat_table.render()}")
+    for name, tally in result.tallies.items():
+        if tally.n_skipped:
+            print(f"{name.replace('_', ' ')}: {tally.summary()}", file=sys.stderr)
     missing = sum(i.missing for i in result.items)
     print(f"\n{len(result.items)} questions scored, {missing} without prediction, "
           f"{len(result.unexpected)} unexpected predictions" +
@@ -187,10 +195,9 @@ def _merge(args) -> int:
 
 
 def _tasks(args) -> int:
-    from medtune.eval import tasks
-    for line in (tasks.__doc__ or "").splitlines():
-        if line.startswith("``") and "``" in line[2:]:
-            print(line.replace("``", ""))
+    from medtune.eval.tasks import TASKS
+    for name, build in TASKS.items():
+        print(f"{name:8s}  {build.__doc__}")
     return 0
 
 

@@ -38,6 +38,7 @@ the canonical sample (``open``/``closed``); ``mcq`` items are not scored by this
 """
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 
@@ -81,6 +82,7 @@ youd've=you'd've you'dve=you'd've youll=you'll youre=you're youve=you've
 """.split())
 
 
+@functools.lru_cache(maxsize=1 << 16)  # pure; candidate lists are normalised once per item otherwise
 def normalize_words(text: str) -> str:
     """The LLaVA-Med / VQA word normalisation, quirks included (see the module docstring)."""
     # The space test looks at the original string for every character; a digit-comma-digit anywhere in
@@ -145,9 +147,27 @@ def bleu_scores(prediction: str, truth: str, *, smoothing: bool = True, with_def
                 for name, w in weights.items()}
 
 
-def score_item(prediction: str, truth: str, answer_type: str, flavour: str = "med-moe") -> dict[str, float | None]:
+def closest_candidate(prediction: str, candidates: list[str]) -> str:
+    """LLaVA-Med's "open accuracy" pick: the normalised candidate answer sharing the largest fraction of its
+    distinct words with the prediction's distinct words (the first one on a tie)."""
+    pred_words = word_counts(normalize_words(prediction))
+    best, best_score = "", -1.0
+    for candidate in candidates:
+        candidate = normalize_words(str(candidate))
+        candidate_words = word_counts(candidate)
+        shared = sum(1 for word in pred_words if word in candidate_words)
+        score = shared / len(candidate_words) if candidate_words else 0.0
+        if score > best_score:
+            best, best_score = candidate, score
+    return best
+
+
+def score_item(prediction: str, truth: str, answer_type: str, flavour: str = "med-moe",
+               candidates: list[str] | None = None) -> dict[str, float | None]:
     """Per-item figures (fractions in [0, 1]); the family's aggregates are their means times 100.
 
+    ``candidates`` (LLaVA-Med flavour only: the answer vocabulary of their ``--candidate`` file) adds
+    ``open_accuracy``: 1 when the candidate closest to the prediction equals the normalised truth.
     Returns ``{}`` for answer types this family does not score (``mcq``).
     """
     if flavour not in FLAVOURS:
@@ -159,6 +179,8 @@ def score_item(prediction: str, truth: str, answer_type: str, flavour: str = "me
         f1, precision, recall = f1_precision_recall(pred, gt)
         scores = {"recall": recall, "precision": precision, "f1": f1, "exact_match": exact_match(pred, gt)}
         scores.update(bleu_scores(pred, gt, smoothing=flavour == "med-moe", with_default=flavour == "llava-med"))
+        if candidates and flavour == "llava-med":
+            scores["open_accuracy"] = float(closest_candidate(pred, candidates) == normalize_words(gt))
         return scores
     if answer_type == "closed":
         if flavour == "llava-med":

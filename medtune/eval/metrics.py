@@ -95,6 +95,10 @@ def match_items(samples: Iterable[Sample], predictions: Mapping[str, str], *,
                 allow_missing: bool = False) -> tuple[list[Item], list[str]]:
     """Items in ground-truth order, and the prediction ids that match no question (reported, not scored)."""
     samples = list(samples)
+    seen: set[str] = set()
+    repeated = [s.id for s in samples if s.id in seen or seen.add(s.id)]
+    if repeated:
+        raise ValueError(f"ground truth repeats question ids, so predictions cannot be matched: {_some(repeated)}")
     missing = [s.id for s in samples if s.id not in predictions]
     if missing and not allow_missing:
         raise MissingPredictions(f"{len(missing)} of {len(samples)} questions have no prediction "
@@ -110,15 +114,17 @@ def _some(ids: list[str], limit: int = 20) -> str:
 
 
 def score_items(items: list[Item], families: Iterable[str] = DEFAULT_FAMILIES, *,
-                compat_flavour: str = "med-moe", judge=None) -> dict[str, dict[str, dict]]:
-    """``{family: {item id: {metric: value}}}``; ``judge`` is a :class:`medtune.eval.judge.Judge`."""
+                compat_flavour: str = "med-moe", candidates: list[str] | None = None,
+                judge=None) -> dict[str, dict[str, dict]]:
+    """``{family: {item id: {metric: value}}}``; ``judge`` is a :class:`medtune.eval.judge.Judge`;
+    ``candidates`` is LLaVA-Med's answer vocabulary for its "open accuracy" (llava-med flavour)."""
     scores: dict[str, dict[str, dict]] = {}
     for family in families:
         if family not in FAMILIES:
             raise ValueError(f"unknown metric family {family!r} (expected some of {', '.join(FAMILIES)})")
         if family == "compat":
-            scores[family] = {i.id: compat.score_item(i.prediction, i.answer, i.answer_type, compat_flavour)
-                              for i in items}
+            scores[family] = {i.id: compat.score_item(i.prediction, i.answer, i.answer_type, compat_flavour,
+                                                      candidates) for i in items}
         elif family == "strict":
             scores[family] = {i.id: strict.score_item(i.prediction, i.answer, i.answer_type, i.choices)
                               for i in items}
@@ -222,7 +228,7 @@ _COMPAT_LABELS = {
                   ("open", "precision", "precision"), ("open", "recall", "recall"),
                   ("open", "bleu", "bleu_score"), ("open", "bleu1", "bleu_score_1"),
                   ("open", "bleu2", "bleu_score_2"), ("open", "bleu3", "bleu_score_3"),
-                  ("closed", "accuracy", "yes/no accuracy")],
+                  ("open", "open_accuracy", "open accuracy"), ("closed", "accuracy", "yes/no accuracy")],
 }
 
 
@@ -230,6 +236,9 @@ def compat_table(items: list[Item], compat_scores: dict[str, dict], flavour: str
     """The compatibility figures in the reference script's order and labels, summed in item order."""
     table = CompatTable(flavour)
     for answer_type, metric, label in _COMPAT_LABELS[flavour]:
-        values = [compat_scores[i.id].get(metric) for i in items if i.answer_type == answer_type]
+        scored = [compat_scores[i.id] for i in items if i.answer_type == answer_type]
+        if metric == "open_accuracy" and not any(metric in s for s in scored):
+            continue  # only with a candidate list
+        values = [s.get(metric) for s in scored]
         table.lines.append((label, compat.macro_mean_percent([v for v in values if v is not None])))
     return table

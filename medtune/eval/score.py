@@ -28,6 +28,7 @@ class ScoreResult:
     scores: dict[str, dict]
     compat_table: metrics.CompatTable | None
     unexpected: list[str]
+    tallies: dict[str, Tally] = field(default_factory=dict)  # ground_truth / predictions: read and skipped
     paths: dict[str, Path] = field(default_factory=dict)
 
     def headline(self) -> list[metrics.Row]:
@@ -35,10 +36,14 @@ class ScoreResult:
 
 
 def score_predictions(task: Task, predictions_path: str | os.PathLike, *, out_dir: str | os.PathLike | None = None,
-                      families=metrics.DEFAULT_FAMILIES, compat_flavour: str = "med-moe", judge=None,
+                      families=metrics.DEFAULT_FAMILIES, compat_flavour: str = "med-moe",
+                      candidates: list[str] | None = None, judge=None,
                       allow_missing: bool = False, strict: bool = False, resamples: int = DEFAULT_RESAMPLES,
                       seed: int = DEFAULT_SEED) -> ScoreResult:
-    """Match predictions to ``task``'s questions by id, score every family, and write the report if asked."""
+    """Match predictions to ``task``'s questions by id, score every family, and write the report if asked.
+
+    ``candidates``: LLaVA-Med's answer vocabulary (see :func:`read_candidates`), for its "open accuracy".
+    """
     families = tuple(families) + (("judge",) if judge is not None and "judge" not in families else ())
     gt_tally, pred_tally = Tally(), Tally()
     samples = task.samples(tally=gt_tally, strict=strict)
@@ -47,10 +52,10 @@ def score_predictions(task: Task, predictions_path: str | os.PathLike, *, out_di
     if unexpected:
         log.warning("%d predictions match no question of %s (first: %s); they are not scored",
                     len(unexpected), task.name, ", ".join(unexpected[:5]))
-    scores = metrics.score_items(items, families, compat_flavour=compat_flavour, judge=judge)
+    scores = metrics.score_items(items, families, compat_flavour=compat_flavour, candidates=candidates, judge=judge)
     rows = metrics.aggregate(task.name, items, scores, resamples=resamples, seed=seed)
     table = metrics.compat_table(items, scores["compat"], compat_flavour) if "compat" in scores else None
-    result = ScoreResult(rows, items, scores, table, unexpected)
+    result = ScoreResult(rows, items, scores, table, unexpected, {"ground_truth": gt_tally, "predictions": pred_tally})
     if out_dir is not None:
         info = {"medtune_version": __version__, "task": task.describe(), "predictions": str(predictions_path),
                 "families": list(families), "compat_flavour": compat_flavour,
@@ -61,3 +66,15 @@ def score_predictions(task: Task, predictions_path: str | os.PathLike, *, out_di
                                            compat_table=table, judge_records=getattr(judge, "records", None),
                                            resamples=resamples, seed=seed)
     return result
+
+
+def read_candidates(path: str | os.PathLike) -> list[str]:
+    """A LLaVA-Med candidate file (``{"0": [answers...]}``) or a JSON list of answers."""
+    import json
+
+    with open(path, encoding="utf-8") as handle:
+        data = json.load(handle)
+    answers = data.get("0") if isinstance(data, dict) else data
+    if not isinstance(answers, list) or not answers:
+        raise ValueError(f"{path}: expected a JSON list of answers or LLaVA-Med's {{\"0\": [...]}} candidate file")
+    return [str(a) for a in answers]

@@ -146,36 +146,42 @@ def _require(name: str, data: str | os.PathLike | None, what: str, default: Path
 
 
 def _vqa_rad(data, image_root, data_format, **kw) -> Task:
+    """bundled VQA-RAD test split (451 questions, open + closed); no arguments needed"""
     path = _require("vqa-rad", data, "VQA-RAD testset.json", _bundled("vqa_rad", "testset.json"))
     fmt = data_format or "vqa-rad"
     return Task("vqa-rad", path, fmt, _image_root(fmt, path, image_root), **kw)
 
 
 def _slake(data, image_root, data_format, **kw) -> Task:
+    """SLAKE English test split (bundled questions; --image-root imgs/ to generate answers)"""
     path = _require("slake", data, "SLAKE test.json / test_en.json", _bundled("slake", "test_en.json"))
     fmt = data_format or "slake"
     return Task("slake", path, fmt, _image_root(fmt, path, image_root), **kw)
 
 
 def _pathvqa(data, image_root, data_format, **kw) -> Task:
+    """PathVQA test split (--data required)"""
     path = _require("pathvqa", data, "the PathVQA test split, in a layout `medtune data convert --from pathvqa` reads")
     fmt = data_format or "pathvqa"
     return Task("pathvqa", path, fmt, _image_root(fmt, path, image_root), **kw)
 
 
 def _pmc_vqa(data, image_root, data_format, **kw) -> Task:
+    """PMC-VQA style multiple choice (--data required)"""
     path = _require("pmc-vqa", data, "the PMC-VQA test CSV, e.g. test_clean.csv")
     fmt = data_format or "pmc-vqa"
     return Task("pmc-vqa", path, fmt, _image_root(fmt, path, image_root), **kw)
 
 
 def _mcq(data, image_root, data_format, **kw) -> Task:
+    """any canonical JSONL of multiple-choice questions with meta.choices (--data required)"""
     path = _require("mcq", data, "a canonical JSONL of multiple-choice questions with meta.choices")
     fmt = data_format or "canonical"
     return Task("mcq", path, fmt, _image_root(fmt, path, image_root), **kw)
 
 
 def _custom(data, image_root, data_format, **kw) -> Task:
+    """any canonical JSONL with meta.answer and meta.answer_type (--data required)"""
     path = _require("custom", data, "a canonical JSONL whose samples have meta.answer and meta.answer_type")
     fmt = data_format or "canonical"
     return Task("custom", path, fmt, _image_root(fmt, path, image_root), **kw)

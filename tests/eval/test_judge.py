@@ -65,3 +65,22 @@ def test_retries_run_out(monkeypatch):
     judge = Judge("http://judge.test/v1", "grader", retries=2, transport=fake_endpoint([500, 500, 500], []))
     with pytest.raises(JudgeError, match="failed after 3 attempts"):
         judge.score(ITEMS[:1])
+
+
+def test_scoring_with_a_judge_saves_prompts_and_verdicts(tmp_path, monkeypatch):
+    from medtune.data.jsonl import write_samples
+    from medtune.data.schema import Metadata, qa_sample
+    from medtune.eval.score import score_predictions
+    from medtune.eval.tasks import get_task
+
+    gt = tmp_path / "gt.jsonl"
+    write_samples(gt, [qa_sample(i.id, i.question, i.answer, meta=Metadata(answer_type=i.answer_type)) for i in ITEMS])
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text("".join(json.dumps({"question_id": i.id, "text": i.prediction}) + "\n" for i in ITEMS))
+    judge = Judge("http://judge.test/v1", "grader", transport=fake_endpoint(["CORRECT", "INCORRECT", "??"], []))
+    result = score_predictions(get_task("custom", data=gt), preds, out_dir=tmp_path / "out", judge=judge)
+    saved = [json.loads(line) for line in (tmp_path / "out" / "judge.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["verdict"]) for r in saved] == [("1", 1.0), ("2", 0.0), ("3", None)]
+    assert "Candidate answer: a round thing" in saved[2]["prompt"]
+    row = next(r for r in result.rows if r.family == "judge" and r.metric == "accuracy" and r.group_by == "all")
+    assert (row.estimate.n, row.estimate.value) == (3, pytest.approx(100 / 3))

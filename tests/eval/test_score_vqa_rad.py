@@ -66,3 +66,13 @@ def test_llava_med_flavour_reports_the_items_it_excludes(tmp_path):
     assert row.estimate.n + row.excluded == 272
     assert row.excluded > 0
     assert f"{row.estimate.value:g}" == "51.2195"
+
+
+def test_llava_med_open_accuracy_with_a_candidate_file_matches_the_reference(tmp_path):
+    answers = write_answer_file(tmp_path / "answers.jsonl")
+    records = [json.loads(bundled_data("vqa_rad", name).read_text()) for name in ("trainset.json", "testset.json")]
+    candidates = sorted({str(r["answer"]) for split in records for r in split})  # 557 answers
+    result = score_predictions(get_task("vqa-rad"), answers, compat_flavour="llava-med", candidates=candidates)
+    printed = {line["label"]: line["printed"] for line in result.compat_table.to_dict()["lines"]}
+    assert printed["open accuracy"] == "11.7318"
+    assert printed["recall"] == LLAVA_MED_PRINTED["recall"]
