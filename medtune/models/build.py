@@ -176,7 +176,7 @@ def build_vlm(spec: ModelSpec) -> VLM:
 
     torch.manual_seed(spec.seed)
     vision_config = vision.vision_config(spec.vision, spec.image_size)
-    tower = vision.load_vision_tower(spec.vision, vision_config)
+    tower = vision.load_vision_tower(spec.vision, vision_config, dtype=spec.dtype)
     layout = vision.measure_layout(tower, vision_config)
     _check_feature_layer(spec.vision_feature_layer, layout)
     strategy, tokens_per_image = _feature_selection(spec, layout)
@@ -254,10 +254,12 @@ def _load_tokenizer(spec: ModelSpec):
 
 
 def _load_llm(spec: ModelSpec, tokenizer):
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if isinstance(spec.llm, str):
-        return AutoModelForCausalLM.from_pretrained(spec.llm, dtype="float32")
+        # Load straight into the target dtype: a 7B LM in float32 would need twice the memory.
+        return AutoModelForCausalLM.from_pretrained(spec.llm, dtype=getattr(torch, spec.dtype))
     settings = dict(spec.llm)
     settings.setdefault("vocab_size", len(tokenizer))
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):

@@ -49,15 +49,16 @@ def vision_config(source: str | dict[str, Any], image_size: int | None = None):
     return config
 
 
-def load_vision_tower(source: str | dict[str, Any], config):
+def load_vision_tower(source: str | dict[str, Any], config, dtype: str = "float32"):
     """The tower module: pretrained weights for a checkpoint, random initialisation for a config dict."""
+    import torch
     from transformers import AutoModel
 
     if isinstance(source, dict):
         return AutoModel.from_config(config)
     # Passing the vision sub-config selects the vision-only class; its weight names are those of the
     # vision half of a full checkpoint, so the text half is simply left unused.
-    return AutoModel.from_pretrained(source, config=config)
+    return AutoModel.from_pretrained(source, config=config, dtype=getattr(torch, dtype))
 
 
 def measure_layout(tower, config) -> TowerLayout:

@@ -228,3 +228,13 @@ def test_llm_families_round_trip_with_a_new_image_token(tmp_path, family, extra)
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
     inputs = _inputs(vlm)
     assert torch.equal(_logits(loaded, inputs), _logits(vlm.model, inputs))
+
+
+def test_pretrained_parts_load_in_the_target_dtype(pretrained_parts):
+    vlm = build_vlm(tiny_spec(vision=str(pretrained_parts / "vision"), llm=str(pretrained_parts / "llm"),
+                              tokenizer=None, dtype="bfloat16"))
+    from transformers import LlamaForCausalLM
+
+    llm = LlamaForCausalLM.from_pretrained(pretrained_parts / "llm", dtype=torch.bfloat16)
+    assert {p.dtype for p in vlm.model.parameters()} == {torch.bfloat16}
+    _assert_same_weights(vlm.model.model.language_model, llm.model)
