@@ -1,0 +1,213 @@
+"""Tokenised datasets cached on disk as Arrow, so a second run (or a second stage) skips preprocessing.
+
+What is cached: per usable sample its id, input_ids, labels, length, image references (JSON) and image root;
+and the run's Tally (read / written / skipped with reasons), so a cached run reports the same skips as the
+cold one. Pixels are NOT cached: images are decoded when a row is read (:class:`CachedDataset`), as LLaVA
+does, which keeps the cache small (a 336-px image is ~1.3 MB as float32 pixels, ~1 KB as tokens).
+
+The cache key is a SHA-256 over everything that changes the rows:
+  * the content of the data file(s) (not their names or times: a copied file hits, an edited one misses),
+  * the tokenizer (its full tokenizer.json when fast, else vocabulary + special tokens) and chat template,
+  * the medtune template name, image token and tokens per image, pad mode and image size,
+  * max_length, truncation, and any ``extra`` settings the caller adds (image root, mixture seed, limit ...),
+  * :data:`CACHE_FORMAT`, bumped whenever encoding changes.
+Entries live in ``cache_dir/<key>/`` and are written to a temporary folder that is renamed into place only
+when complete, so an interrupted run never leaves an entry a later run would trust.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from medtune.data.jsonl import RecordError, Tally, write_json
+from medtune.data.schema import ImageRef
+
+CACHE_FORMAT = "1"
+TALLY_FILE = "tally.json"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Keys
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in chunks (data files can be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """SHA-256 of what decides a tokenizer's output: its model and normaliser, special tokens, chat template."""
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        digest.update(backend.to_str().encode())
+    else:
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    special = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
+    digest.update(json.dumps([special, tokenizer.chat_template, type(tokenizer).__name__]).encode())
+    return digest.hexdigest()
+
+
+def cache_key(data_files: Sequence[str | os.PathLike], vlm, *, max_length: int, truncation: str,
+              extra: dict | None = None) -> str:
+    parts = {
+        "format": CACHE_FORMAT,
+        "data": [file_digest(path) for path in data_files],
+        "tokenizer": tokenizer_digest(vlm.tokenizer),
+        "template": vlm.template, "image_token": vlm.image_token,
+        "image_tokens_per_image": vlm.image_tokens_per_image, "pad_mode": vlm.pad_mode,
+        "image_size": vlm.image_size, "max_length": max_length, "truncation": truncation,
+        "extra": extra or {},
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building and reading
+
+def encode_checked(sample, vlm, image_root, *, max_length: int, truncation: str) -> dict[str, list[int]]:
+    """Token columns of a sample, after decoding its images once so a broken image is counted now."""
+    from medtune.models.processing import encode_text, load_images
+
+    row = encode_text(sample, vlm, max_length=max_length, truncation=truncation)
+    load_images(sample.images, image_root)
+    return row
+
+
+@dataclass
+class CachedEncoding:
+    """The encoded rows (an Arrow-backed ``datasets.Dataset``), the run's Tally, and where they came from."""
+
+    rows: Any
+    tally: Tally
+    key: str
+    path: Path
+    from_cache: bool
+
+
+def encode_with_cache(samples: Callable[[], Iterable[tuple[Any, Path]]], vlm, *,
+                      data_files: Sequence[str | os.PathLike], cache_dir: str | os.PathLike, max_length: int,
+                      truncation: str = "text", extra: dict | None = None, strict: bool = False,
+                      encoder: Callable | None = None, progress: bool = False) -> CachedEncoding:
+    """Encoded rows of ``samples()`` (``(sample, image_root)`` pairs), from the cache when the key matches.
+
+    ``samples`` is called only on a cache miss. ``encoder(sample, vlm, image_root, max_length=, truncation=)``
+    defaults to :func:`encode_checked`; a SkipSample it raises is counted in the Tally (raised when strict).
+    """
+    import datasets
+
+    if vlm.template == "native":
+        raise ValueError("the token cache covers composed models; native VLMs keep processor outputs in memory")
+    key = cache_key(data_files, vlm, max_length=max_length, truncation=truncation, extra=extra)
+    path = Path(cache_dir) / key
+    if (path / TALLY_FILE).is_file():
+        return CachedEncoding(datasets.load_from_disk(str(path)), _read_tally(path / TALLY_FILE), key, path, True)
+    tally = Tally()
+    columns = _encode_all(samples(), vlm, encoder or encode_checked, max_length=max_length,
+                          truncation=truncation, strict=strict, tally=tally, data_files=data_files,
+                          progress=progress)
+    _write_entry(datasets.Dataset.from_dict(columns, features=_features()), tally, path)
+    return CachedEncoding(datasets.load_from_disk(str(path)), tally, key, path, False)
+
+
+def _features():
+    import datasets
+
+    tokens = datasets.Sequence(datasets.Value("int32"))
+    return datasets.Features({"id": datasets.Value("string"), "input_ids": tokens, "labels": tokens,
+                              "length": datasets.Value("int32"), "images": datasets.Value("string"),
+                              "image_root": datasets.Value("string")})
+
+
+def _encode_all(pairs, vlm, encoder, *, max_length, truncation, strict, tally, data_files, progress) -> dict:
+    from tqdm.auto import tqdm
+
+    from medtune.models.processing import SkipSample
+
+    columns: dict[str, list] = {name: [] for name in ("id", "input_ids", "labels", "length", "images", "image_root")}
+    for sample, image_root in tqdm(pairs, desc="encoding", unit=" samples", disable=not progress):
+        tally.read += 1
+        try:
+            row = encoder(sample, vlm, image_root, max_length=max_length, truncation=truncation)
+        except SkipSample as skip:
+            where = str(data_files[0]) if len(data_files) == 1 else "data"
+            if strict:
+                raise RecordError(where, sample.id, str(skip)) from None
+            tally.skip(skip.reason, f"{sample.id}: {skip}")
+            continue
+        columns["id"].append(sample.id)
+        columns["input_ids"].append(row["input_ids"])
+        columns["labels"].append(row["labels"])
+        columns["length"].append(len(row["input_ids"]))
+        columns["images"].append(json.dumps([ref.to_dict() for ref in sample.images]))
+        columns["image_root"].append(str(image_root))
+        tally.written += 1
+    return columns
+
+
+def _write_entry(dataset, tally: Tally, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        _quietly(lambda: dataset.save_to_disk(str(staging), num_shards=1 if len(dataset) == 0 else None))
+        write_json(staging / TALLY_FILE, {**tally.to_dict(), "examples": tally.examples})
+        try:
+            os.replace(staging, path)
+        except OSError:
+            if not (path / TALLY_FILE).is_file():  # another process finished the same entry first: fine
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _quietly(action):
+    """Run ``action`` without the datasets progress bar (our own tqdm already shows the encoding)."""
+    from datasets.utils import logging as datasets_logging
+
+    was_enabled = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()
+    try:
+        return action()
+    finally:
+        if was_enabled:
+            datasets_logging.enable_progress_bar()
+
+
+def _read_tally(path: Path) -> Tally:
+    import collections
+
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return Tally(read=data["read"], written=data["written"], skipped=collections.Counter(data["skipped"]),
+                 examples=data.get("examples", {}), notes=data.get("notes", []))
+
+
+class CachedDataset:
+    """Map-style dataset over cached rows: ``dataset[i]`` has token lists and freshly decoded pixel values."""
+
+    def __init__(self, rows, vlm, *, allowed_roots=()):
+        self.rows, self.vlm, self.allowed_roots = rows, vlm, allowed_roots
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def lengths(self) -> list[int]:
+        return list(self.rows["length"])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from medtune.models.processing import load_pixel_values
+
+        row = self.rows[int(index)]
+        refs = [ImageRef.from_dict(ref) for ref in json.loads(row["images"])]
+        return {"input_ids": row["input_ids"], "attention_mask": [1] * row["length"], "labels": row["labels"],
+                "pixel_values": load_pixel_values(refs, self.vlm, row["image_root"],
+                                                  allowed_roots=self.allowed_roots)}

@@ -1,0 +1,119 @@
+"""The Arrow token cache: a second run reads the cache, keys change with what changes the rows."""
+import dataclasses
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medtune.data.jsonl import RecordError, read_samples, write_samples
+from medtune.data.schema import ImageRef, Message, Part, Sample
+from medtune.models.processing import encode_sample
+from medtune.train.cache import CachedDataset, cache_key, encode_checked, encode_with_cache
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    from medtune.models import presets
+    from medtune.models.build import build_vlm
+
+    return build_vlm(presets.tiny_spec())
+
+
+def _qa(sample_id, question, answer, images=()):
+    user = tuple(Part.of_image(ImageRef(i)) for i in images) + (Part.of_text(question),)
+    messages = [Message("user", user)] + ([Message("assistant", (Part.of_text(answer),))] if answer else [])
+    return Sample(sample_id, messages)
+
+
+@pytest.fixture
+def data(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+    path = tmp_path / "train.jsonl"
+    write_samples(path, [_qa("1", "Is it normal?", "Yes.", ["x.png"]), _qa("2", "What is an effusion?", "Fluid."),
+                         _qa("3", "Where?", "Left.", ["missing.png"]), _qa("4", "Unanswered?", None),
+                         _qa("5", "Two views?", "Yes, both.", ["x.png", "x.png"])])
+    return path
+
+
+class CountingEncoder:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return encode_checked(*args, **kwargs)
+
+
+def _run(path, vlm, cache_dir, encoder, **settings):
+    settings = {"max_length": 128, **settings}
+    return encode_with_cache(lambda: ((s, path.parent) for s in read_samples(path)), vlm, data_files=[path],
+                             cache_dir=cache_dir, encoder=encoder, **settings)
+
+
+def test_second_run_reads_the_cache(data, vlm, tmp_path):
+    encoder = CountingEncoder()
+    cold = _run(data, vlm, tmp_path / "cache", encoder)
+    assert not cold.from_cache and encoder.calls == 5
+    warm = _run(data, vlm, tmp_path / "cache", encoder)
+    assert warm.from_cache and encoder.calls == 5  # nothing encoded the second time
+    assert warm.key == cold.key
+    assert warm.rows.to_list() == cold.rows.to_list()
+    assert [r["id"] for r in warm.rows] == ["1", "2", "5"]
+    # the skips of the cold run are reported again by the cached one
+    for tally in (cold.tally, warm.tally):
+        assert (tally.read, tally.written) == (5, 3)
+        assert dict(tally.skipped) == {"bad image": 1, "no assistant reply": 1}
+    assert warm.tally.summary() == cold.tally.summary()
+
+
+def test_key_follows_content_and_settings(data, vlm, tmp_path):
+    encoder = CountingEncoder()
+    first = _run(data, vlm, tmp_path / "cache", encoder)
+    copy = tmp_path / "copy" / "renamed.jsonl"
+    copy.parent.mkdir()
+    shutil.copy(data, copy)
+    shutil.copy(data.parent / "x.png", copy.parent / "x.png")
+    assert cache_key([copy], vlm, max_length=128, truncation="text") == first.key  # same bytes, same key
+    assert _run(data, vlm, tmp_path / "cache", encoder, max_length=64).key != first.key
+    assert _run(data, vlm, tmp_path / "cache", encoder, truncation="drop").key != first.key
+    other_template = dataclasses.replace(vlm, template="chatml", tokenizer=_with_template(vlm.tokenizer, "chatml"))
+    assert _run(data, other_template, tmp_path / "cache", encoder).key != first.key
+    assert encoder.calls == 5 * 4
+    with open(data, "a", encoding="utf-8") as handle:
+        handle.write('{"id": "6", "messages": [{"role": "user", "content": "x"}, '
+                     '{"role": "assistant", "content": "y"}]}\n')
+    edited = _run(data, vlm, tmp_path / "cache", encoder)
+    assert not edited.from_cache and len(edited.rows) == 4
+
+
+def _with_template(tokenizer, name):
+    import copy
+
+    from medtune.models.templates import get_template
+
+    changed = copy.deepcopy(tokenizer)
+    changed.chat_template = get_template(name).jinja
+    return changed
+
+
+def test_cached_rows_decode_to_what_encode_sample_gives(data, vlm, tmp_path):
+    cached = _run(data, vlm, tmp_path / "cache", CountingEncoder())
+    dataset = CachedDataset(cached.rows, vlm)
+    samples = {s.id: s for s in read_samples(data)}
+    assert dataset.lengths == [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+    for index, sample_id in enumerate(["1", "2", "5"]):
+        expected = encode_sample(samples[sample_id], vlm, data.parent, max_length=128)
+        item = dataset[index]
+        assert item["input_ids"] == expected["input_ids"] and item["labels"] == expected["labels"]
+        if expected["pixel_values"] is None:
+            assert item["pixel_values"] is None
+        else:
+            assert torch.equal(item["pixel_values"], expected["pixel_values"])
+
+
+def test_strict_stops_at_the_first_unusable_sample(data, vlm, tmp_path):
+    with pytest.raises(RecordError, match=r"train.jsonl:3: bad image: .*missing.png"):
+        _run(data, vlm, tmp_path / "cache", CountingEncoder(), strict=True)
+    assert not any((tmp_path / "cache").glob("*/tally.json"))  # nothing half-built was left to trust
