@@ -33,8 +33,11 @@ Two flavours differ in details (``FLAVOURS``):
     out of the yes/no accuracy otherwise (a known bug that inflates the figure; reported as ``None`` here,
     so the item is counted as excluded, never silently).
 
-Items are matched to ground truth by question id (their scripts pair by position); answer types come from
-the canonical sample (``open``/``closed``); ``mcq`` items are not scored by this family.
+Items are matched to ground truth by question id (their scripts pair by position and, in Med-MoE, silently
+truncate to the shorter file). Answer types come from the canonical sample: their scripts compare the raw
+string (Med-MoE: ``open``/``OPEN``/``close``/``CLOSED``; LLaVA-Med: ``OPEN``/``CLOSED``) and skip anything else,
+so a file spelling one ``closed`` or ``CLOSED `` is scored here and skipped there; the bundled and published
+test files use the recognised spellings. ``mcq`` items are not scored by this family.
 """
 from __future__ import annotations
 

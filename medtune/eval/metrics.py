@@ -9,14 +9,15 @@ The pipeline is three small steps, each usable alone:
    compatibility, :mod:`medtune.eval.compat`), ``strict`` (:mod:`medtune.eval.strict`) and ``judge``
    (an LLM judge for open answers, :mod:`medtune.eval.judge`, only when a judge is given).
 3. :func:`aggregate` turns per-item figures into :class:`Row` s: every metric per answer type with n and a
-   95% bootstrap interval; an ``all`` row of each family's headline metric across answer types; headline
-   metrics again per organ and per modality where the data has them.
+   95% bootstrap interval; an ``all`` accuracy row across answer types (strict and judge: each item right
+   or wrong on its type's headline); headline metrics again per organ and per modality where present.
 
 A per-item figure of ``None`` means the reference script would leave the item out of that metric (the
 LLaVA-Med flavour's yes/no quirk); such items are counted in ``Row.excluded`` so nothing vanishes unseen.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -137,17 +138,18 @@ def score_items(items: list[Item], families: Iterable[str] = DEFAULT_FAMILIES, *
 
 def aggregate(task: str, items: list[Item], scores: dict[str, dict[str, dict]], *,
               resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> list[Row]:
-    """Every family's metrics per answer type, its headline across types, and headlines per organ/modality."""
+    """Every family's metrics per answer type, its overall accuracy across types, and headlines per
+    organ/modality."""
     rows: list[Row] = []
     for family, per_item in scores.items():
+        make_row = functools.partial(_row, task, family, per_item, resamples, seed)
         by_type: dict[str, list[Item]] = {}
         for item in items:
             if per_item.get(item.id):
                 by_type.setdefault(item.answer_type, []).append(item)
         for answer_type, group in by_type.items():
-            for metric in _metric_names(group, per_item):
-                rows.append(_row(task, family, answer_type, metric, group, per_item, resamples, seed))
-        rows.extend(_headline_rows(task, family, by_type, per_item, resamples, seed))
+            rows.extend(make_row(answer_type, metric, group) for metric in _metric_names(group, per_item))
+        rows.extend(_headline_rows(make_row, family, by_type))
     return rows
 
 
@@ -158,8 +160,9 @@ def _metric_names(group: list[Item], per_item: dict[str, dict]) -> list[str]:
     return list(names)
 
 
-def _row(task, family, answer_type, metric, group, per_item, resamples, seed, group_by="all", group_name="all",
-         metric_of=None) -> Row:
+def _row(task, family, per_item, resamples, seed, answer_type, metric, group, *, metric_of=None,
+         group_by="all", group_name="all") -> Row:
+    """``metric`` over ``group`` (or, with ``metric_of``, each item's own metric, e.g. its type's headline)."""
     # A missing key means the metric does not apply to that item; an explicit None means the reference
     # script drops the item from this metric, which is counted as excluded.
     metric_names = [metric_of(i) if metric_of else metric for i in group]
@@ -169,28 +172,29 @@ def _row(task, family, answer_type, metric, group, per_item, resamples, seed, gr
                group_by, group_name, excluded=len(values) - len(kept))
 
 
-def _headline_rows(task, family, by_type, per_item, resamples, seed) -> list[Row]:
-    """The family's headline (e.g. closed accuracy, open recall) over all types, then per organ/modality."""
+def _headline_rows(make_row, family: str, by_type: dict[str, list[Item]]) -> list[Row]:
+    """Overall accuracy across answer types, then each type's headline per organ and per modality."""
     headline = HEADLINE[family]
-    scored = [i for answer_type, group in by_type.items() if answer_type in headline for i in group]
-    if not scored:
-        return []
-    metric_of = lambda item: headline[item.answer_type]  # noqa: E731 - one use, reads better inline
     rows = []
     # One figure across answer types only where it means one thing (an answer is right or wrong); the
-    # compat headline mixes closed accuracy with open recall, so it has none.
-    if len(by_type) > 1 and family != "compat":
-        rows.append(_row(task, family, "all", "headline", scored, per_item, resamples, seed, metric_of=metric_of))
+    # compat headlines mix closed accuracy with open recall, so that family has none.
+    scored = [i for answer_type, group in by_type.items() if answer_type in headline for i in group]
+    if len(by_type) > 1 and family != "compat" and scored:
+        rows.append(make_row("all", "accuracy", scored, metric_of=lambda item: headline[item.answer_type]))
     for field_name in BREAKDOWNS:
         for answer_type, group in by_type.items():
             if answer_type not in headline:
                 continue
-            values = sorted({getattr(i, field_name) for i in group if getattr(i, field_name)})
-            for value in values:
+            for value in sorted({getattr(i, field_name) for i in group if getattr(i, field_name)}):
                 members = [i for i in group if getattr(i, field_name) == value]
-                rows.append(_row(task, family, answer_type, headline[answer_type], members, per_item,
-                                 resamples, seed, field_name, value))
+                rows.append(make_row(answer_type, headline[answer_type], members,
+                                     group_by=field_name, group_name=value))
     return rows
+
+
+def is_headline(row: Row) -> bool:
+    """Whether a row is one of the figures people quote (closed accuracy, open recall, overall accuracy)."""
+    return row.answer_type == "all" or HEADLINE.get(row.family, {}).get(row.answer_type) == row.metric
 
 
 def is_wrong(family: str, item: Item, item_scores: dict) -> bool:

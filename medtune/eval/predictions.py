@@ -14,6 +14,9 @@ A medtune predictions file is JSON Lines, one record per answered question::
 * :func:`merge_predictions` requires every expected id exactly once over all shard files and raises
   :class:`MergeError` naming the missing, duplicated and unexpected ids otherwise. (The Med-MoE scripts pair
   answers with questions by position, so a lost or doubled answer silently shifts every later score.)
+* A generation run (``medtune eval run``) uses :func:`shard_from_env` (``torchrun`` or
+  ``--num-shards/--shard-index``), :func:`shard_path`, :func:`pending` and :class:`PredictionWriter`, then
+  :func:`merge_predictions` over the shard files.
 * :func:`read_predictions` reads medtune's files and the LLaVA-Med / Med-MoE answer files (JSON lines with
   ``question_id`` and ``text``), keyed by question id as a string.
 """
@@ -159,6 +162,27 @@ def shard(items: Sequence[T], num_shards: int, shard_index: int, mode: str = "mo
         start = shard_index * size + min(shard_index, extra)
         return list(items[start:start + size + (shard_index < extra)])
     raise ValueError(f"unknown shard mode {mode!r} (expected one of {', '.join(SHARD_MODES)})")
+
+
+def shard_from_env(num_shards: int = 1, shard_index: int = 0) -> tuple[int, int]:
+    """``(num_shards, shard_index)``: ``torchrun``'s ``WORLD_SIZE``/``RANK`` when set, else the arguments."""
+    world_size = os.environ.get("WORLD_SIZE")
+    if world_size and int(world_size) > 1:
+        return int(world_size), int(os.environ.get("RANK", "0"))
+    return num_shards, shard_index
+
+
+def shard_path(out_dir: str | os.PathLike, num_shards: int, shard_index: int) -> Path:
+    """Where a run writes its predictions: ``predictions.jsonl``, or one file per shard when sharded."""
+    if num_shards == 1:
+        return Path(out_dir) / "predictions.jsonl"
+    return Path(out_dir) / f"predictions.shard{shard_index:03d}-of-{num_shards:03d}.jsonl"
+
+
+def pending(items: Sequence[T], answered: set[str], num_shards: int = 1, shard_index: int = 0,
+            mode: str = "modulo", *, key=lambda item: item.id) -> list[T]:
+    """This shard's items whose id is not answered yet, in task order (what a resumed run still asks)."""
+    return [item for item in shard(items, num_shards, shard_index, mode) if str(key(item)) not in answered]
 
 
 def merge_predictions(shard_paths: Sequence[str | os.PathLike], out_path: str | os.PathLike,

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from medtune.data.jsonl import atomic_open, write_json
-from medtune.eval.metrics import CompatTable, Item, Row, is_wrong
+from medtune.eval.metrics import CompatTable, Item, Row, is_headline, is_wrong
 from medtune.eval.stats import DEFAULT_RESAMPLES, DEFAULT_SEED
 
 RESULTS_FILE, MARKDOWN_FILE, CHART_FILE = "results.json", "results.md", "results.png"
@@ -80,7 +80,7 @@ def write_chart(path: Path, rows: list[Row]) -> Path:
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # font-cache chatter is not the user's concern
     import matplotlib.pyplot as plt
 
-    shown = [r for r in rows if r.group_by == "all" and _is_headline(r)]
+    shown = [r for r in rows if r.group_by == "all" and is_headline(r)]
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(shown) + 2), 3.6))
     labels = [f"{r.family}\n{r.answer_type} {r.metric}" for r in shown]
     values = [r.estimate.value for r in shown]
@@ -96,11 +96,6 @@ def write_chart(path: Path, rows: list[Row]) -> Path:
         fig.savefig(handle, format="png", dpi=120)
     plt.close(fig)
     return path
-
-
-def _is_headline(row: Row) -> bool:
-    from medtune.eval.metrics import HEADLINE
-    return row.metric == "headline" or HEADLINE.get(row.family, {}).get(row.answer_type) == row.metric
 
 
 def write_wrong_answers(path: Path, items: list[Item], scores: dict[str, dict]) -> Path:

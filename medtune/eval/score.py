@@ -32,7 +32,7 @@ class ScoreResult:
     paths: dict[str, Path] = field(default_factory=dict)
 
     def headline(self) -> list[metrics.Row]:
-        return [r for r in self.rows if r.group_by == "all" and report._is_headline(r)]
+        return [r for r in self.rows if r.group_by == "all" and metrics.is_headline(r)]
 
 
 def score_predictions(task: Task, predictions_path: str | os.PathLike, *, out_dir: str | os.PathLike | None = None,

@@ -41,8 +41,8 @@ def test_score_writes_every_report_file_with_the_right_numbers(files, tmp_path, 
     assert rows[("compat", "open", "all", "all", "recall")]["value"] == 75.0
     assert rows[("strict", "closed", "all", "all", "accuracy")]["value"] == 50.0
     assert rows[("strict", "open", "all", "all", "exact")]["value"] == 50.0
-    assert rows[("strict", "all", "all", "all", "headline")]["value"] == 50.0  # b and c right
-    assert rows[("strict", "all", "all", "all", "headline")]["n"] == 4
+    assert rows[("strict", "all", "all", "all", "accuracy")]["value"] == 50.0  # b and c right
+    assert rows[("strict", "all", "all", "all", "accuracy")]["n"] == 4
     assert rows[("strict", "closed", "organ", "CHEST", "accuracy")]["value"] == 0.0
     chest_recall = rows[("compat", "open", "organ", "CHEST", "recall")]
     assert (chest_recall["n"], chest_recall["value"]) == (2, 75.0)

@@ -109,3 +109,26 @@ def test_merge_names_missing_duplicated_and_unexpected_ids(tmp_path):
     assert (error.missing, error.duplicated, error.unexpected) == (["4"], ["3"], ["99"])
     assert "1 missing ids: 4" in str(error) and "1 duplicated ids: 3" in str(error) and "unexpected ids: 99" in str(error)
     assert not (tmp_path / "merged.jsonl").exists()
+
+
+def test_torchrun_environment_picks_the_shard(monkeypatch):
+    from medtune.eval.predictions import shard_from_env
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert shard_from_env(4, 1) == (4, 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert shard_from_env() == (2, 1)
+
+
+def test_a_resumed_shard_asks_only_what_is_left(tmp_path):
+    from types import SimpleNamespace
+
+    from medtune.eval.predictions import pending, shard_path
+    questions = [SimpleNamespace(id=str(i)) for i in range(10)]
+    path = shard_path(tmp_path, 2, 1)
+    assert path.name == "predictions.shard001-of-002.jsonl"
+    with PredictionWriter(path) as writer:
+        for question in pending(questions, writer.answered, 2, 1)[:2]:
+            writer.write(record(question.id))
+    with PredictionWriter(path) as writer:  # the run restarts
+        assert [q.id for q in pending(questions, writer.answered, 2, 1)] == ["5", "7", "9"]
