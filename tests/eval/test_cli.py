@@ -93,3 +93,27 @@ def test_merge_cli_checks_ids_against_the_task(files, tmp_path, capsys):
     (tmp_path / "s1.jsonl").write_text("".join(lines[1::2]))
     assert main(args) == 0
     assert merged.read_text() == preds.read_text()
+
+
+def test_scores_a_llava_med_answer_file_against_a_llava_med_test_json(tmp_path, capsys):
+    """Both files as LLaVA-Med / Med-MoE write them; answers out of order and one question unanswered."""
+    test_json = tmp_path / "test.json"
+    test_json.write_text(json.dumps([
+        {"id": 101, "image": "a.jpg", "answer_type": "CLOSED",
+         "conversations": [{"from": "human", "value": "<image>\nIs it normal?"}, {"from": "gpt", "value": "No"}]},
+        {"id": 102, "image": "b.jpg", "answer_type": "OPEN",
+         "conversations": [{"from": "human", "value": "<image>\nWhere?"}, {"from": "gpt", "value": "left lung"}]},
+        {"id": 103, "image": "c.jpg", "answer_type": "close",
+         "conversations": [{"from": "human", "value": "<image>\nAny mass?"}, {"from": "gpt", "value": "yes"}]},
+    ]))
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text('{"question_id": 102, "prompt": "Where?", "text": "The left lung.", "answer_id": "x"}\n'
+                       '{"question_id": 101, "prompt": "Is it normal?", "text": "Abnormal", "answer_id": "y"}\n')
+    out = tmp_path / "report"
+    assert main(["eval", "score", str(answers), "--gt", str(test_json), "--allow-missing", "--out", str(out)]) == 0
+    rows = rows_of(out)
+    # 101: "no" in "abnormal" is a compat hit; 103 unanswered: a miss. Strict: both wrong.
+    assert rows[("compat", "closed", "all", "all", "accuracy")]["value"] == 50.0
+    assert rows[("strict", "closed", "all", "all", "accuracy")]["value"] == 0.0
+    assert rows[("compat", "open", "all", "all", "recall")]["value"] == 100.0
+    assert rows[("strict", "open", "all", "all", "exact")]["value"] == 100.0
