@@ -175,6 +175,8 @@ def build_vlm(spec: ModelSpec) -> VLM:
     from medtune.models import vision
 
     torch.manual_seed(spec.seed)
+    for name in ("vision", "llm", "tokenizer"):
+        _check_local_path(name, getattr(spec, name))
     vision_config = vision.vision_config(spec.vision, spec.image_size)
     tower = vision.load_vision_tower(spec.vision, vision_config, dtype=spec.dtype)
     layout = vision.measure_layout(tower, vision_config)
@@ -211,6 +213,14 @@ def chat_template(name: str) -> str:
     from medtune.models.templates import get_template
 
     return get_template(name).jinja
+
+
+def _check_local_path(name: str, source) -> None:
+    """A part named like a local path must exist (hub names are checked by from_pretrained)."""
+    if isinstance(source, str) and source.startswith(("/", "./", "../", "~")):
+        path = Path(source).expanduser()
+        if not (path / "config.json").exists() and not (name == "tokenizer" and path.is_dir()):
+            raise FileNotFoundError(f"ModelSpec.{name}: no checkpoint at {source} (no config.json)")
 
 
 def _check_feature_layer(layer: int, layout) -> None:

@@ -69,8 +69,13 @@ def load_spec(name: str, overrides: dict[str, Any]):
 def run_build(args: argparse.Namespace) -> int:
     from medtune.models.build import build_vlm
 
+    from medtune.cli import UserError
+
     spec = load_spec(args.spec, parse_overrides(args.overrides))
-    vlm = build_vlm(spec)
+    try:
+        vlm = build_vlm(spec)
+    except OSError as error:  # a part that is neither a local checkpoint nor reachable on the hub
+        raise UserError(f"cannot load a model part: {error}") from error
     vlm.save(args.out)
     print(f"built {type(vlm.model).__name__} ({vlm.num_parameters():,} parameters, {vlm.image_tokens_per_image} "
           f"image tokens per image, template {vlm.template}) -> {args.out}")

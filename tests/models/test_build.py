@@ -238,3 +238,8 @@ def test_pretrained_parts_load_in_the_target_dtype(pretrained_parts):
     llm = LlamaForCausalLM.from_pretrained(pretrained_parts / "llm", dtype=torch.bfloat16)
     assert {p.dtype for p in vlm.model.parameters()} == {torch.bfloat16}
     _assert_same_weights(vlm.model.model.language_model, llm.model)
+
+
+def test_missing_local_part_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"ModelSpec.llm: no checkpoint at /.*/nowhere"):
+        build_vlm(tiny_spec(llm=str(tmp_path / "nowhere"), tokenizer="offline"))
