@@ -12,7 +12,6 @@ Nothing heavy is imported here; ``run`` hands its arguments to ``medtune.eval.ru
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path

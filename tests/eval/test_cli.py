@@ -87,7 +87,8 @@ def test_merge_cli_checks_ids_against_the_task(files, tmp_path, capsys):
     (tmp_path / "s0.jsonl").write_text("".join(lines[0::2]))
     (tmp_path / "s1.jsonl").write_text("".join(lines[1::2]) + lines[0])
     merged = tmp_path / "merged.jsonl"
-    args = ["eval", "merge", str(tmp_path / "s0.jsonl"), str(tmp_path / "s1.jsonl"), "--out", str(merged), "--gt", str(gt)]
+    args = ["eval", "merge", str(tmp_path / "s0.jsonl"), str(tmp_path / "s1.jsonl"), "--out", str(merged),
+            "--gt", str(gt)]
     assert main(args) == 2
     assert "1 duplicated ids: a" in capsys.readouterr().err
     (tmp_path / "s1.jsonl").write_text("".join(lines[1::2]))

@@ -56,8 +56,9 @@ def test_custom_samples_without_ground_truth_are_skipped_and_counted(tmp_path):
 
 
 def test_slake_scores_per_organ_and_modality(tmp_path):
-    from medtune.eval.score import score_predictions
     import json
+
+    from medtune.eval.score import score_predictions
     task = get_task("slake")
     samples = task.samples()
     preds = tmp_path / "preds.jsonl"
@@ -67,4 +68,5 @@ def test_slake_scores_per_organ_and_modality(tmp_path):
     assert modalities == {s.meta.modality for s in samples}
     # Every answer is the truth itself: every headline row is 100 with a collapsed interval.
     headline = [r for r in rows if r.family == "strict" and r.metric in ("accuracy", "exact")]
-    assert headline and all((r.estimate.value, r.estimate.low, r.estimate.high) == (100.0, 100.0, 100.0) for r in headline)
+    assert headline
+    assert all((r.estimate.value, r.estimate.low, r.estimate.high) == (100.0, 100.0, 100.0) for r in headline)
