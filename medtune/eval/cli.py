@@ -8,7 +8,11 @@
     medtune eval tasks
     medtune eval run --task T (--model PATH | --endpoint URL) --out DIR [--num-shards N --shard-index I]
 
-Nothing heavy is imported here; ``run`` hands its arguments to ``medtune.eval.run.run_from_args``.
+Nothing heavy is imported here. ``run`` is the seam for generation: it hands its parsed arguments to
+``medtune.eval.run.run_from_args(args)``, which is expected to build the task (:func:`task_from_args`), pick
+its shard (``predictions.shard_from_env`` / ``shard_path`` / ``pending``), append answers with
+``predictions.PredictionWriter``, and finish with ``score.score_predictions`` on the (merged) file, so that a
+run and a later ``eval score`` of its predictions write the same report.
 """
 from __future__ import annotations
 
@@ -47,7 +51,8 @@ def _add_score(verbs) -> None:
     p = verbs.add_parser("score", help="score a predictions file (medtune or LLaVA-Med/Med-MoE answers)")
     p.add_argument("predictions", type=Path, help="JSONL: medtune predictions or LLaVA-Med answer file")
     _add_task_options(p, required=True)
-    p.add_argument("--metrics", default="compat,strict", help="families: compat, strict, judge (comma list)")
+    p.add_argument("--metrics", default="compat,strict",
+                   help="families, comma-separated: compat (alias llava-med), strict, judge")
     p.add_argument("--compat-flavour", choices=("med-moe", "llava-med"), default="med-moe",
                    help="which reference script the compat family reproduces")
     p.add_argument("--candidates", type=Path,
@@ -118,7 +123,8 @@ def task_from_args(args):
 def _families(text: str) -> tuple[str, ...]:
     from medtune.cli import UserError
     from medtune.eval.metrics import FAMILIES
-    families = tuple(f.strip() for f in text.split(",") if f.strip())
+    aliases = {"llava-med": "compat", "med-moe": "compat"}  # the issue's name for the compatibility family
+    families = tuple(dict.fromkeys(aliases.get(f.strip(), f.strip()) for f in text.split(",") if f.strip()))
     unknown = [f for f in families if f not in FAMILIES]
     if unknown or not families:
         raise UserError(f"--metrics: unknown families {unknown} (choose from {', '.join(FAMILIES)})")
