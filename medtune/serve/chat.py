@@ -204,9 +204,10 @@ def run_chat(args) -> int:
         _check_window(args.window)
     except ValueError as error:
         raise UserError(str(error)) from None
-    session = ChatSession(Generator(load_vlm(args.model)), settings, window=args.window, slice=args.slice)
-    if args.image:
-        session.load_image(args.image)
+    # the image first: a typo in its path should not cost a model load
+    image = load_image_file(args.image, window=args.window, slice=args.slice) if args.image else None
+    session = ChatSession(Generator(load_vlm(args.model)), settings, window=args.window, slice=args.slice,
+                          image=image, image_name=args.image)
     interactive = sys.stdin.isatty()
     print(f"medtune chat: {args.model}" + (f" with image {args.image}" if args.image else "")
           + ". Type /help for commands, /quit to leave.", flush=True)

@@ -137,8 +137,9 @@ def build_app(generator, *, title: str = "medtune"):
                 upload = gr.File(label="Image (PNG/JPEG/DICOM)", file_types=UPLOAD_TYPES, elem_id="upload")
                 window = gr.Dropdown([AUTO_WINDOW, *WINDOW_PRESETS], value=AUTO_WINDOW,
                                      label="DICOM window preset", elem_id="window")
+                # shown enlarged by the browser; the pixels are the model's (image_size x image_size)
                 seen = gr.Image(label="What the model sees", interactive=False, type="pil", elem_id="model-view",
-                                format="png")
+                                format="png", height=256)
                 status = gr.Markdown("No image: the model answers from text alone.", elem_id="status")
                 with gr.Accordion("Sampling", open=False):
                     temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0 = greedy)")

@@ -1,0 +1,81 @@
+"""`medtune chat` driven through its real command line: lines fed to stdin, answers read from stdout and
+compared with the Generator's answers for the same conversation (greedy, same checkpoint)."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from medtune.models.generation import GenerationSettings
+from serve_helpers import SUBPROCESS_ENV, ct_dicom_bytes, noise_image
+
+pytest.importorskip("torch")
+
+
+def run_chat(args: list[str], lines: list[str]) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-c", "import sys; from medtune.cli import main; sys.exit(main())", "chat", *args]
+    return subprocess.run(command, input="\n".join(lines) + "\n", env=SUBPROCESS_ENV, capture_output=True,
+                          text=True, timeout=300)
+
+
+def ask(generator, conversation, images, max_new_tokens):
+    return generator.generate([conversation], [images], GenerationSettings(max_new_tokens=max_new_tokens))[0]
+
+
+def test_conversation_commands_and_streamed_answers(tiny_model_dir, generator, tmp_path):
+    from medtune.data.images import load_image
+
+    noise_image(5, (48, 36)).save(tmp_path / "scan.png")
+    result = run_chat([str(tiny_model_dir), "--image", str(tmp_path / "scan.png"), "--max-tokens", "8"], [
+        "What is shown?", "/set max_tokens 5", "And the size?", "/set temperature warm", "/image missing.png",
+        "/frobnicate", "/reset", "What is shown?", "/quit", "this line comes after /quit",
+    ])
+    assert result.returncode == 0, result.stderr
+    image = load_image("scan.png", tmp_path)
+    first_turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
+    answer1 = ask(generator, first_turn, [image], 8)
+    answer2 = ask(generator, [*first_turn, {"role": "assistant", "content": answer1},
+                              {"role": "user", "content": [{"type": "text", "text": "And the size?"}]}], [image], 5)
+    answer3 = ask(generator, first_turn, [image], 5)  # after /reset: the image goes with the next question again
+    answers = [line.removeprefix("assistant: ") for line in result.stdout.splitlines()
+               if line.startswith("assistant: ")]
+    assert answers == [answer1, answer2, answer3]
+    assert "error: temperature must be a number, got 'warm'" in result.stdout
+    assert "error: no image file at missing.png" in result.stdout
+    assert "error: unknown command /frobnicate (type /help)" in result.stdout
+    assert "conversation reset" in result.stdout
+
+
+def test_dicom_window_and_nifti_slice(tiny_model_dir, generator, tmp_path):
+    nibabel = pytest.importorskip("nibabel")
+    from medtune.data.images import load_image
+    from medtune.data.schema import ImageRef
+
+    (tmp_path / "ct.dcm").write_bytes(ct_dicom_bytes())
+    volume = np.stack([np.full((24, 20), 100.0 * k) + np.arange(20) for k in range(5)], axis=-1)
+    nibabel.save(nibabel.Nifti1Image(volume.astype(np.float32), np.eye(4)), tmp_path / "vol.nii.gz")
+    result = run_chat([str(tiny_model_dir), "--image", str(tmp_path / "ct.dcm"), "--window", "lung",
+                       "--max-tokens", "6"],
+                      ["Any nodule?", "/set window none", "/set slice 1", f"/image {tmp_path / 'vol.nii.gz'}",
+                       "Which slice?"])
+    assert result.returncode == 0, result.stderr
+    question = lambda text: [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]  # noqa
+    dicom = load_image("ct.dcm", tmp_path, window="lung")
+    nifti = load_image(ImageRef("vol.nii.gz", slice=1), tmp_path)
+    assert dicom.tobytes() != load_image("ct.dcm", tmp_path).tobytes()  # the window preset matters
+    answers = [line.removeprefix("assistant: ") for line in result.stdout.splitlines()
+               if line.startswith("assistant: ")]
+    assert answers == [ask(generator, question("Any nodule?"), [dicom], 6),
+                       ask(generator, question("Which slice?"), [nifti], 6)]
+
+
+def test_missing_image_is_a_one_line_error(tiny_model_dir, tmp_path):
+    result = run_chat([str(tiny_model_dir), "--image", str(tmp_path / "nope.png")], [])
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"medtune chat: error: no image file at {tmp_path / 'nope.png'}"
+
+
+def test_unknown_window_preset_is_a_one_line_error(tiny_model_dir):
+    result = run_chat([str(tiny_model_dir), "--window", "sunset"], [])
+    assert result.returncode == 2
+    assert "unknown window preset 'sunset'" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,89 @@
+"""The API's batching worker with a fake Generator: waiting requests with equal settings are generated in one
+call, others wait their turn in order, a failing request fails alone, and nothing is lost."""
+import threading
+
+import pytest
+
+from medtune.models.generation import Completion, GenerationSettings
+from medtune.serve.api import ApiError, BatchingWorker, ChatRequest
+
+
+class FakeGenerator:
+    """Answers each conversation with its last text; blocks the first call until released."""
+
+    def __init__(self):
+        self.calls: list[tuple[list[str], GenerationSettings]] = []
+        self.release = threading.Event()
+        self.started = threading.Event()
+
+    def complete(self, conversations, images, settings):
+        self.started.set()
+        self.release.wait(timeout=30)
+        questions = [c[-1]["content"][0]["text"] for c in conversations]
+        self.calls.append((questions, settings))
+        if any(q.startswith("boom") for q in questions):
+            raise RuntimeError("the model cannot do this")
+        return [Completion(f"answer to {q}", "stop", 1, 1) for q in questions]
+
+
+def request(text: str, **settings) -> ChatRequest:
+    return ChatRequest([{"role": "user", "content": [{"type": "text", "text": text}]}], [],
+                       GenerationSettings(**settings))
+
+
+@pytest.fixture
+def fake():
+    return FakeGenerator()
+
+
+def test_waiting_requests_with_equal_settings_share_one_call(fake):
+    worker = BatchingWorker(fake, max_batch_size=4)
+    first = worker.submit(request("q0"))
+    assert fake.started.wait(10)  # the worker is busy with q0; the rest queue up behind it
+    futures = [worker.submit(request(f"q{i}")) for i in range(1, 7)]
+    odd = worker.submit(request("hot", temperature=0.7))
+    fake.release.set()
+    answers = [f.result(timeout=10).text for f in [first, *futures, odd]]
+    worker.close()
+    assert answers == [f"answer to q{i}" for i in range(7)] + ["answer to hot"]
+    assert [questions for questions, _ in fake.calls] == [["q0"], ["q1", "q2", "q3", "q4"], ["q5", "q6"], ["hot"]]
+    assert fake.calls[-1][1].temperature == 0.7 and all(s.greedy for _, s in fake.calls[:-1])
+
+
+def test_other_settings_wait_in_arrival_order(fake):
+    worker = BatchingWorker(fake, max_batch_size=8)
+    worker.submit(request("q0"))
+    assert fake.started.wait(10)
+    order = ["a1", "b1", "a2", "b2"]
+    futures = [worker.submit(request(name, max_new_tokens=5 if name[0] == "a" else 6)) for name in order]
+    fake.release.set()
+    assert [f.result(timeout=10).text for f in futures] == [f"answer to {n}" for n in order]
+    worker.close()
+    assert [questions for questions, _ in fake.calls] == [["q0"], ["a1", "a2"], ["b1", "b2"]]
+
+
+def test_seeded_sampling_runs_alone(fake):
+    worker = BatchingWorker(fake, max_batch_size=8)
+    worker.submit(request("q0"))
+    assert fake.started.wait(10)
+    futures = [worker.submit(request(f"s{i}", temperature=1.0, seed=3)) for i in range(3)]
+    fake.release.set()
+    for f in futures:
+        f.result(timeout=10)
+    worker.close()
+    assert [questions for questions, _ in fake.calls] == [["q0"], ["s0"], ["s1"], ["s2"]]
+
+
+def test_a_failing_request_fails_alone(fake):
+    worker = BatchingWorker(fake, max_batch_size=8)
+    worker.submit(request("q0"))
+    assert fake.started.wait(10)
+    futures = {name: worker.submit(request(name)) for name in ("ok1", "boom", "ok2")}
+    fake.release.set()
+    assert futures["ok1"].result(timeout=10).text == "answer to ok1"
+    assert futures["ok2"].result(timeout=10).text == "answer to ok2"
+    with pytest.raises(ApiError) as caught:
+        futures["boom"].result(timeout=10)
+    worker.close()
+    assert caught.value.status == 500 and caught.value.type == "server_error"
+    assert "RuntimeError" in caught.value.message
