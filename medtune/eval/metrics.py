@@ -18,6 +18,7 @@ LLaVA-Med flavour's yes/no quirk); such items are counted in ``Row.excluded`` so
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -96,8 +97,8 @@ def match_items(samples: Iterable[Sample], predictions: Mapping[str, str], *,
                 allow_missing: bool = False) -> tuple[list[Item], list[str]]:
     """Items in ground-truth order, and the prediction ids that match no question (reported, not scored)."""
     samples = list(samples)
-    seen: set[str] = set()
-    repeated = [s.id for s in samples if s.id in seen or seen.add(s.id)]
+    counts = Counter(s.id for s in samples)
+    repeated = [question_id for question_id, n in counts.items() if n > 1]
     if repeated:
         raise ValueError(f"ground truth repeats question ids, so predictions cannot be matched: {_some(repeated)}")
     missing = [s.id for s in samples if s.id not in predictions]
