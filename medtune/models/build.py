@@ -61,7 +61,8 @@ class ModelSpec:
     tokenizer: str | None = None
     """A tokenizer checkpoint, ``"offline"`` (the bundled-text BPE), or None for the LLM checkpoint's own."""
     template: str = "vicuna"
-    """medtune chat template name (see medtune.models.templates); stored as the tokenizer's chat_template."""
+    """medtune chat template name (see medtune.models.templates), stored as the tokenizer's chat_template;
+    ``native`` keeps the tokenizer's own chat template (e.g. a Qwen2-Instruct LLM's)."""
     image_size: int | None = None
     """Input resolution in pixels; None takes the tower's. A pretrained tower only accepts its own size."""
     pad_mode: str = "pad"
@@ -88,6 +89,9 @@ class ModelSpec:
         _check_choice("vision_feature_select", self.vision_feature_select, FEATURE_SELECTS)
         _check_choice("pad_mode", self.pad_mode, PAD_MODES)
         _check_choice("dtype", self.dtype, DTYPES)
+        from medtune.models.templates import TEMPLATE_NAMES  # light: no torch
+
+        _check_choice("template", self.template, (*TEMPLATE_NAMES, NATIVE_TEMPLATE))
         if self.projector_queries < 1 or self.projector_heads < 1:
             raise SpecError("ModelSpec: projector_queries and projector_heads must be positive")
         if self.image_size is not None and self.image_size < 1:
@@ -190,6 +194,9 @@ def build_vlm(spec: ModelSpec) -> VLM:
 
     if spec.template != NATIVE_TEMPLATE:
         tokenizer.chat_template = chat_template(spec.template)
+    elif not tokenizer.chat_template:
+        raise SpecError("ModelSpec.template 'native' keeps the tokenizer's chat template, but this tokenizer "
+                        "has none; pick a medtune template")
     image_processor = vision.image_processor_for(spec.vision, vision_config, spec.image_mean, spec.image_std)
     processor = None
     if model.config.model_type == "llava":

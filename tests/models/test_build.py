@@ -184,6 +184,7 @@ def test_saved_metadata_and_dtype(tmp_path):
     ({"projector": "mlp3x"}, "ModelSpec.projector: 'mlp3x' is not one of"),
     ({"vision_feature_select": "cls"}, "ModelSpec.vision_feature_select"),
     ({"pad_mode": "stretch"}, "ModelSpec.pad_mode"),
+    ({"template": "alpaca"}, "ModelSpec.template: 'alpaca' is not one of plain, vicuna"),
     ({"tokenizer": None}, "ModelSpec.tokenizer: an LLM built from a config has no tokenizer"),
     ({"llm": {"hidden_size": 8}}, "ModelSpec.llm: a config dict needs a model_type"),
     ({"image_mean": [0.5, 0.5]}, "ModelSpec.image_mean needs 3 values"),
@@ -243,3 +244,8 @@ def test_pretrained_parts_load_in_the_target_dtype(pretrained_parts):
 def test_missing_local_part_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"ModelSpec.llm: no checkpoint at /.*/nowhere"):
         build_vlm(tiny_spec(llm=str(tmp_path / "nowhere"), tokenizer="offline"))
+
+
+def test_native_template_needs_a_tokenizer_with_a_chat_template():
+    with pytest.raises(SpecError, match="has none; pick a medtune template"):
+        build_vlm(tiny_spec(template="native"))
