@@ -1,8 +1,10 @@
-"""Generators for deliberately broken inputs, written into a test's tmp_path.
+"""Generators for deliberately broken inputs.
 
-Generated rather than committed so every file is exactly as broken as its name says and tiny on disk (the
-"oversized" PNG is a 57-byte header claiming 100000 x 100000 pixels). ``make_broken_dataset`` writes one
-canonical JSONL whose every line exercises one failure, and returns what each line should be reported as.
+``make_broken_dataset`` writes one canonical JSONL whose every line exercises one failure, plus the images it
+names, and returns what each line should be reported as. The committed folder tests/data/broken/ is its output
+(``python tests/data/broken_inputs.py tests/data/broken``), kept so anyone can run
+``medtune data check tests/data/broken/broken.jsonl`` by hand; every file is tiny (the "oversized" PNG is a
+65-byte header claiming 100000 x 100000 pixels). The other helpers build DICOM/PNG/JPEG files for unit tests.
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ def write_dicom(path: Path, pixels: np.ndarray, *, patient_name: str = PATIENT_N
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[path.name])  # reproducible files
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
@@ -131,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
 
     out = Path((argv if argv is not None else sys.argv[1:])[0])
     path, expected = make_broken_dataset(out)
+    (out / "expected.json").write_text(json.dumps({str(k): v for k, v in expected.items()}, indent=2) + "\n")
     print(f"wrote {path}; try: medtune data check {path}")
     for line, message in expected.items():
         print(f"  line {line}: expect {message!r}")

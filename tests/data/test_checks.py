@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,29 @@ def write_jsonl(path: Path, records) -> Path:
     return path
 
 
-def test_every_broken_input_gets_its_own_message_and_no_patient_data_leaks(tmp_path, capsys):
-    data, expected = make_broken_dataset(tmp_path / "set")
+BROKEN = Path(__file__).resolve().parent / "broken"
+
+
+def broken_folder(tmp_path: Path, source: str) -> tuple[Path, dict[int, str]]:
+    """The committed tests/data/broken (copied, so nothing is written into the repository) or a fresh one."""
+    if source == "generated":
+        return make_broken_dataset(tmp_path / "set")
+    shutil.copytree(BROKEN, tmp_path / "set")
+    expected = json.loads((BROKEN / "expected.json").read_text())
+    return tmp_path / "set" / "broken.jsonl", {int(line): message for line, message in expected.items()}
+
+
+def test_committed_folder_matches_the_generator(tmp_path):
+    _, generated = make_broken_dataset(tmp_path / "fresh")
+    assert broken_folder(tmp_path, "committed")[1] == generated
+    committed = sorted(p.relative_to(BROKEN / "images") for p in (BROKEN / "images").iterdir())
+    assert committed == sorted(p.relative_to(tmp_path / "fresh" / "images")
+                               for p in (tmp_path / "fresh" / "images").iterdir())
+
+
+@pytest.mark.parametrize("source", ["committed", "generated"])
+def test_every_broken_input_gets_its_own_message_and_no_patient_data_leaks(tmp_path, capsys, source):
+    data, expected = broken_folder(tmp_path, source)
     report = tmp_path / "report.json"
     assert main(["data", "check", str(data), "--report", str(report)]) == 1
     out, err = capsys.readouterr()
@@ -53,8 +75,13 @@ def test_every_broken_input_gets_its_own_message_and_no_patient_data_leaks(tmp_p
     assert saved["errors"] == len(expected) and len(saved["problems"]) == len(expected)
     assert {p["kind"] for p in saved["problems"]} == {"unreadable image", "missing image", "image outside root",
                                                       "unparsable record", "placeholder mismatch"}
+    stats = tmp_path / "stats.json"
+    assert main(["data", "stats", str(data), "--json", str(stats)]) == 0
+    out2, err2 = capsys.readouterr()
+    assert (data.parent / "images" / "patient.dcm").read_bytes().count(PATIENT_NAME.encode()) == 1  # it is there
     for secret in (PATIENT_NAME, "Doe^Jane", "Quixotic", PATIENT_ID, "St Example Hospital"):
-        assert secret not in out and secret not in err and secret not in report.read_text()
+        for text in (out, err, out2, err2, report.read_text(), stats.read_text()):
+            assert secret not in text
 
 
 def test_structural_problems_are_each_reported_with_their_line(tmp_path, capsys):
