@@ -125,3 +125,21 @@ def test_canonical_messages_canonical_round_trip_is_lossless(fmt, path, tmp_path
     write_records("messages", tmp_path / "m.jsonl", samples, tally=Tally())
     again, tally = read_all("messages", tmp_path / "m.jsonl")
     assert tally.n_skipped == 0 and again == samples
+
+
+def test_split_option_overrides_file_name_and_phrase_type():
+    public, _ = read_all("vqa-rad", bundled_data("vqa_rad", "VQA_RAD Dataset Public.json"), split="validation")
+    slake, _ = read_all("slake", bundled_data("slake", "test_en.json"), split="train")
+    assert {s.meta.split for s in public} == {"validation"} and {s.meta.split for s in slake} == {"train"}
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_llava_writes_a_list_or_json_lines_by_suffix(suffix, tmp_path):
+    samples, _ = read_all("vqa-rad", bundled_data("vqa_rad", "testset.json"))
+    out = tmp_path / f"test{suffix}"
+    write_records("llava", out, samples, tally=Tally())
+    text = out.read_text()
+    records = json.loads(text) if suffix == ".json" else [json.loads(line) for line in text.splitlines()]
+    assert [r["id"] for r in records] == [s.id for s in samples]
+    assert all(r["image"] == s.images[0].path and r["conversations"][0]["value"].startswith("<image>\n")
+               for r, s in zip(records, samples))
