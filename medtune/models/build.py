@@ -200,19 +200,27 @@ def build_vlm(spec: ModelSpec) -> VLM:
     image_processor = vision.image_processor_for(spec.vision, vision_config, spec.image_mean, spec.image_std)
     processor = None
     if model.config.model_type == "llava":
-        from transformers import LlavaProcessor
-
-        # With these three numbers LlavaProcessor expands "<image>" to exactly tokens_per_image tokens,
-        # so AutoProcessor in plain transformers prepares inputs the same way medtune does.
-        processor = LlavaProcessor(
-            image_processor=image_processor, tokenizer=tokenizer, patch_size=vision_config.patch_size,
-            vision_feature_select_strategy=strategy, chat_template=tokenizer.chat_template,
-            image_token=spec.image_token, num_additional_image_tokens=layout.num_extra_tokens)
+        processor = llava_processor(model.config, tokenizer, image_processor, spec.image_token, tokens_per_image)
     return VLM(model=model, tokenizer=tokenizer, image_processor=image_processor, processor=processor,
                template=spec.template, image_token=spec.image_token,
                image_token_id=tokenizer.convert_tokens_to_ids(spec.image_token),
                image_tokens_per_image=tokens_per_image, image_size=vision_config.image_size,
                pad_mode=spec.pad_mode, spec=spec.to_dict())
+
+
+def llava_processor(config, tokenizer, image_processor, image_token: str, tokens_per_image: int):
+    """A LlavaProcessor that expands ``image_token`` to exactly ``tokens_per_image`` tokens, so that
+    AutoProcessor in plain transformers prepares inputs the same way medtune does."""
+    from transformers import LlavaProcessor
+
+    patch_size = config.vision_config.patch_size
+    patches = (config.vision_config.image_size // patch_size) ** 2
+    # LlavaProcessor counts patches + num_additional_image_tokens, minus one for the "default" strategy.
+    dropped = 1 if config.vision_feature_select_strategy == "default" else 0
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                          vision_feature_select_strategy=config.vision_feature_select_strategy,
+                          chat_template=tokenizer.chat_template, image_token=image_token,
+                          num_additional_image_tokens=tokens_per_image - patches + dropped)
 
 
 def chat_template(name: str) -> str:
@@ -350,13 +358,14 @@ def load_vlm(name_or_path: str | Path, *, dtype=None, device: str = "cpu") -> VL
         return _native_vlm(source, model)
     metadata = json.loads(Path(metadata_file).read_text(encoding="utf-8"))
     tokenizer = AutoTokenizer.from_pretrained(source)
+    image_processor = AutoImageProcessor.from_pretrained(source)
     processor = None
     if model.config.model_type == "llava":
-        from transformers import AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(source)
-    return VLM(model=model, tokenizer=tokenizer, image_processor=AutoImageProcessor.from_pretrained(source),
-               processor=processor, template=metadata["template"], image_token=metadata["image_token"],
+        # Rebuilt rather than read: a training checkpoint may carry no processor_config.json, and the
+        # numbers it needs are all in the model config and medtune.json.
+        processor = llava_processor(model.config, tokenizer, image_processor, metadata["image_token"],
+                                    metadata["image_tokens_per_image"])
+    return VLM(model=model, tokenizer=tokenizer, image_processor=image_processor, processor=processor, template=metadata["template"], image_token=metadata["image_token"],
                image_token_id=model.config.image_token_id,
                image_tokens_per_image=metadata["image_tokens_per_image"], image_size=metadata["image_size"],
                pad_mode=metadata["pad_mode"], spec=metadata.get("spec"))

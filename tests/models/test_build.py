@@ -249,3 +249,17 @@ def test_missing_local_part_is_named(tmp_path):
 def test_native_template_needs_a_tokenizer_with_a_chat_template():
     with pytest.raises(SpecError, match="has none; pick a medtune template"):
         build_vlm(tiny_spec(template="native"))
+
+
+@pytest.mark.parametrize("select", ["patch", "cls_patch"])
+def test_llava_processor_is_rebuilt_when_a_checkpoint_has_none(tmp_path, select):
+    """Training checkpoints may hold only weights, tokenizer, image processor and medtune.json."""
+    from PIL import Image
+
+    vlm = build_vlm(tiny_spec(vision_feature_select=select))
+    vlm.save(tmp_path)
+    (tmp_path / "processor_config.json").unlink()
+    loaded = load_vlm(tmp_path)
+    encoded = loaded.processor(images=Image.new("RGB", (32, 32)), text="USER: <image> hi", return_tensors="pt")
+    assert int((encoded["input_ids"] == loaded.image_token_id).sum()) == vlm.image_tokens_per_image
+    assert torch.equal(_logits(loaded.model, encoded), _logits(vlm.model, encoded))
