@@ -14,10 +14,12 @@ guards live in one place:
 * **Every failure is an ImageError naming the file and a reason**, with a distinct reason for a missing file,
   an empty file, a file that is not an image, truncated data and an over-large image.
 * **Always RGB out**, upright: an EXIF orientation (phone photos of skin or slides) is applied, as image
-  viewers do. L/1/P/CMYK/YCbCr convert with PIL's standard conversions (CMYK is converted without ICC
-  colour management); anything with transparency (RGBA, LA, PA, P with a transparent colour) is composited
-  on **white**, because medical figures with alpha are drawings on a page; 16-bit and float greyscale PNG/TIFF
-  (I;16, I, F) are stretched from their own min/max to 0..255, the same rule as a DICOM without a window.
+  viewers do. L/1/P/CMYK/YCbCr convert with PIL's standard conversions (CMYK without ICC colour management);
+  anything with transparency (RGBA, LA, PA, P with a transparent colour) is composited on **white**, because
+  medical figures with alpha are drawings on a page; 16-bit and float greyscale PNG/TIFF (I;16, I, F) are
+  stretched from their own min/max to 0..255, the same rule as a DICOM without a window.
+* A reference's ``frame`` picks a DICOM frame, a page of a multi-page TIFF/GIF, or the volume of a 4-D NIfTI;
+  ``axis``/``slice`` on anything but NIfTI is an error (a data bug, not something to ignore).
 * **DICOM**: modality LUT (rescale slope/intercept) first, then a VOI window: a named preset if the caller
   gives one, else the file's first WindowCenter/WindowWidth, else the frame's min/max. MONOCHROME1 is inverted
   so that bright means dense everywhere. Multi-frame files decode only the requested frame. Colour DICOM
@@ -25,11 +27,11 @@ guards live in one place:
   :func:`dicom_metadata` reads only whitelisted tags, pydicom's warnings (which can quote element values) are
   silenced while reading, and quoted values are removed from error messages.
 * **NIfTI**: one 2-D slice, read lazily from the volume. The axis (axial, coronal, sagittal) and slice index
-  count in the closest canonical RAS+ orientation (slice 0 = most inferior / posterior / patient-left), default
-  the middle axial slice; 4-D volumes use their first volume. Slices are shown in the radiological convention:
-  superior (axial: anterior) up, patient right on the image left, sagittal anterior on the left. Windowing
-  as for DICOM, with the header's cal_min/cal_max as the file's own window. Presets are in Hounsfield units, so
-  they are meaningful for CT only.
+  count in the closest canonical RAS+ orientation (slice 0 = most inferior / posterior / patient-left),
+  default the middle axial slice; 4-D volumes use the volume ``frame`` names (default the first). Slices are
+  shown in the radiological convention: superior (axial: anterior) up, patient right on the image left,
+  sagittal anterior on the left. Windowing as for DICOM, with the header's cal_min/cal_max as the file's own
+  window. Presets are in Hounsfield units, so they are meaningful for CT only.
 * PNG/JPEG ignore ``window``: they are already display images.
 
 pydicom and nibabel are the ``[dicom]`` extra and are imported only when such a file is opened.
@@ -92,6 +94,7 @@ DICOM_METADATA_TAGS = {
     "SliceThickness": "slice_thickness",
 }
 _EXIF_ORIENTATION = 0x0112
+_KIND_NAMES = {"dicom": "a DICOM file", "nifti": "a NIfTI volume", "pil": "a 2-D image"}
 _AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # axis name -> RAS+ axis it is perpendicular to
 
 
@@ -159,11 +162,13 @@ def load_image(ref: ImageRef | str, root: str | os.PathLike, *, allowed_roots: I
     with open(path, "rb") as handle:
         head = handle.read(132)
     kind = _image_kind(path, head)
+    if kind != "nifti" and (ref.axis is not None or ref.slice is not None):
+        raise ImageError(path, f"axis/slice apply only to NIfTI volumes, and this is {_KIND_NAMES[kind]}")
     if kind == "dicom":
         return _load_dicom(path, ref.frame, window, max_pixels)
     if kind == "nifti":
-        return _load_nifti(path, ref.axis, ref.slice, window, max_pixels)
-    return _load_pil(path, path, max_pixels)
+        return _load_nifti(path, ref.axis, ref.slice, window, max_pixels, volume_index=ref.frame)
+    return _load_pil(path, path, max_pixels, frame=ref.frame)
 
 
 def image_from_bytes(data: bytes, *, name: str = "upload", window: str | Sequence[float] | None = None,
@@ -209,7 +214,7 @@ def _check_pixels(name, width: int, height: int, max_pixels: int, what: str = "i
                                f"{max_pixels:,} (possible decompression bomb; raise max_pixels to allow it)")
 
 
-def _load_pil(source, name, max_pixels: int) -> Image.Image:
+def _load_pil(source, name, max_pixels: int, frame: int | None = None) -> Image.Image:
     try:
         with _pil_guard_off():
             image = Image.open(source)
@@ -218,6 +223,11 @@ def _load_pil(source, name, max_pixels: int) -> Image.Image:
     except Exception as error:  # plugins raise OSError, SyntaxError, struct.error, ... on hostile headers
         raise ImageError(name, f"corrupt image header ({type(error).__name__}: {_clean(error)})") from None
     with image:
+        if frame:  # multi-page TIFF / animated GIF: the page named by the reference's frame
+            pages = getattr(image, "n_frames", 1)
+            if frame >= pages:
+                raise ImageError(name, f"frame {frame} out of range (the file has {pages} frame{'s' * (pages > 1)})")
+            image.seek(frame)
         _check_pixels(name, *image.size, max_pixels)
         try:
             with warnings.catch_warnings():
@@ -430,7 +440,7 @@ def _gunzip_bounded(data: bytes, name: str, limit: int) -> bytes:
 
 
 def _load_nifti(source, axis: str | None, slice_index: int | None, window, max_pixels: int, *,
-                name=None) -> Image.Image:
+                volume_index: int | None = None, name=None) -> Image.Image:
     nibabel = _import_nibabel()
     name = name if name is not None else source
     if isinstance(source, (str, Path)):
@@ -441,17 +451,22 @@ def _load_nifti(source, axis: str | None, slice_index: int | None, window, max_p
                              ) from None
     else:
         volume = source
-    plane = _nifti_plane(volume, axis or "axial", slice_index, name, max_pixels)
+    plane = _nifti_plane(volume, axis or "axial", slice_index, volume_index or 0, name, max_pixels)
     header_window = _nifti_cal_window(volume)
     return _grey_to_rgb(_window_to_uint8(plane, _choose_window(window, header_window, plane)))
 
 
-def _nifti_plane(volume, axis: str, slice_index: int | None, name, max_pixels: int) -> np.ndarray:
+def _nifti_plane(volume, axis: str, slice_index: int | None, volume_index: int, name, max_pixels: int
+                 ) -> np.ndarray:
     """One 2-D slice (rows x columns, display orientation) read lazily from a 3-D or 4-D volume."""
     nibabel = _import_nibabel()
     shape = volume.shape
     if len(shape) < 3:
         raise ImageError(name, f"NIfTI data has {len(shape)} dimensions; a volume needs 3 or 4")
+    volumes = shape[3] if len(shape) > 3 else 1
+    if volume_index >= volumes:
+        raise ImageError(name, f"frame {volume_index} out of range (the file has {volumes} volume"
+                               f"{'s' * (volumes > 1)} in its 4th dimension)")
     orientation = nibabel.orientations.io_orientation(volume.affine)  # per array axis: (RAS axis, +1/-1)
     array_axis = int(np.flatnonzero(orientation[:3, 0] == _AXES[axis])[0])
     other = [a for a in range(3) if a != array_axis]
@@ -461,7 +476,7 @@ def _nifti_plane(volume, axis: str, slice_index: int | None, name, max_pixels: i
     if position >= count:
         raise ImageError(name, f"{axis} slice {position} out of range (the volume has {count})")
     array_position = position if orientation[array_axis, 1] > 0 else count - 1 - position
-    index = [slice(None)] * 3 + [0] * (len(shape) - 3)
+    index = [slice(None)] * 3 + [volume_index] * (len(shape) > 3) + [0] * (len(shape) - 4)
     index[array_axis] = array_position
     try:
         plane = np.asarray(volume.dataobj[tuple(index)], dtype=np.float64)

@@ -100,6 +100,16 @@ def test_each_broken_file_has_its_own_reason(tmp_path):
     assert reasons["folder.png"] == "is a folder, not an image file"
 
 
+def test_frames_pick_tiff_pages_and_slices_need_a_volume(tmp_path):
+    pages = [Image.new("L", (4, 4), value) for value in (10, 200)]
+    pages[0].save(tmp_path / "stack.tif", save_all=True, append_images=pages[1:])
+    assert [grey(load_image(ImageRef("stack.tif", frame=f), tmp_path))[0, 0] for f in (None, 1)] == [10, 200]
+    with pytest.raises(ImageError, match=r"frame 2 out of range \(the file has 2 frames\)"):
+        load_image(ImageRef("stack.tif", frame=2), tmp_path)
+    with pytest.raises(ImageError, match="axis/slice apply only to NIfTI volumes, and this is a 2-D image"):
+        load_image(ImageRef("stack.tif", slice=3), tmp_path)
+
+
 # ------------------------------------------------------------------------------------- mode conversion
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -335,6 +345,17 @@ def test_nifti_windows_presets_and_header_range(tmp_path):
     assert np.array_equal(grey(image), window_reference(hounsfield[:, :, 1].T[::-1, ::-1], 0, 200))
     with pytest.raises(ImageError, match=r"axial slice 3 out of range \(the volume has 3\)"):
         load_image(ImageRef("ct.nii.gz", slice=3), tmp_path)
+
+
+def test_four_d_nifti_frame_picks_the_volume(tmp_path):
+    volume = ras_volume((4, 5, 6))
+    series = np.stack([volume, -volume], axis=-1)  # two time points
+    save_nifti(tmp_path / "t.nii.gz", series)
+    for frame, expected in ((None, volume), (0, volume), (1, -volume)):
+        image = load_image(ImageRef("t.nii.gz", frame=frame), tmp_path)
+        assert np.array_equal(grey(image), display_reference(expected, "axial", 3))
+    with pytest.raises(ImageError, match=r"frame 2 out of range \(the file has 2 volumes"):
+        load_image(ImageRef("t.nii.gz", frame=2), tmp_path)
 
 
 # --------------------------------------------------------------------------------------- bytes, materialise
