@@ -1,6 +1,6 @@
 """MedtuneTrainer: Hugging Face Trainer with medtune's per-part optimizer groups and atomic checkpoints.
 
-Only three hooks are overridden, each for one reason:
+Only these hooks are overridden, each for one reason:
 
 * ``create_optimizer``: one parameter group per trainable part with that part's learning rate
   (:func:`medtune.train.parts.parameter_groups`); Trainer's scheduler then scales every group from its own
@@ -12,6 +12,11 @@ Only three hooks are overridden, each for one reason:
   (``save_total_limit=None``) because it would count a half-written directory.
 * ``_save``: a checkpoint also gets what ``load_vlm`` needs (image processor, medtune.json), so every
   checkpoint loads and merges on its own.
+* ``_load_from_checkpoint``: Trainer (transformers 5.23) reloads ``model.safetensors`` with a bare
+  ``load_state_dict(strict=False)``, but ``save_pretrained`` writes LLaVA's weights under their original
+  (legacy) names (``language_model.model.layers...``), so on resume no key matches and the weights silently stay
+  as they were. medtune reloads them through ``from_pretrained``, which maps the names, and checks that every
+  parameter was restored.
 * ``_get_train_sampler``: length grouping reads lengths from the encoded rows instead of decoding every
   sample's images to measure them.
 """
@@ -59,6 +64,14 @@ class MedtuneTrainer(Trainer):
         if self.args.should_save and self.save_extras is not None:
             self.save_extras(output_dir or self.args.output_dir)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = model if model is not None else self.model
+        weights = Path(resume_from_checkpoint) / "model.safetensors"
+        plain = not (self.is_fsdp_enabled or self.is_deepspeed_enabled or hasattr(model, "peft_config"))
+        if not (plain and weights.is_file()):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        restore_weights(model, resume_from_checkpoint)
+
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
@@ -67,3 +80,16 @@ class MedtuneTrainer(Trainer):
             return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                         dataset=dataset, lengths=dataset.lengths)
         return super()._get_train_sampler(train_dataset)
+
+
+def restore_weights(model, checkpoint: str | Path) -> None:
+    """Load a ``save_pretrained`` checkpoint into ``model`` in place, every parameter and buffer accounted for."""
+    # from_pretrained reads safetensors only and applies the model's key mapping; the copy lives on the CPU
+    # for the time of load_state_dict.
+    saved = type(model).from_pretrained(str(checkpoint), dtype=next(model.parameters()).dtype, device_map="cpu")
+    result = model.load_state_dict(saved.state_dict(), strict=False)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    missing = [name for name in result.missing_keys if name not in tied]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"checkpoint {checkpoint} does not match the model: missing {missing[:5]}, "
+                           f"unexpected {result.unexpected_keys[:5]}")
