@@ -19,7 +19,6 @@ a reason a person can act on.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -74,7 +73,13 @@ class ImageRef:
             raise SchemaError(f"image axis must be axial, coronal or sagittal, got {self.axis!r}")
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        # Built by hand: dataclasses.asdict deep-copies and dominated conversion profiles.
+        out = {"path": self.path}
+        for name in ("frame", "axis", "slice"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> "ImageRef":
