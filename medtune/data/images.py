@@ -21,11 +21,12 @@ guards live in one place:
 * A reference's ``frame`` picks a DICOM frame, a page of a multi-page TIFF/GIF, or the volume of a 4-D NIfTI;
   ``axis``/``slice`` on anything but NIfTI is an error (a data bug, not something to ignore).
 * **DICOM**: modality LUT (rescale slope/intercept) first, then a VOI window: a named preset if the caller
-  gives one, else the file's first WindowCenter/WindowWidth, else the frame's min/max. MONOCHROME1 is inverted
-  so that bright means dense everywhere. Multi-frame files decode only the requested frame. Colour DICOM
-  (ultrasound, secondary capture) passes through as RGB. Patient identifiers never leave this module:
-  :func:`dicom_metadata` reads only whitelisted tags, pydicom's warnings (which can quote element values) are
-  silenced while reading, and quoted values are removed from error messages.
+  gives one, else the file's first WindowCenter/WindowWidth, else its first VOI LUT (output stretched), else
+  the frame's min/max. MONOCHROME1 is inverted so that bright means dense everywhere. Multi-frame files decode
+  only the requested frame. Colour DICOM (ultrasound, secondary capture) passes through as RGB. Patient
+  identifiers never leave this module: :func:`dicom_metadata` reads only whitelisted tags, pydicom's warnings
+  (which can quote element values) are silenced while reading, and quoted values are removed from error
+  messages.
 * **NIfTI**: one 2-D slice, read lazily from the volume. The axis (axial, coronal, sagittal) and slice index
   count in the closest canonical RAS+ orientation (slice 0 = most inferior / posterior / patient-left),
   default the middle axial slice; 4-D volumes use the volume ``frame`` names (default the first). Slices are
@@ -359,8 +360,13 @@ def _load_dicom(source, frame: int | None, window, max_pixels: int, *, name=None
         pixels = pydicom.pixels.apply_color_lut(pixels, dataset)
     if pixels.ndim == 3:  # colour (RGB / YBR already converted to RGB by pydicom)
         return Image.fromarray(_colour_to_uint8(pixels, int(dataset.get("BitsStored", 8) or 8)), mode="RGB")
-    values = pydicom.pixels.apply_modality_lut(pixels, dataset).astype(np.float64)
-    grey = _window_to_uint8(values, _choose_window(window, _dicom_window(dataset), values))
+    values = pydicom.pixels.apply_modality_lut(pixels, dataset)
+    file_window = _dicom_window(dataset)
+    if window is None and file_window is None and "VOILUTSequence" in dataset:
+        # A lookup table instead of a window (common in CR/DX): apply its first table, then stretch its output.
+        values = pydicom.pixels.apply_voi(values, dataset, index=0)
+    values = np.asarray(values, dtype=np.float64)
+    grey = _window_to_uint8(values, _choose_window(window, file_window, values))
     if photometric == "MONOCHROME1":  # low values are bright in MONOCHROME1
         grey = 255 - grey
     return _grey_to_rgb(grey)

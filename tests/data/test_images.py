@@ -224,6 +224,23 @@ def test_multi_valued_window_uses_the_first_pair(tmp_path):
     assert np.array_equal(grey(load_image("w.dcm", tmp_path)), expected)
 
 
+def test_voi_lut_is_used_when_the_file_has_no_window(tmp_path):
+    from pydicom.dataset import Dataset
+
+    pixels = (np.arange(16 * 16).reshape(16, 16) * 4).astype(np.uint16)  # 0..1020
+    write_dicom(tmp_path / "lut.dcm", pixels)
+    dataset = pydicom.dcmread(tmp_path / "lut.dcm")
+    table = Dataset()
+    table.add_new(0x00283002, "US", [256, 0, 16])  # LUTDescriptor: 256 entries for inputs 0..255, 16-bit out
+    table.add_new(0x00283006, "US", [min(4 * i, 1000) for i in range(256)])  # LUTData: saturates at input 250
+    dataset.VOILUTSequence = [table]
+    dataset.save_as(tmp_path / "lut.dcm")
+    through_table = np.array(table.LUTData)[np.clip(pixels, 0, 255)]
+    assert np.array_equal(grey(load_image("lut.dcm", tmp_path)), minmax_reference(through_table))
+    # A preset still overrides the file's lookup table.
+    assert np.array_equal(grey(load_image("lut.dcm", tmp_path, window="bone")), window_reference(pixels, 400, 1800))
+
+
 def test_monochrome1_is_inverted(tmp_path):
     pixels = np.arange(16 * 16).reshape(16, 16).astype(np.uint16) * 10
     write_dicom(tmp_path / "m2.dcm", pixels)
