@@ -109,20 +109,20 @@ def truncate(ids: list[int], labels: list[int], image_token_id: int, *, max_leng
     return ids[:max_length], labels[:max_length]
 
 
-def encode_text(sample, vlm, *, max_length: int, truncation: str = "text",
-                add_generation_prompt: bool = False) -> dict[str, list[int]]:
+def encode_text(sample, vlm, *, max_length: int, truncation: str = "text") -> dict[str, list[int]]:
     """input_ids / attention_mask / labels of a composed-VLM sample, without loading its images."""
+    if vlm.template == "native":
+        raise ValueError("encode_text needs a medtune chat template; native VLMs go through encode_sample")
     messages = to_chat_messages(sample)
-    template = get_template(vlm.template)
-    segments = render_with_tokenizer(template, messages, vlm.tokenizer, image_token=vlm.image_token,
-                                     add_generation_prompt=add_generation_prompt)
+    segments = render_with_tokenizer(get_template(vlm.template), messages, vlm.tokenizer,
+                                     image_token=vlm.image_token)
     ids, trainable = tokenize_segments(segments, vlm.tokenizer)
     n_placeholders, n_images = ids.count(vlm.image_token_id), len(sample.images)
     if n_placeholders != n_images:
         raise SkipSample("image token in text", f"{n_placeholders} image tokens for {n_images} images "
                                                 f"(text must not contain {vlm.image_token!r})")
     labels = [token if train else IGNORE_INDEX for token, train in zip(ids, trainable)]
-    if not add_generation_prompt and all(label == IGNORE_INDEX for label in labels):
+    if all(label == IGNORE_INDEX for label in labels):
         raise SkipSample("no assistant reply")
     ids, labels = expand_image_tokens(ids, labels, vlm.image_token_id, vlm.image_tokens_per_image or 1)
     ids, labels = truncate(ids, labels, vlm.image_token_id, max_length=max_length, truncation=truncation)

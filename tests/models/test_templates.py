@@ -125,3 +125,26 @@ def test_canonical_messages_convert_with_images_in_place():
     assert get_template("vicuna").render_text(to_chat_messages(sample), bos_token="") == (
         "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
         "detailed, and polite answers to the human's questions. USER: Look:\n<image>\nwhat? ASSISTANT: A lung.</s>")
+
+
+@pytest.mark.parametrize("name", ["vicuna", "llava_llama_2", "internlm2", "plain"])
+def test_tokenizer_without_bos_renders_none_in_both(tmp_path, name):
+    """Qwen-like tokenizers have no BOS token: the Jinja and the renderer both leave it out."""
+    tokenizer = _tokenizer(tmp_path, name, bos=None)
+    assert tokenizer.bos_token is None
+    messages = CONVERSATIONS["system_multi_turn_two_images"]
+    text = "".join(s.text for s in render_with_tokenizer(get_template(name), messages, tokenizer))
+    assert text == tokenizer.apply_chat_template(messages, tokenize=False)
+    assert "<s>" not in text
+
+
+@pytest.mark.parametrize("name", ["vicuna", "llava_llama_2"])
+def test_a_system_message_after_the_start_is_refused_by_both(tmp_path, name):
+    from jinja2.exceptions import TemplateError
+
+    tokenizer = _tokenizer(tmp_path, name)
+    messages = [{"role": "user", "content": "hi"}, {"role": "system", "content": "late"}]
+    with pytest.raises(ValueError, match="a system message is only allowed first"):
+        get_template(name).render(messages)
+    with pytest.raises(TemplateError, match="a system message is only allowed first"):
+        tokenizer.apply_chat_template(messages, tokenize=False)
