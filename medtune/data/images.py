@@ -11,6 +11,8 @@ guards live in one place:
   compared with ``max_pixels`` before any pixel is decoded. PIL's own process-wide guard is switched off only
   for the header read (under a lock), so our error, naming the file, the size and the limit, is the one a user
   sees, and the caller chooses the limit.
+* **Pixels only**: a loaded image carries no metadata (``info`` is emptied: JPEG comments, EXIF, ICC profiles,
+  PNG text), so nothing a source file says about a person can be copied onward.
 * **Every failure is an ImageError naming the file and a reason**, with a distinct reason for a missing file,
   an empty file, a file that is not an image, truncated data and an over-large image.
 * **Always RGB out**, upright: an EXIF orientation (phone photos of skin or slides) is applied, as image
@@ -240,7 +242,11 @@ def _load_pil(source, name, max_pixels: int, frame: int | None = None) -> Image.
             raise ImageError(name, f"truncated or corrupt image data ({_clean(error)})") from None
         if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # camera photos: show them as viewers do
             image = ImageOps.exif_transpose(image)
-        return to_rgb(image)
+        rgb = to_rgb(image)
+    # Pixels only: comments, EXIF, ICC profiles and text chunks (which may name a person) stay behind, so no
+    # later writer (materialise, a cache, an upload log) can copy them.
+    rgb.info = {}
+    return rgb
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -407,6 +407,23 @@ def test_materialise_is_deterministic_and_strips_text_chunks(tmp_path):
     assert np.array_equal(np.asarray(load_image(first, tmp_path / "out")), np.asarray(load_image("src.png", tmp_path)))
 
 
+def test_loaded_images_carry_no_source_metadata(tmp_path):
+    from PIL import ImageCms
+
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    exif = Image.Exif()
+    exif[0x013B] = PATIENT_NAME  # EXIF Artist
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "photo.jpg", comment=PATIENT_NAME.encode(), icc_profile=profile,
+                                 exif=exif)
+    with Image.open(tmp_path / "photo.jpg") as source:
+        assert {"comment", "icc_profile", "exif"} <= set(source.info)
+    assert load_image("photo.jpg", tmp_path).info == {}
+    out = materialise(ImageRef("photo.jpg"), tmp_path, tmp_path / "out")
+    data = (tmp_path / "out" / out.path).read_bytes()
+    assert PATIENT_NAME.encode() not in data and b"iCCP" not in data and b"eXIf" not in data
+
+
 def test_materialise_names_frames_apart(tmp_path):
     frames = np.stack([np.full((4, 4), v, dtype=np.uint16) for v in (0, 500)])
     frames[:, 0, 0] = 1000
