@@ -229,7 +229,8 @@ def register(subparsers) -> None:
         "check", help="report every problem in a dataset (exit code 1 when there are errors)",
         description="Check FILE: records that do not parse, empty or misordered turns, placeholder/image count "
                     "mismatches, duplicate ids, unknown answer types, and every image that is missing, "
-                    "unreadable, outside the image root or too large. One line per problem, with its location.")
+                    "unreadable, outside the image root or too large. One line per problem, with its location. "
+                    "Exit code 1 when there are errors (or, with --strict, warnings), 0 otherwise.")
     parser.add_argument("file", metavar="FILE", help="dataset file")
     parser.add_argument("--format", default="canonical", choices=list(FORMATS), metavar="FMT",
                         help=f"format of FILE (default canonical; known: {', '.join(FORMATS)})")

@@ -219,3 +219,8 @@ def test_dicom_without_the_extra_is_one_clear_line(tmp_path, monkeypatch, capsys
     assert main(["data", "check", str(data)]) == 2
     assert capsys.readouterr().err.strip() == ("medtune data: error: x.dcm: reading DICOM needs pydicom: "
                                                "pip install 'medtune[dicom]'")
+
+
+def test_a_missing_file_is_one_line_with_exit_code_2(tmp_path, capsys):
+    assert main(["data", "check", str(tmp_path / "nope.jsonl")]) == 2
+    assert capsys.readouterr().err.strip() == f"medtune data: error: {tmp_path / 'nope.jsonl'}: no such file"
