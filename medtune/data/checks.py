@@ -127,8 +127,8 @@ def turn_problems(sample: Sample) -> Iterator[tuple[str, str, str]]:
         if not message.images and not message.text.strip():
             yield "empty turn", f"empty {message.role} turn (message {index + 1})", "error"
         if message.role == "system" and index > 0:
-            yield "misordered turns", f"system message at position {index + 1} (only the first may be system)", \
-                "error"
+            where = f"position {index + 1}"
+            yield "misordered turns", f"system message at {where} (only the first may be system)", "error"
     conversation = [(i, role) for i, role in enumerate(roles) if role != "system"]
     if "user" not in roles:
         yield "misordered turns", "no user turn", "error"
