@@ -428,7 +428,8 @@ def create_app(generator, config: ServerConfig):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": config.model_id, "waiting": worker.waiting}
+        return {"status": "ok", "model": config.model_id, "waiting": worker.waiting,
+                "batch_sizes": {str(size): count for size, count in sorted(worker.batch_sizes.items())}}
 
     @app.get("/v1/models")
     async def models(request: Request):

@@ -91,11 +91,15 @@ def test_streaming_equals_generator(server, client, generator):
     data = png_bytes(noise_image(2, (64, 32)))
     expected = reference(generator, "Any abnormality?", [image_from_bytes(data)], max_new_tokens=16)
     chunks = list(client.chat.completions.create(model=MODEL_ID, stream=True, temperature=0, max_tokens=16,
-                                                 messages=image_question(data_uri(data), "Any abnormality?")))
+                                                 messages=image_question(data_uri(data), "Any abnormality?"),
+                                                 stream_options={"include_usage": True}))
     assert all(c.object == "chat.completion.chunk" for c in chunks)
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
-    assert len([c for c in chunks if c.choices[0].delta.content]) > 1  # really streamed
-    assert chunks[-1].choices[0].finish_reason == expected.finish_reason
+    *text_chunks, usage_chunk = chunks
+    assert "".join(c.choices[0].delta.content or "" for c in text_chunks) == expected.text
+    assert len([c for c in text_chunks if c.choices[0].delta.content]) > 1  # really streamed
+    assert text_chunks[0].choices[0].delta.role == "assistant"
+    assert text_chunks[-1].choices[0].finish_reason == expected.finish_reason
+    assert usage_chunk.choices == [] and usage_chunk.usage.completion_tokens == expected.completion_tokens
     # the raw event stream ends the way OpenAI's does
     body = {"model": MODEL_ID, "messages": image_question(data_uri(data), "Any abnormality?"), "stream": True,
             "temperature": 0, "max_tokens": 16}
