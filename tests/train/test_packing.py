@@ -164,3 +164,33 @@ def test_pixel_values_in_the_wrong_order_change_the_loss(vlm, encoded):
     batch["pixel_values"] = batch["pixel_values"][[2, 1, 0]]  # sample 2's first image <-> sample 0's image
     wrong = _packed_losses(vlm.model, batch, rows)
     assert abs(right[0] - wrong[0]) > 1e-3 and abs(right[2] - wrong[2]) > 1e-3
+
+
+def test_flatten_mode_matches_transformers_data_collator_with_flattening(vlm, encoded):
+    """Token side of "flatten" is exactly what DataCollatorWithFlattening gives flash-attention varlen kernels."""
+    from transformers import DataCollatorWithFlattening
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    rows = [[encoded[2], encoded[0]], [encoded[1]]]
+    ours = pack_rows(rows, vlm.tokenizer.pad_token_id, attention="flatten")
+    theirs = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(
+        [{"input_ids": e["input_ids"], "labels": e["labels"]} for row in rows for e in row])
+    for key in ("input_ids", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k"):
+        assert torch.equal(ours[key], theirs[key]), key
+    assert ours["max_length_q"] == theirs["max_length_q"]
+    (cu_q, _), (max_q, _) = prepare_fa_kwargs_from_position_ids(ours["position_ids"])
+    assert cu_q.tolist() == ours["cu_seq_lens_q"].tolist() and int(max_q) == ours["max_length_q"]
+
+
+def test_mask_mode_is_block_diagonal_and_causal():
+    from medtune.train.packing import block_causal_mask
+
+    mask = block_causal_mask(torch.tensor([[0, 0, 1, 1, 1, 2]]))
+    allowed = (mask[0, 0] == 0).int().tolist()
+    assert allowed == [[1, 0, 0, 0, 0, 0],
+                       [1, 1, 0, 0, 0, 0],
+                       [0, 0, 1, 0, 0, 0],
+                       [0, 0, 1, 1, 0, 0],
+                       [0, 0, 1, 1, 1, 0],
+                       [0, 0, 0, 0, 0, 1]]
+    assert mask.min().item() == torch.finfo(torch.float32).min
