@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import bisect
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
-from medtune.models.templates import (Segment, get_template, render_with_tokenizer, to_chat_messages)
+from medtune.models.templates import Segment, get_template, render_with_tokenizer, to_chat_messages
 
 IGNORE_INDEX = -100
 TRUNCATION_MODES = ("text", "drop")
