@@ -1,5 +1,0 @@
-"""Command-line verbs of this stage (registered by ``medtune.cli``)."""
-
-
-def register(subparsers) -> None:
-    """Nothing yet: this stage's verbs land with its issue."""

@@ -1,0 +1,384 @@
+"""The demo pipeline: bundled VQA-RAD -> leakage-cleaned training set -> two-stage training -> evaluation
+on the 451-question test split -> baselines -> report, with every intermediate kept for re-runs.
+
+Layout of ``--output DIR``::
+
+    DIR/data/             train.jsonl, test.jsonl (canonical), train-clean.jsonl, manifest.json (+ leakage)
+    DIR/runs/NAME-HASH/   the training run of one resolved recipe (stages, checkpoints, metrics.jsonl) and
+                          predictions-vqa-rad.jsonl of its final model
+    DIR/baselines/        the baselines' answers, as predictions files `medtune eval score` reads
+    DIR/report.md, report.json, loss.png, results.png
+
+Design choices:
+
+* Each phase reuses what an earlier run left when it is provably the same: converted data when the bundled
+  files' SHA-256 match the manifest; a training stage when its ``model/`` exists (Trainer's run resumes an
+  unfinished stage from its last complete checkpoint); predictions already in the file. The run directory is
+  named by a hash of the resolved recipe and of the cleaned data, so a run with other settings (``--quick``,
+  another preset, overrides) trains its own model instead of reusing a different one.
+* The recipe is ``recipes/demo.yaml`` as shipped; the demo only points its stages at the cleaned data,
+  sets the preset and seed, and scales step counts (``--steps-scale``). Anything else is a ``key=value``
+  override, exactly as for ``medtune train``, which is how the same run is made with pretrained parts.
+* Phases print a banner; long phases show a tqdm bar with an ETA (training: the trainer's bar).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from medtune.cli import UserError
+from medtune.data.jsonl import Tally, write_json
+from medtune.data.schema import Sample
+
+log = logging.getLogger(__name__)
+
+TASK = "vqa-rad"
+COMPAT_FLAVOUR = "llava-med"   # the LLaVA-Med v1.0 script: the numbers most medical VQA papers print
+REMOVED_CATEGORIES = ("exact", "rephrasing")
+QUICK_SCALE = 0.1
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class DemoOptions:
+    """What `medtune demo` was asked to do (see ``medtune demo --help``)."""
+
+    output: Path
+    preset: str = "small"
+    steps_scale: float = 1.0
+    seed: int = 42
+    max_test: int | None = None
+    eval_batch_size: int = 16
+    recipe: str = "demo"
+    overrides: list[str] = field(default_factory=list)
+
+
+class Phases:
+    """Phase banners and wall-clock timings ("ran" or "reused") in the order the phases ran."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.timings: list[dict] = []
+
+    @contextlib.contextmanager
+    def phase(self, key: str, title: str) -> Iterator[dict]:
+        number = len(self.timings) + 1
+        print(f"\n== medtune demo [{number}/{self.total}] {title} ==", flush=True)
+        entry = {"phase": key, "title": title, "status": "ran"}
+        started = time.monotonic()
+        yield entry
+        entry["seconds"] = round(time.monotonic() - started, 2)
+        self.timings.append(entry)
+
+    @property
+    def total_seconds(self) -> float:
+        return round(sum(t["seconds"] for t in self.timings), 2)
+
+
+# ---- data ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DemoData:
+    """The converted and cleaned VQA-RAD files, and what the leakage check found."""
+
+    directory: Path
+    image_root: Path
+    manifest: dict
+
+    @property
+    def train(self) -> Path:
+        return self.directory / "train.jsonl"
+
+    @property
+    def test(self) -> Path:
+        return self.directory / "test.jsonl"
+
+    @property
+    def clean_train(self) -> Path:
+        return self.directory / "train-clean.jsonl"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def prepare_data(output: Path) -> tuple[DemoData, bool]:
+    """Convert the bundled VQA-RAD and write the leakage-cleaned training set; (data, reused)."""
+    from medtune.paths import bundled_data
+
+    sources = {"train": bundled_data("vqa_rad", "trainset.json"), "test": bundled_data("vqa_rad", "testset.json")}
+    image_root = bundled_data("vqa_rad", "images")
+    directory = output / "data"
+    hashes = {split: _sha256(path) for split, path in sources.items()}
+    data = DemoData(directory, image_root, {})
+    manifest_path = directory / "manifest.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = (data.train, data.test, data.clean_train)
+        if (manifest.get("version") == MANIFEST_VERSION and manifest.get("source_sha256") == hashes
+                and all(p.is_file() for p in files)
+                and manifest.get("clean_train_sha256") == _sha256(data.clean_train)):
+            data.manifest = manifest
+            print(f"reusing converted data in {directory} (bundled files unchanged)")
+            return data, True
+    data.manifest = _convert_and_clean(sources, hashes, data)
+    write_json(manifest_path, data.manifest)
+    return data, False
+
+
+def _read(path: Path, tally: Tally) -> list[Sample]:
+    from medtune.data.formats import read_records
+
+    return list(read_records("vqa-rad", path, tally=tally))
+
+
+def _convert_and_clean(sources: dict[str, Path], hashes: dict[str, str], data: DemoData) -> dict:
+    from medtune.data.jsonl import write_samples
+    from medtune.data.leakage import find_leakage, write_clean
+
+    tallies = {split: Tally() for split in sources}
+    train, test = _read(sources["train"], tallies["train"]), _read(sources["test"], tallies["test"])
+    write_samples(data.train, train, Tally())
+    write_samples(data.test, test, Tally())
+    print(f"converted {len(train)} training and {len(test)} test questions to canonical JSONL in {data.directory}")
+    report = find_leakage(((s, data.image_root) for s in train), ((s, data.image_root) for s in test))
+    for line in report.lines():
+        print(f"  {line}")
+    drop = report.positions(REMOVED_CATEGORIES)
+    clean_tally = Tally()
+    write_clean(train, data.clean_train, drop, clean_tally)
+    print(f"cleaned training set: {clean_tally.written} of {len(train)} questions kept "
+          f"({len(drop)} removed: {len(report.exact)} exact pairs, {len(report.rephrasing)} rephrasings)")
+    return {
+        "version": MANIFEST_VERSION, "source_sha256": hashes, "clean_train_sha256": _sha256(data.clean_train),
+        "sources": {split: str(path) for split, path in sources.items()}, "image_root": str(data.image_root),
+        "records": {"train": len(train), "test": len(test), "clean_train": clean_tally.written},
+        "tallies": {split: tally.to_dict() for split, tally in tallies.items()},
+        "leakage": {"removed_categories": list(REMOVED_CATEGORIES), "removed": len(drop),
+                    "exact": len(report.exact), "rephrasing": len(report.rephrasing), "near": len(report.near),
+                    "frame_records": report.frame_records, "test_images": report.test_images,
+                    "test_images_in_train": report.test_images_in_train,
+                    "train_records_on_test_images": report.train_records_on_test_images,
+                    "removed_ids": [train[position].id for position in sorted(drop)]},
+    }
+
+
+# ---- training --------------------------------------------------------------------------------------------
+
+
+def resolve_recipe(options: DemoOptions, data: DemoData):
+    """``recipes/demo.yaml`` pointed at the cleaned data, with the preset, seed, step scale and overrides."""
+    import yaml
+
+    from medtune.paths import recipe_path
+    from medtune.train.recipe import load_recipe
+
+    path = recipe_path(options.recipe)
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    # Values are JSON strings, which YAML reads back verbatim whatever the path contains.
+    overrides = [f"stages.*.data.path={json.dumps(str(data.clean_train))}", "stages.*.data.format=canonical",
+                 f"stages.*.data.image_root={json.dumps(str(data.image_root))}", f"seed={options.seed}"]
+    if isinstance(raw.get("model"), dict) and "preset" in raw["model"]:
+        overrides.append(f"model.preset={options.preset}")
+    elif options.preset != "small":
+        raise UserError(f"--preset {options.preset}: recipe {path} does not build its model from a preset")
+    recipe = load_recipe(path, overrides + list(options.overrides))
+    if options.steps_scale <= 0:
+        raise UserError(f"--steps-scale must be positive, got {options.steps_scale}")
+    for stage in recipe.stages:
+        if stage.max_steps is not None:
+            stage.max_steps = max(1, round(stage.max_steps * options.steps_scale))
+        else:
+            stage.epochs *= options.steps_scale
+    return recipe, path
+
+
+def recipe_fingerprint(recipe, output: Path, clean_sha256: str) -> str:
+    """A short hash of what determines the trained model: the resolved recipe and the training data."""
+    settings = dataclasses.asdict(recipe)
+    settings.pop("output_dir", None)
+    text = json.dumps(settings, sort_keys=True, default=str).replace(str(output.resolve()), "$OUTPUT")
+    return hashlib.sha256(f"{text}\n{clean_sha256}".encode()).hexdigest()[:10]
+
+
+def stage_summary(recipe, index: int) -> dict:
+    """What stage ``index`` did (its summary.json), with its metrics file and directory."""
+    from medtune.train.run import stage_dir
+
+    stage = recipe.stages[index]
+    directory = stage_dir(recipe.output_dir, index, stage)
+    summary_file = directory / "summary.json"
+    summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else {}
+    return {"name": stage.name, "directory": str(directory), "metrics": str(directory / "metrics.jsonl"),
+            "max_steps": stage.max_steps, "epochs": stage.epochs, "batch_size": stage.batch_size,
+            "lr": dataclasses.asdict(stage.lr), **{k: summary.get(k) for k in (
+                "steps", "samples", "tokens", "seconds", "train_loss", "skipped", "trainable")}}
+
+
+def train_stage(recipe, index: int) -> tuple[dict, bool]:
+    """Run one stage unless its model is already complete; (summary, reused)."""
+    from medtune.train.run import MODEL_DIR, run_stage, stage_dir
+
+    stage = recipe.stages[index]
+    model_dir = stage_dir(recipe.output_dir, index, stage) / MODEL_DIR
+    if model_dir.is_dir():
+        print(f"reusing stage {stage.name}: its model is complete in {model_dir}")
+        return stage_summary(recipe, index), True
+    run_stage(recipe, index, resume=True)
+    return stage_summary(recipe, index), False
+
+
+# ---- evaluation and baselines ----------------------------------------------------------------------------
+
+
+def test_questions(data: DemoData, max_test: int | None):
+    """The VQA-RAD test task over the converted file, and its questions (the first ``max_test`` if given)."""
+    from medtune.eval.tasks import get_task
+
+    task = get_task(TASK, data=data.test, data_format="canonical", image_root=data.image_root)
+    tally = Tally()
+    samples = task.samples(tally=tally)
+    if tally.n_skipped:
+        raise UserError(f"{data.test}: {tally.summary()}; every test question needs an answer and answer type")
+    if max_test is not None:
+        if max_test < 1:
+            raise UserError(f"--max-test must be at least 1, got {max_test}")
+        samples = samples[:max_test]
+    return task, samples
+
+
+def baseline_predictions(data: DemoData, samples: list[Sample], out_dir: Path):
+    """Both baselines' answers to ``samples``, learned from the cleaned training set (and written out)."""
+    from medtune.data.jsonl import read_samples
+    from medtune.demo.baselines import BASELINES, AnswerPriors
+    from medtune.demo.evaluate import write_answers
+
+    priors = AnswerPriors.learn(read_samples(data.clean_train, strict=True))
+    answers = {}
+    for name in BASELINES:
+        answers[name] = priors.predict(name, samples)
+        write_answers(out_dir / f"{name}.jsonl", answers[name], samples, f"baseline:{name}")
+    info = {**priors.describe(), "question_prior_coverage": priors.coverage(samples)}
+    print(f"majority answers: {info['majority']}; the question prior knows {info['question_prior_coverage']} "
+          f"of {len(samples)} test questions from training")
+    return answers, info
+
+
+def machine_info() -> dict:
+    import os
+    import platform
+
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info = {"cpu_count": os.cpu_count(), "usable_cores": cores, "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+# ---- the whole demo --------------------------------------------------------------------------------------
+
+
+def run_demo(options: DemoOptions) -> dict:
+    """Run every phase (reusing what is already done) and write the report; returns report.json's content."""
+    import datetime
+
+    from medtune.demo import evaluate, report
+    from medtune.train.recipe import check_environment
+
+    output = options.output
+    output.mkdir(parents=True, exist_ok=True)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    data = DemoData(output / "data", Path(), {})
+    from medtune.paths import bundled_data
+
+    data.image_root = bundled_data("vqa_rad", "images")
+    recipe, recipe_file = resolve_recipe(options, data)   # a bad override fails before any work
+    check_environment(recipe)
+    phases = Phases(total=len(recipe.stages) + 4)
+
+    with phases.phase("data", "data: convert bundled VQA-RAD, remove train/test leakage") as entry:
+        data, reused = prepare_data(output)
+        entry["status"] = "reused" if reused else "ran"
+
+    fingerprint = recipe_fingerprint(recipe, output, data.manifest["clean_train_sha256"])
+    run_dir = output / "runs" / f"{options.preset}-{fingerprint}"
+    recipe.output_dir = str(run_dir)
+    write_json(run_dir / "recipe.json", dataclasses.asdict(recipe))
+    print(f"training run: {run_dir}")
+    stages = []
+    for index, stage in enumerate(recipe.stages):
+        with phases.phase(f"stage-{index}-{stage.name}",
+                          f"training stage {index + 1}/{len(recipe.stages)}: {stage.name}") as entry:
+            summary, reused = train_stage(recipe, index)
+            entry["status"] = "reused" if reused else "ran"
+            stages.append({**summary, "reused": reused})
+    from medtune.train.run import MODEL_DIR
+
+    final_model = Path(stages[-1]["directory"]) / MODEL_DIR
+
+    with phases.phase("evaluate", f"evaluation: {TASK} test split, local model, greedy") as entry:
+        task, samples = test_questions(data, options.max_test)
+        answered = evaluate.answer_questions(task, samples, final_model, run_dir / f"predictions-{TASK}.jsonl",
+                                             batch_size=options.eval_batch_size, device=_device())
+        entry["status"] = "reused" if not answered.generated else "ran"
+        if answered.reused:
+            print(f"reusing {answered.reused} answers already in {run_dir / f'predictions-{TASK}.jsonl'}")
+        scored = [evaluate.score(TASK, "model", samples, answered.predictions, compat_flavour=COMPAT_FLAVOUR,
+                                 seed=options.seed)]
+
+    with phases.phase("baselines", "baselines: majority answer per type, most frequent answer per question"):
+        answers, baseline_info = baseline_predictions(data, samples, output / "baselines")
+        scored += [evaluate.score(TASK, name, samples, predictions, compat_flavour=COMPAT_FLAVOUR,
+                                  seed=options.seed) for name, predictions in answers.items()]
+
+    with phases.phase("report", "report: tables, loss curves, results chart"):
+        context = report.DemoContext(
+            options=options, command=command_line(options), started=started.isoformat(timespec="seconds"), data=data,
+            recipe=recipe, recipe_file=recipe_file, fingerprint=fingerprint, run_dir=run_dir, stages=stages,
+            final_model=final_model, task=task, samples=samples, scored=scored, baselines=baseline_info,
+            predictions_reused=answered.reused, machine=machine_info(), compat_flavour=COMPAT_FLAVOUR)
+        content = report.build_content(output, context)
+    # Written after the last phase so that the timings table is complete.
+    content["timings"] = {"phases": phases.timings, "total_seconds": phases.total_seconds}
+    report.write_files(output, content)
+    report.print_summary(content, output)
+    return content
+
+
+def command_line(options: DemoOptions) -> str:
+    """The `medtune demo` command that reproduces this run."""
+    parts = ["medtune", "demo", "--output", str(options.output)]
+    defaults = DemoOptions(options.output)
+    for name in ("preset", "steps_scale", "seed", "max_test", "eval_batch_size", "recipe"):
+        value = getattr(options, name)
+        if value != getattr(defaults, name):
+            parts += [f"--{name.replace('_', '-')}", str(value)]
+    return shlex.join(parts + list(options.overrides))
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
