@@ -244,10 +244,12 @@ def _flat_ids(value) -> list[int]:
 
 
 def _collate_left_padded(encodings: list[dict], pad_token_id: int, model) -> dict:
-    """One batch: input_ids/attention_mask padded on the left; image tensors concatenated along dim 0.
+    """One batch: per-token tensors padded on the left; image tensors concatenated along dim 0.
 
-    (B, L) token tensors; pixel_values (sum of images, ...) in the model's dtype; other tensors (image_sizes,
-    image_grid_thw) concatenated as they are. Encodings without images contribute nothing to those.
+    input_ids, attention_mask and any other (1, L) per-token tensor a processor returns (token_type_ids,
+    mm_token_type_ids) become (B, L_max), padded on the left; pixel_values (sum of images, ...) in the model's
+    dtype; other tensors (image_sizes, image_grid_thw) are concatenated as they are. Encodings without images
+    contribute nothing to those.
     """
     import torch
 
@@ -258,17 +260,24 @@ def _collate_left_padded(encodings: list[dict], pad_token_id: int, model) -> dic
     for i, row in enumerate(rows):
         input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
         attention_mask[i, width - len(row):] = 1
-    batch: dict[str, Any] = {"input_ids": input_ids.to(model.device), "attention_mask": attention_mask.to(model.device)}
+    batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
     skip = {"input_ids", "attention_mask", "labels"}
     for key in sorted({k for e in encodings for k in e} - skip):
         parts = [torch.as_tensor(e[key]) for e in encodings if e.get(key) is not None]
         if not parts:
             continue
-        value = torch.cat(parts, dim=0).to(model.device)
+        per_token = len(parts) == len(rows) and all(p.dim() == 2 and p.shape == (1, len(r))
+                                                     for p, r in zip(parts, rows))
+        if per_token:
+            value = torch.zeros((len(rows), width), dtype=parts[0].dtype)
+            for i, (part, row) in enumerate(zip(parts, rows)):
+                value[i, width - len(row):] = part[0]
+        else:
+            value = torch.cat(parts, dim=0)
         if value.is_floating_point():
             value = value.to(model.dtype)
         batch[key] = value
-    return batch
+    return {key: value.to(model.device) for key, value in batch.items()}
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> int | None:

@@ -443,7 +443,10 @@ def create_app(generator, config: ServerConfig):
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
             raise ApiError(413, f"request body of {length} bytes is over the limit of {config.max_body_bytes}")
-        body = parse_json_body(await request.body())
+        raw = await request.body()
+        if len(raw) > config.max_body_bytes:  # a chunked upload has no content-length to check up front
+            raise ApiError(413, f"request body of {len(raw)} bytes is over the limit of {config.max_body_bytes}")
+        body = parse_json_body(raw)
         chat = await run_in_threadpool(parse_chat_request, body, config)  # image decoding off the event loop
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if chat.stream:

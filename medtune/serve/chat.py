@@ -169,11 +169,15 @@ def chat_loop(session: ChatSession, lines: Iterable[str], out: TextIO) -> None:
             out.flush()
             continue
         print("assistant: ", end="", file=out, flush=True)
-        stream = session.ask(line)
         pieces = []
-        for delta in stream:
-            pieces.append(delta)
-            print(delta, end="", file=out, flush=True)
+        try:
+            for delta in session.ask(line):
+                pieces.append(delta)
+                print(delta, end="", file=out, flush=True)
+        except ValueError as error:  # the model cannot take this conversation (e.g. too many images)
+            session.messages.pop()
+            print(f"\nerror: {error}", file=out, flush=True)
+            continue
         print(file=out, flush=True)
         session.record_answer("".join(pieces))
 

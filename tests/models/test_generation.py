@@ -150,3 +150,22 @@ def test_greedy_ignores_sampling_defaults_of_the_checkpoint(vlm):
 def test_settings_reject_bad_values(bad, message):
     with pytest.raises(ValueError, match=message):
         GenerationSettings(**bad)
+
+
+def test_collate_pads_per_token_tensors_left_and_concatenates_images():
+    """Processor outputs beyond input_ids (token_type_ids, image_grid_thw) keep their rows aligned."""
+    from medtune.models.generation import _collate_left_padded
+
+    model = torch.nn.Linear(1, 1)
+    model.device, model.dtype = torch.device("cpu"), torch.float32
+    encodings = [
+        {"input_ids": torch.tensor([[5, 6, 7]]), "token_type_ids": torch.tensor([[0, 1, 1]]),
+         "pixel_values": torch.ones(1, 3, 4, 4, dtype=torch.float64), "image_grid_thw": torch.tensor([[1, 2, 2]])},
+        {"input_ids": [8], "token_type_ids": torch.tensor([[1]]), "pixel_values": None},
+    ]
+    batch = _collate_left_padded(encodings, pad_token_id=0, model=model)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch["token_type_ids"].tolist() == [[0, 1, 1], [0, 0, 1]]
+    assert batch["pixel_values"].shape == (1, 3, 4, 4) and batch["pixel_values"].dtype == torch.float32
+    assert batch["image_grid_thw"].tolist() == [[1, 2, 2]]
