@@ -78,11 +78,11 @@ def _strip_images(messages: list[dict]) -> list[dict]:
 class LocalBackend:
     """A local model through medtune's Generator, batched."""
 
-    def __init__(self, model: Any, *, batch_size: int = 8, device: str = "cpu"):
+    def __init__(self, model: Any, *, batch_size: int = 8, device: str = "cpu", dtype: str | None = None):
         from medtune.models.build import VLM, load_vlm
         from medtune.models.generation import Generator
 
-        self.vlm = model if isinstance(model, VLM) else load_vlm(str(model), device=device)
+        self.vlm = model if isinstance(model, VLM) else load_vlm(str(model), device=device, dtype=dtype)
         self.name = f"local:{getattr(self.vlm.model, 'name_or_path', '') or 'model'}"
         self.generator = Generator(self.vlm)
         self.batch_size = batch_size

@@ -7,6 +7,7 @@
     medtune eval merge SHARD... --out FILE [--task T [--data PATH] | --gt FILE]
     medtune eval tasks
     medtune eval run --task T (--model PATH | --endpoint URL) --out DIR [--num-shards N --shard-index I]
+                     [--limit N] [--batch-size B]
 
 Nothing heavy is imported here. ``run`` is the seam for generation: it hands its parsed arguments to
 ``medtune.eval.run.run_from_args(args)``, which is expected to build the task (:func:`task_from_args`), pick
@@ -93,14 +94,32 @@ def _add_run(verbs) -> None:
     backend.add_argument("--model", help="a local checkpoint (medtune or Hugging Face)")
     backend.add_argument("--endpoint", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--endpoint-model", help="model name at the endpoint")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for predictions and the report; running again into it resumes")
+    p.add_argument("--batch-size", type=_positive_int, default=8,
+                   help="questions per generate call (local) or requests in flight (endpoint)")
+    p.add_argument("--limit", type=_positive_int, help="only the first N questions of the task")
+    p.add_argument("--device", default="auto", help="local model: cpu, cuda, cuda:1 ... (auto: GPU if any)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="local model weights' dtype")
     p.add_argument("--prompt-style", choices=("plain", "short"), default="plain")
-    p.add_argument("--num-shards", type=int, default=1)
-    p.add_argument("--shard-index", type=int, default=0)
+    p.add_argument("--num-shards", type=_positive_int, default=1, help="(under torchrun: WORLD_SIZE)")
+    p.add_argument("--shard-index", type=int, default=0, help="(under torchrun: RANK)")
     p.add_argument("--shard-mode", choices=("modulo", "contiguous"), default="modulo")
     p.add_argument("--metrics", default="compat,strict")
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable question or image")
     p.set_defaults(func=_run)
+
+
+def _positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _eval_root(args) -> int:
