@@ -9,6 +9,7 @@ Design choices:
   mask. A batched greedy run therefore returns what one-by-one runs return (tested).
 * ``temperature == 0`` means greedy decoding (deterministic); otherwise nucleus sampling, made reproducible by
   ``GenerationSettings.seed``, which seeds a forked RNG so the caller's global random state is left alone.
+  Without a seed, sampling draws from the global RNG, so asking again gives a new answer.
 * Stop strings are checked on the decoded text of each row by a stopping criterion (a row stops once any stop
   string appears) and cut from the returned text, as OpenAI's ``stop`` does. ``stream`` holds back text that
   could be the start of a stop string, so a client never sees part of one.
@@ -154,9 +155,13 @@ class Generator:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         else:
             kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
-        with torch.inference_mode(), torch.random.fork_rng(devices=[]):
-            if settings.seed is not None:
-                torch.manual_seed(settings.seed)
+        if settings.seed is None:  # unseeded sampling advances the global RNG: each call draws anew
+            with torch.inference_mode():
+                return self.vlm.model.generate(**kwargs)
+        device = self.vlm.model.device
+        rng_devices = [device] if device.type == "cuda" else []  # sampling on a GPU draws from its RNG
+        with torch.inference_mode(), torch.random.fork_rng(devices=rng_devices):
+            torch.manual_seed(settings.seed)
             return self.vlm.model.generate(**kwargs)
 
     def _completion(self, new_tokens, prompt_tokens: int, settings: GenerationSettings) -> Completion:

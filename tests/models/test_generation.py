@@ -169,3 +169,10 @@ def test_collate_pads_per_token_tensors_left_and_concatenates_images():
     assert batch["token_type_ids"].tolist() == [[0, 1, 1], [0, 0, 1]]
     assert batch["pixel_values"].shape == (1, 3, 4, 4) and batch["pixel_values"].dtype == torch.float32
     assert batch["image_grid_thw"].tolist() == [[1, 2, 2]]
+
+
+def test_unseeded_sampling_draws_new_answers(generator):
+    settings = GenerationSettings(max_new_tokens=8, temperature=1.5)
+    torch.manual_seed(0)
+    answers = {generator.generate(CONVERSATIONS[:1], IMAGES[:1], settings)[0] for _ in range(4)}
+    assert len(answers) > 1
