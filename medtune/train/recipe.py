@@ -96,7 +96,7 @@ class Stage:
     group_by_length: bool = False       # batch samples of similar length (less padding, no packing)
     precision: Literal["fp32", "bf16"] = "fp32"
     gradient_checkpointing: bool = False
-    template: str | None = None         # chat template for this stage; default: the model's own
+    template: str | None = None         # chat template for this stage; default: the recipe model's
     save_steps: int = 500
     eval_steps: int | None = None
     log_steps: int = 10
@@ -127,6 +127,7 @@ class Recipe:
     seed: int = 42
     distributed: DistributedSpec = field(default_factory=DistributedSpec)
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])   # + wandb, mlflow if installed
+    cache_dir: str | None = None        # token cache (default: $MEDTUNE_CACHE/tokens, ~/.cache/medtune/tokens)
     defaults: dict = field(default_factory=dict)   # merged under every stage (already applied once parsed)
 
 
@@ -375,6 +376,13 @@ def _validate_loop(stage: Stage, where: str) -> None:
         raise RecipeError(f"{where}.eval_steps: needs eval_data and a value of at least 1")
     if not 0 <= stage.warmup_ratio < 1:
         raise RecipeError(f"{where}.warmup_ratio: must be in [0, 1)")
+    if stage.template is not None:
+        from medtune.models.templates import TEMPLATE_NAMES   # plain Python, no torch
+
+        if stage.template not in TEMPLATE_NAMES:
+            close = difflib.get_close_matches(stage.template, TEMPLATE_NAMES, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(TEMPLATE_NAMES)}"
+            raise RecipeError(f"{where}.template: unknown chat template {stage.template!r} ({hint})")
     if stage.max_length < 16:
         raise RecipeError(f"{where}.max_length: {stage.max_length} tokens cannot hold a prompt and an answer")
 

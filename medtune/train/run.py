@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medtune.data.jsonl import Tally, write_json
+from medtune.data.jsonl import write_json
 from medtune.train import checkpoints
 from medtune.train.recipe import Recipe, RecipeError, Stage, check_environment
 
@@ -101,16 +101,15 @@ def run_stage(recipe: Recipe, index: int, *, resume: bool = False) -> StageResul
         return StageResult(stage.name, str(directory / MODEL_DIR), already_done=True)
     resume_from = _resume_point(directory, stage, resume)
     vlm, base_path = load_stage_model(recipe, index)
-    _apply_template(vlm, stage)
-    tally = Tally()
-    from medtune.train.data import encode_stage_data, make_collator
+    _apply_template(vlm, stage.template or home_template(recipe), stage.name)
+    from medtune.train.data import make_collator, stage_dataset, training_rows
 
-    dataset = encode_stage_data(stage.data, vlm, max_length=stage.max_length, tally=tally, seed=recipe.seed,
-                                progress=is_main_process())
+    dataset, tally = stage_dataset(stage.data, vlm, max_length=stage.max_length, seed=recipe.seed,
+                                   cache_dir=recipe.cache_dir, progress=is_main_process())
     eval_dataset = None
     if stage.eval_data is not None:
-        eval_dataset = encode_stage_data(stage.eval_data, vlm, max_length=stage.max_length, tally=Tally(),
-                                         seed=recipe.seed, progress=False)
+        eval_dataset, _ = stage_dataset(stage.eval_data, vlm, max_length=stage.max_length, seed=recipe.seed,
+                                        cache_dir=recipe.cache_dir, progress=False)
     from medtune.train.parts import apply_trainable_parts, summarise
 
     if stage.lora is not None and base_path is None:
@@ -118,12 +117,15 @@ def run_stage(recipe: Recipe, index: int, *, resume: bool = False) -> StageResul
     model = apply_trainable_parts(vlm.model, stage.lr, stage.lora)
     if stage.lora is not None:
         model.peft_config["default"].base_model_name_or_path = str(Path(base_path).resolve())
-    trainer = build_trainer(recipe, stage, vlm, model, dataset, eval_dataset, make_collator(
-        vlm, packing=stage.packing, max_length=stage.max_length), directory)
+    rows = training_rows(dataset, packing=stage.packing, max_length=stage.max_length)
+    collator = make_collator(vlm, packing=stage.packing, max_length=stage.max_length)
+    trainer = build_trainer(recipe, stage, vlm, model, rows, eval_dataset, collator, directory)
     started = time.monotonic()
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     save_stage_model(trainer, vlm, stage, directory)
-    total, trained = dataset.count_tokens()
+    from medtune.train.data import count_tokens
+
+    _, trained = count_tokens(dataset)
     result = StageResult(
         stage=stage.name, model_dir=str(directory / MODEL_DIR), steps=trainer.state.global_step,
         samples=len(dataset), tokens=int(trainer.state.num_input_tokens_seen or 0), trained_tokens=trained,
@@ -183,17 +185,33 @@ def load_stage_model(recipe: Recipe, index: int):
     return build_vlm(spec), None
 
 
-def _apply_template(vlm, stage: Stage) -> None:
-    """A stage's template replaces the model's, and is stored with the tokenizer of every checkpoint."""
-    if stage.template is None or stage.template == vlm.template:
+def home_template(recipe: Recipe) -> str | None:
+    """The template of the recipe's model: what a stage without ``template`` trains (and serves) with.
+
+    Not the previous stage's template: after a ``plain`` alignment stage, instruction tuning goes back to the
+    model's chat format. None when it cannot be known without loading (a hub name): the loaded model's own.
+    """
+    if isinstance(recipe.model, dict):
+        from medtune.models.build import ModelSpec
+
+        return recipe.model.get("template", ModelSpec.__dataclass_fields__["template"].default)
+    metadata = Path(recipe.model) / "medtune.json"
+    if metadata.is_file():
+        return json.loads(metadata.read_text(encoding="utf-8")).get("template")
+    return None
+
+
+def _apply_template(vlm, template: str | None, stage_name: str) -> None:
+    """The stage's template replaces the model's, and is stored with the tokenizer of every checkpoint."""
+    if template is None or template == vlm.template:
         return
     if vlm.template == "native":
-        raise RecipeError(f"stage {stage.name}: template {stage.template!r} cannot replace a native VLM's "
+        raise RecipeError(f"stage {stage_name}: template {template!r} cannot replace a native VLM's "
                           "own chat template; remove template")
     from medtune.models.templates import get_template
 
-    jinja = get_template(stage.template).jinja
-    vlm.template = stage.template
+    jinja = get_template(template).jinja
+    vlm.template = template
     vlm.tokenizer.chat_template = jinja
     if vlm.processor is not None:
         vlm.processor.chat_template = jinja
@@ -242,7 +260,8 @@ def build_trainer(recipe: Recipe, stage: Stage, vlm, model, dataset, eval_datase
     trainer = MedtuneTrainer(
         model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, data_collator=collator,
         processing_class=vlm.processor or vlm.tokenizer, learning_rates=stage.lr,
-        keep_last_k=stage.keep_last_k, save_extras=lambda out: _save_extras(vlm, out),
+        keep_last_k=stage.keep_last_k, pad_token_id=vlm.tokenizer.pad_token_id,
+        save_extras=lambda out: _save_extras(vlm, out),
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -282,12 +301,19 @@ def training_arguments(recipe: Recipe, stage: Stage, directory: Path, model):
         report_to=[r for r in recipe.report_to if r != "none"] or "none",
         include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
         dataloader_num_workers=stage.dataloader_workers, disable_tqdm=True,
+        dataloader_pin_memory=_has_cuda(),
         train_sampling_strategy="group_by_length" if stage.group_by_length else "random",
         ddp_find_unused_parameters=_may_leave_parameters_unused(stage),
         ddp_backend=recipe.distributed.backend,
     )
     settings.update(distributed_arguments(recipe, model))
     return TrainingArguments(**settings)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _may_leave_parameters_unused(stage: Stage) -> bool:

@@ -17,8 +17,10 @@ Only these hooks are overridden, each for one reason:
   (legacy) names (``language_model.model.layers...``), so on resume no key matches and the weights silently stay
   as they were. medtune reloads them through ``from_pretrained``, which maps the names, and checks that every
   parameter was restored.
-* ``_get_train_sampler``: length grouping reads lengths from the encoded rows instead of decoding every
-  sample's images to measure them.
+* ``_get_train_sampler``: length grouping uses medtune's sampler on the encoded rows' lengths instead of
+  decoding every sample's images to measure them.
+* ``_track_num_input_tokens``: packed batches have no attention mask; non-padding tokens are counted from the
+  ids so tokens/s means useful tokens either way.
 """
 from __future__ import annotations
 
@@ -33,9 +35,10 @@ from medtune.train.recipe import LearningRates
 
 
 class MedtuneTrainer(Trainer):
-    def __init__(self, *args, learning_rates: LearningRates, keep_last_k: int = 2,
+    def __init__(self, *args, learning_rates: LearningRates, keep_last_k: int = 2, pad_token_id: int = 0,
                  save_extras: Callable[[str], None] | None = None, **kwargs):
         self.learning_rates = learning_rates
+        self.pad_token_id = pad_token_id
         self.keep_last_k = keep_last_k
         self.save_extras = save_extras
         super().__init__(*args, **kwargs)
@@ -75,11 +78,17 @@ class MedtuneTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
-            from transformers.trainer_pt_utils import LengthGroupedSampler
+            from medtune.train.sampler import LengthGroupedSampler
 
-            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                        dataset=dataset, lengths=dataset.lengths)
+            return LengthGroupedSampler(dataset.lengths, self.args.train_batch_size, seed=self.args.seed)
         return super()._get_train_sampler(train_dataset)
+
+    def _track_num_input_tokens(self, inputs) -> None:
+        """Packed batches carry no attention mask: count the tokens that are not padding instead."""
+        if "attention_mask" in inputs or self.args.include_num_input_tokens_seen == "no":
+            return super()._track_num_input_tokens(inputs)
+        tokens = (inputs["input_ids"] != self.pad_token_id).sum()
+        self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
 
 
 def restore_weights(model, checkpoint: str | Path) -> None:

@@ -1,0 +1,63 @@
+"""Every shipped recipe runs with the tiny override on CPU, and each stage trains exactly its parts."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from medtune.paths import project_root
+from medtune.train.parts import part_of
+from medtune.train.recipe import load_recipe
+from medtune.train.run import run_recipe, stage_dir
+
+RECIPES = sorted(p.stem for p in (project_root() / "recipes").glob("*.yaml") if p.stem != "mix-example")
+
+
+def test_the_seed_recipes_are_shipped():
+    assert {"demo", "llava-med", "pathchat", "gmai-vl", "med-moe"} <= set(RECIPES)
+
+
+def parameters_by_part(model) -> dict[str, dict[str, torch.Tensor]]:
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for name, parameter in model.named_parameters():
+        parts.setdefault(part_of(name), {})[name] = parameter.detach().clone()
+    return parts
+
+
+def initial_model(recipe):
+    from medtune.models.presets import preset_spec
+    from medtune.models.build import build_vlm
+
+    settings = dict(recipe.model)
+    return build_vlm(preset_spec(settings.pop("preset"), **settings)).model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_runs_tiny_and_trains_only_its_parts(name, tmp_path):
+    from medtune.models.build import load_vlm
+    from medtune.models.templates import get_template
+
+    recipe = load_recipe(project_root() / "recipes" / f"{name}.yaml",
+                         [f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", "report_to=[none]"],
+                         tiny=True)
+    results = run_recipe(recipe)
+    assert [r.steps for r in results] == [2] * len(recipe.stages)
+    before = parameters_by_part(initial_model(recipe))
+    for index, stage in enumerate(recipe.stages):
+        directory = stage_dir(recipe.output_dir, index, stage)
+        vlm = load_vlm(directory / "model")
+        after = parameters_by_part(vlm.model)
+        for part, tensors in after.items():
+            changed = [n for n, t in tensors.items() if not torch.equal(t, before[part][n])]
+            if getattr(stage.lr, part) > 0:
+                assert changed, f"{name} stage {stage.name}: {part} should train"
+            else:
+                assert changed == [], f"{name} stage {stage.name}: frozen {part} changed: {changed[:3]}"
+        expected_template = stage.template or recipe.model.get("template", "vicuna")
+        assert vlm.template == expected_template
+        assert vlm.tokenizer.chat_template == get_template(expected_template).jinja
+        summary = json.loads((directory / "summary.json").read_text())
+        assert summary["steps"] == 2 and summary["tokens"] > 0
+        before = after
