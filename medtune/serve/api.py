@@ -16,6 +16,10 @@ Design choices:
   call. Streams run alone. Greedy results do not depend on the batch (left padding is tested), sampled
   requests with a ``seed`` run alone so the seed reproduces. If a batch fails, its requests are retried one by
   one so only the faulty request gets the error. Nothing waiting is dropped: the queue is unbounded.
+* Parameters follow OpenAI: ``temperature`` defaults to 1 (send 0 for greedy, deterministic answers),
+  ``seed`` makes sampling reproducible, ``max_tokens`` (or ``max_completion_tokens``) is capped by the
+  operator's limit, ``stop`` takes up to 4 strings. An ``image_url`` object may add ``"window": PRESET`` for a
+  DICOM image (medtune.data.images.WINDOW_PRESETS).
 * Binds to loopback by default; an API key (``--api-key`` or ``MEDTUNE_API_KEY``) is required as a Bearer
   token on ``/v1`` routes when set. ``/health`` stays open for load balancers and says nothing private.
 """
@@ -111,7 +115,7 @@ def parse_chat_request(body: dict, config: ServerConfig) -> ChatRequest:
     if model != config.model_id:
         raise ApiError(404, f"model {model!r} not found; this server serves {config.model_id!r}",
                        param="model", code="model_not_found")
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):
         raise ApiError(400, "only n=1 is supported", param="n")
     conversation, images = _parse_messages(body.get("messages"), config)
     stream = _optional(body, "stream", bool, False)
@@ -371,6 +375,8 @@ class BatchingWorker:
 
     def _run_stream(self, job: _Job):
         request = job.request
+        if job.cancelled.is_set():  # the client left while the request was waiting
+            return
         put = lambda item: job.loop.call_soon_threadsafe(job.deltas.put_nowait, item)  # noqa: E731
         try:
             stream = self.generator.stream(request.conversation, request.images, request.settings)

@@ -148,6 +148,20 @@ def test_dicom_upload_with_window(server, generator, how):
     assert response.json()["choices"][0]["message"]["content"] == expected.text
 
 
+def test_client_leaving_a_stream_early_does_not_hurt_the_server(server, client, generator):
+    body = {"model": MODEL_ID, "stream": True, "temperature": 0, "max_tokens": 64,
+            "messages": [{"role": "user", "content": "Tell me everything."}]}
+    with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as response:
+        first = next(response.iter_lines())
+    assert first.startswith("data: ") and json.loads(first[6:])["object"] == "chat.completion.chunk"
+    expected = reference(generator, "Short?", [], max_new_tokens=4).text
+    response = client.chat.completions.create(model=MODEL_ID, temperature=0, max_tokens=4,
+                                              messages=[{"role": "user", "content": [
+                                                  {"type": "text", "text": "Short?"}]}])
+    assert response.choices[0].message.content == expected
+
+
 def test_concurrent_requests_all_answered_correctly(client, generator):
     """Requests arriving together are batched; each still gets its own one-by-one answer."""
     from medtune.data.images import image_from_bytes
@@ -244,10 +258,9 @@ def test_still_answers_after_bad_requests(server, client, generator):
     for case in ("malformed JSON", "corrupt base64", "unknown model"):
         request = BAD_REQUESTS[case][0]
         post(server, request.get("body"), raw=request.get("raw"))
-    expected = generator.generate([[{"role": "user", "content": "Still there?"}]], [[]],
-                                  __import__("medtune.models.generation", fromlist=["x"]).GenerationSettings(
-                                      max_new_tokens=6))[0]
+    expected = reference(generator, "Still there?", [], max_new_tokens=6).text
     response = client.chat.completions.create(model=MODEL_ID, temperature=0, max_tokens=6,
-                                              messages=[{"role": "user", "content": "Still there?"}])
+                                              messages=[{"role": "user", "content": [
+                                                  {"type": "text", "text": "Still there?"}]}])
     assert response.choices[0].message.content == expected
     assert json.loads(httpx.get(server["url"] + "/health").text)["waiting"] == 0
