@@ -36,7 +36,8 @@ def register(subparsers) -> None:
     steps.add_argument("--steps-scale", type=float, default=1.0, metavar="F",
                        help="multiply every stage's steps (or epochs) by F (default 1)")
     steps.add_argument("--quick", action="store_true", help="a tenth of the steps (--steps-scale 0.1)")
-    parser.add_argument("--seed", type=int, default=42, help="training, model-init and bootstrap seed")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="training and bootstrap seed (default: the recipe's)")
     parser.add_argument("--max-test", type=int, default=None, metavar="N",
                         help="evaluate on the first N test questions only (default: all 451)")
     parser.add_argument("--recipe", default="demo", metavar="RECIPE",

@@ -1,24 +1,17 @@
-"""The demo's evaluation step: answer a task's questions with a local model, then score answers by id.
+"""The demo's evaluation step: answer a task's questions with the trained model, then score answers by id.
 
-This is a thin composition of the evaluation package, kept here because the demo needs exactly one path
-through it: questions from a :class:`medtune.eval.tasks.Task`, answers from
-:class:`medtune.eval.backends.LocalBackend` (greedy, batched), written one line at a time with
-:class:`medtune.eval.predictions.PredictionWriter`, and scored with :mod:`medtune.eval.metrics`. The model
-and the baselines go through the same :func:`score`, so their figures are comparable line by line.
-
-Design choices:
-
-* Predictions are appended and flushed as they are made, and an existing file is resumed: re-running the
-  demo (or continuing after Ctrl-C) answers only the questions still missing.
-* Questions are batched per answer type, because closed and open questions have different generation
-  budgets and one ``generate`` call takes one setting.
+Answers come from :func:`medtune.eval.run.run_task` (the code behind ``medtune eval run``): greedy, batched per
+answer type, each answer appended and flushed as it is produced, and an existing predictions file resumed, so
+re-running the demo (or continuing after Ctrl-C) asks only the questions still missing. Scoring is done here
+rather than by ``run_task`` because the model and both baselines go through the same :func:`score`, with the
+demo's compatibility flavour, so their figures are comparable line by line.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from medtune.data.schema import Sample
 from medtune.eval import metrics
@@ -27,70 +20,36 @@ from medtune.eval.tasks import Task
 FAMILIES = ("compat", "strict")
 
 
-@dataclass
-class AnswerRun:
-    """What :func:`answer_questions` did: answers by question id, and how many were already on disk."""
+class LazyLocalBackend:
+    """A :class:`~medtune.eval.backends.LocalBackend` that loads the model only when a question is asked, so
+    a re-run whose answers are all on disk does not load it at all."""
 
-    predictions: dict[str, str]
-    reused: int
-    generated: int
+    def __init__(self, model_dir: str | os.PathLike, *, batch_size: int, device: str):
+        self.model_dir, self.batch_size, self.device = str(model_dir), batch_size, device
+        self.name = f"local:{self.model_dir}"
+        self._backend = None
 
-
-def answer_questions(task: Task, samples: Sequence[Sample], model_dir: str | os.PathLike,
-                     predictions_path: str | os.PathLike, *, batch_size: int = 16,
-                     device: str = "cpu") -> AnswerRun:
-    """Answer every sample not yet in ``predictions_path`` with the model in ``model_dir``."""
-    from tqdm.auto import tqdm
-
-    from medtune.eval.predictions import PredictionWriter, read_predictions
-
-    with PredictionWriter(predictions_path, resume=True) as writer:
-        already = set(writer.answered)
-        pending = [s for s in samples if s.id not in already]
-        if pending:
+    def answer(self, requests):
+        if self._backend is None:
             from medtune.eval.backends import LocalBackend
 
-            backend = LocalBackend(str(model_dir), batch_size=batch_size, device=device)
-            with tqdm(total=len(pending), desc="answering", unit="question", dynamic_ncols=True) as bar:
-                for batch in _batches(pending, batch_size):
-                    _answer_batch(task, batch, backend, writer, model=str(model_dir))
-                    bar.update(len(batch))
-    answers = read_predictions(predictions_path)
-    wanted = {s.id for s in samples}
-    return AnswerRun({k: v for k, v in answers.items() if k in wanted}, reused=len(wanted & already),
-                     generated=len(pending))
+            self._backend = LocalBackend(self.model_dir, batch_size=self.batch_size, device=self.device)
+        return self._backend.answer(requests)
 
 
-def _batches(samples: Sequence[Sample], size: int) -> Iterable[list[Sample]]:
-    by_type: dict[str, list[Sample]] = {}
-    for sample in samples:
-        by_type.setdefault(sample.meta.answer_type, []).append(sample)
-    for group in by_type.values():
-        for start in range(0, len(group), size):
-            yield group[start:start + size]
+def answer_questions(task: Task, model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                     limit: int | None, batch_size: int = 16, device: str = "cpu"):
+    """Answer the task's (first ``limit``) questions not yet in ``out_dir``; (RunResult, {id: answer})."""
+    from medtune.cli import UserError
+    from medtune.eval.predictions import read_predictions
+    from medtune.eval.run import run_task
 
-
-def _answer_batch(task: Task, batch: list[Sample], backend, writer, *, model: str) -> None:
-    from medtune.eval.backends import Request, Settings
-    from medtune.eval.predictions import prediction_record
-
-    requests = [Request(s.id, _with_pixels(task, s), Settings(**task.settings_for(s))) for s in batch]
-    for sample, request, text in zip(batch, requests, backend.answer(requests)):
-        writer.write(prediction_record(sample.id, text, prompt=task.prompt(sample),
-                                       settings=request.settings.to_dict(), task=task.name,
-                                       answer_type=sample.meta.answer_type, model=model, backend="local"))
-
-
-def _with_pixels(task: Task, sample: Sample) -> list[dict]:
-    """The task's messages with each image reference replaced by the loaded RGB image."""
-    from medtune.data.images import load_image
-
-    messages = task.messages(sample)
-    for message in messages:
-        for part in message["content"]:
-            if part.get("type") == "image":
-                part["image"] = load_image(part["image"], task.image_root)
-    return messages
+    backend = LazyLocalBackend(model_dir, batch_size=batch_size, device=device)
+    result = run_task(task, backend, out_dir, batch_size=batch_size, limit=limit, score=False)
+    if result.predictions_path is None:
+        raise UserError(f"{result.skipped.n_skipped} test questions could not be answered "
+                        f"({'; '.join(result.skipped.details())}); nothing was scored")
+    return result, read_predictions(result.predictions_path)
 
 
 @dataclass

@@ -5,7 +5,7 @@ Layout of ``--output DIR``::
 
     DIR/data/             train.jsonl, test.jsonl (canonical), train-clean.jsonl, manifest.json (+ leakage)
     DIR/runs/NAME-HASH/   the training run of one resolved recipe (stages, checkpoints, metrics.jsonl) and
-                          predictions-vqa-rad.jsonl of its final model
+                          eval-vqa-rad/predictions.jsonl, its final model's answers
     DIR/baselines/        the baselines' answers, as predictions files `medtune eval score` reads
     DIR/report.md, report.json, loss.png, results.png
 
@@ -54,7 +54,7 @@ class DemoOptions:
     output: Path
     preset: str = "small"
     steps_scale: float = 1.0
-    seed: int = 42
+    seed: int | None = None            # None: the recipe's seed
     max_test: int | None = None
     eval_batch_size: int = 16
     recipe: str = "demo"
@@ -190,7 +190,9 @@ def resolve_recipe(options: DemoOptions, data: DemoData):
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     # Values are JSON strings, which YAML reads back verbatim whatever the path contains.
     overrides = [f"stages.*.data.path={json.dumps(str(data.clean_train))}", "stages.*.data.format=canonical",
-                 f"stages.*.data.image_root={json.dumps(str(data.image_root))}", f"seed={options.seed}"]
+                 f"stages.*.data.image_root={json.dumps(str(data.image_root))}"]
+    if options.seed is not None:
+        overrides.append(f"seed={options.seed}")
     if isinstance(raw.get("model"), dict) and "preset" in raw["model"]:
         overrides.append(f"model.preset={options.preset}")
     elif options.preset != "small":
@@ -340,25 +342,26 @@ def run_demo(options: DemoOptions) -> dict:
 
     with phases.phase("evaluate", f"evaluation: {TASK} test split, local model, greedy") as entry:
         task, samples = test_questions(data, options.max_test)
-        answered = evaluate.answer_questions(task, samples, final_model, run_dir / f"predictions-{TASK}.jsonl",
-                                             batch_size=options.eval_batch_size, device=_device())
-        entry["status"] = "reused" if not answered.generated else "ran"
-        if answered.reused:
-            print(f"reusing {answered.reused} answers already in {run_dir / f'predictions-{TASK}.jsonl'}")
-        scored = [evaluate.score(TASK, "model", samples, answered.predictions, compat_flavour=COMPAT_FLAVOUR,
-                                 seed=options.seed)]
+        answered, predictions = evaluate.answer_questions(
+            task, final_model, run_dir / f"eval-{TASK}", limit=options.max_test,
+            batch_size=options.eval_batch_size, device=_device())
+        entry["status"] = "reused" if not answered.answered else "ran"
+        if answered.already_answered:
+            print(f"reusing {answered.already_answered} answers already in {answered.predictions_path}")
+        scored = [evaluate.score(TASK, "model", samples, predictions, compat_flavour=COMPAT_FLAVOUR,
+                                 seed=recipe.seed)]
 
     with phases.phase("baselines", "baselines: majority answer per type, most frequent answer per question"):
         answers, baseline_info = baseline_predictions(data, samples, output / "baselines")
-        scored += [evaluate.score(TASK, name, samples, predictions, compat_flavour=COMPAT_FLAVOUR,
-                                  seed=options.seed) for name, predictions in answers.items()]
+        scored += [evaluate.score(TASK, name, samples, baseline, compat_flavour=COMPAT_FLAVOUR, seed=recipe.seed)
+                   for name, baseline in answers.items()]
 
     with phases.phase("report", "report: tables, loss curves, results chart"):
         context = report.DemoContext(
             options=options, command=command_line(options), started=started.isoformat(timespec="seconds"), data=data,
             recipe=recipe, recipe_file=recipe_file, fingerprint=fingerprint, run_dir=run_dir, stages=stages,
             final_model=final_model, task=task, samples=samples, scored=scored, baselines=baseline_info,
-            predictions_reused=answered.reused, machine=machine_info(), compat_flavour=COMPAT_FLAVOUR)
+            predictions=answered.predictions_path, predictions_reused=answered.already_answered, machine=machine_info(), compat_flavour=COMPAT_FLAVOUR)
         content = report.build_content(output, context)
     # Written after the last phase so that the timings table is complete.
     content["timings"] = {"phases": phases.timings, "total_seconds": phases.total_seconds}

@@ -61,6 +61,7 @@ class DemoContext:
     samples: list
     scored: list
     baselines: dict
+    predictions: Path
     predictions_reused: int
     machine: dict
     compat_flavour: str
@@ -97,9 +98,9 @@ def build_content(output: Path, context: DemoContext) -> dict:
             "organs": dict(Counter(s.meta.organ or "unknown" for s in samples)),
             "compat_flavour": context.compat_flavour, "decoding": "greedy",
             "settings": context.task.settings,
-            "predictions": str(context.run_dir / f"predictions-{context.task.name}.jsonl"),
+            "predictions": str(context.predictions),
             "predictions_reused": context.predictions_reused,
-            "bootstrap": {"method": "percentile", "resamples": 1000, "seed": context.options.seed, "level": 0.95}},
+            "bootstrap": {"method": "percentile", "resamples": 1000, "seed": context.recipe.seed, "level": 0.95}},
         "baselines": {**context.baselines,
                       "files": {name: str(output / "baselines" / f"{name}.jsonl") for name in SYSTEMS if name != "model"}},
         "headline": headline,
