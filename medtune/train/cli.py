@@ -22,15 +22,10 @@ def register(subparsers) -> None:
         description="Train a model in stages from a recipe YAML (see recipes/). Stage n+1 starts from stage "
                     "n's output; every stage writes checkpoints, metrics.jsonl, TensorBoard logs and a summary.")
     train.add_argument("recipe", metavar="RECIPE", help="recipe YAML, or a shipped recipe name (demo, llava-med ...)")
-    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                       help="recipe overrides by dotted path, e.g. stages.0.max_steps=3 or stages.*.lr.llm=0")
-    train.add_argument("--tiny", action="store_true",
-                       help="tiny preset model, bundled VQA-RAD and 2 steps per stage (a CPU smoke run)")
-    train.add_argument("--resume", action="store_true",
-                       help="skip finished stages and continue an unfinished one from its last complete checkpoint")
-    train.add_argument("--start-stage", type=int, default=0, metavar="N",
-                       help="start at stage N (0-based); stage N-1's model must exist in the output directory")
-    train.add_argument("--output", metavar="DIR", help="output directory (replaces the recipe's output_dir)")
+    _add_train_options(train)
+    # Overrides and options may come in any order (`train demo --tiny stages.0.max_steps=3`): the rest of the
+    # line is re-read by train_command with argparse's intermixed parsing.
+    train.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     train.set_defaults(func=train_command)
 
     merge = subparsers.add_parser(
@@ -43,20 +38,47 @@ def register(subparsers) -> None:
     merge.set_defaults(func=merge_command)
 
 
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="recipe overrides by dotted path, e.g. stages.0.max_steps=3 or stages.*.lr.llm=0")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny preset model, bundled VQA-RAD and 2 steps per stage (a CPU smoke run)")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip finished stages and continue an unfinished one from its last complete checkpoint")
+    parser.add_argument("--start-stage", type=int, default=0, metavar="N",
+                        help="start at stage N (0-based); stage N-1's model must exist in the output directory")
+    parser.add_argument("--output", metavar="DIR", help="output directory (replaces the recipe's output_dir)")
+
+
+def _reparse(args: argparse.Namespace) -> argparse.Namespace:
+    """Options and overrides from the whole line, in any order."""
+    parser = argparse.ArgumentParser(prog="medtune train", add_help=False)
+    _add_train_options(parser)
+    rest = [*args.overrides, *args.rest]
+    for name in ("tiny", "resume"):
+        if getattr(args, name):
+            rest.append(f"--{name}")
+    if args.start_stage:
+        rest += ["--start-stage", str(args.start_stage)]
+    if args.output:
+        rest += ["--output", args.output]
+    return parser.parse_intermixed_args(rest)
+
+
 def train_command(args: argparse.Namespace) -> int:
     from medtune.paths import recipe_path
     from medtune.train.recipe import load_recipe
     from medtune.train.run import is_main_process, run_recipe
 
-    overrides = list(args.overrides)
-    if args.output:
-        overrides.append(f"output_dir={args.output}")
-    recipe = load_recipe(recipe_path(args.recipe), overrides, tiny=args.tiny)
-    results = run_recipe(recipe, start_stage=args.start_stage, resume=args.resume)
+    options = _reparse(args)
+    overrides = list(options.overrides)
+    if options.output:
+        overrides.append(f"output_dir={options.output}")
+    recipe = load_recipe(recipe_path(args.recipe), overrides, tiny=options.tiny)
+    run_recipe(recipe, start_stage=options.start_stage, resume=options.resume)
     if is_main_process():
-        for result in results:
-            print(result.line())
-        print(f"summary: {recipe.output_dir}/summary.json")
+        print(f"done: {len(recipe.stages) - options.start_stage} stage(s); summary in "
+              f"{recipe.output_dir}/summary.json, TensorBoard: tensorboard --logdir {recipe.output_dir}")
     return 0
 
 

@@ -150,9 +150,9 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, tiny: bool = Fal
         raise RecipeError(f"{path}: a recipe must be a mapping with model, output_dir and stages")
     overrides = list(overrides)
     tiny = tiny or _pop_tiny(overrides)
-    raw = apply_overrides(raw, overrides)
-    if tiny:
+    if tiny:   # first, so that explicit overrides still win (`--tiny stages.1.max_steps=5`)
         raw = make_tiny(raw)
+    raw = apply_overrides(raw, overrides)
     try:
         return parse_recipe(raw)
     except RecipeError as error:

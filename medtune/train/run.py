@@ -98,7 +98,7 @@ def run_stage(recipe: Recipe, index: int, *, resume: bool = False) -> StageResul
         if not resume:
             raise RecipeError(f"stage {stage.name} already finished in {directory}; pass --resume to skip "
                               "finished stages, or choose another --output")
-        return StageResult(stage.name, str(directory / MODEL_DIR), already_done=True)
+        return _finished(stage, directory)
     resume_from = _resume_point(directory, stage, resume)
     vlm, base_path = load_stage_model(recipe, index)
     _apply_template(vlm, stage.template or home_template(recipe), stage.name)
@@ -135,6 +135,19 @@ def run_stage(recipe: Recipe, index: int, *, resume: bool = False) -> StageResul
         trainable=summarise(model).to_dict(), resumed_from=_str(resume_from))
     if is_main_process():
         write_json(directory / "summary.json", result.__dict__)
+        print(result.line(), flush=True)
+    return result
+
+
+def _finished(stage: Stage, directory: Path) -> StageResult:
+    """A finished stage's result, read back from its summary.json (or a bare one if that is missing)."""
+    saved = directory / "summary.json"
+    fields = json.loads(saved.read_text(encoding="utf-8")) if saved.is_file() else {}
+    known = StageResult.__dataclass_fields__
+    result = StageResult(**{k: v for k, v in fields.items() if k in known and k != "already_done"},
+                         **({} if fields else {"stage": stage.name, "model_dir": str(directory / MODEL_DIR)}),
+                         already_done=True)
+    if is_main_process():
         print(result.line(), flush=True)
     return result
 
