@@ -79,7 +79,8 @@ class ChatSession:
         elif name == "slice":
             self.slice = None if value.lower() == "none" else _parse(int, name, value)
         elif name in SAMPLING_SETTINGS:
-            parsed = _parse(SAMPLING_SETTINGS[name], name, value)
+            parsed = None if name == "seed" and value.lower() == "none" else _parse(SAMPLING_SETTINGS[name], name,
+                                                                                     value)
             key = "max_new_tokens" if name == "max_tokens" else name
             try:
                 self.settings = dataclasses.replace(self.settings, **{key: parsed})

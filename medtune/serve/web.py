@@ -22,6 +22,7 @@ from typing import Any
 from medtune.models.generation import GenerationSettings
 
 AUTO_WINDOW = "auto (from the file)"
+NO_IMAGE = "No image: the model answers from text alone."
 UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".nii", ".gz", ".bmp", ".tif", ".tiff", ".webp"]
 
 
@@ -69,42 +70,29 @@ def chat_history(session: WebSession) -> list[dict]:
     return history
 
 
-def build_app(generator, *, title: str = "medtune"):
-    """The Gradio Blocks app for ``generator`` (a :class:`medtune.models.generation.Generator`)."""
-    import gradio as gr
+class DemoHandlers:
+    """What the page's events do; each returns the new session state and what the page shows."""
 
-    from medtune.data.images import WINDOW_PRESETS, ImageError
+    def __init__(self, generator):
+        self.generator = generator
+        self.vlm = generator.vlm
 
-    vlm = generator.vlm
+    def on_image(self, file, window, session: WebSession):
+        from medtune.data.images import ImageError
 
-    def on_image(file, window, session: WebSession):
-        session = WebSession()  # a new image starts a new conversation
+        session = WebSession()  # a new image (or window) starts a new conversation
         if file is None:
-            return session, None, [], "No image: the model answers from text alone."
+            return session, None, [], NO_IMAGE
         try:
             image = read_upload(file, None if window == AUTO_WINDOW else window)
         except (ImageError, OSError, ValueError) as error:
             return session, None, [], f"Could not read the image: {error}"
         session.image, session.image_name = image, Path(file).name
-        return session, model_view(image, vlm), [], (f"{session.image_name}: {image.width}×{image.height} px, "
-                                                      f"shown as the model sees it ({vlm.image_size} px).")
+        status = (f"{session.image_name}: {image.width}×{image.height} px, shown as the model sees it "
+                  f"({self.vlm.image_size} px).")
+        return session, model_view(image, self.vlm), [], status
 
-    def answer(session: WebSession, settings: GenerationSettings):
-        history = chat_history(session)
-        history.append({"role": "assistant", "content": ""})
-        pieces = []
-        for delta in generator.stream(session.messages, session.images(), settings):
-            pieces.append(delta)
-            history[-1]["content"] = "".join(pieces)
-            yield session, history
-        session.messages.append({"role": "assistant", "content": "".join(pieces)})
-        yield session, chat_history(session)
-
-    def settings_from(temperature, top_p, max_tokens, seed) -> GenerationSettings:
-        return GenerationSettings(max_new_tokens=int(max_tokens), temperature=float(temperature),
-                                  top_p=float(top_p), seed=None if seed in (None, "") else int(seed))
-
-    def on_send(question, session: WebSession, temperature, top_p, max_tokens, seed):
+    def on_send(self, question, session: WebSession, temperature, top_p, max_tokens, seed):
         if not question or not question.strip():
             yield "", session, chat_history(session)
             return
@@ -112,22 +100,45 @@ def build_app(generator, *, title: str = "medtune"):
         if session.image is not None and not session.images():
             content.insert(0, {"type": "image"})
         session.messages.append({"role": "user", "content": content})
-        settings = settings_from(temperature, top_p, max_tokens, seed)
-        for session, history in answer(session, settings):
+        for session, history in self._answer(session, _settings(temperature, top_p, max_tokens, seed)):
             yield "", session, history
 
-    def on_regenerate(session: WebSession, temperature, top_p, max_tokens, seed):
+    def on_regenerate(self, session: WebSession, temperature, top_p, max_tokens, seed):
         if session.messages and session.messages[-1]["role"] == "assistant":
             session.messages.pop()
         if not session.messages:
             yield session, []
             return
-        yield from answer(session, settings_from(temperature, top_p, max_tokens, seed))
+        yield from self._answer(session, _settings(temperature, top_p, max_tokens, seed))
 
-    def on_clear(session: WebSession):
+    def on_clear(self, session: WebSession):
         session.messages = []
         return session, []
 
+    def _answer(self, session: WebSession, settings: GenerationSettings):
+        """Stream the assistant's reply into the chat; record it in the session when it is complete."""
+        history = chat_history(session) + [{"role": "assistant", "content": ""}]
+        pieces = []
+        for delta in self.generator.stream(session.messages, session.images(), settings):
+            pieces.append(delta)
+            history[-1]["content"] = "".join(pieces)
+            yield session, history
+        session.messages.append({"role": "assistant", "content": "".join(pieces)})
+        yield session, chat_history(session)
+
+
+def _settings(temperature, top_p, max_tokens, seed) -> GenerationSettings:
+    return GenerationSettings(max_new_tokens=int(max_tokens), temperature=float(temperature), top_p=float(top_p),
+                              seed=None if seed in (None, "") else int(seed))
+
+
+def build_app(generator, *, title: str = "medtune"):
+    """The Gradio Blocks app for ``generator`` (a :class:`medtune.models.generation.Generator`)."""
+    import gradio as gr
+
+    from medtune.data.images import WINDOW_PRESETS
+
+    handlers = DemoHandlers(generator)
     with gr.Blocks(title=title, analytics_enabled=False) as app:
         gr.Markdown(f"## {title}\nUpload a PNG, JPEG or DICOM image and ask about it. "
                     "Research demo: not for clinical use.")
@@ -140,12 +151,12 @@ def build_app(generator, *, title: str = "medtune"):
                 # shown enlarged by the browser; the pixels are the model's (image_size x image_size)
                 seen = gr.Image(label="What the model sees", interactive=False, type="pil", elem_id="model-view",
                                 format="png", height=256)
-                status = gr.Markdown("No image: the model answers from text alone.", elem_id="status")
+                status = gr.Markdown(NO_IMAGE, elem_id="status")
                 with gr.Accordion("Sampling", open=False):
-                    temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0 = greedy)")
-                    top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top_p")
-                    max_tokens = gr.Slider(1, 1024, value=128, step=1, label="max tokens")
-                    seed = gr.Number(value=None, precision=0, label="seed (sampling only)")
+                    sampling = [gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0 = greedy)"),
+                                gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top_p"),
+                                gr.Slider(1, 1024, value=128, step=1, label="max tokens"),
+                                gr.Number(value=None, precision=0, label="seed (sampling only)")]
             with gr.Column(scale=2):
                 chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", render_markdown=False, height=420,
                                      feedback_options=None)
@@ -156,13 +167,12 @@ def build_app(generator, *, title: str = "medtune"):
                     regenerate = gr.Button("Regenerate", elem_id="regenerate")
                     clear = gr.Button("Clear", elem_id="clear")
 
-        sampling = [temperature, top_p, max_tokens, seed]
         for trigger in (upload.change, window.change):
-            trigger(on_image, [upload, window, session], [session, seen, chatbot, status])
+            trigger(handlers.on_image, [upload, window, session], [session, seen, chatbot, status])
         for trigger in (send.click, question.submit):
-            trigger(on_send, [question, session, *sampling], [question, session, chatbot])
-        regenerate.click(on_regenerate, [session, *sampling], [session, chatbot])
-        clear.click(on_clear, [session], [session, chatbot])
+            trigger(handlers.on_send, [question, session, *sampling], [question, session, chatbot])
+        regenerate.click(handlers.on_regenerate, [session, *sampling], [session, chatbot])
+        clear.click(handlers.on_clear, [session], [session, chatbot])
     return app
 
 
@@ -173,6 +183,9 @@ def run_web(args) -> int:
     from medtune.models.build import load_vlm
     from medtune.models.generation import Generator
 
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger(__name__).warning("the web demo on %s has no login: anyone who can reach the port "
+                                            "can use the model and upload images", args.host)
     generator = Generator(load_vlm(args.model))
     app = build_app(generator, title=f"medtune · {Path(args.model).name}")
     logging.getLogger(__name__).info("web demo on http://%s:%d", args.host, args.port)
