@@ -53,6 +53,18 @@ def test_batched_greedy_equals_one_by_one(generator):
     assert all(c.text for c in batched)
 
 
+@pytest.mark.parametrize("projector", ["linear", "attn_pool+mlp2x_gelu"])
+def test_batched_greedy_equals_one_by_one_for_medtune_projectors(projector):
+    """The medtune_vlm class (non-Llava projectors) pads and generates the same way."""
+    from medtune.models import presets
+    from medtune.models.build import build_vlm
+
+    generator = Generator(build_vlm(presets.tiny_spec(projector=projector)))
+    settings = GenerationSettings(max_new_tokens=6)
+    batched = generator.generate(CONVERSATIONS, IMAGES, settings)
+    assert batched == [generator.generate([c], [i], settings)[0] for c, i in zip(CONVERSATIONS, IMAGES)]
+
+
 def test_batched_greedy_equals_one_by_one_in_reverse_order(generator):
     """The same prompt gets the same answer whatever else is in the batch and wherever it sits."""
     settings = GenerationSettings(max_new_tokens=8)
