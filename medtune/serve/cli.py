@@ -16,6 +16,14 @@ def register(subparsers) -> None:
     _register_web(subparsers)
 
 
+def _check_model(model: str) -> None:
+    """A local-looking model path that does not exist is a one-line error, not a hub lookup's traceback."""
+    path = Path(model).expanduser()
+    looks_local = path.is_absolute() or model.startswith((".", "~")) or path.exists()
+    if looks_local and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no model checkpoint at {model} (a folder with config.json)")
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -41,6 +49,7 @@ def _register_chat(subparsers) -> None:
 def _run_chat(args) -> int:
     from medtune.serve.chat import run_chat
 
+    _check_model(args.model)
     return run_chat(args)
 
 
@@ -77,6 +86,7 @@ def _run_serve(args) -> int:
     from medtune.cli import UserError
     from medtune.serve.api import DEFAULT_MAX_TOKENS, serve
 
+    _check_model(args.model)
     if args.allowed_image_root is not None and not args.allowed_image_root.is_dir():
         raise UserError(f"--allowed-image-root {args.allowed_image_root} is not a folder")
     if args.default_max_tokens is None:
@@ -106,4 +116,5 @@ def _register_web(subparsers) -> None:
 def _run_web(args) -> int:
     from medtune.serve.web import run_web
 
+    _check_model(args.model)
     return run_web(args)

@@ -79,3 +79,13 @@ def test_unknown_window_preset_is_a_one_line_error(tiny_model_dir):
     result = run_chat([str(tiny_model_dir), "--window", "sunset"], [])
     assert result.returncode == 2
     assert "unknown window preset 'sunset'" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("verb", ["chat", "serve", "web"])
+def test_missing_model_folder_is_a_one_line_error(verb, tmp_path):
+    command = [sys.executable, "-c", "import sys; from medtune.cli import main; sys.exit(main())", verb,
+               str(tmp_path / "no-such-model")]
+    result = subprocess.run(command, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"medtune {verb}: error: no model checkpoint at {tmp_path / 'no-such-model'} "
+                                     "(a folder with config.json)")
