@@ -457,7 +457,7 @@ def create_app(generator, config: ServerConfig):
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if chat.stream:
             job = worker.submit_stream(chat, asyncio.get_running_loop())
-            return StreamingResponse(_sse_events(job, completion_id, created, config.model_id, request),
+            return StreamingResponse(_sse_events(job, completion_id, created, config.model_id),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         completion = await asyncio.wrap_future(worker.submit(chat))
         return _completion_body(completion, completion_id, created, config.model_id)
@@ -487,13 +487,16 @@ def _completion_body(completion: Completion, completion_id: str, created: int, m
             "usage": _usage(completion)}
 
 
-async def _sse_events(job: _Job, completion_id: str, created: int, model_id: str, request):
+async def _sse_events(job: _Job, completion_id: str, created: int, model_id: str):
     """``data: {chunk}`` events: the role, the text deltas, the finish reason (and usage), then [DONE]."""
 
-    def chunk(delta: dict, finish_reason=None, **extra) -> str:
+    def event(choices: list, **usage) -> str:
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
+                "choices": choices, **usage}
         return f"data: {json.dumps(body)}\n\n"
+
+    def chunk(delta: dict, finish_reason=None) -> str:
+        return event([{"index": 0, "delta": delta, "finish_reason": finish_reason}])
 
     try:
         yield chunk({"role": "assistant", "content": ""})
@@ -507,9 +510,7 @@ async def _sse_events(job: _Job, completion_id: str, created: int, model_id: str
             else:  # the finished Completion
                 yield chunk({}, finish_reason=item.finish_reason)
                 if job.request.include_usage:
-                    body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                            "model": model_id, "choices": [], "usage": _usage(item)}
-                    yield f"data: {json.dumps(body)}\n\n"
+                    yield event([], usage=_usage(item))
                 break
         yield "data: [DONE]\n\n"
     finally:
