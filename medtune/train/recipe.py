@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -405,6 +406,12 @@ def check_environment(recipe: Recipe, *, device: str | None = None) -> None:
             if importlib.util.find_spec("bitsandbytes") is None:
                 raise RecipeError(f"{where}.lora.quantize: QLoRA needs bitsandbytes (pip install bitsandbytes)")
     strategy = recipe.distributed.strategy
+    several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if strategy != "ddp" and several_processes and device != "cuda":
+        # accelerate 1.15 (state.py, AcceleratorState) turns FSDP and DeepSpeed on only for multi-accelerator
+        # process groups; on CPU (gloo) Trainer would silently fall back to DDP.
+        raise RecipeError(f"distributed.strategy: {strategy} needs GPUs (Accelerate enables FSDP/DeepSpeed only "
+                          "on accelerators); use ddp for multi-process CPU training")
     if strategy.startswith("zero") or recipe.distributed.deepspeed_config:
         if importlib.util.find_spec("deepspeed") is None:
             raise RecipeError(f"distributed.strategy: {strategy} needs DeepSpeed, an optional extra: "

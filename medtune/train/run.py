@@ -314,7 +314,8 @@ def training_arguments(recipe: Recipe, stage: Stage, directory: Path, model):
         report_to=[r for r in recipe.report_to if r != "none"] or "none",
         include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
         dataloader_num_workers=stage.dataloader_workers, disable_tqdm=True,
-        dataloader_pin_memory=_has_cuda(),
+        # Accelerate sets up multi-process CPU training (gloo) only when told it runs on the CPU
+        dataloader_pin_memory=_has_cuda(), use_cpu=not _has_cuda(),
         train_sampling_strategy="group_by_length" if stage.group_by_length else "random",
         ddp_find_unused_parameters=_may_leave_parameters_unused(stage),
         ddp_backend=recipe.distributed.backend,
