@@ -69,4 +69,7 @@ def _is_user_facing(error: Exception) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the imported module so `python -m medtune.cli` shares one UserError class with the verbs.
+    from medtune.cli import main as _main
+
+    sys.exit(_main())
