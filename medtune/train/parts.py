@@ -12,6 +12,9 @@ Design choices:
   state and no all-reduce.
 * LoRA goes through PEFT on the LLM (optionally the vision tower); a trained projector is saved whole next to the
   adapters (``modules_to_save``), the way LLaVA-Med and PathChat train the projector with LoRA.
+* QLoRA reloads the base with bitsandbytes 4/8-bit weights for the LLM only (vision tower, projector and head
+  stay in full precision, as they train or are small); :func:`medtune.train.recipe.check_environment` has
+  already refused it without CUDA and bitsandbytes.
 * Each part becomes its own optimizer parameter group (split again into decay / no-decay), so the Trainer's
   scheduler scales every group from its own peak learning rate.
 """
@@ -127,6 +130,23 @@ def add_lora(model, lora: LoraSpec, *, train_whole: list[str] = ()):
         modules_to_save=[module_name_of(model, part).split(".")[-1] for part in train_whole] or None,
     )
     return get_peft_model(model, config)
+
+
+def load_quantized(base: str, bits: str, *, gradient_checkpointing: bool = False):
+    """The base model reloaded with its LLM quantized for QLoRA (``bits``: "4bit" or "8bit"), on this GPU."""
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    import medtune.models.composed  # noqa: F401  (medtune_vlm models load through the Auto classes)
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=bits == "4bit", load_in_8bit=bits == "8bit", bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16,
+        llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
+    model = AutoModelForImageTextToText.from_pretrained(
+        str(base), quantization_config=config, device_map={"": torch.cuda.current_device()})
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 
 
 def parameter_groups(model, lr: LearningRates, weight_decay: float, decay_names: set[str]) -> list[dict]:

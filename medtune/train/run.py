@@ -114,6 +114,11 @@ def run_stage(recipe: Recipe, index: int, *, resume: bool = False) -> StageResul
 
     if stage.lora is not None and base_path is None:
         base_path = _save_base(vlm, directory)
+    if stage.lora is not None and stage.lora.quantize is not None:
+        from medtune.train.parts import load_quantized
+
+        vlm.model = load_quantized(base_path, stage.lora.quantize,
+                                   gradient_checkpointing=stage.gradient_checkpointing)
     model = apply_trainable_parts(vlm.model, stage.lr, stage.lora)
     if stage.lora is not None:
         model.peft_config["default"].base_model_name_or_path = str(Path(base_path).resolve())

@@ -141,3 +141,22 @@ def test_environment_checks_bf16_qlora_and_deepspeed(monkeypatch):
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     with pytest.raises(RecipeError, match="needs DeepSpeed, an optional extra"):
         recipe_module.check_environment(parse_recipe(raw), device="cpu")
+
+
+def test_distributed_strategy_becomes_trainer_arguments_only_with_several_processes(monkeypatch):
+    from medtune.train.run import distributed_arguments
+
+    raw = minimal()
+    raw["distributed"] = {"strategy": "zero3"}
+    recipe = parse_recipe(raw)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed_arguments(recipe, None) == {}
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    zero = distributed_arguments(recipe, None)["deepspeed"]["zero_optimization"]
+    assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"] is True
+    raw["distributed"] = {"strategy": "fsdp2", "fsdp_config": {"cpu_offload": True}}
+    fsdp = distributed_arguments(parse_recipe(raw), None)
+    assert fsdp["fsdp_config"]["version"] == 2 and fsdp["fsdp_config"]["cpu_offload"] is True
+    assert fsdp["fsdp_config"]["state_dict_type"] == "FULL_STATE_DICT"   # checkpoints load in one process
+    raw["distributed"] = {"strategy": "zero2", "deepspeed_config": "my_ds.json"}
+    assert distributed_arguments(parse_recipe(raw), None) == {"deepspeed": "my_ds.json"}

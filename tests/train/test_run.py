@@ -18,7 +18,8 @@ def write_recipe(tmp_path, **changes) -> str:
         "model": {"preset": "tiny"}, "output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"),
         "defaults": {"data": data, "batch_size": 2, "max_length": 256, "log_steps": 1, "save_steps": 2},
         "stages": [
-            {"name": "align", "template": "plain", "lr": {"projector": 1e-3}, "max_steps": 2},
+            {"name": "align", "template": "plain", "lr": {"projector": 1e-3}, "max_steps": 2, "eval_steps": 2,
+             "eval_data": {"path": "bundled:vqa_rad/testset.json", "format": "vqa-rad", "limit": 4}},
             {"name": "sft", "lr": {"projector": 1e-4, "lora": 1e-3}, "packing": True, "max_steps": 3,
              "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
         ],
@@ -62,6 +63,8 @@ def test_two_stages_through_the_cli(tmp_path, capsys):
     assert [m["step"] for m in steps] == [1, 2, 3]
     assert all(m["tokens_per_second"] > 0 and m["learning_rate"] >= 0 for m in steps)
     assert list((run / "stage-1-sft").glob("runs/*/events.out.tfevents.*"))
+    align_metrics = (run / "stage-0-align" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in align_metrics if "eval_loss" in line] == [2]
     stage = json.loads((run / "stage-1-sft" / "summary.json").read_text())
     assert stage["tokens"] == steps[-1]["tokens_seen"] > 0
     assert stage["last_checkpoint"].endswith("checkpoint-3")
