@@ -10,6 +10,8 @@ Design choices:
 * Predictions are keyed by question id and appended, flushed, one line per answer
   (:class:`~medtune.eval.predictions.PredictionWriter`), each with the exact prompt text and the settings it
   was generated with. Running again into the same folder resumes: ids already in the file are not asked again.
+  A resumed file whose recorded prompts or settings differ from this run's is refused (:class:`ResumeMismatch`)
+  rather than mixed into one report.
 * Questions are sent in batches of ``batch_size``. Pending questions are grouped by generation settings first
   (closed and open answers get different token budgets), so a local batch is one ``generate`` call instead of
   being split wherever the answer type changes. With an HTTP backend the batch size is the number of requests
@@ -23,12 +25,13 @@ Design choices:
   folder; ``medtune eval merge SHARDS --task T --out predictions.jsonl`` does the same by hand. Two shards that
   finish at the same moment both merge and score; every file is written atomically, and with the same content.
 * ``limit`` takes the first N questions in task order (before sharding); the report says so. The scoring task
-  is limited the same way, so the report covers exactly the questions asked.
+  is limited the same way, so the report covers exactly the questions asked. (``medtune eval score`` and
+  ``merge`` know no limit: rescoring a limited run's file against the whole task counts the rest as missing.)
 * A question whose image cannot be loaded is skipped and counted (raised at once when ``strict``); the run then
   writes no report, because a score that silently leaves questions out is not comparable. Fix the images and
   run again (answered questions are kept), or score the partial file with ``medtune eval score --allow-missing``.
 * Scoring is :func:`medtune.eval.score.score_predictions`, the code ``medtune eval score`` runs, so a run's
-  report equals a later rescoring of its ``predictions.jsonl``.
+  report equals a later rescoring of its ``predictions.jsonl`` (tested on the whole VQA-RAD test split).
 """
 from __future__ import annotations
 
@@ -43,13 +46,14 @@ from medtune.data.jsonl import RecordError, Tally
 from medtune.data.schema import ImageRef, Sample
 from medtune.eval import predictions as preds
 from medtune.eval.backends import Backend, Request, Settings
+from medtune.eval.metrics import DEFAULT_FAMILIES
 from medtune.eval.tasks import Task
 
 IMAGE_CACHE_SIZE = 16  # VQA benchmarks ask several questions about one image, usually one after another
 
 
-class IncompleteRun(RuntimeError):
-    """Some questions have no prediction (unreadable images), so no report was written."""
+class ResumeMismatch(ValueError):
+    """The predictions being resumed were made with other prompts or settings than this run would use."""
 
 
 @dataclass
@@ -96,7 +100,7 @@ class RunResult:
 
 def run_task(task: Task, backend: Backend, out_dir: str | os.PathLike, *, num_shards: int = 1, shard_index: int = 0,
              shard_mode: str = "modulo", batch_size: int = 8, limit: int | None = None, resume: bool = True,
-             families: Sequence[str] = ("compat", "strict"), strict: bool = False, progress: bool = True,
+             families: Sequence[str] = DEFAULT_FAMILIES, strict: bool = False, progress: bool = True,
              score: bool = True) -> RunResult:
     """Answer this shard's pending questions of ``task`` through ``backend`` and write them to ``out_dir``.
 
@@ -111,6 +115,8 @@ def run_task(task: Task, backend: Backend, out_dir: str | os.PathLike, *, num_sh
     mine = preds.shard(samples, num_shards, shard_index, shard_mode)
     started = time.perf_counter()
     with preds.PredictionWriter(path, resume=resume) as writer:
+        if writer.answered:
+            _check_same_questions(path, task, mine)
         todo = preds.pending(samples, writer.answered, num_shards, shard_index, shard_mode)
         result = RunResult(task.name, path, num_shards, shard_index, len(mine), len(mine) - len(todo), 0, 0.0)
         bar = _progress_bar(len(mine), result.already_answered, f"{task.name} shard {shard_index + 1}/{num_shards}"
@@ -129,6 +135,22 @@ def run_task(task: Task, backend: Backend, out_dir: str | os.PathLike, *, num_sh
         from medtune.eval.score import score_predictions
         result.score = score_predictions(task, result.predictions_path, out_dir=out_dir, families=tuple(families))
     return result
+
+
+def _check_same_questions(path: Path, task: Task, samples: Sequence[Sample]) -> None:
+    """Refuse to resume a file whose answers were asked differently (prompt style, token budget ...):
+    mixing them would make one report out of two experiments."""
+    by_id = {sample.id: sample for sample in samples}
+    for question_id, _, record in preds.iter_predictions(path, strict=True):
+        sample = by_id.get(question_id)
+        if sample is None or "prompt" not in record:
+            continue
+        now = {"prompt": task.prompt(sample), "settings": _settings(task, sample).to_dict()}
+        for key, value in now.items():
+            if record.get(key) != value:
+                raise ResumeMismatch(f"{path}: question {question_id!r} was answered with {key} "
+                                     f"{record.get(key)!r}, this run would use {value!r}; write to another "
+                                     "folder (--out) or remove the file to start again")
 
 
 def _record(task: Task, sample: Sample, request: Request, answer: str, backend: Backend,
@@ -260,7 +282,7 @@ def run_from_args(args) -> int:
         result = run_task(task, backend, args.out, num_shards=num_shards, shard_index=shard_index,
                           shard_mode=args.shard_mode, batch_size=args.batch_size, limit=args.limit,
                           families=families, strict=args.strict, progress=True)
-    except (BackendError, preds.MergeError, MissingPredictions, RecordError) as error:
+    except (BackendError, preds.MergeError, MissingPredictions, RecordError, ResumeMismatch) as error:
         raise UserError(str(error)) from None
     finally:
         getattr(backend, "close", lambda: None)()

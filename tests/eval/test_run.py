@@ -198,3 +198,14 @@ def test_unreadable_image_is_skipped_counted_and_retried_on_resume(vlm, tmp_path
     result = run_task(task, backend, out, progress=False)
     assert backend.asked == ["a", "c", "b"] and result.score is not None
     assert json.loads((out / "results.json").read_text())["counts"]["questions"] == 3
+
+
+def test_resume_refuses_answers_asked_differently(vlm, tmp_path):
+    """A folder answered with the plain prompt is not continued with the short-answer prompt."""
+    from medtune.eval.run import ResumeMismatch
+
+    run_task(get_task("vqa-rad"), LocalBackend(vlm), tmp_path, limit=2, progress=False)
+    backend = RecordingBackend(LocalBackend(vlm))
+    with pytest.raises(ResumeMismatch, match=r"question '11' was answered with prompt 'Is there evidence"):
+        run_task(get_task("vqa-rad", prompt_style="short"), backend, tmp_path, limit=4, progress=False)
+    assert backend.asked == []
