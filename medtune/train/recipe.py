@@ -395,6 +395,8 @@ def check_environment(recipe: Recipe, *, device: str | None = None) -> None:
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(recipe.model, dict):
+        _check_model_spec(recipe.model)
     for index, stage in enumerate(recipe.stages):
         where = f"stages[{index}]"
         if stage.precision == "bf16" and not bf16_supported(device):
@@ -419,6 +421,24 @@ def check_environment(recipe: Recipe, *, device: str | None = None) -> None:
     for name in recipe.report_to:
         if name in ("wandb", "mlflow") and importlib.util.find_spec(name) is None:
             raise RecipeError(f"report_to: {name} is not installed (pip install {name})")
+
+
+def _check_model_spec(model: dict) -> None:
+    """Keys of a composed-model mapping are ModelSpec fields (plus ``preset``); checked by name here."""
+    from dataclasses import fields
+
+    from medtune.models.build import ModelSpec
+    from medtune.models.presets import PRESETS
+
+    known = [f.name for f in fields(ModelSpec)] + ["preset"]
+    for key in model:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            raise RecipeError(f"model.{key}: unknown key" + (f" (did you mean {close[0]}?)" if close else ""))
+    if "preset" in model and model["preset"] not in PRESETS:
+        raise RecipeError(f"model.preset: {model['preset']!r} is not one of {', '.join(PRESETS)}")
+    if "preset" not in model and not {"vision", "llm"} <= set(model):
+        raise RecipeError("model: a composed model needs vision and llm (or a preset)")
 
 
 def bf16_supported(device: str) -> bool:

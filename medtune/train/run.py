@@ -248,6 +248,11 @@ def _save_base(vlm, directory: Path) -> Path:
 def save_stage_model(trainer, vlm, stage: Stage, directory: Path) -> None:
     """Write the stage's ``model/`` atomically: full weights, or (LoRA) adapters plus the merged model."""
     staging = directory / ".final.partial"
+    if is_main_process() and staging.exists():   # left by a run killed while saving
+        import shutil
+
+        shutil.rmtree(staging)
+    barrier()
     trainer.save_model(str(staging))
     if is_main_process():
         if stage.lora is not None:

@@ -160,3 +160,18 @@ def test_distributed_strategy_becomes_trainer_arguments_only_with_several_proces
     assert fsdp["fsdp_config"]["state_dict_type"] == "FULL_STATE_DICT"   # checkpoints load in one process
     raw["distributed"] = {"strategy": "zero2", "deepspeed_config": "my_ds.json"}
     assert distributed_arguments(parse_recipe(raw), None) == {"deepspeed": "my_ds.json"}
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"preset": "tiny", "projecter": "linear"}, "model.projecter: unknown key (did you mean projector?)"),
+    ({"preset": "huge"}, "model.preset: 'huge' is not one of tiny, small"),
+    ({"vision": "openai/clip-vit-large-patch14"}, "model: a composed model needs vision and llm"),
+])
+def test_model_spec_keys_are_checked_before_building(model, message):
+    from medtune.train.recipe import check_environment
+
+    raw = minimal()
+    raw["model"] = model
+    with pytest.raises(RecipeError) as info:
+        check_environment(parse_recipe(raw), device="cpu")
+    assert str(info.value).startswith(message)
