@@ -5,6 +5,9 @@
 ``name`` and ``answer(requests) -> list[str]``). The task side builds :class:`~medtune.eval.backends.Request`
 objects and never learns which backend answers them.
 
+    medtune eval run --task vqa-rad --model CHECKPOINT --out runs/vqa-rad          # or --endpoint URL
+    torchrun --nproc_per_node 8 --no-python medtune eval run --task vqa-rad --model CHECKPOINT --out runs/vqa-rad
+
 Design choices:
 
 * Predictions are keyed by question id and appended, flushed, one line per answer
@@ -89,6 +92,7 @@ class RunResult:
     already_answered: int           # of those, answered before this run (resume)
     answered: int                   # answered by this run
     seconds: float
+    limit: int | None = None                       # only the task's first N questions
     skipped: Tally = field(default_factory=Tally)  # questions skipped (image errors), with reasons
     predictions_path: Path | None = None           # the complete (merged) predictions file, once there is one
     score: object | None = None                    # medtune.eval.score.ScoreResult, once scored
@@ -118,7 +122,8 @@ def run_task(task: Task, backend: Backend, out_dir: str | os.PathLike, *, num_sh
         if writer.answered:
             _check_same_questions(path, task, mine)
         todo = preds.pending(samples, writer.answered, num_shards, shard_index, shard_mode)
-        result = RunResult(task.name, path, num_shards, shard_index, len(mine), len(mine) - len(todo), 0, 0.0)
+        result = RunResult(task.name, path, num_shards, shard_index, len(mine), len(mine) - len(todo), 0, 0.0,
+                           limit)
         bar = _progress_bar(len(mine), result.already_answered, f"{task.name} shard {shard_index + 1}/{num_shards}"
                             if num_shards > 1 else task.name, enabled=progress)
         with bar:
@@ -308,8 +313,9 @@ def summary(result: RunResult, out_dir) -> str:
                              for r in result.score.headline())
         return f"{line}\n{headline}\nreport in {out_dir}"
     if result.predictions_path is None and result.num_shards > 1 and not result.skipped.n_skipped:
+        check = f" --task {result.task}" if result.limit is None else ""  # merge knows no limit
         line += ("\nother shards are still running: the last shard to finish merges and scores "
-                 f"(or later: medtune eval merge {out_dir}/predictions.shard*.jsonl --task {result.task} "
+                 f"(or later: medtune eval merge {out_dir}/predictions.shard*.jsonl{check} "
                  f"--out {out_dir}/predictions.jsonl)")
     return line
 
