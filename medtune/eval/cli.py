@@ -86,13 +86,14 @@ def _add_merge(verbs) -> None:
 
 def _add_run(verbs) -> None:
     p = verbs.add_parser("run", help="answer a task's questions with a model or an endpoint, then score")
-    p.add_argument("--task", default="vqa-rad")
-    p.add_argument("--data", type=Path)
+    p.add_argument("--task", default="vqa-rad", help="a built-in task (default: bundled VQA-RAD test split)")
+    p.add_argument("--data", type=Path, help="where the task's questions are (default: bundled, if any)")
     p.add_argument("--gt-format", default=None, help="format of --data")
-    p.add_argument("--image-root", type=Path)
+    p.add_argument("--image-root", type=Path, help="folder the questions' image paths are relative to")
     backend = p.add_mutually_exclusive_group(required=True)
     backend.add_argument("--model", help="a local checkpoint (medtune or Hugging Face)")
-    backend.add_argument("--endpoint", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    backend.add_argument("--endpoint", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 "
+                         "(API key: $MEDTUNE_ENDPOINT_API_KEY or $OPENAI_API_KEY)")
     p.add_argument("--endpoint-model", help="model name at the endpoint")
     p.add_argument("--out", type=Path, required=True,
                    help="folder for predictions and the report; running again into it resumes")
@@ -101,11 +102,12 @@ def _add_run(verbs) -> None:
     p.add_argument("--limit", type=_positive_int, help="only the first N questions of the task")
     p.add_argument("--device", default="auto", help="local model: cpu, cuda, cuda:1 ... (auto: GPU if any)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="local model weights' dtype")
-    p.add_argument("--prompt-style", choices=("plain", "short"), default="plain")
+    p.add_argument("--prompt-style", choices=("plain", "short"), default="plain",
+                   help="plain: the question alone (LLaVA-Med protocol); short: ask for a word or phrase")
     p.add_argument("--num-shards", type=_positive_int, default=1, help="(under torchrun: WORLD_SIZE)")
     p.add_argument("--shard-index", type=int, default=0, help="(under torchrun: RANK)")
     p.add_argument("--shard-mode", choices=("modulo", "contiguous"), default="modulo")
-    p.add_argument("--metrics", default="compat,strict")
+    p.add_argument("--metrics", default="compat,strict", help="families, comma-separated: compat, strict")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable question or image")
     p.set_defaults(func=_run)
 

@@ -52,6 +52,7 @@ from medtune.eval.backends import Backend, Request, Settings
 from medtune.eval.metrics import DEFAULT_FAMILIES
 from medtune.eval.tasks import Task
 
+ENDPOINT_KEY_ENV = "MEDTUNE_ENDPOINT_API_KEY"  # the endpoint's API key (else OPENAI_API_KEY), never an option
 IMAGE_CACHE_SIZE = 16  # VQA benchmarks ask several questions about one image, usually one after another
 
 
@@ -331,9 +332,6 @@ def _backend_from_args(args) -> Backend:
         except BackendError as error:
             raise UserError(str(error)) from None
     return LocalBackend(args.model, batch_size=args.batch_size, device=_device(args.device), dtype=args.dtype)
-
-
-ENDPOINT_KEY_ENV = "MEDTUNE_ENDPOINT_API_KEY"
 
 
 def _device(device: str) -> str:
