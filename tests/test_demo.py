@@ -20,16 +20,14 @@ from medtune.cli import main
 from medtune.eval import compat, strict
 from medtune.paths import bundled_data
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    not (Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml").is_file(),
-    reason="recipes/demo.yaml (owned by the training issue) has not landed yet")]
+pytestmark = pytest.mark.slow
 
-SHORT = ["--preset", "tiny", "stages.*.max_steps=2", "stages.*.data.limit=32", "stages.*.log_steps=1",
-         "stages.*.batch_size=2"]
+# Recipe overrides go last: argparse reads KEY=VALUE words only as one run after the options.
+SHORT = ["stages.*.max_steps=2", "stages.*.data.limit=32", "stages.*.log_steps=1", "stages.*.batch_size=2"]
 
 
-def run_demo(output: Path, *extra: str) -> int:
-    return main(["demo", "--output", str(output), *SHORT, *extra])
+def run_demo(output: Path, *options: str, overrides: tuple[str, ...] = ()) -> int:
+    return main(["demo", "--output", str(output), "--preset", "tiny", *options, *overrides, *SHORT])
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +198,10 @@ def test_second_run_reuses_data_stages_and_answers(demo, capsys):
 
 def test_other_settings_train_their_own_model_and_max_test_subsets(demo):
     output, first, _ = demo
+    token_cache = sorted((output / "cache" / "tokens").iterdir())
+    assert token_cache   # under --output, like everything else
     assert run_demo(output, "--steps-scale", "0.5", "--max-test", "16") == 0
+    assert sorted((output / "cache" / "tokens").iterdir()) == token_cache   # same data: encoded data reused
     report = json.loads((output / "report.json").read_text(encoding="utf-8"))
     assert report["recipe"]["run_dir"] != first["recipe"]["run_dir"]
     assert [s["steps"] for s in report["training"]["stages"]] == [1, 1]
@@ -215,3 +216,54 @@ def test_a_bad_override_stops_before_any_work(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "stages[0].lr.projectr: unknown key (did you mean projector?)" in error
     assert not (tmp_path / "out" / "data").exists()
+
+
+# ---- the report's GPU command ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_parts(tmp_path_factory) -> dict[str, Path]:
+    """Tiny "pretrained" parts saved as checkpoints, to stand in for the hub names of the GPU command."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    from medtune.models.tokenizer import offline_tokenizer
+
+    root = tmp_path_factory.mktemp("parts")
+    torch.manual_seed(7)
+    tokenizer = offline_tokenizer()
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+                     ).save_pretrained(root / "llm")
+    tokenizer.save_pretrained(root / "llm")
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     image_size=32, patch_size=8)).save_pretrained(root / "vision")
+    return {"vision": root / "vision", "llm": root / "llm"}
+
+
+def test_gpu_command_runs_the_recipe_with_pretrained_parts_by_overrides_only(demo, local_parts, tmp_path):
+    """The report's command, with local checkpoints for its hub names and fp32 (this is a CPU)."""
+    import shlex
+
+    import torch
+    from transformers import AutoModelForImageTextToText, CLIPVisionModel
+
+    _, report, _ = demo
+    words = shlex.split(report["gpu_command"])
+    assert words[:4] == ["medtune", "demo", "--output", "medtune-output/demo-pretrained"]
+    overrides = [w for w in words[4:] if w != "stages.*.precision=bf16"]
+    assert len(overrides) == len(words) - 5 and all("=" in w for w in overrides)
+    hub = {"model.vision": local_parts["vision"], "model.llm": local_parts["llm"]}
+    overrides = [f"{w.split('=')[0]}={hub[w.split('=')[0]]}" if w.split("=")[0] in hub else w for w in overrides]
+    output = tmp_path / "pretrained"
+    assert run_demo(output, "--max-test", "8", overrides=tuple(overrides)) == 0
+    pretrained = json.loads((output / "report.json").read_text(encoding="utf-8"))
+    assert pretrained["evaluation"]["n"] == 8
+    final = Path(pretrained["model"]["final_model"])
+    assert (final.parent / "adapter" / "adapter_config.json").is_file()   # stage 2 trained LoRA adapters
+    model = AutoModelForImageTextToText.from_pretrained(final)   # merged: plain transformers loads it
+    tower = CLIPVisionModel.from_pretrained(local_parts["vision"])
+    # Neither stage trains the vision tower: the final model carries the pretrained tower unchanged.
+    mine, theirs = model.model.vision_tower.state_dict(), tower.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)

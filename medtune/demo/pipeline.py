@@ -6,6 +6,7 @@ Layout of ``--output DIR``::
     DIR/data/             train.jsonl, test.jsonl (canonical), train-clean.jsonl, manifest.json (+ leakage)
     DIR/runs/NAME-HASH/   the training run of one resolved recipe (stages, checkpoints, metrics.jsonl) and
                           eval-vqa-rad/predictions.jsonl, its final model's answers
+    DIR/cache/tokens/     the token cache of the training stages (keyed by data, tokenizer and settings)
     DIR/baselines/        the baselines' answers, as predictions files `medtune eval score` reads
     DIR/report.md, report.json, loss.png, results.png
 
@@ -94,6 +95,13 @@ class DemoData:
     image_root: Path
     manifest: dict
 
+    @classmethod
+    def at(cls, output: Path) -> "DemoData":
+        """Where the demo in ``output`` keeps its data (nothing is read or written here)."""
+        from medtune.paths import bundled_data
+
+        return cls(output / "data", bundled_data("vqa_rad", "images"), {})
+
     @property
     def train(self) -> Path:
         return self.directory / "train.jsonl"
@@ -120,10 +128,9 @@ def prepare_data(output: Path) -> tuple[DemoData, bool]:
     from medtune.paths import bundled_data
 
     sources = {"train": bundled_data("vqa_rad", "trainset.json"), "test": bundled_data("vqa_rad", "testset.json")}
-    image_root = bundled_data("vqa_rad", "images")
-    directory = output / "data"
+    data = DemoData.at(output)
+    directory = data.directory
     hashes = {split: _sha256(path) for split, path in sources.items()}
-    data = DemoData(directory, image_root, {})
     manifest_path = directory / "manifest.json"
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -180,7 +187,8 @@ def _convert_and_clean(sources: dict[str, Path], hashes: dict[str, str], data: D
 
 
 def resolve_recipe(options: DemoOptions, data: DemoData):
-    """``recipes/demo.yaml`` pointed at the cleaned data, with the preset, seed, step scale and overrides."""
+    """``recipes/demo.yaml`` pointed at the cleaned data (token cache under the output folder), with the preset,
+    seed, step scale and overrides."""
     import yaml
 
     from medtune.paths import recipe_path
@@ -190,7 +198,8 @@ def resolve_recipe(options: DemoOptions, data: DemoData):
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     # Values are JSON strings, which YAML reads back verbatim whatever the path contains.
     overrides = [f"stages.*.data.path={json.dumps(str(data.clean_train))}", "stages.*.data.format=canonical",
-                 f"stages.*.data.image_root={json.dumps(str(data.image_root))}"]
+                 f"stages.*.data.image_root={json.dumps(str(data.image_root))}",
+                 f"cache_dir={json.dumps(str(data.directory.parent / 'cache' / 'tokens'))}"]
     if options.seed is not None:
         overrides.append(f"seed={options.seed}")
     if isinstance(raw.get("model"), dict) and "preset" in raw["model"]:
@@ -262,21 +271,37 @@ def test_questions(data: DemoData, max_test: int | None):
     return task, samples
 
 
-def baseline_predictions(data: DemoData, samples: list[Sample], out_dir: Path):
-    """Both baselines' answers to ``samples``, learned from the cleaned training set (and written out)."""
+def evaluate_model(data: DemoData, model_dir: Path, run_dir: Path, options: DemoOptions, *, seed: int) -> dict:
+    """Answer the test questions with the trained model (resuming earlier answers) and score them."""
+    from medtune.demo import evaluate
+
+    task, samples = test_questions(data, options.max_test)
+    result, predictions = evaluate.answer_questions(task, model_dir, run_dir / f"eval-{TASK}",
+                                                    limit=options.max_test, batch_size=options.eval_batch_size,
+                                                    device=_device())
+    if result.already_answered:
+        print(f"reusing {result.already_answered} answers already in {result.predictions_path}")
+    scored = evaluate.score(TASK, "model", samples, predictions, compat_flavour=COMPAT_FLAVOUR, seed=seed)
+    return {"task": task, "samples": samples, "scored": scored, "predictions": result.predictions_path,
+            "reused": result.already_answered, "answered_now": result.answered}
+
+
+def score_baselines(data: DemoData, samples: list[Sample], out_dir: Path, *, seed: int) -> dict:
+    """Both baselines, learned from the cleaned training set, answered (files in ``out_dir``) and scored."""
     from medtune.data.jsonl import read_samples
+    from medtune.demo import evaluate
     from medtune.demo.baselines import BASELINES, AnswerPriors
-    from medtune.demo.evaluate import write_answers
 
     priors = AnswerPriors.learn(read_samples(data.clean_train, strict=True))
-    answers = {}
+    scored = []
     for name in BASELINES:
-        answers[name] = priors.predict(name, samples)
-        write_answers(out_dir / f"{name}.jsonl", answers[name], samples, f"baseline:{name}")
+        answers = priors.predict(name, samples)
+        evaluate.write_answers(out_dir / f"{name}.jsonl", answers, samples, f"baseline:{name}")
+        scored.append(evaluate.score(TASK, name, samples, answers, compat_flavour=COMPAT_FLAVOUR, seed=seed))
     info = {**priors.describe(), "question_prior_coverage": priors.coverage(samples)}
     print(f"majority answers: {info['majority']}; the question prior knows {info['question_prior_coverage']} "
           f"of {len(samples)} test questions from training")
-    return answers, info
+    return {"scored": scored, "info": info}
 
 
 def machine_info() -> dict:
@@ -306,24 +331,19 @@ def run_demo(options: DemoOptions) -> dict:
     """Run every phase (reusing what is already done) and write the report; returns report.json's content."""
     import datetime
 
-    from medtune.demo import evaluate, report
+    from medtune.demo import report
     from medtune.train.recipe import check_environment
+    from medtune.train.run import MODEL_DIR
 
     output = options.output
-    output.mkdir(parents=True, exist_ok=True)
-    started = datetime.datetime.now(datetime.timezone.utc)
-    data = DemoData(output / "data", Path(), {})
-    from medtune.paths import bundled_data
-
-    data.image_root = bundled_data("vqa_rad", "images")
-    recipe, recipe_file = resolve_recipe(options, data)   # a bad override fails before any work
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    recipe, recipe_file = resolve_recipe(options, DemoData.at(output))   # a bad override fails before any work
     check_environment(recipe)
+    output.mkdir(parents=True, exist_ok=True)
     phases = Phases(total=len(recipe.stages) + 4)
-
     with phases.phase("data", "data: convert bundled VQA-RAD, remove train/test leakage") as entry:
         data, reused = prepare_data(output)
         entry["status"] = "reused" if reused else "ran"
-
     fingerprint = recipe_fingerprint(recipe, output, data.manifest["clean_train_sha256"])
     run_dir = output / "runs" / f"{options.preset}-{fingerprint}"
     recipe.output_dir = str(run_dir)
@@ -336,32 +356,20 @@ def run_demo(options: DemoOptions) -> dict:
             summary, reused = train_stage(recipe, index)
             entry["status"] = "reused" if reused else "ran"
             stages.append({**summary, "reused": reused})
-    from medtune.train.run import MODEL_DIR
-
     final_model = Path(stages[-1]["directory"]) / MODEL_DIR
-
     with phases.phase("evaluate", f"evaluation: {TASK} test split, local model, greedy") as entry:
-        task, samples = test_questions(data, options.max_test)
-        answered, predictions = evaluate.answer_questions(
-            task, final_model, run_dir / f"eval-{TASK}", limit=options.max_test,
-            batch_size=options.eval_batch_size, device=_device())
-        entry["status"] = "reused" if not answered.answered else "ran"
-        if answered.already_answered:
-            print(f"reusing {answered.already_answered} answers already in {answered.predictions_path}")
-        scored = [evaluate.score(TASK, "model", samples, predictions, compat_flavour=COMPAT_FLAVOUR,
-                                 seed=recipe.seed)]
-
+        evaluation = evaluate_model(data, final_model, run_dir, options, seed=recipe.seed)
+        entry["status"] = "reused" if not evaluation["answered_now"] else "ran"
     with phases.phase("baselines", "baselines: majority answer per type, most frequent answer per question"):
-        answers, baseline_info = baseline_predictions(data, samples, output / "baselines")
-        scored += [evaluate.score(TASK, name, samples, baseline, compat_flavour=COMPAT_FLAVOUR, seed=recipe.seed)
-                   for name, baseline in answers.items()]
-
+        baselines = score_baselines(data, evaluation["samples"], output / "baselines", seed=recipe.seed)
     with phases.phase("report", "report: tables, loss curves, results chart"):
         context = report.DemoContext(
-            options=options, command=command_line(options), started=started.isoformat(timespec="seconds"), data=data,
-            recipe=recipe, recipe_file=recipe_file, fingerprint=fingerprint, run_dir=run_dir, stages=stages,
-            final_model=final_model, task=task, samples=samples, scored=scored, baselines=baseline_info,
-            predictions=answered.predictions_path, predictions_reused=answered.already_answered, machine=machine_info(), compat_flavour=COMPAT_FLAVOUR)
+            options=options, command=command_line(options), started=started, data=data, recipe=recipe,
+            recipe_file=recipe_file, fingerprint=fingerprint, run_dir=run_dir, stages=stages,
+            final_model=final_model, task=evaluation["task"], samples=evaluation["samples"],
+            scored=[evaluation["scored"], *baselines["scored"]], baselines=baselines["info"],
+            predictions=evaluation["predictions"], predictions_reused=evaluation["reused"],
+            machine=machine_info(), compat_flavour=COMPAT_FLAVOUR)
         content = report.build_content(output, context)
     # Written after the last phase so that the timings table is complete.
     content["timings"] = {"phases": phases.timings, "total_seconds": phases.total_seconds}
