@@ -9,11 +9,10 @@
     medtune eval run --task T (--model PATH | --endpoint URL) --out DIR [--num-shards N --shard-index I]
                      [--limit N] [--batch-size B]
 
-Nothing heavy is imported here. ``run`` is the seam for generation: it hands its parsed arguments to
-``medtune.eval.run.run_from_args(args)``, which is expected to build the task (:func:`task_from_args`), pick
-its shard (``predictions.shard_from_env`` / ``shard_path`` / ``pending``), append answers with
-``predictions.PredictionWriter``, and finish with ``score.score_predictions`` on the (merged) file, so that a
-run and a later ``eval score`` of its predictions write the same report.
+Nothing heavy is imported here. ``run`` hands its parsed arguments to ``medtune.eval.run.run_from_args``,
+which answers the task's questions through a backend (local model or OpenAI-compatible endpoint), appends each
+answer to the shard's predictions file as it comes, and scores the (merged) file with the same
+``score.score_predictions`` that ``eval score`` uses, so a run and a later re-scoring write the same report.
 """
 from __future__ import annotations
 
