@@ -92,6 +92,9 @@ def run_recipe(recipe: Recipe, *, start_stage: int = 0, resume: bool = False) ->
 
 
 def run_stage(recipe: Recipe, index: int, *, resume: bool = False) -> StageResult:
+    """Train stage ``index``: its model, data, Trainer; write ``model/`` and the stage summary."""
+    from medtune.train.data import make_collator, training_rows
+
     stage = recipe.stages[index]
     directory = stage_dir(recipe.output_dir, index, stage)
     if (directory / MODEL_DIR).is_dir():
@@ -102,7 +105,25 @@ def run_stage(recipe: Recipe, index: int, *, resume: bool = False) -> StageResul
     resume_from = _resume_point(directory, stage, resume)
     vlm, base_path = load_stage_model(recipe, index)
     _apply_template(vlm, stage.template or home_template(recipe), stage.name)
-    from medtune.train.data import make_collator, stage_dataset, training_rows
+    dataset, eval_dataset, tally = _stage_data(recipe, stage, vlm)
+    model = _trainable_model(vlm, stage, base_path, directory)
+    rows = training_rows(dataset, packing=stage.packing, max_length=stage.max_length)
+    collator = make_collator(vlm, packing=stage.packing, max_length=stage.max_length)
+    trainer = build_trainer(recipe, stage, vlm, model, rows, eval_dataset, collator, directory)
+    started = time.monotonic()
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    save_stage_model(trainer, vlm, stage, directory)
+    result = _stage_result(stage, directory, trainer, output, dataset, tally, resume_from,
+                           seconds=time.monotonic() - started)
+    if is_main_process():
+        write_json(directory / "summary.json", result.__dict__)
+        print(result.line(), flush=True)
+    return result
+
+
+def _stage_data(recipe: Recipe, stage: Stage, vlm):
+    """(train dataset, eval dataset or None, tally of the training data)."""
+    from medtune.train.data import stage_dataset
 
     dataset, tally = stage_dataset(stage.data, vlm, max_length=stage.max_length, seed=recipe.seed,
                                    cache_dir=recipe.cache_dir, progress=is_main_process())
@@ -110,38 +131,38 @@ def run_stage(recipe: Recipe, index: int, *, resume: bool = False) -> StageResul
     if stage.eval_data is not None:
         eval_dataset, _ = stage_dataset(stage.eval_data, vlm, max_length=stage.max_length, seed=recipe.seed,
                                         cache_dir=recipe.cache_dir, progress=False)
-    from medtune.train.parts import apply_trainable_parts, summarise
+    return dataset, eval_dataset, tally
 
-    if stage.lora is not None and base_path is None:
+
+def _trainable_model(vlm, stage: Stage, base_path, directory: Path):
+    """The model with the stage's parts unfrozen; LoRA stages get adapters that name their base on disk."""
+    from medtune.train.parts import apply_trainable_parts, load_quantized
+
+    if stage.lora is None:
+        return apply_trainable_parts(vlm.model, stage.lr)
+    if base_path is None:
         base_path = _save_base(vlm, directory)
-    if stage.lora is not None and stage.lora.quantize is not None:
-        from medtune.train.parts import load_quantized
-
+    if stage.lora.quantize is not None:
         vlm.model = load_quantized(base_path, stage.lora.quantize,
                                    gradient_checkpointing=stage.gradient_checkpointing)
     model = apply_trainable_parts(vlm.model, stage.lr, stage.lora)
-    if stage.lora is not None:
-        model.peft_config["default"].base_model_name_or_path = str(Path(base_path).resolve())
-    rows = training_rows(dataset, packing=stage.packing, max_length=stage.max_length)
-    collator = make_collator(vlm, packing=stage.packing, max_length=stage.max_length)
-    trainer = build_trainer(recipe, stage, vlm, model, rows, eval_dataset, collator, directory)
-    started = time.monotonic()
-    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    save_stage_model(trainer, vlm, stage, directory)
+    model.peft_config["default"].base_model_name_or_path = str(Path(base_path).resolve())
+    return model
+
+
+def _stage_result(stage: Stage, directory: Path, trainer, output, dataset, tally, resume_from,
+                  *, seconds: float) -> StageResult:
     from medtune.train.data import count_tokens
+    from medtune.train.parts import summarise
 
     _, trained = count_tokens(dataset)
-    result = StageResult(
+    return StageResult(
         stage=stage.name, model_dir=str(directory / MODEL_DIR), steps=trainer.state.global_step,
         samples=len(dataset), tokens=int(trainer.state.num_input_tokens_seen or 0), trained_tokens=trained,
-        seconds=time.monotonic() - started, train_loss=output.metrics.get("train_loss"),
+        seconds=seconds, train_loss=output.metrics.get("train_loss"),
         skipped=dict(tally.skipped), skipped_examples=dict(tally.examples),
         last_checkpoint=_str(checkpoints.latest_complete_checkpoint(directory)),
-        trainable=summarise(model).to_dict(), resumed_from=_str(resume_from))
-    if is_main_process():
-        write_json(directory / "summary.json", result.__dict__)
-        print(result.line(), flush=True)
-    return result
+        trainable=summarise(trainer.model).to_dict(), resumed_from=_str(resume_from))
 
 
 def _finished(stage: Stage, directory: Path) -> StageResult:
