@@ -69,6 +69,13 @@ def test_two_stages_through_the_cli(tmp_path, capsys):
     assert stage["tokens"] == steps[-1]["tokens_seen"] > 0
     assert stage["last_checkpoint"].endswith("checkpoint-3")
 
+    # `medtune merge` on the last LoRA checkpoint gives the stage's model
+    assert main(["merge", str(run / "stage-1-sft" / "checkpoint-3"), str(tmp_path / "merged")]) == 0
+    merged = weights(tmp_path / "merged")
+    assert all(torch.allclose(merged[n], tuned[n], atol=1e-6) for n in tuned)
+    assert main(["merge", str(run / "stage-1-sft" / "checkpoint-3"), str(tmp_path / "merged")]) == 2
+    assert "already exists" in capsys.readouterr().err
+
     # a finished run is never overwritten; --resume skips finished stages
     assert main(["train", write_recipe(tmp_path)]) == 2
     assert "already finished" in capsys.readouterr().err
