@@ -3,7 +3,8 @@
 * :class:`ProgressBarCallback`: one tqdm bar per stage (main process only) showing loss, learning rate and
   tokens per second (non-padding tokens, all ranks); tqdm supplies the elapsed time and the ETA.
 * :class:`MetricsFileCallback`: every Trainer log (loss, learning rate, grad norm, eval) becomes one JSON line
-  in the stage's ``metrics.jsonl`` with the step, epoch, tokens seen and tokens per second. After a resume,
+  in the stage's ``metrics.jsonl`` with the step, epoch, tokens seen, tokens per second and the current learning
+  rate of every trained part (``lr_projector``, ``lr_llm`` ...). After a resume,
   lines past the checkpoint's step (written by the interrupted run) are dropped first, so the file reads as
   one run.
 
@@ -70,6 +71,7 @@ class MetricsFileCallback(TrainerCallback):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.tokens = _TokenRate()
+        self.part_rates: dict[str, float] = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.tokens.begin(state)
@@ -78,11 +80,17 @@ class MetricsFileCallback(TrainerCallback):
                     if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
             self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        # the rates this step uses (the scheduler moves them after the step); Trainer logs only the first group's
+        self.part_rates = {f"lr_{g['part']}": g["lr"] for g in getattr(optimizer, "param_groups", []) if "part" in g}
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
         record = {"step": state.global_step, "epoch": state.epoch, **logs,
                   "tokens_seen": state.num_input_tokens_seen, "tokens_per_second": round(self.tokens.rate(state), 1)}
+        if "loss" in logs:
+            record.update(self.part_rates)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")

@@ -62,6 +62,9 @@ def test_two_stages_through_the_cli(tmp_path, capsys):
     steps = [m for m in metrics if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2, 3]
     assert all(m["tokens_per_second"] > 0 and m["learning_rate"] >= 0 for m in steps)
+    # each part follows its own peak rate through the same schedule
+    assert [m["lr_lora"] for m in steps] == pytest.approx([m["learning_rate"] for m in steps])
+    assert steps[1]["lr_lora"] == pytest.approx(10 * steps[1]["lr_projector"]) and steps[1]["lr_lora"] > 0
     assert list((run / "stage-1-sft").glob("runs/*/events.out.tfevents.*"))
     align_metrics = (run / "stage-0-align" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in align_metrics if "eval_loss" in line] == [2]
