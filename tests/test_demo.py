@@ -194,6 +194,9 @@ def test_second_run_reuses_data_stages_and_answers(demo, capsys):
     second = json.loads((output / "report.json").read_text(encoding="utf-8"))
     assert second["headline"] == first["headline"] and second["per_organ"] == first["per_organ"]
     assert [t["status"] for t in second["timings"]["phases"]][:4] == ["reused"] * 4
+    # the report still says how long each reused phase took when it ran
+    ran = {t["phase"]: t["seconds"] for t in first["timings"]["phases"]}
+    assert all(t["first_run_seconds"] == ran[t["phase"]] for t in second["timings"]["phases"][:4])
 
 
 def test_other_settings_train_their_own_model_and_max_test_subsets(demo):

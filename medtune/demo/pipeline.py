@@ -372,6 +372,7 @@ def run_demo(options: DemoOptions) -> dict:
             machine=machine_info(), compat_flavour=COMPAT_FLAVOUR)
         content = report.build_content(output, context)
     # Written after the last phase so that the timings table is complete.
+    report.add_first_run_timings(phases.timings, output, str(run_dir))
     content["timings"] = {"phases": phases.timings, "total_seconds": phases.total_seconds}
     report.write_files(output, content)
     report.print_summary(content, output)

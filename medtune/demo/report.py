@@ -78,17 +78,16 @@ def build_content(output: Path, context: DemoContext) -> dict:
     """report.json's content; also draws the figures into ``output``."""
     import dataclasses
 
-    samples = context.samples
     rows = {s.name: s.rows for s in context.scored}
     stages = [{**stage, "loss_curve": loss_points(Path(stage["metrics"]))} for stage in context.stages]
     write_loss_figure(output / LOSS_PNG, stages)
     headline = compare_rows(rows, HEADLINE)
     write_results_figure(output / RESULTS_PNG, [line for line in headline if line["metric"] != "unparsed"])
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(context.options).items()}
+    baseline_files = {name: str(output / "baselines" / f"{name}.jsonl") for name in SYSTEMS if name != "model"}
     return {
         "title": "medtune demo", "medtune_version": __version__, "started": context.started,
-        "command": context.command,
-        "machine": context.machine, "statement": STATEMENT,
-        "options": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(context.options).items()},
+        "command": context.command, "machine": context.machine, "statement": STATEMENT, "options": options,
         "data": {"train": str(context.data.train), "test": str(context.data.test),
                  "clean_train": str(context.data.clean_train), "image_root": str(context.data.image_root),
                  "records": context.data.manifest["records"], "leakage": context.data.manifest["leakage"]},
@@ -96,17 +95,8 @@ def build_content(output: Path, context: DemoContext) -> dict:
         "recipe": {"file": str(context.recipe_file), "fingerprint": context.fingerprint,
                    "run_dir": str(context.run_dir), "overrides": list(context.options.overrides)},
         "training": {"stages": stages},
-        "evaluation": {
-            "task": context.task.name, "n": len(samples),
-            "answer_types": dict(Counter(s.meta.answer_type for s in samples)),
-            "organs": dict(Counter(s.meta.organ or "unknown" for s in samples)),
-            "compat_flavour": context.compat_flavour, "decoding": "greedy",
-            "settings": context.task.settings,
-            "predictions": str(context.predictions),
-            "predictions_reused": context.predictions_reused,
-            "bootstrap": {"method": "percentile", "resamples": 1000, "seed": context.recipe.seed, "level": 0.95}},
-        "baselines": {**context.baselines,
-                      "files": {name: str(output / "baselines" / f"{name}.jsonl") for name in SYSTEMS if name != "model"}},
+        "evaluation": evaluation_section(context),
+        "baselines": {**context.baselines, "files": baseline_files},
         "headline": headline,
         "model_answers": answer_spread(context.scored[0]),
         "per_organ": organ_rows(rows),
@@ -114,6 +104,17 @@ def build_content(output: Path, context: DemoContext) -> dict:
         "figures": {"loss": LOSS_PNG, "results": RESULTS_PNG},
         "gpu_command": gpu_command(),
     }
+
+
+def evaluation_section(context: DemoContext) -> dict:
+    """What was asked and how: the questions by answer type and organ, decoding, predictions, bootstrap."""
+    samples = context.samples
+    return {"task": context.task.name, "n": len(samples),
+            "answer_types": dict(Counter(s.meta.answer_type for s in samples)),
+            "organs": dict(Counter(s.meta.organ or "unknown" for s in samples)),
+            "compat_flavour": context.compat_flavour, "decoding": "greedy", "settings": context.task.settings,
+            "predictions": str(context.predictions), "predictions_reused": context.predictions_reused,
+            "bootstrap": {"method": "percentile", "resamples": 1000, "seed": context.recipe.seed, "level": 0.95}}
 
 
 def gpu_command() -> str:
@@ -262,13 +263,24 @@ def _comparison_table(lines: list[dict], first: tuple[str, ...] = ()) -> list[st
 
 
 def markdown(content: dict) -> str:
-    evaluation, data, leakage = content["evaluation"], content["data"], content["data"]["leakage"]
-    machine = content["machine"]
-    types = ", ".join(f"{n} {t}" for t, n in sorted(evaluation["answer_types"].items()))
+    """report.md: results first, then data, training, timings and machine, then the pretrained command."""
     lines = [
         "# medtune demo: VQA-RAD end to end", "",
         f"Run {content['started']} with `{content['command']}` (medtune {content['medtune_version']}).", "",
         f"> **A pipeline demonstration, not a medical model.** {content['statement']}", "",
+        *_results_section(content), *_data_section(content), *_training_section(content),
+        "## The same recipe with pretrained parts", "",
+        "On a GPU with access to the Hugging Face Hub, the same two stages with LLaVA-1.5's vision tower and "
+        "language model (stage 2 LoRA-tunes the LM) are recipe overrides only:", "",
+        "```bash", content["gpu_command"], "```", "",
+    ]
+    return "\n".join(lines)
+
+
+def _results_section(content: dict) -> list[str]:
+    evaluation = content["evaluation"]
+    types = ", ".join(f"{n} {t}" for t, n in sorted(evaluation["answer_types"].items()))
+    return [
         f"## Results on the VQA-RAD test split ({evaluation['n']} questions: {types})", "",
         "Percentages with 95% percentile-bootstrap intervals (1,000 resamples). `compat` reproduces the "
         f"{evaluation['compat_flavour']} evaluation script (closed: the answer string inside the prediction; "
@@ -285,6 +297,12 @@ def markdown(content: dict) -> str:
         "test questions.", "",
         "### Per organ", "",
         *_comparison_table(content["per_organ"], first=("organ",)), "",
+    ]
+
+
+def _data_section(content: dict) -> list[str]:
+    data, leakage = content["data"], content["data"]["leakage"]
+    return [
         "## Data and leakage", "",
         f"Bundled VQA-RAD (MEVF split): {data['records']['train']} training and {data['records']['test']} test "
         f"questions, converted to canonical JSONL in `{Path(data['train']).parent}`. The leakage check removed "
@@ -299,6 +317,13 @@ def markdown(content: dict) -> str:
         f"({leakage['train_records_on_test_images']} training questions use them); VQA-RAD is built that way, "
         f"so images are kept and only question-answer leakage is removed. Training uses "
         f"{data['records']['clean_train']} questions.", "",
+    ]
+
+
+def _training_section(content: dict) -> list[str]:
+    machine = content["machine"]
+    gpu = f"; GPU {machine['cuda']}" if machine.get("cuda") else "; no GPU"
+    return [
         "## Training", "",
         *_training_table(content), "",
         f"![loss curves]({content['figures']['loss']})", "",
@@ -309,21 +334,16 @@ def markdown(content: dict) -> str:
         f"Machine: {machine['usable_cores']} usable CPU cores (of {machine['cpu_count']}), "
         f"{machine['processor']}, {machine['platform']}; torch {machine['torch']} "
         f"({machine['torch_threads']} threads), transformers {machine.get('transformers', '?')}, Python "
-        f"{machine['python']}" + (f"; GPU {machine['cuda']}" if machine.get("cuda") else "; no GPU") + ".", "",
-        "## The same recipe with pretrained parts", "",
-        "On a GPU with access to the Hugging Face Hub, the same two stages with LLaVA-1.5's vision tower and "
-        "language model are recipe overrides only:", "",
-        "```bash", content["gpu_command"], "```", "",
-        "(`medtune train demo KEY=VALUE ...` runs the training stages alone.)", "",
+        f"{machine['python']}{gpu}.", "",
     ]
-    return "\n".join(lines)
 
 
 def _caveats(content: dict) -> list[str]:
     """Plain statements a reader needs before comparing the numbers above."""
     spread, n = content["model_answers"], content["evaluation"]["n"]
-    lines = [f"The model gave {spread['distinct']} distinct answers to the {n} questions; its most frequent "
-             f"answer, \"{spread['most_common']}\", appears {spread['most_common_count']} times."]
+    distinct = f"{spread['distinct']} distinct answer" + ("s" if spread["distinct"] != 1 else "")
+    lines = [f"The model gave {distinct} to the {n} questions; its most frequent answer, "
+             f"\"{spread['most_common']}\", appears {spread['most_common_count']} times."]
     compat_closed = next((h["model"] for h in content["headline"] if (h["family"], h["answer_type"], h["metric"])
                           == ("compat", "closed", "accuracy")), None)
     if compat_closed and compat_closed.get("excluded"):
@@ -353,10 +373,27 @@ def _training_table(content: dict) -> list[str]:
     return out
 
 
+def add_first_run_timings(timings: list[dict], output: Path, run_dir: str) -> None:
+    """Give each reused phase the time it took when it ran, from the previous report of the same run."""
+    try:
+        previous = json.loads((output / REPORT_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if previous.get("recipe", {}).get("run_dir") != run_dir:
+        return
+    earlier = {t["phase"]: t.get("first_run_seconds", t["seconds"] if t["status"] == "ran" else None)
+               for t in previous.get("timings", {}).get("phases", [])}
+    for timing in timings:
+        if timing["status"] == "reused" and earlier.get(timing["phase"]) is not None:
+            timing["first_run_seconds"] = earlier[timing["phase"]]
+
+
 def _timings_table(content: dict) -> list[str]:
     timings = content.get("timings", {"phases": [], "total_seconds": 0})
     out = ["| phase | seconds | |", "| --- | ---: | --- |"]
-    out += [f"| {t['title']} | {t['seconds']:.1f} | {t['status']} |" for t in timings["phases"]]
+    for t in timings["phases"]:
+        note = t["status"] + (f" (ran in {t['first_run_seconds']:.1f} s)" if "first_run_seconds" in t else "")
+        out.append(f"| {t['title']} | {t['seconds']:.1f} | {note} |")
     out.append(f"| **total** | **{timings['total_seconds']:.1f}** | |")
     return out
 
