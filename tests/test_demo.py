@@ -214,11 +214,15 @@ def test_other_settings_train_their_own_model_and_max_test_subsets(demo):
     assert Path(first["recipe"]["run_dir"], "stage-1-" + first["training"]["stages"][1]["name"], "model").is_dir()
 
 
-def test_a_bad_override_stops_before_any_work(tmp_path, capsys):
-    assert main(["demo", "--output", str(tmp_path / "out"), "stages.0.lr.projectr=1"]) == 2
-    error = capsys.readouterr().err
-    assert "stages[0].lr.projectr: unknown key (did you mean projector?)" in error
-    assert not (tmp_path / "out" / "data").exists()
+@pytest.mark.parametrize("arguments, message", [
+    (["stages.0.lr.projectr=1"], "stages[0].lr.projectr: unknown key (did you mean projector?)"),
+    (["--max-test", "0"], "--max-test must be at least 1, got 0"),
+    (["--steps-scale", "-1"], "--steps-scale must be positive, got -1.0"),
+])
+def test_bad_arguments_stop_before_any_work(tmp_path, capsys, arguments, message):
+    assert main(["demo", "--output", str(tmp_path / "out"), *arguments]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 # ---- the report's GPU command ----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def register(subparsers) -> None:
         "demo", help="the whole pipeline on bundled VQA-RAD: data, leakage, training, evaluation, report",
         description="Convert the bundled VQA-RAD, remove train/test leakage, train a small random model in two "
                     "stages (recipes/demo.yaml), evaluate it on the 451 test questions beside answer-prior "
-                    "baselines, and write a report. No network; about 15 minutes on 2 CPU cores.")
+                    "baselines, and write a report. No network; under 15 minutes on 2 CPU cores.")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="recipe overrides, as for `medtune train` (e.g. stages.0.max_steps=50)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, metavar="DIR",
@@ -36,7 +36,7 @@ def register(subparsers) -> None:
     steps.add_argument("--steps-scale", type=float, default=1.0, metavar="F",
                        help="multiply every stage's steps (or epochs) by F (default 1)")
     steps.add_argument("--quick", action="store_true", help="a tenth of the steps (--steps-scale 0.1)")
-    parser.add_argument("--seed", type=int, default=None,
+    parser.add_argument("--seed", type=int, default=None, metavar="N",
                         help="training and bootstrap seed (default: the recipe's)")
     parser.add_argument("--max-test", type=int, default=None, metavar="N",
                         help="evaluate on the first N test questions only (default: all 451)")

@@ -61,6 +61,15 @@ class DemoOptions:
     recipe: str = "demo"
     overrides: list[str] = field(default_factory=list)
 
+    def __post_init__(self):
+        # Checked before any work: a typo should not cost a training run.
+        if self.steps_scale <= 0:
+            raise UserError(f"--steps-scale must be positive, got {self.steps_scale}")
+        if self.max_test is not None and self.max_test < 1:
+            raise UserError(f"--max-test must be at least 1, got {self.max_test}")
+        if self.eval_batch_size < 1:
+            raise UserError(f"--eval-batch-size must be at least 1, got {self.eval_batch_size}")
+
 
 class Phases:
     """Phase banners and wall-clock timings ("ran" or "reused") in the order the phases ran."""
@@ -207,8 +216,6 @@ def resolve_recipe(options: DemoOptions, data: DemoData):
     elif options.preset != "small":
         raise UserError(f"--preset {options.preset}: recipe {path} does not build its model from a preset")
     recipe = load_recipe(path, overrides + list(options.overrides))
-    if options.steps_scale <= 0:
-        raise UserError(f"--steps-scale must be positive, got {options.steps_scale}")
     for stage in recipe.stages:
         if stage.max_steps is not None:
             stage.max_steps = max(1, round(stage.max_steps * options.steps_scale))
@@ -265,8 +272,6 @@ def test_questions(data: DemoData, max_test: int | None):
     if tally.n_skipped:
         raise UserError(f"{data.test}: {tally.summary()}; every test question needs an answer and answer type")
     if max_test is not None:
-        if max_test < 1:
-            raise UserError(f"--max-test must be at least 1, got {max_test}")
         samples = samples[:max_test]
     return task, samples
 
