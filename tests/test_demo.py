@@ -266,6 +266,8 @@ def test_gpu_command_runs_the_recipe_with_pretrained_parts_by_overrides_only(dem
     assert run_demo(output, "--max-test", "8", overrides=tuple(overrides)) == 0
     pretrained = json.loads((output / "report.json").read_text(encoding="utf-8"))
     assert pretrained["evaluation"]["n"] == 8
+    assert f"vision: {local_parts['vision']}" in pretrained["statement"]   # not called a random model
+    assert "pipeline demonstration" not in (output / "report.md").read_text(encoding="utf-8")
     final = Path(pretrained["model"]["final_model"])
     assert (final.parent / "adapter" / "adapter_config.json").is_file()   # stage 2 trained LoRA adapters
     model = AutoModelForImageTextToText.from_pretrained(final)   # merged: plain transformers loads it

@@ -38,13 +38,26 @@ PRETRAINED_OVERRIDES = (
     "model.vision=openai/clip-vit-large-patch14-336", "model.llm=lmsys/vicuna-7b-v1.5", "model.tokenizer=null",
     "stages.*.precision=bf16", "stages.*.max_length=1024", "stages.*.gradient_checkpointing=true",
     "stages.1.lr.llm=0", "stages.1.lr.projector=2e-5", "stages.1.lora.r=64", "stages.1.lr.lora=2e-4")
-STATEMENT = (
+RANDOM_STATEMENT = (
     "This model is randomly initialised: its vision encoder, projector and language model are built from "
     "configs and its tokenizer is trained offline on bundled text, so it starts knowing nothing about images "
     "or language. Trained for a few minutes on a CPU, it demonstrates that the pipeline runs end to end "
     "(conversion, leakage removal, two-stage training, evaluation, baselines, report); it is not a medical "
     "model and its answers must not be used for anything. Read its figures against the baselines: a model "
     "this small mostly learns answer priors, which the baselines measure directly.")
+PRETRAINED_STATEMENT = (
+    "This model starts from pretrained parts ({parts}) and is fine-tuned on the {n} questions of the cleaned "
+    "VQA-RAD training split. It is a research artefact, not a medical device: its answers must not be used "
+    "for patient care. Read its figures against the baselines, which measure what answer priors alone score.")
+
+
+def statement(model, training_questions: int) -> str:
+    """What the reader must know about the model: random parts (a pipeline demonstration) or pretrained ones."""
+    if isinstance(model, str):
+        parts = f"checkpoint {model}"
+    else:
+        parts = ", ".join(f"{part}: {model[part]}" for part in ("vision", "llm") if isinstance(model.get(part), str))
+    return PRETRAINED_STATEMENT.format(parts=parts, n=training_questions) if parts else RANDOM_STATEMENT
 
 
 @dataclass
@@ -87,7 +100,8 @@ def build_content(output: Path, context: DemoContext) -> dict:
     baseline_files = {name: str(output / "baselines" / f"{name}.jsonl") for name in SYSTEMS if name != "model"}
     return {
         "title": "medtune demo", "medtune_version": __version__, "started": context.started,
-        "command": context.command, "machine": context.machine, "statement": STATEMENT, "options": options,
+        "command": context.command, "machine": context.machine, "options": options,
+        "statement": statement(context.recipe.model, context.data.manifest["records"]["clean_train"]),
         "data": {"train": str(context.data.train), "test": str(context.data.test),
                  "clean_train": str(context.data.clean_train), "image_root": str(context.data.image_root),
                  "records": context.data.manifest["records"], "leakage": context.data.manifest["leakage"]},
@@ -267,7 +281,7 @@ def markdown(content: dict) -> str:
     lines = [
         "# medtune demo: VQA-RAD end to end", "",
         f"Run {content['started']} with `{content['command']}` (medtune {content['medtune_version']}).", "",
-        f"> **A pipeline demonstration, not a medical model.** {content['statement']}", "",
+        f"> **{_statement_title(content)}** {content['statement']}", "",
         *_results_section(content), *_data_section(content), *_training_section(content),
         "## The same recipe with pretrained parts", "",
         "On a GPU with access to the Hugging Face Hub, the same two stages with LLaVA-1.5's vision tower and "
@@ -275,6 +289,12 @@ def markdown(content: dict) -> str:
         "```bash", content["gpu_command"], "```", "",
     ]
     return "\n".join(lines)
+
+
+def _statement_title(content: dict) -> str:
+    if content["statement"] == RANDOM_STATEMENT:
+        return "A pipeline demonstration, not a medical model."
+    return "Not a medical device."
 
 
 def _results_section(content: dict) -> list[str]:
