@@ -221,18 +221,13 @@ def _merge(args) -> int:
 
 def _tasks(args) -> int:
     from medtune.eval.tasks import TASKS
-    for name, build in TASKS.items():
-        print(f"{name:8s}  {build.__doc__}")
+    for name, spec in TASKS.items():
+        print(f"{name:8s}  {spec.description}")
     return 0
 
 
 def _run(args) -> int:
-    from medtune.cli import UserError
-    try:
-        from medtune.eval import run
-    except ImportError:
-        raise UserError("`medtune eval run` is not available in this build yet (medtune.eval.run is missing); "
-                        "score existing predictions with `medtune eval score`") from None
+    from medtune.eval import run
     return run.run_from_args(args)
 
 

@@ -25,7 +25,7 @@ import os
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from medtune.data.jsonl import RecordError, Tally
 from medtune.data.schema import Sample
@@ -145,51 +145,29 @@ def _require(name: str, data: str | os.PathLike | None, what: str, default: Path
     return path
 
 
-def _vqa_rad(data, image_root, data_format, **kw) -> Task:
-    """bundled VQA-RAD test split (451 questions, open + closed); no arguments needed"""
-    path = _require("vqa-rad", data, "VQA-RAD testset.json", _bundled("vqa_rad", "testset.json"))
-    fmt = data_format or "vqa-rad"
-    return Task("vqa-rad", path, fmt, _image_root(fmt, path, image_root), **kw)
+@dataclass(frozen=True)
+class TaskSpec:
+    """A built-in task: what it is, how its data is read, what ``--data`` must be, and any bundled default."""
+
+    description: str
+    data_format: str
+    needs: str
+    bundled: tuple[str, ...] = ()
 
 
-def _slake(data, image_root, data_format, **kw) -> Task:
-    """SLAKE English test split (bundled questions; --image-root imgs/ to generate answers)"""
-    path = _require("slake", data, "SLAKE test.json / test_en.json", _bundled("slake", "test_en.json"))
-    fmt = data_format or "slake"
-    return Task("slake", path, fmt, _image_root(fmt, path, image_root), **kw)
-
-
-def _pathvqa(data, image_root, data_format, **kw) -> Task:
-    """PathVQA test split (--data required)"""
-    path = _require("pathvqa", data, "the PathVQA test split, in a layout `medtune data convert --from pathvqa` reads")
-    fmt = data_format or "pathvqa"
-    return Task("pathvqa", path, fmt, _image_root(fmt, path, image_root), **kw)
-
-
-def _pmc_vqa(data, image_root, data_format, **kw) -> Task:
-    """PMC-VQA style multiple choice (--data required)"""
-    path = _require("pmc-vqa", data, "the PMC-VQA test CSV, e.g. test_clean.csv")
-    fmt = data_format or "pmc-vqa"
-    return Task("pmc-vqa", path, fmt, _image_root(fmt, path, image_root), **kw)
-
-
-def _mcq(data, image_root, data_format, **kw) -> Task:
-    """any canonical JSONL of multiple-choice questions with meta.choices (--data required)"""
-    path = _require("mcq", data, "a canonical JSONL of multiple-choice questions with meta.choices")
-    fmt = data_format or "canonical"
-    return Task("mcq", path, fmt, _image_root(fmt, path, image_root), **kw)
-
-
-def _custom(data, image_root, data_format, **kw) -> Task:
-    """any canonical JSONL with meta.answer and meta.answer_type (--data required)"""
-    path = _require("custom", data, "a canonical JSONL whose samples have meta.answer and meta.answer_type")
-    fmt = data_format or "canonical"
-    return Task("custom", path, fmt, _image_root(fmt, path, image_root), **kw)
-
-
-TASKS: dict[str, Callable[..., Task]] = {
-    "vqa-rad": _vqa_rad, "slake": _slake, "pathvqa": _pathvqa, "pmc-vqa": _pmc_vqa, "mcq": _mcq,
-    "custom": _custom,
+TASKS: dict[str, TaskSpec] = {
+    "vqa-rad": TaskSpec("bundled VQA-RAD test split (451 questions, open + closed); no arguments needed",
+                        "vqa-rad", "VQA-RAD testset.json", ("vqa_rad", "testset.json")),
+    "slake": TaskSpec("SLAKE English test split (bundled questions; --image-root imgs/ to generate answers)",
+                      "slake", "SLAKE test.json / test_en.json", ("slake", "test_en.json")),
+    "pathvqa": TaskSpec("PathVQA test split (--data required)", "pathvqa",
+                        "the PathVQA test split, in a layout `medtune data convert --from pathvqa` reads"),
+    "pmc-vqa": TaskSpec("PMC-VQA style multiple choice (--data required)", "pmc-vqa",
+                        "the PMC-VQA test CSV, e.g. test_clean.csv"),
+    "mcq": TaskSpec("any canonical JSONL of multiple-choice questions with meta.choices (--data required)",
+                    "canonical", "a canonical JSONL of multiple-choice questions with meta.choices"),
+    "custom": TaskSpec("any canonical JSONL with meta.answer and meta.answer_type (--data required)",
+                       "canonical", "a canonical JSONL whose samples have meta.answer and meta.answer_type"),
 }
 
 
@@ -198,5 +176,8 @@ def get_task(name: str, *, data: str | os.PathLike | None = None, image_root: st
     """A built-in task by name; ``data`` overrides where its questions come from."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r} (built in: {', '.join(TASKS)})")
-    return TASKS[name](data, Path(image_root) if image_root else None, data_format,
-                       prompt_style=prompt_style, reader_options=reader_options)
+    spec = TASKS[name]
+    path = _require(name, data, spec.needs, _bundled(*spec.bundled) if spec.bundled else None)
+    fmt = data_format or spec.data_format
+    return Task(name, path, fmt, _image_root(fmt, path, Path(image_root) if image_root else None),
+                prompt_style=prompt_style, reader_options=reader_options)

@@ -80,7 +80,7 @@ def _unpacked_losses(model, examples):
 def _packed_losses(model, batch, rows):
     with torch.no_grad():
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    per_sample, row_index = {}, 0
+    per_sample = {}
     for r, row in enumerate(rows):
         spans = sample_spans(batch["position_ids"][r])[:len(row)]
         for sample_index, (start, end) in zip(row, spans):

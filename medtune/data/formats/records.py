@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from medtune.data.jsonl import RecordError, Tally, atomic_open
+from medtune.data.jsonl import RecordError, Tally, atomic_open, iter_json_lines
 from medtune.data.schema import ImageRef, Message, Part, Sample
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -70,7 +70,7 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[int | str, Any]]:
     if first == "[":
         yield from _iter_json_array(path)
     else:
-        yield from _iter_json_lines(path)
+        yield from iter_json_lines(path)
 
 
 def _first_non_space(handle) -> str:
@@ -81,17 +81,6 @@ def _first_non_space(handle) -> str:
         stripped = chunk.lstrip("\ufeff \t\r\n")
         if stripped:
             return stripped[0]
-
-
-def _iter_json_lines(path: Path) -> Iterator[tuple[int, Any]]:
-    with open(path, "r", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as error:
-                yield number, RecordError(path, number, f"not valid JSON ({error.msg} at column {error.colno})")
 
 
 class _ChunkBuffer:
