@@ -39,8 +39,15 @@ def demo(tmp_path_factory):
     """
     output = tmp_path_factory.mktemp("demo")
     assert run_demo(output) == 0
-    return (output, json.loads((output / "report.json").read_text(encoding="utf-8")),
+    return (output, strict_json((output / "report.json").read_text(encoding="utf-8")),
             (output / "report.md").read_text(encoding="utf-8"))
+
+
+def strict_json(text: str):
+    """JSON as the standard has it: NaN or Infinity (which Python would write for an empty metric) fail."""
+    def refuse(constant):
+        raise ValueError(f"report.json holds {constant}, which is not JSON")
+    return json.loads(text, parse_constant=refuse)
 
 
 def raw(split: str) -> list[dict]:
@@ -205,7 +212,7 @@ def test_other_settings_train_their_own_model_and_max_test_subsets(demo):
     assert token_cache   # under --output, like everything else
     assert run_demo(output, "--steps-scale", "0.5", "--max-test", "16") == 0
     assert sorted((output / "cache" / "tokens").iterdir()) == token_cache   # same data: encoded data reused
-    report = json.loads((output / "report.json").read_text(encoding="utf-8"))
+    report = strict_json((output / "report.json").read_text(encoding="utf-8"))
     assert report["recipe"]["run_dir"] != first["recipe"]["run_dir"]
     assert [s["steps"] for s in report["training"]["stages"]] == [1, 1]
     first16 = raw("test")[:16]
