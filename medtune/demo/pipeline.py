@@ -262,7 +262,7 @@ def train_stage(recipe, index: int) -> tuple[dict, bool]:
 # ---- evaluation and baselines ----------------------------------------------------------------------------
 
 
-def test_questions(data: DemoData, max_test: int | None):
+def load_test_questions(data: DemoData, max_test: int | None):
     """The VQA-RAD test task over the converted file, and its questions (the first ``max_test`` if given)."""
     from medtune.eval.tasks import get_task
 
@@ -280,7 +280,7 @@ def evaluate_model(data: DemoData, model_dir: Path, run_dir: Path, options: Demo
     """Answer the test questions with the trained model (resuming earlier answers) and score them."""
     from medtune.demo import evaluate
 
-    task, samples = test_questions(data, options.max_test)
+    task, samples = load_test_questions(data, options.max_test)
     result, predictions = evaluate.answer_questions(task, model_dir, run_dir / f"eval-{TASK}",
                                                     limit=options.max_test, batch_size=options.eval_batch_size,
                                                     device=_device())
@@ -340,7 +340,7 @@ def run_demo(options: DemoOptions) -> dict:
     from medtune.train.recipe import check_environment
     from medtune.train.run import MODEL_DIR
 
-    output = options.output
+    output = options.output.resolve()   # recipes and reports name absolute paths; the hash does not
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     recipe, recipe_file = resolve_recipe(options, DemoData.at(output))   # a bad override fails before any work
     check_environment(recipe)
