@@ -194,6 +194,8 @@ def test_second_run_reuses_data_stages_and_answers(demo, capsys):
     capsys.readouterr()
     assert run_demo(output) == 0
     printed = capsys.readouterr().out
+    banners = [line for line in printed.splitlines() if line.startswith("== medtune demo [")]
+    assert [b.split("]")[0] for b in banners] == [f"== medtune demo [{i}/6" for i in range(1, 7)]
     assert "reusing converted data" in printed
     assert printed.count("reusing stage") == 2
     assert "reusing 451 answers" in printed
