@@ -42,7 +42,10 @@ from medtune.data.schema import Sample
 log = logging.getLogger(__name__)
 
 TASK = "vqa-rad"
-COMPAT_FLAVOUR = "llava-med"   # the LLaVA-Med v1.0 script: the numbers most medical VQA papers print
+# The Med-MoE script (`eval score`'s default): every closed item counts, a hit when the answer string is inside the
+# prediction. The LLaVA-Med v1.0 flavour drops wrong yes/no answers from its denominator, which lets a constant
+# answer score 100%: a poor headline for a demo whose model may well answer constantly.
+COMPAT_FLAVOUR = "med-moe"
 REMOVED_CATEGORIES = ("exact", "rephrasing")
 QUICK_SCALE = 0.1
 MANIFEST_VERSION = 1

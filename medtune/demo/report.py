@@ -303,8 +303,9 @@ def _results_section(content: dict) -> list[str]:
     return [
         f"## Results on the VQA-RAD test split ({evaluation['n']} questions: {types})", "",
         "Percentages with 95% percentile-bootstrap intervals (1,000 resamples). `compat` reproduces the "
-        f"{evaluation['compat_flavour']} evaluation script (closed: the answer string inside the prediction; "
-        "its yes/no quirk leaves some closed items out, counted as 'excl.'); `strict` counts a closed answer "
+        f"{evaluation['compat_flavour']} evaluation script (closed: the answer string inside the prediction, so "
+        "\"no\" also matches \"normal\"" + _exclusion_note(evaluation['compat_flavour'])
+        + "); `strict` counts a closed answer "
         "right only when it says exactly the right yes/no (or the exact answer), and an open answer on exact "
         "match after normalisation (recall: share of the answer's words in the prediction).", "",
         *_comparison_table(content["headline"]), "",
@@ -356,6 +357,10 @@ def _training_section(content: dict) -> list[str]:
         f"({machine['torch_threads']} threads), transformers {machine.get('transformers', '?')}, Python "
         f"{machine['python']}{gpu}.", "",
     ]
+
+
+def _exclusion_note(flavour: str) -> str:
+    return "; its yes/no quirk leaves some closed items out, counted as 'excl.'" if flavour == "llava-med" else ""
 
 
 def _caveats(content: dict) -> list[str]:
