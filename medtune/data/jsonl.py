@@ -106,6 +106,19 @@ def read_samples(path: str | os.PathLike, *, strict: bool = False, tally: Tally 
         tally.skip_error(error)
 
 
+def _default_file_mode() -> int:
+    """What a plain open() would give a new file (0666 less the umask); mkstemp alone gives 0600.
+
+    Read once at import: os.umask can only be read by setting it, which is process-wide and not thread-safe.
+    """
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _default_file_mode()
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     """Open a temporary file next to ``path``; rename it onto ``path`` only if the block succeeds."""
@@ -113,6 +126,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
+        os.chmod(tmp, _FILE_MODE)
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as handle:
             yield handle
             handle.flush()

@@ -68,3 +68,12 @@ def test_writer_never_leaves_a_partial_file(tmp_path):
     assert not out.exists() and list(tmp_path.iterdir()) == []
     write_samples(out, [qa_sample("1", "q?", "a")])
     assert [s.id for s in read_samples(out)] == ["1"]
+
+
+def test_atomic_writes_get_the_permissions_a_plain_open_would(tmp_path):
+    from medtune.data.jsonl import write_json
+
+    write_json(tmp_path / "report.json", {"a": 1})
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert (tmp_path / "report.json").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 != 0o600
