@@ -167,12 +167,17 @@ def build_app(generator, *, title: str = "medtune"):
                     regenerate = gr.Button("Regenerate", elem_id="regenerate")
                     clear = gr.Button("Clear", elem_id="clear")
 
+        # Every event that changes the conversation runs in one queue, one at a time, in the order the user
+        # acted: an answer still streaming when Clear (or a new image) arrives would otherwise write its
+        # session and reply back over the emptied conversation. One model serves every tab anyway.
+        serial = {"concurrency_id": "conversation", "concurrency_limit": 1}
         for trigger in (upload.change, window.change):
-            trigger(handlers.on_image, [upload, window, session], [session, seen, chatbot, status])
-        for trigger in (send.click, question.submit):
-            trigger(handlers.on_send, [question, session, *sampling], [question, session, chatbot])
-        regenerate.click(handlers.on_regenerate, [session, *sampling], [session, chatbot])
-        clear.click(handlers.on_clear, [session], [session, chatbot])
+            trigger(handlers.on_image, [upload, window, session], [session, seen, chatbot, status], **serial)
+        answering = [trigger(handlers.on_send, [question, session, *sampling], [question, session, chatbot],
+                             **serial) for trigger in (send.click, question.submit)]
+        answering.append(regenerate.click(handlers.on_regenerate, [session, *sampling], [session, chatbot],
+                                          **serial))
+        clear.click(handlers.on_clear, [session], [session, chatbot], cancels=answering, **serial)
     return app
 
 
