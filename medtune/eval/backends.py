@@ -23,21 +23,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
+# One settings type for every backend: what the local Generator takes is what is sent over HTTP and recorded.
+from medtune.models.generation import GenerationSettings as Settings
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Generation settings recorded with every prediction (greedy unless temperature > 0)."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict:
-        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
-                "top_p": self.top_p, "stop": list(self.stop)}
 
 
 @dataclass
@@ -90,8 +79,6 @@ class LocalBackend:
         self.batch_size = batch_size
 
     def answer(self, requests: Sequence[Request]) -> list[str]:
-        from medtune.models.generation import GenerationSettings
-
         answers: list[str] = []
         # Requests with different settings cannot share a generate() call; group consecutive equal ones.
         start = 0
@@ -102,9 +89,7 @@ class LocalBackend:
                 stop += 1
             batch = requests[start:stop]
             answers.extend(self.generator.generate(
-                [_strip_images(r.messages) for r in batch], [r.images for r in batch],
-                GenerationSettings(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                                   top_p=settings.top_p, stop=tuple(settings.stop))))
+                [_strip_images(r.messages) for r in batch], [r.images for r in batch], settings))
             start = stop
         return answers
 
@@ -211,6 +196,8 @@ class HTTPBackend:
                    "top_p": settings.top_p}
         if settings.stop:
             payload["stop"] = list(settings.stop)
+        if settings.seed is not None:
+            payload["seed"] = settings.seed
         body = self._call("POST", "/chat/completions", payload)
         return body["choices"][0]["message"]["content"] or ""
 

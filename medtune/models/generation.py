@@ -59,6 +59,14 @@ class GenerationSettings:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    def to_dict(self) -> dict:
+        """JSON form, recorded with every prediction (the seed only when sampling is seeded)."""
+        out = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
+               "stop": list(self.stop)}
+        if self.seed is not None:
+            out["seed"] = self.seed
+        return out
+
 
 @dataclass
 class Completion:
