@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
-from medtune.data.schema import Sample, SchemaError
+from medtune.data.schema import Sample
 
 
 class RecordError(ValueError):
@@ -86,24 +86,30 @@ def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any | Record
                 yield number, RecordError(path, number, f"not valid JSON ({error.msg} at column {error.colno})")
 
 
-def read_samples(path: str | os.PathLike, *, strict: bool = False, tally: Tally | None = None) -> Iterator[Sample]:
-    """Stream canonical samples from a ``.jsonl`` file; bad lines are counted in ``tally`` (or raised)."""
+def iter_parsed(path: str | os.PathLike, parse, *, strict: bool = False, tally: Tally | None = None) -> Iterator:
+    """Stream ``parse(obj)`` for each JSON line; a line that is not JSON or whose ``parse`` raises ValueError is
+    counted in ``tally`` as a RecordError naming file and line (raised instead when ``strict``)."""
     tally = tally if tally is not None else Tally()
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such file")
     for number, obj in iter_json_lines(path):
         tally.read += 1
         if isinstance(obj, RecordError):
             error = obj
         else:
             try:
-                yield Sample.from_dict(obj)
+                yield parse(obj)
                 continue
-            except SchemaError as schema_error:
-                error = RecordError(path, number, str(schema_error))
+            except ValueError as bad:
+                error = RecordError(path, number, str(bad))
         if strict:
             raise error
         tally.skip_error(error)
+
+
+def read_samples(path: str | os.PathLike, *, strict: bool = False, tally: Tally | None = None) -> Iterator[Sample]:
+    """Stream canonical samples from a ``.jsonl`` file; bad lines are counted in ``tally`` (or raised)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    return iter_parsed(path, Sample.from_dict, strict=strict, tally=tally)
 
 
 def _default_file_mode() -> int:

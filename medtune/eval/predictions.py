@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence, TypeVar
 
-from medtune.data.jsonl import RecordError, Tally, atomic_open, iter_json_lines
+from medtune.data.jsonl import Tally, atomic_open, iter_parsed
 
 SHARD_MODES = ("modulo", "contiguous")
 T = TypeVar("T")
@@ -75,22 +75,9 @@ def parse_record(obj: Any) -> tuple[str, str]:
 def iter_predictions(path: str | os.PathLike, *, tally: Tally | None = None,
                      strict: bool = False) -> Iterable[tuple[str, str, dict]]:
     """Yield ``(id, text, record)`` in file order; bad lines are counted (or raised when ``strict``)."""
-    tally = tally if tally is not None else Tally()
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such predictions file")
-    for number, obj in iter_json_lines(path):
-        tally.read += 1
-        error = obj if isinstance(obj, RecordError) else None
-        if error is None:
-            try:
-                question_id, text = parse_record(obj)
-                yield question_id, text, obj
-                continue
-            except ValueError as bad:
-                error = RecordError(path, number, str(bad))
-        if strict:
-            raise error
-        tally.skip_error(error)
+    return iter_parsed(path, lambda obj: (*parse_record(obj), obj), strict=strict, tally=tally)
 
 
 def read_predictions(path: str | os.PathLike, *, tally: Tally | None = None, strict: bool = False) -> dict[str, str]:
