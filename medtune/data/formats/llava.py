@@ -22,10 +22,10 @@ from typing import Any, Iterable, Iterator
 
 from medtune.data.formats.records import (
     TurnStats, convert_records, converted_for_writing, image_json, image_refs, iter_records,
-    messages_from_turns, record_id, text_from_parts, write_json_records,
+    messages_from_turns, sample_from_record, text_from_parts, write_json_records,
 )
 from medtune.data.jsonl import Tally
-from medtune.data.schema import Metadata, Sample
+from medtune.data.schema import Sample
 
 # "conversatons" (sic) is how several LLaVA-Med evaluation files spell it; Med-MoE reads both.
 CONVERSATION_KEYS = ("conversations", "conversatons")
@@ -54,11 +54,7 @@ def llava_sample(record: Any, where: int | str, *, path: str | os.PathLike, stat
             raise ValueError(f"conversations[{i}] needs 'from' and 'value'")
         turns.append((turn["from"], turn["value"]))
     messages = messages_from_turns(turns, image_refs(record.get("image")), stats)
-    meta = Metadata.from_dict(record["meta"]) if "meta" in record else Metadata()
-    for key, value in record.items():
-        if key not in known_keys:
-            meta.extra.setdefault(key, value)
-    return Sample(id=record_id(record, path, where), messages=messages, meta=meta)
+    return sample_from_record(record, messages, known_keys, path, where)
 
 
 def llava_record(sample: Sample) -> dict:

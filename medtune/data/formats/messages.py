@@ -23,10 +23,10 @@ from typing import Any, Iterable, Iterator
 
 from medtune.data.formats.records import (
     TurnStats, convert_records, converted_for_writing, image_json, image_refs, iter_records,
-    messages_from_turns, parts_from_text, placeholder_count, record_id, write_json_records,
+    messages_from_turns, parts_from_text, placeholder_count, sample_from_record, write_json_records,
 )
 from medtune.data.jsonl import Tally
-from medtune.data.schema import ImageRef, Metadata, Part, Sample
+from medtune.data.schema import ImageRef, Part, Sample
 
 KNOWN_KEYS = {"id", "messages", "conversations", "images", "meta"}
 IMAGE_PART_TYPES = ("image", "image_url")
@@ -55,11 +55,7 @@ def messages_sample(record: Any, where: int | str, *, path: str | os.PathLike, s
         turns.append((role, content))
     messages = messages_from_turns(turns, image_refs(record.get("images")), stats,
                                    parts_of=_content_parts, slots_of=_content_slots)
-    meta = Metadata.from_dict(record["meta"]) if "meta" in record else Metadata()
-    for key, value in record.items():
-        if key not in KNOWN_KEYS:
-            meta.extra.setdefault(key, value)
-    return Sample(id=record_id(record, path, where), messages=messages, meta=meta)
+    return sample_from_record(record, messages, KNOWN_KEYS, path, where)
 
 
 def _content_slots(content: Any) -> int:

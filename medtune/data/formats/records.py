@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from medtune.data.jsonl import RecordError, Tally, atomic_open, iter_json_lines
-from medtune.data.schema import ImageRef, Message, Part, Sample
+from medtune.data.schema import ImageRef, Message, Metadata, Part, Sample
 
 IMAGE_PLACEHOLDER = "<image>"
 _CHUNK_CHARS = 1 << 16
@@ -221,6 +221,17 @@ def record_id(record: dict, path: str | os.PathLike, where: int | str, *keys: st
         if value not in (None, ""):
             return text_value(value, key)
     return f"{Path(path).stem}-{str(where).strip('[]')}"
+
+
+def sample_from_record(record: dict, messages: list, known_keys: set[str], path: str | os.PathLike,
+                       where: int | str) -> Sample:
+    """A sample from a conversation record: its ``meta`` (if any) plus every key outside ``known_keys`` in
+    ``meta.extra``, so conversions lose nothing."""
+    meta = Metadata.from_dict(record["meta"]) if "meta" in record else Metadata()
+    for key, value in record.items():
+        if key not in known_keys:
+            meta.extra.setdefault(key, value)
+    return Sample(id=record_id(record, path, where), messages=messages, meta=meta)
 
 
 def split_from_name(path: str | os.PathLike) -> str | None:
