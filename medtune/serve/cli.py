@@ -35,7 +35,7 @@ def _register_chat(subparsers) -> None:
     parser = subparsers.add_parser("chat", help="talk to a model in the terminal (streamed answers)",
                                    description="An interactive conversation with a model. Type /help for "
                                                "commands (load an image, reset, change sampling settings).")
-    parser.add_argument("model", help="a medtune checkpoint folder or a local Hugging Face VLM")
+    _add_model(parser)
     parser.add_argument("--image", help="an image to talk about: PNG/JPEG, DICOM or NIfTI")
     parser.add_argument("--window", help="window preset for DICOM images (lung, bone, brain, ...)")
     parser.add_argument("--slice", type=int, help="slice of a NIfTI volume (default: the middle one)")
@@ -53,6 +53,14 @@ def _run_chat(args) -> int:
     return run_chat(args)
 
 
+def _add_model(parser, port: int | None = None) -> None:
+    """The MODEL argument every serving verb takes, and for servers the loopback address they bind."""
+    parser.add_argument("model", help="a medtune checkpoint folder or a local Hugging Face VLM")
+    if port is not None:
+        parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+        parser.add_argument("--port", type=int, default=port)
+
+
 def _register_serve(subparsers) -> None:
     # api.py imports no web framework at module level; its defaults are the documented ones
     from medtune.serve.api import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_TOKENS, DEFAULT_MAX_TOKENS_LIMIT
@@ -60,9 +68,7 @@ def _register_serve(subparsers) -> None:
     parser = subparsers.add_parser("serve", help="serve a model as an OpenAI-compatible HTTP API",
                                    description="GET /v1/models, POST /v1/chat/completions (streaming with "
                                                "stream: true), GET /health. Binds to loopback by default.")
-    parser.add_argument("model", help="a medtune checkpoint folder or a local Hugging Face VLM")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
+    _add_model(parser, port=8000)
     parser.add_argument("--model-name", help="the model id clients send (default: the model folder's name)")
     parser.add_argument("--api-key", default=os.environ.get("MEDTUNE_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1 routes (default: $MEDTUNE_API_KEY)")
@@ -107,9 +113,7 @@ def _register_web(subparsers) -> None:
     parser = subparsers.add_parser("web", help="a browser demo (Gradio): upload an image and chat",
                                    description="Upload a PNG/JPEG/DICOM image, pick a window preset for DICOM, "
                                                "chat, regenerate, clear; shows the image as the model sees it.")
-    parser.add_argument("model", help="a medtune checkpoint folder or a local Hugging Face VLM")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    parser.add_argument("--port", type=int, default=7860)
+    _add_model(parser, port=7860)
     parser.set_defaults(func=_run_web)
 
 
