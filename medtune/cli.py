@@ -13,6 +13,7 @@ import logging
 import sys
 
 from medtune import __version__
+from medtune.errors import UserError
 
 # (module, what it adds). Order is the order in `medtune --help`.
 STAGE_MODULES = (
@@ -21,12 +22,8 @@ STAGE_MODULES = (
     "medtune.train.cli",  # train, merge
     "medtune.eval.cli",   # eval
     "medtune.serve.cli",  # chat, serve, web
-    "medtune.demo",       # demo
+    "medtune.demo.cli",   # demo
 )
-
-
-class UserError(Exception):
-    """An error caused by the user's input: printed as one line, exit code 2, no traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:

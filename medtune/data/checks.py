@@ -21,7 +21,6 @@ from the images module, which reads only pixels and whitelisted tags.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from medtune.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
-from medtune.data.jsonl import RecordError, Tally, iter_json_lines, write_json
+from medtune.data.jsonl import RecordError, Tally, iter_json_lines
 from medtune.data.schema import ImageRef, Sample, SchemaError
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -170,7 +169,7 @@ class ImageChecker:
             except ImageError as error:
                 self.outcomes[ref] = error
             except ImportError as error:  # DICOM/NIfTI without the [dicom] extra: one clear line, not a traceback
-                from medtune.cli import UserError
+                from medtune.errors import UserError
                 raise UserError(f"{ref.path}: {error}") from None
         return self.outcomes[ref]
 
@@ -220,52 +219,6 @@ def sample_problems(sample: Sample, where: str, images: ImageChecker, first_seen
             yield Problem(where, image_problem_kind(error), f"image {ref.path!r}: {error.reason}", sample.id)
 
 
-# -------------------------------------------------------------------------------------------------- CLI
-
-def register(subparsers) -> None:
-    from medtune.data.formats import FORMATS
-
-    parser = subparsers.add_parser(
-        "check", help="report every problem in a dataset (exit code 1 when there are errors)",
-        description="Check FILE: records that do not parse, empty or misordered turns, placeholder/image count "
-                    "mismatches, duplicate ids, unknown answer types, and every image that is missing, "
-                    "unreadable, outside the image root or too large. One line per problem, with its location. "
-                    "Exit code 1 when there are errors (or, with --strict, warnings), 0 otherwise.")
-    parser.add_argument("file", metavar="FILE", help="dataset file")
-    parser.add_argument("--format", default="canonical", choices=list(FORMATS), metavar="FMT",
-                        help=f"format of FILE (default canonical; known: {', '.join(FORMATS)})")
-    parser.add_argument("--image-root", metavar="DIR",
-                        help="folder image paths are relative to (default: depends on the format, usually FILE's)")
-    parser.add_argument("--allow-root", action="append", default=[], metavar="DIR",
-                        help="also allow images under DIR (repeatable); paths outside every root are errors")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
-                        help=f"refuse images with more pixels than N (default {DEFAULT_MAX_PIXELS:,})")
-    parser.add_argument("--strict", action="store_true", help="count warnings as errors")
-    parser.add_argument("--report", metavar="OUT.json", help="also write the problems as JSON")
-    parser.set_defaults(func=run_check)
-
-
-def run_check(args: argparse.Namespace) -> int:
-    from medtune.data.formats import default_image_root
-
-    path = Path(args.file)
-    image_root = Path(args.image_root) if args.image_root else default_image_root(args.format, path)
-    tally = Tally()
-    problems, images = check_dataset(path, args.format, image_root, allowed_roots=args.allow_root,
-                                     max_pixels=args.max_pixels, tally=tally, progress=sys.stderr.isatty())
-    for problem in problems:
-        print(problem.line())
-    report = summarise(problems, images, tally, path=path, fmt=args.format, image_root=image_root)
-    print(report["summary"])
-    if report["by_kind"]:
-        print("  " + ", ".join(f"{n} {kind}" for kind, n in report["by_kind"].items()))
-    print(tally.summary())
-    for note in tally.notes:
-        print(f"note: {note}")
-    if args.report:
-        write_json(args.report, report)
-    failed = report["errors"] > 0 or (args.strict and report["warnings"] > 0)
-    return 1 if failed else 0
 
 
 def summarise(problems: list[Problem], images: ImageChecker, tally: Tally, *, path: Path, fmt: str,

@@ -41,17 +41,15 @@ default), whose VQA-RAD reader keeps the qid as the sample id and ``phrase_type`
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
-from medtune.data.jsonl import SampleWriter, Tally, write_json
-from medtune.data.mixture import default_image_root, read_dataset
+from medtune.data.jsonl import SampleWriter, Tally
 from medtune.data.schema import Sample
 
 DEFAULT_NEAR_THRESHOLD = 0.8
@@ -257,88 +255,3 @@ def write_clean(samples: Iterable[Sample], out: Path, drop: set[int], tally: Tal
 
 
 # ------------------------------------------------------------------------------------- `medtune data leakage`
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "leakage", help="overlap between a training and an evaluation set; optionally write a cleaned training set",
-        description="Report shared images (content hash), exact question/answer pairs, templated rephrasings "
-                    "and near-duplicate questions between TRAIN and TEST.")
-    parser.add_argument("train", type=Path, help="training set")
-    parser.add_argument("test", type=Path, help="evaluation set")
-    parser.add_argument("--format", default=None, metavar="FMT", help="format of both files (default: canonical)")
-    parser.add_argument("--format-train", default=None, metavar="FMT", help="format of TRAIN (overrides --format)")
-    parser.add_argument("--format-test", default=None, metavar="FMT", help="format of TEST (overrides --format)")
-    parser.add_argument("--image-root", type=Path, default=None, metavar="DIR", help="image root of both files")
-    parser.add_argument("--image-root-train", type=Path, default=None, metavar="DIR", help="image root of TRAIN")
-    parser.add_argument("--image-root-test", type=Path, default=None, metavar="DIR", help="image root of TEST")
-    parser.add_argument("--near-threshold", type=_threshold, metavar="J", default=DEFAULT_NEAR_THRESHOLD,
-                        help=f"token-set Jaccard for near-duplicate questions (default {DEFAULT_NEAR_THRESHOLD})")
-    parser.add_argument("--clean", type=Path, default=None, metavar="OUT",
-                        help="write TRAIN without the leaking records as canonical JSONL")
-    parser.add_argument("--remove", type=_categories, metavar="CATEGORIES", default=DEFAULT_REMOVE,
-                        help="comma-separated categories --clean drops: exact, rephrasing, near "
-                             "(default: exact,rephrasing)")
-    parser.add_argument("--report", type=Path, default=None, metavar="FILE", help="write the findings as JSON")
-    parser.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping")
-    parser.set_defaults(func=_run_leakage)
-
-
-def _threshold(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"near threshold must be in (0, 1], got {text}")
-    return value
-
-
-def _categories(text: str) -> tuple[str, ...]:
-    names = tuple(name.strip() for name in text.split(",") if name.strip())
-    unknown = [name for name in names if name not in CATEGORIES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown categories {unknown or text!r} (choose from {', '.join(CATEGORIES)})")
-    return names
-
-
-def _side(args, side: str) -> tuple[Path, str, Path]:
-    path = getattr(args, side)
-    fmt = getattr(args, f"format_{side}") or args.format or "canonical"
-    root = getattr(args, f"image_root_{side}") or args.image_root or default_image_root(fmt, path)
-    return path, fmt, root
-
-
-def _stream(path: Path, fmt: str, root: Path, tally: Tally, strict: bool) -> Iterator[tuple[Sample, Path]]:
-    for sample in read_dataset(fmt, path, tally=tally, strict=strict):
-        yield sample, root
-
-
-def _run_leakage(args) -> int:
-    from tqdm import tqdm
-
-    (train_path, train_fmt, train_root), (test_path, test_fmt, test_root) = _side(args, "train"), _side(args, "test")
-    tally, hasher = Tally(), ImageHasher()
-    train_stream = tqdm(_stream(train_path, train_fmt, train_root, tally, args.strict), desc="comparing",
-                        unit="record")
-    report = find_leakage(train_stream, _stream(test_path, test_fmt, test_root, tally, args.strict),
-                          near_threshold=args.near_threshold, hasher=hasher)
-    result = report.to_dict()
-    result.update(train={"path": str(train_path), "format": train_fmt, "image_root": str(train_root)},
-                  test={"path": str(test_path), "format": test_fmt, "image_root": str(test_root)},
-                  unreadable_images=hasher.unreadable)
-    for line in report.lines():
-        print(line)
-    if hasher.unreadable:
-        print(f"warning: {len(hasher.unreadable)} images could not be read and were compared by path")
-    if args.clean is not None:
-        drop = report.positions(args.remove)
-        write_clean(read_dataset(train_fmt, train_path, tally=Tally(), strict=args.strict), args.clean, drop, tally)
-        result["cleaned"] = {"path": str(args.clean), "removed_categories": list(args.remove),
-                             "removed": len(drop), "written": tally.written, "image_root": str(train_root)}
-        print(f"cleaned training set: {args.clean} ({len(drop)} records removed: {', '.join(args.remove)}; "
-              f"image root {train_root})")
-    result["tally"] = tally.to_dict()
-    if args.report is not None:
-        write_json(args.report, result)
-    for line in tally.details():
-        print(f"  skipped {line}")
-    print(tally.summary())
-    return 0

@@ -15,10 +15,9 @@ A mixture comes from one of two files, read by :func:`load_mixture`:
           ratio: 0.5               # or count: 200 (not both; neither means ratio 1)
           replacement: false
 
-* a GMAI-VL dataset list (JSON): ``{name: {image_dir, annotations, sample_ratio, length, data_augment}}``
-  (InternVL's spellings ``root``, ``annotation``, ``repeat_time`` are accepted too). Annotations are LLaVA
-  conversation JSON or JSONL; ``sample_ratio`` is the ratio below; ``length`` is checked against the records
-  actually read and a difference is reported; ``data_augment`` is a training-time switch, recorded, not applied.
+* a GMAI-VL dataset list (JSON), parsed by :mod:`medtune.data.formats.gmai_vl`: ``sample_ratio`` is the ratio
+  below; ``length`` is checked against the records actually read and a difference is reported;
+  ``data_augment`` is a training-time switch, recorded, not applied.
 
 Sampling. For a dataset with N usable records the target is ``count``, or ``ratio * N`` rounded to the nearest
 integer (halves up). Without replacement the target is met with whole copies first, then a remainder drawn
@@ -63,19 +62,12 @@ from typing import Any, Iterator
 
 from medtune.data.jsonl import RecordError, SampleWriter, Tally, write_json
 from medtune.data.schema import Message, Part, Sample
+from medtune.errors import RecipeError
 
 SHUFFLE_MODES = ("full", "interleave", "none")
 _RECIPE_KEYS = {"seed", "shuffle", "include_credentialed", "datasets"}
 _DATASET_KEYS = {"name", "path", "format", "image_root", "ratio", "count", "replacement"}
-# GMAI-VL's keys, with InternVL's spellings of the same things as aliases.
-_GMAI_ALIASES = {"image_dir": ("image_dir", "root"), "annotations": ("annotations", "annotation"),
-                 "sample_ratio": ("sample_ratio", "repeat_time")}
-_GMAI_KEYS = {alias for names in _GMAI_ALIASES.values() for alias in names} | {"length", "data_augment"}
 CREDENTIAL_SKIP = "credentialed (images not shipped)"   # the reason the MedMax reader counts them under
-
-
-class RecipeError(ValueError):
-    """A mix recipe or GMAI-VL list is malformed; the message names the file, the dataset and the reason."""
 
 
 @dataclass
@@ -348,27 +340,16 @@ def _dataset_spec(entry: Any, base: Path, where: Any, number: int) -> DatasetSpe
 
 
 def _gmai_list(data: dict, base: Path, source: Path | None, strict: bool) -> Mixture:
+    from medtune.data.formats import gmai_vl
+
     where = source or "dataset list"
     datasets = []
-    for name, entry in data.items():
-        if not isinstance(entry, dict):
-            raise RecipeError(f"{where}: not a mix recipe (no 'datasets') nor a GMAI-VL list "
-                              f"(entry {name!r} is not an object)")
-        unknown = set(entry) - _GMAI_KEYS
-        if unknown:
-            raise RecipeError(f"{where}: dataset {name!r} has unknown keys {sorted(unknown)} "
-                              f"(GMAI-VL list keys: image_dir, annotations, sample_ratio, length, data_augment)")
-        fields = {key: next((entry[a] for a in aliases if a in entry), None) for key, aliases in _GMAI_ALIASES.items()}
-        if not isinstance(fields["annotations"], str):
-            raise RecipeError(f"{where}: dataset {name!r} needs 'annotations' (a LLaVA JSON or JSONL file)")
-        length = entry.get("length")
+    for entry in gmai_vl.parse_list(data, base, where):
         try:
             datasets.append(DatasetSpec(
-                name=str(name), path=base / fields["annotations"], format="llava",
-                image_root=base / fields["image_dir"] if fields["image_dir"] else None,
-                ratio=1.0 if fields["sample_ratio"] is None else fields["sample_ratio"],
-                declared_length=length if isinstance(length, int) else None,
-                data_augment=entry.get("data_augment")))
+                name=entry.name, path=entry.annotations, format=gmai_vl.ANNOTATION_FORMAT,
+                image_root=entry.image_dir, ratio=entry.sample_ratio, declared_length=entry.length,
+                data_augment=entry.data_augment))
         except RecipeError as error:
             raise RecipeError(f"{where}: {error}") from None
     return Mixture(datasets, source=source, strict=strict)
@@ -470,35 +451,3 @@ def _manifest(mixture: Mixture, seed: int, common: Path, prefixes: dict[str, str
             "shuffle": mixture.shuffle,
             "include_credentialed": mixture.include_credentialed, "image_root": str(common),
             "datasets": datasets, "tally": tally.to_dict()}
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "mix", help="sample several datasets into one canonical JSONL (mix recipe YAML or GMAI-VL list JSON)",
-        description="Write a deterministic mixture of datasets as canonical JSONL, with OUT.manifest.json "
-                    "recording per-dataset counts, the seed and the common image root of the output.")
-    parser.add_argument("recipe", help="mix recipe (.yaml) or GMAI-VL dataset list (.json)")
-    parser.add_argument("out", type=Path, help="output canonical JSONL")
-    parser.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
-    parser.add_argument("--include-credentialed", action="store_true",
-                        help="keep credentialed samples (once you have supplied their images)")
-    parser.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping")
-    parser.set_defaults(func=_run_mix)
-
-
-def _run_mix(args) -> int:
-    mixture = load_mixture(args.recipe, strict=args.strict)
-    if args.include_credentialed:
-        mixture.include_credentialed = True
-    tally, manifest = write_mixture(mixture, args.out, seed=args.seed)
-    for info in manifest["datasets"]:
-        length = info.get("declared_length")
-        mismatch = f" (list says length {length})" if length is not None and length != info["available"] else ""
-        print(f"{info['name']}: {info['written']} samples from {info['available']} usable records{mismatch} "
-              f"[{info['sampling']}]")
-    print(f"image root for {args.out}: {manifest['image_root']} (pass as --image-root; also in "
-          f"{manifest_path(args.out)})")
-    for line in tally.details():
-        print(f"  skipped {line}")
-    print(tally.summary())
-    return 0

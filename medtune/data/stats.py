@@ -11,15 +11,13 @@ so no DICOM tag can reach the report.
 """
 from __future__ import annotations
 
-import argparse
 import array
 import collections
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable
 
-from medtune.data.jsonl import Tally, write_json
+from medtune.data.jsonl import Tally
 from medtune.data.schema import Sample
 
 COUNTED_FIELDS = ("source", "task", "modality", "organ", "answer_type", "split", "credential")
@@ -99,39 +97,3 @@ def format_table(stats: dict, tally: Tally | None = None) -> str:
         cells = "".join(f"{'-' if v is None else v:>9}" for v in row.values())
         lines.append(f"  {kind:<26}{cells}")
     return "\n".join(lines)
-
-
-def register(subparsers) -> None:
-    from medtune.data.formats import FORMATS
-
-    parser = subparsers.add_parser(
-        "stats", help="counts by source, task, modality, answer type; images per sample; text lengths",
-        description="Describe FILE: counts by source, task, modality, organ, answer type, split and credential, "
-                    "images and turns per sample, and text length percentiles in characters.")
-    parser.add_argument("file", metavar="FILE", help="dataset file")
-    parser.add_argument("--format", default="canonical", choices=list(FORMATS), metavar="FMT",
-                        help=f"format of FILE (default canonical; known: {', '.join(FORMATS)})")
-    parser.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
-    parser.add_argument("--json", metavar="OUT.json", help="also write the statistics as JSON")
-    parser.set_defaults(func=run_stats)
-
-
-def run_stats(args: argparse.Namespace) -> int:
-    import sys
-
-    from tqdm import tqdm
-
-    from medtune.data.formats import read_records
-
-    tally = Tally()
-    samples = read_records(args.format, Path(args.file), tally=tally, strict=args.strict)
-    stats = collect(tqdm(samples, desc="reading", unit=" records", disable=not sys.stderr.isatty(),
-                         file=sys.stderr)).to_dict()
-    stats["tally"] = tally.to_dict()
-    print(format_table(stats, tally))
-    for line in tally.details():
-        print(f"skipped: {line}")
-    if args.json:
-        write_json(args.json, stats)
-    print(tally.summary())
-    return 0

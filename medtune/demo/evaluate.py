@@ -40,7 +40,7 @@ class LazyLocalBackend:
 def answer_questions(task: Task, model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                      limit: int | None, batch_size: int = 16, device: str = "cpu"):
     """Answer the task's (first ``limit``) questions not yet in ``out_dir``; (RunResult, {id: answer})."""
-    from medtune.cli import UserError
+    from medtune.errors import UserError
     from medtune.eval.predictions import read_predictions
     from medtune.eval.run import run_task
 

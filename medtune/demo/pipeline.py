@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from medtune.cli import UserError
+from medtune.errors import UserError
 from medtune.data.jsonl import Tally, write_json
 from medtune.data.schema import Sample
 

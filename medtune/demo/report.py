@@ -360,7 +360,7 @@ def _training_section(content: dict) -> list[str]:
 
 
 def _exclusion_note(flavour: str) -> str:
-    return "; its yes/no quirk leaves some closed items out, counted as 'excl.'" if flavour == "llava-med" else ""
+    return "; its yes/no quirk leaves some closed items out, counted as 'excl.'" if flavour == "llava-med-init" else ""
 
 
 def _caveats(content: dict) -> list[str]:

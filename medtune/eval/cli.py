@@ -9,7 +9,7 @@
     medtune eval run --task T (--model PATH | --endpoint URL) --out DIR [--num-shards N --shard-index I]
                      [--limit N] [--batch-size B]
 
-Nothing heavy is imported here. ``run`` hands its parsed arguments to ``medtune.eval.run.run_from_args``,
+Nothing heavy is imported here. ``run`` checks its options and calls ``medtune.eval.run.run_task``,
 which answers the task's questions through a backend (local model or OpenAI-compatible endpoint), appends each
 answer to the shard's predictions file as it comes, and scores the (merged) file with the same
 ``score.score_predictions`` that ``eval score`` uses, so a run and a later re-scoring write the same report.
@@ -53,7 +53,8 @@ def _add_score(verbs) -> None:
     _add_task_options(p, required=True)
     p.add_argument("--metrics", default="compat,strict",
                    help="families, comma-separated: compat (alias llava-med), strict, judge")
-    p.add_argument("--compat-flavour", choices=("med-moe", "llava-med"), default="med-moe",
+    from medtune.eval import compat  # light: the flavour table, no metric libraries
+    p.add_argument("--compat-flavour", choices=compat.FLAVOURS, default="med-moe",
                    help="which reference script the compat family reproduces")
     p.add_argument("--candidates", type=Path,
                    help="LLaVA-Med candidate answer file: adds its 'open accuracy' (llava-med flavour)")
@@ -141,7 +142,7 @@ def task_from_args(args):
 
 
 def _families(text: str) -> tuple[str, ...]:
-    from medtune.cli import UserError
+    from medtune.errors import UserError
     from medtune.eval.metrics import FAMILIES
     aliases = {"llava-med": "compat", "med-moe": "compat"}  # the issue's name for the compatibility family
     families = tuple(dict.fromkeys(aliases.get(f.strip(), f.strip()) for f in text.split(",") if f.strip()))
@@ -152,7 +153,7 @@ def _families(text: str) -> tuple[str, ...]:
 
 
 def _judge(args):
-    from medtune.cli import UserError
+    from medtune.errors import UserError
     if not args.judge_endpoint:
         if "judge" in _families(args.metrics):
             raise UserError("the judge family needs --judge-endpoint and --judge-model")
@@ -164,7 +165,7 @@ def _judge(args):
 
 
 def _score(args) -> int:
-    from medtune.cli import UserError
+    from medtune.errors import UserError
     from medtune.eval.metrics import MissingPredictions
     from medtune.eval.score import read_candidates, score_predictions
 
@@ -205,7 +206,7 @@ def _compare(args) -> int:
 
 
 def _merge(args) -> int:
-    from medtune.cli import UserError
+    from medtune.errors import UserError
     from medtune.eval.predictions import MergeError, merge_predictions
 
     expected = None
@@ -227,8 +228,66 @@ def _tasks(args) -> int:
 
 
 def _run(args) -> int:
-    from medtune.eval import run
-    return run.run_from_args(args)
+    """``medtune eval run``: check the options, answer the task, score it."""
+    from medtune.errors import UserError
+    from medtune.eval.backends import BackendError
+    from medtune.data.jsonl import RecordError
+    from medtune.eval import predictions as preds
+    from medtune.eval.run import ResumeMismatch, run_task, summary
+    from medtune.eval.metrics import MissingPredictions
+
+    families = _families(args.metrics)
+    if "judge" in families:
+        raise UserError("`eval run` does not call a judge; score its predictions.jsonl with "
+                        "`medtune eval score --judge-endpoint URL --judge-model NAME`")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    num_shards, shard_index = preds.shard_from_env(args.num_shards, args.shard_index)
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise UserError(f"--shard-index {shard_index} is not in 0..{num_shards - 1}")
+    task = task_from_args(args)
+    backend = _backend_from_args(args)
+    try:
+        result = run_task(task, backend, args.out, num_shards=num_shards, shard_index=shard_index,
+                          shard_mode=args.shard_mode, batch_size=args.batch_size, limit=args.limit,
+                          families=families, strict=args.strict, progress=True)
+    except (BackendError, preds.MergeError, MissingPredictions, RecordError, ResumeMismatch) as error:
+        raise UserError(str(error)) from None
+    finally:
+        getattr(backend, "close", lambda: None)()
+    print(summary(result, args.out))
+    if result.skipped.n_skipped:
+        for line in result.skipped.details():
+            print(f"  {line}", file=sys.stderr)
+        raise UserError(f"{result.skipped.n_skipped} questions have no prediction, so no report was written; "
+                        "fix their images and run again (answered questions are kept), or score the partial "
+                        "file with `medtune eval score --allow-missing`")
+    return 0
+
+
+def _backend_from_args(args):
+    from medtune.errors import UserError
+    from medtune.eval.backends import BackendError, HTTPBackend, LocalBackend
+    from medtune.eval.run import ENDPOINT_KEY_ENV
+
+    if args.endpoint:
+        api_key = os.environ.get(ENDPOINT_KEY_ENV) or os.environ.get("OPENAI_API_KEY")
+        try:
+            return HTTPBackend(args.endpoint, args.endpoint_model, api_key=api_key, concurrency=args.batch_size)
+        except BackendError as error:
+            raise UserError(str(error)) from None
+    return LocalBackend(args.model, batch_size=args.batch_size, device=_device(args.device), dtype=args.dtype)
+
+
+def _device(device: str) -> str:
+    """``auto``: this process's GPU (``LOCAL_RANK`` under torchrun) when there is one, else the CPU."""
+    if device != "auto":
+        return device
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return "cpu"
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m medtune.eval.cli` for debugging

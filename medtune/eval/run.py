@@ -39,7 +39,6 @@ Design choices:
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -263,45 +262,6 @@ def _merged_if_complete(out_dir, samples: list[Sample], num_shards: int, shard_m
     return merged
 
 
-# -- command line -------------------------------------------------------------------------------------------
-
-
-def run_from_args(args) -> int:
-    """``medtune eval run`` (options in :mod:`medtune.eval.cli`)."""
-    from medtune.cli import UserError
-    from medtune.eval.backends import BackendError
-    from medtune.eval.cli import _families, task_from_args
-    from medtune.eval.metrics import MissingPredictions
-
-    families = _families(args.metrics)
-    if "judge" in families:
-        raise UserError("`eval run` does not call a judge; score its predictions.jsonl with "
-                        "`medtune eval score --judge-endpoint URL --judge-model NAME`")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    num_shards, shard_index = preds.shard_from_env(args.num_shards, args.shard_index)
-    if num_shards < 1 or not 0 <= shard_index < num_shards:
-        raise UserError(f"--shard-index {shard_index} is not in 0..{num_shards - 1}")
-    task = task_from_args(args)
-    backend = _backend_from_args(args)
-    try:
-        result = run_task(task, backend, args.out, num_shards=num_shards, shard_index=shard_index,
-                          shard_mode=args.shard_mode, batch_size=args.batch_size, limit=args.limit,
-                          families=families, strict=args.strict, progress=True)
-    except (BackendError, preds.MergeError, MissingPredictions, RecordError, ResumeMismatch) as error:
-        raise UserError(str(error)) from None
-    finally:
-        getattr(backend, "close", lambda: None)()
-    print(summary(result, args.out))
-    if result.skipped.n_skipped:
-        for line in result.skipped.details():
-            print(f"  {line}", file=sys.stderr)
-        raise UserError(f"{result.skipped.n_skipped} questions have no prediction, so no report was written; "
-                        "fix their images and run again (answered questions are kept), or score the partial "
-                        "file with `medtune eval score --allow-missing`")
-    return 0
-
-
 def summary(result: RunResult, out_dir) -> str:
     """The line a run ends with."""
     where = f"shard {result.shard_index + 1}/{result.num_shards}: " if result.num_shards > 1 else ""
@@ -319,27 +279,3 @@ def summary(result: RunResult, out_dir) -> str:
                  f"(or later: medtune eval merge {out_dir}/predictions.shard*.jsonl{check} "
                  f"--out {out_dir}/predictions.jsonl)")
     return line
-
-
-def _backend_from_args(args) -> Backend:
-    from medtune.cli import UserError
-    from medtune.eval.backends import BackendError, HTTPBackend, LocalBackend
-
-    if args.endpoint:
-        api_key = os.environ.get(ENDPOINT_KEY_ENV) or os.environ.get("OPENAI_API_KEY")
-        try:
-            return HTTPBackend(args.endpoint, args.endpoint_model, api_key=api_key, concurrency=args.batch_size)
-        except BackendError as error:
-            raise UserError(str(error)) from None
-    return LocalBackend(args.model, batch_size=args.batch_size, device=_device(args.device), dtype=args.dtype)
-
-
-def _device(device: str) -> str:
-    """``auto``: this process's GPU (``LOCAL_RANK`` under torchrun) when there is one, else the CPU."""
-    if device != "auto":
-        return device
-    import torch
-
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return "cpu"

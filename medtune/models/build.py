@@ -23,6 +23,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from medtune.errors import SpecError
 from medtune.models.projectors import PROJECTOR_NAMES
 
 log = logging.getLogger(__name__)
@@ -32,10 +33,6 @@ FEATURE_SELECTS = ("patch", "cls_patch")
 PAD_MODES = ("pad", "resize", "crop")
 DTYPES = ("float32", "bfloat16", "float16")
 NATIVE_TEMPLATE = "native"
-
-
-class SpecError(ValueError):
-    """A model spec that cannot be built: the message names the field and what is wrong."""
 
 
 @dataclass

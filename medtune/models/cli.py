@@ -33,7 +33,7 @@ def register(subparsers) -> None:
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     import yaml
 
-    from medtune.cli import UserError
+    from medtune.errors import UserError
 
     overrides = {}
     for pair in pairs:
@@ -48,7 +48,7 @@ def load_spec(name: str, overrides: dict[str, Any]):
     """A ModelSpec from a preset name or a YAML file, with overrides applied."""
     import yaml
 
-    from medtune.cli import UserError
+    from medtune.errors import UserError
     from medtune.models.build import ModelSpec
     from medtune.models.presets import PRESETS, preset_spec
 
@@ -69,7 +69,7 @@ def load_spec(name: str, overrides: dict[str, Any]):
 def run_build(args: argparse.Namespace) -> int:
     from medtune.models.build import build_vlm
 
-    from medtune.cli import UserError
+    from medtune.errors import UserError
 
     spec = load_spec(args.spec, parse_overrides(args.overrides))
     try:

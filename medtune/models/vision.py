@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medtune.models.build import SpecError
+from medtune.errors import SpecError
 
 # Normalisation statistics when a tower comes from a bare config (no preprocessor_config.json to read).
 # Facts from the original releases: OpenAI CLIP's training statistics; SigLIP normalises to [-1, 1].

@@ -199,7 +199,7 @@ def _terminal_lines(prompt: str):
 
 def run_chat(args) -> int:
     """``medtune chat MODEL [--image FILE] [--window PRESET] [--slice N]``."""
-    from medtune.cli import UserError
+    from medtune.errors import UserError
     from medtune.models.build import load_vlm
     from medtune.models.generation import Generator
 

@@ -89,7 +89,7 @@ def _register_serve(subparsers) -> None:
 
 
 def _run_serve(args) -> int:
-    from medtune.cli import UserError
+    from medtune.errors import UserError
     from medtune.serve.api import DEFAULT_MAX_TOKENS, serve
 
     _check_model(args.model)

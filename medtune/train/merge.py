@@ -15,7 +15,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from medtune.cli import UserError
+from medtune.errors import UserError
 from medtune.train.checkpoints import atomic_directory
 
 log = logging.getLogger(__name__)

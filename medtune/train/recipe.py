@@ -31,11 +31,7 @@ from typing import Any, Literal
 
 import yaml
 
-from medtune.cli import UserError
-
-
-class RecipeError(UserError, ValueError):
-    """A recipe that cannot run; the message starts with the key path (``stages[0].lr.llm: ...``)."""
+from medtune.errors import RecipeError
 
 
 @dataclass

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from medtune.cli import UserError
+from medtune.errors import UserError
 from medtune.train.merge import merge_checkpoint
 from medtune.train.parts import apply_trainable_parts
 from medtune.train.recipe import LearningRates, LoraSpec

@@ -5,7 +5,8 @@ Each format is a module with ``read(path, *, tally, strict, **options) -> Iterat
 modules exist. Everything else goes through :func:`read_records`, :func:`write_records` and
 :func:`default_image_root`. Readers stream (memory does not grow with the file), count each record in the
 tally, and skip-and-count bad records with a reason naming file and record (raised instead when ``strict``).
-The formats and their field mappings are documented in docs/data-format.md.
+The formats and their field mappings are documented in docs/data-format.md. A GMAI-VL dataset list is not a
+sample format but a list of datasets (:mod:`medtune.data.formats.gmai_vl`, read by ``medtune.data.mixture``).
 """
 from __future__ import annotations
 

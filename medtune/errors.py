@@ -1,0 +1,20 @@
+"""The error classes every layer raises: the ground floor, importing nothing from medtune.
+
+The CLI (``medtune.cli``) prints a :class:`UserError` (and the other input errors below, which subclass it or
+``ValueError``) as one line with exit code 2; a programming error keeps its traceback. Engine modules raise
+these and never import the CLI.
+"""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed as one line, exit code 2, no traceback."""
+
+
+class RecipeError(UserError, ValueError):
+    """A training or mixture recipe that cannot run; the message starts with the key path or file
+    (``stages[0].lr.llm: ...``, ``mix.yaml: datasets[1].ratio: ...``)."""
+
+
+class SpecError(UserError, ValueError):
+    """A model spec that cannot be built: the message names the field and what is wrong."""
