@@ -1,7 +1,7 @@
 """``medtune eval``: score predictions, compare runs, merge shards, list tasks, and run a model.
 
     medtune eval score PREDICTIONS (--task T [--data PATH] | --gt FILE [--gt-format F]) [--metrics compat,strict]
-                       [--compat-flavour med-moe|llava-med] [--out DIR] [--allow-missing]
+                       [--compat-flavour med-moe|llava-med|llava-med-init] [--out DIR] [--allow-missing]
                        [--judge-endpoint URL --judge-model NAME]
     medtune eval compare A B          (also: medtune eval --compare A B)
     medtune eval merge SHARD... --out FILE [--task T [--data PATH] | --gt FILE]
@@ -169,8 +169,10 @@ def _score(args) -> int:
     from medtune.eval.metrics import MissingPredictions
     from medtune.eval.score import read_candidates, score_predictions
 
-    if args.candidates and args.compat_flavour != "llava-med":
-        raise UserError("--candidates is used by the llava-med flavour only (add --compat-flavour llava-med)")
+    from medtune.eval.compat import get_flavour
+
+    if args.candidates and not get_flavour(args.compat_flavour).open_accuracy:
+        raise UserError("--candidates is used by the llava-med flavours only (add --compat-flavour llava-med)")
     families = tuple(f for f in _families(args.metrics) if f != "judge")
     try:
         result = score_predictions(task_from_args(args), args.predictions, out_dir=args.out, families=families,

@@ -1,7 +1,7 @@
 """Compatibility metrics: the numbers the LLaVA-Med and Med-MoE evaluation scripts print, to the last digit.
 
-Reimplemented from the behaviour of ``run_eval.py`` and ``eval_metrics/`` in microsoft/LLaVA-Med (v1.0,
-commit ad758b6) and jiangsongtao/Med-MoE (``run_eval.py``); no code is taken from them. Their quirks are
+Reimplemented from the behaviour of ``run_eval.py`` and ``eval_metrics/`` in microsoft/LLaVA-Med and
+jiangsongtao/Med-MoE at the commits each :class:`Flavour` names; no code is taken from them. Their quirks are
 kept on purpose, because published tables were produced with them:
 
 * Both strings are lowercased. A CLOSED item is a hit when the ground-truth string is a raw substring of the
@@ -20,18 +20,24 @@ kept on purpose, because published tables were produced with them:
 * Every figure is a macro mean over items, times 100, printed by ``tabulate`` with its default ``"g"``
   float format (6 significant digits): :func:`printed` gives that string.
 
-Two flavours differ in details (``FLAVOURS``):
+The flavours (``FLAVOURS``) differ in details, each recorded as data on its :class:`Flavour`:
 
 ``med-moe`` (default)
-    the description above; answer types ``open``/``OPEN`` and ``close``/``CLOSED``; closed F1, precision
-    and recall are reported too.
+    Med-MoE ``run_eval.py``: the description above; answer types ``open``/``OPEN`` and ``close``/``CLOSED``;
+    closed F1, precision and recall are reported too.
 ``llava-med``
-    LLaVA-Med v1.0 ``run_eval.py``: both strings are normalised *before* everything (so open metrics see a
-    twice-normalised string, and the closed substring test runs on normalised strings); BLEU without
-    smoothing, plus the default 4-gram ``bleu``; a CLOSED item counts as a hit when the prediction contains
-    "yes" or "no" and the ground truth, as a miss only when it contains neither "yes" nor "no", and is left
-    out of the yes/no accuracy otherwise (a known bug that inflates the figure; reported as ``None`` here,
-    so the item is counted as excluded, never silently).
+    LLaVA-Med v1.0.0 ``llava/eval/run_eval.py`` (the release tag, which is PR #35 "fix closed accuracy
+    calculation"): both strings are normalised *before* everything (so open metrics see a twice-normalised
+    string, and the closed substring test runs on normalised strings); BLEU without smoothing, plus the
+    default 4-gram ``bleu``; a CLOSED item is a hit when the prediction contains "yes" or "no" *and* the
+    ground truth, and a miss otherwise, so every closed question is in the denominator. (A named closed
+    answer such as "mri" therefore needs a "yes"/"no" somewhere in the prediction to count.) The script
+    prints ``num_open`` and ``num_close`` swapped: the first is the closed count.
+``llava-med-init``
+    the same script at LLaVA-Med's initial release (ad758b6), before PR #35: a closed prediction that contains
+    "yes" or "no" but not the truth is left out of the yes/no accuracy (reported as ``None`` here, so the
+    item is counted as excluded, never silently), which inflates the figure. Only for reproducing numbers
+    made with that version.
 
 Items are matched to ground truth by question id (their scripts pair by position and, in Med-MoE, silently
 truncate to the shorter file). Answer types come from the canonical sample: their scripts compare the raw
@@ -44,9 +50,103 @@ from __future__ import annotations
 import functools
 import re
 from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
 
-FLAVOURS = ("med-moe", "llava-med")
 HEADLINE = {"open": "recall", "closed": "accuracy"}
+
+
+def substring_hit(pred: str, gt: str) -> float:
+    """Med-MoE: the truth anywhere in the prediction."""
+    return float(gt in pred)
+
+
+def _mentions_yes_no(pred: str) -> bool:
+    return "yes" in pred or "no" in pred  # substrings, as in their script: "normal", "cannot" mention "no"
+
+
+def yes_no_hit(pred: str, gt: str) -> float:
+    """LLaVA-Med v1.0.0: a hit needs "yes" or "no" and the truth in the prediction; anything else is a miss."""
+    return float(_mentions_yes_no(pred) and gt in pred)
+
+
+def yes_no_hit_dropping_wrong(pred: str, gt: str) -> float | None:
+    """LLaVA-Med initial release: like :func:`yes_no_hit`, except that a prediction mentioning "yes" or "no"
+    without the truth is dropped (``None``): their script appended nothing for it."""
+    if not _mentions_yes_no(pred):
+        return 0.0
+    return 1.0 if gt in pred else None
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The script a flavour reproduces, at the commit whose printout the tests compare against."""
+
+    repository: str   # GitHub owner/name
+    script: str       # path inside the repository
+    commit: str       # full hash of the commit that was run
+    release: str      # tag or branch the commit belongs to, in words
+    note: str = ""    # what a reader of that script's printout must know
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v}
+
+    def describe(self) -> str:
+        return f"{self.repository} {self.script} @ {self.commit[:7]} ({self.release})"
+
+
+@dataclass(frozen=True)
+class Flavour:
+    """How one reference script scores, and the table it prints: ``(answer type, metric, label)`` in order."""
+
+    name: str
+    reference: Reference
+    closed_hit: Callable[[str, str], float | None]
+    normalise_first: bool      # LLaVA-Med normalises both strings before every metric
+    smoothed_bleu: bool        # Med-MoE passes NLTK's smoothing method1
+    four_gram_bleu: bool       # LLaVA-Med also prints the default-weights "bleu_score"
+    closed_word_scores: bool   # Med-MoE also prints closed F1, precision and recall
+    open_accuracy: bool        # LLaVA-Med's "open accuracy" against a candidate answer list
+    labels: tuple[tuple[str, str, str], ...]
+
+
+_LLAVA_MED_LABELS = (
+    ("open", "exact_match", "exact match score"), ("open", "f1", "f1 score"), ("open", "precision", "precision"),
+    ("open", "recall", "recall"), ("open", "bleu", "bleu_score"), ("open", "bleu1", "bleu_score_1"),
+    ("open", "bleu2", "bleu_score_2"), ("open", "bleu3", "bleu_score_3"),
+    ("open", "open_accuracy", "open accuracy"), ("closed", "accuracy", "yes/no accuracy"))
+_LLAVA_MED = dict(normalise_first=True, smoothed_bleu=False, four_gram_bleu=True, closed_word_scores=False,
+                  open_accuracy=True, labels=_LLAVA_MED_LABELS)
+_LLAVA_MED_SCRIPT = dict(repository="microsoft/LLaVA-Med", script="llava/eval/run_eval.py")
+
+FLAVOURS: dict[str, Flavour] = {flavour.name: flavour for flavour in (
+    Flavour("med-moe", Reference("jiangsongtao/Med-MoE", "run_eval.py", "148cbd6dc26b1c583ccf8fa780d3e14529fdc940",
+                                 "main as of 2024-10-08",
+                                 note="run_eval.py unchanged since 4521f33; its eval_metrics/ equals LLaVA-Med's"),
+            substring_hit, normalise_first=False, smoothed_bleu=True, four_gram_bleu=False, closed_word_scores=True,
+            open_accuracy=False, labels=(
+                ("open", "exact_match", "Exact Match Score"), ("open", "f1", "F1 Score"),
+                ("open", "precision", "Precision"), ("open", "recall", "Recall"),
+                ("open", "bleu1", "BLEU Score (Weight 1)"), ("open", "bleu2", "BLEU Score (Weight 2)"),
+                ("open", "bleu3", "BLEU Score (Weight 3)"), ("closed", "accuracy", "yes/no accuracy"),
+                ("closed", "f1", "Closed F1 Score"), ("closed", "precision", "Closed Precision"),
+                ("closed", "recall", "Closed Recall"))),
+    Flavour("llava-med", Reference(**_LLAVA_MED_SCRIPT, commit="b9a98a736d2ef05bcf5ff345be6403fb3a664eaf",
+                                   release="v1.0.0, PR #35",
+                                   note="prints num_open and num_close swapped: num_open is the closed count"),
+            yes_no_hit, **_LLAVA_MED),
+    Flavour("llava-med-init", Reference(**_LLAVA_MED_SCRIPT, commit="ad758b687d4e79628dbfdb149dc545641ed29014",
+                                        release="initial release",
+                                        note="leaves closed answers with a wrong yes/no out of the yes/no accuracy"),
+            yes_no_hit_dropping_wrong, **_LLAVA_MED),
+)}
+
+
+def get_flavour(name: str) -> Flavour:
+    if name not in FLAVOURS:
+        raise ValueError(f"unknown compatibility flavour {name!r} (expected one of {', '.join(FLAVOURS)})")
+    return FLAVOURS[name]
+
 
 # Characters that the VQA normalisation removes (when they touch a space) or turns into a space.
 _PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`",
@@ -169,34 +269,28 @@ def score_item(prediction: str, truth: str, answer_type: str, flavour: str = "me
                candidates: list[str] | None = None) -> dict[str, float | None]:
     """Per-item figures (fractions in [0, 1]); the family's aggregates are their means times 100.
 
-    ``candidates`` (LLaVA-Med flavour only: the answer vocabulary of their ``--candidate`` file) adds
+    ``candidates`` (LLaVA-Med flavours only: the answer vocabulary of their ``--candidate`` file) adds
     ``open_accuracy``: 1 when the candidate closest to the prediction equals the normalised truth.
     Returns ``{}`` for answer types this family does not score (``mcq``).
     """
-    if flavour not in FLAVOURS:
-        raise ValueError(f"unknown compatibility flavour {flavour!r} (expected one of {', '.join(FLAVOURS)})")
+    spec = get_flavour(flavour)
     pred, gt = prediction.lower(), truth.lower()
-    if flavour == "llava-med":
+    if spec.normalise_first:
         pred, gt = normalize_words(pred), normalize_words(gt)
     if answer_type == "open":
         f1, precision, recall = f1_precision_recall(pred, gt)
         scores = {"recall": recall, "precision": precision, "f1": f1, "exact_match": exact_match(pred, gt)}
-        scores.update(bleu_scores(pred, gt, smoothing=flavour == "med-moe", with_default=flavour == "llava-med"))
-        if candidates and flavour == "llava-med":
+        scores.update(bleu_scores(pred, gt, smoothing=spec.smoothed_bleu, with_default=spec.four_gram_bleu))
+        if candidates and spec.open_accuracy:
             scores["open_accuracy"] = float(closest_candidate(pred, candidates) == normalize_words(gt))
         return scores
     if answer_type == "closed":
-        if flavour == "llava-med":
-            return {"accuracy": _llava_med_closed_hit(pred, gt)}
-        f1, precision, recall = f1_precision_recall(pred, gt)
-        return {"accuracy": float(gt in pred), "f1": f1, "precision": precision, "recall": recall}
+        scores = {"accuracy": spec.closed_hit(pred, gt)}
+        if spec.closed_word_scores:
+            f1, precision, recall = f1_precision_recall(pred, gt)
+            scores.update(f1=f1, precision=precision, recall=recall)
+        return scores
     return {}
-
-
-def _llava_med_closed_hit(pred: str, gt: str) -> float | None:
-    if "yes" in pred or "no" in pred:
-        return 1.0 if gt in pred else None  # their script appends nothing here: the item drops out
-    return 0.0
 
 
 def printed(value: float) -> str:

@@ -13,7 +13,8 @@ The pipeline is three small steps, each usable alone:
    or wrong on its type's headline); headline metrics again per organ and per modality where present.
 
 A per-item figure of ``None`` means the reference script would leave the item out of that metric (the
-LLaVA-Med flavour's yes/no quirk); such items are counted in ``Row.excluded`` so nothing vanishes unseen.
+``llava-med-init`` flavour's yes/no quirk); such items are counted in ``Row.excluded`` so nothing vanishes
+unseen.
 """
 from __future__ import annotations
 
@@ -119,7 +120,7 @@ def score_items(items: list[Item], families: Iterable[str] = DEFAULT_FAMILIES, *
                 compat_flavour: str = "med-moe", candidates: list[str] | None = None,
                 judge=None) -> dict[str, dict[str, dict]]:
     """``{family: {item id: {metric: value}}}``; ``judge`` is a :class:`medtune.eval.judge.Judge`;
-    ``candidates`` is LLaVA-Med's answer vocabulary for its "open accuracy" (llava-med flavour)."""
+    ``candidates`` is LLaVA-Med's answer vocabulary for its "open accuracy" (LLaVA-Med flavours)."""
     scores: dict[str, dict[str, dict]] = {}
     for family in families:
         if family not in FAMILIES:
@@ -206,44 +207,50 @@ def is_wrong(family: str, item: Item, item_scores: dict) -> bool:
 
 
 @dataclass
-class CompatTable:
-    """The table the reference script prints: its labels, our values, and the strings it would show."""
+class TableLine:
+    """One line of the reference script's table: its label, our value, and the items behind the value."""
 
-    flavour: str
-    lines: list[tuple[str, float]] = field(default_factory=list)
+    label: str
+    value: float
+    n: int              # items averaged: the figure's denominator
+    excluded: int = 0   # items of the answer type the reference script leaves out of this figure
 
     def to_dict(self) -> dict:
-        return {"flavour": self.flavour,
-                "lines": [{"label": label, "value": value, "printed": compat.printed(value)}
-                          for label, value in self.lines]}
+        return {"label": self.label, "value": self.value, "printed": compat.printed(self.value), "n": self.n,
+                "excluded": self.excluded}
+
+
+@dataclass
+class CompatTable:
+    """The table the reference script prints: its labels, our values, the strings it would show, and the
+    script and commit it reproduces."""
+
+    flavour: str
+    lines: list[TableLine] = field(default_factory=list)
+
+    @property
+    def reference(self) -> compat.Reference:
+        return compat.get_flavour(self.flavour).reference
+
+    def to_dict(self) -> dict:
+        return {"flavour": self.flavour, "reference": self.reference.to_dict(),
+                "lines": [line.to_dict() for line in self.lines]}
 
     def render(self) -> str:
-        width = max(len(label) for label, _ in self.lines)
-        return "\n".join(f"{label:<{width}}  {compat.printed(value)}" for label, value in self.lines)
-
-
-_COMPAT_LABELS = {
-    "med-moe": [("open", "exact_match", "Exact Match Score"), ("open", "f1", "F1 Score"),
-                ("open", "precision", "Precision"), ("open", "recall", "Recall"),
-                ("open", "bleu1", "BLEU Score (Weight 1)"), ("open", "bleu2", "BLEU Score (Weight 2)"),
-                ("open", "bleu3", "BLEU Score (Weight 3)"), ("closed", "accuracy", "yes/no accuracy"),
-                ("closed", "f1", "Closed F1 Score"), ("closed", "precision", "Closed Precision"),
-                ("closed", "recall", "Closed Recall")],
-    "llava-med": [("open", "exact_match", "exact match score"), ("open", "f1", "f1 score"),
-                  ("open", "precision", "precision"), ("open", "recall", "recall"),
-                  ("open", "bleu", "bleu_score"), ("open", "bleu1", "bleu_score_1"),
-                  ("open", "bleu2", "bleu_score_2"), ("open", "bleu3", "bleu_score_3"),
-                  ("open", "open_accuracy", "open accuracy"), ("closed", "accuracy", "yes/no accuracy")],
-}
+        width = max(len(line.label) for line in self.lines)
+        lines = [f"{line.label:<{width}}  {compat.printed(line.value):<10} n={line.n}"
+                 + (f" ({line.excluded} excluded)" if line.excluded else "") for line in self.lines]
+        return "\n".join([f"reproduces {self.reference.describe()}", *lines])
 
 
 def compat_table(items: list[Item], compat_scores: dict[str, dict], flavour: str = "med-moe") -> CompatTable:
     """The compatibility figures in the reference script's order and labels, summed in item order."""
     table = CompatTable(flavour)
-    for answer_type, metric, label in _COMPAT_LABELS[flavour]:
+    for answer_type, metric, label in compat.get_flavour(flavour).labels:
         scored = [compat_scores[i.id] for i in items if i.answer_type == answer_type]
         if metric == "open_accuracy" and not any(metric in s for s in scored):
             continue  # only with a candidate list
         values = [s.get(metric) for s in scored]
-        table.lines.append((label, compat.macro_mean_percent([v for v in values if v is not None])))
+        kept = [v for v in values if v is not None]
+        table.lines.append(TableLine(label, compat.macro_mean_percent(kept), len(kept), len(values) - len(kept)))
     return table

@@ -4,9 +4,11 @@ One scoring run writes, into its output folder:
 
 ``results.json``        everything needed to compare runs later: task, inputs, counts (questions, missing and
                         unexpected predictions, skipped records), bootstrap settings, every :class:`Row`, and
-                        the compatibility table as the reference script would print it.
+                        the compatibility table as the reference script would print it, with the reference
+                        (repository, script, commit) and each line's n and excluded count.
 ``results.md``          the same rows as a Markdown table (task, family, answer type, group, metric, n, value,
-                        95% CI), then the compatibility table.
+                        95% CI), then the compatibility table with the script and commit it reproduces and
+                        each figure's n (the items averaged) and excluded items.
 ``results.png``         headline metrics per family and answer type with their intervals (matplotlib, Agg).
 ``wrong_answers.jsonl`` each question some family counts wrong on its headline metric, with the prediction,
                         the ground truth and every family's per-item figures.
@@ -65,10 +67,21 @@ def markdown(rows: list[Row], *, title: str = "medtune eval", compat: CompatTabl
         lines.append(f"| {row.task} | {row.family} | {row.answer_type} | {group} | {row.metric} | {n} | "
                      f"{row.estimate.value:.2f} | {format_ci(row)} |")
     if compat is not None:
-        lines += ["", f"## Compatibility table ({compat.flavour} script labels, as it prints them)", "",
-                  "| metric | value |", "| --- | ---: |"]
-        lines += [f"| {line['label']} | {line['printed']} |" for line in compat.to_dict()["lines"]]
+        lines += ["", *_compat_section(compat)]
     return "\n".join(lines) + "\n"
+
+
+def _compat_section(compat: CompatTable) -> list[str]:
+    """The reference script's table as it prints it, with the script, its commit and each figure's n."""
+    reference = compat.reference
+    lines = [f"## Compatibility table ({compat.flavour} script labels, as it prints them)", "",
+             f"Reproduces `{reference.script}` of {reference.repository} at commit `{reference.commit}` "
+             f"({reference.release})" + (f"; {reference.note}" if reference.note else "") + ".", "",
+             "| metric | value | n |", "| --- | ---: | ---: |"]
+    for line in compat.lines:
+        n = f"{line.n}" + (f" ({line.excluded} excluded)" if line.excluded else "")
+        lines.append(f"| {line.label} | {line.to_dict()['printed']} | {n} |")
+    return lines
 
 
 def write_chart(path: Path, rows: list[Row]) -> Path:

@@ -1,4 +1,6 @@
 """Compatibility metrics: hand-computed cases for every quirk of the LLaVA-Med / Med-MoE scripts."""
+import re
+
 import pytest
 
 from medtune.eval import compat
@@ -60,12 +62,41 @@ def test_closed_hit_is_a_raw_substring_so_normal_counts_as_no():
     assert compat.score_item("(b)", "b", "mcq") == {}
 
 
-def test_llava_med_flavour_drops_wrong_yes_no_answers_from_the_denominator():
+def test_llava_med_v1_counts_every_closed_question():
     assert compat.score_item("no", "no", "closed", "llava-med")["accuracy"] == 1.0
-    assert compat.score_item("yes", "no", "closed", "llava-med")["accuracy"] is None  # dropped by their script
+    assert compat.score_item("yes", "no", "closed", "llava-med")["accuracy"] == 0.0  # PR #35: a miss, counted
     assert compat.score_item("maybe", "no", "closed", "llava-med")["accuracy"] == 0.0
+    # A named closed answer counts only next to a "yes"/"no" substring ("cannot" holds "no").
+    assert compat.score_item("mri", "mri", "closed", "llava-med")["accuracy"] == 0.0
+    assert compat.score_item("cannot say: mri", "mri", "closed", "llava-med")["accuracy"] == 1.0
+    assert compat.score_item("mri", "mri", "closed", "med-moe")["accuracy"] == 1.0
     # Normalised first: "left." becomes "left", which matches.
     assert compat.score_item("Left.", "left", "open", "llava-med")["recall"] == 1.0
+
+
+def test_llava_med_init_drops_wrong_yes_no_answers_from_the_denominator():
+    assert compat.score_item("no", "no", "closed", "llava-med-init")["accuracy"] == 1.0
+    assert compat.score_item("yes", "no", "closed", "llava-med-init")["accuracy"] is None  # dropped by their script
+    assert compat.score_item("Normal.", "yes", "closed", "llava-med-init")["accuracy"] is None
+    assert compat.score_item("maybe", "no", "closed", "llava-med-init")["accuracy"] == 0.0
+
+
+def test_llava_med_flavours_differ_only_on_closed_answers_with_a_wrong_yes_no():
+    cases = [("yes", "no", "closed"), ("no", "no", "closed"), ("unclear", "yes", "closed"),
+             ("The left lung.", "left lung", "open"), ("two, dont", "2", "open")]
+    for prediction, truth, answer_type in cases:
+        v1 = compat.score_item(prediction, truth, answer_type, "llava-med", ["left lung", "2"])
+        init = compat.score_item(prediction, truth, answer_type, "llava-med-init", ["left lung", "2"])
+        assert v1 == init or (prediction, v1["accuracy"], init["accuracy"]) == ("yes", 0.0, None)
+
+
+def test_every_flavour_names_its_reference_commit():
+    assert set(compat.FLAVOURS) == {"med-moe", "llava-med", "llava-med-init"}
+    for flavour in compat.FLAVOURS.values():
+        assert re.fullmatch(r"[0-9a-f]{40}", flavour.reference.commit)
+    assert compat.FLAVOURS["llava-med"].reference.release.startswith("v1.0.0")
+    with pytest.raises(ValueError, match="llava-med-init"):
+        compat.score_item("yes", "yes", "closed", "llava-med-v2")
 
 
 def test_table_is_macro_mean_times_100_printed_like_tabulate():
@@ -75,8 +106,21 @@ def test_table_is_macro_mean_times_100_printed_like_tabulate():
              Item("4", "q", "no", "closed", "normal"),                   # hit
              Item("5", "q", "yes", "closed", "no")]                      # miss
     scores = score_items(items, ["compat"])["compat"]
-    lines = dict(compat_table(items, scores).lines)
-    assert lines["Recall"] == pytest.approx(175 / 3)
-    assert compat.printed(lines["Recall"]) == "58.3333"
-    assert lines["yes/no accuracy"] == 50.0
-    assert compat.printed(lines["yes/no accuracy"]) == "50"
+    lines = {line.label: line for line in compat_table(items, scores).lines}
+    assert lines["Recall"].value == pytest.approx(175 / 3)
+    assert compat.printed(lines["Recall"].value) == "58.3333"
+    assert (lines["Recall"].n, lines["yes/no accuracy"].n) == (3, 2)
+    assert lines["yes/no accuracy"].value == 50.0
+    assert compat.printed(lines["yes/no accuracy"].value) == "50"
+
+
+def test_table_counts_what_the_initial_release_leaves_out():
+    items = [Item("1", "q", "no", "closed", "no"), Item("2", "q", "no", "closed", "yes"),
+             Item("3", "q", "yes", "closed", "unclear")]
+    scores = score_items(items, ["compat"], compat_flavour="llava-med-init")["compat"]
+    line = compat_table(items, scores, "llava-med-init").lines[-1]
+    assert line.label == "yes/no accuracy"
+    assert (line.value, line.n, line.excluded) == (50.0, 2, 1)
+    scores = score_items(items, ["compat"], compat_flavour="llava-med")["compat"]
+    line = compat_table(items, scores, "llava-med").lines[-1]
+    assert (line.value, line.n, line.excluded) == (pytest.approx(100 / 3), 3, 0)
