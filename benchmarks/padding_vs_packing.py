@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from medtune.models import presets
     from medtune.models.build import build_vlm
-    from medtune.models.processing import SkipSample, encode_text
+    from medtune.models.processing import SkipSample
 
     path, image_root, samples = load_vqa_rad()
     vlm = build_vlm(presets.tiny_spec())
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         lengths, skipped = [], 0
         for sample in samples:
             try:
-                lengths.append(len(encode_text(sample, variant, max_length=max_length)["input_ids"]))
+                lengths.append(len(variant.encode_tokens(sample, max_length=max_length)["input_ids"]))
             except SkipSample:
                 skipped += 1
         budget = args.rows * max_length

@@ -6,6 +6,7 @@ are ``medtune/cli.py``, ``medtune/__main__.py`` and each package's ``cli.py``.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "medtune"
@@ -99,3 +100,23 @@ def test_the_checker_sees_a_circle_and_a_lazy_import():
     assert cycles(graph) == [["a", "b", "c"]]
     # a function-level import is an edge too: `medtune eval run` imports the run module inside its function
     assert "medtune.eval.run" in import_graph()["medtune.eval.cli"]
+
+
+KIND_TEST = re.compile(r"""[=!]=\s*["'](native|composed)["']|\.kind\s*[=!]=|image_tokens_per_image\s+is\s+None"""
+                       r"""|isinstance\([^)]*\b(ComposedVLM|NativeVLM)\b|model_type\s*[=!]=""")
+
+
+def test_no_caller_tests_the_model_kind():
+    """Only the kind objects (medtune/models/kinds/) may know which kind they are; callers ask them."""
+    kinds = PACKAGE / "models" / "kinds"
+    found = [f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}"
+             for path in sorted(PACKAGE.rglob("*.py")) if kinds not in path.parents
+             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+             if KIND_TEST.search(line)]
+    assert found == []
+
+
+def test_the_kind_test_pattern_sees_the_old_spellings():
+    for line in ('if vlm.template == "native":', "if vlm.image_tokens_per_image is None:",
+                 'if model.config.model_type == "llava":', "isinstance(vlm, NativeVLM)", 'vlm.kind != "composed"'):
+        assert KIND_TEST.search(line), line

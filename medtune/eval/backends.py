@@ -70,7 +70,8 @@ class LocalBackend:
     """A local model through medtune's Generator, batched."""
 
     def __init__(self, model: Any, *, batch_size: int = 8, device: str = "cpu", dtype: str | None = None):
-        from medtune.models.build import VLM, load_vlm
+        from medtune.models.build import load_vlm
+        from medtune.models.kinds import VLM
         from medtune.models.generation import Generator
 
         self.vlm = model if isinstance(model, VLM) else load_vlm(str(model), device=device, dtype=dtype)

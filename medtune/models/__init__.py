@@ -2,7 +2,7 @@
 
 Public entry points (imported lazily, so ``import medtune.models`` and the CLI stay free of torch):
 ``ModelSpec``, ``VLM``, ``build_vlm``, ``load_vlm`` (build.py) and ``tiny_spec``, ``small_spec``,
-``preset_spec`` (presets.py). Importing ``medtune.models.composed`` registers the ``medtune_vlm`` model
+``preset_spec`` (presets.py). Importing ``medtune.models.medtune_vlm`` registers the ``medtune_vlm`` model
 type with transformers' Auto classes (``load_vlm`` does it for you).
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 _EXPORTS = {
     "ModelSpec": "medtune.models.build",
-    "VLM": "medtune.models.build",
+    "VLM": "medtune.models.kinds",
     "build_vlm": "medtune.models.build",
     "load_vlm": "medtune.models.build",
     "tiny_spec": "medtune.models.presets",

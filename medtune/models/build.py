@@ -1,12 +1,12 @@
 """Build a composed vision-language model from named parts, and load any VLM checkpoint.
 
 ``build_vlm(ModelSpec)`` assembles vision tower + projector + causal LM (+ tokenizer with an image token,
-image processor and chat template) and returns them together as a ``VLM``, so model and preprocessing
-cannot drift apart. With the ``mlp2x_gelu`` projector the model *is* transformers'
+image processor and chat template) and returns them together as a :class:`~medtune.models.kinds.composed.ComposedVLM`,
+so model and preprocessing cannot drift apart. With the ``mlp2x_gelu`` projector the model *is* transformers'
 ``LlavaForConditionalGeneration`` (loads and serves without medtune); other projectors give a
-``medtune_vlm`` model (see composed.py). ``load_vlm`` reads back what ``VLM.save`` wrote, and loads
-native Hugging Face VLMs (Qwen2-VL, Idefics3, llava-hf ...) through AutoModelForImageTextToText +
-AutoProcessor with template "native".
+``medtune_vlm`` model (see medtune_vlm.py). ``load_vlm`` reads back what ``VLM.save`` wrote, as the model kind
+its ``medtune.json`` names (:mod:`medtune.models.kinds`), and loads Hugging Face VLMs medtune did not write
+(Qwen2-VL, Idefics3, llava-hf ...) as the ``native`` kind, with their own processor and chat template.
 
 Design choices:
 - Pretrained parts keep their weights exactly: the tower and the LM are loaded with from_pretrained and
@@ -19,20 +19,20 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from medtune.errors import SpecError
+from medtune.models.kinds.base import MEDTUNE_FILE, NATIVE_TEMPLATE, VLM
+from medtune.models.kinds.composed import ComposedVLM, composed_processor
 from medtune.models.projectors import PROJECTOR_NAMES
 
 log = logging.getLogger(__name__)
 
-MEDTUNE_FILE = "medtune.json"
 FEATURE_SELECTS = ("patch", "cls_patch")
 PAD_MODES = ("pad", "resize", "crop")
 DTYPES = ("float32", "bfloat16", "float16")
-NATIVE_TEMPLATE = "native"
 
 
 @dataclass
@@ -123,53 +123,10 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise SpecError(f"ModelSpec.{name}: {value!r} is not one of {', '.join(choices)}")
 
 
-@dataclass
-class VLM:
-    """A vision-language model with everything needed to feed it (see module docstring)."""
-
-    model: Any
-    tokenizer: Any
-    image_processor: Any
-    processor: Any = None
-    """LlavaProcessor for Llava models, the model's own processor for native VLMs, else None."""
-    template: str = "vicuna"
-    image_token: str = "<image>"
-    image_token_id: int = -1
-    image_tokens_per_image: int | None = None
-    """Placeholder tokens per image in composed models; None for native VLMs (their processor expands)."""
-    image_size: int = 224
-    pad_mode: str = "pad"
-    spec: dict[str, Any] | None = field(default=None, repr=False)
-
-    def save(self, out_dir: str | Path) -> None:
-        """Weights (safetensors), tokenizer with chat template, image processor / processor, medtune.json."""
-        from medtune.data.jsonl import write_json
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(out)
-        if self.processor is not None:
-            self.processor.save_pretrained(out)  # also writes tokenizer and image processor
-        self.tokenizer.save_pretrained(out)
-        if self.image_processor is not None:
-            self.image_processor.save_pretrained(out)
-        write_json(out / MEDTUNE_FILE, self.metadata())
-
-    def metadata(self) -> dict[str, Any]:
-        from medtune import __version__
-
-        return {"medtune_version": __version__, "template": self.template, "image_token": self.image_token,
-                "image_tokens_per_image": self.image_tokens_per_image, "image_size": self.image_size,
-                "pad_mode": self.pad_mode, "spec": self.spec}
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
-
 # ---------------------------------------------------------------------------------------------- build
 
 
-def build_vlm(spec: ModelSpec) -> VLM:
+def build_vlm(spec: ModelSpec) -> ComposedVLM:
     """Assemble the composed model described by ``spec`` (see module docstring)."""
     import torch
 
@@ -195,29 +152,12 @@ def build_vlm(spec: ModelSpec) -> VLM:
         raise SpecError("ModelSpec.template 'native' keeps the tokenizer's chat template, but this tokenizer "
                         "has none; pick a medtune template")
     image_processor = vision.image_processor_for(spec.vision, vision_config, spec.image_mean, spec.image_std)
-    processor = None
-    if model.config.model_type == "llava":
-        processor = llava_processor(model.config, tokenizer, image_processor, spec.image_token, tokens_per_image)
-    return VLM(model=model, tokenizer=tokenizer, image_processor=image_processor, processor=processor,
-               template=spec.template, image_token=spec.image_token,
-               image_token_id=tokenizer.convert_tokens_to_ids(spec.image_token),
-               image_tokens_per_image=tokens_per_image, image_size=vision_config.image_size,
-               pad_mode=spec.pad_mode, spec=spec.to_dict())
-
-
-def llava_processor(config, tokenizer, image_processor, image_token: str, tokens_per_image: int):
-    """A LlavaProcessor that expands ``image_token`` to exactly ``tokens_per_image`` tokens, so that
-    AutoProcessor in plain transformers prepares inputs the same way medtune does."""
-    from transformers import LlavaProcessor
-
-    patch_size = config.vision_config.patch_size
-    patches = (config.vision_config.image_size // patch_size) ** 2
-    # LlavaProcessor counts patches + num_additional_image_tokens, minus one for the "default" strategy.
-    dropped = 1 if config.vision_feature_select_strategy == "default" else 0
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-                          vision_feature_select_strategy=config.vision_feature_select_strategy,
-                          chat_template=tokenizer.chat_template, image_token=image_token,
-                          num_additional_image_tokens=tokens_per_image - patches + dropped)
+    processor = composed_processor(model.config, tokenizer, image_processor, spec.image_token, tokens_per_image)
+    return ComposedVLM(model=model, tokenizer=tokenizer, image_processor=image_processor, processor=processor,
+                       template=spec.template, image_token=spec.image_token,
+                       image_token_id=tokenizer.convert_tokens_to_ids(spec.image_token),
+                       image_tokens_per_image=tokens_per_image, image_size=vision_config.image_size,
+                       pad_mode=spec.pad_mode, spec=spec.to_dict())
 
 
 def chat_template(name: str) -> str:
@@ -296,7 +236,7 @@ def _compose(spec: ModelSpec, tower, llm, tokenizer, strategy: str, tokens_per_i
     from transformers import LlavaConfig, LlavaForConditionalGeneration
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-    from medtune.models.composed import MedtuneVLMConfig, MedtuneVLMForConditionalGeneration
+    from medtune.models.medtune_vlm import MedtuneVLMConfig, MedtuneVLMForConditionalGeneration
     from medtune.models.projectors import build_projector
 
     common = dict(vision_config=tower.config, text_config=llm.config,
@@ -340,63 +280,22 @@ def _compose(spec: ModelSpec, tower, llm, tokenizer, strategy: str, tokens_per_i
 
 
 def load_vlm(name_or_path: str | Path, *, dtype=None, device: str = "cpu") -> VLM:
-    """A medtune checkpoint (Llava or medtune_vlm) or a native Hugging Face VLM, local path or hub name."""
-    import medtune.models.composed  # noqa: F401  (registers medtune_vlm with the Auto classes)
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+    """A medtune checkpoint, as the kind its medtune.json records, or a Hugging Face VLM medtune did not write
+    (the native kind); a local path or a hub name."""
     from transformers.utils import cached_file
+
+    from medtune.models.kinds import DEFAULT_KIND, kind_class
 
     source = str(name_or_path)
     if Path(source).exists() and not (Path(source) / "config.json").exists():
         raise FileNotFoundError(f"{source} is not a model checkpoint (no config.json)")
     model_kwargs = {"dtype": _torch_dtype(dtype)} if dtype is not None else {}
-    model = AutoModelForImageTextToText.from_pretrained(source, **model_kwargs).to(device).eval()
     metadata_file = cached_file(source, MEDTUNE_FILE, _raise_exceptions_for_missing_entries=False)
     if metadata_file is None:
-        return _native_vlm(source, model)
+        return kind_class("native").load(source, None, model_kwargs=model_kwargs, device=device)
     metadata = json.loads(Path(metadata_file).read_text(encoding="utf-8"))
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    image_processor = AutoImageProcessor.from_pretrained(source)
-    processor = None
-    if model.config.model_type == "llava":
-        # Rebuilt rather than read: a training checkpoint may carry no processor_config.json, and the
-        # numbers it needs are all in the model config and medtune.json.
-        processor = llava_processor(model.config, tokenizer, image_processor, metadata["image_token"],
-                                    metadata["image_tokens_per_image"])
-    return VLM(model=model, tokenizer=tokenizer, image_processor=image_processor, processor=processor, template=metadata["template"], image_token=metadata["image_token"],
-               image_token_id=model.config.image_token_id,
-               image_tokens_per_image=metadata["image_tokens_per_image"], image_size=metadata["image_size"],
-               pad_mode=metadata["pad_mode"], spec=metadata.get("spec"))
-
-
-def _native_vlm(source: str, model) -> VLM:
-    """A VLM medtune did not write: its own processor and chat template do the preprocessing."""
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(source)
-    tokenizer = processor.tokenizer
-    image_token = getattr(processor, "image_token", None) or "<image>"
-    image_token_id = getattr(processor, "image_token_id", None)
-    if image_token_id is None:
-        image_token_id = tokenizer.convert_tokens_to_ids(image_token)
-    image_processor = getattr(processor, "image_processor", None)
-    return VLM(model=model, tokenizer=tokenizer, image_processor=image_processor, processor=processor,
-               template=NATIVE_TEMPLATE, image_token=image_token, image_token_id=int(image_token_id),
-               image_tokens_per_image=None, image_size=_processor_image_size(image_processor),
-               pad_mode="resize")
-
-
-def _processor_image_size(image_processor) -> int:
-    """The square side the processor produces, best effort (native processors may resize dynamically)."""
-    for name in ("crop_size", "size"):
-        size = getattr(image_processor, name, None)
-        if isinstance(size, int):
-            return size
-        for key in ("height", "shortest_edge", "longest_edge"):
-            # transformers 5 keeps sizes as dicts or SizeDict objects (attribute access).
-            value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
-            if value:
-                return int(value)
-    return 0
+    kind = kind_class(metadata.get("kind", DEFAULT_KIND))
+    return kind.load(source, metadata, model_kwargs=model_kwargs, device=device)
 
 
 def _torch_dtype(dtype):

@@ -67,9 +67,8 @@ def load_spec(name: str, overrides: dict[str, Any]):
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from medtune.models.build import build_vlm
-
     from medtune.errors import UserError
+    from medtune.models.build import build_vlm
 
     spec = load_spec(args.spec, parse_overrides(args.overrides))
     try:
@@ -86,15 +85,7 @@ def run_info(args: argparse.Namespace) -> int:
     from medtune.models.build import load_vlm
 
     vlm = load_vlm(args.path)
-    config = vlm.model.config
-    parts = {"vision": getattr(config, "vision_config", None), "llm": getattr(config, "text_config", None)}
     print(f"{args.path}: {type(vlm.model).__name__}, {vlm.num_parameters():,} parameters, dtype {vlm.model.dtype}")
-    for label, part in parts.items():
-        if part is not None:
-            print(f"  {label}: {part.model_type}, {part.num_hidden_layers} layers, width {part.hidden_size}")
-    if getattr(config, "projector_type", None) or config.model_type == "llava":
-        print(f"  projector: {getattr(config, 'projector_type', 'mlp2x_gelu')}")
-    print(f"  template: {vlm.template}; image token {vlm.image_token!r} (id {vlm.image_token_id}), "
-          f"{vlm.image_tokens_per_image} per image, {vlm.image_size} px, pad mode {vlm.pad_mode}")
-    print(f"  vocabulary: {len(vlm.tokenizer):,} tokens")
+    for line in vlm.describe():
+        print(f"  {line}")
     return 0

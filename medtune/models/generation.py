@@ -2,32 +2,31 @@
 
 Design choices:
 
-* Prompts are built by ``medtune.models.processing.encode_prompt`` (the model's own chat template and image
-  processing), so serving and evaluating a checkpoint build exactly the prompt it was trained on.
+* Prompts are built by the model's kind (``vlm.encode_prompt``: its own chat template and image processing),
+  so serving and evaluating a checkpoint build exactly the prompt it was trained on.
 * Batches are padded on the LEFT by hand: every row then ends at the same position, so the first generated
   token of each row sits right after its own prompt, and ``generate`` derives position ids from the attention
   mask. A batched greedy run therefore returns what one-by-one runs return (tested).
 * ``temperature == 0`` means greedy decoding (deterministic); otherwise nucleus sampling, made reproducible by
   ``GenerationSettings.seed``, which seeds a forked RNG so the caller's global random state is left alone.
   Without a seed, sampling draws from the global RNG, so asking again gives a new answer.
-* Stop strings are checked on the decoded text of each row by a stopping criterion (a row stops once any stop
-  string appears) and cut from the returned text, as OpenAI's ``stop`` does. ``stream`` holds back text that
+* Stop strings end a row through ``generate(stop_strings=...)`` (transformers' StopStringCriteria, which
+  matches them on token strings without decoding every row at every step) and are cut from the returned text,
+  as OpenAI's ``stop`` does. ``stream`` reads transformers' ``TextIteratorStreamer`` and holds back text that
   could be the start of a stop string, so a client never sees part of one.
 * One lock per Generator: the model runs one ``generate`` at a time; concurrent callers (web sessions, API
   workers) queue on it instead of fighting for the same cores. The API batches requests on top of this.
 """
 from __future__ import annotations
 
-import queue
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 if TYPE_CHECKING:  # heavy imports stay inside functions (this module is imported by CLI modules)
-    import torch
     from PIL import Image
 
-    from medtune.models.build import VLM
+    from medtune.models.kinds import VLM
 
 Conversation = list[dict]
 
@@ -139,9 +138,7 @@ class Generator:
     # -- encoding ---------------------------------------------------------------------------------------------
 
     def _encode_batch(self, conversations, images) -> dict[str, Any]:
-        from medtune.models.processing import encode_prompt
-
-        encodings = [encode_prompt(list(conv), self.vlm, list(imgs)) for conv, imgs in zip(conversations, images)]
+        encodings = [self.vlm.encode_prompt(list(conv), list(imgs)) for conv, imgs in zip(conversations, images)]
         return _collate_left_padded(encodings, self.pad_token_id, self.vlm.model)
 
     # -- decoding ---------------------------------------------------------------------------------------------
@@ -151,13 +148,13 @@ class Generator:
         from transformers import StoppingCriteriaList
 
         criteria = StoppingCriteriaList()
-        if settings.stop:
-            criteria.append(_StopStrings(self.tokenizer, settings.stop, batch["input_ids"].shape[1]))
         if cancel is not None:
             criteria.append(_Cancelled(cancel))
         kwargs = dict(batch, max_new_tokens=settings.max_new_tokens, do_sample=not settings.greedy,
                       pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_ids,
                       stopping_criteria=criteria, streamer=streamer, use_cache=True)
+        if settings.stop:
+            kwargs.update(stop_strings=list(settings.stop), tokenizer=self.tokenizer)
         if settings.greedy:
             # generation_config defaults from a checkpoint (e.g. temperature=0.9) must not leak into greedy runs
             kwargs.update(temperature=None, top_p=None, top_k=None)
@@ -187,30 +184,27 @@ class Generator:
                           prompt_tokens=prompt_tokens, completion_tokens=len(ids))
 
     def _stream_deltas(self, batch: dict, settings: GenerationSettings, stream: TextStream) -> Iterator[str]:
-        tokens: queue.Queue = queue.Queue()
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         cancel = threading.Event()
+        output: list = []
         failure: list[BaseException] = []
 
         def work():
             try:
                 with self._lock:
-                    self._run_generate(batch, settings, streamer=_QueueStreamer(tokens), cancel=cancel)
+                    output.append(self._run_generate(batch, settings, streamer=streamer, cancel=cancel))
             except BaseException as error:  # re-raised in the consumer, which owns the error reporting
                 failure.append(error)
-            finally:
-                tokens.put(None)
+                streamer.end()  # generate raised before ending the stream: end it, or the consumer waits forever
 
         thread = threading.Thread(target=work, name="medtune-stream", daemon=True)
         thread.start()
-        ids: list[int] = []
-        sent = 0
+        text, sent = "", 0
         try:
-            while (token := tokens.get()) is not None:
-                if token in self.eos_token_ids:
-                    ids.append(token)
-                    break
-                ids.append(token)
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            for piece in streamer:
+                text += piece
                 if _cut_at_stop(text, settings.stop) is not None:
                     break
                 safe = _safe_prefix_length(text, settings.stop)
@@ -222,7 +216,8 @@ class Generator:
             thread.join()
         if failure:
             raise failure[0]
-        final = self._completion(_as_tensor(ids), int(batch["attention_mask"].sum()), settings)
+        prompt_length = batch["input_ids"].shape[1]
+        final = self._completion(output[0][0, prompt_length:], int(batch["attention_mask"].sum()), settings)
         stream.completion = final
         if len(final.text) > sent:
             yield final.text[sent:]
@@ -237,12 +232,6 @@ def _eos_token_ids(vlm) -> list[int]:
     ids = list(configured) if isinstance(configured, (list, tuple)) else [configured]
     ids.append(vlm.tokenizer.eos_token_id)
     return sorted({i for i in ids if i is not None})
-
-
-def _as_tensor(ids: list[int]):
-    import torch
-
-    return torch.tensor(ids, dtype=torch.long)
 
 
 def _flat_ids(value) -> list[int]:
@@ -310,20 +299,6 @@ def _safe_prefix_length(text: str, stop: Sequence[str]) -> int:
     return safe
 
 
-class _StopStrings:
-    """Stopping criterion: a row is done once its decoded continuation contains a stop string."""
-
-    def __init__(self, tokenizer, stop: Sequence[str], prompt_length: int):
-        self.tokenizer, self.stop, self.prompt_length = tokenizer, tuple(stop), prompt_length
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
-        done = [_cut_at_stop(t, self.stop) is not None for t in texts]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
 class _Cancelled:
     """Stopping criterion that ends every row once the consumer of a stream has gone away."""
 
@@ -334,21 +309,3 @@ class _Cancelled:
         import torch
 
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class _QueueStreamer:
-    """A ``generate`` streamer that hands each new token id to a queue (the prompt, sent first, is skipped)."""
-
-    def __init__(self, tokens: queue.Queue):
-        self.tokens = tokens
-        self.prompt_seen = False
-
-    def put(self, value: "torch.Tensor"):
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        for token in value.reshape(-1).tolist():
-            self.tokens.put(int(token))
-
-    def end(self):
-        pass

@@ -1,30 +1,28 @@
-"""Canonical sample -> model inputs: token ids, attention mask, labels and pixel values.
+"""The building blocks of canonical sample -> model inputs, shared by the model kinds (medtune.models.kinds).
 
-Design choices:
+Each kind assembles its inputs from these; they hold the choices that must not differ between kinds:
 
 * Text goes through the model's chat template (:mod:`medtune.models.templates`) and is tokenised in ONE call
   on the whole rendered string, exactly as ``tokenizer.apply_chat_template(tokenize=True)`` does, so training
   ids equal serving ids. Labels come from the template's trainable segments mapped onto tokens through the
   tokenizer's character offsets (a token is trained when its last character lies in an assistant reply).
-* Each image placeholder (one special token) is expanded to ``vlm.image_tokens_per_image`` copies after
-  tokenisation: LLaVA-style models scatter one image feature into each copy, in order.
+* An image placeholder (one special token) is expanded to a fixed number of copies after tokenisation
+  (:func:`expand_image_tokens`): LLaVA-style models scatter one image feature into each copy, in order.
 * Truncation never cuts image tokens. A sample over ``max_length`` is either dropped (``truncation="drop"``)
   or cut at the end (``"text"``) when what is kept still holds every image token and at least one trained
   token; otherwise :class:`SkipSample` says why, and callers count it in their Tally.
 * Pixels: ``pad`` pastes the image on a square canvas filled with the processor's mean colour (LLaVA,
-  PathChat); ``resize`` squashes to a square; ``crop`` resizes the short side and centre-crops. The vision
-  tower's own image processor then normalises. Images are decoded late (:func:`load_pixel_values`), so a
-  tokenised cache stores ids and image references, not pixels.
-* Native VLMs (``vlm.template == "native"``) use their processor for everything; labels come from rendering
-  conversation prefixes and counting their tokens.
+  PathChat); ``resize`` squashes to a square; ``crop`` resizes the short side and centre-crops
+  (:func:`square_image`). The vision tower's own image processor then normalises. Images are decoded late
+  (:func:`load_images`), so a tokenised cache stores ids and image references, not pixels.
 """
 from __future__ import annotations
 
 import bisect
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
-from medtune.models.templates import Segment, get_template, render_with_tokenizer, to_chat_messages
+from medtune.models.templates import Segment
 
 IGNORE_INDEX = -100
 TRUNCATION_MODES = ("text", "drop")
@@ -108,26 +106,6 @@ def truncate(ids: list[int], labels: list[int], image_token_id: int, *, max_leng
     return ids[:max_length], labels[:max_length]
 
 
-def encode_text(sample, vlm, *, max_length: int, truncation: str = "text") -> dict[str, list[int]]:
-    """input_ids / attention_mask / labels of a composed-VLM sample, without loading its images."""
-    if vlm.template == "native":
-        raise ValueError("encode_text needs a medtune chat template; native VLMs go through encode_sample")
-    messages = to_chat_messages(sample)
-    segments = render_with_tokenizer(get_template(vlm.template), messages, vlm.tokenizer,
-                                     image_token=vlm.image_token)
-    ids, trainable = tokenize_segments(segments, vlm.tokenizer)
-    n_placeholders, n_images = ids.count(vlm.image_token_id), len(sample.images)
-    if n_placeholders != n_images:
-        raise SkipSample("image token in text", f"{n_placeholders} image tokens for {n_images} images "
-                                                f"(text must not contain {vlm.image_token!r})")
-    labels = [token if train else IGNORE_INDEX for token, train in zip(ids, trainable)]
-    if all(label == IGNORE_INDEX for label in labels):
-        raise SkipSample("no assistant reply")
-    ids, labels = expand_image_tokens(ids, labels, vlm.image_token_id, vlm.image_tokens_per_image or 1)
-    ids, labels = truncate(ids, labels, vlm.image_token_id, max_length=max_length, truncation=truncation)
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Images
 
@@ -161,15 +139,6 @@ def square_image(image, mode: str, size: int, fill_mean: Sequence[float]):
     raise ValueError(f"pad_mode must be pad, resize or crop, got {mode!r}")
 
 
-def pixel_values_for(images: list, vlm):
-    """[n_images, 3, H, W] float tensor from PIL images, or None when there are none."""
-    if not images:
-        return None
-    mean = getattr(vlm.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
-    squared = [square_image(image, vlm.pad_mode, vlm.image_size, mean) for image in images]
-    return vlm.image_processor(images=squared, return_tensors="pt")["pixel_values"]
-
-
 def load_images(image_refs: list, image_root: str | os.PathLike, *, allowed_roots=()) -> list:
     """Decode a sample's images; an unreadable or out-of-root image becomes SkipSample("bad image")."""
     images = []
@@ -179,74 +148,3 @@ def load_images(image_refs: list, image_root: str | os.PathLike, *, allowed_root
         except (OSError, ValueError) as error:  # ImageError is a ValueError; PIL raises OSError subclasses
             raise SkipSample("bad image", str(error)) from error
     return images
-
-
-def load_pixel_values(image_refs: list, vlm, image_root: str | os.PathLike, *, allowed_roots=()):
-    """[n_images, 3, H, W] pixel values of a sample's images (None without images)."""
-    return pixel_values_for(load_images(image_refs, image_root, allowed_roots=allowed_roots), vlm)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Public entry points
-
-def encode_sample(sample, vlm, image_root: str | os.PathLike, *, max_length: int, truncation: str = "text",
-                  allowed_roots=()) -> dict[str, Any]:
-    """A training example: input_ids, attention_mask, labels (lists) and pixel_values (tensor or None).
-
-    Raises :class:`SkipSample` for a sample that is too long, has no reply or has an unreadable image.
-    """
-    if vlm.template == "native":
-        images = load_images(sample.images, image_root, allowed_roots=allowed_roots)
-        return _encode_native(to_chat_messages(sample), images, vlm, max_length=max_length, truncation=truncation)
-    encoded = encode_text(sample, vlm, max_length=max_length, truncation=truncation)
-    encoded["pixel_values"] = load_pixel_values(sample.images, vlm, image_root, allowed_roots=allowed_roots)
-    return encoded
-
-
-def encode_prompt(messages: list[dict], vlm, images: list) -> dict[str, Any]:
-    """Tensors ([1, L]) for generation: the conversation rendered with the assistant's turn opened."""
-    import torch
-
-    if vlm.template == "native":
-        text = vlm.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return dict(vlm.processor(text=text, images=images or None, return_tensors="pt"))
-    segments = render_with_tokenizer(get_template(vlm.template), messages, vlm.tokenizer,
-                                     add_generation_prompt=True, image_token=vlm.image_token)
-    ids, _ = tokenize_segments(segments, vlm.tokenizer)
-    ids, _ = expand_image_tokens(ids, ids, vlm.image_token_id, vlm.image_tokens_per_image or 1)
-    if ids.count(vlm.image_token_id) != len(images) * (vlm.image_tokens_per_image or 1):
-        raise ValueError(f"the conversation has {ids.count(vlm.image_token_id) // (vlm.image_tokens_per_image or 1)}"
-                         f" image places but {len(images)} images were given")
-    return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-            "pixel_values": pixel_values_for(images, vlm)}
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Native VLMs: the processor renders, expands image tokens and makes pixels; we only find the replies.
-
-def _encode_native(messages: list[dict], images: list, vlm, *, max_length: int, truncation: str) -> dict[str, Any]:
-    processor = vlm.processor
-
-    def n_tokens(conversation, add_generation_prompt):
-        n_images = sum(1 for m in conversation if not isinstance(m["content"], str)
-                       for part in m["content"] if part.get("type") == "image")
-        text = processor.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
-                                             tokenize=False)
-        return len(processor(text=text, images=images[:n_images] or None)["input_ids"][0])
-
-    text = processor.apply_chat_template(messages, tokenize=False)
-    batch = processor(text=text, images=images or None, return_tensors="pt")
-    ids = batch["input_ids"][0].tolist()
-    labels = [IGNORE_INDEX] * len(ids)
-    for index, message in enumerate(messages):
-        if message["role"] == "assistant":
-            start = n_tokens(messages[:index], True)
-            end = min(n_tokens(messages[:index + 1], False), len(ids))
-            labels[start:end] = ids[start:end]
-    if all(label == IGNORE_INDEX for label in labels):
-        raise SkipSample("no assistant reply")
-    ids, labels = truncate(ids, labels, vlm.image_token_id, max_length=max_length, truncation=truncation)
-    out = {key: value for key, value in batch.items() if key not in ("input_ids", "attention_mask")}
-    out.update(input_ids=ids, attention_mask=[1] * len(ids), labels=labels)
-    out.setdefault("pixel_values", None)
-    return out

@@ -5,9 +5,9 @@ Design choices:
 * The upload is a ``gr.File``, not a ``gr.Image``: the browser cannot decode DICOM, so the file goes to the
   server as bytes and ``medtune.data.images`` reads it (PNG/JPEG/DICOM/NIfTI, window preset for DICOM,
   decompression-bomb guard).
-* Next to the upload the page shows the image *as the model sees it*: windowed, made square with the
-  model's pad mode (``medtune.models.processing.square_image``) and resized to its input size. What a
-  clinician looks at is then exactly what the model got.
+* Next to the upload the page shows the image *as the model sees it* (``vlm.model_view``): windowed, made
+  square the way the model's kind does it and resized to its input size. What a clinician looks at is then
+  exactly what the model got.
 * The conversation lives in a per-browser-session ``gr.State`` in Generator form (OpenAI-style messages and
   the image); the Chatbot only displays it, as plain text (no Markdown), so answers read as generated.
 * Answers stream through ``Generator.stream``; Gradio's queue runs one generation at a time per event, and
@@ -38,17 +38,6 @@ class WebSession:
         has_image_part = any(isinstance(m["content"], list) and any(p.get("type") == "image" for p in m["content"])
                              for m in self.messages)
         return [self.image] if has_image_part else []
-
-
-def model_view(image, vlm):
-    """The image as the model sees it: squared with the model's pad mode, resized to its input size."""
-    from PIL import Image
-
-    from medtune.models.processing import square_image
-
-    mean = getattr(vlm.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
-    squared = square_image(image.convert("RGB"), vlm.pad_mode, vlm.image_size, mean)
-    return squared.resize((vlm.image_size, vlm.image_size), Image.Resampling.BICUBIC)
 
 
 def read_upload(path: str, window: str | None):
@@ -90,7 +79,7 @@ class DemoHandlers:
         session.image, session.image_name = image, Path(file).name
         status = (f"{session.image_name}: {image.width}×{image.height} px, shown as the model sees it "
                   f"({self.vlm.image_size} px).")
-        return session, model_view(image, self.vlm), [], status
+        return session, self.vlm.model_view(image), [], status
 
     def on_send(self, question, session: WebSession, temperature, top_p, max_tokens, seed):
         if not question or not question.strip():

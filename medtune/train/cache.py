@@ -1,14 +1,17 @@
 """Tokenised datasets cached on disk as Arrow, so a second run (or a second stage) skips preprocessing.
 
-What is cached: per usable sample its id, input_ids, labels, length, image references (JSON) and image root;
-and the run's Tally (read / written / skipped with reasons), so a cached run reports the same skips as the
+Which models: those whose kind (:mod:`medtune.models.kinds`) has ``cache_settings``; what a kind encodes from
+the text alone is cached, its images are decoded later (``VLM.inputs_from_tokens``).
+
+What is cached: per usable sample its id, input_ids, labels, length, image references (JSON), image root and
+the sample metadata the kind carries (JSON); and the run's Tally (read / written / skipped with reasons), so a cached run reports the same skips as the
 cold one. Pixels are NOT cached: images are decoded when a row is read (:class:`CachedDataset`), as LLaVA
 does, which keeps the cache small (a 336-px image is ~1.3 MB as float32 pixels, ~1 KB as tokens).
 
 The cache key is a SHA-256 over everything that changes the rows:
   * the content of the data file(s) (not their names or times: a copied file hits, an edited one misses),
   * the tokenizer (its full tokenizer.json when fast, else vocabulary + special tokens) and chat template,
-  * the medtune template name, image token and tokens per image, pad mode and image size,
+  * the kind and its cache settings (template name, image token and tokens per image, pad mode, image size ...),
   * max_length, truncation, and any ``extra`` settings the caller adds (image root, mixture seed, limit ...),
   * :data:`CACHE_FORMAT`, bumped whenever encoding changes.
 Entries live in ``cache_dir/<key>/`` and are written to a temporary folder that is renamed into place only
@@ -28,7 +31,7 @@ from typing import Any, Callable, Iterable, Sequence
 from medtune.data.jsonl import RecordError, Tally, write_json
 from medtune.data.schema import ImageRef
 
-CACHE_FORMAT = "1"
+CACHE_FORMAT = "2"
 TALLY_FILE = "tally.json"
 
 
@@ -63,10 +66,8 @@ def cache_key(data_files: Sequence[str | os.PathLike], vlm, *, max_length: int, 
         "format": CACHE_FORMAT,
         "data": [file_digest(path) for path in data_files],
         "tokenizer": tokenizer_digest(vlm.tokenizer),
-        "template": vlm.template, "image_token": vlm.image_token,
-        "image_tokens_per_image": vlm.image_tokens_per_image, "pad_mode": vlm.pad_mode,
-        "image_size": vlm.image_size, "max_length": max_length, "truncation": truncation,
-        "extra": extra or {},
+        "kind": vlm.kind, "settings": vlm.cache_settings(),
+        "max_length": max_length, "truncation": truncation, "extra": extra or {},
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -76,10 +77,8 @@ def cache_key(data_files: Sequence[str | os.PathLike], vlm, *, max_length: int, 
 
 def encode_checked(sample, vlm, image_root, *, max_length: int, truncation: str) -> dict[str, list[int]]:
     """Token columns of a sample, after decoding its images once so a broken image is counted now."""
-    from medtune.models.processing import encode_text, load_images
-
-    row = encode_text(sample, vlm, max_length=max_length, truncation=truncation)
-    load_images(sample.images, image_root)
+    row = vlm.encode_tokens(sample, max_length=max_length, truncation=truncation)
+    vlm.check_images(sample.images, image_root)
     return row
 
 
@@ -105,8 +104,8 @@ def encode_with_cache(samples: Callable[[], Iterable[tuple[Any, Path]]], vlm, *,
     """
     import datasets
 
-    if vlm.template == "native":
-        raise ValueError("the token cache covers composed models; native VLMs keep processor outputs in memory")
+    if vlm.cache_settings() is None:
+        raise ValueError(f"the encoded samples of a {vlm.kind} model are not cacheable (they depend on the images)")
     key = cache_key(data_files, vlm, max_length=max_length, truncation=truncation, extra=extra)
     path = Path(cache_dir) / key
     if (path / TALLY_FILE).is_file():
@@ -125,7 +124,7 @@ def _features():
     tokens = datasets.Sequence(datasets.Value("int32"))
     return datasets.Features({"id": datasets.Value("string"), "input_ids": tokens, "labels": tokens,
                               "length": datasets.Value("int32"), "images": datasets.Value("string"),
-                              "image_root": datasets.Value("string")})
+                              "image_root": datasets.Value("string"), "metadata": datasets.Value("string")})
 
 
 def _encode_all(pairs, vlm, encoder, *, max_length, truncation, strict, tally, data_files, progress) -> dict:
@@ -133,7 +132,7 @@ def _encode_all(pairs, vlm, encoder, *, max_length, truncation, strict, tally, d
 
     from medtune.models.processing import SkipSample
 
-    columns: dict[str, list] = {name: [] for name in ("id", "input_ids", "labels", "length", "images", "image_root")}
+    columns: dict[str, list] = {name: [] for name in _features()}
     for sample, image_root in tqdm(pairs, desc="encoding", unit=" samples", disable=not progress):
         tally.read += 1
         try:
@@ -150,6 +149,7 @@ def _encode_all(pairs, vlm, encoder, *, max_length, truncation, strict, tally, d
         columns["length"].append(len(row["input_ids"]))
         columns["images"].append(json.dumps([ref.to_dict() for ref in sample.images]))
         columns["image_root"].append(str(image_root))
+        columns["metadata"].append(json.dumps(row.get("sample_metadata")))
         tally.written += 1
     return columns
 
@@ -204,10 +204,8 @@ class CachedDataset:
         return list(self.rows["length"])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from medtune.models.processing import load_pixel_values
-
         row = self.rows[int(index)]
         refs = [ImageRef.from_dict(ref) for ref in json.loads(row["images"])]
-        return {"input_ids": row["input_ids"], "attention_mask": [1] * row["length"], "labels": row["labels"],
-                "pixel_values": load_pixel_values(refs, self.vlm, row["image_root"],
-                                                  allowed_roots=self.allowed_roots)}
+        tokens = {"input_ids": row["input_ids"], "labels": row["labels"],
+                  "sample_metadata": json.loads(row["metadata"])}
+        return self.vlm.inputs_from_tokens(tokens, refs, row["image_root"], allowed_roots=self.allowed_roots)

@@ -5,15 +5,26 @@ native VLMs, e.g. ``image_grid_thw``) is concatenated over the batch's images in
 order in which LLaVA-style models scatter image features into image-token positions (row-major over the
 batch). A batch without any image carries no ``pixel_values`` key.
 
-Inputs are what :func:`medtune.models.processing.encode_sample` returns: lists of ints for the token
-columns, tensors (or None) for the image columns.
+Inputs are what a model kind's ``encode_sample`` returns (:mod:`medtune.models.kinds`): lists of ints for the
+token columns, tensors (or None) for the image columns, and, when the kind carries sample metadata, a
+``sample_metadata`` dict, which the batch keeps as a list in sample order (the model never sees it: the kind's
+training loss takes it out).
+
+:class:`KeepVisionBusy` wraps a collator so that a batch without images still runs the vision tower. Under
+sharded training (FSDP, ZeRO-3) each rank must take part in the vision tower's all-gathers every step, and under
+DDP a projector without gradients on one rank breaks gradient reduction; a batch of text-only samples on one
+rank would hang the others. A text-only batch therefore gets one blank image whose tokens sit in masked padding
+positions (attention 0, label -100; with packing, a separate sequence of its own): the vision tower and
+projector run and receive zero gradient, and no real token can see the blank image, so the loss is unchanged.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 IGNORE_INDEX = -100
 TOKEN_KEYS = ("input_ids", "attention_mask", "labels")
+SAMPLE_METADATA = "sample_metadata"
 
 
 def _image_columns(examples: Sequence[dict]) -> dict[str, Any]:
@@ -23,12 +34,19 @@ def _image_columns(examples: Sequence[dict]) -> dict[str, Any]:
     columns: dict[str, list] = {}
     for example in examples:
         for key, value in example.items():
-            if key in TOKEN_KEYS or key == "position_ids" or value is None:
+            if key in TOKEN_KEYS or key in ("position_ids", SAMPLE_METADATA) or value is None:
                 continue
             if not isinstance(value, torch.Tensor):
                 continue  # bookkeeping columns (ids, lengths, image references) stay out of the batch
             columns.setdefault(key, []).append(value)
     return {key: torch.cat(values, dim=0) for key, values in columns.items()}
+
+
+def sample_metadata(examples: Sequence[dict]) -> dict[str, list]:
+    """``{"sample_metadata": [one dict per sample]}`` when the samples carry metadata, else nothing."""
+    if not any(SAMPLE_METADATA in example for example in examples):
+        return {}
+    return {SAMPLE_METADATA: [example.get(SAMPLE_METADATA) for example in examples]}
 
 
 def pad_batch(examples: Sequence[dict], pad_token_id: int, *, padding_side: str = "right",
@@ -58,6 +76,7 @@ def pad_batch(examples: Sequence[dict], pad_token_id: int, *, padding_side: str 
     if has_labels:
         batch["labels"] = labels
     batch.update(_image_columns(examples))
+    batch.update(sample_metadata(examples))
     return batch
 
 
@@ -88,3 +107,41 @@ def collate_prompts(prompts: Sequence[dict], pad_token_id: int) -> dict[str, Any
         item.pop("labels", None)
         flat.append(item)
     return pad_batch(flat, pad_token_id, padding_side="left")
+
+
+@dataclass
+class KeepVisionBusy:
+    """Wrap a collator so a batch without images still runs the vision tower (see module docstring)."""
+
+    collator: Callable[[list[dict]], dict]
+    image_token_id: int
+    tokens_per_image: int
+    image_size: int
+    pad_token_id: int
+
+    def __call__(self, features: list[dict]) -> dict:
+        batch = self.collator(features)
+        if batch.get("pixel_values") is not None:
+            return batch
+        return add_blank_image(batch, self.image_token_id, self.tokens_per_image, self.image_size,
+                               self.pad_token_id)
+
+
+def add_blank_image(batch: dict, image_token_id: int, tokens_per_image: int, image_size: int,
+                    pad_token_id: int) -> dict:
+    """Append ``tokens_per_image`` masked columns; row 0 holds a blank image's tokens there."""
+    import torch
+
+    rows = batch["input_ids"].shape[0]
+    extra_ids = torch.full((rows, tokens_per_image), pad_token_id, dtype=torch.long)
+    extra_ids[0] = image_token_id
+    out = dict(batch)
+    out["input_ids"] = torch.cat([batch["input_ids"], extra_ids], dim=1)
+    out["labels"] = torch.cat([batch["labels"], torch.full_like(extra_ids, IGNORE_INDEX)], dim=1)
+    if "attention_mask" in batch:
+        out["attention_mask"] = torch.cat([batch["attention_mask"], torch.zeros_like(extra_ids)], dim=1)
+    if "position_ids" in batch:   # packed rows: the blank image is a sequence of its own
+        positions = torch.arange(tokens_per_image).expand(rows, -1)
+        out["position_ids"] = torch.cat([batch["position_ids"], positions], dim=1)
+    out["pixel_values"] = torch.zeros(1, 3, image_size, image_size)
+    return out

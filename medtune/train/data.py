@@ -3,27 +3,22 @@
 Design choices:
 
 * Samples are read through the format registry (``medtune.data.formats``) or a mixture
-  (``medtune.data.mixture``) and encoded once, before training, with the model's own template. Composed
-  models go through the Arrow token cache (``medtune.train.cache``): a second run or a second stage on the
-  same data and tokenizer skips encoding and reports the same skips. A sample that cannot be used (too long,
-  no reply, unreadable image) is counted in the stage's Tally with its reason, never dropped silently; with
-  ``strict`` the first one stops the run. Native VLMs (their own processor) are encoded in memory.
-* Pixels are not kept: rows hold image references and images are decoded when the DataLoader asks for them.
-* Batches are padded (``collate.PadCollator``) or packed (``packing.PackedDataset`` + ``PackingCollator``).
-* Every batch runs the vision tower. Under sharded training (FSDP, ZeRO-3) each rank must take part in the
-  vision tower's all-gathers every step, and under DDP a projector without gradients on one rank breaks
-  gradient reduction; a batch of text-only samples on one rank would hang the others. :class:`KeepVisionBusy`
-  therefore gives a text-only batch one blank image whose tokens sit in masked padding positions (attention
-  0, label -100; with packing, a separate sequence of its own): the vision tower and projector run and
-  receive zero gradient, and no real token can see the blank image, so the loss is unchanged.
+  (``medtune.data.mixture``) and encoded once, before training, by the model's kind
+  (:mod:`medtune.models.kinds`). Kinds whose encoded samples are cacheable go through the Arrow token cache
+  (``medtune.train.cache``): a second run or a second stage on the same data and tokenizer skips encoding and
+  reports the same skips; the others (native VLMs, whose processor outputs depend on the images) are encoded
+  in memory. A sample that cannot be used (too long, no reply, unreadable image) is counted in the stage's
+  Tally with its reason, never dropped silently; with ``strict`` the first one stops the run.
+* Pixels are not kept in the cache: rows hold image references and images are decoded when the DataLoader
+  asks for them.
+* Rows are samples, or (packing) ``packing.PackedDataset`` rows; the kind chooses the collator.
 """
 from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from medtune.data.jsonl import Tally
 from medtune.train.recipe import DataSpec, RecipeError, resolve_data_path
@@ -70,7 +65,7 @@ def data_files(spec: DataSpec) -> list[Path]:
 def stage_dataset(spec: DataSpec, vlm, *, max_length: int, seed: int, cache_dir: str | Path | None,
                   progress: bool = True):
     """(dataset, tally): encoded rows of a stage's data; ``dataset[i]`` decodes row i's images."""
-    if vlm.template == "native":
+    if vlm.cache_settings() is None:
         tally = Tally()
         return encode_in_memory(spec, vlm, max_length=max_length, tally=tally, seed=seed), tally
     from medtune.train.cache import CachedDataset, encode_with_cache
@@ -125,7 +120,7 @@ def default_cache_dir() -> Path:
 
 
 class EncodedDataset:
-    """Rows kept in memory as the processor made them (native VLMs)."""
+    """Rows kept in memory as the model's kind encoded them (kinds whose samples are not cacheable)."""
 
     def __init__(self, rows: list[dict]):
         self.rows = rows
@@ -142,12 +137,12 @@ class EncodedDataset:
 
 
 def encode_in_memory(spec: DataSpec, vlm, *, max_length: int, tally: Tally, seed: int = 0) -> EncodedDataset:
-    from medtune.models.processing import SkipSample, encode_sample
+    from medtune.models.processing import SkipSample
 
     rows = []
     for sample, root in iter_stage_samples(spec, tally, seed=seed):
         try:
-            rows.append(encode_sample(sample, vlm, root, max_length=max_length, truncation=spec.truncation))
+            rows.append(vlm.encode_sample(sample, root, max_length=max_length, truncation=spec.truncation))
         except SkipSample as skip:
             if spec.strict:
                 raise RecipeError(f"sample {sample.id}: {skip}") from None
@@ -168,56 +163,6 @@ def count_tokens(dataset) -> tuple[int, int]:
 
 
 # ---- batching -------------------------------------------------------------------------------------------
-
-
-@dataclass
-class KeepVisionBusy:
-    """Wrap a collator so a batch without images still runs the vision tower (see module docstring)."""
-
-    collator: Callable[[list[dict]], dict]
-    image_token_id: int
-    tokens_per_image: int
-    image_size: int
-    pad_token_id: int
-
-    def __call__(self, features: list[dict]) -> dict:
-        batch = self.collator(features)
-        if batch.get("pixel_values") is not None:
-            return batch
-        return add_blank_image(batch, self.image_token_id, self.tokens_per_image, self.image_size,
-                               self.pad_token_id)
-
-
-def add_blank_image(batch: dict, image_token_id: int, tokens_per_image: int, image_size: int,
-                    pad_token_id: int) -> dict:
-    """Append ``tokens_per_image`` masked columns; row 0 holds a blank image's tokens there."""
-    import torch
-
-    rows = batch["input_ids"].shape[0]
-    extra_ids = torch.full((rows, tokens_per_image), pad_token_id, dtype=torch.long)
-    extra_ids[0] = image_token_id
-    out = dict(batch)
-    out["input_ids"] = torch.cat([batch["input_ids"], extra_ids], dim=1)
-    out["labels"] = torch.cat([batch["labels"], torch.full_like(extra_ids, IGNORE_INDEX)], dim=1)
-    if "attention_mask" in batch:
-        out["attention_mask"] = torch.cat([batch["attention_mask"], torch.zeros_like(extra_ids)], dim=1)
-    if "position_ids" in batch:   # packed rows: the blank image is a sequence of its own
-        positions = torch.arange(tokens_per_image).expand(rows, -1)
-        out["position_ids"] = torch.cat([batch["position_ids"], positions], dim=1)
-    out["pixel_values"] = torch.zeros(1, 3, image_size, image_size)
-    return out
-
-
-def make_collator(vlm, *, packing: bool = False, max_length: int | None = None) -> Callable[[list], dict]:
-    """The batch collator for a stage (padding, or packing), made to always run the vision tower."""
-    from medtune.train.collate import PadCollator
-    from medtune.train.packing import PackingCollator
-
-    pad_id = vlm.tokenizer.pad_token_id
-    collator = PackingCollator(vlm, max_length=max_length) if packing else PadCollator(pad_id)
-    if vlm.image_tokens_per_image is None:   # native VLMs: their processors decide image shapes
-        return collator
-    return KeepVisionBusy(collator, vlm.image_token_id, vlm.image_tokens_per_image, vlm.image_size, pad_id)
 
 
 def training_rows(dataset, *, packing: bool, max_length: int):

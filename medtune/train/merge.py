@@ -50,7 +50,7 @@ def _merge_adapters(checkpoint: Path, out: Path, base: str | Path | None) -> Non
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    import medtune.models.composed  # noqa: F401  (medtune_vlm models load through the Auto classes)
+    import medtune.models.medtune_vlm  # noqa: F401  (medtune_vlm models load through the Auto classes)
 
     base = Path(base) if base is not None else _base_of(checkpoint)
     model = AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import bisect
 from typing import Any, Sequence
 
-from medtune.train.collate import IGNORE_INDEX, _image_columns
+from medtune.train.collate import IGNORE_INDEX, _image_columns, sample_metadata
 
 STRATEGIES = ("best_fit", "greedy")
 ATTENTION_MODES = ("position_ids", "mask", "flatten")
@@ -147,6 +147,7 @@ def pack_rows(rows: Sequence[Sequence[dict]], pad_token_id: int, *, attention: s
         batch.update(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens,
                      max_length_q=int(lengths.max()), max_length_k=int(lengths.max()))
     batch.update(_image_columns(samples))
+    batch.update(sample_metadata(samples))   # in sample order: row by row, as the pixels
     return batch
 
 
@@ -164,10 +165,11 @@ class PackingCollator:
     samples, which are then packed into rows of at most ``max_length`` tokens within the batch (best fit).
     """
 
-    def __init__(self, vlm, max_length: int | None = None, *, attention: str = "position_ids", mask_dtype=None):
+    def __init__(self, pad_token_id: int, max_length: int | None = None, *, attention: str = "position_ids",
+                 mask_dtype=None):
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
-        self.pad_token_id = vlm.tokenizer.pad_token_id
+        self.pad_token_id = pad_token_id
         self.max_length, self.attention, self.mask_dtype = max_length, attention, mask_dtype
 
     def __call__(self, features: Sequence[dict] | Sequence[Sequence[dict]]) -> dict[str, Any]:

@@ -1,9 +1,8 @@
 """What trains: the one place that freezes parts, adds LoRA and builds per-part learning-rate groups.
 
-A composed VLM has three parts (vision encoder, projector, language model), plus LoRA adapters when a stage
-asks for them. Parameters are assigned to a part by the module names the Hugging Face VLM classes use
-(``vision_tower`` / ``visual``, ``multi_modal_projector`` / ``projector`` / ``merger``, ``language_model`` /
-``lm_head``), never by the model's name; a parameter that matches no part is an error, so a new
+Which parts a model has, and which parameter belongs to which, is its kind's answer (``vlm.parts``,
+``vlm.part_of``: :mod:`medtune.models.kinds`); a composed VLM has a vision encoder, a projector and a language
+model, plus LoRA adapters when a stage asks for them. A parameter that matches no part is an error, so a new
 architecture cannot silently train the wrong thing.
 
 Design choices:
@@ -24,41 +23,11 @@ import logging
 import re
 from collections import Counter
 from dataclasses import dataclass
+from typing import Callable
 
 from medtune.train.recipe import LearningRates, LoraSpec, RecipeError
 
 log = logging.getLogger(__name__)
-
-PARTS = ("vision", "projector", "llm")
-
-# Module-name components that mark a part, checked in this order (a projector nested inside a vision module,
-# like Qwen2-VL's visual.merger, is a projector; LoRA and PEFT's saved copies are checked first).
-_PART_COMPONENTS = (
-    ("lora", ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")),
-    ("projector", ("multi_modal_projector", "projector", "mm_projector", "merger")),
-    ("vision", ("vision_tower", "visual", "vision_model", "vision_encoder")),
-    ("llm", ("language_model", "lm_head", "text_model")),
-)
-
-
-def part_of(parameter_name: str) -> str:
-    """The part (vision, projector, llm or lora) a parameter belongs to, from its dotted name."""
-    components = set(parameter_name.split("."))
-    for part, markers in _PART_COMPONENTS:
-        if components.intersection(markers):
-            return part
-    raise ValueError(f"parameter {parameter_name!r} belongs to no known part (vision, projector, llm); "
-                     "medtune cannot tell what it should train")
-
-
-def module_name_of(model, part: str) -> str:
-    """The dotted name of the module holding a whole part (e.g. ``model.multi_modal_projector``)."""
-    markers = dict(_PART_COMPONENTS)[part]
-    for name, _ in model.named_modules():
-        if name and name.split(".")[-1] in markers:
-            return name
-    raise ValueError(f"the model has no {part} module (looked for {', '.join(markers)})")
-
 
 @dataclass
 class TrainableSummary:
@@ -68,36 +37,39 @@ class TrainableSummary:
     total: Counter
 
     def line(self) -> str:
-        parts = [f"{p} {self.trainable[p]:,}/{self.total[p]:,}" for p in (*PARTS, "lora") if self.total[p]]
+        parts = [f"{p} {self.trainable[p]:,}/{self.total[p]:,}" for p in self.total if self.total[p]]
         return "trainable parameters: " + ", ".join(parts)
 
     def to_dict(self) -> dict:
         return {"trainable": dict(self.trainable), "total": dict(self.total)}
 
 
-def apply_trainable_parts(model, lr: LearningRates, lora: LoraSpec | None = None):
-    """Freeze what has lr 0, unfreeze the rest, add LoRA if asked; returns the (possibly PEFT-wrapped) model."""
+def apply_trainable_parts(vlm, model, lr: LearningRates, lora: LoraSpec | None = None):
+    """Freeze what has lr 0, unfreeze the rest, add LoRA if asked; returns the (possibly PEFT-wrapped) model.
+
+    ``vlm`` is the model's kind object (it knows the parts); ``model`` the module to train, usually ``vlm.model``.
+    """
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     if lora is not None:
-        whole = [part for part in ("projector", "vision") if getattr(lr, part) > 0]
-        model = add_lora(model, lora, train_whole=whole)
+        whole = [part for part in vlm.parts if part != "llm" and getattr(lr, part) > 0]
+        model = add_lora(vlm, model, lora, train_whole=whole)
     for name, parameter in model.named_parameters():
-        part = part_of(name)
+        part = vlm.part_of(name)
         if part == "lora":
             parameter.requires_grad_(True)
         elif "original_module" in name.split("."):
             continue  # PEFT's frozen original of a module it saves whole
         elif getattr(lr, part) > 0:
             parameter.requires_grad_(True)
-    summary = summarise(model)
+    summary = summarise(model, vlm.part_of)
     if not any(summary.trainable.values()):
         raise RecipeError("lr: no parameter trains with these learning rates (every part is frozen)")
     log.info(summary.line())
     return model
 
 
-def summarise(model) -> TrainableSummary:
+def summarise(model, part_of: Callable[[str], str]) -> TrainableSummary:
     trainable, total = Counter(), Counter()
     for name, parameter in model.named_parameters():
         part = part_of(name)
@@ -107,7 +79,7 @@ def summarise(model) -> TrainableSummary:
     return TrainableSummary(trainable, total)
 
 
-def add_lora(model, lora: LoraSpec, *, train_whole: list[str] = ()):
+def add_lora(vlm, model, lora: LoraSpec, *, train_whole: list[str] = ()):
     """Wrap ``model`` with PEFT LoRA on the LLM's (and optionally the vision tower's) named linear layers.
 
     ``train_whole`` names parts trained in full beside the adapters (projector, vision): PEFT keeps a trainable
@@ -115,9 +87,9 @@ def add_lora(model, lora: LoraSpec, *, train_whole: list[str] = ()):
     """
     from peft import LoraConfig, get_peft_model
 
-    scopes = [re.escape(module_name_of(model, "llm"))]
+    scopes = [re.escape(vlm.module_of("llm", model))]
     if lora.on_vision:
-        scopes.append(re.escape(module_name_of(model, "vision")))
+        scopes.append(re.escape(vlm.module_of("vision", model)))
     layers = "|".join(re.escape(name) for name in lora.target_modules)
     # A regex target confines adapters to the chosen parts: the projector's and vision tower's linear layers
     # often share names (fc1, linear_1, q_proj) with the LLM's.
@@ -127,7 +99,7 @@ def add_lora(model, lora: LoraSpec, *, train_whole: list[str] = ()):
                           "language model")
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target, bias="none",
-        modules_to_save=[module_name_of(model, part).split(".")[-1] for part in train_whole] or None,
+        modules_to_save=[vlm.module_of(part, model).split(".")[-1] for part in train_whole] or None,
     )
     return get_peft_model(model, config)
 
@@ -138,7 +110,7 @@ def load_quantized(base: str, bits: str, *, gradient_checkpointing: bool = False
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
-    import medtune.models.composed  # noqa: F401  (medtune_vlm models load through the Auto classes)
+    import medtune.models.medtune_vlm  # noqa: F401  (medtune_vlm models load through the Auto classes)
 
     config = BitsAndBytesConfig(
         load_in_4bit=bits == "4bit", load_in_8bit=bits == "8bit", bnb_4bit_quant_type="nf4",
@@ -149,7 +121,8 @@ def load_quantized(base: str, bits: str, *, gradient_checkpointing: bool = False
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 
 
-def parameter_groups(model, lr: LearningRates, weight_decay: float, decay_names: set[str]) -> list[dict]:
+def parameter_groups(model, part_of: Callable[[str], str], lr: LearningRates, weight_decay: float,
+                     decay_names: set[str]) -> list[dict]:
     """Optimizer groups: one per (part, decay or not), each with its part's learning rate."""
     groups: dict[tuple[str, bool], list] = {}
     for name, parameter in model.named_parameters():

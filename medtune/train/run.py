@@ -93,7 +93,7 @@ def run_recipe(recipe: Recipe, *, start_stage: int = 0, resume: bool = False) ->
 
 def run_stage(recipe: Recipe, index: int, *, resume: bool = False) -> StageResult:
     """Train stage ``index``: its model, data, Trainer; write ``model/`` and the stage summary."""
-    from medtune.train.data import make_collator, training_rows
+    from medtune.train.data import training_rows
 
     stage = recipe.stages[index]
     directory = stage_dir(recipe.output_dir, index, stage)
@@ -108,12 +108,12 @@ def run_stage(recipe: Recipe, index: int, *, resume: bool = False) -> StageResul
     dataset, eval_dataset, tally = _stage_data(recipe, stage, vlm)
     model = _trainable_model(vlm, stage, base_path, directory)
     rows = training_rows(dataset, packing=stage.packing, max_length=stage.max_length)
-    collator = make_collator(vlm, packing=stage.packing, max_length=stage.max_length)
+    collator = vlm.collator(packing=stage.packing, max_length=stage.max_length)
     trainer = build_trainer(recipe, stage, vlm, model, rows, eval_dataset, collator, directory)
     started = time.monotonic()
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     save_stage_model(trainer, vlm, stage, directory)
-    result = _stage_result(stage, directory, trainer, output, dataset, tally, resume_from,
+    result = _stage_result(stage, directory, vlm, trainer, output, dataset, tally, resume_from,
                            seconds=time.monotonic() - started)
     if is_main_process():
         write_json(directory / "summary.json", result.__dict__)
@@ -139,18 +139,18 @@ def _trainable_model(vlm, stage: Stage, base_path, directory: Path):
     from medtune.train.parts import apply_trainable_parts, load_quantized
 
     if stage.lora is None:
-        return apply_trainable_parts(vlm.model, stage.lr)
+        return apply_trainable_parts(vlm, vlm.model, stage.lr)
     if base_path is None:
         base_path = _save_base(vlm, directory)
     if stage.lora.quantize is not None:
         vlm.model = load_quantized(base_path, stage.lora.quantize,
                                    gradient_checkpointing=stage.gradient_checkpointing)
-    model = apply_trainable_parts(vlm.model, stage.lr, stage.lora)
+    model = apply_trainable_parts(vlm, vlm.model, stage.lr, stage.lora)
     model.peft_config["default"].base_model_name_or_path = str(Path(base_path).resolve())
     return model
 
 
-def _stage_result(stage: Stage, directory: Path, trainer, output, dataset, tally, resume_from,
+def _stage_result(stage: Stage, directory: Path, vlm, trainer, output, dataset, tally, resume_from,
                   *, seconds: float) -> StageResult:
     from medtune.train.data import count_tokens
     from medtune.train.parts import summarise
@@ -162,7 +162,7 @@ def _stage_result(stage: Stage, directory: Path, trainer, output, dataset, tally
         seconds=seconds, train_loss=output.metrics.get("train_loss"),
         skipped=dict(tally.skipped), skipped_examples=dict(tally.examples),
         last_checkpoint=_str(checkpoints.latest_complete_checkpoint(directory)),
-        trainable=summarise(trainer.model).to_dict(), resumed_from=_str(resume_from))
+        trainable=summarise(trainer.model, vlm.part_of).to_dict(), resumed_from=_str(resume_from))
 
 
 def _finished(stage: Stage, directory: Path) -> StageResult:
@@ -244,16 +244,10 @@ def _apply_template(vlm, template: str | None, stage_name: str) -> None:
     """The stage's template replaces the model's, and is stored with the tokenizer of every checkpoint."""
     if template is None or template == vlm.template:
         return
-    if vlm.template == "native":
-        raise RecipeError(f"stage {stage_name}: template {template!r} cannot replace a native VLM's "
-                          "own chat template; remove template")
-    from medtune.models.templates import get_template
-
-    jinja = get_template(template).jinja
-    vlm.template = template
-    vlm.tokenizer.chat_template = jinja
-    if vlm.processor is not None:
-        vlm.processor.chat_template = jinja
+    try:
+        vlm.use_template(template)
+    except ValueError as error:
+        raise RecipeError(f"stage {stage_name}: {error}") from None
 
 
 def _save_base(vlm, directory: Path) -> Path:
@@ -304,8 +298,7 @@ def build_trainer(recipe: Recipe, stage: Stage, vlm, model, dataset, eval_datase
     trainer = MedtuneTrainer(
         model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, data_collator=collator,
         processing_class=vlm.processor or vlm.tokenizer, learning_rates=stage.lr,
-        keep_last_k=stage.keep_last_k, pad_token_id=vlm.tokenizer.pad_token_id,
-        save_extras=lambda out: _save_extras(vlm, out),
+        keep_last_k=stage.keep_last_k, pad_token_id=vlm.tokenizer.pad_token_id, vlm=vlm,
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -314,16 +307,6 @@ def build_trainer(recipe: Recipe, stage: Stage, vlm, model, dataset, eval_datase
     trainer.add_callback(ProgressBarCallback())
     trainer.add_callback(MetricsFileCallback(directory / "metrics.jsonl"))
     return trainer
-
-
-def _save_extras(vlm, out_dir) -> None:
-    """What load_vlm needs beside weights and tokenizer: the image processor and medtune.json."""
-    from medtune.models.build import MEDTUNE_FILE
-
-    if vlm.image_processor is not None:
-        vlm.image_processor.save_pretrained(out_dir)
-    if vlm.template != "native":
-        write_json(Path(out_dir) / MEDTUNE_FILE, vlm.metadata())
 
 
 def training_arguments(recipe: Recipe, stage: Stage, directory: Path, model):
@@ -397,15 +380,20 @@ def deepspeed_config(zero_stage: int) -> dict:
 # ---- processes ------------------------------------------------------------------------------------------
 
 
+def process_state():
+    """Accelerate's view of this process (rank, main process, barrier); the process group it sets up under
+    torchrun is the one Trainer then uses."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not _has_cuda())
+
+
 def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return process_state().is_main_process
 
 
 def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    process_state().wait_for_everyone()
 
 
 def read_metrics(path: str | Path) -> list[dict]:

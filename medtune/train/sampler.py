@@ -8,6 +8,10 @@ front so an out-of-memory error shows at the first step, not hours in. Same seed
 
 Under distributed training, give each process the same seed: the DataLoader/Accelerate sharding splits the
 one global order, so ranks see different samples of similar lengths.
+
+Why not transformers' ``LengthGroupedSampler``: it draws from a torch generator and has no ``set_epoch``, so the
+sampler a resumed run builds starts again with the first epoch's order, and a run resumed in a later epoch would
+not see the order the uninterrupted run saw (tests/train/test_collate.py shows both).
 """
 from __future__ import annotations
 

@@ -2,16 +2,20 @@
 
 Only these hooks are overridden, each for one reason:
 
+* ``compute_loss``: the model's kind computes the loss (``vlm.training_loss``: the sample metadata it carries
+  taken out of the batch, and its exact speed-ups, e.g. the LM head only at labelled positions), with the
+  same normalisation as Trainer's (sum over labelled tokens / tokens in the accumulated batch).
 * ``create_optimizer``: one parameter group per trainable part with that part's learning rate
-  (:func:`medtune.train.parts.parameter_groups`); Trainer's scheduler then scales every group from its own
-  peak. Overriding the method (rather than passing an optimizer in) keeps Trainer's ordering under FSDP and
+  (:func:`medtune.train.parts.parameter_groups`, parts as the model's kind assigns them); Trainer's scheduler
+  then scales every group from its own peak. Overriding the method (rather than passing an optimizer in) keeps Trainer's ordering under FSDP and
   DeepSpeed, where the optimizer must be built after the model is wrapped.
 * ``_save_checkpoint``: after Trainer has written everything (weights, optimizer, scheduler, RNG states,
   trainer state with the data position), all ranks meet and the main process writes the completion marker
   and rotates old complete checkpoints (:mod:`medtune.train.checkpoints`). Trainer's own rotation is off
   (``save_total_limit=None``) because it would count a half-written directory.
-* ``_save``: a checkpoint also gets what ``load_vlm`` needs (image processor, medtune.json), so every
-  checkpoint loads and merges on its own.
+* ``_save``: a checkpoint also gets what the kind's export hook writes beside the weights
+  (``vlm.write_beside_weights``: image processor, medtune.json ...), so every checkpoint loads and merges on
+  its own.
 * ``_load_from_checkpoint``: Trainer (transformers 5.23) reloads ``model.safetensors`` with a bare
   ``load_state_dict(strict=False)``, but ``save_pretrained`` writes LLaVA's weights under their original
   (legacy) names (``language_model.model.layers...``), so on resume no key matches and the weights silently stay
@@ -25,7 +29,6 @@ Only these hooks are overridden, each for one reason:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 from transformers import Trainer
 
@@ -35,19 +38,32 @@ from medtune.train.recipe import LearningRates
 
 
 class MedtuneTrainer(Trainer):
-    def __init__(self, *args, learning_rates: LearningRates, keep_last_k: int = 2, pad_token_id: int = 0,
-                 save_extras: Callable[[str], None] | None = None, **kwargs):
+    def __init__(self, *args, vlm, learning_rates: LearningRates, keep_last_k: int = 2, pad_token_id: int = 0,
+                 **kwargs):
+        self.vlm = vlm
+        self.speedups = vlm.exact_speedups()
         self.learning_rates = learning_rates
         self.pad_token_id = pad_token_id
         self.keep_last_k = keep_last_k
-        self.save_extras = save_extras
         super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Trainer divides the loss by the accumulation steps unless the model normalised it by the tokens of the
+        # whole accumulated batch, which it does when it accepts loss kwargs (as Trainer.compute_loss assumes).
+        items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        loss, outputs = self.vlm.training_loss(model, inputs, items, speedups=self.speedups)
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and items is not None:
+            # as Trainer.compute_loss: gradients are averaged over processes, the token count was summed
+            scale = self.accelerator.num_processes // self.get_tp_size()
+            loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             opt_model = self.model if model is None else model
             decay = set(self.get_decay_parameter_names(opt_model))
-            groups = parameter_groups(opt_model, self.learning_rates, self.args.weight_decay, decay)
+            groups = parameter_groups(opt_model, self.vlm.part_of, self.learning_rates, self.args.weight_decay,
+                                      decay)
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             optimizer_kwargs.pop("lr", None)   # every group carries its own
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
@@ -64,8 +80,8 @@ class MedtuneTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
-        if self.args.should_save and self.save_extras is not None:
-            self.save_extras(output_dir or self.args.output_dir)
+        if self.args.should_save:
+            self.vlm.write_beside_weights(output_dir or self.args.output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = model if model is not None else self.model

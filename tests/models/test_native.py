@@ -50,7 +50,7 @@ def tiny_idefics3(tmp_path_factory):
 def test_native_idefics3_loads_with_its_own_processor_and_template(tiny_idefics3):
     path, original = tiny_idefics3
     vlm = load_vlm(path)
-    assert vlm.template == "native" and vlm.image_tokens_per_image is None
+    assert vlm.kind == "native" and vlm.template == "native" and vlm.cache_settings() is None
     assert type(vlm.processor).__name__ == "Idefics3Processor"
     assert vlm.image_token == "<image>" and vlm.image_token_id == original.config.image_token_id
     assert vlm.tokenizer.chat_template == IDEFICS_TEMPLATE
@@ -67,7 +67,7 @@ def test_llava_checkpoint_without_medtune_metadata_is_native(tmp_path):
     built.model.save_pretrained(tmp_path)
     built.processor.save_pretrained(tmp_path)
     vlm = load_vlm(tmp_path)
-    assert vlm.template == "native" and type(vlm.processor).__name__ == "LlavaProcessor"
+    assert vlm.kind == "native" and type(vlm.processor).__name__ == "LlavaProcessor"
     assert vlm.image_token_id == built.image_token_id and vlm.image_size == 32
     inputs = vlm.processor(images=Image.new("RGB", (32, 32)), text="USER: <image> hi", return_tensors="pt")
     with torch.no_grad():

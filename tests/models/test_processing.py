@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from medtune.data.schema import ImageRef, Message, Part, Sample
-from medtune.models.processing import (IGNORE_INDEX, SkipSample, encode_prompt, encode_sample, encode_text,
-                                       pixel_values_for)
+from medtune.models.kinds.native import NativeVLM
+from medtune.models.processing import IGNORE_INDEX, SkipSample
 from medtune.models.templates import to_chat_messages
 
 
@@ -49,7 +49,7 @@ TWO_TURNS = _sample(("user", ["@square.png", "Is there a fracture?"]), ("assista
 
 
 def test_labels_are_the_replies_and_images_are_expanded(vlm, root):
-    encoded = encode_sample(TWO_TURNS, vlm, root, max_length=512)
+    encoded = vlm.encode_sample(TWO_TURNS, root, max_length=512)
     ids, labels = encoded["input_ids"], encoded["labels"]
     assert len(ids) == len(labels) == len(encoded["attention_mask"])
     assert ids.count(vlm.image_token_id) == 2 * vlm.image_tokens_per_image
@@ -69,7 +69,7 @@ def test_matches_the_saved_llava_processor(saved, root):
     text = processor.apply_chat_template(messages, tokenize=False)
     images = [Image.open(root / "square.png").convert("RGB"), Image.open(root / "other.png").convert("RGB")]
     reference = processor(text=text, images=images, return_tensors="pt")
-    encoded = encode_sample(TWO_TURNS, vlm, root, max_length=512)
+    encoded = vlm.encode_sample(TWO_TURNS, root, max_length=512)
     assert encoded["input_ids"] == reference["input_ids"][0].tolist()
     assert torch.allclose(encoded["pixel_values"], reference["pixel_values"], atol=1e-6)
 
@@ -84,16 +84,16 @@ def test_prompt_matches_the_saved_processor_with_generation_prompt(saved, root):
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert text.endswith("ASSISTANT:")
     reference = processor(text=text, images=images, return_tensors="pt")
-    prompt = encode_prompt(messages, vlm, images)
+    prompt = vlm.encode_prompt(messages, images)
     assert torch.equal(prompt["input_ids"], reference["input_ids"])
     with pytest.raises(ValueError, match="2 image places but 1 images were given"):
-        encode_prompt(messages, vlm, images[:1])
+        vlm.encode_prompt(messages, images[:1])
 
 
 def test_plain_template_trains_on_the_caption_only(vlm, root):
     plain = dataclasses.replace(vlm, template="plain")
     sample = _sample(("user", ["@wide.png", "Describe the image."]), ("assistant", ["A chest radiograph."]))
-    encoded = encode_sample(sample, plain, root, max_length=512)
+    encoded = plain.encode_sample(sample, root, max_length=512)
     trained = [label for label in encoded["labels"] if label != IGNORE_INDEX]
     assert vlm.tokenizer.decode(trained) == "A chest radiograph.\n"
     # BOS, the image tokens, then the caption: the question text is not in the input at all
@@ -105,23 +105,23 @@ def test_plain_template_trains_on_the_caption_only(vlm, root):
 def test_truncation_cuts_text_only_or_skips(vlm, root):
     long_reply = " ".join(["the lesion is stable"] * 40)
     text_first = _sample(("user", ["Describe", "@square.png"]), ("assistant", [long_reply]))
-    full = encode_text(text_first, vlm, max_length=10_000)
+    full = vlm.encode_tokens(text_first, max_length=10_000)
     limit = len(full["input_ids"]) - 100  # well past the image, well before the end of the reply
-    cut = encode_text(text_first, vlm, max_length=limit)
+    cut = vlm.encode_tokens(text_first, max_length=limit)
     assert cut["input_ids"] == full["input_ids"][:limit] and cut["labels"] == full["labels"][:limit]
     assert cut["input_ids"].count(vlm.image_token_id) == vlm.image_tokens_per_image
     with pytest.raises(SkipSample) as dropped:
-        encode_text(text_first, vlm, max_length=limit, truncation="drop")
+        vlm.encode_tokens(text_first, max_length=limit, truncation="drop")
     assert dropped.value.reason == "too long"
     first_image = full["input_ids"].index(vlm.image_token_id)
     with pytest.raises(SkipSample, match="would cut image tokens") as through_image:
-        encode_text(text_first, vlm, max_length=first_image + 3)
+        vlm.encode_tokens(text_first, max_length=first_image + 3)
     assert through_image.value.reason == "too long"
     first_label = next(i for i, label in enumerate(full["labels"]) if label != IGNORE_INDEX)
     with pytest.raises(SkipSample, match="nothing to train on"):
-        encode_text(text_first, vlm, max_length=first_label)
+        vlm.encode_tokens(text_first, max_length=first_label)
     with pytest.raises(ValueError, match="truncation must be one of"):
-        encode_text(text_first, vlm, max_length=limit, truncation="left")
+        vlm.encode_tokens(text_first, max_length=limit, truncation="left")
 
 
 def test_bad_samples_are_skipped_with_a_reason(vlm, root):
@@ -134,7 +134,7 @@ def test_bad_samples_are_skipped_with_a_reason(vlm, root):
     ]
     for sample, reason, detail in cases:
         with pytest.raises(SkipSample) as caught:
-            encode_sample(sample, vlm, root, max_length=512)
+            vlm.encode_sample(sample, root, max_length=512)
         assert caught.value.reason == reason and detail in str(caught.value)
 
 
@@ -148,7 +148,7 @@ def _striped(width, height):
 
 
 def test_pad_mode_pads_with_the_mean_colour(vlm):
-    values = pixel_values_for([_striped(64, 32)], dataclasses.replace(vlm, pad_mode="pad"))[0]
+    values = dataclasses.replace(vlm, pad_mode="pad").pixel_values([_striped(64, 32)])[0]
     processor = vlm.image_processor
     std = torch.tensor(processor.image_std)
     # top and bottom quarter rows are padding: the mean colour normalises to ~0 (rounded to 8 bits)
@@ -159,8 +159,8 @@ def test_pad_mode_pads_with_the_mean_colour(vlm):
 
 
 def test_crop_mode_cuts_the_sides_and_resize_keeps_them(vlm):
-    cropped = pixel_values_for([_striped(64, 32)], dataclasses.replace(vlm, pad_mode="crop"))[0]
-    resized = pixel_values_for([_striped(64, 32)], dataclasses.replace(vlm, pad_mode="resize"))[0]
+    cropped = dataclasses.replace(vlm, pad_mode="crop").pixel_values([_striped(64, 32)])[0]
+    resized = dataclasses.replace(vlm, pad_mode="resize").pixel_values([_striped(64, 32)])[0]
     row = vlm.image_size // 2
     assert cropped[0, row, 0] < 0 and cropped[2, row, -1] < 0  # red and blue quarters cut away
     assert resized[0, row, 0] > 1 and resized[2, row, -1] > 1  # squashed: all stripes kept
@@ -169,9 +169,11 @@ def test_crop_mode_cuts_the_sides_and_resize_keeps_them(vlm):
 
 def test_native_path_gives_the_same_labels_as_the_template_path(vlm, root):
     """A Llava checkpoint used as a native VLM (processor renders and expands) labels the same tokens."""
-    native = dataclasses.replace(vlm, template="native", image_tokens_per_image=None)
-    composed = encode_sample(TWO_TURNS, vlm, root, max_length=512)
-    through_processor = encode_sample(TWO_TURNS, native, root, max_length=512)
+    native = NativeVLM(model=vlm.model, tokenizer=vlm.tokenizer, processor=vlm.processor,
+                       image_processor=vlm.image_processor, image_token=vlm.image_token,
+                       image_token_id=vlm.image_token_id, image_size=vlm.image_size)
+    composed = vlm.encode_sample(TWO_TURNS, root, max_length=512)
+    through_processor = native.encode_sample(TWO_TURNS, root, max_length=512)
     assert through_processor["input_ids"] == composed["input_ids"]
     assert through_processor["labels"] == composed["labels"]
     assert torch.allclose(through_processor["pixel_values"], composed["pixel_values"], atol=1e-6)

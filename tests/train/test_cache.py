@@ -9,7 +9,6 @@ from PIL import Image
 
 from medtune.data.jsonl import RecordError, read_samples, write_samples
 from medtune.data.schema import ImageRef, Message, Part, Sample
-from medtune.models.processing import encode_sample
 from medtune.train.cache import CachedDataset, cache_key, encode_checked, encode_with_cache
 
 
@@ -104,7 +103,7 @@ def test_cached_rows_decode_to_what_encode_sample_gives(data, vlm, tmp_path):
     samples = {s.id: s for s in read_samples(data)}
     assert dataset.lengths == [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
     for index, sample_id in enumerate(["1", "2", "5"]):
-        expected = encode_sample(samples[sample_id], vlm, data.parent, max_length=128)
+        expected = vlm.encode_sample(samples[sample_id], data.parent, max_length=128)
         item = dataset[index]
         assert item["input_ids"] == expected["input_ids"] and item["labels"] == expected["labels"]
         if expected["pixel_values"] is None:

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from medtune.data.schema import ImageRef, Message, Part, Sample
-from medtune.models.processing import IGNORE_INDEX, encode_prompt, encode_sample
+from medtune.models.processing import IGNORE_INDEX
 from medtune.models.templates import to_chat_messages
 from medtune.train.collate import PadCollator, collate_prompts, pad_batch
 from medtune.train.packing import PackingCollator, pack_rows, plan_rows
@@ -55,7 +55,7 @@ def _loss_per_row(logits, labels):
 
 def test_right_padded_mixed_batch_gives_each_sample_its_own_loss(vlm, samples):
     root, items = samples
-    encoded = [encode_sample(s, vlm, root, max_length=256) for s in items]
+    encoded = [vlm.encode_sample(s, root, max_length=256) for s in items]
     batch = PadCollator(vlm.tokenizer.pad_token_id)(encoded)
     lengths = [len(e["input_ids"]) for e in encoded]
     assert batch["input_ids"].shape == (3, max(lengths))
@@ -75,7 +75,7 @@ def test_right_padded_mixed_batch_gives_each_sample_its_own_loss(vlm, samples):
 
 def test_a_batch_without_images_has_no_pixel_values(vlm, samples):
     root, items = samples
-    batch = pad_batch([encode_sample(items[1], vlm, root, max_length=256)], vlm.tokenizer.pad_token_id)
+    batch = pad_batch([vlm.encode_sample(items[1], root, max_length=256)], vlm.tokenizer.pad_token_id)
     assert "pixel_values" not in batch
 
 
@@ -84,7 +84,7 @@ def test_left_padded_prompts_generate_what_each_prompt_generates_alone(vlm, samp
     prompts = []
     for item in items:
         images = [Image.open(root / ref.path).convert("RGB") for ref in item.images]
-        prompts.append(encode_prompt(to_chat_messages(item)[:1], vlm, images))
+        prompts.append(vlm.encode_prompt(to_chat_messages(item)[:1], images))
     batch = collate_prompts(prompts, vlm.tokenizer.pad_token_id)
     lengths = [p["input_ids"].shape[1] for p in prompts]
     assert batch["attention_mask"].sum(1).tolist() == lengths
@@ -99,16 +99,16 @@ def test_left_padded_prompts_generate_what_each_prompt_generates_alone(vlm, samp
 
 def test_packing_collator_packs_single_samples_within_the_batch(vlm, samples):
     root, items = samples
-    encoded = [encode_sample(s, vlm, root, max_length=256) for s in items]
+    encoded = [vlm.encode_sample(s, root, max_length=256) for s in items]
     max_length = 240  # lengths are about 130, 100 and 110: two rows
-    batch = PackingCollator(vlm, max_length=max_length)(encoded)
+    batch = PackingCollator(vlm.tokenizer.pad_token_id, max_length=max_length)(encoded)
     plan = plan_rows([len(e["input_ids"]) for e in encoded], max_length)
     expected = pack_rows([[encoded[i] for i in row] for row in plan], vlm.tokenizer.pad_token_id)
     assert batch.keys() == expected.keys()
     assert all(torch.equal(batch[k], expected[k]) for k in batch if isinstance(batch[k], torch.Tensor))
     assert batch["input_ids"].shape[0] == len(plan) < len(encoded)
     with pytest.raises(ValueError, match="give max_length"):
-        PackingCollator(vlm)(encoded)
+        PackingCollator(vlm.tokenizer.pad_token_id)(encoded)
 
 
 def test_length_grouped_sampler_is_deterministic_and_reduces_padding():
@@ -126,3 +126,24 @@ def test_length_grouped_sampler_is_deterministic_and_reduces_padding():
     random.Random(3).shuffle(shuffled)
     random_batches = [shuffled[i:i + 8] for i in range(0, 1000, 8)]
     assert padding_fraction(lengths, batches) < padding_fraction(lengths, random_batches) / 3
+
+
+def test_a_resumed_run_sees_the_epoch_order_of_the_uninterrupted_run():
+    """Why medtune keeps its own length-grouped sampler: a run resumed in epoch 2 builds a new sampler, and must
+    see epoch 2's order. Ours derives the order from (seed, epoch); transformers' LengthGroupedSampler draws from a
+    generator and has no set_epoch, so a rebuilt one starts again with epoch 1's order."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler as TransformersSampler
+
+    lengths = [random.Random(1).randint(20, 400) for _ in range(200)]
+    uninterrupted = LengthGroupedSampler(lengths, batch_size=4, seed=5)
+    uninterrupted.set_epoch(0)
+    list(uninterrupted)
+    uninterrupted.set_epoch(1)
+    resumed = LengthGroupedSampler(lengths, batch_size=4, seed=5)
+    resumed.set_epoch(1)
+    assert list(resumed) == list(uninterrupted)
+
+    theirs = TransformersSampler(4, lengths=lengths, generator=torch.Generator().manual_seed(5))
+    first_epoch, second_epoch = list(theirs), list(theirs)
+    rebuilt = TransformersSampler(4, lengths=lengths, generator=torch.Generator().manual_seed(5))
+    assert not hasattr(theirs, "set_epoch") and list(rebuilt) == first_epoch != second_epoch

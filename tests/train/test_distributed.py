@@ -103,7 +103,6 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from medtune.models.build import build_vlm
 from medtune.models.presets import tiny_spec
-from medtune.train.data import make_collator
 from worker_batches import batches
 
 out = Path(sys.argv[1])
@@ -118,7 +117,7 @@ for layer in [*model.model.language_model.layers, *model.model.vision_tower.enco
     fully_shard(layer)
 fully_shard(model)
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-collate = make_collator(vlm)
+collate = vlm.collator()
 history = []
 for step in range(2):
     loss = model(**collate(mine["features"])).loss
@@ -142,27 +141,36 @@ import itertools
 from medtune.data.formats import default_image_root, read_records
 from medtune.data.jsonl import Tally
 from medtune.data.schema import qa_sample
-from medtune.models.processing import encode_sample
 from medtune.paths import bundled_data
 from medtune.train.collate import PadCollator
 
 def batches(vlm):
     path = bundled_data("vqa_rad", "trainset.json")
     root = default_image_root("vqa-rad", path)
-    images = [encode_sample(s, vlm, root, max_length=256)
+    images = [vlm.encode_sample(s, root, max_length=256)
               for s in itertools.islice(read_records("vqa-rad", path, tally=Tally()), 2)]
-    texts = [encode_sample(qa_sample(f"t{i}", q, a), vlm, root, max_length=256)
+    texts = [vlm.encode_sample(qa_sample(f"t{i}", q, a), root, max_length=256)
              for i, (q, a) in enumerate([("What is a CT scan?", "An x-ray tomography"), ("Define edema", "Swelling")])]
     pad = PadCollator(vlm.tokenizer.pad_token_id)
     return [{"features": feats, "plain": pad(feats)} for feats in (texts, images)]
 '''
 
 
-def test_fsdp2_mixed_text_and_image_ranks_train_and_the_full_checkpoint_loads_in_one_process(tmp_path):
+@pytest.fixture
+def one_torch_thread():
+    """torchrun runs each worker with OMP_NUM_THREADS=1; a reference computed here sums in the same order only
+    with one thread too (Adam turns last-bit differences of near-zero gradients into lr-sized steps)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_fsdp2_mixed_text_and_image_ranks_train_and_the_full_checkpoint_loads_in_one_process(tmp_path,
+                                                                                              one_torch_thread):
     from medtune.models.build import build_vlm
     from medtune.models.presets import tiny_spec
-    from medtune.train.data import make_collator
-
+    
     (tmp_path / "worker.py").write_text(FSDP_WORKER)
     (tmp_path / "worker_batches.py").write_text(WORKER_BATCHES)
     done = torchrun(tmp_path / "worker.py", str(tmp_path), timeout=240)
@@ -180,7 +188,7 @@ def test_fsdp2_mixed_text_and_image_ranks_train_and_the_full_checkpoint_loads_in
     vlm = build_vlm(tiny_spec())
     model = vlm.model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    collate = make_collator(vlm)
+    collate = vlm.collator()
     both = batches(vlm)
     for step in range(2):
         step_losses = [model(**collate(rank_batch["features"])).loss for rank_batch in both]

@@ -23,7 +23,7 @@ def adapter_checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("merge")
     vlm = build_vlm(tiny_spec())
     vlm.save(root / "base")
-    model = apply_trainable_parts(vlm.model, LearningRates(projector=1e-3, lora=1e-3),
+    model = apply_trainable_parts(vlm, vlm.model, LearningRates(projector=1e-3, lora=1e-3),
                                   LoraSpec(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
     model.peft_config["default"].base_model_name_or_path = str(root / "base")
     generator = torch.Generator().manual_seed(1)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from medtune.data.schema import ImageRef, Message, Part, Sample
-from medtune.models.processing import IGNORE_INDEX, encode_sample
+from medtune.models.processing import IGNORE_INDEX
 from medtune.train.packing import PackedDataset, pack_rows, plan_rows, sample_spans
 
 
@@ -54,7 +54,7 @@ def encoded(vlm, tmp_path_factory):
         _sample("two-turns", [("user", [d, "What organ?"]), ("assistant", ["Brain."]),
                               ("user", ["Is it normal?"]), ("assistant", ["Yes, it is normal."])]),
     ]
-    return [encode_sample(s, vlm, root, max_length=256) for s in samples]
+    return [vlm.encode_sample(s, root, max_length=256) for s in samples]
 
 
 def _token_losses(logits, labels):

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medtune.train.parts import apply_trainable_parts, parameter_groups, part_of
+from medtune.train.parts import apply_trainable_parts, parameter_groups
 from medtune.train.recipe import LearningRates, LoraSpec, RecipeError
 
-from train_helpers import IMAGE_SIZE, synthetic_samples, tiny_llava
+from train_helpers import IMAGE_SIZE, composed, part_of, synthetic_samples, tiny_llava
 
 
 def trainable_parts(model) -> set[str]:
@@ -21,7 +21,7 @@ def trainable_parts(model) -> set[str]:
     (LearningRates(llm=1e-5), {"llm"}),
 ])
 def test_learning_rate_zero_freezes_exactly_that_part(rates, expected):
-    model = apply_trainable_parts(tiny_llava(), rates)
+    model = apply_trainable_parts(composed(), tiny_llava(), rates)
     assert trainable_parts(model) == expected
     # every parameter of a trained part trains (the LLM's embeddings and head included)
     for name, parameter in model.named_parameters():
@@ -35,9 +35,9 @@ def test_unknown_parameter_names_are_refused():
 
 def test_parameter_groups_carry_each_parts_learning_rate_and_no_decay_for_norms():
     rates = LearningRates(projector=1e-3, vision=1e-4, llm=1e-5)
-    model = apply_trainable_parts(tiny_llava(), rates)
+    model = apply_trainable_parts(composed(), tiny_llava(), rates)
     decay = {n for n, _ in model.named_parameters() if n.endswith(".weight") and "norm" not in n}
-    groups = parameter_groups(model, rates, weight_decay=0.1, decay_names=decay)
+    groups = parameter_groups(model, part_of, rates, weight_decay=0.1, decay_names=decay)
     by_part = {}
     for group in groups:
         by_part.setdefault(group["part"], set()).add(group["lr"])
@@ -67,8 +67,8 @@ def one_step(model, groups) -> dict:
 
 def test_one_step_moves_trained_parts_only():
     rates = LearningRates(projector=1e-2)
-    model = apply_trainable_parts(tiny_llava(), rates)
-    before = one_step(model, parameter_groups(model, rates, 0.0, set()))
+    model = apply_trainable_parts(composed(), tiny_llava(), rates)
+    before = one_step(model, parameter_groups(model, part_of, rates, 0.0, set()))
     for name, parameter in model.named_parameters():
         changed = not torch.equal(before[name], parameter)
         assert changed == (part_of(name) == "projector"), name
@@ -76,7 +76,7 @@ def test_one_step_moves_trained_parts_only():
 
 def test_lora_goes_on_the_llm_only_and_the_projector_trains_whole():
     rates = LearningRates(projector=1e-4, lora=2e-4)
-    model = apply_trainable_parts(tiny_llava(), rates, LoraSpec(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    model = apply_trainable_parts(composed(), tiny_llava(), rates, LoraSpec(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
     lora_names = [n for n, p in model.named_parameters() if part_of(n) == "lora"]
     assert lora_names and all("language_model" in n for n in lora_names)
     # q_proj exists in the vision tower too: it must not get an adapter
@@ -84,7 +84,7 @@ def test_lora_goes_on_the_llm_only_and_the_projector_trains_whole():
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {part_of(n) for n in trained} == {"lora", "projector"}
     assert all("modules_to_save" in n for n in trained if part_of(n) == "projector")
-    groups = parameter_groups(model, rates, 0.0, set())
+    groups = parameter_groups(model, part_of, rates, 0.0, set())
     assert {g["part"]: g["lr"] for g in groups} == {"lora": 2e-4, "projector": 1e-4}
     before = one_step(model, groups)
     frozen_llm = [n for n, p in model.named_parameters() if part_of(n) == "llm"]
@@ -93,7 +93,7 @@ def test_lora_goes_on_the_llm_only_and_the_projector_trains_whole():
 
 def test_lora_on_vision_adds_adapters_to_both_towers():
     rates = LearningRates(lora=1e-4)
-    model = apply_trainable_parts(tiny_llava(), rates, LoraSpec(r=2, alpha=4, target_modules=["q_proj"],
+    model = apply_trainable_parts(composed(), tiny_llava(), rates, LoraSpec(r=2, alpha=4, target_modules=["q_proj"],
                                                                  on_vision=True))
     lora_names = [n for n, p in model.named_parameters() if part_of(n) == "lora"]
     assert any("vision_tower" in n for n in lora_names) and any("language_model" in n for n in lora_names)
@@ -102,4 +102,4 @@ def test_lora_on_vision_adds_adapters_to_both_towers():
 
 def test_lora_with_no_matching_layer_is_a_recipe_error():
     with pytest.raises(RecipeError, match="lora.target_modules: none of \\['c_attn'\\]"):
-        apply_trainable_parts(tiny_llava(), LearningRates(lora=1e-4), LoraSpec(target_modules=["c_attn"]))
+        apply_trainable_parts(composed(), tiny_llava(), LearningRates(lora=1e-4), LoraSpec(target_modules=["c_attn"]))

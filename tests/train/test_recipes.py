@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from medtune.paths import project_root
-from medtune.train.parts import part_of
 from medtune.train.recipe import load_recipe
 from medtune.train.run import run_recipe, stage_dir
+from train_helpers import part_of
 
 RECIPES = sorted(p.stem for p in (project_root() / "recipes").glob("*.yaml") if p.stem != "mix-example")
 

@@ -9,7 +9,7 @@ import yaml
 
 from medtune.cli import main
 from medtune.paths import bundled_data
-from medtune.train.parts import part_of
+from train_helpers import part_of
 
 
 def write_recipe(tmp_path, **changes) -> str:
@@ -146,3 +146,29 @@ def test_resume_reads_training_state_without_pickles(tmp_path, monkeypatch):
     assert result.resumed_from == str(directory / "checkpoint-2") and result.steps == 4
     assert calls and all(flag is True for flag in calls)   # optimizer, scheduler, RNG: weights_only
     assert checkpoints.is_complete(directory / "checkpoint-4")
+
+
+def test_the_labelled_positions_head_trains_exactly_as_the_full_forward(tmp_path, monkeypatch):
+    """Two stages (one packed, with grad accumulation) trained with and without the exact speed-up give the same
+    per-step losses and the same final weights."""
+    from medtune.models.kinds.base import VLM, Speedups
+
+    def train(name, speedups):
+        with monkeypatch.context() as patch:
+            if speedups is not None:
+                patch.setattr(VLM, "exact_speedups", lambda self: speedups)
+            (tmp_path / name).mkdir()
+            recipe = write_recipe(tmp_path / name, stages=[
+                {"name": "sft", "lr": {"projector": 1e-3, "llm": 1e-3}, "max_steps": 3, "grad_accum": 2},
+                {"name": "packed", "lr": {"llm": 1e-3}, "packing": True, "max_steps": 2}])
+            assert main(["train", recipe]) == 0
+        run = tmp_path / name / "run"
+        losses = [[m["loss"] for m in map(json.loads, (run / stage / "metrics.jsonl").read_text().splitlines())
+                   if "loss" in m] for stage in ("stage-0-sft", "stage-1-packed")]
+        return losses, weights(run / "stage-1-packed" / "model")
+
+    fast_losses, fast = train("fast", None)
+    full_losses, full = train("full", Speedups(labelled_positions_head=False))
+    assert [len(stage) for stage in fast_losses] == [3, 2]
+    assert sum(fast_losses, []) == pytest.approx(sum(full_losses, []), rel=1e-5)
+    assert all(torch.allclose(fast[n], full[n], atol=1e-6) for n in full)

@@ -10,6 +10,17 @@ PATCH = 8
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2   # "full" feature strategy keeps the CLS token too: + 1
 
 
+def composed(model=None):
+    """The composed kind object around ``model`` (what assigns parameters to parts), no tokenizer needed."""
+    from medtune.models.kinds.composed import ComposedVLM
+
+    return ComposedVLM(model=model, tokenizer=None)
+
+
+def part_of(parameter_name: str) -> str:
+    return composed().part_of(parameter_name)
+
+
 def tiny_llava(seed: int = 0):
     """A 2-layer LLaVA (CLIP vision + Llama) of width 32 with an mlp2x_gelu projector."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration

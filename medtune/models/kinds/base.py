@@ -1,0 +1,288 @@
+"""The model-kind interface: what every kind of model answers, so that no caller tests which kind it holds.
+
+A *kind* is how a family of models turns canonical samples into tensors and back. :class:`VLM` is the base
+class; each kind is one subclass (``composed``, ``native`` ...), chosen once, where the model is built
+(:func:`medtune.models.build.build_vlm`) or loaded (:func:`medtune.models.build.load_vlm`, from the ``kind``
+recorded in ``medtune.json``). Train, eval, serve and the demo hold a ``VLM`` and ask it:
+
+========================  ======================================================================================
+question                  method
+========================  ======================================================================================
+sample -> training inputs :meth:`VLM.encode_sample` (ids, labels, pixel / image-token inputs, carried metadata)
+prompt for generation     :meth:`VLM.encode_prompt`
+the token cache           :meth:`VLM.cache_settings` (None: not cacheable), :meth:`VLM.encode_tokens`,
+                          :meth:`VLM.inputs_from_tokens` (late image decoding of a cached row)
+batches                   :meth:`VLM.collator` (padding or packing, plus whatever the kind needs)
+trainable parts           :attr:`VLM.parts`, :meth:`VLM.part_of`, :meth:`VLM.module_of`
+exact speed-ups           :meth:`VLM.exact_speedups`, :meth:`VLM.training_loss`
+chat template             :meth:`VLM.use_template`
+saving beside the weights :meth:`VLM.save`, :meth:`VLM.write_beside_weights` (the export hook), :meth:`VLM.metadata`
+what a person sees        :meth:`VLM.model_view`, :meth:`VLM.describe`
+========================  ======================================================================================
+
+Design choices:
+
+* Parts are assigned from module-name *components* (``model.language_model.layers.0.mlp.up_proj.weight`` has
+  the component ``language_model``), listed per kind in :attr:`VLM.part_markers`; a parameter that matches no
+  part is an error, so a new architecture can never silently train the wrong thing.
+* Sample metadata a later stage needs (a domain router needs the image's modality) is named in
+  :attr:`VLM.sample_metadata`; it then travels with each encoded sample, through the token cache, collation and
+  packing, as the batch's ``sample_metadata`` list (one dict per sample, in the order samples appear in the
+  batch). :meth:`VLM.training_loss` takes it out before the model's forward, so a model never sees it.
+* Exact speed-ups change time, never results: the default loss computes the LM head only at positions that
+  carry a label (``logits_to_keep`` with a boolean mask) and gives the loss of the full forward pass.
+"""
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Sequence
+
+from medtune.models.processing import IGNORE_INDEX
+
+MEDTUNE_FILE = "medtune.json"
+NATIVE_TEMPLATE = "native"
+SAMPLE_METADATA = "sample_metadata"   # the batch key that carries :attr:`VLM.sample_metadata`
+LORA_COMPONENTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+@dataclass(frozen=True)
+class Speedups:
+    """Exact speed-ups that apply to a model: each leaves the loss and gradients as they were."""
+
+    labelled_positions_head: bool = False
+    """LM head and cross-entropy only where a label is (SFT samples train a few of their positions)."""
+
+
+@dataclass(kw_only=True)
+class VLM(ABC):
+    """A model with everything needed to feed it; one subclass per model kind (see the module docstring)."""
+
+    kind: ClassVar[str]
+    """The name recorded in ``medtune.json`` (``composed``, ``native`` ...)."""
+    parts: ClassVar[tuple[str, ...]] = ("vision", "projector", "llm")
+    """The trainable parts of this kind, each with a learning rate in a recipe (LoRA adapters come on top)."""
+    part_markers: ClassVar[tuple[tuple[str, tuple[str, ...]], ...]] = ()
+    """(part, module-name components) checked in order: the first part whose component a name has wins."""
+
+    model: Any
+    tokenizer: Any
+    processor: Any = None
+    image_processor: Any = None
+    template: str = NATIVE_TEMPLATE
+    """medtune chat template name, or ``native`` for the tokenizer's own."""
+    image_token: str = "<image>"
+    image_token_id: int = -1
+    image_size: int = 0
+    spec: dict[str, Any] | None = field(default=None, repr=False)
+    """The settings the model was built from (composed models), saved in medtune.json."""
+    sample_metadata: tuple[str, ...] = ()
+    """Sample metadata fields (``modality``, ``organ``, or a key of ``meta.extra``) carried into batches."""
+
+    # ---- loading ----------------------------------------------------------------------------------------
+
+    @classmethod
+    @abstractmethod
+    def load(cls, source: str, metadata: dict[str, Any] | None, *, model_kwargs: dict, device: str) -> VLM:
+        """The kind's model and preprocessing from a checkpoint (``metadata``: its medtune.json, or None)."""
+
+    # ---- samples -> model inputs ------------------------------------------------------------------------
+
+    @abstractmethod
+    def encode_sample(self, sample, image_root, *, max_length: int, truncation: str = "text",
+                      allowed_roots: Sequence = ()) -> dict[str, Any]:
+        """A training example: input_ids / attention_mask / labels (lists) and image inputs (tensors or None).
+
+        Raises :class:`medtune.models.processing.SkipSample` for a sample that cannot be used as it is.
+        """
+
+    @abstractmethod
+    def encode_prompt(self, messages: list[dict], images: list) -> dict[str, Any]:
+        """Tensors ([1, L]) for generation: the conversation with the assistant's turn opened."""
+
+    # ---- the token cache --------------------------------------------------------------------------------
+
+    def cache_settings(self) -> dict[str, Any] | None:
+        """What, beside data and tokenizer, decides :meth:`encode_tokens`'s output (the cache key); None when
+        this kind's encoded samples cannot be cached (they hold processor outputs that depend on the images)."""
+        return None
+
+    def encode_tokens(self, sample, *, max_length: int, truncation: str = "text") -> dict[str, list]:
+        """The cacheable columns of a sample (ids, labels; no pixels). Only for kinds with cache settings."""
+        raise NotImplementedError(f"{type(self).__name__} samples are not cacheable")
+
+    def check_images(self, image_refs: list, image_root, *, allowed_roots: Sequence = ()) -> None:
+        """Decode a sample's images once (SkipSample("bad image") when one is unusable) before caching it."""
+        from medtune.models.processing import load_images
+
+        load_images(image_refs, image_root, allowed_roots=allowed_roots)
+
+    def inputs_from_tokens(self, row: dict[str, Any], image_refs: list, image_root, *,
+                           allowed_roots: Sequence = ()) -> dict[str, Any]:
+        """A training example from a cached row (its images decoded now)."""
+        raise NotImplementedError(f"{type(self).__name__} samples are not cacheable")
+
+    def carried_metadata(self, sample) -> dict[str, Any] | None:
+        """The :attr:`sample_metadata` fields of ``sample`` (None when the kind carries none)."""
+        if not self.sample_metadata:
+            return None
+        meta = sample.meta
+        return {key: getattr(meta, key) if hasattr(meta, key) and key != "extra" else meta.extra.get(key)
+                for key in self.sample_metadata}
+
+    # ---- batches ----------------------------------------------------------------------------------------
+
+    def collator(self, *, packing: bool = False, max_length: int | None = None) -> Callable[[list], dict]:
+        """The batch collator of a training stage: right padding, or packing into rows of ``max_length``."""
+        from medtune.train.collate import PadCollator
+        from medtune.train.packing import PackingCollator
+
+        if packing:
+            return PackingCollator(self.tokenizer.pad_token_id, max_length=max_length)
+        return PadCollator(self.tokenizer.pad_token_id)
+
+    # ---- trainable parts --------------------------------------------------------------------------------
+
+    def part_of(self, parameter_name: str) -> str:
+        """The part (one of :attr:`parts`, or ``lora``) a parameter belongs to, from its dotted name."""
+        components = set(parameter_name.split("."))
+        if components.intersection(LORA_COMPONENTS):
+            return "lora"
+        for part, markers in self.part_markers:
+            if components.intersection(markers):
+                return part
+        raise ValueError(f"parameter {parameter_name!r} belongs to no known part ({', '.join(self.parts)}) of a "
+                         f"{self.kind} model; medtune cannot tell what it should train")
+
+    def module_of(self, part: str, model=None) -> str:
+        """The dotted name of the module holding a whole part (e.g. ``model.multi_modal_projector``)."""
+        markers = dict(self.part_markers).get(part, ())
+        for name, _ in (model if model is not None else self.model).named_modules():
+            if name and name.split(".")[-1] in markers:
+                return name
+        raise ValueError(f"the model has no {part} module (looked for {', '.join(markers) or 'nothing'})")
+
+    # ---- training loss and exact speed-ups --------------------------------------------------------------
+
+    def exact_speedups(self) -> Speedups:
+        """Which exact speed-ups apply to this model (see :class:`Speedups`)."""
+        return Speedups(labelled_positions_head=_accepts_logits_mask(self.model))
+
+    def training_loss(self, model, inputs: dict[str, Any], num_items_in_batch=None,
+                      speedups: Speedups | None = None):
+        """(loss, outputs) of a training batch; ``model`` is the (possibly wrapped) model being trained.
+
+        With ``num_items_in_batch`` the loss is the sum over labelled tokens divided by it (Trainer's gradient
+        accumulation), else the mean, exactly as the model's own loss.
+        """
+        inputs = {key: value for key, value in inputs.items() if key != SAMPLE_METADATA}
+        speedups = self.exact_speedups() if speedups is None else speedups
+        labels = inputs.get("labels")
+        if not speedups.labelled_positions_head or labels is None:
+            outputs = model(**inputs, **_loss_kwargs(num_items_in_batch))
+            return outputs.loss, outputs
+        return labelled_positions_loss(model, inputs, num_items_in_batch)
+
+    # ---- templates --------------------------------------------------------------------------------------
+
+    def use_template(self, name: str) -> None:
+        """Replace the chat template (stored with the tokenizer of every checkpoint saved after)."""
+        raise ValueError(f"template {name!r} cannot replace a {self.kind} model's own chat template; "
+                         "remove template")
+
+    # ---- saving -----------------------------------------------------------------------------------------
+
+    def save(self, out_dir: str | Path) -> None:
+        """Weights (safetensors), tokenizer with its chat template, and what :meth:`write_beside_weights` adds."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out)
+        if self.processor is not None:
+            self.processor.save_pretrained(out)  # also writes tokenizer and image processor
+        self.tokenizer.save_pretrained(out)
+        self.write_beside_weights(out)
+
+    def write_beside_weights(self, out_dir: str | Path) -> None:
+        """The export hook: what a checkpoint holds beside weights and tokenizer, so it loads on its own
+        (medtune's own and every training checkpoint go through it)."""
+        from medtune.data.jsonl import write_json
+
+        if self.image_processor is not None:
+            self.image_processor.save_pretrained(out_dir)
+        write_json(Path(out_dir) / MEDTUNE_FILE, self.metadata())
+
+    def metadata(self) -> dict[str, Any]:
+        """medtune.json: the kind and the settings preprocessing needs."""
+        from medtune import __version__
+
+        return {"medtune_version": __version__, "kind": self.kind, "template": self.template,
+                "image_token": self.image_token, "image_size": self.image_size, "spec": self.spec,
+                "sample_metadata": list(self.sample_metadata)}
+
+    # ---- what a person sees -----------------------------------------------------------------------------
+
+    def model_view(self, image):
+        """The image as the model sees it (resized to its input size), for the web page."""
+        from PIL import Image
+
+        size = self.image_size or max(image.size)
+        return image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+
+    def describe(self) -> list[str]:
+        """Lines for ``medtune model info`` beyond the parameter count."""
+        config = self.model.config
+        lines = []
+        for label, part in (("vision", getattr(config, "vision_config", None)),
+                            ("llm", getattr(config, "text_config", None))):
+            if part is not None:
+                lines.append(f"{label}: {part.model_type}, {getattr(part, 'num_hidden_layers', '?')} layers, "
+                             f"width {getattr(part, 'hidden_size', '?')}")
+        lines.append(f"kind: {self.kind}; template: {self.template}; image token {self.image_token!r} "
+                     f"(id {self.image_token_id}), {self.image_size} px")
+        lines.append(f"vocabulary: {len(self.tokenizer):,} tokens")
+        return lines
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+# ---- the labelled-positions loss --------------------------------------------------------------------------
+
+
+def _loss_kwargs(num_items_in_batch) -> dict:
+    return {"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}
+
+
+def _accepts_logits_mask(model) -> bool:
+    """Whether ``model``'s forward takes ``logits_to_keep`` and transformers slices with a boolean mask."""
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep  # noqa: F401  (5.x: masks supported)
+    except ImportError:
+        return False
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def labelled_positions_loss(model, inputs: dict[str, Any], num_items_in_batch=None):
+    """The causal-LM loss with the LM head applied only where the next token is a label.
+
+    Position t predicts token t + 1, so the head runs at positions whose *next* label is not ignored; the
+    loss is transformers' ``ForCausalLMLoss`` on those logits with the matching targets, the same sum (and
+    the same division) as the full forward pass.
+    """
+    import torch
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    labels = inputs["labels"]
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    keep = targets != IGNORE_INDEX
+    if not bool(keep.any()):   # nothing to learn from: the model's own (empty) loss, not an empty mask
+        outputs = model(**inputs, **_loss_kwargs(num_items_in_batch))
+        return outputs.loss, outputs
+    forward = {key: value for key, value in inputs.items() if key != "labels"}
+    outputs = model(**forward, logits_to_keep=keep)
+    logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
+    loss = ForCausalLMLoss(logits, None, logits.shape[-1], num_items_in_batch, shift_labels=targets[keep])
+    outputs.loss = loss
+    return loss, outputs

@@ -1,0 +1,193 @@
+"""The composed kind: a vision tower + projector + causal LM that medtune built (Llava or medtune_vlm).
+
+Inputs are made by medtune, not by a processor call: the conversation is rendered with a medtune chat template
+and tokenised in one call, each image placeholder is expanded to ``image_tokens_per_image`` copies (the model
+scatters one image feature into each copy, in order), and pixels come from the tower's image processor after
+the image is made square (``pad_mode``). Because ids and labels do not depend on the pixels, encoded samples
+go through the token cache and images are decoded when a batch is made.
+
+Batches always run the vision tower (:class:`medtune.train.collate.KeepVisionBusy`): under sharded training a
+rank with a text-only batch would otherwise skip the tower's collectives and hang the others.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Sequence
+
+from medtune.models.kinds.base import VLM
+
+
+@dataclass(kw_only=True)
+class ComposedVLM(VLM):
+    kind: ClassVar[str] = "composed"
+    part_markers: ClassVar = (
+        # a projector nested inside a vision module (Qwen2-VL's visual.merger) is a projector: checked first
+        ("projector", ("multi_modal_projector", "projector", "mm_projector", "merger")),
+        ("vision", ("vision_tower", "visual", "vision_model", "vision_encoder")),
+        ("llm", ("language_model", "lm_head", "text_model")),
+    )
+
+    template: str = "vicuna"
+    image_tokens_per_image: int = 1
+    """Placeholder copies per image: the number of features the projector emits per image."""
+    pad_mode: str = "pad"
+    """How non-square images become square: ``pad`` (image mean), ``resize`` or ``crop``."""
+
+    @classmethod
+    def load(cls, source: str, metadata: dict[str, Any] | None, *, model_kwargs: dict, device: str) -> ComposedVLM:
+        import medtune.models.medtune_vlm  # noqa: F401  (registers medtune_vlm with the Auto classes)
+        from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+        model = AutoModelForImageTextToText.from_pretrained(source, **model_kwargs).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        image_processor = AutoImageProcessor.from_pretrained(source)
+        # Rebuilt rather than read: a training checkpoint may carry no processor_config.json, and the numbers
+        # it needs are all in the model config and medtune.json.
+        processor = composed_processor(model.config, tokenizer, image_processor, metadata["image_token"],
+                                       metadata["image_tokens_per_image"])
+        return cls(model=model, tokenizer=tokenizer, image_processor=image_processor, processor=processor,
+                   template=metadata["template"], image_token=metadata["image_token"],
+                   image_token_id=model.config.image_token_id,
+                   image_tokens_per_image=metadata["image_tokens_per_image"], image_size=metadata["image_size"],
+                   pad_mode=metadata["pad_mode"], spec=metadata.get("spec"),
+                   sample_metadata=tuple(metadata.get("sample_metadata", ())))
+
+    # ---- samples -> model inputs ------------------------------------------------------------------------
+
+    def encode_tokens(self, sample, *, max_length: int, truncation: str = "text") -> dict[str, list]:
+        """input_ids / attention_mask / labels of a sample, without loading its images."""
+        from medtune.models.processing import (IGNORE_INDEX, SkipSample, expand_image_tokens, tokenize_segments,
+                                               truncate)
+        from medtune.models.templates import get_template, render_with_tokenizer, to_chat_messages
+
+        segments = render_with_tokenizer(get_template(self.template), to_chat_messages(sample), self.tokenizer,
+                                         image_token=self.image_token)
+        ids, trainable = tokenize_segments(segments, self.tokenizer)
+        n_placeholders, n_images = ids.count(self.image_token_id), len(sample.images)
+        if n_placeholders != n_images:
+            raise SkipSample("image token in text", f"{n_placeholders} image tokens for {n_images} images "
+                                                    f"(text must not contain {self.image_token!r})")
+        labels = [token if train else IGNORE_INDEX for token, train in zip(ids, trainable)]
+        if all(label == IGNORE_INDEX for label in labels):
+            raise SkipSample("no assistant reply")
+        ids, labels = expand_image_tokens(ids, labels, self.image_token_id, self.image_tokens_per_image)
+        ids, labels = truncate(ids, labels, self.image_token_id, max_length=max_length, truncation=truncation)
+        encoded = {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+        carried = self.carried_metadata(sample)
+        if carried is not None:
+            encoded["sample_metadata"] = carried
+        return encoded
+
+    def encode_sample(self, sample, image_root, *, max_length: int, truncation: str = "text",
+                      allowed_roots: Sequence = ()) -> dict[str, Any]:
+        encoded = self.encode_tokens(sample, max_length=max_length, truncation=truncation)
+        return self.inputs_from_tokens(encoded, sample.images, image_root, allowed_roots=allowed_roots)
+
+    def inputs_from_tokens(self, row: dict[str, Any], image_refs: list, image_root, *,
+                           allowed_roots: Sequence = ()) -> dict[str, Any]:
+        from medtune.models.processing import load_images
+
+        example = {"input_ids": row["input_ids"], "attention_mask": [1] * len(row["input_ids"]),
+                   "labels": row["labels"]}
+        if row.get("sample_metadata") is not None:
+            example["sample_metadata"] = row["sample_metadata"]
+        example["pixel_values"] = self.pixel_values(load_images(image_refs, image_root, allowed_roots=allowed_roots))
+        return example
+
+    def encode_prompt(self, messages: list[dict], images: list) -> dict[str, Any]:
+        import torch
+
+        from medtune.models.processing import expand_image_tokens, tokenize_segments
+        from medtune.models.templates import get_template, render_with_tokenizer
+
+        segments = render_with_tokenizer(get_template(self.template), messages, self.tokenizer,
+                                         add_generation_prompt=True, image_token=self.image_token)
+        ids, _ = tokenize_segments(segments, self.tokenizer)
+        places = ids.count(self.image_token_id)
+        if places != len(images):
+            raise ValueError(f"the conversation has {places} image places but {len(images)} images were given")
+        ids, _ = expand_image_tokens(ids, ids, self.image_token_id, self.image_tokens_per_image)
+        return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+                "pixel_values": self.pixel_values(images)}
+
+    def pixel_values(self, images: list):
+        """[n_images, 3, H, W] float tensor from PIL images, or None when there are none."""
+        if not images:
+            return None
+        squared = [self.square(image) for image in images]
+        return self.image_processor(images=squared, return_tensors="pt")["pixel_values"]
+
+    def square(self, image):
+        """The image made square with :attr:`pad_mode` (the processor then resizes and normalises it)."""
+        from medtune.models.processing import square_image
+
+        mean = getattr(self.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
+        return square_image(image, self.pad_mode, self.image_size, mean)
+
+    # ---- the token cache --------------------------------------------------------------------------------
+
+    def cache_settings(self) -> dict[str, Any]:
+        return {"template": self.template, "image_token": self.image_token,
+                "image_tokens_per_image": self.image_tokens_per_image, "pad_mode": self.pad_mode,
+                "image_size": self.image_size, "sample_metadata": list(self.sample_metadata)}
+
+    # ---- batches ----------------------------------------------------------------------------------------
+
+    def collator(self, *, packing: bool = False, max_length: int | None = None) -> Callable[[list], dict]:
+        from medtune.train.collate import KeepVisionBusy
+
+        return KeepVisionBusy(super().collator(packing=packing, max_length=max_length), self.image_token_id,
+                              self.image_tokens_per_image, self.image_size, self.tokenizer.pad_token_id)
+
+    # ---- templates and saving ---------------------------------------------------------------------------
+
+    def use_template(self, name: str) -> None:
+        from medtune.models.templates import get_template
+
+        jinja = get_template(name).jinja
+        self.template = name
+        self.tokenizer.chat_template = jinja
+        if self.processor is not None:
+            self.processor.chat_template = jinja
+
+    def metadata(self) -> dict[str, Any]:
+        return {**super().metadata(), "image_tokens_per_image": self.image_tokens_per_image,
+                "pad_mode": self.pad_mode}
+
+    # ---- what a person sees -----------------------------------------------------------------------------
+
+    def model_view(self, image):
+        from PIL import Image
+
+        squared = self.square(image.convert("RGB"))
+        return squared.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+
+    def describe(self) -> list[str]:
+        lines = super().describe()
+        projector = getattr(self.model.config, "projector_type", None) or "mlp2x_gelu"
+        lines.insert(-2, f"projector: {projector}; {self.image_tokens_per_image} image tokens per image, "
+                         f"pad mode {self.pad_mode}")
+        return lines
+
+
+def composed_processor(config, tokenizer, image_processor, image_token: str, tokens_per_image: int):
+    """The processor plain transformers prepares a composed model's inputs with: a LlavaProcessor for a Llava
+    model; None for medtune_vlm models (transformers has no processor class that knows their projector)."""
+    if config.model_type != "llava":
+        return None
+    return llava_processor(config, tokenizer, image_processor, image_token, tokens_per_image)
+
+
+def llava_processor(config, tokenizer, image_processor, image_token: str, tokens_per_image: int):
+    """A LlavaProcessor that expands ``image_token`` to exactly ``tokens_per_image`` tokens, so that
+    AutoProcessor in plain transformers prepares inputs the same way medtune does."""
+    from transformers import LlavaProcessor
+
+    patch_size = config.vision_config.patch_size
+    patches = (config.vision_config.image_size // patch_size) ** 2
+    # LlavaProcessor counts patches + num_additional_image_tokens, minus one for the "default" strategy.
+    dropped = 1 if config.vision_feature_select_strategy == "default" else 0
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                          vision_feature_select_strategy=config.vision_feature_select_strategy,
+                          chat_template=tokenizer.chat_template, image_token=image_token,
+                          num_additional_image_tokens=tokens_per_image - patches + dropped)
