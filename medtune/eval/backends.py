@@ -37,6 +37,8 @@ class Request:
     id: str
     messages: list[dict]
     settings: Settings = field(default_factory=Settings)
+    meta: dict = field(default_factory=dict)
+    """The question's sample metadata (modality, organ ...): a backend may report by it (never sent to a model)."""
 
     @property
     def images(self) -> list:
@@ -53,6 +55,9 @@ class Backend(Protocol):
 
     def answer(self, requests: Sequence[Request]) -> list[str]:
         """Answers in the order of ``requests``."""
+
+    def write_report(self, out_dir, *, suffix: str = "") -> list:
+        """Files a backend adds to a run's report (e.g. a local MoE model's expert usage); their paths."""
 
 
 def _strip_images(messages: list[dict]) -> list[dict]:
@@ -89,10 +94,15 @@ class LocalBackend:
             while stop < len(requests) and stop - start < self.batch_size and requests[stop].settings == settings:
                 stop += 1
             batch = requests[start:stop]
-            answers.extend(self.generator.generate(
-                [_strip_images(r.messages) for r in batch], [r.images for r in batch], settings))
+            conversations, images = [_strip_images(r.messages) for r in batch], [r.images for r in batch]
+            answers.extend(self.generator.generate(conversations, images, settings))
+            # a model kind that reports on its prompts (an MoE model: which expert each domain's tokens took)
+            self.vlm.observe_prompts(conversations, images, [r.meta for r in batch])
             start = stop
         return answers
+
+    def write_report(self, out_dir, *, suffix: str = "") -> list:
+        return self.vlm.write_eval_report(out_dir, suffix=suffix)
 
 
 def image_data_uri(image) -> str:

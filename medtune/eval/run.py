@@ -96,6 +96,7 @@ class RunResult:
     skipped: Tally = field(default_factory=Tally)  # questions skipped (image errors), with reasons
     predictions_path: Path | None = None           # the complete (merged) predictions file, once there is one
     score: object | None = None                    # medtune.eval.score.ScoreResult, once scored
+    extra_files: list = field(default_factory=list)  # what the backend added to the report (MoE expert usage)
 
     @property
     def questions_per_second(self) -> float:
@@ -134,6 +135,8 @@ def run_task(task: Task, backend: Backend, out_dir: str | os.PathLike, *, num_sh
                 result.answered += len(requests)
                 bar.update(len(requests))
     result.seconds = time.perf_counter() - started
+    suffix = f".shard{shard_index}" if num_shards > 1 else ""
+    result.extra_files = list(getattr(backend, "write_report", lambda out_dir, suffix: [])(out_dir, suffix=suffix))
     if result.skipped.n_skipped == 0:
         result.predictions_path = _merged_if_complete(out_dir, samples, num_shards, shard_mode)
     if score and result.predictions_path is not None:
@@ -211,7 +214,10 @@ def _request(task: Task, sample: Sample, settings: Settings, images: "_ImageCach
             raise bad from None
         skipped.skip_error(bad, "image cannot be loaded")
         return None
-    return Request(str(sample.id), messages, settings)
+    # what a backend may group its report by (modality, organ ...); never the answer
+    meta = {key: value for key, value in {**sample.meta.extra, **sample.meta.to_dict()}.items()
+            if key not in ("answer", "choices", "extra") and isinstance(value, (str, int, float))}
+    return Request(str(sample.id), messages, settings, meta=meta)
 
 
 class _ImageCache:

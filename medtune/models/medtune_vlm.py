@@ -63,8 +63,12 @@ class MedtuneVLMModel(LlavaModel):
         self.multi_modal_projector = build_projector(
             config.projector_type, config.vision_config.hidden_size, config.text_config.hidden_size,
             num_queries=config.projector_queries, num_heads=config.projector_heads)
-        self.language_model = AutoModel.from_config(config.text_config)
+        self.language_model = self.build_language_model(config)
         self.post_init()
+
+    def build_language_model(self, config: MedtuneVLMConfig):
+        """The decoder stack (a transformers base model from the text config); subclasses change its layers."""
+        return AutoModel.from_config(config.text_config)
 
 
 class MedtuneVLMForConditionalGeneration(LlavaForConditionalGeneration):

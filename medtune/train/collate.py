@@ -7,8 +7,9 @@ batch). A batch without any image carries no ``pixel_values`` key.
 
 Inputs are what a model kind's ``encode_sample`` returns (:mod:`medtune.models.kinds`): lists of ints for the
 token columns, tensors (or None) for the image columns, and, when the kind carries sample metadata, a
-``sample_metadata`` dict, which the batch keeps as a list in sample order (the model never sees it: the kind's
-training loss takes it out).
+``sample_metadata`` dict, which the batch keeps as a list in sample order, with ``sample_index`` ([B, L]: the
+sample each position holds, -1 for padding). The model never sees either: the kind's training loss takes them
+out.
 
 :class:`KeepVisionBusy` wraps a collator so that a batch without images still runs the vision tower. Under
 sharded training (FSDP, ZeRO-3) each rank must take part in the vision tower's all-gathers every step, and under
@@ -25,6 +26,7 @@ from typing import Any, Callable, Sequence
 IGNORE_INDEX = -100
 TOKEN_KEYS = ("input_ids", "attention_mask", "labels")
 SAMPLE_METADATA = "sample_metadata"
+SAMPLE_INDEX = "sample_index"
 
 
 def _image_columns(examples: Sequence[dict]) -> dict[str, Any]:
@@ -34,7 +36,7 @@ def _image_columns(examples: Sequence[dict]) -> dict[str, Any]:
     columns: dict[str, list] = {}
     for example in examples:
         for key, value in example.items():
-            if key in TOKEN_KEYS or key in ("position_ids", SAMPLE_METADATA) or value is None:
+            if key in TOKEN_KEYS or key in ("position_ids", SAMPLE_METADATA, SAMPLE_INDEX) or value is None:
                 continue
             if not isinstance(value, torch.Tensor):
                 continue  # bookkeeping columns (ids, lengths, image references) stay out of the batch
@@ -76,7 +78,10 @@ def pad_batch(examples: Sequence[dict], pad_token_id: int, *, padding_side: str 
     if has_labels:
         batch["labels"] = labels
     batch.update(_image_columns(examples))
-    batch.update(sample_metadata(examples))
+    carried = sample_metadata(examples)
+    if carried:
+        carried[SAMPLE_INDEX] = torch.where(attention_mask.bool(), torch.arange(len(examples))[:, None], -1)
+    batch.update(carried)
     return batch
 
 
@@ -143,5 +148,7 @@ def add_blank_image(batch: dict, image_token_id: int, tokens_per_image: int, ima
     if "position_ids" in batch:   # packed rows: the blank image is a sequence of its own
         positions = torch.arange(tokens_per_image).expand(rows, -1)
         out["position_ids"] = torch.cat([batch["position_ids"], positions], dim=1)
+    if SAMPLE_INDEX in batch:     # the blank image belongs to no sample
+        out[SAMPLE_INDEX] = torch.cat([batch[SAMPLE_INDEX], torch.full_like(extra_ids, -1)], dim=1)
     out["pixel_values"] = torch.zeros(1, 3, image_size, image_size)
     return out

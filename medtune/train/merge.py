@@ -50,8 +50,9 @@ def _merge_adapters(checkpoint: Path, out: Path, base: str | Path | None) -> Non
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    import medtune.models.medtune_vlm  # noqa: F401  (medtune_vlm models load through the Auto classes)
+    from medtune.models.registry import register_model_classes
 
+    register_model_classes()
     base = Path(base) if base is not None else _base_of(checkpoint)
     model = AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32)
     model = PeftModel.from_pretrained(model, str(checkpoint)).merge_and_unload()

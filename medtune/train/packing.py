@@ -33,7 +33,7 @@ from __future__ import annotations
 import bisect
 from typing import Any, Sequence
 
-from medtune.train.collate import IGNORE_INDEX, _image_columns, sample_metadata
+from medtune.train.collate import IGNORE_INDEX, SAMPLE_INDEX, _image_columns, sample_metadata
 
 STRATEGIES = ("best_fit", "greedy")
 ATTENTION_MODES = ("position_ids", "mask", "flatten")
@@ -147,7 +147,16 @@ def pack_rows(rows: Sequence[Sequence[dict]], pad_token_id: int, *, attention: s
         batch.update(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens,
                      max_length_q=int(lengths.max()), max_length_k=int(lengths.max()))
     batch.update(_image_columns(samples))
-    batch.update(sample_metadata(samples))   # in sample order: row by row, as the pixels
+    carried = sample_metadata(samples)   # in sample order: row by row, as the pixels
+    if carried:
+        index = torch.full((len(rows), longest), -1, dtype=torch.long)
+        first = 0
+        for r, row in enumerate(rows):
+            lengths = torch.tensor([len(sample["input_ids"]) for sample in row])
+            index[r, : int(lengths.sum())] = torch.repeat_interleave(torch.arange(first, first + len(row)), lengths)
+            first += len(row)
+        carried[SAMPLE_INDEX] = index
+    batch.update(carried)
     return batch
 
 

@@ -52,7 +52,7 @@ def apply_trainable_parts(vlm, model, lr: LearningRates, lora: LoraSpec | None =
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     if lora is not None:
-        whole = [part for part in vlm.parts if part != "llm" and getattr(lr, part) > 0]
+        whole = [part for part in ("projector", "vision") if getattr(lr, part) > 0]
         model = add_lora(vlm, model, lora, train_whole=whole)
     for name, parameter in model.named_parameters():
         part = vlm.part_of(name)
@@ -90,6 +90,7 @@ def add_lora(vlm, model, lora: LoraSpec, *, train_whole: list[str] = ()):
     scopes = [re.escape(vlm.module_of("llm", model))]
     if lora.on_vision:
         scopes.append(re.escape(vlm.module_of("vision", model)))
+    parameters = vlm.lora_parameter_targets() if lora.on_experts else []
     layers = "|".join(re.escape(name) for name in lora.target_modules)
     # A regex target confines adapters to the chosen parts: the projector's and vision tower's linear layers
     # often share names (fc1, linear_1, q_proj) with the LLM's.
@@ -97,8 +98,11 @@ def add_lora(vlm, model, lora: LoraSpec, *, train_whole: list[str] = ()):
     if not any(re.match(target, name) for name, _ in model.named_modules()):
         raise RecipeError(f"lora.target_modules: none of {lora.target_modules} is a layer of the model's "
                           "language model")
+    # Expert weights are fused 3-D parameters, not layers: PEFT adapts them through target_parameters (rank r
+    # per expert), which it supports without dropout only.
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target, bias="none",
+        target_parameters=parameters or None,
         modules_to_save=[vlm.module_of(part, model).split(".")[-1] for part in train_whole] or None,
     )
     return get_peft_model(model, config)
@@ -110,8 +114,9 @@ def load_quantized(base: str, bits: str, *, gradient_checkpointing: bool = False
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
-    import medtune.models.medtune_vlm  # noqa: F401  (medtune_vlm models load through the Auto classes)
+    from medtune.models.registry import register_model_classes
 
+    register_model_classes()
     config = BitsAndBytesConfig(
         load_in_4bit=bits == "4bit", load_in_8bit=bits == "8bit", bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16,

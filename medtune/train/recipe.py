@@ -32,6 +32,7 @@ from typing import Any, Literal
 import yaml
 
 from medtune.errors import RecipeError
+from medtune.models.moe_settings import MoESettings, RouterTraining   # plain Python, no torch
 
 
 @dataclass
@@ -55,6 +56,14 @@ class LearningRates:
     projector: float = 0.0   # the vision-to-language projector
     llm: float = 0.0         # the language model, fully fine-tuned (embeddings and head included)
     lora: float = 0.0        # the LoRA adapters (needs a `lora` section)
+    # mixture-of-experts models only (a stage with a `moe` section, or a model made by one):
+    experts: float = 0.0     # the routed experts and the shared expert of every MoE layer
+    router: float = 0.0      # the router (gate) of every MoE layer
+    ffn: float = 0.0         # the FFNs of the layers without experts (Med-MoE trains them in stage 3)
+
+
+PARTS = ("vision", "projector", "llm", "lora", "experts", "router", "ffn")
+MOE_PARTS = ("experts", "router", "ffn")
 
 
 @dataclass
@@ -68,6 +77,7 @@ class LoraSpec:
     target_modules: list[str] = field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     on_vision: bool = False                 # also adapt the vision tower's matching layers
+    on_experts: bool = False                # MoE models: adapters on every expert's fused weights too (rank r each)
     quantize: Literal["4bit", "8bit"] | None = None   # QLoRA: needs CUDA and bitsandbytes
 
 
@@ -94,6 +104,13 @@ class Stage:
     precision: Literal["fp32", "bf16"] = "fp32"
     gradient_checkpointing: bool = False
     template: str | None = None         # chat template for this stage; default: the recipe model's
+    # Mixture of experts: the FFNs of the chosen layers become experts before this stage trains (keys of
+    # medtune.models.moe_settings.MoESettings, plus `preset: default | med-moe` and `router: random | FILE |
+    # stage:NAME`, the router file a router stage of this recipe wrote).
+    moe: dict | None = None
+    # A router stage: instead of training the model, fit a domain classifier on its hidden states and save it as
+    # the router file an MoE stage loads (medtune.models.moe_settings.RouterTraining).
+    router: RouterTraining | None = None
     save_steps: int = 500
     eval_steps: int | None = None
     log_steps: int = 10
@@ -222,7 +239,15 @@ def _build(cls: type, data: Any, path: str):
             values[f.name] = _convert(data[f.name], hints[f.name], where)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise RecipeError(f"{where}: required key is missing")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except RecipeError:
+        raise
+    except ValueError as error:   # a section's own checks (__post_init__); "field: reason" names the key
+        field_name, _, reason = str(error).partition(": ")
+        known = {f.name for f in dataclasses.fields(cls)}
+        raise RecipeError(f"{_join(path, field_name)}: {reason}" if field_name in known and reason
+                          else f"{path}: {error}") from None
 
 
 def _convert(value: Any, hint: Any, path: str):
@@ -316,7 +341,15 @@ def validate(recipe: Recipe) -> None:
         _validate_data(stage.data, f"{where}.data")
         if stage.eval_data is not None:
             _validate_data(stage.eval_data, f"{where}.eval_data")
+        if stage.router is not None:
+            _validate_router_stage(stage, where)
+            continue
+        if stage.moe is not None:
+            _, router = moe_settings(stage, where)
+            if router.startswith("stage:"):
+                _check_router_stage_name(recipe, index, router.removeprefix("stage:"), f"{where}.moe.router")
         _validate_parts(stage, where)
+        _validate_moe_parts(recipe, index, where)
         _validate_loop(stage, where)
 
 
@@ -329,17 +362,71 @@ def _validate_data(data: DataSpec, where: str) -> None:
         raise RecipeError(f"{where}.limit: must be at least 1")
 
 
+def moe_settings(stage: Stage, where: str = "") -> tuple[MoESettings, str]:
+    """(settings, router source) of a stage's ``moe`` section: its preset with the section's keys on top."""
+    raw = dict(stage.moe or {})
+    prefix = f"{where}." if where else ""
+    preset, router = raw.pop("preset", "default"), raw.pop("router", "random")
+    if not isinstance(router, str) or not router:
+        raise RecipeError(f"{prefix}moe.router: expected random, a router file or stage:NAME, got {router!r}")
+    known = [f.name for f in dataclasses.fields(MoESettings)]
+    hints = typing.get_type_hints(MoESettings)
+    values = {}
+    for key, value in raw.items():
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known + ["preset", "router"], n=1)
+            hint = f" (did you mean {close[0]}?)" if close else f" (known: preset, router, {', '.join(known)})"
+            raise RecipeError(f"{prefix}moe.{key}: unknown key{hint}")
+        values[key] = _convert(value, hints[key], f"{prefix}moe.{key}")
+    try:
+        return MoESettings.preset(str(preset), **values), router
+    except ValueError as error:   # the message starts with the key ("moe.num_experts: ...")
+        raise RecipeError(f"{prefix}{error}") from None
+
+
+def _check_router_stage_name(recipe: Recipe, index: int, name: str, where: str) -> None:
+    earlier = {s.name: s for s in recipe.stages[:index]}
+    if name not in earlier or earlier[name].router is None:
+        routers = [s.name for s in recipe.stages[:index] if s.router is not None]
+        raise RecipeError(f"{where}: no router stage {name!r} before this stage "
+                          f"(router stages before it: {', '.join(routers) or 'none'})")
+
+
+def _validate_router_stage(stage: Stage, where: str) -> None:
+    for key in ("moe", "lora"):
+        if getattr(stage, key) is not None:
+            raise RecipeError(f"{where}.{key}: a router stage trains only the router; remove {key}")
+    if any(getattr(stage.lr, part) for part in PARTS):
+        raise RecipeError(f"{where}.lr: a router stage trains no part of the model (its own rate is router.lr); "
+                          "remove lr")
+    if stage.packing:
+        raise RecipeError(f"{where}.packing: a router stage reads one sample at a time; remove packing")
+
+
+def _validate_moe_parts(recipe: Recipe, index: int, where: str) -> None:
+    """Experts, router and dense-FFN rates need a model with experts: this stage or an earlier one makes them."""
+    stage = recipe.stages[index]
+    asked = [part for part in MOE_PARTS if getattr(stage.lr, part) > 0]
+    made = any(s.moe is not None for s in recipe.stages[:index + 1])
+    if asked and not made and isinstance(recipe.model, dict):
+        raise RecipeError(f"{where}.lr.{asked[0]}: the model has no experts yet; add a moe section to this "
+                          "stage (or an earlier one) to make them")
+    if stage.lora is not None and stage.lora.on_experts and not made and isinstance(recipe.model, dict):
+        raise RecipeError(f"{where}.lora.on_experts: the model has no experts; add a moe section")
+
+
 def _validate_parts(stage: Stage, where: str) -> None:
     lr = stage.lr
-    for part in ("vision", "projector", "llm", "lora"):
+    for part in PARTS:
         if getattr(lr, part) < 0:
             raise RecipeError(f"{where}.lr.{part}: a learning rate cannot be negative (0 freezes the part)")
+    trained = [part for part in PARTS if part != "lora" and getattr(lr, part) > 0]
     if stage.lora is None:
         if lr.lora > 0:
             raise RecipeError(f"{where}.lr.lora: set to {lr.lora} but the stage has no lora section")
-        if lr.vision == lr.projector == lr.llm == 0:
-            raise RecipeError(f"{where}.lr: every part is frozen (vision, projector and llm are 0); "
-                              "give at least one part a learning rate")
+        if not trained:
+            raise RecipeError(f"{where}.lr: every part is frozen ({', '.join(p for p in PARTS if p != 'lora')} "
+                              "are 0); give at least one part a learning rate")
         return
     lora = stage.lora
     if lr.lora <= 0:
@@ -356,6 +443,16 @@ def _validate_parts(stage: Stage, where: str) -> None:
         raise RecipeError(f"{where}.lora.dropout: must be in [0, 1)")
     if not lora.target_modules:
         raise RecipeError(f"{where}.lora.target_modules: name at least one layer")
+    whole_moe = [part for part in MOE_PARTS if getattr(lr, part) > 0 and not (part == "experts" and lora.on_experts)]
+    if whole_moe:
+        raise RecipeError(f"{where}.lr.{whole_moe[0]}: a LoRA stage trains the projector and vision tower whole "
+                          "beside the adapters, not the MoE parts; use lora.on_experts for the experts, or a stage "
+                          "without lora")
+    if lora.on_experts and lora.dropout:
+        raise RecipeError(f"{where}.lora.dropout: LoRA on fused expert weights (on_experts) has no dropout "
+                          "(PEFT's target_parameters); set dropout to 0")
+    if lora.on_experts and lr.experts > 0:
+        raise RecipeError(f"{where}.lr.experts: the experts get LoRA (lora.on_experts), so lr.experts must be 0")
 
 
 def _validate_loop(stage: Stage, where: str) -> None:
@@ -524,6 +621,13 @@ def make_tiny(raw: dict) -> dict:
         stage.pop("eval_steps", None)
         if isinstance(stage.get("lora"), dict):
             stage["lora"] = {**stage["lora"], "r": 4, "alpha": 8, "quantize": None}
+        if isinstance(stage.get("router"), dict):   # VQA-RAD labels organs (HEAD, CHEST, ABD), not modalities
+            router = stage["router"]
+            experts = router.get("num_experts") or len(router.get("classes") or []) or None
+            stage["router"] = {**router, "label": "organ", "classes": [], "epochs": 5, "num_experts": experts}
+        if isinstance(stage.get("moe"), dict) and not str(stage["moe"].get("router", "random")).startswith(
+                ("random", "stage:")):
+            stage["moe"] = {**stage["moe"], "router": "random"}   # a router file of the real run is not here
     return raw
 
 

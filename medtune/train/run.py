@@ -16,7 +16,13 @@ Layout of a run::
     OUTPUT/stage-0-align/model/          the stage's result, a plain checkpoint (LoRA merged) stage 1 starts from
     OUTPUT/stage-0-align/adapter/        the LoRA adapters (LoRA stages only)
     OUTPUT/stage-0-align/metrics.jsonl   one line per logging step; summary.json at the end
+    OUTPUT/stage-2-router/router.*       a router stage's router file and report (no model/: the next stage
+                                         starts from the last stage that wrote one)
+    OUTPUT/stage-3-moe/routing.*         MoE stages: expert usage per domain (the kind's stage report)
     OUTPUT/summary.json                  all stages
+
+A stage with a ``moe`` section first gives the model experts (``vlm.with_experts``: the FFNs of the chosen
+layers upcycled, the router from a file, a router stage of the recipe, or random) and then trains as any stage.
 
 A stage whose ``model/`` exists is finished; ``--resume`` skips it and continues an unfinished stage from its
 newest complete checkpoint. Without ``--resume`` an existing stage directory is an error, never overwritten.
@@ -61,6 +67,7 @@ class StageResult:
     last_checkpoint: str | None = None
     trainable: dict = field(default_factory=dict)
     resumed_from: str | None = None
+    router: dict | None = None
     already_done: bool = False
 
     def line(self) -> str:
@@ -69,6 +76,11 @@ class StageResult:
         skipped = sum(self.skipped.values())
         reasons = ", ".join(f"{n} {reason}" for reason, n in self.skipped.items())
         loss = f"{self.train_loss:.4f}" if self.train_loss is not None else "-"
+        if self.router is not None:
+            return (f"stage {self.stage}: router on {self.samples} samples ({', '.join(self.router['classes'])}), "
+                    f"held-out accuracy {self.router['accuracy']:.1%} (majority class "
+                    f"{self.router['majority_accuracy']:.1%}), {skipped} samples skipped"
+                    f"{f' ({reasons})' if reasons else ''}, {self.seconds:.1f}s; router: {self.router['file']}")
         return (f"stage {self.stage}: {self.steps} steps, {self.samples} samples, {self.tokens:,} tokens, "
                 f"{skipped} samples skipped{f' ({reasons})' if reasons else ''}, loss {loss}, "
                 f"{self.seconds:.1f}s; model: {self.model_dir}; last checkpoint: {self.last_checkpoint or '-'}")
@@ -97,14 +109,18 @@ def run_stage(recipe: Recipe, index: int, *, resume: bool = False) -> StageResul
 
     stage = recipe.stages[index]
     directory = stage_dir(recipe.output_dir, index, stage)
-    if (directory / MODEL_DIR).is_dir():
+    if _is_finished(stage, directory):
         if not resume:
             raise RecipeError(f"stage {stage.name} already finished in {directory}; pass --resume to skip "
                               "finished stages, or choose another --output")
         return _finished(stage, directory)
+    if stage.router is not None:
+        return run_router_stage(recipe, index)
     resume_from = _resume_point(directory, stage, resume)
     vlm, base_path = load_stage_model(recipe, index)
     _apply_template(vlm, stage.template or home_template(recipe), stage.name)
+    if stage.moe is not None:
+        vlm, base_path = _with_experts(recipe, index, vlm), None   # the upcycled model is not on disk yet
     dataset, eval_dataset, tally = _stage_data(recipe, stage, vlm)
     model = _trainable_model(vlm, stage, base_path, directory)
     rows = training_rows(dataset, packing=stage.packing, max_length=stage.max_length)
@@ -116,10 +132,75 @@ def run_stage(recipe: Recipe, index: int, *, resume: bool = False) -> StageResul
     result = _stage_result(stage, directory, vlm, trainer, output, dataset, tally, resume_from,
                            seconds=time.monotonic() - started)
     if is_main_process():
+        vlm.write_stage_report(directory)
         write_json(directory / "summary.json", result.__dict__)
         print(result.line(), flush=True)
     return result
 
+
+def _is_finished(stage: Stage, directory: Path) -> bool:
+    """A training stage is finished once its model/ exists; a router stage once its router and summary do."""
+    from medtune.train.router import ROUTER_FILE
+
+    if stage.router is not None:
+        return (directory / ROUTER_FILE).is_file() and (directory / "summary.json").is_file()
+    return (directory / MODEL_DIR).is_dir()
+
+
+def run_router_stage(recipe: Recipe, index: int) -> StageResult:
+    """Fit a router on the current model's hidden states (see medtune.train.router); the model is not changed."""
+    from medtune.data.jsonl import Tally
+    from medtune.train.data import iter_stage_samples
+    from medtune.train.router import ROUTER_FILE, train_router
+
+    stage = recipe.stages[index]
+    directory = stage_dir(recipe.output_dir, index, stage)
+    started = time.monotonic()
+    vlm, model_path = load_stage_model(recipe, index)
+    vlm.model.eval()
+    tally = Tally()
+    result = StageResult(stage=stage.name, model_dir=str(model_path or "-"))
+    if is_main_process():
+        with checkpoints.atomic_directory(directory) as staging:
+            report = train_router(vlm, iter_stage_samples(stage.data, tally, seed=recipe.seed), stage.router,
+                                  staging, tally=tally, strict=stage.data.strict)
+            result.samples, result.seconds = report["train"]["samples"], time.monotonic() - started
+            result.skipped, result.skipped_examples = dict(tally.skipped), dict(tally.examples)
+            result.router = {"file": str(directory / ROUTER_FILE), "accuracy": report["accuracy"],
+                             "majority_accuracy": report["majority_accuracy"], "classes": report["classes"]}
+            write_json(staging / "summary.json", result.__dict__)
+        print(result.line(), flush=True)
+    barrier()
+    return result
+
+
+def _with_experts(recipe: Recipe, index: int, vlm):
+    """The stage's model with experts: its moe settings, and the router its ``moe.router`` names."""
+    from medtune.models.moe import load_router
+    from medtune.train.recipe import moe_settings
+    from medtune.train.router import ROUTER_FILE, read_report
+
+    stage = recipe.stages[index]
+    settings, router = moe_settings(stage, f"stages[{index}]")
+    router_state, domain_field = None, "modality"
+    if router.startswith("stage:"):
+        name = router.removeprefix("stage:")
+        source = next(i for i, s in enumerate(recipe.stages) if s.name == name)
+        router_dir = stage_dir(recipe.output_dir, source, recipe.stages[source])
+        if not (router_dir / ROUTER_FILE).is_file():
+            raise RecipeError(f"stage {stage.name}: moe.router names stage {name}, whose router is not at "
+                              f"{router_dir / ROUTER_FILE}; run that stage first (--start-stage {source})")
+        router, domain_field = str(router_dir / ROUTER_FILE), read_report(router_dir)["label"]
+    if router != "random":
+        router_state = load_router(router)
+        rows = router_state["weight"].shape[0]
+        if rows != settings.num_experts:
+            raise RecipeError(f"stages[{index}].moe.num_experts: {settings.num_experts}, but the router {router} "
+                              f"has {rows} experts")
+    try:
+        return vlm.with_experts(settings, router_state=router_state, domain_field=domain_field)
+    except ValueError as error:
+        raise RecipeError(f"stages[{index}].moe: {error}") from None
 
 def _stage_data(recipe: Recipe, stage: Stage, vlm):
     """(train dataset, eval dataset or None, tally of the training data)."""
@@ -202,15 +283,18 @@ def _resume_point(directory: Path, stage: Stage, resume: bool) -> Path | None:
 
 
 def load_stage_model(recipe: Recipe, index: int):
-    """(VLM, path it was loaded from or None): stage 0 builds or loads ``recipe.model``; stage n loads n-1's."""
+    """(VLM, path it was loaded from or None): the last earlier training stage's model, else ``recipe.model``
+    (built or loaded)."""
     from medtune.models.build import ModelSpec, build_vlm, load_vlm
 
-    if index > 0:
-        previous = stage_dir(recipe.output_dir, index - 1, recipe.stages[index - 1]) / MODEL_DIR
+    # the last earlier stage that wrote a model (router stages only read theirs)
+    source = next((i for i in range(index - 1, -1, -1) if recipe.stages[i].router is None), None)
+    if source is not None:
+        previous = stage_dir(recipe.output_dir, source, recipe.stages[source]) / MODEL_DIR
         if not previous.is_dir():
             raise RecipeError(f"stage {recipe.stages[index].name} starts from stage "
-                              f"{recipe.stages[index - 1].name}'s model, which is not at {previous}; run stage "
-                              f"{index - 1} first (--start-stage {index - 1})")
+                              f"{recipe.stages[source].name}'s model, which is not at {previous}; run stage "
+                              f"{source} first (--start-stage {source})")
         return load_vlm(previous), previous
     if isinstance(recipe.model, str):
         return load_vlm(recipe.model), recipe.model

@@ -122,7 +122,7 @@ def test_the_labelled_positions_loss_equals_the_full_loss_and_gradients(vlm, roo
         torch.testing.assert_close(fast[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
     # and the full loss is the model's own
     with torch.no_grad():
-        own = model(**{k: v for k, v in batch.items() if k != "sample_metadata"},
+        own = model(**{k: v for k, v in batch.items() if k not in ("sample_metadata", "sample_index")},
                     **({"num_items_in_batch": num_items} if num_items else {})).loss
     torch.testing.assert_close(full[0], own)
 
@@ -167,12 +167,19 @@ def test_metadata_survives_the_token_cache_padding_and_packing(routed, root, tmp
         assert [rows[i]["sample_metadata"] for i in range(len(rows))] == [_expected(s) for s in SAMPLES]
     padded = routed.collator()([rows[i] for i in range(len(rows))])
     assert padded["sample_metadata"] == [_expected(s) for s in SAMPLES]
+    # sample_index says which sample each position holds: row r is sample r, padding and the blank image -1
+    real = padded["attention_mask"].bool()
+    assert torch.equal(padded["sample_index"], torch.where(real, torch.arange(len(SAMPLES))[:, None], -1))
     packed_rows = PackedDataset(rows, 200, lengths=rows.lengths)
     features = [packed_rows[i] for i in range(len(packed_rows))]
     packed = routed.collator(packing=True, max_length=200)(features)
     order = [i for row in packed_rows.rows for i in row]
     assert sorted(order) == list(range(len(SAMPLES))) and order != list(range(len(SAMPLES)))
     assert packed["sample_metadata"] == [_expected(SAMPLES[i]) for i in order]
+    # in packed rows each sample's positions carry its place in that order; the padding tail carries -1
+    for place, sample in enumerate(order):
+        assert int((packed["sample_index"] == place).sum()) == rows.lengths[sample]
+    assert int((packed["sample_index"] >= 0).sum()) == sum(rows.lengths)
 
 
 def test_metadata_changes_the_cache_key_and_never_reaches_the_model(vlm, routed, root):
@@ -187,13 +194,15 @@ def test_metadata_changes_the_cache_key_and_never_reaches_the_model(vlm, routed,
     try:
         with torch.no_grad():
             with_metadata, _ = routed.training_loss(routed.model, batch)
-            without, _ = vlm.training_loss(vlm.model, {k: v for k, v in batch.items() if k != "sample_metadata"})
+            without, _ = vlm.training_loss(vlm.model, {k: v for k, v in batch.items()
+                                                       if k not in ("sample_metadata", "sample_index")})
     finally:
         handle.remove()
-    assert all("sample_metadata" not in keys for keys in calls)
+    assert all(not {"sample_metadata", "sample_index"} & keys for keys in calls)
     assert torch.equal(with_metadata, without)
 
 
 def test_a_model_without_metadata_carries_none(vlm, root):
     encoded = vlm.encode_sample(SAMPLES[0], root, max_length=256)
-    assert "sample_metadata" not in encoded and "sample_metadata" not in vlm.collator()([encoded])
+    batch = vlm.collator()([encoded])
+    assert "sample_metadata" not in encoded and not {"sample_metadata", "sample_index"} & set(batch)

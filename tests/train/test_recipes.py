@@ -9,7 +9,6 @@ import torch
 from medtune.paths import project_root
 from medtune.train.recipe import load_recipe
 from medtune.train.run import run_recipe, stage_dir
-from train_helpers import part_of
 
 RECIPES = sorted(p.stem for p in (project_root() / "recipes").glob("*.yaml") if p.stem != "mix-example")
 
@@ -18,10 +17,10 @@ def test_the_seed_recipes_are_shipped():
     assert {"demo", "llava-med", "pathchat", "gmai-vl", "med-moe"} <= set(RECIPES)
 
 
-def parameters_by_part(model) -> dict[str, dict[str, torch.Tensor]]:
+def parameters_by_part(vlm) -> dict[str, dict[str, torch.Tensor]]:
     parts: dict[str, dict[str, torch.Tensor]] = {}
-    for name, parameter in model.named_parameters():
-        parts.setdefault(part_of(name), {})[name] = parameter.detach().clone()
+    for name, parameter in vlm.model.named_parameters():
+        parts.setdefault(vlm.part_of(name), {})[name] = parameter.detach().clone()
     return parts
 
 
@@ -30,7 +29,15 @@ def initial_model(recipe):
     from medtune.models.build import build_vlm
 
     settings = dict(recipe.model)
-    return build_vlm(preset_spec(settings.pop("preset"), **settings)).model
+    return build_vlm(preset_spec(settings.pop("preset"), **settings))
+
+
+def upcycled(recipe, index, previous_model_dir):
+    """What a moe stage starts from: the previous model with experts made as the stage makes them."""
+    from medtune.models.build import load_vlm
+    from medtune.train.run import _with_experts
+
+    return _with_experts(recipe, index, load_vlm(previous_model_dir))
 
 
 @pytest.mark.slow
@@ -43,12 +50,19 @@ def test_recipe_runs_tiny_and_trains_only_its_parts(name, tmp_path):
                          [f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", "report_to=[none]"],
                          tiny=True)
     results = run_recipe(recipe)
-    assert [r.steps for r in results] == [2] * len(recipe.stages)
+    assert [r.steps for r in results] == [0 if s.router is not None else 2 for s in recipe.stages]
     before = parameters_by_part(initial_model(recipe))
+    previous = None
     for index, stage in enumerate(recipe.stages):
         directory = stage_dir(recipe.output_dir, index, stage)
+        if stage.router is not None:   # a router stage writes a router file and leaves the model as it was
+            assert (directory / "router.safetensors").is_file() and not (directory / "model").exists()
+            continue
+        if stage.moe is not None:
+            before = parameters_by_part(upcycled(recipe, index, previous))
         vlm = load_vlm(directory / "model")
-        after = parameters_by_part(vlm.model)
+        after = parameters_by_part(vlm)
+        assert set(after) == set(before), f"{name} stage {stage.name}: parts {sorted(after)} vs {sorted(before)}"
         for part, tensors in after.items():
             changed = [n for n, t in tensors.items() if not torch.equal(t, before[part][n])]
             if getattr(stage.lr, part) > 0:
@@ -60,4 +74,4 @@ def test_recipe_runs_tiny_and_trains_only_its_parts(name, tmp_path):
         assert vlm.tokenizer.chat_template == get_template(expected_template).jinja
         summary = json.loads((directory / "summary.json").read_text())
         assert summary["steps"] == 2 and summary["tokens"] > 0
-        before = after
+        before, previous = after, directory / "model"

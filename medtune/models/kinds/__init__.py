@@ -8,6 +8,8 @@ composed    vision tower + projector + LLM built by medtune   ids with N image-t
                                                                                                  llm (+lora)
 native      a transformers VLM medtune did not compose        its own processor's outputs        the same,
             (Idefics3 / SmolVLM, llava-hf, Qwen2-VL ...)      (in memory)                        by module
+moe         composed, with every k-th FFN upcycled to         as composed, + the domain field    + experts,
+            experts + shared expert + router                  (routing statistics)               router, ffn
 ==========  ================================================  =================================  ==========
 
 The interface every kind implements is :class:`medtune.models.kinds.base.VLM` (its docstring lists the
@@ -24,6 +26,7 @@ from medtune.models.kinds.base import MEDTUNE_FILE, NATIVE_TEMPLATE, VLM
 KINDS = {
     "composed": "medtune.models.kinds.composed:ComposedVLM",
     "native": "medtune.models.kinds.native:NativeVLM",
+    "moe": "medtune.models.kinds.moe:MoEVLM",
 }
 DEFAULT_KIND = "composed"   # medtune.json files written before kinds were recorded are composed models
 

@@ -28,7 +28,8 @@ Design choices:
 * Sample metadata a later stage needs (a domain router needs the image's modality) is named in
   :attr:`VLM.sample_metadata`; it then travels with each encoded sample, through the token cache, collation and
   packing, as the batch's ``sample_metadata`` list (one dict per sample, in the order samples appear in the
-  batch). :meth:`VLM.training_loss` takes it out before the model's forward, so a model never sees it.
+  batch) with ``sample_index`` ([B, L]: the sample each position holds, -1 for padding).
+  :meth:`VLM.training_loss` takes both out before the model's forward, so a model never sees them.
 * Exact speed-ups change time, never results: the default loss computes the LM head only at positions that
   carry a label (``logits_to_keep`` with a boolean mask) and gives the loss of the full forward pass.
 """
@@ -45,6 +46,7 @@ from medtune.models.processing import IGNORE_INDEX
 MEDTUNE_FILE = "medtune.json"
 NATIVE_TEMPLATE = "native"
 SAMPLE_METADATA = "sample_metadata"   # the batch key that carries :attr:`VLM.sample_metadata`
+SAMPLE_INDEX = "sample_index"         # [B, L]: which sample of the batch each position holds (-1: padding)
 LORA_COMPONENTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
 
@@ -128,9 +130,7 @@ class VLM(ABC):
         """The :attr:`sample_metadata` fields of ``sample`` (None when the kind carries none)."""
         if not self.sample_metadata:
             return None
-        meta = sample.meta
-        return {key: getattr(meta, key) if hasattr(meta, key) and key != "extra" else meta.extra.get(key)
-                for key in self.sample_metadata}
+        return {key: metadata_value(sample.meta, key) for key in self.sample_metadata}
 
     # ---- batches ----------------------------------------------------------------------------------------
 
@@ -177,13 +177,38 @@ class VLM(ABC):
         With ``num_items_in_batch`` the loss is the sum over labelled tokens divided by it (Trainer's gradient
         accumulation), else the mean, exactly as the model's own loss.
         """
-        inputs = {key: value for key, value in inputs.items() if key != SAMPLE_METADATA}
+        inputs = {key: value for key, value in inputs.items() if key not in (SAMPLE_METADATA, SAMPLE_INDEX)}
         speedups = self.exact_speedups() if speedups is None else speedups
         labels = inputs.get("labels")
         if not speedups.labelled_positions_head or labels is None:
             outputs = model(**inputs, **_loss_kwargs(num_items_in_batch))
             return outputs.loss, outputs
         return labelled_positions_loss(model, inputs, num_items_in_batch)
+
+    # ---- other kinds made from this one, and stage reports --------------------------------------------------
+
+    def with_experts(self, settings, *, router_state: dict | None = None, domain_field: str = "modality") -> VLM:
+        """This model with mixture-of-experts layers (upcycled from its FFNs), as the ``moe`` kind."""
+        raise ValueError(f"a {self.kind} model cannot be given experts (upcycling works on composed models)")
+
+    def decoder_layers(self):
+        """The language model's decoder layers (the router stage hooks an FFN's input)."""
+        raise ValueError(f"medtune does not know the decoder layers of a {self.kind} model")
+
+    def lora_parameter_targets(self) -> list[str]:
+        """Parameter names (not modules) LoRA may adapt beside the linear layers, e.g. fused expert weights."""
+        raise ValueError(f"a {self.kind} model has no expert weights for LoRA (lora.on_experts)")
+
+    def write_stage_report(self, directory: str | Path) -> None:
+        """What the kind adds to a training stage's outputs (e.g. routing statistics); nothing by default."""
+
+    def observe_prompts(self, conversations: list, images: list, metadata: list[dict]) -> None:
+        """Called by the local eval backend with each batch it answered (and the questions' metadata), for a
+        kind that reports on its prompts (an MoE model: which expert each domain's tokens went to)."""
+
+    def write_eval_report(self, out_dir: str | Path, *, suffix: str = "") -> list[Path]:
+        """Files the kind adds to an evaluation run's report (paths); nothing by default."""
+        return []
 
     # ---- templates --------------------------------------------------------------------------------------
 
@@ -246,6 +271,13 @@ class VLM(ABC):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+
+def metadata_value(meta, key: str):
+    """A metadata field by name: a canonical field (modality, organ ...), else a key of ``meta.extra`` (formats
+    keep the fields they do not map there)."""
+    value = getattr(meta, key, None) if key != "extra" else None
+    return value if value is not None else meta.extra.get(key)
 
 
 # ---- the labelled-positions loss --------------------------------------------------------------------------

@@ -35,8 +35,11 @@ class ComposedVLM(VLM):
 
     @classmethod
     def load(cls, source: str, metadata: dict[str, Any] | None, *, model_kwargs: dict, device: str) -> ComposedVLM:
-        import medtune.models.medtune_vlm  # noqa: F401  (registers medtune_vlm with the Auto classes)
         from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+        from medtune.models.registry import register_model_classes
+
+        register_model_classes()
 
         model = AutoModelForImageTextToText.from_pretrained(source, **model_kwargs).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -138,6 +141,15 @@ class ComposedVLM(VLM):
 
         return KeepVisionBusy(super().collator(packing=packing, max_length=max_length), self.image_token_id,
                               self.image_tokens_per_image, self.image_size, self.tokenizer.pad_token_id)
+
+    def decoder_layers(self):
+        """The LLM's decoder layers (each with ``self_attn`` and ``mlp``), e.g. for hooks on an FFN's input."""
+        return self.model.model.language_model.layers
+
+    def with_experts(self, settings, *, router_state: dict | None = None, domain_field: str = "modality"):
+        from medtune.models.kinds import kind_class
+
+        return kind_class("moe").from_dense(self, settings, router_state=router_state, domain_field=domain_field)
 
     # ---- templates and saving ---------------------------------------------------------------------------
 

@@ -1,0 +1,92 @@
+"""The MoE kind: a composed model upcycled to experts keeps its outputs (preserving init), saves and loads as
+its own kind without DeepSpeed or a process group, and assigns every parameter to vision / projector / llm /
+ffn / experts / router."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from medtune.models.build import build_vlm, load_vlm  # noqa: E402
+from medtune.models.kinds.base import MEDTUNE_FILE  # noqa: E402
+from medtune.models.moe_settings import MoESettings  # noqa: E402
+from medtune.models.presets import tiny_spec  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def _inputs(vlm, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    n = vlm.image_tokens_per_image
+    ids = torch.randint(5, len(vlm.tokenizer) - 1, (2, 20), generator=generator)
+    ids[:, 1:1 + n] = vlm.image_token_id
+    pixels = torch.rand(2, 3, vlm.image_size, vlm.image_size, generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+
+
+def _logits(vlm, inputs):
+    with torch.no_grad():
+        return vlm.model.eval()(**inputs).logits
+
+
+@pytest.fixture
+def dense():
+    return build_vlm(tiny_spec())
+
+
+def test_preserving_upcycling_keeps_the_dense_logits_and_faithful_does_not(dense):
+    inputs = _inputs(dense)
+    reference = _logits(dense, inputs)
+    moe = build_vlm(tiny_spec()).with_experts(MoESettings(init="preserving", layers="dense"))
+    assert moe.kind == "moe" and moe.model.config.moe_layers == list(range(len(moe.decoder_layers())))
+    assert torch.equal(_logits(moe, inputs), reference)
+    faithful = build_vlm(tiny_spec()).with_experts(MoESettings.preset("med-moe"))
+    assert not torch.allclose(_logits(faithful, inputs), reference, atol=1e-4)
+
+
+def test_a_saved_moe_model_loads_as_the_moe_kind_with_identical_logits(dense, tmp_path):
+    moe = dense.with_experts(MoESettings.preset("med-moe", layers=[0]), router_state=None)
+    moe.save(tmp_path)
+    assert json.loads((tmp_path / MEDTUNE_FILE).read_text())["kind"] == "moe"
+    loaded = load_vlm(tmp_path)
+    assert loaded.kind == "moe" and loaded.settings == moe.settings
+    inputs = _inputs(moe, seed=1)
+    assert torch.equal(_logits(loaded, inputs), _logits(moe, inputs))
+    # experts are stored one by one, as released MoE checkpoints are
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as handle:
+        keys = list(handle.keys())
+    assert any(".mlp.experts.3." in key for key in keys) and not any(k.endswith("experts.gate_up_proj")
+                                                                    for k in keys)
+
+
+def test_every_parameter_has_a_part_and_the_moe_parts_are_the_right_ones(dense):
+    moe = dense.with_experts(MoESettings(layers=[0]))
+    by_part = {}
+    for name, _ in moe.model.named_parameters():
+        by_part.setdefault(moe.part_of(name), []).append(name)
+    assert set(by_part) == {"vision", "projector", "llm", "ffn", "experts", "router"}
+    assert all(".layers.0.mlp.gate." in n for n in by_part["router"])
+    assert all(".layers.0.mlp." in n for n in by_part["experts"])
+    assert all(".mlp." in n and ".layers.0." not in n for n in by_part["ffn"])
+    assert not any(".mlp." in n for n in by_part["llm"] if "language_model" in n)
+    # the vision tower's MLPs stay vision
+    assert any(".mlp." in n for n in by_part["vision"])
+
+
+def test_moe_settings_that_differ_from_the_model_s_are_refused(dense):
+    moe = dense.with_experts(MoESettings(layers=[0]))
+    assert moe.with_experts(MoESettings(layers=[0])) is moe
+    with pytest.raises(ValueError, match="already has experts, made with other moe settings"):
+        moe.with_experts(MoESettings(layers=[0], num_experts=2))
+
+
+def test_a_native_model_cannot_be_given_experts(tmp_path, dense):
+    dense.model.save_pretrained(tmp_path)
+    dense.processor.save_pretrained(tmp_path)
+    native = load_vlm(tmp_path)
+    with pytest.raises(ValueError, match="a native model cannot be given experts"):
+        native.with_experts(MoESettings())
