@@ -28,6 +28,7 @@ def register(subparsers) -> None:
     info = verbs.add_parser("info", help="describe a saved VLM: parts, parameters, template, image tokens")
     info.add_argument("path", help="a checkpoint folder (or hub name)")
     info.set_defaults(func=run_info)
+    _add_tokenize_images(subparsers)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -88,4 +89,68 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"{args.path}: {type(vlm.model).__name__}, {vlm.num_parameters():,} parameters, dtype {vlm.model.dtype}")
     for line in vlm.describe():
         print(f"  {line}")
+    return 0
+
+
+def _add_tokenize_images(subparsers) -> None:
+    """``medtune tokenize-images``: see medtune/models/tokenize_images.py for the design."""
+    parser = subparsers.add_parser(
+        "tokenize-images", help="turn every image of a dataset into VQ codes (Parquet), sharded and resumable",
+        description="Encode each image reference of INPUT (a data file, a CSV with an img_path/image_path/image/"
+                    "path column, or a folder of images) with MODEL's own VQ image tokenizer (Chameleon/Anole, "
+                    "Emu3, Janus) and write OUT (Parquet: id, image_index, image, codes). Shards by sample id "
+                    "(--num-shards/--shard-index or torchrun); a rerun resumes; the last shard to finish writes "
+                    "OUT. Unreadable images are reported and counted, never replaced.")
+    parser.add_argument("input", metavar="INPUT", nargs="?", help="data file, CSV or folder of images")
+    parser.add_argument("output", metavar="OUT", nargs="?", help="output Parquet file (written atomically)")
+    parser.add_argument("--model", metavar="PATH", help="checkpoint folder or hub name of a Chameleon/Anole, "
+                                                        "Emu3 or Janus model")
+    parser.add_argument("--format", metavar="FMT", help="INPUT's format: canonical (default for files), csv, "
+                                                        "folder, or any medtune data format")
+    parser.add_argument("--image-root", metavar="DIR", help="folder image paths are relative to")
+    parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per encoder call (16)")
+    parser.add_argument("--num-shards", type=int, default=1, metavar="N", help="processes sharing the work")
+    parser.add_argument("--shard-index", type=int, default=0, metavar="I", help="this process's shard (0..N-1)")
+    parser.add_argument("--chunk-rows", type=int, default=1024, metavar="N",
+                        help="rows per flushed part file: what a kill can lose (1024)")
+    parser.add_argument("--device", default=None, help="where the VQ runs (default: this rank's GPU, else cpu)")
+    parser.add_argument("--medmax", action="store_true", help="write MedMax's columns: img_path, img_tokens")
+    parser.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
+    parser.add_argument("--merge", action="store_true",
+                        help="only merge finished shards into OUT: medtune tokenize-images --merge OUT")
+    parser.set_defaults(func=run_tokenize_images)
+
+
+def run_tokenize_images(args: argparse.Namespace) -> int:
+    from medtune.errors import UserError
+    from medtune.models import tokenize_images as tokenize
+
+    if args.merge:
+        out = args.output or args.input
+        if out is None:
+            raise UserError("--merge needs OUT")
+        merged = tokenize.merge_parts(out, medmax=args.medmax)
+        print(f"{merged.summary()}\nwrote {merged.written} rows -> {merged.out}")
+        return 0
+    if args.input is None or args.output is None or args.model is None:
+        raise UserError("tokenize-images needs INPUT, OUT and --model")
+    tokenize.check_output(args.output)
+    from medtune.models.vq import image_tokenizer
+
+    tokenizer = image_tokenizer(args.model, device=args.device or tokenize.default_device())
+    result = tokenize.tokenize_images(
+        args.input, args.output, tokenizer, fmt=args.format, image_root=args.image_root,
+        batch_size=args.batch_size, num_shards=args.num_shards, shard_index=args.shard_index, strict=args.strict,
+        medmax=args.medmax, chunk_rows=args.chunk_rows)
+    for line in result.input_tally.details() + result.input_tally.notes:
+        print(f"  input: {line}")
+    shard = f"shard {result.shard_index} of {result.num_shards}: " if result.num_shards > 1 else ""
+    print(f"{shard}{result.summary()}; {result.encoded} distinct images encoded, {result.resumed} rows kept "
+          "from an earlier run")
+    if result.merged is None:
+        print(result.waiting)
+        return 0
+    if result.num_shards > 1:
+        print(f"all shards: {result.merged.summary()}")
+    print(f"wrote {result.merged.written} rows -> {result.merged.out}")
     return 0
