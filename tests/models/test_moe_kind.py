@@ -90,3 +90,59 @@ def test_a_native_model_cannot_be_given_experts(tmp_path, dense):
     native = load_vlm(tmp_path)
     with pytest.raises(ValueError, match="a native model cannot be given experts"):
         native.with_experts(MoESettings())
+
+
+@pytest.fixture(scope="module")
+def saved_moe(tmp_path_factory):
+    """A tiny MoE model (faithful init, random router) whose routing statistics group by organ, saved."""
+    directory = tmp_path_factory.mktemp("moe")
+    build_vlm(tiny_spec()).with_experts(MoESettings.preset("med-moe", layers=[0]), domain_field="organ").save(directory)
+    return directory
+
+
+def test_batched_generation_equals_one_by_one_and_needs_no_process_group(saved_moe):
+    from PIL import Image
+
+    from medtune.models.generation import GenerationSettings, Generator
+
+    vlm = load_vlm(saved_moe)
+    generator = Generator(vlm)
+    questions = ["Is the lung normal?", "Which organ is this?", "Is there a mass in the liver or not?"]
+    conversations = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+                     for q in questions]
+    images = [[Image.new("RGB", (40, 30), colour)] for colour in ("gray", "white", "black")]
+    settings = GenerationSettings(max_new_tokens=6)
+    together = generator.generate(conversations, images, settings)
+    alone = [generator.generate([c], [i], settings)[0] for c, i in zip(conversations, images)]
+    assert together == alone
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.slow
+def test_eval_run_reports_which_expert_each_organ_s_prompt_tokens_took(saved_moe, tmp_path):
+    from medtune.cli import main
+    from medtune.eval.tasks import get_task
+
+    out = tmp_path / "eval"
+    assert main(["eval", "run", "--task", "vqa-rad", "--model", str(saved_moe), "--out", str(out), "--limit", "12",
+                 "--batch-size", "4"]) == 0
+    routing = json.loads((out / "routing.json").read_text())
+    assert routing["domain_field"] == "organ" and routing["layers"] == ["model.language_model.layers.0.mlp"]
+    counts = torch.tensor(routing["counts"])   # [1 layer, organs, 4 experts]
+    # every prompt token of every question is counted once, under its question's organ
+    vlm = load_vlm(saved_moe)
+    task = get_task("vqa-rad")
+    samples = task.samples()[:12]
+    from medtune.eval.run import _ImageCache, _request, _settings
+    from medtune.data.jsonl import Tally
+
+    images = _ImageCache(task.image_root or task.data_path.parent)
+    per_organ = {}
+    for sample in samples:
+        request = _request(task, sample, _settings(task, sample), images, Tally(), strict=True)
+        prompt = vlm.encode_prompt([{"role": m["role"], "content": [{"type": "image"} if p.get("type") == "image"
+                                                                     else p for p in m["content"]]}
+                                    for m in request.messages], request.images)
+        per_organ[sample.meta.organ] = per_organ.get(sample.meta.organ, 0) + prompt["input_ids"].shape[1]
+    assert {name: int(counts[0, i].sum()) for i, name in enumerate(routing["domains"])} == per_organ
+    assert (out / "routing.md").is_file() and (out / "routing.png").stat().st_size > 0

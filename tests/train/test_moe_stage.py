@@ -112,3 +112,36 @@ def test_an_moe_stage_resumed_from_a_checkpoint_ends_as_an_uninterrupted_run(tmp
     resumed = dict(load_vlm(stage / "model").model.named_parameters())
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[n], resumed[n]) for n in whole)
+
+
+@pytest.mark.slow
+def test_lora_on_the_fused_experts_trains_and_merges_into_an_moe_model(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from medtune.models.build import load_vlm
+    from medtune.models.registry import register_model_classes
+
+    stage = {"name": "moe", "data": {**DATA, "limit": 16}, "max_steps": 2, "lr": {"lora": 1e-2},
+             "moe": {"layers": [0], "num_experts": 2, "init": "faithful"},
+             "lora": {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj"], "on_experts": True}}
+    assert main(["train", write_recipe(tmp_path, [stage])]) == 0
+    directory = tmp_path / "run" / "stage-0-moe"
+    merged = load_vlm(directory / "model")
+    start = load_vlm(directory / "base-model")
+    assert merged.kind == start.kind == "moe"
+    before = dict(start.model.named_parameters())
+    changed = {n for n, p in merged.model.named_parameters() if not torch.equal(p, before[n])}
+    assert any(".mlp.experts." in n for n in changed) and all("q_proj" in n or ".mlp.experts." in n
+                                                               for n in changed)
+    register_model_classes()
+    adapted = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(directory / "base-model"),
+                                        directory / "adapter").eval()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 200, (1, 24), generator=generator)
+    ids[0, 1:1 + merged.image_tokens_per_image] = merged.image_token_id
+    inputs = {"input_ids": ids, "pixel_values": torch.rand(1, 3, merged.image_size, merged.image_size,
+                                                             generator=generator)}
+    with torch.no_grad():
+        torch.testing.assert_close(merged.model.eval()(**inputs).logits, adapted(**inputs).logits,
+                                   rtol=1e-5, atol=1e-5)
