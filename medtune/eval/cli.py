@@ -7,7 +7,7 @@
     medtune eval merge SHARD... --out FILE [--task T [--data PATH] | --gt FILE]
     medtune eval tasks
     medtune eval run --task T (--model PATH | --endpoint URL) --out DIR [--num-shards N --shard-index I]
-                     [--limit N] [--batch-size B]
+                     [--limit N] [--batch-size B] [--protocol medtune|medmax] [--metrics ...,medmax]
 
 Nothing heavy is imported here. ``run`` checks its options and calls ``medtune.eval.run.run_task``,
 which answers the task's questions through a backend (local model or OpenAI-compatible endpoint), appends each
@@ -52,7 +52,8 @@ def _add_score(verbs) -> None:
     p.add_argument("predictions", type=Path, help="JSONL: medtune predictions or LLaVA-Med answer file")
     _add_task_options(p, required=True)
     p.add_argument("--metrics", default="compat,strict",
-                   help="families, comma-separated: compat (alias llava-med), strict, judge")
+                   help="families, comma-separated: compat (alias llava-med), strict, judge, medmax "
+                        "(MedMax's rules; open answers need --judge-endpoint)")
     from medtune.eval import compat  # light: the flavour table, no metric libraries
     p.add_argument("--compat-flavour", choices=compat.FLAVOURS, default="med-moe",
                    help="which reference script the compat family reproduces")
@@ -107,7 +108,12 @@ def _add_run(verbs) -> None:
     p.add_argument("--num-shards", type=_positive_int, default=1, help="(under torchrun: WORLD_SIZE)")
     p.add_argument("--shard-index", type=int, default=0, help="(under torchrun: RANK)")
     p.add_argument("--shard-mode", choices=("modulo", "contiguous"), default="modulo")
-    p.add_argument("--metrics", default="compat,strict", help="families, comma-separated: compat, strict")
+    from medtune.eval.tasks import PROTOCOLS
+    p.add_argument("--protocol", choices=PROTOCOLS, default="medtune",
+                   help="generation budgets: medtune's, or MedMax's (1 token for closed/mcq, scaled to the "
+                        "model's tokenizer; 60 for open)")
+    p.add_argument("--metrics", default="compat,strict",
+                   help="families, comma-separated: compat, strict, medmax (open answers left unjudged)")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable question or image")
     p.set_defaults(func=_run)
 
@@ -138,7 +144,8 @@ def task_from_args(args):
         guess = "canonical" if args.gt.suffix == ".jsonl" else "llava-med-vqa"
         return get_task("custom", data=args.gt, data_format=args.gt_format or guess)
     return get_task(args.task, data=args.data, data_format=args.gt_format,
-                    image_root=getattr(args, "image_root", None), prompt_style=getattr(args, "prompt_style", "plain"))
+                    image_root=getattr(args, "image_root", None), prompt_style=getattr(args, "prompt_style", "plain"),
+                    protocol=getattr(args, "protocol", "medtune"))
 
 
 def _families(text: str) -> tuple[str, ...]:
@@ -173,7 +180,7 @@ def _score(args) -> int:
 
     if args.candidates and not get_flavour(args.compat_flavour).open_accuracy:
         raise UserError("--candidates is used by the llava-med flavours only (add --compat-flavour llava-med)")
-    families = tuple(f for f in _families(args.metrics) if f != "judge")
+    families = _families(args.metrics)
     try:
         result = score_predictions(task_from_args(args), args.predictions, out_dir=args.out, families=families,
                                    compat_flavour=args.compat_flavour, judge=_judge(args),
@@ -184,9 +191,12 @@ def _score(args) -> int:
         raise UserError(str(error)) from None
     for row in result.headline():
         print(f"{row.family:7s} {row.answer_type:6s} {row.metric:9s} {row.estimate.value:6.2f} "
-              f"[{row.estimate.low:.2f}, {row.estimate.high:.2f}] n={row.estimate.n}")
+              f"[{row.estimate.low:.2f}, {row.estimate.high:.2f}] n={row.estimate.n}"
+              + (f" ({row.excluded} excluded)" if row.excluded else ""))
     if result.compat_table is not None:
         print(f"\ncompat table ({result.compat_table.flavour}):\n{result.compat_table.render()}")
+    if result.medmax_table is not None:
+        print(f"\n{result.medmax_table.render()}")
     for name, tally in result.tallies.items():
         if tally.n_skipped:
             print(f"{name.replace('_', ' ')}: {tally.summary()}", file=sys.stderr)
@@ -249,6 +259,12 @@ def _run(args) -> int:
         raise UserError(f"--shard-index {shard_index} is not in 0..{num_shards - 1}")
     task = task_from_args(args)
     backend = _backend_from_args(args)
+    if task.protocol == "medmax":
+        task = _with_model_tokenizer(task, backend)
+    if "medmax" in families:
+        print("medmax: `eval run` calls no judge, so open answers are reported as not judged; score "
+              "predictions.jsonl with `medtune eval score --metrics medmax --judge-endpoint URL "
+              "--judge-model NAME`", file=sys.stderr)
     try:
         result = run_task(task, backend, args.out, num_shards=num_shards, shard_index=shard_index,
                           shard_mode=args.shard_mode, batch_size=args.batch_size, limit=args.limit,
@@ -265,6 +281,17 @@ def _run(args) -> int:
                         "fix their images and run again (answered questions are kept), or score the partial "
                         "file with `medtune eval score --allow-missing`")
     return 0
+
+
+def _with_model_tokenizer(task, backend):
+    """The medmax protocol sizes its one-token budget to a local model's tokenizer; an endpoint's is unknown."""
+    from dataclasses import replace
+
+    tokenizer = getattr(getattr(backend, "vlm", None), "tokenizer", None)
+    if tokenizer is None:
+        print("medmax protocol: the endpoint's tokenizer is unknown, so closed and mcq answers get MedMax's "
+              "literal max_tokens 1, counted in the server's tokenizer", file=sys.stderr)
+    return replace(task, tokenizer=tokenizer)
 
 
 def _backend_from_args(args):

@@ -12,13 +12,16 @@ INCORRECT. Choices:
   the count is reported as the ``unparsed`` metric. Dropping such items would flatter the model.
 * Connection errors, timeouts, 429 and 5xx are retried with back-off; anything else stops the run with the
   server's message (scoring with a broken judge would be silently wrong).
+* The prompt, the verdict parser and the reply budget are fields, so a family with its own judging rules
+  (``medmax``: a "Correctness: 1/0" line) uses the same client through :meth:`Judge.variant`; every record
+  names the family whose rules made it.
 """
 from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
 
 PROMPT = """You are grading an answer to a question about a medical image.
 Question: {question}
@@ -55,31 +58,49 @@ class Judge:
     answer_types: tuple[str, ...] = ("open",)
     transport: Any = None  # an httpx transport; tests pass httpx.MockTransport
     records: list[dict] = field(default_factory=list)
+    prompt: str = PROMPT
+    """Filled with ``question``, ``answer`` and ``prediction``."""
+    parse: Callable[[str], float | None] = parse_verdict
+    """A reply to 1.0 (right), 0.0 (wrong) or None (unparsed)."""
+    max_tokens: int = 8
+    family: str = "judge"
+    """The metric family whose rules these are; written into every record."""
 
-    def score(self, items: list) -> dict[str, dict]:
-        """``{item id: {"accuracy": 0|1, "unparsed": 0|1}}`` for the items of :attr:`answer_types`."""
+    def variant(self, **rules) -> "Judge":
+        """The same endpoint with other judging rules (prompt, parse, max_tokens, family); the records list
+        is shared, so one ``judge.jsonl`` holds every verdict of a scoring run."""
+        return replace(self, records=self.records, **rules)
+
+    def verdicts(self, items: list) -> dict[str, float | None]:
+        """``{item id: 1.0 | 0.0 | None}`` for the items of :attr:`answer_types`, one call each."""
         import httpx
 
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        out: dict[str, dict] = {}
+        out: dict[str, float | None] = {}
         with httpx.Client(base_url=self.base_url.rstrip("/") + "/", headers=headers, timeout=self.timeout,
                           transport=self.transport) as client:
             for item in items:
                 if item.answer_type not in self.answer_types:
-                    out[item.id] = {}
                     continue
-                prompt = PROMPT.format(question=item.question, answer=item.answer, prediction=item.prediction)
+                prompt = self.prompt.format(question=item.question, answer=item.answer, prediction=item.prediction)
                 reply = self._complete(client, prompt)
-                verdict = parse_verdict(reply)
-                self.records.append({"id": item.id, "prompt": prompt, "reply": reply, "verdict": verdict})
-                out[item.id] = {"accuracy": verdict or 0.0, "unparsed": float(verdict is None)}
+                verdict = self.parse(reply)
+                self.records.append({"id": item.id, "family": self.family, "prompt": prompt, "reply": reply,
+                                     "verdict": verdict})
+                out[item.id] = verdict
         return out
+
+    def score(self, items: list) -> dict[str, dict]:
+        """``{item id: {"accuracy": 0|1, "unparsed": 0|1}}`` for the items of :attr:`answer_types`."""
+        verdicts = self.verdicts(items)
+        return {item.id: {"accuracy": verdicts[item.id] or 0.0, "unparsed": float(verdicts[item.id] is None)}
+                if item.id in verdicts else {} for item in items}
 
     def _complete(self, client, prompt: str) -> str:
         import httpx
 
         payload = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                   "temperature": 0.0, "max_tokens": 8}
+                   "temperature": 0.0, "max_tokens": self.max_tokens}
         for attempt in range(self.retries + 1):
             try:
                 response = client.post("chat/completions", json=payload)

@@ -6,15 +6,17 @@ The pipeline is three small steps, each usable alone:
    and says which ids are missing or unexpected; a missing prediction is an error unless the caller allows
    it, in which case it is scored as an empty answer (wrong), never left out of the denominator.
 2. :func:`score_items` computes per-item figures for each family: ``compat`` (LLaVA-Med / Med-MoE
-   compatibility, :mod:`medtune.eval.compat`), ``strict`` (:mod:`medtune.eval.strict`) and ``judge``
-   (an LLM judge for open answers, :mod:`medtune.eval.judge`, only when a judge is given).
+   compatibility, :mod:`medtune.eval.compat`), ``strict`` (:mod:`medtune.eval.strict`), ``judge``
+   (an LLM judge for open answers, :mod:`medtune.eval.judge`, only when a judge is given) and ``medmax``
+   (MedMax's rules, :mod:`medtune.eval.medmax`; its open answers go to the judge when there is one).
 3. :func:`aggregate` turns per-item figures into :class:`Row` s: every metric per answer type with n and a
    95% bootstrap interval; an ``all`` accuracy row across answer types (strict and judge: each item right
    or wrong on its type's headline); headline metrics again per organ and per modality where present.
 
-A per-item figure of ``None`` means the reference script would leave the item out of that metric (the
-``llava-med-init`` flavour's yes/no quirk); such items are counted in ``Row.excluded`` so nothing vanishes
-unseen.
+A per-item figure of ``None`` means the item is left out of that metric: the reference script would leave
+it out (the ``llava-med-init`` flavour's yes/no quirk, MedMax's unparsed judge verdicts) or nothing could
+score it (``medmax`` open answers without a judge); such items are counted in ``Row.excluded`` so nothing
+vanishes unseen.
 """
 from __future__ import annotations
 
@@ -24,12 +26,13 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from medtune.data.schema import Sample
-from medtune.eval import compat, strict
+from medtune.eval import compat, medmax, strict
 from medtune.eval.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, Estimate, estimate
 
-FAMILIES = ("compat", "strict", "judge")
+FAMILIES = ("compat", "strict", "judge", "medmax")
 DEFAULT_FAMILIES = ("compat", "strict")
-HEADLINE = {"compat": compat.HEADLINE, "strict": strict.HEADLINE, "judge": {"open": "accuracy"}}
+HEADLINE = {"compat": compat.HEADLINE, "strict": strict.HEADLINE, "judge": {"open": "accuracy"},
+            "medmax": medmax.HEADLINE}
 BREAKDOWNS = ("organ", "modality")
 
 
@@ -135,6 +138,8 @@ def score_items(items: list[Item], families: Iterable[str] = DEFAULT_FAMILIES, *
             if judge is None:
                 raise ValueError("the judge family needs a judge endpoint (--judge-endpoint)")
             scores[family] = judge.score(items)
+        elif family == "medmax":
+            scores[family] = medmax.score_items(items, judge)
     return scores
 
 

@@ -5,10 +5,12 @@ One scoring run writes, into its output folder:
 ``results.json``        everything needed to compare runs later: task, inputs, counts (questions, missing and
                         unexpected predictions, skipped records), bootstrap settings, every :class:`Row`, and
                         the compatibility table as the reference script would print it, with the reference
-                        (repository, script, commit) and each line's n and excluded count.
+                        (repository, script, commit) and each line's n and excluded count; with the
+                        ``medmax`` family, the MedMax table (accuracies with MedMax's standard error, and
+                        the counts of unparsed judge verdicts and of open answers not judged).
 ``results.md``          the same rows as a Markdown table (task, family, answer type, group, metric, n, value,
                         95% CI), then the compatibility table with the script and commit it reproduces and
-                        each figure's n (the items averaged) and excluded items.
+                        each figure's n (the items averaged) and excluded items, then the MedMax table.
 ``results.png``         headline metrics per family and answer type with their intervals (matplotlib, Agg).
 ``wrong_answers.jsonl`` each question some family counts wrong on its headline metric, with the prediction,
                         the ground truth and every family's per-item figures.
@@ -24,6 +26,7 @@ import os
 from pathlib import Path
 
 from medtune.data.jsonl import atomic_open, write_json
+from medtune.eval.medmax import MedmaxTable
 from medtune.eval.metrics import CompatTable, Item, Row, is_headline, is_wrong
 from medtune.eval.stats import DEFAULT_RESAMPLES, DEFAULT_SEED
 
@@ -32,20 +35,23 @@ WRONG_FILE, JUDGE_FILE = "wrong_answers.jsonl", "judge.jsonl"
 
 
 def write_report(out_dir: str | os.PathLike, *, rows: list[Row], items: list[Item], scores: dict[str, dict],
-                 info: dict, compat_table: CompatTable | None = None, judge_records: list[dict] | None = None,
-                 resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> dict[str, Path]:
+                 info: dict, compat_table: CompatTable | None = None, medmax_table: MedmaxTable | None = None,
+                 judge_records: list[dict] | None = None, resamples: int = DEFAULT_RESAMPLES,
+                 seed: int = DEFAULT_SEED) -> dict[str, Path]:
     """Write every report file into ``out_dir`` (each atomically); returns their paths by kind."""
     out = Path(out_dir)
     results = {**info, "bootstrap": {"method": "percentile", "resamples": resamples, "seed": seed, "level": 0.95},
                "rows": [row.to_dict() for row in rows]}
     if compat_table is not None:
         results["compat_table"] = compat_table.to_dict()
+    if medmax_table is not None:
+        results["medmax_table"] = medmax_table.to_dict()
     paths = {"results": out / RESULTS_FILE, "markdown": out / MARKDOWN_FILE, "chart": out / CHART_FILE,
              "wrong": out / WRONG_FILE}
     write_json(paths["results"], results)
     with atomic_open(paths["markdown"]) as handle:
         handle.write(markdown(rows, title=f"medtune eval: {info.get('task', {}).get('name', '?')}",
-                              compat=compat_table))
+                              compat=compat_table, medmax=medmax_table))
     write_chart(paths["chart"], rows)
     paths["wrong"] = write_wrong_answers(paths["wrong"], items, scores)
     if judge_records:
@@ -58,7 +64,8 @@ def format_ci(row: Row) -> str:
     return f"[{row.estimate.low:.2f}, {row.estimate.high:.2f}]"
 
 
-def markdown(rows: list[Row], *, title: str = "medtune eval", compat: CompatTable | None = None) -> str:
+def markdown(rows: list[Row], *, title: str = "medtune eval", compat: CompatTable | None = None,
+             medmax: MedmaxTable | None = None) -> str:
     lines = [f"# {title}", "", "| task | family | answer type | group | metric | n | value | 95% CI |",
              "| --- | --- | --- | --- | --- | ---: | ---: | --- |"]
     for row in rows:
@@ -68,6 +75,8 @@ def markdown(rows: list[Row], *, title: str = "medtune eval", compat: CompatTabl
                      f"{row.estimate.value:.2f} | {format_ci(row)} |")
     if compat is not None:
         lines += ["", *_compat_section(compat)]
+    if medmax is not None:
+        lines += ["", *_medmax_section(medmax)]
     return "\n".join(lines) + "\n"
 
 
@@ -81,6 +90,21 @@ def _compat_section(compat: CompatTable) -> list[str]:
     for line in compat.lines:
         n = f"{line.n}" + (f" ({line.excluded} excluded)" if line.excluded else "")
         lines.append(f"| {line.label} | {line.to_dict()['printed']} | {n} |")
+    return lines
+
+
+def _medmax_section(table: MedmaxTable) -> list[str]:
+    """MedMax's figures (with its standard error) and the counts behind them; a count line has its count
+    under n and no value."""
+    lines = ["## MedMax table", "",
+             f"MedMax's rules ({table.to_dict()['reference']}). The MedMax-reported open accuracy leaves "
+             "unparsed verdicts out, as that script does; medtune's counts them as wrong. Values and standard "
+             "errors are percentages.", "",
+             "| figure | value | std err | n |", "| --- | ---: | ---: | ---: |"]
+    for line in table.lines:
+        value = "" if line.is_count else f"{line.value:.2f}"
+        stderr = f"{line.stderr:.2f}" if line.stderr is not None else ""
+        lines.append(f"| {line.label} | {value} | {stderr} | {line.n} |")
     return lines
 
 

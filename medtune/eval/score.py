@@ -13,7 +13,7 @@ from pathlib import Path
 
 from medtune import __version__
 from medtune.data.jsonl import Tally
-from medtune.eval import metrics, report
+from medtune.eval import medmax, metrics, report
 from medtune.eval.predictions import read_predictions
 from medtune.eval.stats import DEFAULT_RESAMPLES, DEFAULT_SEED
 from medtune.eval.tasks import Task
@@ -30,6 +30,7 @@ class ScoreResult:
     unexpected: list[str]
     tallies: dict[str, Tally] = field(default_factory=dict)  # ground_truth / predictions: read and skipped
     paths: dict[str, Path] = field(default_factory=dict)
+    medmax_table: medmax.MedmaxTable | None = None
 
     def headline(self) -> list[metrics.Row]:
         return [r for r in self.rows if r.group_by == "all" and metrics.is_headline(r)]
@@ -43,8 +44,12 @@ def score_predictions(task: Task, predictions_path: str | os.PathLike, *, out_di
     """Match predictions to ``task``'s questions by id, score every family, and write the report if asked.
 
     ``candidates``: LLaVA-Med's answer vocabulary (see :func:`read_candidates`), for its "open accuracy".
+    A ``judge`` adds the ``judge`` family unless ``medmax`` is asked for, which judges open answers by its own
+    rules; name both families to have both verdicts.
     """
-    families = tuple(families) + (("judge",) if judge is not None and "judge" not in families else ())
+    families = tuple(families)
+    if judge is not None and "judge" not in families and "medmax" not in families:
+        families += ("judge",)
     gt_tally, pred_tally = Tally(), Tally()
     samples = task.samples(tally=gt_tally, strict=strict)
     predictions = read_predictions(predictions_path, tally=pred_tally, strict=strict)
@@ -55,7 +60,9 @@ def score_predictions(task: Task, predictions_path: str | os.PathLike, *, out_di
     scores = metrics.score_items(items, families, compat_flavour=compat_flavour, candidates=candidates, judge=judge)
     rows = metrics.aggregate(task.name, items, scores, resamples=resamples, seed=seed)
     table = metrics.compat_table(items, scores["compat"], compat_flavour) if "compat" in scores else None
-    result = ScoreResult(rows, items, scores, table, unexpected, {"ground_truth": gt_tally, "predictions": pred_tally})
+    medmax_table = medmax.table(items, scores["medmax"]) if "medmax" in scores else None
+    result = ScoreResult(rows, items, scores, table, unexpected, {"ground_truth": gt_tally, "predictions": pred_tally},
+                         medmax_table=medmax_table)
     if out_dir is not None:
         info = {"medtune_version": __version__, "task": task.describe(), "predictions": str(predictions_path),
                 "families": list(families), "compat_flavour": compat_flavour,
@@ -63,7 +70,8 @@ def score_predictions(task: Task, predictions_path: str | os.PathLike, *, out_di
                            "unexpected": unexpected, "ground_truth": gt_tally.to_dict(),
                            "predictions": pred_tally.to_dict()}}
         result.paths = report.write_report(out_dir, rows=rows, items=items, scores=scores, info=info,
-                                           compat_table=table, judge_records=getattr(judge, "records", None),
+                                           compat_table=table, medmax_table=medmax_table,
+                                           judge_records=getattr(judge, "records", None),
                                            resamples=resamples, seed=seed)
     return result
 

@@ -18,6 +18,11 @@ Built-in tasks (:data:`TASKS`):
 
 Prompts: ``plain`` sends the question alone (the LLaVA-Med protocol, so compatibility numbers compare with
 theirs); multiple-choice questions always list their options and ask for the letter.
+
+Generation protocols: ``medtune`` (:data:`DEFAULT_SETTINGS`) or ``medmax``, MedMax's budgets (one token for
+closed and multiple-choice answers, 60 for open ones; :mod:`medtune.eval.medmax`). Under ``medmax`` the
+one-token budget is set per question from :attr:`Task.tokenizer`, the evaluated model's tokenizer, when the
+runner knows it, and is MedMax's literal 1 when it does not (an HTTP endpoint).
 """
 from __future__ import annotations
 
@@ -25,10 +30,11 @@ import os
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from medtune.data.jsonl import RecordError, Tally
 from medtune.data.schema import Sample
+from medtune.eval import medmax
 
 # Closed and multiple-choice answers are short; the open budget leaves room for a sentence. Greedy decoding
 # keeps runs reproducible.
@@ -38,6 +44,7 @@ DEFAULT_SETTINGS = {
     "mcq": {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0},
 }
 PROMPT_STYLES = ("plain", "short")
+PROTOCOLS = ("medtune", "medmax")
 MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 SHORT_INSTRUCTION = "Answer the question using a single word or phrase."
 
@@ -55,12 +62,21 @@ class Task:
     data_format: str
     image_root: Path | None = None
     prompt_style: str = "plain"
-    settings: dict[str, dict] = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_SETTINGS.items()})
+    settings: dict[str, dict] | None = None
+    """Per answer type; default: the protocol's."""
     reader_options: dict = field(default_factory=dict)
+    protocol: str = "medtune"
+    tokenizer: Any = field(default=None, repr=False, compare=False)
+    """The evaluated model's tokenizer, for the ``medmax`` protocol's per-tokenizer answer budget."""
 
     def __post_init__(self):
         if self.prompt_style not in PROMPT_STYLES:
             raise ValueError(f"unknown prompt style {self.prompt_style!r} (expected one of {PROMPT_STYLES})")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"unknown generation protocol {self.protocol!r} (expected one of {PROTOCOLS})")
+        if self.settings is None:
+            chosen = medmax.SETTINGS if self.protocol == "medmax" else DEFAULT_SETTINGS
+            self.settings = {k: dict(v) for k, v in chosen.items()}
 
     def samples(self, *, tally: Tally | None = None, strict: bool = False) -> list[Sample]:
         """The task's questions with ground truth; samples without answer or answer type are skipped and
@@ -97,13 +113,22 @@ class Task:
         return [{"role": "user", "content": parts + [{"type": "text", "text": self.prompt(sample)}]}]
 
     def settings_for(self, sample: Sample) -> dict:
-        return dict(self.settings[sample.meta.answer_type])
+        answer_type = sample.meta.answer_type
+        settings = dict(self.settings[answer_type])
+        if self.protocol == "medmax" and self.tokenizer is not None and answer_type in ("closed", "mcq"):
+            settings["max_new_tokens"] = medmax.answer_token_budget(self.tokenizer, answer_type, sample.meta.choices)
+        return settings
 
     def describe(self) -> dict:
         """What a report records about the task."""
         return {"name": self.name, "data": str(self.data_path), "format": self.data_format,
                 "image_root": str(self.image_root) if self.image_root else None,
-                "prompt_style": self.prompt_style, "settings": self.settings}
+                "prompt_style": self.prompt_style, "settings": self.settings, **self._protocol_info()}
+
+    def _protocol_info(self) -> dict:
+        if self.protocol != "medmax":
+            return {}
+        return {"protocol": self.protocol, "answer_token_budget": medmax.describe_budget(self.tokenizer)}
 
 
 def _unscorable(sample: Sample) -> str | None:
@@ -172,12 +197,14 @@ TASKS: dict[str, TaskSpec] = {
 
 
 def get_task(name: str, *, data: str | os.PathLike | None = None, image_root: str | os.PathLike | None = None,
-             data_format: str | None = None, prompt_style: str = "plain", **reader_options) -> Task:
-    """A built-in task by name; ``data`` overrides where its questions come from."""
+             data_format: str | None = None, prompt_style: str = "plain", protocol: str = "medtune",
+             tokenizer=None, **reader_options) -> Task:
+    """A built-in task by name; ``data`` overrides where its questions come from; ``protocol`` and
+    ``tokenizer`` set the generation budgets (see the module docstring)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r} (built in: {', '.join(TASKS)})")
     spec = TASKS[name]
     path = _require(name, data, spec.needs, _bundled(*spec.bundled) if spec.bundled else None)
     fmt = data_format or spec.data_format
     return Task(name, path, fmt, _image_root(fmt, path, Path(image_root) if image_root else None),
-                prompt_style=prompt_style, reader_options=reader_options)
+                prompt_style=prompt_style, reader_options=reader_options, protocol=protocol, tokenizer=tokenizer)

@@ -1,9 +1,9 @@
 """LLM judge against a fake OpenAI-compatible endpoint (httpx.MockTransport): verdicts, retries, records."""
 import json
 
-import httpx
 import pytest
 
+from judge_helpers import fake_endpoint
 from medtune.eval import judge as judge_module
 from medtune.eval.judge import Judge, JudgeError, parse_verdict
 from medtune.eval.metrics import Item, aggregate, score_items
@@ -15,20 +15,6 @@ from medtune.eval.metrics import Item, aggregate, score_items
 ])
 def test_parse_verdict(reply, verdict):
     assert parse_verdict(reply) == verdict
-
-
-def fake_endpoint(replies, seen):
-    """Answers each request with the next reply; a reply that is an int is sent as that HTTP status."""
-    queue = list(replies)
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(json.loads(request.content))
-        assert request.url.path == "/v1/chat/completions"
-        reply = queue.pop(0)
-        if isinstance(reply, int):
-            return httpx.Response(reply, text="overloaded")
-        return httpx.Response(200, json={"choices": [{"message": {"role": "assistant", "content": reply}}]})
-    return httpx.MockTransport(handler)
 
 
 ITEMS = [Item("1", "Which organ?", "liver", "open", "the liver"),
