@@ -284,7 +284,9 @@ def load_vlm(name_or_path: str | Path, *, dtype=None, device: str = "cpu") -> VL
     (the native kind); a local path or a hub name."""
     from transformers.utils import cached_file
 
-    from medtune.models.kinds import DEFAULT_KIND, kind_class
+    from transformers import AutoConfig
+
+    from medtune.models.kinds import DEFAULT_KIND, kind_class, kind_of_foreign_checkpoint
 
     source = str(name_or_path)
     if Path(source).exists() and not (Path(source) / "config.json").exists():
@@ -292,7 +294,8 @@ def load_vlm(name_or_path: str | Path, *, dtype=None, device: str = "cpu") -> VL
     model_kwargs = {"dtype": _torch_dtype(dtype)} if dtype is not None else {}
     metadata_file = cached_file(source, MEDTUNE_FILE, _raise_exceptions_for_missing_entries=False)
     if metadata_file is None:
-        return kind_class("native").load(source, None, model_kwargs=model_kwargs, device=device)
+        kind = kind_of_foreign_checkpoint(AutoConfig.from_pretrained(source))
+        return kind_class(kind).load(source, None, model_kwargs=model_kwargs, device=device)
     metadata = json.loads(Path(metadata_file).read_text(encoding="utf-8"))
     kind = kind_class(metadata.get("kind", DEFAULT_KIND))
     return kind.load(source, metadata, model_kwargs=model_kwargs, device=device)

@@ -10,7 +10,9 @@ vision_feature_select_strategy) means the same thing here.
 
 Importing this module registers the classes with AutoConfig, AutoModel and AutoModelForImageTextToText,
 so ``AutoModelForImageTextToText.from_pretrained(path)`` loads a medtune_vlm checkpoint (safetensors)
-once medtune is imported.
+once medtune is imported. Without medtune, ``from_pretrained(path, trust_remote_code=True)`` loads it from the
+copy of this module (and projectors.py) that every checkpoint carries (:mod:`medtune.models.export`); so this
+module imports medtune only as ``from medtune.<...>.<module> import names``, which the copy makes relative.
 """
 from __future__ import annotations
 

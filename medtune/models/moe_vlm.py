@@ -11,6 +11,8 @@ Checkpoints are safetensors with every expert under its own keys (``mlp.experts.
 load. The layout is registered for the class of the inner LLM (:func:`register_expert_layout`), not for this
 class, because one class can hold LLMs with either FFN layout.
 Importing this module registers ``medtune_moe_vlm`` with AutoConfig, AutoModel and AutoModelForImageTextToText.
+This module, medtune_vlm.py and the MoE blocks' modules are also what a checkpoint carries as remote code
+(:mod:`medtune.models.export`): medtune is imported only as ``from medtune.<...>.<module> import names``.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
 from torch import nn
 
-from medtune.models import moe
+from medtune.models.moe import build_layers, moe_blocks, register_checkpoint_layout
 from medtune.models.medtune_vlm import MedtuneVLMConfig, MedtuneVLMForConditionalGeneration, MedtuneVLMModel
 from medtune.models.moe_settings import MoESettings
 
@@ -48,16 +50,16 @@ class MedtuneMoEVLMModel(MedtuneVLMModel):
     def build_language_model(self, config: MedtuneMoEVLMConfig):
         language_model = super().build_language_model(config)
         settings = MoESettings.from_dict({**config.moe, "layers": list(config.moe_layers)})
-        moe.build_layers(language_model.layers, settings, config.text_config.hidden_size)
+        build_layers(language_model.layers, settings, config.text_config.hidden_size)
         register_expert_layout(language_model)
         return language_model
 
 
 def register_expert_layout(language_model: nn.Module) -> None:
     """Per-expert keys on disk for this LLM's class, in its FFN layout (gated, or fc for Phi)."""
-    blocks = moe.moe_blocks(language_model)
+    blocks = moe_blocks(language_model)
     if blocks:
-        moe.register_checkpoint_layout(type(language_model).__name__, blocks[0][1].ffn_layout)
+        register_checkpoint_layout(type(language_model).__name__, blocks[0][1].ffn_layout)
 
 
 class MedtuneMoEVLMForConditionalGeneration(MedtuneVLMForConditionalGeneration):

@@ -11,9 +11,10 @@ Each kind assembles its inputs from these; they hold the choices that must not d
 * Truncation never cuts image tokens. A sample over ``max_length`` is either dropped (``truncation="drop"``)
   or cut at the end (``"text"``) when what is kept still holds every image token and at least one trained
   token; otherwise :class:`SkipSample` says why, and callers count it in their Tally.
-* Pixels: ``pad`` pastes the image on a square canvas filled with the processor's mean colour (LLaVA,
-  PathChat); ``resize`` squashes to a square; ``crop`` resizes the short side and centre-crops
-  (:func:`square_image`). The vision tower's own image processor then normalises. Images are decoded late
+* Pixels come from the image processor the checkpoint saves (transformers' LlavaImageProcessor, made by
+  :func:`medtune.models.vision.squaring_image_processor`), which makes an image square as ``pad_mode`` says
+  (``pad`` on the LLaVA background colour, ``resize``, ``crop``) and normalises it; medtune has no pixel code of
+  its own, so plain transformers and vLLM compute the same pixels. Images are decoded late
   (:func:`load_images`), so a tokenised cache stores ids and image references, not pixels.
 """
 from __future__ import annotations
@@ -114,29 +115,6 @@ def _load_image(ref, image_root, allowed_roots):
     from medtune.data.images import load_image
 
     return load_image(ref, image_root, allowed_roots=allowed_roots)
-
-
-def square_image(image, mode: str, size: int, fill_mean: Sequence[float]):
-    """Make a PIL image square by padding with the mean colour, resizing, or resize-and-centre-crop."""
-    from PIL import Image
-
-    width, height = image.size
-    if mode == "pad":
-        if width == height:
-            return image
-        side = max(width, height)
-        canvas = Image.new("RGB", (side, side), tuple(int(round(c * 255)) for c in fill_mean))
-        canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-        return canvas
-    if mode == "resize":
-        return image.resize((size, size), Image.Resampling.BICUBIC)
-    if mode == "crop":
-        scale = size / min(width, height)
-        resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))),
-                               Image.Resampling.BICUBIC)
-        left, top = (resized.width - size) // 2, (resized.height - size) // 2
-        return resized.crop((left, top, left + size, top + size))
-    raise ValueError(f"pad_mode must be pad, resize or crop, got {mode!r}")
 
 
 def load_images(image_refs: list, image_root: str | os.PathLike, *, allowed_roots=()) -> list:

@@ -4,6 +4,10 @@ A tower is named either by a checkpoint (hub name or local path; a full CLIP/Sig
 its vision half is taken) or by a config dict with a ``model_type`` (e.g. ``clip_vision_model``,
 ``siglip_vision_model``). We never key behaviour on model names: how many tokens a tower emits (patches,
 plus a CLS or register tokens or not) is measured by running it once on a blank image.
+
+The image processor a composed model preprocesses with, and saves, is :func:`squaring_image_processor`: the
+tower's normalisation with the ``pad_mode`` that makes an image square, in transformers' own
+LlavaImageProcessor, so that plain transformers and vLLM compute the pixels medtune trained on.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from medtune.errors import SpecError
 # Facts from the original releases: OpenAI CLIP's training statistics; SigLIP normalises to [-1, 1].
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+PAD_MODES = ("pad", "resize", "crop")
 
 
 @dataclass(frozen=True)
@@ -96,3 +101,55 @@ def image_processor_for(source: str | dict[str, Any], config, image_mean=None, i
                                        image_std=list(image_std or SIGLIP_STD))
     return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                                  image_mean=list(image_mean or CLIP_MEAN), image_std=list(image_std or CLIP_STD))
+
+
+def squaring_image_processor(tower_processor, pad_mode: str, image_size: int):
+    """The image processor medtune preprocesses with and saves: the tower's normalisation (mean, std, rescale
+    factor, resampling) and ``pad_mode``'s way of making an image square, in transformers' LlavaImageProcessor:
+
+    - ``pad``: LLaVA's expand2square (``do_pad``): the image centred on a square filled with ``int(mean * 255)``
+      (LLaVA, LLaVA-Med and Med-MoE's (122, 116, 104) for CLIP's mean), then resized to ``image_size``;
+    - ``crop``: the short side resized to ``image_size`` (long side truncated to whole pixels), centre-cropped
+      (CLIP's own preprocessing);
+    - ``resize``: squashed to ``image_size`` x ``image_size`` (SigLIP's).
+
+    Returns ``tower_processor`` itself when it already is that processor (one loaded from a medtune checkpoint).
+    The class follows transformers' backend choice (torchvision where it is installed, PIL otherwise), as
+    ``AutoImageProcessor`` makes it from the saved file, so medtune and plain transformers agree bit for bit in
+    one environment; the two backends differ by a few 8-bit levels (docs/serving.md).
+    """
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {', '.join(PAD_MODES)}, got {pad_mode!r}")
+    square = {"height": image_size, "width": image_size}
+    processor = _llava_image_processor_class()(
+        do_pad=pad_mode == "pad", do_resize=True,
+        size=square if pad_mode == "resize" else {"shortest_edge": image_size},
+        do_center_crop=pad_mode != "resize", crop_size=square,
+        resample=tower_processor.resample, do_rescale=True, rescale_factor=tower_processor.rescale_factor,
+        do_normalize=True, image_mean=list(tower_processor.image_mean), image_std=list(tower_processor.image_std),
+        do_convert_rgb=True)
+    if type(tower_processor) is type(processor) and tower_processor.to_dict() == processor.to_dict():
+        return tower_processor
+    return processor
+
+
+def pad_mode_of(image_processor) -> str | None:
+    """The pad mode a :func:`squaring_image_processor` implements; None for any other image processor."""
+    if not type(image_processor).__name__.startswith("LlavaImageProcessor"):
+        return None
+    if image_processor.do_pad:
+        return "pad"
+    return "crop" if image_processor.do_center_crop else "resize"
+
+
+def _llava_image_processor_class():
+    """LlavaImageProcessor of the backend ``AutoImageProcessor`` would pick in this environment."""
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        from transformers.models.llava.image_processing_llava import LlavaImageProcessor
+
+        return LlavaImageProcessor
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    return LlavaImageProcessorPil

@@ -3,9 +3,10 @@
 A LoRA checkpoint (a Trainer ``checkpoint-N`` or a stage's ``adapter/``) holds the adapters, any part trained
 whole beside them (the projector, PEFT's ``modules_to_save``), the tokenizer with the stage's chat template,
 and ``adapter_config.json`` naming the base model. :func:`merge_checkpoint` loads the base, applies the
-adapters with PEFT, folds them into the weights (``merge_and_unload``) and writes the result with
-safetensors, together with the checkpoint's tokenizer, processor and medtune.json, into a directory that
-appears only when complete. A checkpoint without adapters (full fine-tuning) is already plain: its model
+adapters with PEFT, folds them into the weights (``merge_and_unload``) and writes the result as medtune writes
+every model (:func:`medtune.models.export.save_model`: safetensors under released key names, remote code for
+medtune's own classes), together with the checkpoint's tokenizer, processor and medtune.json, into a directory
+that appears only when complete. A checkpoint without adapters (full fine-tuning) is already plain: its model
 files are copied as they are.
 """
 from __future__ import annotations
@@ -50,13 +51,14 @@ def _merge_adapters(checkpoint: Path, out: Path, base: str | Path | None) -> Non
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
+    from medtune.models.export import save_model
     from medtune.models.registry import register_model_classes
 
     register_model_classes()
     base = Path(base) if base is not None else _base_of(checkpoint)
     model = AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32)
     model = PeftModel.from_pretrained(model, str(checkpoint)).merge_and_unload()
-    model.save_pretrained(out, safe_serialization=True)
+    save_model(model, out)
     # tokenizer (with this stage's chat template), processor and medtune.json come from the checkpoint;
     # anything it lacks (an image processor saved only with the base) from the base
     _copy_model_files(checkpoint, out, skip=_ADAPTER_FILES)

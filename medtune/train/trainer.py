@@ -79,6 +79,9 @@ class MedtuneTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        from medtune.models.export import use_released_layout
+
+        use_released_layout(self.model)   # the released key names, whatever model object Trainer holds now
         super()._save(output_dir, state_dict)
         if self.args.should_save:
             self.vlm.write_beside_weights(output_dir or self.args.output_dir)

@@ -111,8 +111,10 @@ class VLM(ABC):
         this kind's encoded samples cannot be cached (they hold processor outputs that depend on the images)."""
         return None
 
-    def encode_tokens(self, sample, *, max_length: int, truncation: str = "text") -> dict[str, list]:
-        """The cacheable columns of a sample (ids, labels; no pixels). Only for kinds with cache settings."""
+    def encode_tokens(self, sample, *, max_length: int, truncation: str = "text", image_root=None,
+                      allowed_roots: Sequence = ()) -> dict[str, list]:
+        """The cacheable columns of a sample (ids, labels; no pixels). Only for kinds with cache settings;
+        ``image_root`` for kinds whose tokens depend on the images (discrete image codes)."""
         raise NotImplementedError(f"{type(self).__name__} samples are not cacheable")
 
     def check_images(self, image_refs: list, image_root, *, allowed_roots: Sequence = ()) -> None:
@@ -155,6 +157,14 @@ class VLM(ABC):
                 return part
         raise ValueError(f"parameter {parameter_name!r} belongs to no known part ({', '.join(self.parts)}) of a "
                          f"{self.kind} model; medtune cannot tell what it should train")
+
+    def lora_scopes(self, on_vision: bool = False, model=None) -> list[str]:
+        """Dotted module names in ``model`` (default: this one's) under which LoRA adapters go: the LLM's, and
+        the vision tower's when asked."""
+        scopes = [self.module_of("llm", model)]
+        if on_vision:
+            scopes.append(self.module_of("vision", model))
+        return scopes
 
     def module_of(self, part: str, model=None) -> str:
         """The dotted name of the module holding a whole part (e.g. ``model.multi_modal_projector``)."""
@@ -210,7 +220,24 @@ class VLM(ABC):
         """Files the kind adds to an evaluation run's report (paths); nothing by default."""
         return []
 
-    # ---- templates --------------------------------------------------------------------------------------
+    # ---- templates, labels and generation -----------------------------------------------------------------
+
+    def use_label_rule(self, rule: str) -> None:
+        """Which tokens train: ``roles`` (every reply) is the rule of every kind; others are kind-specific."""
+        if rule != "roles":
+            raise ValueError(f"labels: {rule!r} applies to discrete-token models only; a {self.kind} model "
+                             "trains on its replies (roles)")
+
+    def generation_kwargs(self, settings) -> dict[str, Any]:
+        """Extra ``generate`` arguments the kind needs for ``settings`` (GenerationSettings); none by default,
+        and a clear error when the settings ask for what the kind cannot write (images)."""
+        if "image" in settings.modalities:
+            raise ValueError(f"a {self.kind} model writes text only; it cannot answer with images")
+        return {}
+
+    def decode_output(self, ids: list[int]) -> tuple[str, list]:
+        """(text, images) of generated token ids; the text without special tokens."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True), []
 
     def use_template(self, name: str) -> None:
         """Replace the chat template (stored with the tokenizer of every checkpoint saved after)."""
@@ -220,23 +247,53 @@ class VLM(ABC):
     # ---- saving -----------------------------------------------------------------------------------------
 
     def save(self, out_dir: str | Path) -> None:
-        """Weights (safetensors), tokenizer with its chat template, and what :meth:`write_beside_weights` adds."""
+        """Weights and config (:func:`medtune.models.export.save_model`: safetensors under the key names released
+        checkpoints use), then what :meth:`write_beside_weights` adds."""
+        from medtune.models.export import save_model
+
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(out)
-        if self.processor is not None:
-            self.processor.save_pretrained(out)  # also writes tokenizer and image processor
-        self.tokenizer.save_pretrained(out)
+        save_model(self.model, out)
         self.write_beside_weights(out)
 
     def write_beside_weights(self, out_dir: str | Path) -> None:
-        """The export hook: what a checkpoint holds beside weights and tokenizer, so it loads on its own
-        (medtune's own and every training checkpoint go through it)."""
-        from medtune.data.jsonl import write_json
+        """The export hook: all a checkpoint holds beside its weights and config, so that it loads and serves
+        on its own, with medtune and without it (plain transformers, vLLM, SGLang). :meth:`save`, every Trainer
+        checkpoint (after Trainer has written the weights) and ``medtune merge`` go through it.
 
+        The contract every kind keeps (an override adds to it and calls this one; docs/serving.md):
+
+        1. Weights, written before this hook by ``save_pretrained``, are safetensors under the key names of
+           released checkpoints (``vision_tower.vision_model.*`` ...), whatever the installed transformers'
+           module tree: the writer calls :func:`medtune.models.export.use_released_layout` first (``save``
+           does; composed models set it when made, for Trainer). A kind whose model keys differ from what its
+           released checkpoints or engines use registers a transformers conversion mapping for its class, as the
+           MoE kind does for one key per expert (:func:`medtune.models.moe.register_checkpoint_layout`).
+        2. The tokenizer with the chat template prompts are built with (tokenizer files, chat_template.jinja)
+           and, where the kind has one, the processor plain transformers and vLLM prepare inputs with
+           (processor_config.json, preprocessor_config.json): the same prompt ids and the same pixels as
+           medtune's own preprocessing, because medtune preprocesses with that processor.
+        3. Where the model's class is medtune's own (no native class can hold it): its module files and
+           ``auto_map`` in config.json, so ``from_pretrained(path, trust_remote_code=True)`` loads it where
+           medtune is not installed (:func:`medtune.models.export.write_remote_code`; skipped for adapters-only
+           directories, which have no config.json).
+        4. ``medtune.json``: the kind and what medtune's loader needs (:meth:`metadata`).
+        """
+        from medtune.data.jsonl import write_json
+        from medtune.models.export import write_remote_code
+
+        out = Path(out_dir)
+        if self.processor is not None:
+            self.processor.save_pretrained(out)  # also writes tokenizer, image processor and chat template
+        self.tokenizer.save_pretrained(out)
         if self.image_processor is not None:
-            self.image_processor.save_pretrained(out_dir)
-        write_json(Path(out_dir) / MEDTUNE_FILE, self.metadata())
+            self.image_processor.save_pretrained(out)
+        write_remote_code(self.model, out)
+        write_json(out / MEDTUNE_FILE, self.metadata())
+
+    def export_original_format(self, out_dir: str | Path) -> Path:
+        """The model in its family's original (non-Hugging Face) checkpoint layout, where one exists."""
+        raise ValueError(f"a {self.kind} model has no original format medtune writes (Chameleon-family models do)")
 
     def metadata(self) -> dict[str, Any]:
         """medtune.json: the kind and the settings preprocessing needs."""

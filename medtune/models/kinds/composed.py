@@ -2,9 +2,10 @@
 
 Inputs are made by medtune, not by a processor call: the conversation is rendered with a medtune chat template
 and tokenised in one call, each image placeholder is expanded to ``image_tokens_per_image`` copies (the model
-scatters one image feature into each copy, in order), and pixels come from the tower's image processor after
-the image is made square (``pad_mode``). Because ids and labels do not depend on the pixels, encoded samples
-go through the token cache and images are decoded when a batch is made.
+scatters one image feature into each copy, in order), and pixels come from the image processor the checkpoint
+saves, which also makes the image square (``pad_mode``: :func:`medtune.models.vision.squaring_image_processor`),
+so plain transformers and vLLM compute the same pixels. Because ids and labels do not depend on the pixels,
+encoded samples go through the token cache and images are decoded when a batch is made.
 
 Batches always run the vision tower (:class:`medtune.train.collate.KeepVisionBusy`): under sharded training a
 rank with a text-only batch would otherwise skip the tower's collectives and hang the others.
@@ -31,7 +32,26 @@ class ComposedVLM(VLM):
     image_tokens_per_image: int = 1
     """Placeholder copies per image: the number of features the projector emits per image."""
     pad_mode: str = "pad"
-    """How non-square images become square: ``pad`` (image mean), ``resize`` or ``crop``."""
+    """How non-square images become square: ``pad`` (LLaVA's int(mean * 255) background), ``resize`` or ``crop``."""
+
+    def __post_init__(self) -> None:
+        import copy
+
+        from medtune.models.export import use_released_layout
+        from medtune.models.vision import squaring_image_processor
+
+        # Trainer checkpoints call save_pretrained on this model directly: it must know its layout beforehand
+        use_released_layout(self.model)
+        # pad_mode is the one setting of how images become square and the image processor implements it: the
+        # tower's processor (build_vlm), or a checkpoint's saved before squaring processors, becomes the
+        # squaring one; a copy made by dataclasses.replace(vlm, pad_mode=...) gets its own, the original keeps its
+        if self.image_processor is not None and self.image_size:
+            squaring = squaring_image_processor(self.image_processor, self.pad_mode, self.image_size)
+            if squaring is not self.image_processor:
+                self.image_processor = squaring
+                if self.processor is not None:
+                    self.processor = copy.copy(self.processor)
+                    self.processor.image_processor = squaring
 
     @classmethod
     def load(cls, source: str, metadata: dict[str, Any] | None, *, model_kwargs: dict, device: str) -> ComposedVLM:
@@ -57,8 +77,9 @@ class ComposedVLM(VLM):
 
     # ---- samples -> model inputs ------------------------------------------------------------------------
 
-    def encode_tokens(self, sample, *, max_length: int, truncation: str = "text") -> dict[str, list]:
-        """input_ids / attention_mask / labels of a sample, without loading its images."""
+    def encode_tokens(self, sample, *, max_length: int, truncation: str = "text", image_root=None,
+                      allowed_roots: Sequence = ()) -> dict[str, list]:
+        """input_ids / attention_mask / labels of a sample, without loading its images (so no image root)."""
         from medtune.models.processing import (IGNORE_INDEX, SkipSample, expand_image_tokens, tokenize_segments,
                                                truncate)
         from medtune.models.templates import get_template, render_with_tokenizer, to_chat_messages
@@ -114,18 +135,11 @@ class ComposedVLM(VLM):
                 "pixel_values": self.pixel_values(images)}
 
     def pixel_values(self, images: list):
-        """[n_images, 3, H, W] float tensor from PIL images, or None when there are none."""
+        """[n_images, 3, H, W] float tensor from PIL images (squared, resized and normalised by the saved image
+        processor), or None when there are none."""
         if not images:
             return None
-        squared = [self.square(image) for image in images]
-        return self.image_processor(images=squared, return_tensors="pt")["pixel_values"]
-
-    def square(self, image):
-        """The image made square with :attr:`pad_mode` (the processor then resizes and normalises it)."""
-        from medtune.models.processing import square_image
-
-        mean = getattr(self.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
-        return square_image(image, self.pad_mode, self.image_size, mean)
+        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
     # ---- the token cache --------------------------------------------------------------------------------
 
@@ -169,10 +183,16 @@ class ComposedVLM(VLM):
     # ---- what a person sees -----------------------------------------------------------------------------
 
     def model_view(self, image):
+        """The model's pixels of ``image`` (:meth:`pixel_values`), un-normalised to 8 bits."""
+        import torch
         from PIL import Image
 
-        squared = self.square(image.convert("RGB"))
-        return squared.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        processor = self.image_processor
+        values = self.pixel_values([image.convert("RGB")])[0].float()                     # [3, S, S]
+        mean = torch.tensor(processor.image_mean).view(3, 1, 1)
+        std = torch.tensor(processor.image_std).view(3, 1, 1)
+        pixels = ((values * std + mean) / processor.rescale_factor).round().clamp(0, 255).to(torch.uint8)
+        return Image.fromarray(pixels.permute(1, 2, 0).numpy())
 
     def describe(self) -> list[str]:
         lines = super().describe()
@@ -183,10 +203,8 @@ class ComposedVLM(VLM):
 
 
 def composed_processor(config, tokenizer, image_processor, image_token: str, tokens_per_image: int):
-    """The processor plain transformers prepares a composed model's inputs with: a LlavaProcessor for a Llava
-    model; None for medtune_vlm models (transformers has no processor class that knows their projector)."""
-    if config.model_type != "llava":
-        return None
+    """The processor plain transformers prepares a composed model's inputs with: a LlavaProcessor, for Llava and
+    medtune's own classes alike (they are Llava subclasses; the processor needs only the image token count)."""
     return llava_processor(config, tokenizer, image_processor, image_token, tokens_per_image)
 
 
