@@ -28,6 +28,19 @@ def register(subparsers) -> None:
     info = verbs.add_parser("info", help="describe a saved VLM: parts, parameters, template, image tokens")
     info.add_argument("path", help="a checkpoint folder (or hub name)")
     info.set_defaults(func=run_info)
+
+    export = verbs.add_parser("export-native", help="write an upcycled Qwen2 MoE model as Llava + Qwen2-MoE, "
+                                                    "which plain transformers and vLLM load without medtune")
+    export.add_argument("checkpoint", help="a medtune MoE checkpoint (kind moe) whose LLM is Qwen2")
+    export.add_argument("out", type=Path, help="output folder (a complete native checkpoint)")
+    export.set_defaults(func=run_export_native)
+
+    chameleon = verbs.add_parser("export-chameleon", help="write a discrete-token (Chameleon/Anole) checkpoint in "
+                                                          "Chameleon's original format (consolidated.pth + params.json)")
+    chameleon.add_argument("checkpoint", help="a Chameleon-family checkpoint (kind discrete), e.g. a merged MedMax "
+                                              "stage")
+    chameleon.add_argument("out", type=Path, help="output folder (models/7b-style: consolidated.pth, params.json)")
+    chameleon.set_defaults(func=run_export_chameleon)
     _add_tokenize_images(subparsers)
 
 
@@ -89,6 +102,36 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"{args.path}: {type(vlm.model).__name__}, {vlm.num_parameters():,} parameters, dtype {vlm.model.dtype}")
     for line in vlm.describe():
         print(f"  {line}")
+    return 0
+
+
+def run_export_native(args: argparse.Namespace) -> int:
+    """``medtune model export-native CHECKPOINT OUT``: see medtune/models/moe_native.py for what maps exactly."""
+    from medtune.models.build import load_vlm
+    from medtune.models.moe_native import save_native_qwen2_moe
+
+    report = save_native_qwen2_moe(load_vlm(args.checkpoint), args.out)
+    bias, probe = report["router_bias"], report["probe"]
+    print(f"wrote {args.out}: Llava + Qwen2-MoE, MoE layers {report['moe_layers']}, {report['num_experts']} "
+          f"experts, top-{report['num_experts_per_tok']}; router bias dropped (largest |b| {bias['max_abs']:.3g}, "
+          f"spread {bias['max_spread']:.3g}); on the probe ({probe['tokens']} tokens) routing agreement "
+          f"{probe['routing_agreement']:.4f}, largest logit difference {probe['max_abs_logit_diff']:.3g}")
+    return 0
+
+
+def run_export_chameleon(args: argparse.Namespace) -> int:
+    """``medtune model export-chameleon CHECKPOINT OUT``: MedMax's ``bin_to_pth`` step, checked both ways in tests."""
+    from medtune.errors import UserError
+    from medtune.models.build import load_vlm
+
+    vlm = load_vlm(args.checkpoint)
+    try:
+        out = vlm.export_original_format(args.out)
+    except ValueError as error:
+        raise UserError(f"{args.checkpoint}: {error}") from None
+    print(f"wrote {out}/consolidated.pth and params.json ({vlm.num_parameters():,} parameters less the VQ, which "
+          "Chameleon reads from its tokenizer folder's vqgan.ckpt); copy the original model's tokenizer/ folder "
+          "beside it for Chameleon's inference code")
     return 0
 
 

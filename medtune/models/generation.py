@@ -40,6 +40,9 @@ class GenerationSettings:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    modalities: tuple[str, ...] = ("text",)
+    """What the answer may hold: ``text``; ``image`` alone (the answer is one image); or both (the model decides
+    where an image goes). Images need a model that writes image tokens and can decode them."""
 
     def __post_init__(self):
         if isinstance(self.stop, str):  # a single stop string is a common way to write it
@@ -53,6 +56,10 @@ class GenerationSettings:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        modalities = (self.modalities,) if isinstance(self.modalities, str) else tuple(self.modalities)
+        if not modalities or set(modalities) - {"text", "image"} or len(set(modalities)) != len(modalities):
+            raise ValueError(f"modalities must be text, image or both, got {self.modalities!r}")
+        object.__setattr__(self, "modalities", tuple(m for m in ("text", "image") if m in modalities))
 
     @property
     def greedy(self) -> bool:
@@ -64,6 +71,8 @@ class GenerationSettings:
                "stop": list(self.stop)}
         if self.seed is not None:
             out["seed"] = self.seed
+        if self.modalities != ("text",):
+            out["modalities"] = list(self.modalities)
         return out
 
 
@@ -75,6 +84,8 @@ class Completion:
     finish_reason: str  # "stop" (end of turn or a stop string) | "length" (max_new_tokens reached)
     prompt_tokens: int
     completion_tokens: int
+    images: list = field(default_factory=list)
+    """Images the answer holds (PIL), in order, when the model writes images."""
 
 
 @dataclass
@@ -152,7 +163,8 @@ class Generator:
             criteria.append(_Cancelled(cancel))
         kwargs = dict(batch, max_new_tokens=settings.max_new_tokens, do_sample=not settings.greedy,
                       pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_ids,
-                      stopping_criteria=criteria, streamer=streamer, use_cache=True)
+                      stopping_criteria=criteria, streamer=streamer, use_cache=True,
+                      **self.vlm.generation_kwargs(settings))
         if settings.stop:
             kwargs.update(stop_strings=list(settings.stop), tokenizer=self.tokenizer)
         if settings.greedy:
@@ -177,11 +189,11 @@ class Generator:
         else:  # a row stopped early (stop string) while others ran on is filled with padding
             while ids and ids[-1] == self.pad_token_id:
                 ids.pop()
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        text, images = self.vlm.decode_output(ids)
         cut = _cut_at_stop(text, settings.stop)
         stopped = ended is not None or cut is not None
         return Completion(text=text if cut is None else text[:cut], finish_reason="stop" if stopped else "length",
-                          prompt_tokens=prompt_tokens, completion_tokens=len(ids))
+                          prompt_tokens=prompt_tokens, completion_tokens=len(ids), images=images)
 
     def _stream_deltas(self, batch: dict, settings: GenerationSettings, stream: TextStream) -> Iterator[str]:
         from transformers import TextIteratorStreamer

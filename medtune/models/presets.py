@@ -12,6 +12,10 @@ fetched from a hub. Parameter counts (mlp2x_gelu projector, measured with build_
 
 Attention-pool presets use fewer queries than PathChat's 128 so that an image is not longer than the
 text; pass ``projector_queries=128`` to get the published setting.
+
+- ``tiny-chameleon``: a discrete-token model (:func:`tiny_chameleon`): a 2-layer width-32
+  Chameleon whose VQ turns a 32-px image into 8 x 8 = 64 codes from a 64-code book, with the offline tokenizer
+  plus Chameleon's special tokens. The CPU stand-in for Anole 7B in the MedMax recipe's tiny run.
 """
 from __future__ import annotations
 
@@ -54,7 +58,50 @@ PRESETS = {"tiny": tiny_spec, "small": small_spec}
 
 
 def preset_spec(name: str, **overrides: Any) -> ModelSpec:
-    """The preset called ``name`` with ``overrides`` applied."""
+    """The composed preset called ``name`` with ``overrides`` applied."""
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
+        raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESET_NAMES)}")
     return PRESETS[name](**overrides)
+
+
+def tiny_chameleon(*, codebook_size: int = 64, image_size: int = 32, width: int = 32, layers: int = 2,
+                   seed: int = 0):
+    """A randomly initialised Chameleon (8 x 8 = 64 codes per 32-px image) with an offline tokenizer, as a
+    :class:`medtune.models.kinds.discrete.DiscreteVLM` (chat template ``chameleon``)."""
+    import torch
+    from transformers import ChameleonConfig
+
+    from medtune.models.discrete import BOI, END_OF_TURN, EOI, MedtuneChameleonForConditionalGeneration, image_code_token
+    from medtune.models.kinds.discrete import DiscreteVLM
+    from medtune.models.templates import get_template
+    from medtune.models.tokenizer import offline_tokenizer
+
+    tokenizer = offline_tokenizer()
+    tokenizer.add_tokens([BOI, EOI, END_OF_TURN, *(image_code_token(c) for c in range(codebook_size))],
+                         special_tokens=True)
+    tokenizer.chat_template = get_template("chameleon").jinja
+    torch.manual_seed(seed)
+    config = ChameleonConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, vocabulary_map=dict(tokenizer.get_vocab()),
+        # three VQ levels halve 32 px twice: an 8 x 8 grid of codes
+        vq_config=dict(embed_dim=8, num_embeddings=codebook_size, latent_channels=8, resolution=image_size,
+                       base_channels=32, channel_multiplier=[1, 1, 1], num_res_blocks=1, attn_resolutions=None))
+    model = MedtuneChameleonForConditionalGeneration(config).eval()
+    return DiscreteVLM.assemble(model, tokenizer, template="chameleon")
+
+
+# presets that are not composed models, by the function that builds them
+MODEL_PRESETS = {"tiny-chameleon": tiny_chameleon}
+PRESET_NAMES = (*PRESETS, *MODEL_PRESETS)
+
+
+def build_preset(name: str, **overrides: Any):
+    """The model of preset ``name``, built (a composed ModelSpec is built with build_vlm)."""
+    if name in MODEL_PRESETS:
+        return MODEL_PRESETS[name](**overrides)
+    from medtune.models.build import build_vlm
+
+    return build_vlm(preset_spec(name, **overrides))

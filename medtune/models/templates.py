@@ -29,6 +29,9 @@ bases, LLaVA / LLaVA-Med, MoE-LLaVA / Med-MoE, XTuner / GMAI-VL, Qwen):
 * ``chatml``, ``qwen``, ``internlm2``: ``<|im_start|>role\\n ... <|im_end|>\\n`` blocks and a generation
   prompt ``<|im_start|>assistant\\n``; ``qwen`` inserts Qwen's default system prompt when none is given,
   ``internlm2`` starts with BOS.
+* ``chameleon``: Chameleon/Anole's supervised format as MedMax trains it: BOS, each user turn followed by the
+  end-of-turn token ``<reserved08706>``, each reply followed by EOS (a system message is a first turn of its
+  own). The prompt ends at the end-of-turn token, so a generation prompt adds nothing.
 
 BOS/EOS are the tokenizer's own (``bos_token`` / ``eos_token`` in the Jinja context, keyword arguments of
 ``render``); a template that ignores BOS ignores it in both.
@@ -288,6 +291,35 @@ def _chatml_jinja(default_system: str | None, use_bos: bool) -> str:
     )
 
 
+CHAMELEON_END_OF_TURN = "<reserved08706>"
+
+
+def _render_chameleon(messages, add_generation_prompt, image_token, bos, eos) -> list[Segment]:
+    system, turns = _split_system(messages, image_token)
+    segments = [Segment(bos + (system + CHAMELEON_END_OF_TURN if system else ""), False)]
+    for message in turns:
+        text = content_text(message["content"], image_token)
+        if message["role"] == "user":
+            segments.append(Segment(text + CHAMELEON_END_OF_TURN, False))
+        elif message["role"] == "assistant":
+            segments.append(Segment(text + eos, True))
+        else:
+            raise ValueError("a system message is only allowed first")
+    return segments
+
+
+_CHAMELEON_JINJA = _JINJA_PRELUDE + _jinja_system(None) + (
+    "{{ bos }}{%- if ns.system -%}{{ ns.system + '" + CHAMELEON_END_OF_TURN + "' }}{%- endif -%}"
+    "{%- for message in messages[ns.start:] -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{ render_content(message['content'], image_token) + '" + CHAMELEON_END_OF_TURN + "' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ render_content(message['content'], image_token) + eos }}"
+    "{%- else -%}{{ raise_exception('a system message is only allowed first') }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
 # --------------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -351,6 +383,7 @@ _TEMPLATES = {
                   default_eos="<|im_end|>"),
     "internlm2": _make("internlm2", _chatml_renderer(None, True), _chatml_jinja(None, True),
                        default_eos="<|im_end|>"),
+    "chameleon": _make("chameleon", _render_chameleon, _CHAMELEON_JINJA),
 }
 
 TEMPLATE_NAMES: tuple[str, ...] = tuple(_TEMPLATES)

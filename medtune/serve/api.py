@@ -163,8 +163,11 @@ def _parse_settings(body: dict, config: ServerConfig) -> GenerationSettings:
     if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, "'stop' must be a non-empty string or a list of at most 4 of them", param="stop")
     seed = _optional(body, "seed", int, None)
+    modalities = _optional(body, "modalities", list, ["text"])
+    if not modalities or not all(m in ("text", "image") for m in modalities):
+        raise ApiError(400, f"'modalities' must list text and/or image, got {modalities!r}", param="modalities")
     return GenerationSettings(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop,
-                              seed=seed)
+                              seed=seed, modalities=tuple(modalities))
 
 
 def _parse_messages(messages, config: ServerConfig) -> tuple[list[dict], list]:
@@ -454,6 +457,7 @@ def create_app(generator, config: ServerConfig):
             raise ApiError(413, f"request body of {len(raw)} bytes is over the limit of {config.max_body_bytes}")
         body = parse_json_body(raw)
         chat = await run_in_threadpool(parse_chat_request, body, config)  # image decoding off the event loop
+        _check_modalities(generator, chat.settings)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if chat.stream:
             job = worker.submit_stream(chat, asyncio.get_running_loop())
@@ -475,14 +479,35 @@ def _check_key(request, config: ServerConfig) -> None:
                        type="authentication_error", code="invalid_api_key")
 
 
+def _check_modalities(generator, settings: GenerationSettings) -> None:
+    """A request for images to a model that cannot write them is the client's 400, before any generation."""
+    vlm = getattr(generator, "vlm", None)
+    if vlm is None or settings.modalities == ("text",):
+        return
+    try:
+        vlm.generation_kwargs(settings)
+    except ValueError as error:
+        raise ApiError(400, str(error), param="modalities") from None
+
+
 def _usage(completion: Completion) -> dict:
     return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
             "total_tokens": completion.prompt_tokens + completion.completion_tokens}
 
 
+def _message_content(completion: Completion):
+    """The answer's text; with images, OpenAI content parts: the text, then each image as a PNG data URI."""
+    if not completion.images:
+        return completion.text
+    from medtune.eval.backends import image_data_uri
+
+    parts = [{"type": "text", "text": completion.text}] if completion.text else []
+    return parts + [{"type": "image_url", "image_url": {"url": image_data_uri(image)}} for image in completion.images]
+
+
 def _completion_body(completion: Completion, completion_id: str, created: int, model_id: str) -> dict:
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_id,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": _message_content(completion)},
                          "finish_reason": completion.finish_reason}],
             "usage": _usage(completion)}
 
@@ -507,7 +532,9 @@ async def _sse_events(job: _Job, completion_id: str, created: int, model_id: str
             elif isinstance(item, ApiError):
                 yield f"data: {json.dumps(item.body())}\n\n"
                 break
-            else:  # the finished Completion
+            else:  # the finished Completion; images (whole, not streamed) come as content parts before the end
+                if item.images:
+                    yield chunk({"content": _message_content(item)[1 if item.text else 0:]})
                 yield chunk({}, finish_reason=item.finish_reason)
                 if job.request.include_usage:
                     yield event([], usage=_usage(item))

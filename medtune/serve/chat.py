@@ -11,6 +11,9 @@ Design choices:
   (with a slice), with the same decompression-bomb guard as everywhere else.
 * Every answer line starts with ``assistant: `` and ends with a newline, so output stays parseable when
   stdin is not a terminal (no prompts are printed then).
+* An answer that holds images (a model that writes image tokens, with ``modalities`` allowing images) gets them
+  saved as PNG files under ``image_dir``, named by the answer's number and the image's content hash (never by an
+  input file's name), and their paths printed after the text. The conversation keeps the answer's text.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from medtune.models.generation import GenerationSettings
 
 HELP = """commands:
   /image PATH           talk about another image (PNG/JPEG, DICOM, NIfTI); starts a new conversation
-  /set NAME VALUE       change a setting: temperature, top_p, max_tokens, seed, window, slice
+  /set NAME VALUE       change a setting: temperature, top_p, max_tokens, seed, modalities, window, slice
   /settings             show the current settings
   /reset                forget the conversation (the image stays)
   /help                 this text
@@ -50,6 +53,8 @@ class ChatSession:
     images: list = field(default_factory=list)
     image: Any = None  # the current PIL image, sent with the next question when the conversation is new
     image_name: str | None = None
+    image_dir: Path = Path("medtune-chat-images")
+    answers: int = 0   # answers given so far (names saved images)
 
     def load_image(self, path: str) -> None:
         """Make ``path`` the current image and start a new conversation about it."""
@@ -72,10 +77,32 @@ class ChatSession:
     def record_answer(self, text: str) -> None:
         self.messages.append({"role": "assistant", "content": text})
 
+    def save_images(self, images: list) -> list[Path]:
+        """Write an answer's images as PNG files (named by answer number and content hash); their paths."""
+        import hashlib
+        import io
+
+        self.answers += 1
+        paths = []
+        for index, image in enumerate(images, 1):
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            digest = hashlib.sha256(buffer.getvalue()).hexdigest()[:12]
+            path = self.image_dir / f"answer-{self.answers}-{index}-{digest}.png"
+            self.image_dir.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(buffer.getvalue())
+            paths.append(path)
+        return paths
+
     def set(self, name: str, value: str) -> None:
         """``/set NAME VALUE``: a sampling setting, or the window/slice used for the next /image."""
         if name == "window":
             self.window = _check_window(None if value.lower() == "none" else value)
+        elif name == "modalities":
+            try:
+                self.settings = dataclasses.replace(self.settings, modalities=parse_modalities(value))
+            except ValueError as error:
+                raise ChatCommandError(str(error)) from None
         elif name == "slice":
             self.slice = None if value.lower() == "none" else _parse(int, name, value)
         elif name in SAMPLING_SETTINGS:
@@ -87,13 +114,19 @@ class ChatSession:
             except ValueError as error:
                 raise ChatCommandError(str(error)) from None
         else:
-            known = ", ".join([*SAMPLING_SETTINGS, "window", "slice"])
+            known = ", ".join([*SAMPLING_SETTINGS, "modalities", "window", "slice"])
             raise ChatCommandError(f"unknown setting {name!r} (settings: {known})")
 
     def describe(self) -> str:
         s = self.settings
         return (f"temperature={s.temperature} top_p={s.top_p} max_tokens={s.max_new_tokens} seed={s.seed} "
-                f"window={self.window} slice={self.slice} image={self.image_name}")
+                f"modalities={','.join(s.modalities)} window={self.window} slice={self.slice} "
+                f"image={self.image_name}")
+
+
+def parse_modalities(text: str) -> tuple[str, ...]:
+    """``text``, ``image`` or ``text,image`` as GenerationSettings modalities."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def _parse(kind: type, name: str, value: str):
@@ -172,7 +205,8 @@ def chat_loop(session: ChatSession, lines: Iterable[str], out: TextIO) -> None:
         print("assistant: ", end="", file=out, flush=True)
         pieces = []
         try:
-            for delta in session.ask(line):
+            stream = session.ask(line)
+            for delta in stream:
                 pieces.append(delta)
                 print(delta, end="", file=out, flush=True)
         except ValueError as error:  # the model cannot take this conversation (e.g. too many images)
@@ -180,6 +214,9 @@ def chat_loop(session: ChatSession, lines: Iterable[str], out: TextIO) -> None:
             print(f"\nerror: {error}", file=out, flush=True)
             continue
         print(file=out, flush=True)
+        images = getattr(getattr(stream, "completion", None), "images", None) or []
+        for path in session.save_images(images) if images else []:
+            print(f"[image: {path}]", file=out, flush=True)
         session.record_answer("".join(pieces))
 
 
@@ -205,14 +242,19 @@ def run_chat(args) -> int:
 
     try:
         settings = GenerationSettings(max_new_tokens=args.max_tokens, temperature=args.temperature,
-                                      top_p=args.top_p, seed=args.seed)
+                                      top_p=args.top_p, seed=args.seed, modalities=parse_modalities(args.modalities))
         _check_window(args.window)
     except ValueError as error:
         raise UserError(str(error)) from None
     # the image first: a typo in its path should not cost a model load
     image = load_image_file(args.image, window=args.window, slice=args.slice) if args.image else None
-    session = ChatSession(Generator(load_vlm(args.model)), settings, window=args.window, slice=args.slice,
-                          image=image, image_name=args.image)
+    vlm = load_vlm(args.model)
+    try:
+        vlm.generation_kwargs(settings)   # a model that cannot write images says so now, not at the first answer
+    except ValueError as error:
+        raise UserError(f"--modalities {args.modalities}: {error}") from None
+    session = ChatSession(Generator(vlm), settings, window=args.window, slice=args.slice, image=image,
+                          image_name=args.image, image_dir=args.image_dir)
     interactive = sys.stdin.isatty()
     print(f"medtune chat: {args.model}" + (f" with image {args.image}" if args.image else "")
           + ". Type /help for commands, /quit to leave.", flush=True)

@@ -43,6 +43,11 @@ def _register_chat(subparsers) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (deterministic)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling (temperature > 0)")
+    parser.add_argument("--modalities", default="text",
+                        help="what answers may hold: text, image, or text,image (images need a model that writes "
+                             "image tokens, e.g. a MedMax checkpoint with its image decoder)")
+    parser.add_argument("--image-dir", type=Path, default=Path("medtune-chat-images"),
+                        help="where images in answers are saved (default: ./medtune-chat-images)")
     parser.set_defaults(func=_run_chat)
 
 

@@ -33,6 +33,8 @@ class WebSession:
     messages: list[dict] = field(default_factory=list)
     image: Any = None
     image_name: str | None = None
+    answer_images: dict = field(default_factory=dict)
+    """message index -> PNG files of the images that answer holds (models that write images)."""
 
     def images(self) -> list:
         has_image_part = any(isinstance(m["content"], list) and any(p.get("type") == "image" for p in m["content"])
@@ -49,22 +51,33 @@ def read_upload(path: str, window: str | None):
 
 
 def chat_history(session: WebSession) -> list[dict]:
-    """The Chatbot's value: text of each message (an image part is shown as a marker)."""
+    """The Chatbot's value: text of each message (an image part is shown as a marker), and after an answer the
+    images it holds."""
     history = []
-    for message in session.messages:
+    for index, message in enumerate(session.messages):
         content = message["content"]
         if isinstance(content, list):
             content = "\n".join(p["text"] if p["type"] == "text" else "[image]" for p in content)
         history.append({"role": message["role"], "content": content})
+        for path in session.answer_images.get(index, ()):
+            history.append({"role": "assistant", "content": {"path": str(path), "mime_type": "image/png"}})
     return history
 
 
 class DemoHandlers:
     """What the page's events do; each returns the new session state and what the page shows."""
 
-    def __init__(self, generator):
+    def __init__(self, generator, image_dir=None):
+        import tempfile
+
         self.generator = generator
         self.vlm = generator.vlm
+        self.image_dir = Path(image_dir or tempfile.mkdtemp(prefix="medtune-web-images-"))
+        try:   # whether this model can answer with images (a model that writes image tokens, with a decoder)
+            self.vlm.generation_kwargs(GenerationSettings(modalities=("image",)))
+            self.draws = True
+        except ValueError:
+            self.draws = False
 
     def on_image(self, file, window, session: WebSession):
         from medtune.data.images import ImageError
@@ -81,7 +94,7 @@ class DemoHandlers:
                   f"({self.vlm.image_size} px).")
         return session, self.vlm.model_view(image), [], status
 
-    def on_send(self, question, session: WebSession, temperature, top_p, max_tokens, seed):
+    def on_send(self, question, session: WebSession, temperature, top_p, max_tokens, seed, draw=False):
         if not question or not question.strip():
             yield "", session, chat_history(session)
             return
@@ -89,36 +102,49 @@ class DemoHandlers:
         if session.image is not None and not session.images():
             content.insert(0, {"type": "image"})
         session.messages.append({"role": "user", "content": content})
-        for session, history in self._answer(session, _settings(temperature, top_p, max_tokens, seed)):
+        for session, history in self._answer(session, _settings(temperature, top_p, max_tokens, seed, draw)):
             yield "", session, history
 
-    def on_regenerate(self, session: WebSession, temperature, top_p, max_tokens, seed):
+    def on_regenerate(self, session: WebSession, temperature, top_p, max_tokens, seed, draw=False):
         if session.messages and session.messages[-1]["role"] == "assistant":
+            session.answer_images.pop(len(session.messages) - 1, None)
             session.messages.pop()
         if not session.messages:
             yield session, []
             return
-        yield from self._answer(session, _settings(temperature, top_p, max_tokens, seed))
+        yield from self._answer(session, _settings(temperature, top_p, max_tokens, seed, draw))
 
     def on_clear(self, session: WebSession):
-        session.messages = []
+        session.messages, session.answer_images = [], {}
         return session, []
 
     def _answer(self, session: WebSession, settings: GenerationSettings):
         """Stream the assistant's reply into the chat; record it in the session when it is complete."""
         history = chat_history(session) + [{"role": "assistant", "content": ""}]
         pieces = []
-        for delta in self.generator.stream(session.messages, session.images(), settings):
+        stream = self.generator.stream(session.messages, session.images(), settings)
+        for delta in stream:
             pieces.append(delta)
             history[-1]["content"] = "".join(pieces)
             yield session, history
+        images = getattr(stream.completion, "images", None) or []
+        if images:
+            session.answer_images[len(session.messages)] = [self._save(image) for image in images]
         session.messages.append({"role": "assistant", "content": "".join(pieces)})
         yield session, chat_history(session)
 
+    def _save(self, image) -> Path:
+        import uuid
 
-def _settings(temperature, top_p, max_tokens, seed) -> GenerationSettings:
+        path = self.image_dir / f"{uuid.uuid4().hex}.png"
+        image.save(path, format="PNG")
+        return path
+
+
+def _settings(temperature, top_p, max_tokens, seed, draw=False) -> GenerationSettings:
     return GenerationSettings(max_new_tokens=int(max_tokens), temperature=float(temperature), top_p=float(top_p),
-                              seed=None if seed in (None, "") else int(seed))
+                              seed=None if seed in (None, "") else int(seed),
+                              modalities=("image",) if draw else ("text",))
 
 
 def build_app(generator, *, title: str = "medtune"):
@@ -146,6 +172,9 @@ def build_app(generator, *, title: str = "medtune"):
                                 gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top_p"),
                                 gr.Slider(1, 1024, value=128, step=1, label="max tokens"),
                                 gr.Number(value=None, precision=0, label="seed (sampling only)")]
+                # models that write image tokens can answer with an image; the others get no such switch
+                sampling.append(gr.Checkbox(value=False, label="answer with an image", elem_id="draw",
+                                            visible=handlers.draws))
             with gr.Column(scale=2):
                 chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", render_markdown=False, height=420,
                                      feedback_options=None)

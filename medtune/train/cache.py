@@ -77,7 +77,7 @@ def cache_key(data_files: Sequence[str | os.PathLike], vlm, *, max_length: int, 
 
 def encode_checked(sample, vlm, image_root, *, max_length: int, truncation: str) -> dict[str, list[int]]:
     """Token columns of a sample, after decoding its images once so a broken image is counted now."""
-    row = vlm.encode_tokens(sample, max_length=max_length, truncation=truncation)
+    row = vlm.encode_tokens(sample, max_length=max_length, truncation=truncation, image_root=image_root)
     vlm.check_images(sample.images, image_root)
     return row
 

@@ -43,20 +43,39 @@ def iter_stage_samples(spec: DataSpec, tally: Tally, *, seed: int = 0) -> Iterat
         path = resolve_data_path(spec.path)
         root = Path(spec.image_root) if spec.image_root else default_image_root(spec.format, path)
         stream = ((sample, root) for sample in read_records(spec.format, path, tally=tally, strict=spec.strict))
+    if spec.image_codes:
+        stream = with_image_codes(stream, resolve_data_path(spec.image_codes))
     return itertools.islice(stream, spec.limit) if spec.limit else stream
+
+
+def with_image_codes(pairs, codes_file: Path):
+    """Samples carrying their images' precomputed codes (meta.extra ``image_tokens``, one list per image) where
+    the codes file has them: by (sample id, image index), or by image path (MedMax's Parquet)."""
+    import dataclasses
+
+    from medtune.models.tokenize_images import read_codes
+
+    codes = read_codes(codes_file)
+    for sample, root in pairs:
+        found = [codes.get((sample.id, index), codes.get(ref.path)) for index, ref in enumerate(sample.images)]
+        if sample.images and all(row is not None for row in found):
+            meta = dataclasses.replace(sample.meta, extra={**sample.meta.extra, "image_tokens": found})
+            sample = dataclasses.replace(sample, meta=meta)
+        yield sample, root
 
 
 def data_files(spec: DataSpec) -> list[Path]:
     """The files whose content a stage's encoded data depends on (the token cache's key)."""
+    codes = [resolve_data_path(spec.image_codes)] if spec.image_codes else []
     if spec.mixture is None:
         path = resolve_data_path(spec.path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such data file (stage data.path)")
-        return [path]
+        return [path, *codes]
     from medtune.data.mixture import load_mixture
 
     mixture_file = resolve_data_path(spec.mixture)
-    return [mixture_file, *(Path(d.path) for d in load_mixture(mixture_file).datasets)]
+    return [mixture_file, *(Path(d.path) for d in load_mixture(mixture_file).datasets), *codes]
 
 
 # ---- encoding -------------------------------------------------------------------------------------------
@@ -65,6 +84,10 @@ def data_files(spec: DataSpec) -> list[Path]:
 def stage_dataset(spec: DataSpec, vlm, *, max_length: int, seed: int, cache_dir: str | Path | None,
                   progress: bool = True):
     """(dataset, tally): encoded rows of a stage's data; ``dataset[i]`` decodes row i's images."""
+    try:
+        vlm.use_label_rule(spec.labels)
+    except ValueError as error:
+        raise RecipeError(f"data.{error}") from None
     if vlm.cache_settings() is None:
         tally = Tally()
         return encode_in_memory(spec, vlm, max_length=max_length, tally=tally, seed=seed), tally
@@ -77,7 +100,7 @@ def stage_dataset(spec: DataSpec, vlm, *, max_length: int, seed: int, cache_dir:
         cache_dir=cache_dir or default_cache_dir(), max_length=max_length, truncation=spec.truncation,
         # paths, not only contents: relative image paths resolve against the data file's location
         extra={"paths": [str(f.resolve()) for f in files], "format": spec.format, "image_root": spec.image_root,
-               "limit": spec.limit, "seed": seed},
+               "limit": spec.limit, "seed": seed, "labels": spec.labels},
         strict=spec.strict, progress=progress)
     tally = _with_reader_skips(encoded, reader_tally)
     if encoded.from_cache:

@@ -87,9 +87,7 @@ def add_lora(vlm, model, lora: LoraSpec, *, train_whole: list[str] = ()):
     """
     from peft import LoraConfig, get_peft_model
 
-    scopes = [re.escape(vlm.module_of("llm", model))]
-    if lora.on_vision:
-        scopes.append(re.escape(vlm.module_of("vision", model)))
+    scopes = [re.escape(scope) for scope in vlm.lora_scopes(lora.on_vision, model)]
     parameters = vlm.lora_parameter_targets() if lora.on_experts else []
     layers = "|".join(re.escape(name) for name in lora.target_modules)
     # A regex target confines adapters to the chosen parts: the projector's and vision tower's linear layers

@@ -46,6 +46,12 @@ class DataSpec:
     limit: int | None = None           # use only the first N samples (smoke tests, tiny runs)
     truncation: Literal["text", "drop"] = "text"   # over-long samples: cut text only, or drop and count
     strict: bool = False               # stop at the first bad record instead of skipping and counting it
+    # Which tokens train: every reply (roles), or MedMax's rule for discrete-token models: everything after the
+    # first end-of-turn token (first_separator).
+    labels: Literal["roles", "first_separator"] = "roles"
+    # Discrete-token models: precomputed image codes (`medtune tokenize-images` output, or MedMax's Parquet);
+    # images without codes there are encoded by the model's VQ.
+    image_codes: str | None = None
 
 
 @dataclass
@@ -142,6 +148,7 @@ class Recipe:
     distributed: DistributedSpec = field(default_factory=DistributedSpec)
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])   # + wandb, mlflow if installed
     cache_dir: str | None = None        # token cache (default: $MEDTUNE_CACHE/tokens, ~/.cache/medtune/tokens)
+    tiny_preset: str = "tiny"           # the model preset the tiny override (--tiny) swaps in
     defaults: dict = field(default_factory=dict)   # merged under every stage (already applied once parsed)
 
 
@@ -521,15 +528,17 @@ def _check_model_spec(model: dict) -> None:
     from dataclasses import fields
 
     from medtune.models.build import ModelSpec
-    from medtune.models.presets import PRESETS
+    from medtune.models.presets import MODEL_PRESETS, PRESET_NAMES
 
+    if model.get("preset") in MODEL_PRESETS:
+        return   # a preset that builds a model of its own kind: its settings are the builder's arguments
     known = [f.name for f in fields(ModelSpec)] + ["preset"]
     for key in model:
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             raise RecipeError(f"model.{key}: unknown key" + (f" (did you mean {close[0]}?)" if close else ""))
-    if "preset" in model and model["preset"] not in PRESETS:
-        raise RecipeError(f"model.preset: {model['preset']!r} is not one of {', '.join(PRESETS)}")
+    if "preset" in model and model["preset"] not in PRESET_NAMES:
+        raise RecipeError(f"model.preset: {model['preset']!r} is not one of {', '.join(PRESET_NAMES)}")
     if "preset" not in model and not {"vision", "llm"} <= set(model):
         raise RecipeError("model: a composed model needs vision and llm (or a preset)")
 
@@ -600,8 +609,8 @@ def make_tiny(raw: dict) -> dict:
     """
     raw = copy.deepcopy(raw)
     model = raw.get("model")
-    tiny_model = {"preset": "tiny"}
-    if isinstance(model, dict):
+    tiny_model = {"preset": raw.get("tiny_preset", "tiny")}
+    if isinstance(model, dict) and tiny_model["preset"] == "tiny":
         tiny_model.update({k: model[k] for k in ("template", "projector") if k in model})
     raw["model"] = tiny_model
     raw.setdefault("output_dir", "runs/tiny")
@@ -615,7 +624,11 @@ def make_tiny(raw: dict) -> dict:
         if not isinstance(stage, dict):
             continue
         stage = stages[index] = _deep_merge(defaults, stage) if isinstance(defaults, dict) else stage
-        stage.update(data=dict(tiny_data), max_steps=TINY_STEPS, batch_size=2, grad_accum=1, max_length=256,
+        # how labels are made is part of what the stage trains: it stays (first_separator: the bundled data's
+        # prompts end with the template's end-of-turn token too)
+        labels = (stage.get("data") or {}).get("labels") if isinstance(stage.get("data"), dict) else None
+        stage.update(data={**tiny_data, **({"labels": labels} if labels else {})}, max_steps=TINY_STEPS,
+                     batch_size=2, grad_accum=1, max_length=256,
                      precision="fp32", save_steps=TINY_STEPS, log_steps=1, dataloader_workers=0)
         stage.pop("eval_data", None)
         stage.pop("eval_steps", None)

@@ -300,12 +300,10 @@ def load_stage_model(recipe: Recipe, index: int):
         return load_vlm(recipe.model), recipe.model
     settings = dict(recipe.model)
     if "preset" in settings:
-        from medtune.models.presets import preset_spec
+        from medtune.models.presets import build_preset
 
-        spec = preset_spec(settings.pop("preset"), **settings)
-    else:
-        spec = ModelSpec.from_dict(settings)
-    return build_vlm(spec), None
+        return build_preset(settings.pop("preset"), **settings), None
+    return build_vlm(ModelSpec.from_dict(settings)), None
 
 
 def home_template(recipe: Recipe) -> str | None:
@@ -316,7 +314,10 @@ def home_template(recipe: Recipe) -> str | None:
     """
     if isinstance(recipe.model, dict):
         from medtune.models.build import ModelSpec
+        from medtune.models.presets import MODEL_PRESETS
 
+        if recipe.model.get("preset") in MODEL_PRESETS:
+            return None   # the preset's model knows its own template
         return recipe.model.get("template", ModelSpec.__dataclass_fields__["template"].default)
     metadata = Path(recipe.model) / "medtune.json"
     if metadata.is_file():

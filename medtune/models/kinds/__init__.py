@@ -10,6 +10,8 @@ native      a transformers VLM medtune did not compose        its own processor'
             (Idefics3 / SmolVLM, llava-hf, Qwen2-VL ...)      (in memory)                        by module
 moe         composed, with every k-th FFN upcycled to         as composed, + the domain field    + experts,
             experts + shared expert + router                  (routing statistics)               router, ffn
+discrete    a mixed-modal LM reading VQ image codes           ids with [boi] codes [eoi] blocks  vision (the
+            (Chameleon / Anole, as MedMax trains them)        (token cache; no pixels)           VQ), llm
 ==========  ================================================  =================================  ==========
 
 The interface every kind implements is :class:`medtune.models.kinds.base.VLM` (its docstring lists the
@@ -27,8 +29,15 @@ KINDS = {
     "composed": "medtune.models.kinds.composed:ComposedVLM",
     "native": "medtune.models.kinds.native:NativeVLM",
     "moe": "medtune.models.kinds.moe:MoEVLM",
+    "discrete": "medtune.models.kinds.discrete:DiscreteVLM",
 }
 DEFAULT_KIND = "composed"   # medtune.json files written before kinds were recorded are composed models
+
+
+def kind_of_foreign_checkpoint(config) -> str:
+    """The kind of a checkpoint medtune did not write (no medtune.json), from its config's structure: a model
+    with a VQ image tokenizer reads discrete image codes; any other VLM is native."""
+    return "discrete" if getattr(config, "vq_config", None) is not None else "native"
 
 
 def kind_class(name: str) -> type[VLM]:
@@ -40,4 +49,5 @@ def kind_class(name: str) -> type[VLM]:
     return getattr(importlib.import_module(module), attribute)
 
 
-__all__ = ["DEFAULT_KIND", "KINDS", "MEDTUNE_FILE", "NATIVE_TEMPLATE", "VLM", "kind_class"]
+__all__ = ["DEFAULT_KIND", "KINDS", "MEDTUNE_FILE", "NATIVE_TEMPLATE", "VLM", "kind_class",
+           "kind_of_foreign_checkpoint"]

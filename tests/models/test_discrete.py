@@ -1,0 +1,331 @@
+"""The discrete-token kind on a tiny random Chameleon: token layout, labels, the lifted image-logit mask, the
+Hugging Face checkpoint round trip, text generation without image codes, and Chameleon's original format."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from PIL import Image  # noqa: E402
+
+from medtune.data.schema import ImageRef, Message, Metadata, Part, Sample  # noqa: E402
+from medtune.models.build import load_vlm  # noqa: E402
+from medtune.models.presets import tiny_chameleon  # noqa: E402
+from medtune.models.processing import IGNORE_INDEX, SkipSample  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    return tiny_chameleon()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for name, size in (("a.png", (40, 32)), ("b.png", (32, 48))):
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(directory / name)
+    return directory
+
+
+def _turn(role, *parts):
+    return Message(role, tuple(Part.of_image(ImageRef(p[1:])) if p.startswith("@") else Part.of_text(p)
+                               for p in parts))
+
+
+TWO_IMAGES = Sample("two", [_turn("user", "@a.png", "Compare with", "@b.png"), _turn("assistant", "The same.")])
+# an assistant that answers with an image (MedMax's generation tasks): its codes are labels
+DRAWN = Sample("drawn", [_turn("user", "Draw a chest X-ray."), _turn("assistant", "Here:", "@a.png"),
+                         _turn("user", "Thanks, is it normal?"), _turn("assistant", "Yes.")])
+
+
+def test_two_images_become_begin_codes_end_blocks_and_only_replies_train(vlm, root):
+    encoded = vlm.encode_sample(TWO_IMAGES, root, max_length=1024)
+    ids, labels = encoded["input_ids"], encoded["labels"]
+    boi, eoi = vlm.token_id(vlm.boi_token), vlm.token_id(vlm.eoi_token)
+    n = vlm.image_tokenizer.codes_per_image
+    assert ids[0] == vlm.tokenizer.bos_token_id and ids[-1] == vlm.tokenizer.eos_token_id
+    starts = [i for i, t in enumerate(ids) if t == boi]
+    assert len(starts) == 2 and all(ids[s + n + 1] == eoi for s in starts)
+    codes = set(vlm.image_token_ids)
+    for start in starts:
+        assert set(ids[start + 1:start + 1 + n]) <= codes
+    assert sum(t in codes for t in ids) == 2 * n and vlm.image_token_id not in ids
+    # the user turn (with both images) is masked; exactly the reply and its EOS train
+    trained = [t for t, label in zip(ids, labels) if label != IGNORE_INDEX]
+    assert vlm.tokenizer.decode(trained) == "The same." + vlm.tokenizer.eos_token
+    assert [label for t, label in zip(ids, labels) if label != IGNORE_INDEX] == trained
+    # the codes are the VQ's own, offset by the model's vocabulary map
+    images = [Image.open(root / name).convert("RGB") for name in ("a.png", "b.png")]
+    expected = vlm.image_tokenizer.codes_to_token_ids(vlm.image_tokenizer.encode(images)).tolist()
+    assert [ids[s + 1:s + 1 + n] for s in starts] == expected
+
+
+def test_an_image_in_a_reply_trains_and_every_reply_of_every_turn_trains(vlm, root):
+    encoded = vlm.encode_sample(DRAWN, root, max_length=1024)
+    ids, labels = encoded["input_ids"], encoded["labels"]
+    codes = set(vlm.image_token_ids)
+    assert all(label == t for t, label in zip(ids, labels) if t in codes)
+    trained_text = vlm.tokenizer.decode([t for t, label in zip(ids, labels) if label != IGNORE_INDEX and t not in codes
+                                         and t not in (vlm.token_id(vlm.boi_token), vlm.token_id(vlm.eoi_token))])
+    eos = vlm.tokenizer.eos_token
+    assert trained_text == f"Here:\n{eos}Yes.{eos}"
+
+
+def test_medmax_rule_trains_everything_after_the_first_separator(vlm, root):
+    import dataclasses
+
+    medmax = dataclasses.replace(vlm, label_rule="first_separator")
+    ids, labels = (medmax.encode_sample(DRAWN, root, max_length=1024)[k] for k in ("input_ids", "labels"))
+    separator = vlm.token_id(vlm.end_of_turn_token)
+    cut = ids.index(separator) + 1
+    assert all(label == IGNORE_INDEX for label in labels[:cut]) and labels[cut:] == ids[cut:]
+    # the second user turn trains too under MedMax's rule (it masks only up to the first separator)
+    assert ids.count(separator) == 2 and labels[ids.index(separator, cut)] == separator
+    alone = Sample("no-sep", [_turn("assistant", "An answer without a question.")])
+    with pytest.raises(SkipSample, match="no end-of-turn separator"):
+        medmax.encode_sample(alone, root, max_length=1024)
+
+
+def test_carried_codes_are_used_without_the_encoder_and_checked(vlm, root, monkeypatch):
+    images = [Image.open(root / name).convert("RGB") for name in ("a.png", "b.png")]
+    codes = vlm.image_tokenizer.encode(images).tolist()
+    carried = Sample("two", TWO_IMAGES.messages, meta=Metadata(extra={"image_tokens": codes}))
+    reference = vlm.encode_sample(TWO_IMAGES, root, max_length=1024)
+    monkeypatch.setattr(vlm.image_tokenizer, "encode", lambda images: pytest.fail("the VQ encoder ran"))
+    assert vlm.encode_sample(carried, None, max_length=1024) == reference
+    bad = Sample("bad", TWO_IMAGES.messages, meta=Metadata(extra={"image_tokens": [codes[0], [9999] * len(codes[0])]}))
+    with pytest.raises(SkipSample, match="out of range"):
+        vlm.encode_sample(bad, None, max_length=1024)
+    short = Sample("short", TWO_IMAGES.messages, meta=Metadata(extra={"image_tokens": [codes[0]]}))
+    with pytest.raises(SkipSample, match="image codes do not fit"):
+        vlm.encode_sample(short, None, max_length=1024)
+
+
+def test_truncation_never_cuts_an_image_block(vlm, root):
+    full = vlm.encode_sample(DRAWN, root, max_length=1024)["input_ids"]
+    start = full.index(vlm.token_id(vlm.boi_token))
+    with pytest.raises(SkipSample, match="would cut an image"):
+        vlm.encode_sample(DRAWN, root, max_length=start + 5)
+    after = start + vlm.image_tokenizer.codes_per_image + 2
+    cut = vlm.encode_sample(DRAWN, root, max_length=after + 2)
+    assert cut["input_ids"] == full[:after + 2]
+
+
+def _batch(vlm, root, samples):
+    return vlm.collator()([vlm.encode_sample(s, root, max_length=1024) for s in samples])
+
+
+def test_the_loss_over_image_codes_is_the_unmasked_cross_entropy(vlm, root):
+    from transformers import ChameleonForConditionalGeneration
+
+    batch = _batch(vlm, root, [DRAWN, TWO_IMAGES])
+    with torch.no_grad():
+        loss, _ = vlm.training_loss(vlm.model, batch)
+        hidden = vlm.model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+        logits = vlm.model.lm_head(hidden).float()
+    targets = batch["labels"][:, 1:]
+    reference = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                  ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    assert bool(torch.isin(targets, torch.tensor(vlm.image_token_ids)).any())
+    # transformers' own class masks image logits: the same labels give a loss of another order of magnitude
+    stock = ChameleonForConditionalGeneration(vlm.model.config)
+    stock.load_state_dict(vlm.model.state_dict())
+    with torch.no_grad():
+        masked = stock.eval()(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss
+    assert masked > 1e6 * loss
+
+
+def test_the_checkpoint_is_a_chameleon_checkpoint_and_reloads_as_the_discrete_kind(vlm, root, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    vlm.save(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "chameleon"
+    assert json.loads((tmp_path / "medtune.json").read_text())["kind"] == "discrete"
+    loaded = load_vlm(tmp_path)
+    assert loaded.kind == "discrete" and loaded.template == "chameleon"
+    batch = _batch(vlm, root, [TWO_IMAGES])
+    with torch.no_grad():
+        ours = vlm.model(input_ids=batch["input_ids"]).logits
+        assert torch.equal(loaded.model(input_ids=batch["input_ids"]).logits, ours)
+        plain = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()(input_ids=batch["input_ids"]).logits
+    text = torch.ones(ours.shape[-1], dtype=torch.bool)
+    text[vlm.image_token_ids] = False
+    assert type(AutoModelForImageTextToText.from_pretrained(tmp_path)).__name__ == "ChameleonForConditionalGeneration"
+    assert torch.equal(plain[..., text], ours[..., text])   # the same model; transformers masks image codes
+    assert bool((plain[..., ~text] == torch.finfo(plain.dtype).min).all())
+    # a Chameleon checkpoint medtune did not write (no medtune.json) is still the discrete kind
+    (tmp_path / "medtune.json").unlink()
+    assert load_vlm(tmp_path).kind == "discrete"
+
+
+def test_text_generation_never_emits_image_codes_and_batches_like_one_by_one(vlm):
+    from medtune.models.generation import GenerationSettings, Generator
+
+    generator = Generator(vlm)
+    conversations = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+                     for q in ("Is it normal?", "Which organ is shown here?")]
+    images = [[Image.new("RGB", (40, 30), "gray")], [Image.new("RGB", (30, 30), "white")]]
+    settings = GenerationSettings(max_new_tokens=12)
+    batch = generator._encode_batch(conversations, images)
+    with torch.inference_mode():
+        output = generator._run_generate(batch, settings)
+    new = output[:, batch["input_ids"].shape[1]:]
+    assert not bool(torch.isin(new, torch.tensor(vlm.image_token_ids)).any())
+    together = generator.generate(conversations, images, settings)
+    assert together == [generator.generate([c], [i], settings)[0] for c, i in zip(conversations, images)]
+
+
+def test_every_parameter_is_vision_or_llm(vlm):
+    parts = {name: vlm.part_of(name) for name, _ in vlm.model.named_parameters()}
+    assert set(parts.values()) == {"vision", "llm"}
+    assert all(("vqmodel" in name) == (part == "vision") for name, part in parts.items())
+
+
+def test_chameleon_format_round_trip_gives_identical_weights(vlm, tmp_path):
+    from medtune.models.discrete import from_chameleon_format, to_chameleon_format
+
+    to_chameleon_format(vlm.model, tmp_path)
+    params = json.loads((tmp_path / "params.json").read_text())["model"]
+    assert params["n_layers"] == vlm.model.config.num_hidden_layers and params["qk_normalization"] is True
+    saved = torch.load(tmp_path / "consolidated.pth", weights_only=True)
+    assert "tok_embeddings.weight" in saved and "layers.0.attention.wq.weight" in saved
+    assert not any("vqmodel" in key for key in saved)
+    back = from_chameleon_format(tmp_path, vlm.model.config)
+    original = {k: v for k, v in vlm.model.state_dict().items() if "vqmodel" not in k}
+    assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in original)
+    # the q projection really is stored in Chameleon's interleaved order, not as a copy
+    assert not torch.equal(saved["layers.0.attention.wq.weight"], original["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_per_head_norms_that_differ_are_refused_by_the_export(vlm, tmp_path):
+    import copy
+
+    from medtune.errors import UserError
+    from medtune.models.discrete import to_chameleon_format
+
+    model = copy.deepcopy(vlm.model)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_norm.weight[1] += 0.5
+    with pytest.raises(UserError, match="q/k layer norms differ"):
+        to_chameleon_format(model, tmp_path)
+
+
+def test_the_export_verb_writes_chameleon_s_format_and_refuses_other_kinds(vlm, tmp_path, capsys):
+    from medtune.cli import main
+    from medtune.models.build import build_vlm
+    from medtune.models.presets import tiny_spec
+
+    vlm.save(tmp_path / "chameleon")
+    assert main(["model", "export-chameleon", str(tmp_path / "chameleon"), str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "consolidated.pth").is_file() and (tmp_path / "out" / "params.json").is_file()
+    build_vlm(tiny_spec()).save(tmp_path / "composed")
+    assert main(["model", "export-chameleon", str(tmp_path / "composed"), str(tmp_path / "no")]) == 2
+    assert "a composed model has no original format" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def drawing(tmp_path_factory):
+    """The tiny Chameleon with a (random) pixel decoder of its VQ's shape attached, saved and reloaded."""
+    from medtune.models.vqgan import ChameleonVQGANDecoder, ChameleonVQGANDecoderConfig
+
+    vlm = tiny_chameleon()
+    torch.manual_seed(0)
+    vlm.attach_decoder(ChameleonVQGANDecoder(ChameleonVQGANDecoderConfig.from_transformers(vlm.model.config)))
+    directory = tmp_path_factory.mktemp("drawing")
+    vlm.save(directory)
+    return load_vlm(directory)
+
+
+def test_an_image_answer_is_one_decoded_image_of_the_vq_s_size(drawing):
+    from medtune.models.generation import GenerationSettings, Generator
+
+    generator = Generator(drawing)
+    conversation = [{"role": "user", "content": [{"type": "text", "text": "Draw a chest X-ray."}]}]
+    settings = GenerationSettings(max_new_tokens=drawing.image_tokenizer.codes_per_image + 8, modalities=("image",))
+    batch = generator._encode_batch([conversation], [[]])
+    with torch.inference_mode():
+        output = generator._run_generate(batch, settings)[0, batch["input_ids"].shape[1]:].tolist()
+    boi, eoi = drawing.token_id(drawing.boi_token), drawing.token_id(drawing.eoi_token)
+    n = drawing.image_tokenizer.codes_per_image
+    assert output[0] == boi and output[n + 1] == eoi and set(output[1:n + 1]) <= set(drawing.image_token_ids)
+    completion = generator.complete([conversation], [[]], settings)[0]
+    assert len(completion.images) == 1 and completion.images[0].size == (32, 32)
+    assert completion.images[0].mode == "RGB" and completion.finish_reason == "stop"
+    # deterministic: greedy decoding and a deterministic decoder give the same pixels again
+    again = generator.complete([conversation], [[]], settings)[0].images[0]
+    assert np.array_equal(np.asarray(again), np.asarray(completion.images[0]))
+
+
+def test_text_answers_hold_no_image_and_images_need_a_decoder(vlm, drawing):
+    from medtune.models.generation import GenerationSettings, Generator
+
+    conversation = [{"role": "user", "content": [{"type": "text", "text": "Is it normal?"}]}]
+    text_only = Generator(drawing).complete([conversation], [[]], GenerationSettings(max_new_tokens=8))[0]
+    assert text_only.images == []
+    with pytest.raises(ValueError, match="no image decoder attached"):
+        Generator(vlm).complete([conversation], [[]], GenerationSettings(modalities=("image",)))
+
+
+PLAIN_CHAMELEON = r'''
+import importlib.abc, json, sys
+
+class RefuseMedtune(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "medtune":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, RefuseMedtune())
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForImageTextToText
+
+torch.set_num_threads(1)
+folder, ids_file, out = sys.argv[1:4]
+ids = torch.tensor(json.loads(open(ids_file).read()))
+results = {}
+for remote in (True, False):
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=remote).eval()
+    with torch.no_grad():
+        results[f"logits_{remote}"] = model(input_ids=ids).logits.contiguous()
+    results[f"class_{remote}"] = type(model).__name__
+save_file({k: v for k, v in results.items() if k.startswith("logits")}, out + "/logits.safetensors")
+json.dump({"classes": {k: v for k, v in results.items() if k.startswith("class")},
+           "medtune_modules": sorted(m for m in sys.modules if m.split(".")[0] == "medtune")},
+          open(out + "/report.json", "w"))
+'''
+
+
+def test_outside_medtune_the_checkpoint_s_own_class_writes_image_codes(vlm, root, tmp_path):
+    """With trust_remote_code, plain transformers (medtune not importable) runs the saved subclass, whose image-code
+    logits are medtune's; without it, transformers' Chameleon with its mask."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    vlm.save(tmp_path / "model")
+    ids = _batch(vlm, root, [TWO_IMAGES])["input_ids"]
+    (tmp_path / "ids.json").write_text(json.dumps(ids.tolist()))
+    (tmp_path / "plain.py").write_text(PLAIN_CHAMELEON)
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-I", str(tmp_path / "plain.py"), str(tmp_path / "model"),
+                           str(tmp_path / "ids.json"), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["medtune_modules"] == []
+    assert report["classes"] == {"class_True": "MedtuneChameleonForConditionalGeneration",
+                                 "class_False": "ChameleonForConditionalGeneration"}
+    logits = load_file(str(tmp_path / "logits.safetensors"))
+    with torch.no_grad():
+        ours = vlm.model(input_ids=ids).logits
+    assert torch.equal(logits["logits_True"], ours)
+    image = torch.tensor(vlm.image_token_ids)
+    assert bool((logits["logits_False"][..., image] == torch.finfo(ours.dtype).min).all())
