@@ -41,11 +41,14 @@ class MedtuneTrainer(Trainer):
     def __init__(self, *args, vlm, learning_rates: LearningRates, keep_last_k: int = 2, pad_token_id: int = 0,
                  **kwargs):
         self.vlm = vlm
-        self.speedups = vlm.exact_speedups()
         self.learning_rates = learning_rates
         self.pad_token_id = pad_token_id
         self.keep_last_k = keep_last_k
         super().__init__(*args, **kwargs)
+        # after Trainer knows its engine: with several processes (DDP, FSDP, ZeRO) every rank runs the model's own
+        # wrapped forward, nothing outside it
+        self.speedups = vlm.exact_speedups(distributed=self.args.world_size > 1 or self.is_fsdp_enabled
+                                           or self.is_deepspeed_enabled)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Trainer divides the loss by the accumulation steps unless the model normalised it by the tokens of the

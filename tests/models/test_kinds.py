@@ -206,3 +206,50 @@ def test_a_model_without_metadata_carries_none(vlm, root):
     encoded = vlm.encode_sample(SAMPLES[0], root, max_length=256)
     batch = vlm.collator()([encoded])
     assert "sample_metadata" not in encoded and not {"sample_metadata", "sample_index"} & set(batch)
+
+
+def test_a_frozen_tower_s_features_are_reused_with_the_same_loss_and_gradients(root):
+    """Two batches over the same images: with the feature cache the tower runs once per distinct image, and the
+    loss and every gradient equal those of the plain forward."""
+    vlm = build_vlm(tiny_spec())
+    model = vlm.model.train()
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(vlm.part_of(name) != "vision")
+    speedups = vlm.exact_speedups()
+    assert speedups.frozen_vision_features and not vlm.exact_speedups(distributed=True).frozen_vision_features
+    batch = _batch(vlm, root)
+    tower_calls = []
+    handle = model.model.vision_tower.register_forward_hook(lambda m, a, out: tower_calls.append(1))
+    try:
+        results = {}
+        for reuse in (False, True):
+            settings = dataclasses.replace(speedups, frozen_vision_features=reuse)
+            tower_calls.clear()
+            losses, grads = [], {}
+            for _ in range(2):   # the second pass meets only images seen before
+                model.zero_grad()
+                loss, _ = vlm.training_loss(model, batch, speedups=settings)
+                loss.backward()
+                losses.append(loss.detach())
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            results[reuse] = (losses, grads, len(tower_calls))
+    finally:
+        handle.remove()
+        model.eval()
+    (plain_losses, plain_grads, plain_calls), (cached_losses, cached_grads, cached_calls) = results[False], results[True]
+    assert plain_calls == 2 and cached_calls == 1
+    torch.testing.assert_close(torch.stack(cached_losses), torch.stack(plain_losses), rtol=1e-6, atol=1e-6)
+    assert cached_grads.keys() == plain_grads.keys() and any("projector" in n for n in cached_grads)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(cached_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    # 4 images in the batch, 2 distinct (a.png and b.png, each twice): computed once each, reused 6 times
+    assert (vlm._features.misses, vlm._features.hits) == (2, 6)
+
+
+def test_a_training_tower_or_dropout_keeps_the_plain_forward():
+    vlm = build_vlm(tiny_spec())
+    assert not vlm.exact_speedups().frozen_vision_features   # built with every parameter trainable
+    for parameter in vlm.model.parameters():
+        parameter.requires_grad_(False)
+    vlm.model.model.vision_tower.config.attention_dropout = 0.1
+    assert not vlm.exact_speedups().frozen_vision_features

@@ -148,15 +148,23 @@ def test_resume_reads_training_state_without_pickles(tmp_path, monkeypatch):
     assert checkpoints.is_complete(directory / "checkpoint-4")
 
 
-def test_the_labelled_positions_head_trains_exactly_as_the_full_forward(tmp_path, monkeypatch):
-    """Two stages (one packed, with grad accumulation) trained with and without the exact speed-up give the same
-    per-step losses and the same final weights."""
-    from medtune.models.kinds.base import VLM, Speedups
+def test_the_exact_speed_ups_train_exactly_as_the_full_forward(tmp_path, monkeypatch):
+    """Two stages (one packed, with grad accumulation) trained with the exact speed-ups (the LM head only at
+    labelled positions; the frozen tower's features reused) and without them give the same per-step losses and
+    the same final weights."""
+    from medtune.models.kinds.base import Speedups
+    from medtune.models.kinds.composed import ComposedVLM
+
+    used = []
 
     def train(name, speedups):
         with monkeypatch.context() as patch:
             if speedups is not None:
-                patch.setattr(VLM, "exact_speedups", lambda self: speedups)
+                patch.setattr(ComposedVLM, "exact_speedups", lambda self, **engine: speedups)
+            else:
+                original = ComposedVLM.exact_speedups
+                patch.setattr(ComposedVLM, "exact_speedups",
+                              lambda self, **engine: used.append(original(self, **engine)) or used[-1])
             (tmp_path / name).mkdir()
             recipe = write_recipe(tmp_path / name, stages=[
                 {"name": "sft", "lr": {"projector": 1e-3, "llm": 1e-3}, "max_steps": 3, "grad_accum": 2},
@@ -168,7 +176,8 @@ def test_the_labelled_positions_head_trains_exactly_as_the_full_forward(tmp_path
         return losses, weights(run / "stage-1-packed" / "model")
 
     fast_losses, fast = train("fast", None)
-    full_losses, full = train("full", Speedups(labelled_positions_head=False))
+    assert used and all(s.labelled_positions_head and s.frozen_vision_features for s in used)
+    full_losses, full = train("full", Speedups(labelled_positions_head=False, frozen_vision_features=False))
     assert [len(stage) for stage in fast_losses] == [3, 2]
     assert sum(fast_losses, []) == pytest.approx(sum(full_losses, []), rel=1e-5)
     assert all(torch.allclose(fast[n], full[n], atol=1e-6) for n in full)

@@ -56,6 +56,8 @@ class Speedups:
 
     labelled_positions_head: bool = False
     """LM head and cross-entropy only where a label is (SFT samples train a few of their positions)."""
+    frozen_vision_features: bool = False
+    """A frozen, deterministic vision tower's features computed once per distinct image and reused."""
 
 
 @dataclass(kw_only=True)
@@ -176,9 +178,14 @@ class VLM(ABC):
 
     # ---- training loss and exact speed-ups --------------------------------------------------------------
 
-    def exact_speedups(self) -> Speedups:
-        """Which exact speed-ups apply to this model (see :class:`Speedups`)."""
+    def exact_speedups(self, *, distributed: bool = False) -> Speedups:
+        """Which exact speed-ups apply to this model as it will train (see :class:`Speedups`); ``distributed``:
+        several processes train it (DDP, FSDP, ZeRO), each through the engine's wrapped forward alone."""
         return Speedups(labelled_positions_head=_accepts_logits_mask(self.model))
+
+    def prepare_training_inputs(self, model, inputs: dict[str, Any], speedups: Speedups) -> dict[str, Any]:
+        """The batch as the model's forward takes it under ``speedups`` (unchanged by default)."""
+        return inputs
 
     def training_loss(self, model, inputs: dict[str, Any], num_items_in_batch=None,
                       speedups: Speedups | None = None):
@@ -189,6 +196,7 @@ class VLM(ABC):
         """
         inputs = {key: value for key, value in inputs.items() if key not in (SAMPLE_METADATA, SAMPLE_INDEX)}
         speedups = self.exact_speedups() if speedups is None else speedups
+        inputs = self.prepare_training_inputs(model, inputs, speedups)
         labels = inputs.get("labels")
         if not speedups.labelled_positions_head or labels is None:
             outputs = model(**inputs, **_loss_kwargs(num_items_in_batch))

@@ -12,7 +12,8 @@ rank with a text-only batch would otherwise skip the tower's collectives and han
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Sequence
 
 from medtune.models.kinds.base import VLM
@@ -33,6 +34,8 @@ class ComposedVLM(VLM):
     """Placeholder copies per image: the number of features the projector emits per image."""
     pad_mode: str = "pad"
     """How non-square images become square: ``pad`` (LLaVA's int(mean * 255) background), ``resize`` or ``crop``."""
+    _features: Any = field(default=None, repr=False, compare=False)
+    """The frozen tower's feature cache of a training run (:class:`TowerFeatureCache`), made on first use."""
 
     def __post_init__(self) -> None:
         import copy
@@ -148,6 +151,35 @@ class ComposedVLM(VLM):
                 "image_tokens_per_image": self.image_tokens_per_image, "pad_mode": self.pad_mode,
                 "image_size": self.image_size, "sample_metadata": list(self.sample_metadata)}
 
+    # ---- exact speed-ups: a frozen tower's features, once per distinct image -----------------------------
+
+    def exact_speedups(self, *, distributed: bool = False):
+        """Beside the labelled-positions head: reuse a frozen tower's features when its output depends on the
+        pixels alone (no dropout) and training runs in one process (the cache runs the projector outside the
+        engine's wrapped forward; under FSDP or ZeRO-3 a rank that skipped the tower would also leave the others
+        waiting in its all-gathers)."""
+        speedups = super().exact_speedups(distributed=distributed)
+        return dataclasses.replace(speedups, frozen_vision_features=not distributed and _frozen_and_deterministic(
+            self.model.model.vision_tower))
+
+    def prepare_training_inputs(self, model, inputs: dict[str, Any], speedups) -> dict[str, Any]:
+        """With ``frozen_vision_features``: the tower's selected features come from a cache keyed by each
+        image's pixels (computed on a miss), the projector runs on them as in LLaVA's own forward, and the batch
+        passes the projected features (``mm_encoder_outputs``) instead of the pixels: the same inputs embeddings,
+        the same loss and gradients, without the tower's forward on images seen before."""
+        pixels = inputs.get("pixel_values")
+        if not speedups.frozen_vision_features or pixels is None:
+            return inputs
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        if self._features is None:
+            self._features = TowerFeatureCache(self.model.model.vision_tower, self.model.config)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        projected = base.model.multi_modal_projector(self._features(pixels))
+        out = {key: value for key, value in inputs.items() if key != "pixel_values"}
+        out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=list(projected))}
+        return out
+
     # ---- batches ----------------------------------------------------------------------------------------
 
     def collator(self, *, packing: bool = False, max_length: int | None = None) -> Callable[[list], dict]:
@@ -221,3 +253,65 @@ def llava_processor(config, tokenizer, image_processor, image_token: str, tokens
                           vision_feature_select_strategy=config.vision_feature_select_strategy,
                           chat_template=tokenizer.chat_template, image_token=image_token,
                           num_additional_image_tokens=tokens_per_image - patches + dropped)
+
+
+def _frozen_and_deterministic(tower) -> bool:
+    """No parameter of the tower trains and nothing random runs in its forward (dropout, attention dropout)."""
+    from torch import nn
+
+    if any(parameter.requires_grad for parameter in tower.parameters()):
+        return False
+    config = tower.config
+    if any(getattr(config, name, 0) for name in ("dropout", "attention_dropout", "hidden_dropout_prob",
+                                                  "attention_probs_dropout_prob")):
+        return False
+    return not any(isinstance(module, nn.Dropout) and module.p > 0 for module in tower.modules())
+
+
+class TowerFeatureCache:
+    """The tower's selected features of each distinct image ([patches, width]), computed once and kept.
+
+    Keyed by a digest of the image's pixel values (the same image in two samples decodes to the same pixels),
+    up to ``limit_bytes`` of features; beyond that, misses are computed and not kept.
+    """
+
+    def __init__(self, tower, config, limit_bytes: int = 2 << 30):
+        self.tower, self.config, self.limit_bytes = tower, config, limit_bytes
+        self.entries: dict[str, Any] = {}
+        self.bytes = 0
+        self.hits = self.misses = 0
+
+    def __call__(self, pixel_values):
+        import hashlib
+
+        import torch
+
+        keys = [hashlib.sha1(image.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+                for image in pixel_values]
+        first = {key: i for i, key in reversed(list(enumerate(keys)))}   # an image twice in a batch: once
+        missing = [i for key, i in first.items() if key not in self.entries]
+        computed = {}
+        if missing:
+            with torch.no_grad():
+                features = self._select(self.tower(pixel_values[missing], output_hidden_states=True, return_dict=True))
+            for i, feature in zip(missing, features):
+                computed[keys[i]] = feature
+                if self.bytes + feature.numel() * feature.element_size() <= self.limit_bytes:
+                    self.entries[keys[i]] = feature
+                    self.bytes += feature.numel() * feature.element_size()
+        self.misses += len(missing)   # distinct images computed
+        self.hits += len(keys) - len(missing)
+        return torch.stack([self.entries.get(key, computed.get(key)) for key in keys])
+
+    def _select(self, outputs):
+        """LLaVA's feature selection: the configured hidden layer, without the CLS token for "default"."""
+        import torch
+
+        layer = self.config.vision_feature_layer
+        if isinstance(layer, int):
+            selected = outputs.hidden_states[layer]
+            return selected[:, 1:] if self.config.vision_feature_select_strategy == "default" else selected
+        pool = [outputs.hidden_states[i] for i in layer]
+        if self.config.vision_feature_select_strategy == "default":
+            pool = [hidden[:, 1:] for hidden in pool]
+        return torch.cat(pool, dim=-1)
