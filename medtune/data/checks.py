@@ -12,6 +12,12 @@ per problem with its location:
   undecodable DICOM/NIfTI, with :class:`~medtune.data.images.ImageError`'s reason. Each distinct image
   reference is loaded once, however many samples share it.
 
+The format is detected from the file's content unless ``--format`` names it; when nothing in the file could be
+read in the format used, a note says which format it looks like. An image root that does not exist is one
+error before any record is read, not a "file not found" per image. DICOM that may show burned-in patient text
+is an error unless ``--allow-burned-in``, and then the summary and the report say how many were accepted.
+Record errors name the record's id when it has one.
+
 Locations are ``file:line`` for canonical JSON Lines (read here line by line); other formats are read through
 their reader, which names ``file:line`` / ``file:[index]`` for records it rejects; for problems in samples it
 accepted the check names ``file:[index]`` in JSON arrays and ``file: record N`` (the Nth record) otherwise.
@@ -28,8 +34,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from medtune.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
-from medtune.data.jsonl import RecordError, Tally, iter_json_lines
+from medtune.data.files import readable_text_file
+from medtune.data.images import (DEFAULT_MAX_PIXELS, BurnedInError, ImageError, load_image,
+                                 require_image_root)
+from medtune.data.jsonl import RecordError, Tally, iter_json_lines, raw_id
 from medtune.data.schema import ImageRef, Sample, SchemaError
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -71,7 +79,8 @@ def located_samples(fmt: str, path: Path, tally: Tally) -> Iterator[tuple[str, S
 
     recording = _RecordingTally()
     is_array = _starts_with_bracket(path)
-    for sample in read_records(fmt, path, tally=recording, strict=False):
+    for sample in read_records(fmt, path, tally=recording, strict=False, require_complete=False,
+                               require_usable=False):
         yield from _drain(recording)
         # JSON arrays: the reader's own "[index]" notation; other files: the count (blank lines are not counted).
         yield (f"{path}:[{recording.read - 1}]" if is_array else f"{path}: record {recording.read}"), sample
@@ -93,15 +102,14 @@ def _drain(recording: _RecordingTally) -> Iterator[tuple[str, RecordError]]:
 
 
 def _canonical_located(path: Path, tally: Tally) -> Iterator[tuple[str, Sample | RecordError]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+    readable_text_file(path)
     for number, obj in iter_json_lines(path):
         tally.read += 1
         if not isinstance(obj, RecordError):
             try:
                 obj = Sample.from_dict(obj)
             except SchemaError as error:
-                obj = RecordError(path, number, str(error))
+                obj = RecordError(path, number, str(error), sample_id=raw_id(obj))
         if isinstance(obj, RecordError):
             tally.skip_error(obj)
         yield f"{path}:{number}", obj
@@ -155,16 +163,33 @@ def placeholder_problems(sample: Sample) -> Iterator[tuple[str, str, str]]:
 
 
 class ImageChecker:
-    """Loads each distinct image reference once and remembers the outcome (None when it is fine)."""
+    """Loads each distinct image reference once and remembers the outcome (None when it is fine).
 
-    def __init__(self, root: Path, allowed_roots: Iterable = (), max_pixels: int = DEFAULT_MAX_PIXELS):
+    With ``allow_burned_in``, DICOM that may show burned-in text is loaded anyway and counted in
+    ``burned_in_accepted``; without it, it is an error like any unusable image.
+    """
+
+    def __init__(self, root: Path, allowed_roots: Iterable = (), max_pixels: int = DEFAULT_MAX_PIXELS,
+                 allow_burned_in: bool = False):
         self.root, self.allowed_roots, self.max_pixels = root, tuple(allowed_roots), max_pixels
+        self.allow_burned_in = allow_burned_in
+        self.burned_in_accepted = 0
         self.outcomes: dict[ImageRef, ImageError | None] = {}
+
+    def _load(self, ref: ImageRef, allow_burned_in: bool) -> None:
+        load_image(ref, self.root, allowed_roots=self.allowed_roots, max_pixels=self.max_pixels,
+                   allow_burned_in=allow_burned_in)
 
     def check(self, ref: ImageRef) -> ImageError | None:
         if ref not in self.outcomes:
             try:
-                load_image(ref, self.root, allowed_roots=self.allowed_roots, max_pixels=self.max_pixels)
+                try:
+                    self._load(ref, allow_burned_in=False)
+                except BurnedInError:
+                    if not self.allow_burned_in:
+                        raise
+                    self.burned_in_accepted += 1
+                    self._load(ref, allow_burned_in=True)
                 self.outcomes[ref] = None
             except ImageError as error:
                 self.outcomes[ref] = error
@@ -175,6 +200,8 @@ class ImageChecker:
 
 
 def image_problem_kind(error: ImageError) -> str:
+    if isinstance(error, BurnedInError):
+        return "burned-in annotation"
     if error.reason == "file not found":
         return "missing image"
     if "outside the image root" in error.reason:
@@ -186,21 +213,34 @@ def image_problem_kind(error: ImageError) -> str:
 
 def check_dataset(path: Path, fmt: str, image_root: Path, *, allowed_roots: Iterable = (),
                   max_pixels: int = DEFAULT_MAX_PIXELS, tally: Tally | None = None,
-                  progress: bool = True) -> tuple[list[Problem], ImageChecker]:
+                  progress: bool = True, allow_burned_in: bool = False) -> tuple[list[Problem], ImageChecker]:
     """Every problem in ``path``, in file order, plus the image checker (for counts)."""
     from tqdm import tqdm
 
+    readable_text_file(path)
+    require_image_root(image_root)
+    for root in allowed_roots:
+        require_image_root(root, "allowed root")
     tally = tally if tally is not None else Tally()
-    images = ImageChecker(image_root, allowed_roots, max_pixels)
+    images = ImageChecker(image_root, allowed_roots, max_pixels, allow_burned_in)
     problems: list[Problem] = []
     first_seen: dict[str, str] = {}
+    usable = 0
     records = tqdm(located_samples(fmt, path, tally), desc="checking", unit=" records", disable=not progress,
                    file=sys.stderr)
     for where, item in records:
         if isinstance(item, RecordError):
-            problems.append(Problem(where, _record_error_kind(item.reason), item.reason))
+            problems.append(Problem(where, _record_error_kind(item.reason), item.reason, item.sample_id))
             continue
+        usable += 1
         problems.extend(sample_problems(item, where, images, first_seen))
+    if tally.read and not usable:
+        from medtune.data.formats import guess_format
+
+        guess = guess_format(path)
+        if guess not in (None, fmt):
+            tally.notes.append(f"none of the records could be read as {fmt}: {path} looks like {guess} "
+                               f"(--format {guess})")
     return problems, images
 
 
@@ -232,4 +272,5 @@ def summarise(problems: list[Problem], images: ImageChecker, tally: Tally, *, pa
     return {"file": os.fspath(path), "format": fmt, "image_root": os.fspath(image_root), "records": tally.read,
             "images_checked": len(images.outcomes), "images_unusable": bad_images, "errors": errors,
             "warnings": warnings, "by_kind": dict(by_kind.most_common()), "summary": summary,
+            "allow_burned_in": images.allow_burned_in, "burned_in_accepted": images.burned_in_accepted,
             "tally": tally.to_dict(), "problems": [asdict(p) for p in problems]}

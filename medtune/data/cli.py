@@ -3,6 +3,7 @@
 The work itself lives in the modules named after the verbs (convert.py, checks.py, stats.py, mixture.py,
 leakage.py), which take typed arguments and know nothing of argparse; this module turns parsed options into
 those calls and prints their summaries. Nothing heavy is imported at import time (``medtune --help`` stays fast).
+Every verb detects a file's format from its content when ``--from`` / ``--format`` is not given, and says so.
 """
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from medtune.data import checks, convert, leakage, mixture, stats
-from medtune.data.formats import FORMATS, default_image_root, get_format, read_records, write_records
-from medtune.data.jsonl import Tally, write_json
+from medtune.data.formats import (
+    FORMATS, IncompleteInput, default_image_root, get_format, read_records, resolve_format, write_records,
+)
+from medtune.data.jsonl import UNREADABLE_TAIL, Tally, write_json
 from medtune.data.schema import Sample
 
 
@@ -33,8 +36,8 @@ def _add_convert(subparsers) -> None:
         "convert", help="convert a dataset between formats",
         description=f"Convert IN (format --from) to OUT (format --to). Formats: {', '.join(FORMATS)}; "
                     f"writable: {', '.join(writable)}. See docs/data-format.md.")
-    parser.add_argument("--from", dest="source_format", required=True, choices=list(FORMATS), metavar="FMT",
-                        help="format of IN")
+    parser.add_argument("--from", dest="source_format", default=None, choices=list(FORMATS), metavar="FMT",
+                        help="format of IN (default: detected from its content)")
     parser.add_argument("--to", dest="target_format", required=True, choices=writable, metavar="FMT",
                         help="format of OUT")
     parser.add_argument("input", metavar="IN", help="input file")
@@ -50,30 +53,65 @@ def _add_convert(subparsers) -> None:
                         help="write DICOM/NIfTI references as PNGs into DIR (inside the image root)")
     parser.add_argument("--window", metavar="PRESET",
                         help="with --materialise: VOI window preset for DICOM/NIfTI (lung, bone, brain, ...)")
+    _add_burned_in_flag(parser, "with --materialise: ")
     parser.set_defaults(func=_run_convert)
+
+
+def _add_burned_in_flag(parser, prefix: str = "") -> None:
+    parser.add_argument("--allow-burned-in", action="store_true",
+                        help=f"{prefix}accept DICOM that may show patient text in its pixels (BurnedInAnnotation "
+                             "YES, secondary captures, ultrasound); refused by default, counted when accepted")
+
+
+def _format_of(fmt: str | None, path) -> tuple[str, str]:
+    """The format to read ``path`` in and how it was chosen ("" or ", detected") for the summary."""
+    return resolve_format(fmt, path), ("" if fmt else ", detected")
 
 
 def _run_convert(args: argparse.Namespace) -> int:
     from medtune.errors import UserError
 
-    options = _reader_options(args)
     if args.window and not args.materialise:
         raise UserError("--window applies only with --materialise")
+    if args.allow_burned_in and not args.materialise:
+        raise UserError("--allow-burned-in applies only with --materialise (without it no pixel is read)")
     if Path(args.input).resolve() == Path(args.output).resolve():
         raise UserError(f"{args.output}: output would overwrite the input")
+    args.source_format, args.detected = _format_of(args.source_format, args.input)
+    options = _reader_options(args)
     image_root = Path(args.image_root) if args.image_root else default_image_root(args.source_format, args.input)
     tally = Tally()
-    samples = read_records(args.source_format, args.input, tally=tally, strict=args.strict, **options)
+    samples = read_records(args.source_format, args.input, tally=tally, strict=args.strict, require_complete=False,
+                           **options)
     if args.materialise:
         samples = convert.materialised(samples, image_root, Path(args.materialise), args.window,
-                               tally=tally, strict=args.strict)
-    write_records(args.target_format, args.output, _with_progress(samples), tally=tally)
+                                       tally=tally, strict=args.strict, allow_burned_in=args.allow_burned_in)
+    write_records(args.target_format, args.output, _something_written(_with_progress(samples), tally, args),
+                  tally=tally)
     output_root = default_image_root(args.target_format, args.output)
     if output_root.resolve() != image_root.resolve():
         tally.notes.append(f"image paths are relative to {image_root}: use --image-root {image_root} "
                            f"(or image_root in a recipe) with {args.output}")
     _print_summary(tally, args)
+    if tally.incomplete:
+        raise IncompleteInput(f"{tally.examples[UNREADABLE_TAIL]}, so the records there are not counted; "
+                              f"{args.output} holds the {tally.written} written before it, and nothing was written "
+                              "from the rest: repair the file and convert again")
     return 0
+
+
+def _something_written(samples: Iterable[Sample], tally: Tally, args) -> Iterator[Sample]:
+    """``samples``; at their end, an input that had records but gave none to write fails (nothing is written)."""
+    from medtune.errors import UserError
+
+    count = 0
+    for sample in samples:
+        count += 1
+        yield sample
+    if count == 0 and tally.read:
+        _print_summary(tally, args)
+        first = tally.details()[0] if tally.skipped else "no record could be used"
+        raise UserError(f"{args.input}: nothing usable, so nothing was written ({tally.summary()}; {first})")
 
 
 def _reader_options(args: argparse.Namespace) -> dict:
@@ -98,7 +136,7 @@ def _with_progress(samples: Iterable[Sample]) -> Iterator[Sample]:
 
 
 def _print_summary(tally: Tally, args: argparse.Namespace) -> None:
-    print(f"{args.input} ({args.source_format}) -> {args.output} ({args.target_format})")
+    print(f"{args.input} ({args.source_format}{args.detected}) -> {args.output} ({args.target_format})")
     for line in tally.details() + tally.notes:
         print(f"  {line}")
     print(tally.summary())
@@ -115,8 +153,7 @@ def _add_check(subparsers) -> None:
                     "unreadable, outside the image root or too large. One line per problem, with its location. "
                     "Exit code 1 when there are errors (or, with --strict, warnings), 0 otherwise.")
     parser.add_argument("file", metavar="FILE", help="dataset file")
-    parser.add_argument("--format", default="canonical", choices=list(FORMATS), metavar="FMT",
-                        help=f"format of FILE (default canonical; known: {', '.join(FORMATS)})")
+    _add_format_option(parser)
     parser.add_argument("--image-root", metavar="DIR",
                         help="folder image paths are relative to (default: depends on the format, usually FILE's)")
     parser.add_argument("--allow-root", action="append", default=[], metavar="DIR",
@@ -124,23 +161,36 @@ def _add_check(subparsers) -> None:
     parser.add_argument("--max-pixels", type=int, default=checks.DEFAULT_MAX_PIXELS, metavar="N",
                         help=f"refuse images with more pixels than N (default {checks.DEFAULT_MAX_PIXELS:,})")
     parser.add_argument("--strict", action="store_true", help="count warnings as errors")
+    _add_burned_in_flag(parser)
     parser.add_argument("--report", metavar="OUT.json", help="also write the problems as JSON")
     parser.set_defaults(func=_run_check)
+
+
+def _add_format_option(parser) -> None:
+    parser.add_argument("--format", default=None, choices=list(FORMATS), metavar="FMT",
+                        help=f"format of FILE (default: detected from its content; known: {', '.join(FORMATS)})")
 
 
 def _run_check(args: argparse.Namespace) -> int:
 
     path = Path(args.file)
-    image_root = Path(args.image_root) if args.image_root else default_image_root(args.format, path)
+    fmt, detected = _format_of(args.format, path)
+    image_root = Path(args.image_root) if args.image_root else default_image_root(fmt, path)
     tally = Tally()
-    problems, images = checks.check_dataset(path, args.format, image_root, allowed_roots=args.allow_root,
-                                     max_pixels=args.max_pixels, tally=tally, progress=sys.stderr.isatty())
+    problems, images = checks.check_dataset(path, fmt, image_root, allowed_roots=args.allow_root,
+                                            max_pixels=args.max_pixels, tally=tally, progress=sys.stderr.isatty(),
+                                            allow_burned_in=args.allow_burned_in)
     for problem in problems:
         print(problem.line())
-    report = checks.summarise(problems, images, tally, path=path, fmt=args.format, image_root=image_root)
+    report = checks.summarise(problems, images, tally, path=path, fmt=fmt, image_root=image_root)
+    if detected:
+        print(f"format: {fmt} (detected from the file's content; --format to choose)")
     print(report["summary"])
     if report["by_kind"]:
         print("  " + ", ".join(f"{n} {kind}" for kind, n in report["by_kind"].items()))
+    if images.burned_in_accepted:
+        tally.notes.append(convert.burned_in_note(images.burned_in_accepted))
+        report["tally"] = tally.to_dict()
     print(tally.summary())
     for note in tally.notes:
         print(f"note: {note}")
@@ -159,8 +209,7 @@ def _add_stats(subparsers) -> None:
         description="Describe FILE: counts by source, task, modality, organ, answer type, split and credential, "
                     "images and turns per sample, and text length percentiles in characters.")
     parser.add_argument("file", metavar="FILE", help="dataset file")
-    parser.add_argument("--format", default="canonical", choices=list(FORMATS), metavar="FMT",
-                        help=f"format of FILE (default canonical; known: {', '.join(FORMATS)})")
+    _add_format_option(parser)
     parser.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     parser.add_argument("--json", metavar="OUT.json", help="also write the statistics as JSON")
     parser.set_defaults(func=_run_stats)
@@ -170,10 +219,13 @@ def _run_stats(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     tally = Tally()
-    samples = read_records(args.format, Path(args.file), tally=tally, strict=args.strict)
+    fmt, detected = _format_of(args.format, args.file)
+    samples = read_records(fmt, Path(args.file), tally=tally, strict=args.strict)
     found = stats.collect(tqdm(samples, desc="reading", unit=" records", disable=not sys.stderr.isatty(),
                                file=sys.stderr)).to_dict()
-    found["tally"] = tally.to_dict()
+    found["tally"], found["format"] = tally.to_dict(), fmt
+    if detected:
+        print(f"format: {fmt} (detected from the file's content; --format to choose)")
     print(stats.format_table(found, tally))
     for line in tally.details():
         print(f"skipped: {line}")
@@ -200,7 +252,9 @@ def _add_mix(subparsers) -> None:
 
 
 def _run_mix(args) -> int:
-    mix = mixture.load_mixture(args.recipe, strict=args.strict)
+    from medtune.data.files import readable_text_file
+
+    mix = mixture.load_mixture(readable_text_file(args.recipe, "mix recipe"), strict=args.strict)
     if args.include_credentialed:
         mix.include_credentialed = True
     tally, manifest = mixture.write_mixture(mix, args.out, seed=args.seed)
@@ -226,9 +280,12 @@ def _add_leakage(subparsers) -> None:
                     "and near-duplicate questions between TRAIN and TEST.")
     parser.add_argument("train", type=Path, help="training set")
     parser.add_argument("test", type=Path, help="evaluation set")
-    parser.add_argument("--format", default=None, metavar="FMT", help="format of both files (default: canonical)")
-    parser.add_argument("--format-train", default=None, metavar="FMT", help="format of TRAIN (overrides --format)")
-    parser.add_argument("--format-test", default=None, metavar="FMT", help="format of TEST (overrides --format)")
+    parser.add_argument("--format", default=None, choices=list(FORMATS), metavar="FMT",
+                        help="format of both files (default: each detected from its content)")
+    parser.add_argument("--format-train", default=None, choices=list(FORMATS), metavar="FMT",
+                        help="format of TRAIN (overrides --format)")
+    parser.add_argument("--format-test", default=None, choices=list(FORMATS), metavar="FMT",
+                        help="format of TEST (overrides --format)")
     parser.add_argument("--image-root", type=Path, default=None, metavar="DIR", help="image root of both files")
     parser.add_argument("--image-root-train", type=Path, default=None, metavar="DIR", help="image root of TRAIN")
     parser.add_argument("--image-root-test", type=Path, default=None, metavar="DIR", help="image root of TEST")
@@ -261,10 +318,12 @@ def _categories(text: str) -> tuple[str, ...]:
 
 
 def _side(args, side: str) -> tuple[Path, str, Path]:
+    from medtune.data.images import require_image_root
+
     path = getattr(args, side)
-    fmt = getattr(args, f"format_{side}") or args.format or "canonical"
+    fmt = resolve_format(getattr(args, f"format_{side}") or args.format, path)
     root = getattr(args, f"image_root_{side}") or args.image_root or default_image_root(fmt, path)
-    return path, fmt, root
+    return path, fmt, require_image_root(root, f"image root of {side.upper()}")
 
 
 def _stream(path: Path, fmt: str, root: Path, tally: Tally, strict: bool) -> Iterator[tuple[Sample, Path]]:

@@ -1,14 +1,20 @@
-"""``medtune data convert --from FMT --to FMT IN OUT``: read any known format, write any writable one.
+"""``medtune data convert [--from FMT] --to FMT IN OUT``: read any known format, write any writable one.
 
-The conversion streams: one sample is in memory at a time, and the output is written atomically (nothing
-appears at OUT unless the whole run succeeds). Bad input records are skipped and counted unless ``--strict``;
-the run ends with the "N read, N written, N skipped (reasons)" line, then one line per skip reason with its
-first example and any notes (e.g. how many leading assistant turns were dropped).
+The conversion streams: one sample is in memory at a time, and the output is written atomically. Bad input
+records are skipped and counted unless ``--strict``; the run ends with the "N read, N written, N skipped
+(reasons)" line, in which every record of IN appears, then one line per skip reason with its first example and
+any notes (e.g. how many leading assistant turns were dropped). Without ``--from`` the format is detected from
+IN's content. Two outcomes are failures (exit code 2) although records were read: nothing at all could be
+written (nothing appears at OUT; the error says which format IN looks like when it was read as another), and
+IN's end could not be read record by record (OUT holds what came before it; the summary counts the rest as
+one unreadable record).
 
 ``--materialise DIR`` turns DICOM and NIfTI references (and any reference naming a frame or slice) into PNG
 files in DIR through :func:`medtune.data.images.materialise`, so training needs no DICOM reader. The output
-keeps one image root, the input's, so DIR must lie inside it; the new references are written relative to it.
-A reference that cannot be materialised (missing, unreadable) skips its sample with the image error's reason.
+keeps one image root, the input's, which must exist, so DIR must lie inside it; the new references are written
+relative to it. A reference that cannot be materialised (missing, unreadable, DICOM that may show burned-in
+patient text) skips its sample with the image error's reason; ``--allow-burned-in`` accepts the latter, and the
+summary says how many were.
 """
 from __future__ import annotations
 
@@ -30,26 +36,39 @@ def needs_materialising(ref: ImageRef) -> bool:
             or ref.path.lower().endswith(VOLUME_SUFFIXES))
 
 
+BURNED_IN_REFUSED = "burned-in annotation refused"
+
+
 def materialised(samples: Iterable[Sample], image_root: Path, out_dir: Path, window: str | None, *,
-                 tally: Tally, strict: bool) -> Iterator[Sample]:
+                 tally: Tally, strict: bool, allow_burned_in: bool = False) -> Iterator[Sample]:
     """Samples with their volume references replaced by PNGs in ``out_dir`` (paths relative to the root)."""
     from medtune.errors import UserError
-    from medtune.data.images import ImageError, WindowError, materialise, window_bounds
+    from medtune.data.images import (BurnedInError, ImageError, WindowError, materialise, require_image_root,
+                                     window_bounds)
 
     try:
         window_bounds(window)
     except WindowError as error:
         raise UserError(f"--window: {error}") from error
+    require_image_root(image_root)
     root, out_dir = image_root.resolve(), out_dir.resolve()
     if out_dir != root and root not in out_dir.parents:
         raise UserError(f"--materialise {out_dir} must lie inside the image root {root}, so the converted "
                         "dataset keeps a single root")
     prefix = out_dir.relative_to(root)
 
+    accepted: set[ImageRef] = set()   # burned-in images let through by --allow-burned-in, for the summary
+
     def convert(ref: ImageRef) -> ImageRef:
         if not needs_materialising(ref):
             return ref
-        png = materialise(ref, image_root, out_dir, window=window)
+        try:
+            png = materialise(ref, image_root, out_dir, window=window)
+        except BurnedInError:
+            if not allow_burned_in:
+                raise
+            accepted.add(ref)
+            png = materialise(ref, image_root, out_dir, window=window, allow_burned_in=True)
         return ImageRef((prefix / png.path).as_posix())
 
     for sample in samples:
@@ -59,9 +78,18 @@ def materialised(samples: Iterable[Sample], image_root: Path, out_dir: Path, win
             record_error = RecordError(os.fspath(image_root), f"sample {sample.id}", str(error))
             if strict:
                 raise record_error from error
-            tally.skip_error(record_error, "image could not be materialised")
+            reason = BURNED_IN_REFUSED if isinstance(error, BurnedInError) else "image could not be materialised"
+            tally.skip_error(record_error, reason)
             continue
         yield converted
+    if accepted:
+        tally.notes.append(burned_in_note(len(accepted)))
+
+
+def burned_in_note(count: int) -> str:
+    """The line a summary or report carries when --allow-burned-in let images through."""
+    return (f"{count} image{'s' * (count != 1)} with possible burned-in annotation accepted (--allow-burned-in): "
+            "check that no patient text shows in the pixels")
 
 
 def _map_images(sample: Sample, convert) -> Sample:

@@ -25,10 +25,15 @@ guards live in one place:
 * **DICOM**: modality LUT (rescale slope/intercept) first, then a VOI window: a named preset if the caller
   gives one, else the file's first WindowCenter/WindowWidth, else its first VOI LUT (output stretched), else
   the frame's min/max. MONOCHROME1 is inverted so that bright means dense everywhere. Multi-frame files decode
-  only the requested frame. Colour DICOM (ultrasound, secondary capture) passes through as RGB. Patient
-  identifiers never leave this module: :func:`dicom_metadata` reads only whitelisted tags, pydicom's warnings
-  (which can quote element values) are silenced while reading, and quoted values are removed from error
-  messages.
+  only the requested frame. Colour DICOM passes through as RGB. Patient identifiers never leave this module:
+  :func:`dicom_metadata` reads only whitelisted tags, pydicom's warnings (which can quote element values) are
+  silenced while reading, and quoted values are removed from error messages.
+* **Burned-in text is refused by default.** Patient names, MRNs and dates drawn into the pixels cannot be removed
+  by filtering tags, so a DICOM object that says it has them (BurnedInAnnotation YES) or is of a kind that
+  commonly does (secondary captures, ultrasound, modality OT/SC: see :func:`burned_in_reason`) raises
+  :class:`BurnedInError` before any pixel is decoded, unless the caller passes ``allow_burned_in=True`` (the
+  ``--allow-burned-in`` flag, which the commands that take it record in their report). Uploads to the serving
+  verbs (:func:`image_from_bytes`) are accepted: they are shown to the person who sent them and not stored.
 * **NIfTI**: one 2-D slice, read lazily from the volume. The axis (axial, coronal, sagittal) and slice index
   count in the closest canonical RAS+ orientation (slice 0 = most inferior / posterior / patient-left),
   default the middle axial slice; 4-D volumes use the volume ``frame`` names (default the first). Slices are
@@ -36,6 +41,8 @@ guards live in one place:
   sagittal anterior on the left. Windowing as for DICOM, with the header's cal_min/cal_max as the file's own
   window. Presets are in Hounsfield units, so they are meaningful for CT only.
 * PNG/JPEG ignore ``window``: they are already display images.
+* **Materialised files are named by content** (:func:`materialise`): a hash of the source's bytes and the frame,
+  slice and window, never the source's file name, which may hold a patient's name or MRN.
 
 pydicom and nibabel are the ``[dicom]`` extra and are imported only when such a file is opened.
 """
@@ -57,6 +64,7 @@ from PIL import Image, ImageOps
 
 from medtune.data.jsonl import atomic_open
 from medtune.data.schema import ImageRef
+from medtune.errors import UserError
 
 # Large enough for whole-slide thumbnails and 7k x 7k scans, far below what would exhaust memory (RGB: 150 MB).
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -96,6 +104,23 @@ DICOM_METADATA_TAGS = {
     "PixelSpacing": "pixel_spacing",
     "SliceThickness": "slice_thickness",
 }
+# DICOM objects whose pixels commonly carry burned-in text, whatever their optional BurnedInAnnotation says
+# (DICOM PS3.15 Annex E: the Clean Pixel Data option exists for these): screen and document captures, and
+# ultrasound, whose scanners write the patient's details into the image. Retired ultrasound UIDs are still
+# common in archives.
+BURNED_IN_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture",
+    "1.2.840.10008.5.1.4.1.1.7.1": "Multi-frame Single Bit Secondary Capture",
+    "1.2.840.10008.5.1.4.1.1.7.2": "Multi-frame Grayscale Byte Secondary Capture",
+    "1.2.840.10008.5.1.4.1.1.7.3": "Multi-frame Grayscale Word Secondary Capture",
+    "1.2.840.10008.5.1.4.1.1.7.4": "Multi-frame True Color Secondary Capture",
+    "1.2.840.10008.5.1.4.1.1.6.1": "Ultrasound",
+    "1.2.840.10008.5.1.4.1.1.3.1": "Ultrasound Multi-frame",
+    "1.2.840.10008.5.1.4.1.1.6": "Ultrasound (retired)",
+    "1.2.840.10008.5.1.4.1.1.3": "Ultrasound Multi-frame (retired)",
+}
+BURNED_IN_MODALITIES = {"US": "ultrasound", "OT": "other, usually a screen capture", "SC": "secondary capture"}
+_BURNED_IN_TAGS = ["BurnedInAnnotation", "SOPClassUID", "Modality"]
 _EXIF_ORIENTATION = 0x0112
 _KIND_NAMES = {"dicom": "a DICOM file", "nifti": "a NIfTI volume", "pil": "a 2-D image"}
 _AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # axis name -> RAS+ axis it is perpendicular to
@@ -109,8 +134,32 @@ class ImageError(ValueError):
         super().__init__(f"{self.file}: {reason}")
 
 
+class BurnedInError(ImageError):
+    """A DICOM image that may show patient identifiers in its pixels, refused unless burned-in text is allowed."""
+
+    def __init__(self, file: str | os.PathLike, why: str):
+        super().__init__(file, f"may show burned-in patient text ({why}), which removing tags cannot clean, so it "
+                               "is refused; check the images and pass --allow-burned-in to use them anyway (the "
+                               "report records it)")
+        self.why = why
+
+
 class WindowError(ValueError):
     """An unknown window preset name."""
+
+
+class ImageRootError(UserError, ValueError):
+    """An image root that does not exist: named once, before any record would report its images missing."""
+
+
+def require_image_root(root: str | os.PathLike, what: str = "image root") -> Path:
+    """``root`` when it is an existing folder; else one error naming it."""
+    root = Path(root)
+    if not root.is_dir():
+        state = "is a file, not a folder" if root.exists() else "does not exist"
+        raise ImageRootError(f"{what} {root} {state}, so no image under it can be found (pass --image-root DIR, "
+                             "or image_root in a recipe)")
+    return root
 
 
 # --------------------------------------------------------------------------------------------------- paths
@@ -147,7 +196,8 @@ def _image_kind(path: Path, head: bytes) -> str:
 # ------------------------------------------------------------------------------------------------ loading
 
 def load_image(ref: ImageRef | str, root: str | os.PathLike, *, allowed_roots: Iterable = (),
-               window: str | Sequence[float] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+               window: str | Sequence[float] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+               allow_burned_in: bool = False) -> Image.Image:
     """Load the image a reference names as an RGB PIL image (see the module docstring for every rule)."""
     ref = ImageRef(ref) if isinstance(ref, str) else ref
     path = resolve_image_path(ref.path, root, allowed_roots)
@@ -168,7 +218,7 @@ def load_image(ref: ImageRef | str, root: str | os.PathLike, *, allowed_roots: I
     if kind != "nifti" and (ref.axis is not None or ref.slice is not None):
         raise ImageError(path, f"axis/slice apply only to NIfTI volumes, and this is {_KIND_NAMES[kind]}")
     if kind == "dicom":
-        return _load_dicom(path, ref.frame, window, max_pixels)
+        return _load_dicom(path, ref.frame, window, max_pixels, allow_burned_in=allow_burned_in)
     if kind == "nifti":
         return _load_nifti(path, ref.axis, ref.slice, window, max_pixels, volume_index=ref.frame)
     return _load_pil(path, path, max_pixels, frame=ref.frame)
@@ -188,7 +238,7 @@ def image_from_bytes(data: bytes, *, name: str = "upload", window: str | Sequenc
     if data[:2] == b"\x1f\x8b" or lowered.endswith(NIFTI_SUFFIXES):
         return _load_nifti(_nifti_from_bytes(data, name, max_pixels), None, None, window, max_pixels, name=name)
     if data[128:132] == b"DICM" or lowered.endswith(DICOM_SUFFIXES):
-        return _load_dicom(io.BytesIO(data), None, window, max_pixels, name=name)
+        return _load_dicom(io.BytesIO(data), None, window, max_pixels, name=name, allow_burned_in=True)
     return _load_pil(io.BytesIO(data), name, max_pixels)
 
 
@@ -343,10 +393,38 @@ def _read_dicom(source, name, pydicom, **options):
         raise ImageError(name, f"unreadable DICOM header ({type(error).__name__}: {_clean(error)})") from None
 
 
-def _load_dicom(source, frame: int | None, window, max_pixels: int, *, name=None) -> Image.Image:
+def burned_in_reason(dataset) -> str | None:
+    """Why a DICOM dataset may show burned-in text (see BURNED_IN_SOP_CLASSES), or None. No element value that
+    could identify anyone is quoted: only the flag, the SOP class and the modality."""
+    if str(dataset.get("BurnedInAnnotation", "") or "").strip().upper() == "YES":
+        return "BurnedInAnnotation is YES"
+    meta = getattr(dataset, "file_meta", None)
+    sop = str(dataset.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else "") or "")
+    if sop in BURNED_IN_SOP_CLASSES:
+        return f"a {BURNED_IN_SOP_CLASSES[sop]} object"
+    modality = str(dataset.get("Modality", "") or "").strip().upper()
+    if modality in BURNED_IN_MODALITIES:
+        return f"modality {modality}: {BURNED_IN_MODALITIES[modality]}"
+    return None
+
+
+def refuse_burned_in(path: str | os.PathLike) -> None:
+    """Raise :class:`BurnedInError` when the DICOM file at ``path`` may show burned-in text (header only)."""
+    pydicom = _import_pydicom()
+    dataset = _read_dicom(path, path, pydicom, stop_before_pixels=True, specific_tags=_BURNED_IN_TAGS)
+    reason = burned_in_reason(dataset)
+    if reason is not None:
+        raise BurnedInError(path, reason)
+
+
+def _load_dicom(source, frame: int | None, window, max_pixels: int, *, name=None,
+                allow_burned_in: bool = False) -> Image.Image:
     pydicom = _import_pydicom()
     name = name if name is not None else source
     dataset = _read_dicom(source, name, pydicom)
+    reason = None if allow_burned_in else burned_in_reason(dataset)
+    if reason is not None:
+        raise BurnedInError(name, reason)
     if "PixelData" not in dataset and "FloatPixelData" not in dataset and "DoubleFloatPixelData" not in dataset:
         raise ImageError(name, "DICOM file has no pixel data (not an image object)")
     rows, columns = int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0)
@@ -512,22 +590,43 @@ def _nifti_cal_window(volume) -> tuple[float, float] | None:
 # ------------------------------------------------------------------------------------------- materialising
 
 def materialise(ref: ImageRef, root: str | os.PathLike, out_dir: str | os.PathLike, *,
-                window: str | Sequence[float] | None = None, allowed_roots: Iterable = ()) -> ImageRef:
+                window: str | Sequence[float] | None = None, allowed_roots: Iterable = (),
+                allow_burned_in: bool = False) -> ImageRef:
     """Write the image a reference names as a PNG in ``out_dir``; return a reference relative to ``out_dir``.
 
-    The name is the source's stem plus a hash of (resolved source path, frame, axis, slice, window), so the same
-    reference always lands in the same file and an existing file is reused. The PNG holds pixels only: no text
-    chunks or other metadata travel from the source.
+    The name is a hash of the source file's bytes and of (frame, axis, slice, window): never the source's name,
+    which may hold a patient's name or MRN. The same image always lands in the same file (however many paths
+    name it) and an existing file is reused; burned-in text is refused on reuse as on first writing. The PNG
+    holds pixels only: no text chunks or other metadata travel from the source.
     """
     ref = ImageRef(ref) if isinstance(ref, str) else ref
     allowed_roots = tuple(allowed_roots)
     source = resolve_image_path(ref.path, root, allowed_roots)
-    key = "|".join(str(v) for v in (source, ref.frame, ref.axis, ref.slice, window))
-    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
-    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", source.name.split(".")[0])[:40] or "image"
-    out = Path(out_dir) / f"{stem}-{digest}.png"
+    out = Path(out_dir) / f"{_content_key(source, ref, window)}.png"
     if not out.exists():
-        image = load_image(ref, root, allowed_roots=allowed_roots, window=window)
+        image = load_image(ref, root, allowed_roots=allowed_roots, window=window, allow_burned_in=allow_burned_in)
         with atomic_open(out, "wb") as handle:
             image.save(handle, format="PNG")
+    elif not allow_burned_in and _image_kind(source, _head(source)) == "dicom":
+        refuse_burned_in(source)
     return ImageRef(out.name)
+
+
+def _content_key(source: Path, ref: ImageRef, window) -> str:
+    """SHA-256 (first 128 bits, hex) of the file's bytes and the selection that makes it one 2-D image."""
+    digest = hashlib.sha256()
+    try:
+        with open(source, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise ImageError(source, "file not found") from None
+    except OSError as error:
+        raise ImageError(source, f"cannot read the file ({error.strerror})") from None
+    digest.update("|".join(str(v) for v in (ref.frame, ref.axis, ref.slice, window)).encode("utf-8"))
+    return digest.hexdigest()[:32]
+
+
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(132)

@@ -1,11 +1,14 @@
 """Streaming JSON Lines I/O for canonical samples, with bad-record accounting and atomic writes.
 
-* Reading yields one sample at a time, so memory does not grow with the file. A line that is not JSON or not
-  a valid sample becomes a :class:`RecordError` naming the file, the line and the reason: counted and skipped
-  by default, raised when ``strict``.
+* Reading yields one sample at a time, so memory does not grow with the file. A line that is not JSON (or not
+  UTF-8) or not a valid sample becomes a :class:`RecordError` naming the file, the line, the record's id when it
+  has one and the reason: counted and skipped by default, raised when ``strict``. Lines are decoded one by one,
+  so one bad line costs that line only.
 * Writing goes to a temporary file beside the target and is renamed into place only when the writer closes
   without an exception, so a crash never leaves a half-written file where a later step would pick it up.
-* :class:`Tally` is the "N read, N written, N skipped (reasons)" line every command ends with.
+* :class:`Tally` is the "N read, N written, N skipped (reasons)" line every command ends with. Every record
+  is in it: an input whose end cannot be read at all (a JSON list cut short) counts that end as one record
+  skipped as :data:`UNREADABLE_TAIL`, and ``Tally.incomplete`` says so.
 """
 from __future__ import annotations
 
@@ -18,16 +21,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
+from medtune.data.files import readable_text_file
 from medtune.data.schema import Sample
+
+# The skip reason of the part of a file that cannot be read record by record (it is counted as one record).
+UNREADABLE_TAIL = "unreadable rest of file"
+# Where readers look for a raw record's own id, to name it in error messages.
+ID_KEYS = ("id", "qid", "question_id", "index")
 
 
 class RecordError(ValueError):
-    """A bad input record: which file, which record (line or index), and why."""
+    """A bad input record: which file, which record (line or index), its id when known, and why.
 
-    def __init__(self, file: str | os.PathLike, record: int | str | None, reason: str):
-        self.file, self.record, self.reason = str(file), record, reason
+    ``tail`` marks the error that ends a file's readable part: what follows it cannot be counted record by record.
+    """
+
+    def __init__(self, file: str | os.PathLike, record: int | str | None, reason: str, *,
+                 sample_id: str | None = None, tail: bool = False):
+        self.file, self.record, self.reason, self.sample_id, self.tail = str(file), record, reason, sample_id, tail
         where = f"{self.file}:{record}" if record is not None else self.file
+        if sample_id is not None:
+            where += f" (id {sample_id})"
         super().__init__(f"{where}: {reason}")
+
+
+def raw_id(record: Any) -> str | None:
+    """The id a raw record carries under one of :data:`ID_KEYS`, as text; None when it has none."""
+    if not isinstance(record, dict):
+        return None
+    for key in ID_KEYS:
+        value = record.get(key)
+        if isinstance(value, (str, int)) and not isinstance(value, bool) and value != "":
+            return str(value)
+    return None
 
 
 @dataclass
@@ -39,6 +65,7 @@ class Tally:
     skipped: collections.Counter = field(default_factory=collections.Counter)
     examples: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    bad_records: int = 0   # skips caused by bad input (RecordError), as opposed to deliberate exclusions
 
     def skip(self, reason: str, example: str | None = None) -> None:
         """Count one skipped record under a short ``reason``; ``example`` (e.g. file:line) is kept once."""
@@ -47,7 +74,15 @@ class Tally:
             self.examples.setdefault(reason, example)
 
     def skip_error(self, error: RecordError, reason: str | None = None) -> None:
+        self.bad_records += 1
+        if getattr(error, "tail", False):
+            reason = UNREADABLE_TAIL
         self.skip(reason or _short_reason(error.reason), str(error))
+
+    @property
+    def incomplete(self) -> bool:
+        """True when the end of an input could not be read record by record (its records are not counted)."""
+        return self.skipped[UNREADABLE_TAIL] > 0
 
     @property
     def n_skipped(self) -> int:
@@ -75,20 +110,30 @@ def _short_reason(reason: str) -> str:
 
 
 def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any | RecordError]]:
-    """Yield ``(line_number, parsed_object)``; a line that does not parse yields a RecordError instead."""
-    with open(path, "r", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
+    """Yield ``(line_number, parsed_object)``; a line that does not parse yields a RecordError instead.
+
+    The file is read as bytes and each line decoded on its own, so a line that is not UTF-8 is one bad record
+    rather than the end of the file. A byte-order mark before the first line is ignored.
+    """
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            if not raw.strip():
                 continue
             try:
-                yield number, json.loads(line)
+                yield number, json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as error:
+                yield number, RecordError(path, number, f"not UTF-8 text (byte {error.start + 1} of the line)")
             except json.JSONDecodeError as error:
                 yield number, RecordError(path, number, f"not valid JSON ({error.msg} at column {error.colno})")
 
 
-def iter_parsed(path: str | os.PathLike, parse, *, strict: bool = False, tally: Tally | None = None) -> Iterator:
+def iter_parsed(path: str | os.PathLike, parse, *, strict: bool = False, tally: Tally | None = None,
+                name_ids: bool = False) -> Iterator:
     """Stream ``parse(obj)`` for each JSON line; a line that is not JSON or whose ``parse`` raises ValueError is
-    counted in ``tally`` as a RecordError naming file and line (raised instead when ``strict``)."""
+    counted in ``tally`` as a RecordError naming file and line (raised instead when ``strict``), and with
+    ``name_ids`` the record's own id (:func:`raw_id`) too."""
     tally = tally if tally is not None else Tally()
     for number, obj in iter_json_lines(path):
         tally.read += 1
@@ -99,7 +144,7 @@ def iter_parsed(path: str | os.PathLike, parse, *, strict: bool = False, tally: 
                 yield parse(obj)
                 continue
             except ValueError as bad:
-                error = RecordError(path, number, str(bad))
+                error = RecordError(path, number, str(bad), sample_id=raw_id(obj) if name_ids else None)
         if strict:
             raise error
         tally.skip_error(error)
@@ -107,9 +152,8 @@ def iter_parsed(path: str | os.PathLike, parse, *, strict: bool = False, tally: 
 
 def read_samples(path: str | os.PathLike, *, strict: bool = False, tally: Tally | None = None) -> Iterator[Sample]:
     """Stream canonical samples from a ``.jsonl`` file; bad lines are counted in ``tally`` (or raised)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    return iter_parsed(path, Sample.from_dict, strict=strict, tally=tally)
+    readable_text_file(path)
+    return iter_parsed(path, Sample.from_dict, strict=strict, tally=tally, name_ids=True)
 
 
 def _default_file_mode() -> int:

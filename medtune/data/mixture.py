@@ -10,7 +10,7 @@ A mixture comes from one of two files, read by :func:`load_mixture`:
       datasets:
         - name: vqa-rad            # unique; prefixes output ids ("vqa-rad/17")
           path: ../data/vqa_rad/trainset.json   # relative paths are relative to the recipe file
-          format: vqa-rad          # canonical (default) or any reader in medtune.data.formats
+          format: vqa-rad          # any reader in medtune.data.formats (default: detected from the content)
           image_root: ../data/vqa_rad/images    # default: the format's default image root
           ratio: 0.5               # or count: 200 (not both; neither means ratio 1)
           replacement: false
@@ -76,7 +76,7 @@ class DatasetSpec:
 
     name: str
     path: Path
-    format: str = "canonical"
+    format: str | None = None        # None: detected from the file's content
     image_root: Path | None = None   # None: the format's default image root
     ratio: float | None = None       # fraction (<= 1) or multiplier (> 1) of the usable records
     count: int | None = None         # an exact number of samples instead of a ratio
@@ -96,6 +96,14 @@ class DatasetSpec:
             raise RecipeError(f"dataset {self.name!r}: count must be an integer >= 0, got {self.count!r}")
         if not isinstance(self.replacement, bool):
             raise RecipeError(f"dataset {self.name!r}: replacement must be true or false")
+        if self.format is None:
+            from medtune.data.formats import detect_format
+            from medtune.errors import UserError
+
+            try:
+                self.format = detect_format(self.path)
+            except (UserError, FileNotFoundError) as error:
+                raise RecipeError(f"dataset {self.name!r}: {error}") from None
         if self.image_root is None:
             self.image_root = default_image_root(self.format, self.path)
 
@@ -332,7 +340,7 @@ def _dataset_spec(entry: Any, base: Path, where: Any, number: int) -> DatasetSpe
         raise RecipeError(f"{where}: dataset {name!r} needs a 'path'")
     root = entry.get("image_root")
     try:
-        return DatasetSpec(name=name, path=base / entry["path"], format=entry.get("format", "canonical"),
+        return DatasetSpec(name=name, path=base / entry["path"], format=entry.get("format"),
                            image_root=base / root if root else None, ratio=entry.get("ratio"),
                            count=entry.get("count"), replacement=entry.get("replacement", False))
     except RecipeError as error:

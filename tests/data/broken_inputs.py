@@ -54,13 +54,18 @@ def write_truncated_jpeg(path: Path) -> Path:
 
 def write_dicom(path: Path, pixels: np.ndarray, *, patient_name: str = PATIENT_NAME, photometric="MONOCHROME2",
                 slope: float | None = None, intercept: float | None = None, window=None, frames: int = 1,
-                truncate_pixels: bool = False, modality="CT", body_part="CHEST", view: str | None = None) -> Path:
-    """A small uncompressed DICOM with a patient name and ID (the identifiers that must never leak)."""
+                truncate_pixels: bool = False, modality="CT", body_part="CHEST", view: str | None = None,
+                sop_class: str | None = None, burned_in: str | None = None) -> Path:
+    """A small uncompressed DICOM with a patient name and ID (the identifiers that must never leak).
+
+    A CT image by default; ``sop_class`` (a UID) and ``burned_in`` (BurnedInAnnotation, YES/NO) make the kinds
+    that medtune refuses by default because their pixels may show patient text.
+    """
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPClassUID = sop_class or CTImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[path.name])  # reproducible files
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
@@ -69,6 +74,8 @@ def write_dicom(path: Path, pixels: np.ndarray, *, patient_name: str = PATIENT_N
     ds.PatientName, ds.PatientID, ds.PatientBirthDate = patient_name, PATIENT_ID, "19700101"
     ds.InstitutionName = "St Example Hospital"
     ds.Modality, ds.BodyPartExamined = modality, body_part
+    if burned_in is not None:
+        ds.BurnedInAnnotation = burned_in
     if view:
         ds.ViewPosition = view
     pixels = np.asarray(pixels)

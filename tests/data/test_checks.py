@@ -109,7 +109,7 @@ def test_structural_problems_are_each_reported_with_their_line(tmp_path, capsys)
         f"{data}:5: error: no user turn [id nouser]",
         f"{data}:6: error: system message at position 2 (only the first may be system) [id latesys]",
         f"{data}:7: error: duplicate id 'ok' (first at {data}:1) [id ok]",
-        f"{data}:8: error: unknown answer_type 'sometimes' (expected one of open, closed, mcq)",
+        f"{data}:8: error: unknown answer_type 'sometimes' (expected one of open, closed, mcq) [id type]",
         f"{data}:9: warning: no assistant turn (a question without an answer) [id unanswered]",
         f"{data}:10: warning: '<image>' in the text duplicates the 1 image part(s) [id dup-ph]",
     ]

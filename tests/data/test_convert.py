@@ -36,7 +36,7 @@ def test_strict_stops_at_the_first_bad_record_and_writes_nothing(tmp_path, capsy
     out = tmp_path / "slake.json"
     path = bundled_data("slake", "train_en.json")
     assert convert("--from", "slake", "--to", "llava", path, out, "--strict") == 2
-    assert f"{path}:[1622]: empty field 'answer'" in capsys.readouterr().err
+    assert f"{path}:[1622] (id 1622): empty field 'answer'" in capsys.readouterr().err
     assert not out.exists() and list(tmp_path.iterdir()) == []
     assert convert("--from", "slake", "--to", "llava", path, out) == 0
     assert "4919 read, 4918 written, 1 skipped (1 empty field)" in capsys.readouterr().out

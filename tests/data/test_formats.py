@@ -53,10 +53,10 @@ def test_llava_bad_records_are_skipped_with_their_reason():
     assert "PMC-5" not in samples and "PMC-6" not in samples
     assert tally.read == 6 and tally.n_skipped == 2
     details = "\n".join(tally.details())
-    assert (f"{path}:[4]: <image> placeholders do not match images: 2 placeholder(s) in the text, "
+    assert (f"{path}:[4] (id PMC-5): <image> placeholders do not match images: 2 placeholder(s) in the text, "
             "1 image(s) listed") in details
-    assert f"{path}:[5]: unknown speaker 'doctor'" in details
-    with pytest.raises(RecordError, match=r"llava_med_instruct.json:\[4\]: <image> placeholders do not match"):
+    assert f"{path}:[5] (id PMC-6): unknown speaker 'doctor'" in details
+    with pytest.raises(RecordError, match=r"llava_med_instruct.json:\[4\] \(id PMC-5\): <image> placeholders do not"):
         list(read_records("llava", path, tally=Tally(), strict=True))
 
 
@@ -109,9 +109,9 @@ def test_messages_bad_records_name_line_and_reason():
     samples, tally = read("messages", path)
     assert tally.read == 7 and tally.n_skipped == 4 and set(samples) == {"messages_sharegpt-1", "oa-2", "oa-3"}
     details = "\n".join(tally.details())
-    assert f"{path}:4: image 'https://example.org/x.png' is a URL or inline data" in details
-    assert f"{path}:5: unknown content part type 'audio'" in details
-    assert f"{path}:6: <image> placeholders do not match images: 1 placeholder(s) in the text, 2 image(s)" in details
+    assert f"{path}:4 (id oa-4): image 'https://example.org/x.png' is a URL or inline data" in details
+    assert f"{path}:5 (id oa-5): unknown content part type 'audio'" in details
+    assert f"{path}:6 (id oa-6): <image> placeholders do not match images: 1 placeholder(s) in the text, 2 image(s)" in details
     assert f"{path}:7: not valid JSON" in details
 
 
@@ -179,7 +179,7 @@ def test_pmc_vqa_choices_and_answer_letter():
     assert samples["1"].meta.answer == "Kidney" and samples["1"].meta.extra["answer_label"] == "C"
     assert samples["2"].meta.extra["answer_label"] == "B" and samples["2"].meta.choices[0] == "CT"
     assert "3" not in samples
-    assert f"{path}:5: answer matches no choice" in "\n".join(tally.details())
+    assert f"{path}:5 (id 3): answer matches no choice" in "\n".join(tally.details())
 
 
 def test_pmc_vqa_json_reads_like_csv(tmp_path):
@@ -199,7 +199,7 @@ def test_llava_med_vqa_keeps_ids_and_normalises_answer_types():
         "1001": ("closed", "yes"), "1002": ("closed", "no"), "1003": ("open", "right upper lobe")}
     assert samples["1003"].meta.extra == {"question_type": "POS"}
     assert samples["1002"].question == "Is the heart enlarged?"  # read from the misspelt "conversatons"
-    assert f"{path}:[3]: unknown answer_type 'sometimes'" in "\n".join(tally.details())
+    assert f"{path}:[3] (id 1004): unknown answer_type 'sometimes'" in "\n".join(tally.details())
 
 
 # --------------------------------------------------------------------------------------------- registry
@@ -231,16 +231,17 @@ def test_streaming_json_array_matches_json_load_across_tiny_chunks(tmp_path, mon
     assert [value for _, value in streamed] == json.loads(path.read_text())
 
 
-def test_streaming_json_array_reports_a_syntax_error_with_index_and_line(tmp_path, monkeypatch):
+def test_streaming_json_array_reports_a_syntax_error_with_index_and_line_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(records_module, "_CHUNK_CHARS", 5)
     path = tmp_path / "broken.json"
-    path.write_text('[\n{"id": 1},\n{"id": 2},\n{"id": 3 "x": 1},\n{"id": 4}\n]')
+    path.write_text('[\n{"id": 1},\n{"id": 2},\n{"id": 3 "x": {"y": [1, 2]}},\n{"id": 4}\n]')
     streamed = list(records_module.iter_records(path))
-    assert [value for _, value in streamed[:2]] == [{"id": 1}, {"id": 2}]
+    assert [value for _, value in streamed] == [{"id": 1}, {"id": 2}, streamed[2][1], {"id": 4}]
     error = streamed[2][1]
-    assert isinstance(error, RecordError) and len(streamed) == 3
-    assert str(error).startswith(f"{path}:[2]: not valid JSON (Expecting ',' delimiter at line 4)")
+    assert isinstance(error, RecordError) and not error.tail
+    assert str(error) == f"{path}:[2] (id 3): not valid JSON (Expecting ',' delimiter at line 4)"
     truncated = tmp_path / "truncated.json"
     truncated.write_text('[{"id": 1}, {"id": 2')
     streamed = list(records_module.iter_records(truncated))
-    assert streamed[0][1] == {"id": 1} and "[1]: not valid JSON" in str(streamed[1][1])
+    assert streamed[0][1] == {"id": 1} and "[1] (id 2): not valid JSON" in str(streamed[1][1])
+    assert streamed[1][1].tail and len(streamed) == 2

@@ -83,7 +83,8 @@ def test_slake_fields_and_split(name, split):
     empty = [i for i, r in enumerate(records) if r["answer"] == ""]
     assert len(samples) == len(records) - len(empty) and tally.n_skipped == len(empty)
     for index in empty:  # SLAKE train has an empty answer: skipped with its location, not dropped silently
-        assert f"{path}:[{index}]: empty field 'answer'" in "\n".join(tally.details())
+        location = f"{path}:[{index}] (id {records[index]['qid']}): empty field 'answer'"
+        assert location in "\n".join(tally.details())
     for record in records:
         if record["answer"] == "":
             continue

@@ -175,6 +175,8 @@ def test_gmai_vl_list_is_a_recipe(tmp_path, capsys):
     ({"datasets": [{"name": "a", "path": "a.jsonl", "fromat": "llava"}]}, "dataset 'a' has unknown keys"),
 ])
 def test_bad_recipes_name_the_file_and_the_problem(tmp_path, change, message):
+    for name in ("a", "b"):  # datasets without a format: it is detected from their content
+        write_samples(tmp_path / f"{name}.jsonl", [qa_sample("1", "Q?", "A")])
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"datasets": [{"name": "a", "path": "a.jsonl"}], **change}))
     with pytest.raises(RecipeError, match=f"^{path}: .*") as error:

@@ -16,6 +16,20 @@ def read(path: str | os.PathLike, *, tally: Tally, strict: bool = False) -> Iter
     return read_samples(path, strict=strict, tally=tally)
 
 
+def sniff(record: dict) -> bool:
+    """Canonical samples: only id, messages and meta, every message a role and a list of typed parts."""
+    if not set(record) <= {"id", "messages", "meta"} or not isinstance(record.get("messages"), list):
+        return False
+    for message in record["messages"]:
+        if not isinstance(message, dict) or not set(message) <= {"role", "content"} or "role" not in message:
+            return False
+        content = message.get("content")
+        if not (isinstance(content, str) or isinstance(content, list) and all(
+                isinstance(part, dict) and part.get("type") in ("text", "image") for part in content)):
+            return False
+    return True
+
+
 def write(path: str | os.PathLike, samples: Iterable[Sample], *, tally: Tally) -> None:
     with SampleWriter(path, tally) as writer:
         for sample in samples:

@@ -40,6 +40,13 @@ def read(path: str | os.PathLike, *, tally: Tally, strict: bool = False) -> Iter
     stats.add_notes(tally, path)
 
 
+def sniff(record: dict) -> bool:
+    """LLaVA records: ``conversations`` (or ``conversatons``) of {from, value}; ShareGPT's ``images`` is not LLaVA."""
+    conversations = next((record[k] for k in CONVERSATION_KEYS if k in record), None)
+    return (isinstance(conversations, list) and bool(conversations) and isinstance(conversations[0], dict)
+            and "from" in conversations[0] and "value" in conversations[0] and "images" not in record)
+
+
 def llava_sample(record: Any, where: int | str, *, path: str | os.PathLike, stats: TurnStats,
                  known_keys: set[str] = KNOWN_KEYS) -> Sample:
     """One LLaVA record as a sample; keys outside ``known_keys`` go to ``meta.extra``."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from medtune.data.formats.llava import KNOWN_KEYS, llava_sample
+from medtune.data.formats.llava import sniff as llava_sniff
 from medtune.data.formats.records import TurnStats, convert_records, iter_records, split_from_name
 from medtune.data.jsonl import Tally
 from medtune.data.schema import Sample
@@ -27,6 +28,11 @@ def read(path: str | os.PathLike, *, tally: Tally, strict: bool = False, split: 
     convert = partial(llava_med_vqa_sample, path=path, stats=stats, split=split or split_from_name(path))
     yield from convert_records(path, iter_records(path), convert, tally=tally, strict=strict)
     stats.add_notes(tally, path)
+
+
+def sniff(record: dict) -> bool:
+    """A LLaVA record with an ``answer_type``: a VQA test file (this format refines ``llava``)."""
+    return llava_sniff(record) and "answer_type" in record
 
 
 def llava_med_vqa_sample(record: Any, where: int | str, *, path, stats: TurnStats, split: str | None) -> Sample:

@@ -37,6 +37,12 @@ def read(path: str | os.PathLike, *, tally: Tally, strict: bool = False,
     return convert_records(path, iter_records(path), convert, tally=tally, strict=strict)
 
 
+def sniff(record: dict) -> bool:
+    """MedMax rows: ``text`` with MedMax's image or credential fields, and no conversation."""
+    return ("text" in record and any(k in record for k in ("image_path", "credential", "image_tokens", "tokens"))
+            and not any(k in record for k in ("conversations", "messages")))
+
+
 def parse_credential(value: Any) -> bool:
     if value is None or isinstance(value, bool):
         return bool(value)

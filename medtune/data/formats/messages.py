@@ -39,6 +39,16 @@ def read(path: str | os.PathLike, *, tally: Tally, strict: bool = False) -> Iter
     stats.add_notes(tally, path)
 
 
+def sniff(record: dict) -> bool:
+    """OpenAI/ShareGPT records: ``messages`` of {role, content}, or ShareGPT turns with an ``images`` list."""
+    turns = record.get("messages", record.get("conversations"))
+    if not isinstance(turns, list) or not turns or not isinstance(turns[0], dict):
+        return False
+    if "role" in turns[0] and "content" in turns[0]:
+        return True
+    return "from" in turns[0] and ("messages" in record or "images" in record)
+
+
 def messages_sample(record: Any, where: int | str, *, path: str | os.PathLike, stats: TurnStats) -> Sample:
     if not isinstance(record, dict):
         raise ValueError(f"record is not a JSON object (got {type(record).__name__})")

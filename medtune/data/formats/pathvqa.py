@@ -29,6 +29,10 @@ def read(path: str | os.PathLike, *, tally: Tally, strict: bool = False, split: 
     return convert_records(path, iter_records(path), convert, tally=tally, strict=strict)
 
 
+def sniff(record: dict) -> bool:
+    return {"image", "question", "answer"} <= set(record) and "conversations" not in record
+
+
 def pathvqa_sample(record: Any, where: int | str, *, path, forced_split: str | None,
                    file_split: str | None) -> Sample:
     image, question, answer = require(record, "image", "question", "answer")

@@ -24,6 +24,7 @@ from typing import Any, Iterator
 from medtune.data.formats.records import (
     convert_records, existing_subfolder, iter_records, record_id, require, split_from_name, text_value,
 )
+from medtune.data.files import readable_text_file
 from medtune.data.jsonl import Tally
 from medtune.data.schema import ImageRef, Metadata, Sample, qa_sample
 
@@ -33,15 +34,23 @@ MAPPED_KEYS = {"Figure_path", "Question", "Answer", "Answer_label", "split", "in
 
 
 def read(path: str | os.PathLike, *, tally: Tally, strict: bool = False, split: str | None = None) -> Iterator[Sample]:
-    records = iter_csv(path) if Path(path).suffix.lower() in (".csv", ".tsv") else iter_records(path)
+    records = raw_records(path)
     convert = partial(pmc_vqa_sample, path=path, forced_split=split, file_split=split_from_name(path))
     return convert_records(path, records, convert, tally=tally, strict=strict)
 
 
+def raw_records(path: str | os.PathLike) -> Iterator[tuple[int | str, Any]]:
+    """CSV/TSV rows (by suffix), else the records of a JSON list or JSON Lines file."""
+    return iter_csv(path) if Path(path).suffix.lower() in (".csv", ".tsv") else iter_records(path)
+
+
+def sniff(record: dict) -> bool:
+    return {"Figure_path", "Question", "Choice A"} <= set(record)
+
+
 def iter_csv(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """Rows as dicts with their line number (streamed; quoted fields may span lines)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+    readable_text_file(path)
     delimiter = "\t" if Path(path).suffix.lower() == ".tsv" else ","
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle, delimiter=delimiter)

@@ -3,10 +3,11 @@
 
 * :func:`iter_records` streams a JSON array *or* JSON Lines file one record at a time. JSON arrays are parsed
   incrementally with ``json.JSONDecoder.raw_decode`` over fixed-size chunks, so a multi-gigabyte LLaVA file
-  needs memory for one record, not for the whole list. A syntax error inside an array cannot be resynchronised
-  (there is no line structure to fall back on), so it ends the file with one counted error.
+  needs memory for one record, not for the whole list. A malformed record is skipped and counted and reading
+  resumes at the next record (see :func:`_iter_json_array` for how); only when no next record can be found is
+  the rest of the file counted as one unreadable record.
 * :func:`convert_records` is the loop every reader shares: it counts each record as read, turns a converter's
-  ``ValueError`` into a :class:`RecordError` naming file, record and reason, skips and counts it (or raises when
+  ``ValueError`` into a :class:`RecordError` naming file, record, the record's id (when it has one) and reason, skips and counts it (or raises when
   ``strict``), and counts deliberate exclusions (:class:`Skip`, e.g. credentialed MedMax rows) without ever
   failing on them, because they are a policy, not bad input.
 * :func:`messages_from_turns` implements the LLaVA conventions shared by ``llava``, ``messages`` (string content)
@@ -22,7 +23,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from medtune.data.jsonl import RecordError, Tally, atomic_open, iter_json_lines
+from medtune.data.files import readable_text_file
+from medtune.data.jsonl import RecordError, Tally, atomic_open, iter_json_lines, raw_id
 from medtune.data.schema import ImageRef, Message, Metadata, Part, Sample
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -62,10 +64,8 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[int | str, Any]]:
 
     A record that does not parse is yielded as a :class:`RecordError` in place of the record.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    with open(path, "r", encoding="utf-8") as handle:
+    path = readable_text_file(path)
+    with open(path, "r", encoding="utf-8", errors="replace") as handle:
         first = _first_non_space(handle)
     if first == "[":
         yield from _iter_json_array(path)
@@ -117,46 +117,84 @@ class _ChunkBuffer:
     def line_at(self, pos: int) -> int:
         return self.lines_before + self.text.count("\n", 0, pos) + 1
 
+    def indent_at(self, pos: int) -> str | None:
+        """The whitespace before ``pos`` on its line; None when something else precedes it on that line or the
+        line's start is no longer in the window."""
+        start = self.text.rfind("\n", 0, pos) + 1
+        if start == 0:
+            return None
+        prefix = self.text[start:pos]
+        return prefix if prefix.strip(" \t") == "" else None
+
 
 def _iter_json_array(path: Path) -> Iterator[tuple[str, Any]]:
+    """The records of a JSON list, one at a time; a malformed one is skipped and reading resumes after it.
+
+    Resynchronising: from a malformed record's first character, strings and brackets are followed until the
+    bracket it opened closes (a doubled or missing comma, an unquoted key ... leave the structure intact).
+    In a file with one record per line or per indented block, a line at the record's own indentation that opens
+    a new record ends it as well (a lost quote swallows brackets). When neither is found the rest of the file is
+    one unreadable record (``tail``); it may hold any number of records, which is why callers refuse to call such
+    a run complete.
+    """
     decoder = json.JSONDecoder()
     with open(path, "r", encoding="utf-8") as handle:
         buffer = _ChunkBuffer(handle)
-        buffer.skip_space()
-        buffer.pos += 1  # the opening '['
-        index = 0
-        while True:
-            char = buffer.skip_space()
-            if char == "]":
+        try:
+            yield from _array_records(path, decoder, buffer)
+        except UnicodeDecodeError as error:
+            line = buffer.line_at(len(buffer.text))
+            yield "[?]", RecordError(path, f"line {line}", f"not UTF-8 text ({error.reason}); "
+                                     "the rest of the file is unreadable", tail=True)
+
+
+def _array_records(path: Path, decoder: json.JSONDecoder, buffer: _ChunkBuffer) -> Iterator[tuple[str, Any]]:
+    buffer.skip_space()
+    buffer.pos += 1  # the opening '['
+    index = 0
+    while True:
+        char = buffer.skip_space()
+        if char == "]":
+            return
+        if char == ",":  # a stray separator ("[a,,b]"): no record is lost
+            buffer.pos += 1
+            continue
+        where = f"[{index}]"
+        if char == "":
+            yield where, RecordError(path, where, "not valid JSON (the file ends inside the list, without ']'); "
+                                                  "the rest of the file is missing", tail=True)
+            return
+        start = buffer.pos
+        value, problem = _decode_next(decoder, buffer)
+        if problem is None:
+            yield where, value
+        else:
+            head = buffer.text[start:start + 4096]
+            line = buffer.line_at(start)
+            if not _skip_malformed(buffer, buffer.indent_at(start)):
+                yield where, RecordError(path, where, f"{problem}; the rest of the file from line {line} is "
+                                                      "unreadable", sample_id=_id_in_text(head), tail=True)
                 return
-            if char == "":
-                yield f"[{index}]", RecordError(path, f"[{index}]", "not valid JSON (file ends inside the list)")
-                return
-            value, problem = _decode_next(decoder, buffer)
-            if problem:
-                yield f"[{index}]", RecordError(path, f"[{index}]", problem + "; the rest of the file is unreadable")
-                return
-            yield f"[{index}]", value
-            index += 1
-            char = buffer.skip_space()
-            if char == ",":
-                buffer.pos += 1
-            elif char != "]":
-                line = buffer.line_at(buffer.pos)
-                yield f"[{index}]", RecordError(
-                    path, f"[{index}]", f"not valid JSON (expected ',' or ']' at line {line}); "
-                                        "the rest of the file is unreadable")
-                return
+            yield where, RecordError(path, where, problem, sample_id=_id_in_text(head))
+        index += 1
+        if buffer.skip_space() == ",":
+            buffer.pos += 1
+        # anything else is the closing ']' or a missing comma: the next turn of the loop reads what follows
 
 
 def _decode_next(decoder: json.JSONDecoder, buffer: _ChunkBuffer) -> tuple[Any, str | None]:
-    """Decode the value at ``buffer.pos``, reading more text until it is complete: ``(value, error or None)``."""
+    """Decode the value at ``buffer.pos``, reading more text until it is complete: ``(value, error or None)``.
+
+    On a syntax error ``buffer.pos`` stays at the value's start. More text is read only when the error is at
+    the end of the window (the value may just be incomplete); an error inside it is final.
+    """
     size = _CHUNK_CHARS
     while True:
         try:
             value, end = decoder.raw_decode(buffer.text, buffer.pos)
         except json.JSONDecodeError as error:
-            if buffer.fill(size):
+            at_edge = error.pos > len(buffer.text) - 16 or error.msg.startswith("Unterminated string")
+            if at_edge and buffer.fill(size):
                 size *= 2  # a record larger than the window: grow geometrically, not one chunk per retry
                 continue
             return None, f"not valid JSON ({error.msg} at line {buffer.line_at(error.pos)})"
@@ -165,6 +203,68 @@ def _decode_next(decoder: json.JSONDecoder, buffer: _ChunkBuffer) -> tuple[Any, 
             continue
         buffer.pos = end
         return value, None
+
+
+def _skip_malformed(buffer: _ChunkBuffer, indent: str | None) -> bool:
+    """Move ``buffer.pos`` past the malformed value that starts there; False when its end cannot be found.
+
+    ``indent`` is the whitespace before the value on its line (None when the value shares its line): a later
+    line with that indentation that starts with the value's opening bracket begins the next record.
+    """
+    opening = buffer.text[buffer.pos]
+    depth, in_string, escaped = 0, False, False
+    offset = 0  # from buffer.pos, which fill() may move when it drops consumed text
+    while True:
+        i = buffer.pos + offset
+        if i >= len(buffer.text):
+            if not buffer.fill():
+                return False
+            continue
+        char = buffer.text[i]
+        offset += 1
+        if char == "\n":
+            in_string = False  # a JSON string holds no raw newline: a quote was lost on this line
+            if indent is not None and depth > 0 and offset > 1 and _opens_record(buffer, i + 1, indent, opening):
+                buffer.pos = i + 1
+                return True
+        elif in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            depth += 1
+        elif char in "}]":
+            if depth == 0:  # the list's own ']' after a malformed scalar
+                buffer.pos = i
+                return True
+            depth -= 1
+            if depth == 0:
+                buffer.pos = i + 1
+                return True
+        elif char == "," and depth == 0:
+            buffer.pos = i
+            return True
+
+
+def _opens_record(buffer: _ChunkBuffer, start: int, indent: str, opening: str) -> bool:
+    """Whether the line at ``start`` is ``indent`` followed by ``opening`` (reading more text if needed)."""
+    while len(buffer.text) < start + len(indent) + 1 and buffer.fill():
+        pass
+    return buffer.text.startswith(indent + opening, start)
+
+
+_ID_IN_TEXT = re.compile(r'"(?:id|qid|question_id)"\s*:\s*(?:"((?:[^"\\\n]|\\.){1,200})"|(-?\d{1,20}))')
+
+
+def _id_in_text(text: str) -> str | None:
+    """The id of a record that does not parse, when its text still shows one (for the error message)."""
+    match = _ID_IN_TEXT.search(text)
+    return None if match is None else (match.group(1) or match.group(2))
 
 
 def convert_records(path: str | os.PathLike, records: Iterable[tuple[int | str, Any]],
@@ -184,7 +284,7 @@ def convert_records(path: str | os.PathLike, records: Iterable[tuple[int | str, 
         except RecordError as record_error:
             error = record_error
         except (ValueError, TypeError) as problem:  # SchemaError is a ValueError
-            error = RecordError(path, where, str(problem))
+            error = RecordError(path, where, str(problem), sample_id=raw_id(record))
         if error is not None:
             if strict:
                 raise error

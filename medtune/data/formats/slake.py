@@ -28,6 +28,10 @@ def read(path: str | os.PathLike, *, tally: Tally, strict: bool = False, split: 
     return convert_records(path, iter_records(path), convert, tally=tally, strict=strict)
 
 
+def sniff(record: dict) -> bool:
+    return {"qid", "img_name", "question", "answer"} <= set(record)
+
+
 def slake_sample(record: Any, where: int | str, *, split: str | None) -> Sample:
     qid, image, question, answer = require(record, "qid", "img_name", "question", "answer")
     meta = Metadata(source="slake", task="vqa", modality=record.get("modality"), organ=record.get("location"),

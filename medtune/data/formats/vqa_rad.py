@@ -33,6 +33,10 @@ def read(path: str | os.PathLike, *, tally: Tally, strict: bool = False, split: 
     return convert_records(path, iter_records(path), convert, tally=tally, strict=strict)
 
 
+def sniff(record: dict) -> bool:
+    return {"qid", "image_name", "question", "answer"} <= set(record)
+
+
 def vqa_rad_sample(record: Any, where: int | str, *, file_split: str | None, forced: bool) -> Sample:
     qid, image, question, answer = require(record, "qid", "image_name", "question", "answer")
     split = file_split
