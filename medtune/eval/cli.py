@@ -6,10 +6,13 @@
     medtune eval compare A B          (also: medtune eval --compare A B)
     medtune eval merge SHARD... --out FILE [--task T [--data PATH] | --gt FILE]
     medtune eval tasks
+    medtune eval suite NAME (--model PATH | --endpoint URL) --out DIR --data [TASK=]PATH... [--image-root [TASK=]DIR]
+                     [--limit N] [--circular] [--judge-endpoint URL --judge-model NAME]
     medtune eval run --task T (--model PATH | --endpoint URL) --out DIR [--num-shards N --shard-index I]
                      [--limit N] [--batch-size B] [--protocol medtune|medmax] [--metrics ...,medmax]
 
-Nothing heavy is imported here. ``run`` checks its options and calls ``medtune.eval.run.run_task``,
+Nothing heavy is imported here. Paths are checked before any work (a missing, empty, unreadable or binary file, a
+folder where a file is expected, a model path with no checkpoint: one line each, exit code 2). ``run`` checks its options and calls ``medtune.eval.run.run_task``,
 which answers the task's questions through a backend (local model or OpenAI-compatible endpoint), appends each
 answer to the shard's predictions file as it comes, and scores the (merged) file with the same
 ``score.score_predictions`` that ``eval score`` uses, so a run and a later re-scoring write the same report.
@@ -33,8 +36,9 @@ def register(subparsers) -> None:
     _add_score(verbs)
     _add_compare(verbs)
     _add_merge(verbs)
-    verbs.add_parser("tasks", help="list the built-in tasks").set_defaults(func=_tasks)
+    verbs.add_parser("tasks", help="list the built-in tasks and suites").set_defaults(func=_tasks)
     _add_run(verbs)
+    _add_suite(verbs)
 
 
 def _add_task_options(parser, *, required: bool) -> None:
@@ -66,6 +70,8 @@ def _add_score(verbs) -> None:
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--judge-endpoint", help=f"OpenAI-compatible base URL for the LLM judge (key: ${JUDGE_KEY_ENV})")
     p.add_argument("--judge-model", help="model name at the judge endpoint")
+    p.add_argument("--circular", action="store_true",
+                   help="the predictions answer every option rotation (a run with --circular): add circular_accuracy")
     p.set_defaults(func=_score)
 
 
@@ -115,7 +121,35 @@ def _add_run(verbs) -> None:
     p.add_argument("--metrics", default="compat,strict",
                    help="families, comma-separated: compat, strict, medmax (open answers left unjudged)")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable question or image")
+    p.add_argument("--circular", action="store_true",
+                   help="ask every multiple-choice question once per rotation of its options (MMBench CircularEval)")
     p.set_defaults(func=_run)
+
+
+def _add_suite(verbs) -> None:
+    from medtune.eval.suite import SUITES
+    p = verbs.add_parser("suite", help="run a named list of tasks into one report (medmax-12, gmai)")
+    p.add_argument("name", choices=list(SUITES))
+    backend = p.add_mutually_exclusive_group(required=True)
+    backend.add_argument("--model", help="a local checkpoint (medtune or Hugging Face)")
+    backend.add_argument("--endpoint", help="OpenAI-compatible base URL (API key: $MEDTUNE_ENDPOINT_API_KEY)")
+    p.add_argument("--endpoint-model", help="model name at the endpoint")
+    p.add_argument("--out", type=Path, required=True, help="folder: one subfolder per task, suite.json/.md on top")
+    p.add_argument("--data", action="append", default=[], metavar="[TASK=]PATH",
+                   help="a task's data file; PATH alone: every task (medmax-12 reads one release file)")
+    p.add_argument("--image-root", action="append", default=[], metavar="[TASK=]DIR",
+                   help="a task's image folder; DIR alone: every task")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--limit", type=_positive_int, help="only the first N questions of each task")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--circular", action="store_true", help="circular evaluation of multiple-choice tasks")
+    p.add_argument("--judge-endpoint", help=f"OpenAI-compatible judge (key: ${JUDGE_KEY_ENV}): MedMax's open "
+                   "answers, VLMEvalKit's unmatched mcq answers")
+    p.add_argument("--judge-model", help="model name at the judge endpoint")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    p.set_defaults(func=_suite, metrics="compat,strict")
 
 
 def _positive_int(text: str) -> int:
@@ -145,7 +179,7 @@ def task_from_args(args):
         return get_task("custom", data=args.gt, data_format=args.gt_format or guess)
     return get_task(args.task, data=args.data, data_format=args.gt_format,
                     image_root=getattr(args, "image_root", None), prompt_style=getattr(args, "prompt_style", "plain"),
-                    protocol=getattr(args, "protocol", "medtune"))
+                    protocol=getattr(args, "protocol", "medtune"), circular=getattr(args, "circular", False))
 
 
 def _families(text: str) -> tuple[str, ...]:
@@ -181,6 +215,7 @@ def _score(args) -> int:
     if args.candidates and not get_flavour(args.compat_flavour).open_accuracy:
         raise UserError("--candidates is used by the llava-med flavours only (add --compat-flavour llava-med)")
     families = _families(args.metrics)
+    _check_inputs(args, predictions=args.predictions)
     try:
         result = score_predictions(task_from_args(args), args.predictions, out_dir=args.out, families=families,
                                    compat_flavour=args.compat_flavour, judge=_judge(args),
@@ -207,9 +242,46 @@ def _score(args) -> int:
     return 0
 
 
+def _check_inputs(args, **files) -> None:
+    """Each named file (predictions, shards ...) and the task's own files must be readable text; the image root a
+    folder that exists."""
+    from medtune.data.files import readable_text_file
+
+    for what, paths in files.items():
+        for path in paths if isinstance(paths, list) else [paths]:
+            readable_text_file(path, f"{what} file".replace("_", " "))
+    for what in ("gt", "data"):   # benchmark files: the format layer reads Parquet releases too
+        if getattr(args, what, None) is not None:
+            readable_text_file(getattr(args, what), {"gt": "ground-truth file", "data": "task data file"}[what],
+                               parquet=True)
+    if getattr(args, "image_root", None) is not None:
+        from medtune.data.images import require_image_root
+        require_image_root(args.image_root)
+
+
+def _results_file(path) -> Path:
+    """A scoring run's results.json (or its folder), checked to be one before comparing."""
+    import json
+
+    from medtune.data.files import readable_text_file
+    from medtune.errors import UserError
+    from medtune.eval.report import RESULTS_FILE
+
+    path = Path(path)
+    results = readable_text_file(path / RESULTS_FILE if path.is_dir() else path, "results.json")
+    try:
+        rows = json.loads(results.read_text(encoding="utf-8")).get("rows")
+    except (ValueError, AttributeError):
+        rows = None
+    if not isinstance(rows, list):
+        raise UserError(f"{results}: not a medtune results.json (no 'rows'; pass a results file or the folder of "
+                        "a scoring run)")
+    return results
+
+
 def _compare_text(a, b, *, all_groups: bool) -> str:
     from medtune.eval.report import compare
-    return compare(a, b, all_groups=all_groups)
+    return compare(_results_file(a), _results_file(b), all_groups=all_groups)
 
 
 def _compare(args) -> int:
@@ -221,6 +293,7 @@ def _merge(args) -> int:
     from medtune.errors import UserError
     from medtune.eval.predictions import MergeError, merge_predictions
 
+    _check_inputs(args, predictions_shard=list(args.shards))
     expected = None
     if args.task or args.gt:
         expected = [s.id for s in task_from_args(args).samples()]
@@ -233,10 +306,73 @@ def _merge(args) -> int:
 
 
 def _tasks(args) -> int:
+    from medtune.eval.suite import SUITES
     from medtune.eval.tasks import TASKS
+    width = max(len(name) for name in TASKS)
     for name, spec in TASKS.items():
-        print(f"{name:8s}  {spec.description}")
+        print(f"{name:{width}s}  {spec.description}")
+    print("\nsuites (medtune eval suite NAME):")
+    for name, suite in SUITES.items():
+        print(f"{name:{width}s}  {suite.description}: {', '.join(t.name for t in suite.tasks)}")
     return 0
+
+
+def _keyed_paths(values: list[str]) -> dict[str, Path]:
+    """``TASK=PATH`` (or ``PATH``, for every task: key ``*``) options as a dict."""
+    out = {}
+    for value in values:
+        key, sep, path = value.partition("=")
+        out[key if sep else "*"] = Path(path if sep else value)
+    return out
+
+
+def _suite(args) -> int:
+    """``medtune eval suite NAME``: run each task as ``eval run`` would, then write the suite report."""
+    from medtune.errors import UserError
+    from medtune.eval.backends import BackendError
+    from medtune.eval.metrics import MissingPredictions
+    from medtune.eval.run import ResumeMismatch, run_task
+    from medtune.eval.score import score_predictions
+    from medtune.eval.suite import get_suite, run_suite, suite_tasks
+
+    suite = get_suite(args.name)
+    try:
+        tasks = suite_tasks(suite, _keyed_paths(args.data), _keyed_paths(args.image_root),
+                            circular=args.circular)
+    except FileNotFoundError as error:
+        raise UserError(str(error)) from None
+    judge = _judge(args)
+    backend = _backend_from_args(args)
+    if suite.protocol == "medmax":
+        tasks = [_with_model_tokenizer(task, backend) for task in tasks]
+    families = (suite.family,)
+
+    def run_one(task, folder):
+        result = run_task(task, backend, folder, batch_size=args.batch_size, limit=args.limit,
+                          families=families, score=judge is None, progress=True)
+        print(summary_line(result))
+        if judge is not None and result.predictions_path is not None:
+            from medtune.eval.run import LimitedTask
+            return score_predictions(LimitedTask.of(task, args.limit), result.predictions_path, out_dir=folder,
+                                     families=families, judge=judge, resamples=args.resamples, seed=args.seed)
+        return result
+
+    try:
+        rows = run_suite(suite, tasks, args.out, run_one, resamples=args.resamples, seed=args.seed)
+    except (BackendError, MissingPredictions, ResumeMismatch, RuntimeError) as error:
+        raise UserError(str(error)) from None
+    finally:
+        getattr(backend, "close", lambda: None)()
+    for row in rows:
+        e = row.estimate
+        print(f"{row.task:18s} {row.answer_type:6s} {e.value:6.2f} [{e.low:.2f}, {e.high:.2f}] n={e.n}")
+    print(f"suite report in {args.out}")
+    return 0
+
+
+def summary_line(result) -> str:
+    return (f"{result.task}: {result.shard_questions} questions, {result.answered} answered now"
+            + (f", {result.skipped.n_skipped} skipped" if result.skipped.n_skipped else ""))
 
 
 def _run(args) -> int:
@@ -257,6 +393,10 @@ def _run(args) -> int:
     num_shards, shard_index = preds.shard_from_env(args.num_shards, args.shard_index)
     if num_shards < 1 or not 0 <= shard_index < num_shards:
         raise UserError(f"--shard-index {shard_index} is not in 0..{num_shards - 1}")
+    _check_inputs(args)
+    if args.model:
+        from medtune.models.cli import check_model_path
+        check_model_path(args.model)
     task = task_from_args(args)
     backend = _backend_from_args(args)
     if task.protocol == "medmax":
@@ -305,7 +445,12 @@ def _backend_from_args(args):
             return HTTPBackend(args.endpoint, args.endpoint_model, api_key=api_key, concurrency=args.batch_size)
         except BackendError as error:
             raise UserError(str(error)) from None
-    return LocalBackend(args.model, batch_size=args.batch_size, device=_device(args.device), dtype=args.dtype)
+    try:
+        return LocalBackend(args.model, batch_size=args.batch_size, device=_device(args.device), dtype=args.dtype)
+    except UserError:
+        raise
+    except (OSError, ValueError) as error:  # a hub name not in the cache offline, a broken weight file
+        raise UserError(f"cannot load a model from {args.model}: {' '.join(str(error).split())}") from error
 
 
 def _device(device: str) -> str:

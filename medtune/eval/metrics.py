@@ -8,7 +8,10 @@ The pipeline is three small steps, each usable alone:
 2. :func:`score_items` computes per-item figures for each family: ``compat`` (LLaVA-Med / Med-MoE
    compatibility, :mod:`medtune.eval.compat`), ``strict`` (:mod:`medtune.eval.strict`), ``judge``
    (an LLM judge for open answers, :mod:`medtune.eval.judge`, only when a judge is given) and ``medmax``
-   (MedMax's rules, :mod:`medtune.eval.medmax`; its open answers go to the judge when there is one).
+   (MedMax's rules, :mod:`medtune.eval.medmax`; its open answers go to the judge when there is one),
+   ``vlmevalkit`` and ``letter`` (multiple choice as VLMEvalKit matches it, and letter-only;
+   :mod:`medtune.eval.mcq`), ``probmed`` (ProbMed's yes/no rule; its paired accuracy is added by
+   :func:`medtune.eval.probmed.paired_figures`, since it needs the questions' pairing, not just their answers).
 3. :func:`aggregate` turns per-item figures into :class:`Row` s: every metric per answer type with n and a
    95% bootstrap interval; an ``all`` accuracy row across answer types (strict and judge: each item right
    or wrong on its type's headline); headline metrics again per organ and per modality where present.
@@ -26,13 +29,16 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from medtune.data.schema import Sample
-from medtune.eval import compat, medmax, strict
+from medtune.eval import compat, mcq, medmax, probmed, strict
 from medtune.eval.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, Estimate, estimate
 
-FAMILIES = ("compat", "strict", "judge", "medmax")
+FAMILIES = ("compat", "strict", "judge", "medmax", "vlmevalkit", "letter", "probmed")
 DEFAULT_FAMILIES = ("compat", "strict")
 HEADLINE = {"compat": compat.HEADLINE, "strict": strict.HEADLINE, "judge": {"open": "accuracy"},
-            "medmax": medmax.HEADLINE}
+            "medmax": medmax.HEADLINE, "vlmevalkit": mcq.HEADLINE, "letter": mcq.HEADLINE,
+            "probmed": probmed.HEADLINE}
+# Headline figures over sets of questions rather than one question (ProbMed's paired accuracy), by family.
+SET_HEADLINES = {"probmed": probmed.SET_METRICS}
 BREAKDOWNS = ("organ", "modality")
 
 
@@ -140,6 +146,12 @@ def score_items(items: list[Item], families: Iterable[str] = DEFAULT_FAMILIES, *
             scores[family] = judge.score(items)
         elif family == "medmax":
             scores[family] = medmax.score_items(items, judge)
+        elif family == "vlmevalkit":
+            scores[family] = mcq.score_items(items, judge)
+        elif family == "letter":
+            scores[family] = mcq.score_letter_only(items)
+        elif family == "probmed":
+            scores[family] = probmed.score_items(items)
     return scores
 
 
@@ -200,8 +212,10 @@ def _headline_rows(make_row, family: str, by_type: dict[str, list[Item]]) -> lis
 
 
 def is_headline(row: Row) -> bool:
-    """Whether a row is one of the figures people quote (closed accuracy, open recall, overall accuracy)."""
-    return row.answer_type == "all" or HEADLINE.get(row.family, {}).get(row.answer_type) == row.metric
+    """Whether a row is one of the figures people quote (closed accuracy, open recall, overall accuracy, a
+    benchmark's own set figure such as ProbMed's paired accuracy)."""
+    return (row.answer_type == "all" or HEADLINE.get(row.family, {}).get(row.answer_type) == row.metric
+            or row.metric in SET_HEADLINES.get(row.family, ()))
 
 
 def is_wrong(family: str, item: Item, item_scores: dict) -> bool:

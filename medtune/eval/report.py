@@ -11,6 +11,8 @@ One scoring run writes, into its output folder:
 ``results.md``          the same rows as a Markdown table (task, family, answer type, group, metric, n, value,
                         95% CI), then the compatibility table with the script and commit it reproduces and
                         each figure's n (the items averaged) and excluded items, then the MedMax table.
+                        With the ``vlmevalkit`` family, ``mcq_routes``: how many multiple-choice answers each
+                        matching route decided (letter, option text, judge, miss), also a section of results.md.
 ``results.png``         headline metrics per family and answer type with their intervals (matplotlib, Agg).
 ``wrong_answers.jsonl`` each question some family counts wrong on its headline metric, with the prediction,
                         the ground truth and every family's per-item figures.
@@ -37,7 +39,7 @@ WRONG_FILE, JUDGE_FILE = "wrong_answers.jsonl", "judge.jsonl"
 def write_report(out_dir: str | os.PathLike, *, rows: list[Row], items: list[Item], scores: dict[str, dict],
                  info: dict, compat_table: CompatTable | None = None, medmax_table: MedmaxTable | None = None,
                  judge_records: list[dict] | None = None, resamples: int = DEFAULT_RESAMPLES,
-                 seed: int = DEFAULT_SEED) -> dict[str, Path]:
+                 seed: int = DEFAULT_SEED, mcq_routes: dict[str, int] | None = None) -> dict[str, Path]:
     """Write every report file into ``out_dir`` (each atomically); returns their paths by kind."""
     out = Path(out_dir)
     results = {**info, "bootstrap": {"method": "percentile", "resamples": resamples, "seed": seed, "level": 0.95},
@@ -46,12 +48,15 @@ def write_report(out_dir: str | os.PathLike, *, rows: list[Row], items: list[Ite
         results["compat_table"] = compat_table.to_dict()
     if medmax_table is not None:
         results["medmax_table"] = medmax_table.to_dict()
+    if mcq_routes is not None:
+        results["mcq_routes"] = mcq_routes
     paths = {"results": out / RESULTS_FILE, "markdown": out / MARKDOWN_FILE, "chart": out / CHART_FILE,
              "wrong": out / WRONG_FILE}
     write_json(paths["results"], results)
     with atomic_open(paths["markdown"]) as handle:
         handle.write(markdown(rows, title=f"medtune eval: {info.get('task', {}).get('name', '?')}",
-                              compat=compat_table, medmax=medmax_table))
+                              compat=compat_table, medmax=medmax_table, scope=scope_line(info.get("counts", {})),
+                              mcq_routes=mcq_routes))
     write_chart(paths["chart"], rows)
     paths["wrong"] = write_wrong_answers(paths["wrong"], items, scores)
     if judge_records:
@@ -64,9 +69,19 @@ def format_ci(row: Row) -> str:
     return f"[{row.estimate.low:.2f}, {row.estimate.high:.2f}]"
 
 
+def scope_line(counts: dict) -> str | None:
+    """What was scored when it is not the whole task: a limited run's file covers its first N questions."""
+    limit, total = counts.get("limit"), counts.get("task_questions")
+    if limit is None or total is None or limit >= total:
+        return None
+    return f"scored {counts['questions']} of {total} questions (the run was limited to {limit})"
+
+
 def markdown(rows: list[Row], *, title: str = "medtune eval", compat: CompatTable | None = None,
-             medmax: MedmaxTable | None = None) -> str:
-    lines = [f"# {title}", "", "| task | family | answer type | group | metric | n | value | 95% CI |",
+             medmax: MedmaxTable | None = None, scope: str | None = None,
+             mcq_routes: dict[str, int] | None = None) -> str:
+    lines = [f"# {title}", "", *([scope.capitalize() + ".", ""] if scope else []),
+             "| task | family | answer type | group | metric | n | value | 95% CI |",
              "| --- | --- | --- | --- | --- | ---: | ---: | --- |"]
     for row in rows:
         group = "all" if row.group_by == "all" else f"{row.group_by}: {row.group}"
@@ -77,7 +92,19 @@ def markdown(rows: list[Row], *, title: str = "medtune eval", compat: CompatTabl
         lines += ["", *_compat_section(compat)]
     if medmax is not None:
         lines += ["", *_medmax_section(medmax)]
+    if mcq_routes is not None:
+        lines += ["", *_routes_section(mcq_routes)]
     return "\n".join(lines) + "\n"
+
+
+def _routes_section(routes: dict[str, int]) -> list[str]:
+    """How the vlmevalkit family read each multiple-choice answer (see medtune.eval.mcq)."""
+    from medtune.eval.mcq import REFERENCE
+    lines = ["## Multiple-choice answers by matching route", "",
+             (f"VLMEvalKit's rule ({REFERENCE}): the option letter as a word, else one option's text, else "
+              "the judge (only with a judge endpoint), else a miss."), "", "| route | answers |", "| --- | ---: |"]
+    lines += [f"| {route} | {n} |" for route, n in routes.items()]
+    return lines
 
 
 def _compat_section(compat: CompatTable) -> list[str]:
@@ -108,9 +135,11 @@ def _medmax_section(table: MedmaxTable) -> list[str]:
     return lines
 
 
-def write_chart(path: Path, rows: list[Row]) -> Path:
-    """Bar chart of each family's headline metric per answer type, with 95% intervals as error bars."""
+def chart(rows: list[Row]):
+    """Bar chart of each family's headline metric per answer type, with 95% intervals as error bars and each
+    bar's value above it (a 0.0 bar has no height to see; an undefined figure reads "n/a")."""
     import logging
+    import math
 
     import matplotlib
     matplotlib.use("Agg")
@@ -120,14 +149,26 @@ def write_chart(path: Path, rows: list[Row]) -> Path:
     shown = [r for r in rows if r.group_by == "all" and is_headline(r)]
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(shown) + 2), 3.6))
     labels = [f"{r.family}\n{r.answer_type} {r.metric}" for r in shown]
-    values = [r.estimate.value for r in shown]
-    errors = [[r.estimate.value - r.estimate.low for r in shown], [r.estimate.high - r.estimate.value for r in shown]]
-    ax.bar(range(len(shown)), values, yerr=errors, capsize=4, color="#4C72B0")
+    defined = [not math.isnan(r.estimate.value) for r in shown]
+    values = [r.estimate.value if ok else 0.0 for r, ok in zip(shown, defined)]
+    errors = [[r.estimate.value - r.estimate.low if ok else 0.0 for r, ok in zip(shown, defined)],
+              [r.estimate.high - r.estimate.value if ok else 0.0 for r, ok in zip(shown, defined)]]
+    bars = ax.bar(range(len(shown)), values, yerr=errors, capsize=4, color="#4C72B0")
+    for bar, row, ok, top in zip(bars, shown, defined, (v + e for v, e in zip(values, errors[1]))):
+        ax.annotate(f"{row.estimate.value:.1f}" if ok else "n/a", (bar.get_x() + bar.get_width() / 2, top),
+                    xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(shown)), labels, fontsize=7)
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 108)
     ax.set_ylabel("% (95% bootstrap CI)")
     ax.set_title(", ".join(sorted({r.task for r in shown})) or "no rows")
     fig.tight_layout()
+    return fig
+
+
+def write_chart(path: Path, rows: list[Row]) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = chart(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path, "wb") as handle:
         fig.savefig(handle, format="png", dpi=120)

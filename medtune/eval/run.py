@@ -28,8 +28,9 @@ Design choices:
   folder; ``medtune eval merge SHARDS --task T --out predictions.jsonl`` does the same by hand. Two shards that
   finish at the same moment both merge and score; every file is written atomically, and with the same content.
 * ``limit`` takes the first N questions in task order (before sharding); the report says so. The scoring task
-  is limited the same way, so the report covers exactly the questions asked. (``medtune eval score`` and
-  ``merge`` know no limit: rescoring a limited run's file against the whole task counts the rest as missing.)
+  is limited the same way, so the report covers exactly the questions asked. Every prediction records the
+  limit it was asked under, so ``medtune eval score`` on the file scores those N questions too (and says so)
+  rather than counting the rest as missing. (``merge`` knows no limit.)
 * A question whose image cannot be loaded is skipped and counted (raised at once when ``strict``); the run then
   writes no report, because a score that silently leaves questions out is not comparable. Fix the images and
   run again (answered questions are kept), or score the partial file with ``medtune eval score --allow-missing``.
@@ -49,6 +50,7 @@ from medtune.data.schema import ImageRef, Sample
 from medtune.eval import predictions as preds
 from medtune.eval.backends import Backend, Request, Settings
 from medtune.eval.metrics import DEFAULT_FAMILIES
+from medtune.eval.score import LIMIT_FIELD, score_predictions
 from medtune.eval.tasks import Task
 
 ENDPOINT_KEY_ENV = "MEDTUNE_ENDPOINT_API_KEY"  # the endpoint's API key (else OPENAI_API_KEY), never an option
@@ -131,7 +133,8 @@ def run_task(task: Task, backend: Backend, out_dir: str | os.PathLike, *, num_sh
             for requests in _request_batches(task, todo, batch_size, result.skipped, strict=strict):
                 answers = backend.answer([request for request, _ in requests])
                 for (request, sample), answer in zip(requests, answers, strict=True):
-                    writer.write(_record(task, sample, request, answer, backend, num_shards, shard_index))
+                    writer.write(_record(task, sample, request, answer, backend, num_shards, shard_index,
+                                         limit=limit))
                 result.answered += len(requests)
                 bar.update(len(requests))
     result.seconds = time.perf_counter() - started
@@ -140,7 +143,6 @@ def run_task(task: Task, backend: Backend, out_dir: str | os.PathLike, *, num_sh
     if result.skipped.n_skipped == 0:
         result.predictions_path = _merged_if_complete(out_dir, samples, num_shards, shard_mode)
     if score and result.predictions_path is not None:
-        from medtune.eval.score import score_predictions
         result.score = score_predictions(task, result.predictions_path, out_dir=out_dir, families=tuple(families))
     return result
 
@@ -162,11 +164,13 @@ def _check_same_questions(path: Path, task: Task, samples: Sequence[Sample]) -> 
 
 
 def _record(task: Task, sample: Sample, request: Request, answer: str, backend: Backend,
-            num_shards: int, shard_index: int) -> dict:
+            num_shards: int, shard_index: int, *, limit: int | None = None) -> dict:
     extra = {"task": task.name, "answer_type": sample.meta.answer_type, "backend": backend.name,
              "images": [image.to_dict() for image in sample.images]}
     if num_shards > 1:
         extra["shard"] = f"{shard_index}/{num_shards}"
+    if limit is not None:   # what `eval score` reads to score the questions this run was asked, not the task's all
+        extra[LIMIT_FIELD] = limit
     return preds.prediction_record(sample.id, answer, prompt=task.prompt(sample),
                                    settings=request.settings.to_dict(), **extra)
 
@@ -240,10 +244,11 @@ class _ImageCache:
 
 
 def _progress_bar(total: int, done: int, label: str, *, enabled: bool):
-    from tqdm.auto import tqdm
+    from medtune.train.progress import progress_bar
 
-    # questions/s and the ETA count only this run's answers: `initial` marks the resumed ones as done
-    return tqdm(total=total, initial=done, desc=label, unit="q", disable=not enabled, dynamic_ncols=True)
+    # questions/s and the ETA count only this run's answers: `initial` marks the resumed ones as done; off a
+    # terminal (a log, CI) the display is plain lines, as training's is
+    return progress_bar(total, desc=label, unit="q", initial=done, enabled=enabled)
 
 
 def _complete(path: Path, ids: Iterable[str]) -> bool:

@@ -16,8 +16,18 @@ Built-in tasks (:data:`TASKS`):
 ``mcq``       any canonical file of multiple-choice questions (``meta.choices``), e.g. OmniMedVQA converted.
 ``custom``    any canonical file (or any format with ``data_format``) whose samples carry ``answer_type``.
 
+The benchmark suite's tasks (each reads the file as released; see docs/evaluation.md for sources and rules):
+``quilt-vqa`` (open + closed), ``omnimedvqa``, ``pathmmu``, ``gmai-mmbench`` (VAL TSV), ``medxpertqa-mm``,
+``mmmu-medical`` (validation), ``vlmevalkit`` (any VLMEvalKit TSV) (multiple choice); ``probmed`` (closed, always
+scored with ProbMed's paired accuracy: :mod:`medtune.eval.probmed`);
+``medmax-eval`` (MedMax's evaluation release; ``task_name`` / ``question_type`` pick one of its twelve tasks,
+whose prompts are sent verbatim). Suites of them: :mod:`medtune.eval.suite`.
+
 Prompts: ``plain`` sends the question alone (the LLaVA-Med protocol, so compatibility numbers compare with
-theirs); multiple-choice questions always list their options and ask for the letter.
+theirs); multiple-choice questions always list their options (once: the bare question ``meta.extra["question"]``
+is used when a reader keeps one) and ask for the letter; a sample marked ``prompt_verbatim`` (MedMax's release)
+is sent exactly as written. ``circular`` asks every multiple-choice question once per rotation of its options
+(:mod:`medtune.eval.circular`).
 
 Generation protocols: ``medtune`` (:data:`DEFAULT_SETTINGS`) or ``medmax``, MedMax's budgets (one token for
 closed and multiple-choice answers, 60 for open ones; :mod:`medtune.eval.medmax`). Under ``medmax`` the
@@ -34,6 +44,7 @@ from typing import Any, Iterator
 
 from medtune.data.jsonl import RecordError, Tally
 from medtune.data.schema import Sample
+from medtune.eval import circular as circular_eval
 from medtune.eval import medmax
 
 # Closed and multiple-choice answers are short; the open budget leaves room for a sentence. Greedy decoding
@@ -68,6 +79,10 @@ class Task:
     protocol: str = "medtune"
     tokenizer: Any = field(default=None, repr=False, compare=False)
     """The evaluated model's tokenizer, for the ``medmax`` protocol's per-tokenizer answer budget."""
+    circular: bool = False
+    """Ask each multiple-choice question once per rotation of its options (ids ``<id>@circular<r>``)."""
+    scoring_families: tuple[str, ...] = ()
+    """Metric families this benchmark is always scored with, besides those asked for (its paper's own rule)."""
 
     def __post_init__(self):
         if self.prompt_style not in PROMPT_STYLES:
@@ -87,7 +102,7 @@ class Task:
                                                          strict=strict, **self.reader_options)):
             reason = _unscorable(sample)
             if reason is None:
-                out.append(sample)
+                out.extend(circular_eval.rotations(sample) if self.circular else [sample])
                 continue
             error = RecordError(self.data_path, sample.id, reason)
             if strict:
@@ -97,8 +112,11 @@ class Task:
 
     def prompt(self, sample: Sample) -> str:
         """The text sent with the image(s): the question, plus options and an instruction for MCQ."""
+        if sample.meta.extra.get("prompt_verbatim"):
+            return sample.question
         question = sample.question.strip()
         if sample.meta.answer_type == "mcq":
+            question = str(sample.meta.extra.get("question") or question).strip()
             options = "\n".join(f"{letter}. {choice}" for letter, choice in
                                 zip(string.ascii_uppercase, sample.meta.choices or []))
             return f"{question}\n{options}\n{MCQ_INSTRUCTION}"
@@ -123,7 +141,9 @@ class Task:
         """What a report records about the task."""
         return {"name": self.name, "data": str(self.data_path), "format": self.data_format,
                 "image_root": str(self.image_root) if self.image_root else None,
-                "prompt_style": self.prompt_style, "settings": self.settings, **self._protocol_info()}
+                "prompt_style": self.prompt_style, "settings": self.settings, **self._protocol_info(),
+                **({"reader_options": self.reader_options} if self.reader_options else {}),
+                **({"circular": True} if self.circular else {})}
 
     def _protocol_info(self) -> dict:
         if self.protocol != "medmax":
@@ -178,6 +198,10 @@ class TaskSpec:
     data_format: str
     needs: str
     bundled: tuple[str, ...] = ()
+    reader_options: tuple[tuple[str, Any], ...] = ()
+    """Options the task always passes to its reader (those given to :func:`get_task` win)."""
+    scoring_families: tuple[str, ...] = ()
+    """Metric families always scored for this task, as its paper scores it (with the task's own reader only)."""
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -193,12 +217,32 @@ TASKS: dict[str, TaskSpec] = {
                     "canonical", "a canonical JSONL of multiple-choice questions with meta.choices"),
     "custom": TaskSpec("any canonical JSONL with meta.answer and meta.answer_type (--data required)",
                        "canonical", "a canonical JSONL whose samples have meta.answer and meta.answer_type"),
+    "quilt-vqa": TaskSpec("Quilt-VQA test set, open + closed (--data required)", "quilt-vqa",
+                          "Quilt-VQA quiltvqa_test_w_ans.json (images: quilt_vqa.zip unpacked beside it) or the "
+                          "Hub's Parquet file"),
+    "omnimedvqa": TaskSpec("OmniMedVQA multiple choice (--data required)", "omnimedvqa",
+                           "an OmniMedVQA QA_information/<access>/<dataset>.json file"),
+    "pathmmu": TaskSpec("PathMMU multiple choice, every subset and split (--data required)", "pathmmu",
+                        "PathMMU data.json (images/ beside it)"),
+    "probmed": TaskSpec("ProbMed yes/no probes; headline: paired accuracy per category (--data required)",
+                        "probmed", "ProbMed probmed.json", scoring_families=("probmed",)),
+    "gmai-mmbench": TaskSpec("GMAI-MMBench multiple choice, VLMEvalKit TSV (--data required)", "gmai-mmbench",
+                             "GMAI-MMBench_VAL.tsv (the TEST file has no answers)"),
+    "medxpertqa-mm": TaskSpec("MedXpertQA MM multiple choice, 5 options (--data required)", "medxpertqa",
+                              "MedXpertQA MM/test.jsonl (images/ unpacked from images.zip)"),
+    "mmmu-medical": TaskSpec("MMMU Health & Medicine subjects, validation split (--data required)", "mmmu",
+                             "an MMMU/MMMU subject file, e.g. Clinical_Medicine/validation-00000-of-00001.parquet "
+                             "(or its rows as JSON/JSONL with image_k paths)"),
+    "vlmevalkit": TaskSpec("any VLMEvalKit benchmark TSV (base64 images) (--data required)", "vlmevalkit",
+                           "a VLMEvalKit TSV (index, question, A.., answer, image)"),
+    "medmax-eval": TaskSpec("MedMax's evaluation release, prompts verbatim (--data required)", "medmax-eval",
+                            "MedMax's medmax_eval_data table (its Parquet file, or a JSON, JSONL or CSV export)"),
 }
 
 
 def get_task(name: str, *, data: str | os.PathLike | None = None, image_root: str | os.PathLike | None = None,
              data_format: str | None = None, prompt_style: str = "plain", protocol: str = "medtune",
-             tokenizer=None, **reader_options) -> Task:
+             tokenizer=None, circular: bool = False, **reader_options) -> Task:
     """A built-in task by name; ``data`` overrides where its questions come from; ``protocol`` and
     ``tokenizer`` set the generation budgets (see the module docstring)."""
     if name not in TASKS:
@@ -206,5 +250,8 @@ def get_task(name: str, *, data: str | os.PathLike | None = None, image_root: st
     spec = TASKS[name]
     path = _require(name, data, spec.needs, _bundled(*spec.bundled) if spec.bundled else None)
     fmt = data_format or spec.data_format
+    own = fmt == spec.data_format
+    options = {**dict(spec.reader_options), **reader_options} if own else reader_options
     return Task(name, path, fmt, _image_root(fmt, path, Path(image_root) if image_root else None),
-                prompt_style=prompt_style, reader_options=reader_options, protocol=protocol, tokenizer=tokenizer)
+                prompt_style=prompt_style, reader_options=options, protocol=protocol, tokenizer=tokenizer,
+                circular=circular, scoring_families=spec.scoring_families if own else ())

@@ -118,3 +118,23 @@ def test_scores_a_llava_med_answer_file_against_a_llava_med_test_json(tmp_path, 
     assert rows[("strict", "closed", "all", "all", "accuracy")]["value"] == 0.0
     assert rows[("compat", "open", "all", "all", "recall")]["value"] == 100.0
     assert rows[("strict", "open", "all", "all", "exact")]["value"] == 100.0
+
+
+def test_results_chart_labels_every_bar_including_zero_and_undefined(files, tmp_path):
+    """A 0.0 bar has no height: its value is written above it, as every bar's is; an empty figure reads n/a."""
+    import dataclasses
+
+    from medtune.eval.metrics import is_headline
+    from medtune.eval.report import chart, load_rows
+    from medtune.eval.stats import Estimate
+
+    gt, preds = files
+    preds.write_text(preds.read_text().replace('"Yes, there is."', '"Maybe."'))   # strict closed: 0 of 2
+    out = tmp_path / "report"
+    assert main(["eval", "score", str(preds), "--gt", str(gt), "--out", str(out)]) == 0
+    rows = load_rows(out)
+    shown = [r for r in rows if r.group_by == "all" and is_headline(r)]
+    labels = [text.get_text() for text in chart(rows).axes[0].texts]
+    assert labels == [f"{r.estimate.value:.1f}" for r in shown] and "0.0" in labels
+    undefined = dataclasses.replace(shown[0], estimate=Estimate(float("nan"), 0, float("nan"), float("nan")))
+    assert [t.get_text() for t in chart([undefined, *shown[1:]]).axes[0].texts][0] == "n/a"

@@ -62,7 +62,7 @@ def test_bad_lines_are_counted_or_raised_with_file_and_line(tmp_path):
     tally = Tally()
     assert read_predictions(path, tally=tally) == {"1": "yes"}
     assert tally.read == 3 and tally.n_skipped == 2
-    with pytest.raises(RecordError, match=r"answers.jsonl:2: a prediction needs"):
+    with pytest.raises(RecordError, match=r"answers.jsonl:2( \(id 2\))?: a prediction needs"):
         read_predictions(path, strict=True)
 
 

@@ -209,3 +209,28 @@ def test_resume_refuses_answers_asked_differently(vlm, tmp_path):
     with pytest.raises(ResumeMismatch, match=r"question '11' was answered with prompt 'Is there evidence"):
         run_task(get_task("vqa-rad", prompt_style="short"), backend, tmp_path, limit=4, progress=False)
     assert backend.asked == []
+
+
+def test_score_of_a_limited_run_scores_the_questions_it_asked(reference, tmp_path, capsys, caplog):
+    """`eval score` on the predictions of `eval run --limit 48` scores those 48 and says so; a question
+    missing among them is still missing (refused, or wrong with --allow-missing)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="medtune.eval.score")
+    out = tmp_path / "rescored"
+    assert main(["eval", "score", str(reference / "predictions.jsonl"), "--task", "vqa-rad", "--out", str(out)]) == 0
+    said = caplog.text + (out / "results.md").read_text()
+    assert f"scored {LIMIT} of 451 questions (the run was limited to {LIMIT})" in said
+    assert f"{LIMIT} questions scored, 0 without prediction" in capsys.readouterr().out
+    assert report_rows(out) == report_rows(reference)
+    counts = json.loads((out / "results.json").read_text())["counts"]
+    assert (counts["questions"], counts["limit"], counts["task_questions"]) == (LIMIT, LIMIT, 451)
+
+    lines = (reference / "predictions.jsonl").read_text().splitlines()
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text("".join(line + "\n" for line in lines[1:]))
+    missing = json.loads(lines[0])["id"]
+    assert main(["eval", "score", str(partial), "--task", "vqa-rad"]) == 2
+    assert f"1 of {LIMIT} questions have no prediction (ids: {missing})" in capsys.readouterr().err
+    assert main(["eval", "score", str(partial), "--task", "vqa-rad", "--allow-missing"]) == 0
+    assert f"{LIMIT} questions scored, 1 without prediction" in capsys.readouterr().out
