@@ -206,13 +206,31 @@ def _load_tokenizer(spec: ModelSpec):
     else:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or spec.llm)
+        source = spec.tokenizer or spec.llm
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (ValueError, ImportError, OSError) as error:
+            if _sentencepiece_missing_for(source):
+                raise SpecError(f"ModelSpec.tokenizer: {source} is a sentencepiece tokenizer (tokenizer.model, no "
+                                "tokenizer.json); reading it needs sentencepiece and protobuf: "
+                                "pip install 'medtune[models]'") from error
+            raise
     if spec.image_token not in tokenizer.get_vocab():
         tokenizer.add_tokens([spec.image_token], special_tokens=True)
     if tokenizer.pad_token is None:
         # LLaVA pads Llama with unk; any token works as pad since padded positions are masked out.
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
+
+
+def _sentencepiece_missing_for(source: str) -> bool:
+    """A local tokenizer folder that only sentencepiece can read (Llama 2 style), without sentencepiece installed:
+    transformers then falls back to tiktoken and says so, which points the user the wrong way."""
+    import importlib.util
+
+    folder = Path(source)
+    only_spm = (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file()
+    return only_spm and importlib.util.find_spec("sentencepiece") is None
 
 
 def _load_llm(spec: ModelSpec, tokenizer):

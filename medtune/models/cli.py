@@ -7,10 +7,16 @@
 A model is named by a preset (tiny, small) or a YAML file of ModelSpec fields; ``key=value`` overrides
 are parsed as YAML values (``image_size=64`` is an int, ``image_mean=[0.5,0.5,0.5]`` a list). Heavy
 imports happen inside the verbs so that ``medtune --help`` stays fast.
+
+Every verb that takes a checkpoint checks it first with :func:`check_model_path` (also used by ``eval run`` and
+``merge``): a local-looking path that is missing, a file, a folder without a readable model config, is one line
+("no model checkpoint at ./x"), not a hub lookup's traceback.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +50,56 @@ def register(subparsers) -> None:
     _add_tokenize_images(subparsers)
 
 
+def looks_local(model: str) -> bool:
+    """Whether ``model`` names a local folder rather than a hub repo ("org/name" is a hub name unless it exists)."""
+    path = Path(model).expanduser()
+    return path.is_absolute() or model.startswith((".", "~")) or path.exists()
+
+
+def check_model_path(model: str | os.PathLike, *, configs: tuple[str, ...] = ("config.json",)) -> str:
+    """``model`` unchanged when it is a hub name or a folder holding a readable model config; else one clear error.
+
+    ``configs``: the files of which one must be there (``merge`` also takes a LoRA ``adapter_config.json``).
+    """
+    from medtune.errors import InputFileError
+
+    model = os.fspath(model)
+    if not looks_local(model):
+        return model
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"no model checkpoint at {model} (a folder with {configs[0]})")
+    if not path.is_dir():
+        raise InputFileError(f"{model} is a file, not a model checkpoint (a folder with {configs[0]})")
+    config = next((path / name for name in configs if (path / name).is_file()), None)
+    if config is None:
+        raise InputFileError(f"{model} is not a model checkpoint (no {' or '.join(configs)})")
+    try:
+        settings = json.loads(config.read_text(encoding="utf-8"))
+    except PermissionError:
+        raise InputFileError(f"{config}: permission denied (cannot read the model config)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputFileError(f"{config}: not a readable model config ({error})") from None
+    if not isinstance(settings, dict) or not (settings.get("model_type") or settings.get("peft_type")):
+        raise InputFileError(f"{config} describes no model (it needs a model_type)")
+    return model
+
+
+def load_checkpoint(model: str | os.PathLike, **options):
+    """:func:`medtune.models.build.load_vlm` after :func:`check_model_path`; a checkpoint that still does not
+    load (a hub name not in the cache offline, a broken weight file) is one line naming it."""
+    from medtune.errors import UserError
+    from medtune.models.build import load_vlm
+
+    model = check_model_path(model)
+    try:
+        return load_vlm(model, **options)
+    except UserError:
+        raise
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load a model from {model}: {' '.join(str(error).split())}") from error
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     import yaml
 
@@ -66,12 +122,18 @@ def load_spec(name: str, overrides: dict[str, Any]):
     from medtune.models.build import ModelSpec
     from medtune.models.presets import PRESETS, preset_spec
 
+    from medtune.data.files import readable_text_file
+
     if name in PRESETS:
         return preset_spec(name, **overrides)
     path = Path(name)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{name} is neither a model preset ({', '.join(PRESETS)}) nor a spec file")
-    settings = yaml.safe_load(path.read_text(encoding="utf-8"))
+    readable_text_file(path, "model spec (YAML)")
+    try:
+        settings = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise UserError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
     if not isinstance(settings, dict):
         raise UserError(f"{path}: a model spec file must be a YAML mapping of ModelSpec fields")
     try:
@@ -96,9 +158,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from medtune.models.build import load_vlm
-
-    vlm = load_vlm(args.path)
+    vlm = load_checkpoint(args.path)
     print(f"{args.path}: {type(vlm.model).__name__}, {vlm.num_parameters():,} parameters, dtype {vlm.model.dtype}")
     for line in vlm.describe():
         print(f"  {line}")
@@ -107,10 +167,9 @@ def run_info(args: argparse.Namespace) -> int:
 
 def run_export_native(args: argparse.Namespace) -> int:
     """``medtune model export-native CHECKPOINT OUT``: see medtune/models/moe_native.py for what maps exactly."""
-    from medtune.models.build import load_vlm
     from medtune.models.moe_native import save_native_qwen2_moe
 
-    report = save_native_qwen2_moe(load_vlm(args.checkpoint), args.out)
+    report = save_native_qwen2_moe(load_checkpoint(args.checkpoint), args.out)
     bias, probe = report["router_bias"], report["probe"]
     print(f"wrote {args.out}: Llava + Qwen2-MoE, MoE layers {report['moe_layers']}, {report['num_experts']} "
           f"experts, top-{report['num_experts_per_tok']}; router bias dropped (largest |b| {bias['max_abs']:.3g}, "
@@ -122,9 +181,8 @@ def run_export_native(args: argparse.Namespace) -> int:
 def run_export_chameleon(args: argparse.Namespace) -> int:
     """``medtune model export-chameleon CHECKPOINT OUT``: MedMax's ``bin_to_pth`` step, checked both ways in tests."""
     from medtune.errors import UserError
-    from medtune.models.build import load_vlm
 
-    vlm = load_vlm(args.checkpoint)
+    vlm = load_checkpoint(args.checkpoint)
     try:
         out = vlm.export_original_format(args.out)
     except ValueError as error:
@@ -180,7 +238,13 @@ def run_tokenize_images(args: argparse.Namespace) -> int:
     tokenize.check_output(args.output)
     from medtune.models.vq import image_tokenizer
 
-    tokenizer = image_tokenizer(args.model, device=args.device or tokenize.default_device())
+    check_model_path(args.model)
+    try:
+        tokenizer = image_tokenizer(args.model, device=args.device or tokenize.default_device())
+    except UserError:
+        raise
+    except OSError as error:  # a hub name that is not in the cache offline, a broken weight file
+        raise UserError(f"cannot load an image tokenizer from {args.model}: {' '.join(str(error).split())}") from error
     result = tokenize.tokenize_images(
         args.input, args.output, tokenizer, fmt=args.format, image_root=args.image_root,
         batch_size=args.batch_size, num_shards=args.num_shards, shard_index=args.shard_index, strict=args.strict,

@@ -14,6 +14,9 @@ Design choices:
   matches them on token strings without decoding every row at every step) and are cut from the returned text,
   as OpenAI's ``stop`` does. ``stream`` reads transformers' ``TextIteratorStreamer`` and holds back text that
   could be the start of a stop string, so a client never sees part of one.
+* An answer starts at its first non-space character: byte-level tokenizers decode the first token after
+  "ASSISTANT:" with the space it carries (" No"), which no user asked for and exact-match scoring would count.
+  Streams drop it the same way, so the deltas still join to the returned text.
 * One lock per Generator: the model runs one ``generate`` at a time; concurrent callers (web sessions, API
   workers) queue on it instead of fighting for the same cores. The API batches requests on top of this.
 """
@@ -190,6 +193,7 @@ class Generator:
             while ids and ids[-1] == self.pad_token_id:
                 ids.pop()
         text, images = self.vlm.decode_output(ids)
+        text = text.lstrip()
         cut = _cut_at_stop(text, settings.stop)
         stopped = ended is not None or cut is not None
         return Completion(text=text if cut is None else text[:cut], finish_reason="stop" if stopped else "length",
@@ -216,7 +220,7 @@ class Generator:
         text, sent = "", 0
         try:
             for piece in streamer:
-                text += piece
+                text = (text + piece).lstrip()   # the answer's leading space, as _completion drops it
                 if _cut_at_stop(text, settings.stop) is not None:
                     break
                 safe = _safe_prefix_length(text, settings.stop)

@@ -70,7 +70,7 @@ def _check_exportable(vlm) -> tuple[Any, list[int], dict[int, Any]]:
     from medtune.models.kinds.base import LORA_COMPONENTS
 
     config = vlm.model.config
-    if getattr(vlm, "kind", None) != "moe" or getattr(config, "moe", None) is None:
+    if "experts" not in getattr(vlm, "parts", ()) or getattr(config, "moe", None) is None:   # a model with experts
         raise SpecError(f"native export: needs a medtune MoE model (kind moe), got a {getattr(vlm, 'kind', '?')} "
                         "model; upcycle it first (a recipe stage's moe section, or vlm.with_experts(settings))")
     llm_type = config.text_config.model_type

@@ -13,6 +13,10 @@ Choices:
   explicitly, so ``apply_chat_template`` and medtune's renderer agree without double BOS.
 - Built once: the result is cached under ``$MEDTUNE_CACHE`` (default ``~/.cache/medtune``), keyed by a
   hash of the training text and the settings, and later calls load it from disk.
+
+:func:`save_sentencepiece_tokenizer` writes the other kind a checkpoint may carry: a Llama-2-style folder whose
+only vocabulary is a sentencepiece ``tokenizer.model`` (PathChat's LLM family), trained on the same text. Reading
+it needs sentencepiece and protobuf (the models extra); tests use it to check that such checkpoints load.
 """
 from __future__ import annotations
 
@@ -93,3 +97,28 @@ def _train_and_save(text: list[str], vocab_size: int, directory: Path) -> None:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_sentencepiece_tokenizer(directory: str | Path, vocab_size: int = 1000) -> Path:
+    """Write a Llama-2-style tokenizer folder: ``tokenizer.model`` + ``tokenizer_config.json``, no tokenizer.json.
+
+    The model is a sentencepiece BPE trained on :func:`training_text` with byte fallback (every string encodes)
+    and Llama 2's ids (unk 0, bos 1, eos 2, no pad), single-threaded so the same inputs give the same file.
+    """
+    import io
+
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(training_text()), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, character_coverage=1.0, num_threads=1,
+        minloglevel=2)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "tokenizer.model").write_bytes(model.getvalue())
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": BOS, "eos_token": EOS, "unk_token": UNK,
+              "pad_token": None, "add_bos_token": True, "add_eos_token": False, "legacy": False,
+              "model_max_length": 4096, "clean_up_tokenization_spaces": False}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return directory

@@ -113,8 +113,10 @@ def test_end_of_turn_token_ends_each_row_separately(vlm):
     free_generator = Generator(vlm)
     settings = GenerationSettings(max_new_tokens=10)
     free = free_generator.complete(CONVERSATIONS, IMAGES, settings)
-    # Declare the 3rd token the first row produces to be an end-of-turn token, as a template's end token is.
-    first_ids = vlm.tokenizer(free[0].text, add_special_tokens=False)["input_ids"]
+    # Declare the 3rd token the first row produces to be an end-of-turn token, as a template's end token is (the
+    # generated ids themselves: the answer's text has its leading space stripped, so re-encoding it may differ)
+    batch = free_generator._encode_batch(CONVERSATIONS, IMAGES)
+    first_ids = free_generator._run_generate(batch, settings)[0, batch["input_ids"].shape[1]:].tolist()
     generator = Generator(vlm)
     generator.eos_token_ids = sorted({*generator.eos_token_ids, first_ids[2]})
     ended = generator.complete(CONVERSATIONS, IMAGES, settings)

@@ -45,3 +45,25 @@ def test_round_trip_and_special_tokens(tmp_path):
     # Subword merges learned from the medical text: a frequent word is one token.
     assert len(tok(" lung", add_special_tokens=False)["input_ids"]) == 1
     assert "<image>" not in tok.decode(ids, skip_special_tokens=True)
+
+
+def test_a_sentencepiece_only_tokenizer_loads_and_builds_a_model(tmp_path):
+    """A Llama-2-style checkpoint's tokenizer is only ``tokenizer.model`` (PathChat's LLM family): it needs
+    sentencepiece and protobuf (the models extra), and a VLM builds on it."""
+    torch = pytest.importorskip("torch")  # sentencepiece and protobuf are in the models extra: no skip for them
+    from medtune.models.build import build_vlm, load_vlm
+    from medtune.models.presets import tiny_spec
+
+    folder = offline.save_sentencepiece_tokenizer(tmp_path / "llama-tokenizer", vocab_size=600)
+    assert sorted(p.name for p in folder.iterdir()) == ["tokenizer.model", "tokenizer_config.json"]
+    vlm = build_vlm(tiny_spec(tokenizer=str(folder)))
+    tokenizer = vlm.tokenizer
+    assert "Llama" in type(tokenizer).__name__
+    ids = tokenizer("<image>\nIs there a lung mass?", add_special_tokens=False)["input_ids"]
+    assert ids.count(vlm.image_token_id) == 1 and tokenizer.unk_token_id not in ids
+    assert vlm.model.get_input_embeddings().num_embeddings >= len(tokenizer)
+    vlm.save(tmp_path / "vlm")
+    again = load_vlm(tmp_path / "vlm")
+    assert again.tokenizer("Is there a lung mass?")["input_ids"] == tokenizer("Is there a lung mass?")["input_ids"]
+    with torch.no_grad():
+        assert vlm.model(input_ids=torch.tensor([ids[1:]])).logits.shape[-1] >= len(tokenizer)
