@@ -21,13 +21,13 @@ import asyncio
 import base64
 import io
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common.serving import free_port, start_medtune_serve
 
 MODEL_ID = "bench"
 
@@ -38,33 +38,6 @@ def build_model(preset: str, out: Path) -> Path:
 
     build_vlm(presets.preset_spec(preset)).save(out)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(model: Path, port: int, max_batch_size: int) -> subprocess.Popen:
-    import httpx
-
-    command = [sys.executable, "-c", "import sys; from medtune.cli import main; sys.exit(main())", "serve",
-               str(model), "--host", "127.0.0.1", "--port", str(port), "--model-name", MODEL_ID,
-               "--max-batch-size", str(max_batch_size)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"medtune serve exited with {process.returncode}:\n{process.stdout.read()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    process.kill()
-    raise TimeoutError("medtune serve did not start within 300 s")
 
 
 def make_requests(count: int, max_tokens: int) -> list[dict]:
@@ -142,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(args.preset, Path(tmp) / f"{args.preset}-vlm")
         port = free_port()
-        server = start_server(model, port, args.max_batch_size)
+        server = start_medtune_serve(model, port, MODEL_ID, "--max-batch-size", str(args.max_batch_size))
         try:
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
             bodies = make_requests(args.requests, args.max_tokens)

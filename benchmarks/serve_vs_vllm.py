@@ -22,13 +22,14 @@ import base64
 import io
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common.serving import free_port, start
 
 MODEL_ID = "bench"
 VQA_RAD = Path(__file__).resolve().parents[1] / "data" / "vqa_rad"
@@ -55,30 +56,6 @@ def build_model(preset: str, out: Path) -> Path:
     overrides = {"llm": TINY_LLM} if preset == "tiny" else {}
     build_vlm(presets.preset_spec(preset, **overrides)).save(out)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start(command: list[str], port: int, env: dict, timeout: float = 600) -> subprocess.Popen:
-    import httpx
-
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{command[0]} exited with {process.returncode}:\n{process.stdout.read()[-4000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise TimeoutError(f"{' '.join(command[:3])} did not start within {timeout} s")
 
 
 def servers(model: Path, python: Path, threads: str) -> tuple[dict, list[subprocess.Popen]]:

@@ -15,7 +15,12 @@ Design choices:
   waiting request with the same decoding settings (up to ``max_batch_size``) into one ``Generator.complete``
   call. Streams run alone. Greedy results do not depend on the batch (left padding is tested), sampled
   requests with a ``seed`` run alone so the seed reproduces. If a batch fails, its requests are retried one by
-  one so only the faulty request gets the error. Nothing waiting is dropped: the queue is unbounded.
+  one so only the faulty request gets the error.
+* The queue is bounded (``--max-queue``, default :data:`DEFAULT_MAX_QUEUE` requests waiting to start, streams
+  included). A request past the bound is refused at once with 503 and ``Retry-After`` (seconds, from the
+  recent time per batch), as OpenAI's clients expect of an overloaded server; nothing admitted is dropped.
+  Without a bound, a burst would grow memory (decoded images wait in the queue) and every client's wait
+  without limit, and the clients would time out anyway, after the server had spent the work.
 * Parameters follow OpenAI: ``temperature`` defaults to 1 (send 0 for greedy, deterministic answers),
   ``seed`` makes sampling reproducible, ``max_tokens`` (or ``max_completion_tokens``) is capped by the
   operator's limit, ``stop`` takes up to 4 strings. An ``image_url`` object may add ``"window": PRESET`` for a
@@ -33,6 +38,7 @@ import concurrent.futures
 import hmac
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -48,6 +54,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_TOKENS_LIMIT = 1024
 DEFAULT_MAX_TOKENS = 256
+DEFAULT_MAX_QUEUE = 64  # eight full batches of the default size waiting behind the one being generated
 ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 IMAGE_MEDIA_TYPES = ("image/", "application/dicom")
 
@@ -56,9 +63,10 @@ class ApiError(Exception):
     """A request the server refuses; rendered as OpenAI's error JSON with this status code."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 type: str = "invalid_request_error", code: str | None = None):
+                 type: str = "invalid_request_error", code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -76,6 +84,7 @@ class ServerConfig:
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_pixels: int | None = None  # None: the image loader's own decompression-bomb guard
     max_batch_size: int = 8
+    max_queue: int = DEFAULT_MAX_QUEUE
 
     @property
     def max_body_bytes(self) -> int:
@@ -240,7 +249,8 @@ def decode_image_part(image_url, config: ServerConfig, param: str):
                                 f"server's allowed image root", param=param)
         path = _allowed_path(url.removeprefix("file://"), config, param)
         return image_io.load_image(str(path), config.allowed_image_root,
-                                   allowed_roots=(config.allowed_image_root,), window=window, **limits)
+                                   allowed_roots=(config.allowed_image_root,), window=window,
+                                   allow_burned_in=True, **limits)   # shown to the model, written nowhere
     except image_io.ImageError as error:
         raise ApiError(400, f"{param}: {error}", param=param) from None
 
@@ -303,30 +313,71 @@ class _Job:
 
 
 class BatchingWorker:
-    """One thread that owns the Generator and micro-batches waiting requests with the same settings."""
+    """One thread that owns the Generator and micro-batches waiting requests with the same settings; at most
+    ``max_queue`` requests wait to start, the next ones are refused (:meth:`busy_error`)."""
 
-    def __init__(self, generator, max_batch_size: int = 8):
+    def __init__(self, generator, max_batch_size: int = 8, max_queue: int = DEFAULT_MAX_QUEUE):
         self.generator = generator
         self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
         self._queue: queue.Queue = queue.Queue()
         self._held: collections.deque = collections.deque()  # taken off the queue but not batchable yet
+        self._admission = threading.Lock()
+        self._waiting = 0                    # admitted, not started yet (in _queue or _held)
+        self.refused = 0
+        self._batch_seconds: float | None = None   # moving average of one generate call
         self.batch_sizes: collections.Counter = collections.Counter()
         self._thread = threading.Thread(target=self._loop, name="medtune-generate", daemon=True)
         self._thread.start()
 
     @property
     def waiting(self) -> int:
-        return self._queue.qsize() + len(self._held)
+        return self._waiting
+
+    @property
+    def full(self) -> bool:
+        return self._waiting >= self.max_queue
+
+    def busy_error(self) -> ApiError:
+        """503 with Retry-After: about the time the requests waiting now take to start."""
+        per_batch = self._batch_seconds or 1.0
+        retry_after = max(1, math.ceil(per_batch * (self._waiting / self.max_batch_size + 1)))
+        return ApiError(503, f"the server is busy: {self._waiting} requests are waiting, as many as it queues "
+                             f"(--max-queue {self.max_queue}); retry after {retry_after} s", type="server_error",
+                        code="server_busy", headers={"Retry-After": str(retry_after)})
 
     def submit(self, request: ChatRequest) -> concurrent.futures.Future:
         job = _Job(request)
-        self._queue.put(job)
+        self._admit(job)
         return job.future
 
     def submit_stream(self, request: ChatRequest, loop: asyncio.AbstractEventLoop) -> _Job:
         job = _Job(request, loop=loop, deltas=asyncio.Queue())
-        self._queue.put(job)
+        self._admit(job)
         return job
+
+    def refuse_if_full(self) -> None:
+        """Raise :meth:`busy_error` (and count it) when no more requests may wait."""
+        with self._admission:
+            self._refuse_if_full()
+
+    def _refuse_if_full(self) -> None:
+        if self.full:
+            self.refused += 1
+            raise self.busy_error()
+
+    def _admit(self, job: _Job) -> None:
+        with self._admission:
+            self._refuse_if_full()
+            self._waiting += 1
+        self._queue.put(job)
+
+    def _started(self, jobs: list[_Job]) -> None:
+        with self._admission:
+            self._waiting -= len(jobs)
+
+    def _timed(self, seconds: float) -> None:
+        self._batch_seconds = seconds if self._batch_seconds is None else 0.8 * self._batch_seconds + 0.2 * seconds
 
     def close(self):
         self._queue.put(None)
@@ -339,10 +390,14 @@ class BatchingWorker:
 
     def _loop(self):
         while (job := self._next(block=True)) is not None:
+            jobs = [job] if job.request.stream else self._gather(job)
+            self._started(jobs)
+            started = time.monotonic()
             if job.request.stream:
                 self._run_stream(job)
             else:
-                self._run_batch(self._gather(job))
+                self._run_batch(jobs)
+            self._timed(time.monotonic() - started)
 
     def _gather(self, first: _Job) -> list[_Job]:
         batch, key, skipped = [first], first.batch_key(), []
@@ -421,13 +476,13 @@ def create_app(generator, config: ServerConfig):
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
-    worker = BatchingWorker(generator, config.max_batch_size)
+    worker = BatchingWorker(generator, config.max_batch_size, config.max_queue)
     app = FastAPI(title="medtune", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker = worker
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError):
-        return JSONResponse(error.body(), status_code=error.status)
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):
@@ -437,7 +492,8 @@ def create_app(generator, config: ServerConfig):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": config.model_id, "waiting": worker.waiting,
+        return {"status": "ok", "model": config.model_id, "waiting": worker.waiting, "max_queue": worker.max_queue,
+                "refused": worker.refused,
                 "batch_sizes": {str(size): count for size, count in sorted(worker.batch_sizes.items())}}
 
     @app.get("/v1/models")
@@ -449,6 +505,7 @@ def create_app(generator, config: ServerConfig):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         _check_key(request, config)
+        worker.refuse_if_full()   # before the body is read and its images decoded; submit checks again
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
             raise ApiError(413, f"request body of {length} bytes is over the limit of {config.max_body_bytes}")

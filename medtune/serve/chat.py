@@ -154,7 +154,9 @@ def load_image_file(path: str, *, window: str | None = None, slice: int | None =
     if not file.is_file():
         raise FileNotFoundError(f"no image file at {path}")
     _check_window(window)
-    return load_image(ImageRef(path=file.name, slice=slice), file.resolve().parent, window=window)
+    # a clinician's own image, shown to the model and written nowhere: burned-in text is no reason to refuse it
+    return load_image(ImageRef(path=file.name, slice=slice), file.resolve().parent, window=window,
+                      allow_burned_in=True)
 
 
 def handle_command(session: ChatSession, line: str, out: TextIO) -> bool:

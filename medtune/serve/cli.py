@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
+
+from medtune.models.cli import check_model_path
+
+# Folder names medtune gives every checkpoint it writes (OUT/stage-N-NAME/model, checkpoint-N, adapter, the demo's
+# DIR/model): they say nothing about which model it is, so a checkpoint's name is the first folder above them.
+GENERIC_FOLDER = re.compile(r"(model|adapter|base-model|checkpoint-\d+)")
 
 
 def register(subparsers) -> None:
@@ -16,12 +23,24 @@ def register(subparsers) -> None:
     _register_web(subparsers)
 
 
-def _check_model(model: str) -> None:
-    """A local-looking model path that does not exist is a one-line error, not a hub lookup's traceback."""
-    path = Path(model).expanduser()
-    looks_local = path.is_absolute() or model.startswith((".", "~")) or path.exists()
-    if looks_local and not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no model checkpoint at {model} (a folder with config.json)")
+def checkpoint_name(model: str) -> str:
+    """What a person calls the model at ``model``: its folder's name, or the first folder above a generic one
+    (``runs/demo/model`` is "demo"); for a hub name, its last part (``llava-hf/llava-1.5-7b-hf``)."""
+    local = Path(model).expanduser()
+    if not local.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not model.startswith("."):
+        return model.rsplit("/", 1)[-1]   # a hub name: ORG/NAME
+    path = Path(os.path.abspath(local))   # not resolved: a symlink's own name counts
+    for folder in (path, *path.parents):
+        if folder.name and not GENERIC_FOLDER.fullmatch(folder.name):
+            return folder.name
+    return path.name or "model"
+
+
+def _quiet_loading() -> None:
+    """Without transformers' "Loading weights" bar, the first thing on the console is the verb's own banner."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
 
 
 def _positive_int(text: str) -> int:
@@ -54,7 +73,8 @@ def _register_chat(subparsers) -> None:
 def _run_chat(args) -> int:
     from medtune.serve.chat import run_chat
 
-    _check_model(args.model)
+    check_model_path(args.model)
+    _quiet_loading()
     return run_chat(args)
 
 
@@ -68,13 +88,15 @@ def _add_model(parser, port: int | None = None) -> None:
 
 def _register_serve(subparsers) -> None:
     # api.py imports no web framework at module level; its defaults are the documented ones
-    from medtune.serve.api import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_TOKENS, DEFAULT_MAX_TOKENS_LIMIT
+    from medtune.serve.api import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS,
+                                   DEFAULT_MAX_TOKENS_LIMIT)
 
     parser = subparsers.add_parser("serve", help="serve a model as an OpenAI-compatible HTTP API",
                                    description="GET /v1/models, POST /v1/chat/completions (streaming with "
                                                "stream: true), GET /health. Binds to loopback by default.")
     _add_model(parser, port=8000)
-    parser.add_argument("--model-name", help="the model id clients send (default: the model folder's name)")
+    parser.add_argument("--model-name", help="the model id clients send (default: the checkpoint's name: its "
+                                             "folder's, or the run folder's for RUN/model)")
     parser.add_argument("--api-key", default=os.environ.get("MEDTUNE_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1 routes (default: $MEDTUNE_API_KEY)")
     parser.add_argument("--allowed-image-root", type=Path,
@@ -90,6 +112,9 @@ def _register_serve(subparsers) -> None:
                         help="largest image accepted, in pixels (default: the image loader's guard)")
     parser.add_argument("--max-batch-size", type=_positive_int, default=8,
                         help="requests with equal settings generated together")
+    parser.add_argument("--max-queue", type=_positive_int, default=DEFAULT_MAX_QUEUE,
+                        help="requests that may wait for the model; past it a request gets 503 with Retry-After "
+                             f"(default: {DEFAULT_MAX_QUEUE})")
     parser.set_defaults(func=_run_serve)
 
 
@@ -97,7 +122,7 @@ def _run_serve(args) -> int:
     from medtune.errors import UserError
     from medtune.serve.api import DEFAULT_MAX_TOKENS, serve
 
-    _check_model(args.model)
+    check_model_path(args.model)
     if args.allowed_image_root is not None and not args.allowed_image_root.is_dir():
         raise UserError(f"--allowed-image-root {args.allowed_image_root} is not a folder")
     if args.default_max_tokens is None:
@@ -105,11 +130,12 @@ def _run_serve(args) -> int:
     if args.default_max_tokens > args.max_tokens_limit:
         raise UserError(f"--default-max-tokens {args.default_max_tokens} is over --max-tokens-limit "
                         f"{args.max_tokens_limit}")
-    config = dict(model_id=args.model_name or Path(args.model).name, api_key=args.api_key,
+    config = dict(model_id=args.model_name or checkpoint_name(args.model), api_key=args.api_key,
                   allowed_image_root=args.allowed_image_root.resolve() if args.allowed_image_root else None,
                   max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
                   max_image_bytes=args.max_image_bytes, max_pixels=args.max_pixels,
-                  max_batch_size=args.max_batch_size)
+                  max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+    _quiet_loading()
     serve(args.model, host=args.host, port=args.port, config_overrides=config)
     return 0
 
@@ -125,5 +151,7 @@ def _register_web(subparsers) -> None:
 def _run_web(args) -> int:
     from medtune.serve.web import run_web
 
-    _check_model(args.model)
+    check_model_path(args.model)
+    args.model_name = checkpoint_name(args.model)   # the page's title
+    _quiet_loading()
     return run_web(args)

@@ -210,7 +210,7 @@ def run_web(args) -> int:
         logging.getLogger(__name__).warning("the web demo on %s has no login: anyone who can reach the port "
                                             "can use the model and upload images", args.host)
     generator = Generator(load_vlm(args.model))
-    app = build_app(generator, title=f"medtune · {Path(args.model).name}")
+    app = build_app(generator, title=f"medtune · {getattr(args, 'model_name', None) or Path(args.model).name}")
     logging.getLogger(__name__).info("web demo on http://%s:%d", args.host, args.port)
     app.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, share=False,
                                                   ssr_mode=False, show_error=True, quiet=True)

@@ -32,10 +32,14 @@ def _require_browser():
 
 
 @pytest.fixture(scope="module")
-def web_url(tiny_model_dir):
+def web_url(tiny_model_dir, tmp_path_factory):
+    """The demo on ``RUN/model`` (the folder name medtune's stages and demo write), as a user starts it."""
     _require_browser()
+    run = tmp_path_factory.mktemp("web") / "liver-run"
+    run.mkdir()
+    (run / "model").symlink_to(tiny_model_dir, target_is_directory=True)
     port = free_port()
-    process = start_medtune(["web", str(tiny_model_dir), "--host", "127.0.0.1", "--port", str(port)],
+    process = start_medtune(["web", str(run / "model"), "--host", "127.0.0.1", "--port", str(port)],
                             f"http://127.0.0.1:{port}/")
     yield f"http://127.0.0.1:{port}/"
     stop(process)
@@ -81,6 +85,7 @@ def test_upload_bundled_image_ask_regenerate_clear(web_url, browser, generator, 
     expected = normalised(greedy_answer(generator, image, "Is there a fracture?"))
     page = browser.new_page()
     page.goto(web_url)
+    expect(page).to_have_title("medtune · liver-run")   # the checkpoint's name, not its folder "model"
     page.locator("#upload input[type=file]").set_input_files(str(image_file))
     model_view = page.locator("#model-view img")
     expect(model_view).to_be_visible(timeout=TIMEOUT_MS)

@@ -87,3 +87,22 @@ def test_a_failing_request_fails_alone(fake):
     worker.close()
     assert caught.value.status == 500 and caught.value.type == "server_error"
     assert "RuntimeError" in caught.value.message
+
+
+def test_the_queue_is_bounded_and_the_overflow_refused_with_retry_after(fake):
+    worker = BatchingWorker(fake, max_batch_size=8, max_queue=2)
+    running = worker.submit(request("q0"))
+    assert fake.started.wait(10)   # q0 is being generated: it no longer waits
+    waiting = [worker.submit(request(f"q{i}")) for i in (1, 2)]
+    for extra in ("q3", "q4"):
+        with pytest.raises(ApiError) as refused:
+            worker.submit(request(extra))
+        assert refused.value.status == 503 and refused.value.code == "server_busy"
+        assert int(refused.value.headers["Retry-After"]) >= 1
+    assert (worker.waiting, worker.refused) == (2, 2)
+    fake.release.set()
+    assert [f.result(timeout=10).text for f in [running, *waiting]] == [f"answer to q{i}" for i in range(3)]
+    assert worker.submit(request("q5")).result(timeout=10).text == "answer to q5"   # room again
+    worker.close()
+    assert worker.waiting == 0
+    assert [questions for questions, _ in fake.calls] == [["q0"], ["q1", "q2"], ["q5"]]
