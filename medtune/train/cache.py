@@ -128,12 +128,12 @@ def _features():
 
 
 def _encode_all(pairs, vlm, encoder, *, max_length, truncation, strict, tally, data_files, progress) -> dict:
-    from tqdm.auto import tqdm
-
     from medtune.models.processing import SkipSample
+    from medtune.train.progress import track
 
     columns: dict[str, list] = {name: [] for name in _features()}
-    for sample, image_root in tqdm(pairs, desc="encoding", unit=" samples", disable=not progress):
+    pairs = list(pairs)   # a total for the display's ETA; the encoded columns are held in memory anyway
+    for sample, image_root in track(pairs, total=len(pairs), desc="encoding", unit="samples", enabled=progress):
         tally.read += 1
         try:
             row = encoder(sample, vlm, image_root, max_length=max_length, truncation=truncation)

@@ -66,6 +66,7 @@ def _reparse(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def train_command(args: argparse.Namespace) -> int:
+    from medtune.data.files import readable_text_file
     from medtune.paths import recipe_path
     from medtune.train.recipe import load_recipe
     from medtune.train.run import is_main_process, run_recipe
@@ -74,7 +75,7 @@ def train_command(args: argparse.Namespace) -> int:
     overrides = list(options.overrides)
     if options.output:
         overrides.append(f"output_dir={options.output}")
-    recipe = load_recipe(recipe_path(args.recipe), overrides, tiny=options.tiny)
+    recipe = load_recipe(readable_text_file(recipe_path(args.recipe), "recipe (YAML)"), overrides, tiny=options.tiny)
     run_recipe(recipe, start_stage=options.start_stage, resume=options.resume)
     if is_main_process():
         print(f"done: {len(recipe.stages) - options.start_stage} stage(s); summary in "
@@ -83,8 +84,12 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def merge_command(args: argparse.Namespace) -> int:
-    from medtune.train.merge import merge_checkpoint
+    from medtune.models.cli import check_model_path
+    from medtune.train.merge import ADAPTER_CONFIG, merge_checkpoint
 
+    check_model_path(args.checkpoint, configs=("config.json", ADAPTER_CONFIG))
+    if args.base:
+        check_model_path(args.base)
     out = merge_checkpoint(args.checkpoint, args.out, base=args.base)
     print(f"merged model written to {out} (loads with transformers' from_pretrained)")
     return 0

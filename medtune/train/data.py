@@ -38,11 +38,12 @@ def iter_stage_samples(spec: DataSpec, tally: Tally, *, seed: int = 0) -> Iterat
 
         stream = load_mixture(resolve_data_path(spec.mixture)).iter_samples(seed=seed, tally=tally)
     else:
-        from medtune.data.formats import default_image_root, read_records
+        from medtune.data.formats import default_image_root, read_records, resolve_format
 
         path = resolve_data_path(spec.path)
-        root = Path(spec.image_root) if spec.image_root else default_image_root(spec.format, path)
-        stream = ((sample, root) for sample in read_records(spec.format, path, tally=tally, strict=spec.strict))
+        fmt = resolve_format(spec.format, path)   # not given: detected from the content (ambiguity is an error)
+        root = Path(spec.image_root) if spec.image_root else default_image_root(fmt, path)
+        stream = ((sample, root) for sample in read_records(fmt, path, tally=tally, strict=spec.strict))
     if spec.image_codes:
         stream = with_image_codes(stream, resolve_data_path(spec.image_codes))
     return itertools.islice(stream, spec.limit) if spec.limit else stream

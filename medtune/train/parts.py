@@ -62,11 +62,23 @@ def apply_trainable_parts(vlm, model, lr: LearningRates, lora: LoraSpec | None =
             continue  # PEFT's frozen original of a module it saves whole
         elif getattr(lr, part) > 0:
             parameter.requires_grad_(True)
+    if lora is not None:
+        _check_saved_with_adapters(model, vlm.part_of)
     summary = summarise(model, vlm.part_of)
     if not any(summary.trainable.values()):
         raise RecipeError("lr: no parameter trains with these learning rates (every part is frozen)")
     log.info(summary.line())
     return model
+
+
+def _check_saved_with_adapters(model, part_of: Callable[[str], str]) -> None:
+    """Under LoRA only adapters and PEFT's whole copies (``modules_to_save``) are saved: a parameter that trains
+    outside both (a part spread over several modules, of which LoRA saves the first) would be lost on save."""
+    lost = [name for name, parameter in model.named_parameters() if parameter.requires_grad
+            and part_of(name) != "lora" and "modules_to_save" not in name.split(".")]
+    if lost:
+        raise RecipeError(f"lr.{part_of(lost[0])}: {lost[0]} would train beside the LoRA adapters but is not saved "
+                          "with them; train this part in a stage without lora")
 
 
 def summarise(model, part_of: Callable[[str], str]) -> TrainableSummary:

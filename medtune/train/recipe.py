@@ -8,8 +8,15 @@ Design choices:
 
 * Every section is a dataclass with one comment per field; :func:`parse_recipe` walks the YAML against those
   type hints, so an unknown key, a wrong type or an impossible combination fails with the key's path, e.g.
-  ``stages[1].lr.projectr: unknown key (did you mean projector?)``. Nothing heavy is imported here, so a bad
-  recipe fails in milliseconds.
+  ``stages[1].lr.projectr: unknown key (did you mean projector?)``. The walk goes on past a problem, and the
+  cross-field rules run on every section that was readable, so one :class:`RecipeError` lists every problem of
+  the recipe (one line each, key path first; ``error.problems`` holds them). Nothing heavy is imported here, so
+  a bad recipe fails in milliseconds.
+* The model's attention implementation is a model setting (``model: {preset: small, attn_implementation:
+  sdpa}``, or ``{checkpoint: PATH, attn_implementation: flash_attention_2}`` for a checkpoint) and a stage's
+  ``packing`` names how packed samples are kept apart (``position_ids`` / ``mask`` / ``flatten``, or ``true`` for
+  the default of the attention implementation; :mod:`medtune.train.packing`); pairs that cannot be exact are
+  refused here, naming both keys.
 * A recipe may have a ``defaults`` mapping merged under every stage, so that recipes list only what changes
   from stage to stage.
 * ``key=value`` overrides address the raw YAML by dotted path (``stages.0.max_steps=3``, ``stages.*.lr.llm=0``)
@@ -40,7 +47,7 @@ class DataSpec:
     """Where a stage's samples come from: one file in a known format, or a mixture of datasets."""
 
     path: str | None = None            # a data file (canonical .jsonl, or any format medtune reads)
-    format: str = "canonical"          # a name from medtune.data.formats.FORMATS
+    format: str | None = None          # a name from medtune.data.formats.FORMATS; None: detected from the content
     image_root: str | None = None      # root of relative image paths; default: the data file's directory
     mixture: str | None = None         # a `medtune mix` YAML or a GMAI-VL list JSON, instead of `path`
     limit: int | None = None           # use only the first N samples (smoke tests, tiny runs)
@@ -105,7 +112,10 @@ class Stage:
     batch_size: int = 1                 # per device
     grad_accum: int = 1                 # gradient accumulation steps
     max_length: int = 2048              # tokens per sample (per packed row with packing)
-    packing: bool = False               # pack several samples per row (attention kept apart)
+    # Pack several samples per row, kept apart by: position_ids (restart per sample), mask (an explicit block
+    # mask) or flatten (one row, varlen kernels); true = the attention implementation's default (flatten for
+    # flash-attention, mask for sdpa, position_ids for flex_attention and eager: medtune.train.packing).
+    packing: bool | Literal["position_ids", "mask", "flatten"] = False
     group_by_length: bool = False       # batch samples of similar length (less padding, no packing)
     precision: Literal["fp32", "bf16"] = "fp32"
     gradient_checkpointing: bool = False
@@ -121,7 +131,11 @@ class Stage:
     eval_steps: int | None = None
     log_steps: int = 10
     keep_last_k: int = 2                # complete checkpoints kept on disk
-    dataloader_workers: int = 0
+    dataloader_workers: int | None = None   # None: chosen from the usable cores (medtune.train.machine; 0 on a CPU)
+    # None: every usable core less the workers (or MEDTUNE_TORCH_THREADS); free: fewer while other processes keep
+    # cores busy (faster on a shared machine, not bit-identical across runs; medtune.train.machine)
+    torch_threads: int | Literal["free"] | None = None
+    compile: bool = False               # torch.compile the model (Trainer's torch_compile; benchmarks/train_speed.py)
 
 
 @dataclass
@@ -150,9 +164,34 @@ class Recipe:
     cache_dir: str | None = None        # token cache (default: $MEDTUNE_CACHE/tokens, ~/.cache/medtune/tokens)
     tiny_preset: str = "tiny"           # the model preset the tiny override (--tiny) swaps in
     defaults: dict = field(default_factory=dict)   # merged under every stage (already applied once parsed)
+    # eager | sdpa | flex_attention | flash_attention_2, written as model.attn_implementation; None: the model's
+    # own choice (transformers picks sdpa where it can)
+    attn_implementation: str | None = field(default=None, metadata={"written_as": "model.attn_implementation"})
 
 
 REPORTERS = ("tensorboard", "wandb", "mlflow", "none")
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2")
+
+
+class _Invalid:
+    """What a section with problems builds to: its problems are recorded, its rules are not checked."""
+
+    def __repr__(self) -> str:
+        return "<invalid>"
+
+
+INVALID = _Invalid()
+
+
+def recipe_error(problems: list[str], prefix: str = "") -> RecipeError:
+    """One error for every problem found: a single line for one, a count and one indented line each for more."""
+    lead = f"{prefix}: " if prefix else ""
+    if len(problems) == 1:
+        error = RecipeError(f"{lead}{problems[0]}")
+    else:
+        error = RecipeError(f"{lead}{len(problems)} problems:\n" + "\n".join(f"  {p}" for p in problems))
+    error.problems = list(problems)
+    return error
 
 
 # ---- reading -------------------------------------------------------------------------------------------
@@ -177,7 +216,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, tiny: bool = Fal
     try:
         return parse_recipe(raw)
     except RecipeError as error:
-        raise RecipeError(f"{path}: {error}") from None
+        raise recipe_error(getattr(error, "problems", [str(error)]), str(path)) from None
 
 
 def _pop_tiny(overrides: list[str]) -> bool:
@@ -191,18 +230,68 @@ def _pop_tiny(overrides: list[str]) -> bool:
 
 
 def parse_recipe(raw: dict) -> Recipe:
-    """Validate a raw recipe mapping into a :class:`Recipe` (types, unknown keys, then cross-field rules)."""
+    """Validate a raw recipe mapping into a :class:`Recipe` (types, unknown keys, then cross-field rules); every
+    problem found is reported in one :class:`RecipeError`."""
+    problems: list[str] = []
     raw = copy.deepcopy(raw)
+    attn_implementation = _take_model_settings(raw, problems)
     defaults = raw.get("defaults") or {}
     if not isinstance(defaults, dict):
-        raise RecipeError("defaults: must be a mapping of stage settings")
-    stages = raw.get("stages")
-    if isinstance(stages, list) and defaults:
-        _check_keys(defaults, Stage, "defaults")
-        raw["stages"] = [_deep_merge(defaults, s) if isinstance(s, dict) else s for s in stages]
-    recipe = _build(Recipe, raw, "")
-    validate(recipe)
+        problems.append("defaults: must be a mapping of stage settings")
+        defaults = {}
+    stages_raw = raw.get("stages")
+    stages = None
+    if isinstance(stages_raw, list):
+        if defaults:
+            _check_keys(defaults, Stage, "defaults", problems)
+            # an unknown default is reported once, as defaults.KEY, not again in every stage it merges into
+            defaults = {key: value for key, value in defaults.items() if key in _keys(Stage)}
+        stages = [_convert(_deep_merge(defaults, s) if isinstance(s, dict) else s, Stage, f"stages[{i}]", problems)
+                  for i, s in enumerate(stages_raw)]
+        raw["stages"] = []   # built above, one by one, so that a bad stage leaves the others checkable
+    recipe = _build(Recipe, raw, "", problems)
+    if recipe is INVALID:   # the rules still run on what was readable
+        recipe = Recipe.__new__(Recipe)
+        reporters = raw.get("report_to", [])
+        recipe.model = raw.get("model")
+        recipe.report_to = reporters if isinstance(reporters, list) and all(isinstance(r, str) for r in reporters) \
+            else []
+    if stages is not None:
+        recipe.stages = stages
+    recipe.attn_implementation = attn_implementation
+    validate(recipe, problems)
+    if problems:
+        raise recipe_error(problems)
     return recipe
+
+
+def _take_model_settings(raw: dict, problems: list[str]) -> str | None:
+    """Take ``model.attn_implementation`` out of the model mapping (and ``model.checkpoint``: the mapping form of
+    a checkpoint name), leaving ``raw["model"]`` what builds or loads the model; the attention implementation."""
+    if "attn_implementation" in raw:
+        problems.append("attn_implementation: a model setting; write it as model.attn_implementation")
+        raw.pop("attn_implementation")
+    model = raw.get("model")
+    if not isinstance(model, dict):
+        return None
+    model = dict(model)
+    implementation = model.pop("attn_implementation", None)
+    if implementation is not None and implementation not in ATTENTION_IMPLEMENTATIONS:
+        close = difflib.get_close_matches(str(implementation), ATTENTION_IMPLEMENTATIONS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        problems.append(f"model.attn_implementation: {implementation!r} is not one of "
+                        f"{', '.join(ATTENTION_IMPLEMENTATIONS)}{hint}")
+        implementation = None
+    if "checkpoint" in model:
+        for key in sorted(set(model) - {"checkpoint"}):
+            problems.append(f"model.{key}: a checkpoint takes only attn_implementation beside it (the other "
+                            "model keys build a model)")
+        checkpoint = model["checkpoint"]
+        if not isinstance(checkpoint, str):
+            problems.append(f"model.checkpoint: expected a checkpoint path or hub name, got {_describe(checkpoint)}")
+        model = checkpoint
+    raw["model"] = model
+    return implementation
 
 
 def _deep_merge(base: dict, top: dict) -> dict:
@@ -224,54 +313,78 @@ def _join(path: str, key: str | int) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _check_keys(data: dict, cls: type, path: str) -> None:
-    known = [f.name for f in dataclasses.fields(cls)]
+def _keys(cls: type) -> list[str]:
+    """The keys a section takes (fields written elsewhere, such as ``model.attn_implementation``, are not its)."""
+    return [f.name for f in dataclasses.fields(cls) if "written_as" not in f.metadata]
+
+
+def _check_keys(data: dict, cls: type, path: str, problems: list[str]) -> None:
+    known = _keys(cls)
     for key in data:
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(known)})"
-            raise RecipeError(f"{_join(path, str(key))}: unknown key{hint}")
+            problems.append(f"{_join(path, str(key))}: unknown key{hint}")
 
 
-def _build(cls: type, data: Any, path: str):
-    """Make a dataclass ``cls`` from ``data``, checking every field against its type hint."""
+def _build(cls: type, data: Any, path: str, problems: list[str]):
+    """Make a dataclass ``cls`` from ``data``, checking every field against its type hint; every problem goes to
+    ``problems`` (the walk goes on) and a section with any problem builds to :data:`INVALID`."""
     if not isinstance(data, dict):
-        raise RecipeError(f"{path or 'recipe'}: expected a mapping, got {_describe(data)}")
-    _check_keys(data, cls, path)
+        problems.append(f"{path or 'recipe'}: expected a mapping, got {_describe(data)}")
+        return INVALID
+    before = len(problems)
+    _check_keys(data, cls, path, problems)
     hints = typing.get_type_hints(cls)
     values = {}
     for f in dataclasses.fields(cls):
         where = _join(path, f.name)
-        if f.name in data:
-            values[f.name] = _convert(data[f.name], hints[f.name], where)
+        if f.name in data and f.name in _keys(cls):
+            values[f.name] = _convert(data[f.name], hints[f.name], where, problems)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise RecipeError(f"{where}: required key is missing")
+            problems.append(f"{where}: required key is missing")
+    if len(problems) > before or any(_invalid(v) for v in values.values()):
+        return INVALID
     try:
         return cls(**values)
-    except RecipeError:
-        raise
     except ValueError as error:   # a section's own checks (__post_init__); "field: reason" names the key
         field_name, _, reason = str(error).partition(": ")
         known = {f.name for f in dataclasses.fields(cls)}
-        raise RecipeError(f"{_join(path, field_name)}: {reason}" if field_name in known and reason
-                          else f"{path}: {error}") from None
+        problems.append(f"{_join(path, field_name)}: {reason}" if field_name in known and reason
+                        else f"{path}: {error}")
+        return INVALID
 
 
-def _convert(value: Any, hint: Any, path: str):
+def _invalid(value: Any) -> bool:
+    return value is INVALID or (isinstance(value, list) and any(item is INVALID for item in value))
+
+
+def _convert(value: Any, hint: Any, path: str, problems: list[str]):
+    """``value`` as ``hint``; a problem is recorded and gives :data:`INVALID`."""
+    try:
+        return _convert_value(value, hint, path, problems)
+    except RecipeError as error:
+        problems.append(str(error))
+        return INVALID
+
+
+def _convert_value(value: Any, hint: Any, path: str, problems: list[str]):
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _convert_value(value, options[0], path, problems)
+        for option in options:   # the first option that reads the value without a problem
+            scratch: list[str] = []
             try:
-                return _convert(value, option, path)
-            except RecipeError as error:
-                errors.append(error)
-        if len(errors) == 1:
-            raise errors[0]
-        expected = " or ".join(_type_name(a) for a in args)
-        raise RecipeError(f"{path}: expected {expected}, got {_describe(value)}")
+                converted = _convert_value(value, option, path, scratch)
+            except RecipeError:
+                continue
+            if not scratch and not _invalid(converted):
+                return converted
+        raise RecipeError(f"{path}: expected {_names(options)}, got {_describe(value)}")
     if origin is Literal:
         if value not in args:
             raise RecipeError(f"{path}: {value!r} is not one of {', '.join(map(str, args))}")
@@ -279,9 +392,9 @@ def _convert(value: Any, hint: Any, path: str):
     if origin is list:
         if not isinstance(value, list):
             raise RecipeError(f"{path}: expected a list, got {_describe(value)}")
-        return [_convert(item, args[0], _join(path, i)) for i, item in enumerate(value)]
+        return [_convert(item, args[0], _join(path, i), problems) for i, item in enumerate(value)]
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, path)
+        return _build(hint, value, path, problems)
     return _scalar(value, hint, path)
 
 
@@ -320,7 +433,16 @@ def _type_name(hint: Any) -> str:
         return "null"
     if dataclasses.is_dataclass(hint) or hint is dict:
         return "a mapping"
-    return getattr(hint, "__name__", str(hint))
+    if hint is bool:
+        return "true, false"
+    if typing.get_origin(hint) is Literal:
+        return f"one of {', '.join(map(str, typing.get_args(hint)))}"
+    return {str: "a string", int: "an integer", float: "a number"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _names(options: list) -> str:
+    names = [_type_name(option) for option in options]
+    return ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def _describe(value: Any) -> str:
@@ -331,42 +453,70 @@ def _describe(value: Any) -> str:
 # ---- cross-field rules ----------------------------------------------------------------------------------
 
 
-def validate(recipe: Recipe) -> None:
-    """Rules no single field can check; each error names the key to change."""
-    if not recipe.stages:
-        raise RecipeError("stages: a recipe needs at least one stage")
+def validate(recipe: Recipe, problems: list[str] | None = None) -> None:
+    """Rules no single field can check; each problem names the key to change. With ``problems`` they are
+    appended there (sections that could not be read are skipped), else the first is raised."""
+    collect = problems is not None
+    problems = problems if collect else []
+    stages = getattr(recipe, "stages", None)
+    if stages is not None and not stages:
+        problems.append("stages: a recipe needs at least one stage")
     if isinstance(recipe.model, str) and not recipe.model.strip():
-        raise RecipeError("model: empty model name")
-    for name in recipe.report_to:
+        problems.append("model: empty model name")
+    for name in recipe.report_to or []:
         if name not in REPORTERS:
-            raise RecipeError(f"report_to: {name!r} is not one of {', '.join(REPORTERS)}")
-    names = [stage.name for stage in recipe.stages]
-    for index, stage in enumerate(recipe.stages):
-        where = f"stages[{index}]"
-        if not stage.name or "/" in stage.name or stage.name in names[:index]:
-            raise RecipeError(f"{where}.name: stage names must be unique, non-empty and contain no '/'")
-        _validate_data(stage.data, f"{where}.data")
-        if stage.eval_data is not None:
-            _validate_data(stage.eval_data, f"{where}.eval_data")
-        if stage.router is not None:
-            _validate_router_stage(stage, where)
-            continue
-        if stage.moe is not None:
+            problems.append(f"report_to: {name!r} is not one of {', '.join(REPORTERS)}")
+    stages = [stage if isinstance(stage, Stage) else None for stage in stages or []]
+    names = [stage.name if stage is not None else None for stage in stages]
+    for index, stage in enumerate(stages):
+        if stage is not None:
+            problems.extend(_stage_problems(recipe, stages, index, names))
+    if problems and not collect:
+        raise recipe_error(problems)
+
+
+def _stage_problems(recipe: Recipe, stages: list, index: int, names: list) -> list[str]:
+    stage, where = stages[index], f"stages[{index}]"
+    problems = []
+    if not stage.name or "/" in stage.name or stage.name in names[:index]:
+        problems.append(f"{where}.name: stage names must be unique, non-empty and contain no '/'")
+    problems += _data_problems(stage.data, f"{where}.data")
+    if stage.eval_data is not None:
+        problems += _data_problems(stage.eval_data, f"{where}.eval_data")
+    if stage.router is not None:
+        return problems + _router_stage_problems(stage, where)
+    if stage.moe is not None:
+        try:
             _, router = moe_settings(stage, where)
+        except RecipeError as error:
+            problems.append(str(error))
+        else:
             if router.startswith("stage:"):
-                _check_router_stage_name(recipe, index, router.removeprefix("stage:"), f"{where}.moe.router")
-        _validate_parts(stage, where)
-        _validate_moe_parts(recipe, index, where)
-        _validate_loop(stage, where)
+                problems += _router_stage_name_problems(stages, index, router.removeprefix("stage:"),
+                                                        f"{where}.moe.router")
+    problems += _parts_problems(stage, where)
+    problems += _moe_parts_problems(recipe, stages, index, where)
+    problems += _loop_problems(stage, where)
+    problems += _packing_problems(stage, recipe.attn_implementation, where)
+    return problems
 
 
-def _validate_data(data: DataSpec, where: str) -> None:
+def _data_problems(data: DataSpec, where: str) -> list[str]:
+    problems = []
     if (data.path is None) == (data.mixture is None):
-        raise RecipeError(f"{where}: give exactly one of path (a data file) or mixture")
-    if data.mixture is not None and data.format != "canonical":
-        raise RecipeError(f"{where}.format: a mixture names its own formats; remove format")
+        problems.append(f"{where}: give exactly one of path (a data file) or mixture")
+    if data.mixture is not None and data.format is not None:
+        problems.append(f"{where}.format: a mixture names its own formats; remove format")
+    if data.format is not None:
+        from medtune.data.formats import FORMATS   # plain Python, no torch
+
+        if data.format not in FORMATS:
+            close = difflib.get_close_matches(data.format, list(FORMATS), n=1)
+            hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(FORMATS)}"
+            problems.append(f"{where}.format: unknown data format {data.format!r} ({hint})")
     if data.limit is not None and data.limit < 1:
-        raise RecipeError(f"{where}.limit: must be at least 1")
+        problems.append(f"{where}.limit: must be at least 1")
+    return problems
 
 
 def moe_settings(stage: Stage, where: str = "") -> tuple[MoESettings, str]:
@@ -384,146 +534,184 @@ def moe_settings(stage: Stage, where: str = "") -> tuple[MoESettings, str]:
             close = difflib.get_close_matches(str(key), known + ["preset", "router"], n=1)
             hint = f" (did you mean {close[0]}?)" if close else f" (known: preset, router, {', '.join(known)})"
             raise RecipeError(f"{prefix}moe.{key}: unknown key{hint}")
-        values[key] = _convert(value, hints[key], f"{prefix}moe.{key}")
+        problems: list[str] = []
+        values[key] = _convert_value(value, hints[key], f"{prefix}moe.{key}", problems)
+        if problems:
+            raise RecipeError(problems[0])
     try:
         return MoESettings.preset(str(preset), **values), router
     except ValueError as error:   # the message starts with the key ("moe.num_experts: ...")
         raise RecipeError(f"{prefix}{error}") from None
 
 
-def _check_router_stage_name(recipe: Recipe, index: int, name: str, where: str) -> None:
-    earlier = {s.name: s for s in recipe.stages[:index]}
-    if name not in earlier or earlier[name].router is None:
-        routers = [s.name for s in recipe.stages[:index] if s.router is not None]
-        raise RecipeError(f"{where}: no router stage {name!r} before this stage "
-                          f"(router stages before it: {', '.join(routers) or 'none'})")
+def _router_stage_name_problems(stages: list, index: int, name: str, where: str) -> list[str]:
+    earlier = {s.name: s for s in stages[:index] if s is not None}
+    if name in earlier and earlier[name].router is not None:
+        return []
+    routers = [s.name for s in stages[:index] if s is not None and s.router is not None]
+    return [f"{where}: no router stage {name!r} before this stage "
+            f"(router stages before it: {', '.join(routers) or 'none'})"]
 
 
-def _validate_router_stage(stage: Stage, where: str) -> None:
-    for key in ("moe", "lora"):
-        if getattr(stage, key) is not None:
-            raise RecipeError(f"{where}.{key}: a router stage trains only the router; remove {key}")
+def _router_stage_problems(stage: Stage, where: str) -> list[str]:
+    problems = [f"{where}.{key}: a router stage trains only the router; remove {key}"
+                for key in ("moe", "lora") if getattr(stage, key) is not None]
     if any(getattr(stage.lr, part) for part in PARTS):
-        raise RecipeError(f"{where}.lr: a router stage trains no part of the model (its own rate is router.lr); "
-                          "remove lr")
+        problems.append(f"{where}.lr: a router stage trains no part of the model (its own rate is router.lr); "
+                        "remove lr")
     if stage.packing:
-        raise RecipeError(f"{where}.packing: a router stage reads one sample at a time; remove packing")
+        problems.append(f"{where}.packing: a router stage reads one sample at a time; remove packing")
+    return problems
 
 
-def _validate_moe_parts(recipe: Recipe, index: int, where: str) -> None:
+def _moe_parts_problems(recipe: Recipe, stages: list, index: int, where: str) -> list[str]:
     """Experts, router and dense-FFN rates need a model with experts: this stage or an earlier one makes them."""
-    stage = recipe.stages[index]
+    stage = stages[index]
     asked = [part for part in MOE_PARTS if getattr(stage.lr, part) > 0]
-    made = any(s.moe is not None for s in recipe.stages[:index + 1])
+    made = any(s is not None and s.moe is not None for s in stages[:index + 1])
+    problems = []
     if asked and not made and isinstance(recipe.model, dict):
-        raise RecipeError(f"{where}.lr.{asked[0]}: the model has no experts yet; add a moe section to this "
-                          "stage (or an earlier one) to make them")
+        problems.append(f"{where}.lr.{asked[0]}: the model has no experts yet; add a moe section to this "
+                        "stage (or an earlier one) to make them")
     if stage.lora is not None and stage.lora.on_experts and not made and isinstance(recipe.model, dict):
-        raise RecipeError(f"{where}.lora.on_experts: the model has no experts; add a moe section")
+        problems.append(f"{where}.lora.on_experts: the model has no experts; add a moe section")
+    return problems
 
 
-def _validate_parts(stage: Stage, where: str) -> None:
+def _parts_problems(stage: Stage, where: str) -> list[str]:
     lr = stage.lr
-    for part in PARTS:
-        if getattr(lr, part) < 0:
-            raise RecipeError(f"{where}.lr.{part}: a learning rate cannot be negative (0 freezes the part)")
+    problems = [f"{where}.lr.{part}: a learning rate cannot be negative (0 freezes the part)"
+                for part in PARTS if getattr(lr, part) < 0]
     trained = [part for part in PARTS if part != "lora" and getattr(lr, part) > 0]
     if stage.lora is None:
         if lr.lora > 0:
-            raise RecipeError(f"{where}.lr.lora: set to {lr.lora} but the stage has no lora section")
-        if not trained:
-            raise RecipeError(f"{where}.lr: every part is frozen ({', '.join(p for p in PARTS if p != 'lora')} "
-                              "are 0); give at least one part a learning rate")
-        return
+            problems.append(f"{where}.lr.lora: set to {lr.lora} but the stage has no lora section")
+        elif not trained and not problems:
+            problems.append(f"{where}.lr: every part is frozen ({', '.join(p for p in PARTS if p != 'lora')} "
+                            "are 0); give at least one part a learning rate")
+        return problems
     lora = stage.lora
     if lr.lora <= 0:
-        raise RecipeError(f"{where}.lr.lora: the stage has a lora section, so lr.lora must be > 0")
+        problems.append(f"{where}.lr.lora: the stage has a lora section, so lr.lora must be > 0")
     if lr.llm > 0:
-        raise RecipeError(f"{where}.lr.llm: full fine-tuning of the LLM cannot be combined with LoRA on it; "
-                          "set lr.llm to 0 or remove the lora section")
+        problems.append(f"{where}.lr.llm: full fine-tuning of the LLM cannot be combined with LoRA on it; "
+                        "set lr.llm to 0 or remove the lora section")
     if lora.on_vision and lr.vision > 0:
-        raise RecipeError(f"{where}.lr.vision: the vision tower gets LoRA (lora.on_vision), so lr.vision must "
-                          "be 0")
+        problems.append(f"{where}.lr.vision: the vision tower gets LoRA (lora.on_vision), so lr.vision must be 0")
     if lora.r < 1 or lora.alpha < 1:
-        raise RecipeError(f"{where}.lora.r: r and alpha must be at least 1")
+        problems.append(f"{where}.lora.r: r and alpha must be at least 1")
     if not 0 <= lora.dropout < 1:
-        raise RecipeError(f"{where}.lora.dropout: must be in [0, 1)")
+        problems.append(f"{where}.lora.dropout: must be in [0, 1)")
     if not lora.target_modules:
-        raise RecipeError(f"{where}.lora.target_modules: name at least one layer")
+        problems.append(f"{where}.lora.target_modules: name at least one layer")
     whole_moe = [part for part in MOE_PARTS if getattr(lr, part) > 0 and not (part == "experts" and lora.on_experts)]
     if whole_moe:
-        raise RecipeError(f"{where}.lr.{whole_moe[0]}: a LoRA stage trains the projector and vision tower whole "
-                          "beside the adapters, not the MoE parts; use lora.on_experts for the experts, or a stage "
-                          "without lora")
+        problems.append(f"{where}.lr.{whole_moe[0]}: a LoRA stage trains the projector and vision tower whole "
+                        "beside the adapters, not the MoE parts; use lora.on_experts for the experts, or a stage "
+                        "without lora")
     if lora.on_experts and lora.dropout:
-        raise RecipeError(f"{where}.lora.dropout: LoRA on fused expert weights (on_experts) has no dropout "
-                          "(PEFT's target_parameters); set dropout to 0")
+        problems.append(f"{where}.lora.dropout: LoRA on fused expert weights (on_experts) has no dropout "
+                        "(PEFT's target_parameters); set dropout to 0")
     if lora.on_experts and lr.experts > 0:
-        raise RecipeError(f"{where}.lr.experts: the experts get LoRA (lora.on_experts), so lr.experts must be 0")
+        problems.append(f"{where}.lr.experts: the experts get LoRA (lora.on_experts), so lr.experts must be 0")
+    return problems
 
 
-def _validate_loop(stage: Stage, where: str) -> None:
+def _loop_problems(stage: Stage, where: str) -> list[str]:
+    problems = []
     if stage.packing and stage.group_by_length:
-        raise RecipeError(f"{where}.group_by_length: cannot be combined with packing (packed rows already have "
-                          "equal length); choose one")
+        problems.append(f"{where}.group_by_length: cannot be combined with packing (packed rows already have "
+                        "equal length); choose one")
     if stage.max_steps is None and stage.epochs <= 0:
-        raise RecipeError(f"{where}.epochs: must be > 0 (or set max_steps)")
+        problems.append(f"{where}.epochs: must be > 0 (or set max_steps)")
     if stage.max_steps is not None and stage.max_steps < 1:
-        raise RecipeError(f"{where}.max_steps: must be at least 1")
-    for name in ("batch_size", "grad_accum", "max_length", "save_steps", "log_steps", "keep_last_k"):
-        if getattr(stage, name) < 1:
-            raise RecipeError(f"{where}.{name}: must be at least 1")
+        problems.append(f"{where}.max_steps: must be at least 1")
+    problems += [f"{where}.{name}: must be at least 1" for name in
+                 ("batch_size", "grad_accum", "max_length", "save_steps", "log_steps", "keep_last_k")
+                 if getattr(stage, name) < 1]
     if stage.eval_steps is not None and (stage.eval_steps < 1 or stage.eval_data is None):
-        raise RecipeError(f"{where}.eval_steps: needs eval_data and a value of at least 1")
+        problems.append(f"{where}.eval_steps: needs eval_data and a value of at least 1")
     if not 0 <= stage.warmup_ratio < 1:
-        raise RecipeError(f"{where}.warmup_ratio: must be in [0, 1)")
+        problems.append(f"{where}.warmup_ratio: must be in [0, 1)")
     if stage.template is not None:
         from medtune.models.templates import TEMPLATE_NAMES   # plain Python, no torch
 
         if stage.template not in TEMPLATE_NAMES:
             close = difflib.get_close_matches(stage.template, TEMPLATE_NAMES, n=1)
             hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(TEMPLATE_NAMES)}"
-            raise RecipeError(f"{where}.template: unknown chat template {stage.template!r} ({hint})")
-    if stage.max_length < 16:
-        raise RecipeError(f"{where}.max_length: {stage.max_length} tokens cannot hold a prompt and an answer")
+            problems.append(f"{where}.template: unknown chat template {stage.template!r} ({hint})")
+    if 1 <= stage.max_length < 16:
+        problems.append(f"{where}.max_length: {stage.max_length} tokens cannot hold a prompt and an answer")
+    return problems
+
+
+def _packing_problems(stage: Stage, attn_implementation: str | None, where: str) -> list[str]:
+    """A packing mode the recipe's attention implementation cannot run exactly (both keys named)."""
+    from medtune.train.packing import pair_refusal   # plain Python, no torch
+
+    if not isinstance(stage.packing, str) or attn_implementation is None:
+        return []
+    reason = pair_refusal(stage.packing, attn_implementation)
+    if reason is None:
+        return []
+    return [f"{where}.packing: {stage.packing!r} with model.attn_implementation {attn_implementation!r}: {reason}"]
 
 
 def check_environment(recipe: Recipe, *, device: str | None = None) -> None:
-    """Checks that need the machine (bf16 support, CUDA for QLoRA, DeepSpeed installed): still before work."""
+    """Checks that need the machine (bf16 support, CUDA for QLoRA and flash-attention, DeepSpeed installed):
+    still before work, every problem at once."""
     import importlib.util
 
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if isinstance(recipe.model, dict):
-        _check_model_spec(recipe.model)
+    problems = _model_spec_problems(recipe.model) if isinstance(recipe.model, dict) else []
+    problems += _attention_problems(recipe.attn_implementation, device)
     for index, stage in enumerate(recipe.stages):
         where = f"stages[{index}]"
         if stage.precision == "bf16" and not bf16_supported(device):
-            raise RecipeError(f"{where}.precision: bf16 is not supported on this {device}; use fp32")
+            problems.append(f"{where}.precision: bf16 is not supported on this {device}; use fp32")
         if stage.lora is not None and stage.lora.quantize is not None:
             if device != "cuda":
-                raise RecipeError(f"{where}.lora.quantize: QLoRA needs a CUDA GPU (bitsandbytes kernels); "
-                                  "remove quantize to train plain LoRA on this machine")
-            if importlib.util.find_spec("bitsandbytes") is None:
-                raise RecipeError(f"{where}.lora.quantize: QLoRA needs bitsandbytes (pip install bitsandbytes)")
+                problems.append(f"{where}.lora.quantize: QLoRA needs a CUDA GPU (bitsandbytes kernels); remove "
+                                "quantize to train plain LoRA on this machine")
+            elif importlib.util.find_spec("bitsandbytes") is None:
+                problems.append(f"{where}.lora.quantize: QLoRA needs bitsandbytes (pip install bitsandbytes)")
     strategy = recipe.distributed.strategy
-    several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if strategy != "ddp" and several_processes and device != "cuda":
-        # accelerate 1.15 (state.py, AcceleratorState) turns FSDP and DeepSpeed on only for multi-accelerator
-        # process groups; on CPU (gloo) Trainer would silently fall back to DDP.
-        raise RecipeError(f"distributed.strategy: {strategy} needs GPUs (Accelerate enables FSDP/DeepSpeed only "
-                          "on accelerators); use ddp for multi-process CPU training")
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ   # by torchrun & co
+    if strategy != "ddp" and launched and device != "cuda":
+        # accelerate 1.15 (state.py, _prepare_backend) turns FSDP and DeepSpeed on only for launched processes on
+        # accelerators (one GPU is enough); on CPU (gloo) Trainer would silently fall back to DDP.
+        problems.append(f"distributed.strategy: {strategy} needs GPUs (Accelerate enables FSDP/DeepSpeed only on "
+                        "accelerators); use ddp for multi-process CPU training")
     if strategy.startswith("zero") or recipe.distributed.deepspeed_config:
         if importlib.util.find_spec("deepspeed") is None:
-            raise RecipeError(f"distributed.strategy: {strategy} needs DeepSpeed, an optional extra: "
-                              "pip install 'medtune[deepspeed]'")
+            problems.append(f"distributed.strategy: {strategy} needs DeepSpeed, an optional extra: "
+                            "pip install 'medtune[deepspeed]'")
     for name in recipe.report_to:
         if name in ("wandb", "mlflow") and importlib.util.find_spec(name) is None:
-            raise RecipeError(f"report_to: {name} is not installed (pip install {name})")
+            problems.append(f"report_to: {name} is not installed (pip install {name})")
+    if problems:
+        raise recipe_error(problems)
 
 
-def _check_model_spec(model: dict) -> None:
+def _attention_problems(implementation: str | None, device: str) -> list[str]:
+    """An attention implementation this machine cannot run."""
+    import importlib.util
+
+    if implementation == "flash_attention_2":
+        if device != "cuda":
+            return ["model.attn_implementation: flash_attention_2 needs a CUDA GPU; use sdpa (or flex_attention) "
+                    "on this machine"]
+        if importlib.util.find_spec("flash_attn") is None:
+            return ["model.attn_implementation: flash_attention_2 needs the flash-attn package "
+                    "(pip install flash-attn); use sdpa, or kernels-community/flash-attn via the kernels package"]
+    if implementation == "flex_attention" and importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+        return ["model.attn_implementation: flex_attention needs torch >= 2.5 (torch.nn.attention.flex_attention)"]
+    return []
+
+
+def _model_spec_problems(model: dict) -> list[str]:
     """Keys of a composed-model mapping are ModelSpec fields (plus ``preset``); checked by name here."""
     from dataclasses import fields
 
@@ -531,16 +719,18 @@ def _check_model_spec(model: dict) -> None:
     from medtune.models.presets import MODEL_PRESETS, PRESET_NAMES
 
     if model.get("preset") in MODEL_PRESETS:
-        return   # a preset that builds a model of its own kind: its settings are the builder's arguments
+        return []   # a preset that builds a model of its own kind: its settings are the builder's arguments
     known = [f.name for f in fields(ModelSpec)] + ["preset"]
+    problems = []
     for key in model:
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
-            raise RecipeError(f"model.{key}: unknown key" + (f" (did you mean {close[0]}?)" if close else ""))
+            problems.append(f"model.{key}: unknown key" + (f" (did you mean {close[0]}?)" if close else ""))
     if "preset" in model and model["preset"] not in PRESET_NAMES:
-        raise RecipeError(f"model.preset: {model['preset']!r} is not one of {', '.join(PRESET_NAMES)}")
+        problems.append(f"model.preset: {model['preset']!r} is not one of {', '.join(PRESET_NAMES)}")
     if "preset" not in model and not {"vision", "llm"} <= set(model):
-        raise RecipeError("model: a composed model needs vision and llm (or a preset)")
+        problems.append("model: a composed model needs vision and llm (or a preset)")
+    return problems
 
 
 def bf16_supported(device: str) -> bool:
@@ -612,6 +802,8 @@ def make_tiny(raw: dict) -> dict:
     tiny_model = {"preset": raw.get("tiny_preset", "tiny")}
     if isinstance(model, dict) and tiny_model["preset"] == "tiny":
         tiny_model.update({k: model[k] for k in ("template", "projector") if k in model})
+    if isinstance(model, dict) and "attn_implementation" in model:   # how attention runs is kept, like packing
+        tiny_model["attn_implementation"] = model["attn_implementation"]
     raw["model"] = tiny_model
     raw.setdefault("output_dir", "runs/tiny")
     strategy = (raw.get("distributed") or {}).get("strategy", "ddp")

@@ -29,6 +29,7 @@ newest complete checkpoint. Without ``--resume`` an existing stage directory is 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -106,7 +107,9 @@ def run_recipe(recipe: Recipe, *, start_stage: int = 0, resume: bool = False) ->
 def run_stage(recipe: Recipe, index: int, *, resume: bool = False) -> StageResult:
     """Train stage ``index``: its model, data, Trainer; write ``model/`` and the stage summary."""
     from medtune.train.data import training_rows
+    from medtune.train.progress import quiet_libraries
 
+    quiet_libraries()   # one display per phase: medtune's encoding and training bars, not the libraries' own
     stage = recipe.stages[index]
     directory = stage_dir(recipe.output_dir, index, stage)
     if _is_finished(stage, directory):
@@ -121,13 +124,14 @@ def run_stage(recipe: Recipe, index: int, *, resume: bool = False) -> StageResul
     _apply_template(vlm, stage.template or home_template(recipe), stage.name)
     if stage.moe is not None:
         vlm, base_path = _with_experts(recipe, index, vlm), None   # the upcycled model is not on disk yet
+    collator = stage_collator(vlm, stage, f"stages[{index}]")   # a refused packing fails before the data is read
     dataset, eval_dataset, tally = _stage_data(recipe, stage, vlm)
     model = _trainable_model(vlm, stage, base_path, directory)
-    rows = training_rows(dataset, packing=stage.packing, max_length=stage.max_length)
-    collator = vlm.collator(packing=stage.packing, max_length=stage.max_length)
+    rows = training_rows(dataset, packing=bool(stage.packing), max_length=stage.max_length)
     trainer = build_trainer(recipe, stage, vlm, model, rows, eval_dataset, collator, directory)
     started = time.monotonic()
-    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    with _without_kv_cache(model, stage.gradient_checkpointing):
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     save_stage_model(trainer, vlm, stage, directory)
     result = _stage_result(stage, directory, vlm, trainer, output, dataset, tally, resume_from,
                            seconds=time.monotonic() - started)
@@ -136,6 +140,25 @@ def run_stage(recipe: Recipe, index: int, *, resume: bool = False) -> StageResul
         write_json(directory / "summary.json", result.__dict__)
         print(result.line(), flush=True)
     return result
+
+
+@contextlib.contextmanager
+def _without_kv_cache(model, checkpointing: bool):
+    """Train with ``use_cache`` off in every config of ``model`` when activations are checkpointed.
+
+    Checkpointed layers cannot keep a KV cache; left on, transformers turns it off itself and says so in a
+    notice that cuts into the training bar. The configs get their values back before the model is saved, so
+    the stage's model generates with its cache as before.
+    """
+    configs = {id(c): c for c in (getattr(m, "config", None) for m in model.modules()) if hasattr(c, "use_cache")}
+    saved = {key: config.use_cache for key, config in configs.items()} if checkpointing else {}
+    for key in saved:
+        configs[key].use_cache = False
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            configs[key].use_cache = value
 
 
 def _is_finished(stage: Stage, directory: Path) -> bool:
@@ -279,12 +302,46 @@ def _resume_point(directory: Path, stage: Stage, resume: bool) -> Path | None:
     return latest
 
 
+def stage_collator(vlm, stage: Stage, where: str):
+    """The stage's collator: padding, or packing in the stage's mode (``packing: true``: the default of the
+    model's attention implementation); a mode the model cannot run exactly is refused naming the keys."""
+    from medtune.train.packing import use_packing_mode
+
+    if not stage.packing:
+        return vlm.collator(packing=False, max_length=stage.max_length)
+    implementation = attn_implementation(vlm.model)
+    try:
+        collator = vlm.collator(packing=True, max_length=stage.max_length)
+        mode = use_packing_mode(collator, stage.packing, implementation)
+    except ValueError as error:
+        raise RecipeError(f"{where}.packing: {error} (attention: {implementation}, model.attn_implementation)") \
+            from None
+    log.info("stage %s: packing with %s under %s attention", stage.name, mode, implementation)
+    return collator
+
+
+def attn_implementation(model) -> str | None:
+    """The attention implementation the model runs (its language model's, for a composite model)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(config, "_attn_implementation", None) or getattr(model.config, "_attn_implementation", None)
+
+
 # ---- models ---------------------------------------------------------------------------------------------
 
 
 def load_stage_model(recipe: Recipe, index: int):
     """(VLM, path it was loaded from or None): the last earlier training stage's model, else ``recipe.model``
-    (built or loaded)."""
+    (built or loaded), running the recipe's ``model.attn_implementation``."""
+    vlm, path = _stage_model(recipe, index)
+    if recipe.attn_implementation is not None:
+        try:
+            vlm.model.set_attn_implementation(recipe.attn_implementation)
+        except (ValueError, ImportError) as error:
+            raise RecipeError(f"model.attn_implementation: {error}") from None
+    return vlm, path
+
+
+def _stage_model(recipe: Recipe, index: int):
     from medtune.models.build import ModelSpec, build_vlm, load_vlm
 
     # the last earlier stage that wrote a model (router stages only read theirs)
@@ -395,8 +452,11 @@ def build_trainer(recipe: Recipe, stage: Stage, vlm, model, dataset, eval_datase
 
 
 def training_arguments(recipe: Recipe, stage: Stage, directory: Path, model):
-    from transformers import TrainingArguments
+    from medtune.train import machine
+    from medtune.train.trainer import MedtuneTrainingArguments
 
+    # machine defaults (medtune.train.machine): workers and torch threads from the usable cores, unless set
+    workers = machine.dataloader_workers(stage.dataloader_workers, cuda=_has_cuda())
     settings: dict[str, Any] = dict(
         output_dir=str(directory), seed=recipe.seed, data_seed=recipe.seed,
         per_device_train_batch_size=stage.batch_size, per_device_eval_batch_size=stage.batch_size,
@@ -412,7 +472,9 @@ def training_arguments(recipe: Recipe, stage: Stage, directory: Path, model):
         logging_strategy="steps", logging_steps=stage.log_steps,   # TensorBoard: OUTPUT/stage-*/runs/
         report_to=[r for r in recipe.report_to if r != "none"] or "none",
         include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
-        dataloader_num_workers=stage.dataloader_workers, disable_tqdm=True,
+        dataloader_num_workers=workers, disable_tqdm=True,
+        torch_threads=machine.torch_threads(stage.torch_threads, workers=workers), torch_compile=stage.compile,
+        adapt_threads=machine.adapts_threads(stage.torch_threads),
         # Accelerate sets up multi-process CPU training (gloo) only when told it runs on the CPU
         dataloader_pin_memory=_has_cuda(), use_cpu=not _has_cuda(),
         train_sampling_strategy="group_by_length" if stage.group_by_length else "random",
@@ -420,7 +482,7 @@ def training_arguments(recipe: Recipe, stage: Stage, directory: Path, model):
         ddp_backend=recipe.distributed.backend,
     )
     settings.update(distributed_arguments(recipe, model))
-    return TrainingArguments(**settings)
+    return MedtuneTrainingArguments(**settings)
 
 
 def _has_cuda() -> bool:
@@ -435,8 +497,9 @@ def _may_leave_parameters_unused(stage: Stage) -> bool:
 
 
 def distributed_arguments(recipe: Recipe, model) -> dict:
-    """Trainer arguments for the recipe's sharding strategy; nothing when running in one process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    """Trainer arguments for the recipe's sharding strategy; nothing for a plain single process (one started by
+    torchrun or accelerate launch, even alone, runs the engine: FSDP2 / ZeRO-3 offload on one GPU)."""
+    if not launched_distributed():
         return {}
     spec = recipe.distributed
     if spec.deepspeed_config:
@@ -449,6 +512,11 @@ def distributed_arguments(recipe: Recipe, model) -> dict:
                   **spec.fsdp_config}
         return {"fsdp": "full_shard auto_wrap", "fsdp_config": config}
     return {}
+
+
+def launched_distributed() -> bool:
+    """Whether a launcher (torchrun, accelerate launch, deepspeed) started this process, at any world size."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
 
 
 def deepspeed_config(zero_stage: int) -> dict:

@@ -25,16 +25,30 @@ Only these hooks are overridden, each for one reason:
   decoding every sample's images to measure them.
 * ``_track_num_input_tokens``: packed batches have no attention mask; non-padding tokens are counted from the
   ids so tokens/s means useful tokens either way.
+* ``train``: runs with the torch threads of :class:`MedtuneTrainingArguments` (chosen from the usable cores by
+  :mod:`medtune.train.machine`, or set by the stage; with ``adapt_threads``, fewer while other processes keep
+  cores busy: :class:`medtune.train.machine.ThreadGovernor`), restoring the process's count afterwards.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from medtune.train import checkpoints
+from medtune.train import checkpoints, machine
 from medtune.train.parts import parameter_groups
 from medtune.train.recipe import LearningRates
+
+
+@dataclass
+class MedtuneTrainingArguments(TrainingArguments):
+    """TrainingArguments plus the torch threads the loop runs with (torch has one process-wide setting)."""
+
+    torch_threads: int | None = field(default=None, metadata={"help": "torch intra-op threads while training; "
+                                                                      "None leaves the process's setting"})
+    adapt_threads: bool = field(default=False, metadata={"help": "run torch_threads at most, fewer while other "
+                                                                 "processes keep cores busy (ThreadGovernor)"})
 
 
 class MedtuneTrainer(Trainer):
@@ -49,6 +63,21 @@ class MedtuneTrainer(Trainer):
         # wrapped forward, nothing outside it
         self.speedups = vlm.exact_speedups(distributed=self.args.world_size > 1 or self.is_fsdp_enabled
                                            or self.is_deepspeed_enabled)
+
+    def train(self, *args, **kwargs):
+        threads = getattr(self.args, "torch_threads", None)
+        if threads is None:
+            return super().train(*args, **kwargs)
+        with machine.using_threads(threads):
+            if not getattr(self.args, "adapt_threads", False):
+                return super().train(*args, **kwargs)
+            self.thread_governor = machine.ThreadGovernor(threads)
+            callback = GovernThreads(self.thread_governor)
+            self.add_callback(callback)
+            try:
+                return super().train(*args, **kwargs)
+            finally:
+                self.remove_callback(callback)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Trainer divides the loss by the accumulation steps unless the model normalised it by the tokens of the
@@ -106,11 +135,26 @@ class MedtuneTrainer(Trainer):
         return super()._get_train_sampler(train_dataset)
 
     def _track_num_input_tokens(self, inputs) -> None:
-        """Packed batches carry no attention mask: count the tokens that are not padding instead."""
-        if "attention_mask" in inputs or self.args.include_num_input_tokens_seen == "no":
+        """Packed batches carry no attention mask, or a 4-D block mask (packing mode ``mask``): count the tokens
+        that are not padding instead."""
+        mask = inputs.get("attention_mask")
+        if (mask is not None and mask.dim() == 2) or self.args.include_num_input_tokens_seen == "no":
             return super()._track_num_input_tokens(inputs)
         tokens = (inputs["input_ids"] != self.pad_token_id).sum()
         self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
+
+
+class GovernThreads(TrainerCallback):
+    """Lets a :class:`~medtune.train.machine.ThreadGovernor` choose the threads at the start and between steps."""
+
+    def __init__(self, governor):
+        self.governor = governor
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.governor.start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.governor.update()
 
 
 def restore_weights(model, checkpoint: str | Path) -> None:

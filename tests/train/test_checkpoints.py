@@ -89,7 +89,10 @@ def train_command(recipe: Path, output: Path, *extra: str) -> list[str]:
 
 
 def environment() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
+    # two torch threads: where MKL's results depend on the memory alignment of tensors read back from a checkpoint
+    # (medtune sets MKL_CBWR so that they do not); the variable is dropped so that medtune's own setting is tested
+    environ = {key: value for key, value in os.environ.items() if key != "MKL_CBWR"}
+    return {**environ, "MEDTUNE_TORCH_THREADS": "2", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def final_weights(output: Path) -> dict:

@@ -39,7 +39,7 @@ def test_unknown_key_is_named_with_a_suggestion():
     ({"batch_size": "4"}, "stages[0].batch_size: expected an integer, got str '4'"),
     ({"batch_size": True}, "stages[0].batch_size: expected an integer, got bool True"),
     ({"precision": "fp16"}, "stages[0].precision: 'fp16' is not one of fp32, bf16"),
-    ({"packing": "yes"}, "stages[0].packing: expected true or false, got str 'yes'"),
+    ({"packing": "yes"}, "stages[0].packing: expected true, false or one of position_ids, mask, flatten, got str 'yes'"),
     ({"data": "captions.jsonl"}, "stages[0].data: expected a mapping, got str 'captions.jsonl'"),
 ])
 def test_wrong_types_name_the_key(change, message):
@@ -150,7 +150,10 @@ def test_distributed_strategy_becomes_trainer_arguments_only_with_several_proces
     raw["distributed"] = {"strategy": "zero3"}
     recipe = parse_recipe(raw)
     monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert distributed_arguments(recipe, None) == {}
+    monkeypatch.setenv("LOCAL_RANK", "0")   # torchrun with one process (one GPU): the engine still runs
+    assert distributed_arguments(recipe, None)["deepspeed"]["zero_optimization"]["stage"] == 3
     monkeypatch.setenv("WORLD_SIZE", "8")
     zero = distributed_arguments(recipe, None)["deepspeed"]["zero_optimization"]
     assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"] is True
@@ -175,3 +178,64 @@ def test_model_spec_keys_are_checked_before_building(model, message):
     with pytest.raises(RecipeError) as info:
         check_environment(parse_recipe(raw), device="cpu")
     assert str(info.value).startswith(message)
+
+
+def test_every_problem_of_a_recipe_is_reported_at_once(tmp_path):
+    """Typos, wrong types and impossible combinations across sections and stages come in one error, each with
+    its key path, so one run of `medtune train` shows everything to fix."""
+    raw = minimal(lr={"projectr": 1e-3}, batch_size="4")
+    raw["seed"] = "zero"
+    raw["report_to"] = ["tensorbord"]
+    raw["stages"].append({"name": "sft", "data": {"path": "x"}, "lr": {"lora": 1e-4}, "max_steps": 0})
+    raw["stages"].append({"name": "sft", "data": {"path": "x", "mixture": "m.yaml"}, "lr": {"llm": 1e-5}})
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(raw)
+    expected = [
+        "stages[0].lr.projectr: unknown key (did you mean projector?)",
+        "stages[0].batch_size: expected an integer, got str '4'",
+        "stages[1].lr.lora: set to 0.0001 but the stage has no lora section",
+        "stages[1].max_steps: must be at least 1",
+        "stages[2].name: stage names must be unique, non-empty and contain no '/'",
+        "stages[2].data: give exactly one of path (a data file) or mixture",
+        "seed: expected an integer, got str 'zero'",
+        "report_to: 'tensorbord' is not one of tensorboard, wandb, mlflow, none",
+    ]
+    assert sorted(info.value.problems) == sorted(expected)
+    message = str(info.value)
+    assert message.splitlines()[0] == f"{len(expected)} problems:" and all(f"  {p}" in message for p in expected)
+    # through a file, every line keeps its key path after the file name
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert str(info.value).startswith(f"{path}: {len(expected)} problems:\n  ")
+
+
+def test_environment_problems_come_together(monkeypatch):
+    from medtune.train import recipe as recipe_module
+
+    raw = minimal(precision="bf16", lr={"lora": 1e-4}, lora={"quantize": "4bit"})
+    raw["model"] = {"preset": "tiny", "projecter": "linear"}
+    monkeypatch.setattr(recipe_module, "bf16_supported", lambda device: False)
+    with pytest.raises(RecipeError) as info:
+        recipe_module.check_environment(parse_recipe(raw), device="cpu")
+    assert [p.split(":")[0] for p in info.value.problems] == [
+        "model.projecter", "stages[0].precision", "stages[0].lora.quantize"]
+
+
+def test_data_format_is_a_known_name_or_detected_from_the_content():
+    assert parse_recipe(minimal()).stages[0].data.format is None   # not given: read from the file's content
+    assert error_of(minimal(data={"path": "x.json", "format": "vqa_rad"})) == (
+        "stages[0].data.format: unknown data format 'vqa_rad' (did you mean vqa-rad?)")
+
+
+def test_a_stage_without_format_reads_the_same_samples_as_one_naming_it():
+    from medtune.data.jsonl import Tally
+    from medtune.train.data import iter_stage_samples
+
+    def samples(**fmt):
+        spec = parse_recipe(minimal(data={"path": "bundled:vqa_rad/trainset.json", "limit": 50, **fmt})).stages[0]
+        return [(sample, str(root)) for sample, root in iter_stage_samples(spec.data, Tally())]
+
+    named = samples(format="vqa-rad")
+    assert len(named) == 50 and samples() == named
