@@ -23,7 +23,8 @@ from medtune.paths import bundled_data
 pytestmark = pytest.mark.slow
 
 # Recipe overrides go last: argparse reads KEY=VALUE words only as one run after the options.
-SHORT = ["stages.*.max_steps=2", "stages.*.data.limit=32", "stages.*.log_steps=1", "stages.*.batch_size=2"]
+SHORT = ["stages.*.max_steps=2", "stages.*.data.limit=32", "stages.*.eval_data.limit=32", "stages.*.log_steps=1",
+         "stages.*.batch_size=2"]
 
 
 def run_demo(output: Path, *options: str, overrides: tuple[str, ...] = ()) -> int:
@@ -31,16 +32,27 @@ def run_demo(output: Path, *options: str, overrides: tuple[str, ...] = ()) -> in
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """One shortened demo on the full test split: (output dir, report.json content, report.md text).
+def demo_run(tmp_path_factory):
+    """One shortened demo on the full test split: (output dir, report.json content, report.md text, what it
+    printed).
 
     Later tests run the demo again in the same folder (that is what they test), so the first run's report is
     kept in memory here.
     """
+    import contextlib
+    import io
+
     output = tmp_path_factory.mktemp("demo")
-    assert run_demo(output) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert run_demo(output) == 0
     return (output, strict_json((output / "report.json").read_text(encoding="utf-8")),
-            (output / "report.md").read_text(encoding="utf-8"))
+            (output / "report.md").read_text(encoding="utf-8"), printed.getvalue())
+
+
+@pytest.fixture(scope="module")
+def demo(demo_run):
+    return demo_run[:3]
 
 
 def strict_json(text: str):
@@ -89,12 +101,42 @@ def test_leaking_training_pairs_are_removed_before_training(demo):
     test_pairs = {(r["image_name"], norm(r["question"]), norm(r["answer"])) for r in test}
     exact = {str(r["qid"]) for r in train if (r["image_name"], norm(r["question"]), norm(r["answer"])) in test_pairs}
     assert len(exact) == 22 and exact <= removed
-    # ... and the cleaned file, which every stage trained on, holds exactly the others.
+    # ... and the cleaned file holds exactly the others; every stage trains on its part outside validation.
     clean = [json.loads(line) for line in (output / "data" / "train-clean.jsonl").read_text().splitlines()]
     assert [c["id"] for c in clean] == [str(r["qid"]) for r in train if str(r["qid"]) not in removed]
     recipe = json.loads((Path(report["recipe"]["run_dir"]) / "recipe.json").read_text())
     assert len(recipe["stages"]) == len(report["training"]["stages"]) == 2
-    assert {s["data"]["path"] for s in recipe["stages"]} == {str(output / "data" / "train-clean.jsonl")}
+    assert {s["data"]["path"] for s in recipe["stages"]} == {str(output / "data" / "train-fit.jsonl")}
+    assert {s["eval_data"]["path"] for s in recipe["stages"]} == {str(output / "data" / "validation.jsonl")}
+    assert {s["torch_threads"] for s in recipe["stages"]} == {"free"}   # the demo's threads follow the free cores
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_validation_is_carved_from_training_disjoint_from_test_and_from_what_trains(demo):
+    output, report, _ = demo
+    clean, fit = lines(output / "data" / "train-clean.jsonl"), lines(output / "data" / "train-fit.jsonl")
+    validation = lines(output / "data" / "validation.jsonl")
+    clean_ids, fit_ids, validation_ids = ({s["id"] for s in rows} for rows in (clean, fit, validation))
+    test_ids = {str(r["qid"]) for r in raw("test")}
+    assert validation_ids <= clean_ids and not validation_ids & test_ids and not validation_ids & fit_ids
+    assert len(validation) == round(0.1 * len(clean)) and fit_ids < clean_ids - validation_ids
+    # what was left out of training beside validation is what leaks into it: no exact (image, question, answer)
+    by_id = {str(r["qid"]): r for r in raw("train")}
+    def pair(sample_id):
+        record = by_id[sample_id]
+        return record["image_name"], norm(record["question"]), norm(record["answer"])
+    validation_pairs = {pair(i) for i in validation_ids}
+    assert not {pair(i) for i in fit_ids} & validation_pairs
+    dropped = clean_ids - validation_ids - fit_ids
+    assert dropped and all(pair(i) in validation_pairs or by_id[i].get("phrase_type") == "frame" for i in dropped)
+    section = report["validation"]
+    assert section["n"] == len(validation) and section["split"]["fit"] == len(fit)
+    assert section["split"]["removed_from_fit"] == len(dropped)
+    answered = {p["id"] for p in lines(Path(section["predictions"]))}
+    assert answered == validation_ids and not answered & test_ids
 
 
 # ---- baselines -------------------------------------------------------------------------------------------
@@ -124,7 +166,10 @@ def mean_percent(values: list[float]) -> float:
 
 def test_baselines_equal_an_independent_recomputation(demo):
     output, report, _ = demo
-    answers = independent_baselines(set(report["data"]["leakage"]["removed_ids"]))
+    # learned from what the model trained on: the cleaned set less the validation split and its leakage
+    split = json.loads((output / "data" / "manifest.json").read_text())["validation"]
+    answers = independent_baselines({*report["data"]["leakage"]["removed_ids"], *split["ids"],
+                                     *split["removed_ids"]})
     test = raw("test")
     closed = [r for r in test if answer_type(r) == "closed"]
     open_ = [r for r in test if answer_type(r) == "open"]
@@ -160,6 +205,7 @@ def test_report_markdown_has_the_tables_and_the_statement(demo):
     assert "| exact pairs (same image, question and answer as a test question) | 22 |" in text
     assert "of 1267 frame records) | 283 |" in text
     assert "pipeline demonstration, not a medical model" in text
+    assert "on strict all accuracy the model does not beat the better baseline" in text   # the 2-step tiny model
     assert report["gpu_command"] in text and "model.llm=" in report["gpu_command"]
     assert f"{report['machine']['usable_cores']} usable CPU cores" in text
     for phase in report["timings"]["phases"]:
@@ -176,9 +222,114 @@ def test_figures_are_png_images_and_the_loss_curve_is_the_trainers(demo):
             assert image.format == "PNG" and image.width >= 300 and image.height >= 200
             image.verify()
     for stage in report["training"]["stages"]:
-        lines = [json.loads(line) for line in Path(stage["metrics"]).read_text().splitlines()]
-        assert stage["loss_curve"] == [[line["step"], line["loss"]] for line in lines if "loss" in line]
+        logged = lines(Path(stage["metrics"]))
+        assert stage["loss_curve"] == [[line["step"], line["loss"]] for line in logged if "loss" in line]
         assert [step for step, _ in stage["loss_curve"]] == [1, 2]
+        # the validation loss, logged by the trainer on the held-out split, at the stage's end included
+        assert stage["validation_curve"] == [[line["step"], line["eval_loss"]] for line in logged
+                                             if "eval_loss" in line]
+        assert stage["validation_curve"][-1][0] == 2
+
+
+def test_report_shows_validation_losses_and_scores_and_says_settings_were_chosen_there(demo):
+    _, report, text = demo
+    assert "were chosen on this split, never on the test split" in text
+    for stage in report["training"]["stages"]:
+        first, last = stage["validation_curve"][0][1], stage["validation_curve"][-1][1]
+        assert f"| {first:.3f} → {last:.3f} |" in text
+    strict_all = next(h for h in report["validation"]["headline"]
+                      if (h["family"], h["answer_type"], h["metric"]) == ("strict", "all", "accuracy"))
+    assert strict_all["model"]["n"] == report["validation"]["n"]
+    assert f"| strict | all | accuracy | {report['validation']['n']} |" in text
+
+
+def test_report_shows_example_questions_with_image_answer_and_truth(demo):
+    output, report, text = demo
+    examples = report["examples"]
+    truth = {str(r["qid"]): r for r in raw("test")}
+    predictions = {p["id"]: p["prediction"] for p in lines(Path(report["evaluation"]["predictions"]))}
+    assert 2 <= len(examples) <= 8 and {e["answer_type"] for e in examples} == {"closed", "open"}
+    for example in examples:
+        record = truth[example["id"]]
+        assert example["truth"] == str(record["answer"]) and example["model"] == predictions[example["id"]]
+        assert example["image"] == f"examples/{record['image_name']}" and (output / example["image"]).is_file()
+        assert f"![{example['id']}]({example['image']})" in text
+
+
+def markdown_tables(text: str) -> list[list[list[str]]]:
+    """Every table of a Markdown text as rows of cells (the separator row left out)."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            if not all(set(cell) <= set("-: ") for cell in cells):
+                current.append(cells)
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def test_report_tables_have_no_empty_columns(demo):
+    _, _, text = demo
+    tables = markdown_tables(text)
+    assert len(tables) >= 5
+    for table in tables:
+        header, *rows = table
+        assert all(len(row) == len(header) for row in rows), header
+        for column, name in enumerate(header):
+            assert name, f"a column without a header in {header}"
+            assert any(row[column] for row in rows), f"column {name!r} of {header} is empty"
+
+
+def test_results_figure_labels_every_bar_and_a_zero_bar_reads_0_0(demo):
+    from medtune.demo.report import SYSTEMS, results_figure
+
+    _, report, _ = demo
+    headline = [line for line in report["headline"] if line["metric"] != "unparsed"]
+    labels = [text.get_text() for text in results_figure(headline).axes[0].texts]
+    assert len(labels) == len(headline) * len(SYSTEMS)
+    expected = [f"{line[name]['value']:.1f}" if line.get(name) and line[name]["value"] is not None else "n/a"
+                for name in SYSTEMS for line in headline]
+    assert labels == expected
+    zero = [line for line in headline if line["model"]["value"] == 0.0]
+    assert zero and "0.0" in labels   # the tiny model scores 0 on open questions: its bar still says so
+
+
+def test_loss_panels_share_one_marker_style_and_draw_a_smoothed_line(demo):
+    from medtune.demo.report import loss_figure, smoothed
+
+    _, report, _ = demo
+    long_stage = {"name": "long", "loss_curve": [[step, 5.0 - step / 40] for step in range(1, 61)]}
+    figure = loss_figure([*report["training"]["stages"], long_stage])   # a short and a long panel
+    markers = set()
+    for ax, stage in zip(figure.axes, [*report["training"]["stages"], long_stage]):
+        raw, smooth, *validation = ax.get_lines()
+        assert [list(line.get_ydata()) for line in validation] == (
+            [[loss for _, loss in stage["validation_curve"]]] if stage.get("validation_curve") else [])
+        markers.add((raw.get_marker(), raw.get_markersize()))
+        losses = [loss for _, loss in stage["loss_curve"]]
+        assert list(raw.get_ydata()) == losses
+        assert list(smooth.get_ydata()) == pytest.approx(smoothed(losses))
+    assert len(markers) == 1
+    assert smoothed([4.0, 2.0]) == pytest.approx([4.0, (0.6 * 0.4 * 4.0 + 0.4 * 2.0) / (1 - 0.36)])
+
+
+def test_final_model_has_a_stable_path_and_the_next_commands_use_it(demo_run):
+    import shlex
+
+    output, report, text, printed = demo_run
+    link = output / "model"
+    assert link.is_symlink() and not Path(link.readlink()).is_absolute()   # the folder can move as a whole
+    assert link.resolve() == Path(report["model"]["final_model"]).resolve()
+    assert (link / "config.json").is_file() and report["model"]["link"] == str(link)
+    chat, serve, score = (shlex.split(command) for command in report["next_commands"])
+    assert chat[:3] == ["medtune", "chat", str(link)] and Path(chat[chat.index("--image") + 1]).is_file()
+    assert serve == ["medtune", "serve", str(link)]
+    assert score[:3] == ["medtune", "eval", "run"] and score[score.index("--model") + 1] == str(link)
+    for command in report["next_commands"]:
+        assert command in text and f"  {command}" in printed
+    assert f"final model: {link} (-> {report['model']['final_model']})" in printed
 
 
 # ---- caches, options, errors -----------------------------------------------------------------------------
@@ -195,10 +346,10 @@ def test_second_run_reuses_data_stages_and_answers(demo, capsys):
     assert run_demo(output) == 0
     printed = capsys.readouterr().out
     banners = [line for line in printed.splitlines() if line.startswith("== medtune demo [")]
-    assert [b.split("]")[0] for b in banners] == [f"== medtune demo [{i}/6" for i in range(1, 7)]
+    assert [b.split("]")[0] for b in banners] == [f"== medtune demo [{i}/7" for i in range(1, 8)]
     assert "reusing converted data" in printed
     assert printed.count("reusing stage") == 2
-    assert "reusing 451 answers" in printed
+    assert "reusing 451 answers" in printed and f"reusing {first['validation']['n']} answers" in printed
     assert {path: path.stat().st_mtime_ns for path in before} == before
     second = json.loads((output / "report.json").read_text(encoding="utf-8"))
     assert second["headline"] == first["headline"] and second["per_organ"] == first["per_organ"]
@@ -217,9 +368,12 @@ def test_other_settings_train_their_own_model_and_max_test_subsets(demo):
     report = strict_json((output / "report.json").read_text(encoding="utf-8"))
     assert report["recipe"]["run_dir"] != first["recipe"]["run_dir"]
     assert [s["steps"] for s in report["training"]["stages"]] == [1, 1]
+    # DIR/model now names this run's final model
+    assert (output / "model").resolve() == Path(report["model"]["final_model"]).resolve()
     first16 = raw("test")[:16]
     assert report["evaluation"]["n"] == 16
     assert report["evaluation"]["answer_types"] == dict(Counter(answer_type(r) for r in first16))
+    assert report["validation"]["n"] == 16   # --max-test caps the validation questions too
     assert Path(first["recipe"]["run_dir"], "stage-1-" + first["training"]["stages"][1]["name"], "model").is_dir()
 
 
@@ -285,3 +439,16 @@ def test_gpu_command_runs_the_recipe_with_pretrained_parts_by_overrides_only(dem
     mine, theirs = model.model.vision_tower.state_dict(), tower.state_dict()
     assert mine.keys() == theirs.keys()
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_the_report_says_whether_the_model_beats_the_better_baseline():
+    from medtune.demo.report import verdict
+
+    def line(answer_type, model, majority, prior):
+        return {"family": "strict", "answer_type": answer_type, "metric": "accuracy",
+                **{name: {"value": value} for name, value in
+                   (("model", model), ("majority", majority), ("question_prior", prior))}}
+    said = verdict([line("closed", 52.0, 48.9, 51.1), line("all", 33.0, 31.9, 33.5)])
+    assert "strict closed accuracy the model beats the better baseline (52.0 vs 51.1)" in said
+    assert "strict all accuracy the model does not beat the better baseline (33.0 vs 33.5)" in said
+    assert verdict([]) == ""

@@ -25,7 +25,7 @@ def register(subparsers) -> None:
         "demo", help="the whole pipeline on bundled VQA-RAD: data, leakage, training, evaluation, report",
         description="Convert the bundled VQA-RAD, remove train/test leakage, train a small random model in two "
                     "stages (recipes/demo.yaml), evaluate it on the 451 test questions beside answer-prior "
-                    "baselines, and write a report. No network; under 15 minutes on 2 CPU cores.")
+                    "baselines, and write a report. No network; under 10 minutes on 2 CPU cores.")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="recipe overrides, as for `medtune train` (e.g. stages.0.max_steps=50)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, metavar="DIR",
@@ -39,7 +39,7 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=None, metavar="N",
                         help="training and bootstrap seed (default: the recipe's)")
     parser.add_argument("--max-test", type=int, default=None, metavar="N",
-                        help="evaluate on the first N test questions only (default: all 451)")
+                        help="evaluate on the first N test (and validation) questions only (default: all)")
     parser.add_argument("--recipe", default="demo", metavar="RECIPE",
                         help="recipe YAML or shipped recipe name (default: demo, i.e. recipes/demo.yaml)")
     parser.add_argument("--eval-batch-size", type=int, default=16, metavar="N", help="questions per generate call")
@@ -47,7 +47,14 @@ def register(subparsers) -> None:
 
 
 def demo_command(args: argparse.Namespace) -> int:
+    from medtune.data.files import readable_text_file
     from medtune.demo.pipeline import QUICK_SCALE, DemoOptions, run_demo
+    from medtune.errors import InputFileError
+    from medtune.paths import recipe_path
+
+    readable_text_file(recipe_path(args.recipe), "recipe (YAML)")  # before any phase starts
+    if args.output.exists() and not args.output.is_dir():
+        raise InputFileError(f"--output {args.output} is a file; the demo needs a folder")
 
     options = DemoOptions(output=args.output, preset=args.preset,
                           steps_scale=QUICK_SCALE if args.quick else args.steps_scale, seed=args.seed,

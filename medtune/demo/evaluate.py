@@ -4,7 +4,8 @@ Answers come from :func:`medtune.eval.run.run_task` (the code behind ``medtune e
 answer type, each answer appended and flushed as it is produced, and an existing predictions file resumed, so
 re-running the demo (or continuing after Ctrl-C) asks only the questions still missing. Scoring is done here
 rather than by ``run_task`` because the model and both baselines go through the same :func:`score`, with the
-demo's compatibility flavour, so their figures are comparable line by line.
+demo's compatibility flavour, so their figures are comparable line by line. The answering shows the demo's
+own display (medtune.train.progress: a bar on a terminal, plain lines in a log), advanced batch by batch.
 """
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ class LazyLocalBackend:
     """A :class:`~medtune.eval.backends.LocalBackend` that loads the model only when a question is asked, so
     a re-run whose answers are all on disk does not load it at all."""
 
-    def __init__(self, model_dir: str | os.PathLike, *, batch_size: int, device: str):
+    def __init__(self, model_dir: str | os.PathLike, *, batch_size: int, device: str, display=None):
         self.model_dir, self.batch_size, self.device = str(model_dir), batch_size, device
         self.name = f"local:{self.model_dir}"
+        self.display = display   # advanced by the questions answered
         self._backend = None
 
     def answer(self, requests):
@@ -34,18 +36,28 @@ class LazyLocalBackend:
             from medtune.eval.backends import LocalBackend
 
             self._backend = LocalBackend(self.model_dir, batch_size=self.batch_size, device=self.device)
-        return self._backend.answer(requests)
+        answers = self._backend.answer(requests)
+        if self.display is not None:
+            self.display.update(len(answers))
+        return answers
 
 
 def answer_questions(task: Task, model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                      limit: int | None, batch_size: int = 16, device: str = "cpu"):
     """Answer the task's (first ``limit``) questions not yet in ``out_dir``; (RunResult, {id: answer})."""
     from medtune.errors import UserError
-    from medtune.eval.predictions import read_predictions
+    from medtune.eval.predictions import read_predictions, shard_path
     from medtune.eval.run import run_task
+    from medtune.train.progress import progress_bar
 
-    backend = LazyLocalBackend(model_dir, batch_size=batch_size, device=device)
-    result = run_task(task, backend, out_dir, batch_size=batch_size, limit=limit, score=False)
+    questions = len(task.samples()[:limit] if limit else task.samples())
+    existing = shard_path(out_dir, 1, 0)
+    answered = len(read_predictions(existing)) if existing.is_file() else 0
+    answered = min(answered, questions)   # for the display only: run_task decides what is still asked
+    with progress_bar(questions, initial=answered, desc=task.name, unit="questions",
+                      enabled=answered < questions) as display:
+        backend = LazyLocalBackend(model_dir, batch_size=batch_size, device=device, display=display)
+        result = run_task(task, backend, out_dir, batch_size=batch_size, limit=limit, score=False, progress=False)
     if result.predictions_path is None:
         raise UserError(f"{result.skipped.n_skipped} test questions could not be answered "
                         f"({'; '.join(result.skipped.details())}); nothing was scored")

@@ -3,11 +3,13 @@ on the 451-question test split -> baselines -> report, with every intermediate k
 
 Layout of ``--output DIR``::
 
-    DIR/data/             train.jsonl, test.jsonl (canonical), train-clean.jsonl, manifest.json (+ leakage)
+    DIR/data/             train.jsonl, test.jsonl (canonical), train-clean.jsonl, manifest.json (+ leakage),
+                          validation.jsonl and train-fit.jsonl (the cleaned set split: held out / trained on)
     DIR/runs/NAME-HASH/   the training run of one resolved recipe (stages, checkpoints, metrics.jsonl) and
                           eval-vqa-rad/predictions.jsonl, its final model's answers
     DIR/cache/tokens/     the token cache of the training stages (keyed by data, tokenizer and settings)
     DIR/baselines/        the baselines' answers, as predictions files `medtune eval score` reads
+    DIR/model             a link to the latest run's final model: the path to chat with, serve and score
     DIR/report.md, report.json, loss.png, results.png
 
 Design choices:
@@ -20,7 +22,15 @@ Design choices:
 * The recipe is ``recipes/demo.yaml`` as shipped; the demo only points its stages at the cleaned data,
   sets the preset and seed, and scales step counts (``--steps-scale``). Anything else is a ``key=value``
   override, exactly as for ``medtune train``, which is how the same run is made with pretrained parts.
-* Phases print a banner; long phases show a tqdm bar with an ETA (training: the trainer's bar).
+* Phases print a banner; long phases show a bar with an ETA (plain lines when the output is not a terminal).
+* ``DIR/model`` is a relative symlink into ``runs/``, re-pointed atomically after every run, so the commands
+  that use the model do not change with the run's hash; a real folder of that name is left alone.
+* A validation split is carved out of the cleaned training set, never out of the test split: a fixed-seed
+  random 10% of its questions (the same split whatever ``--seed``), and the training questions that leak into
+  it are removed from training by the same check, with the same categories, as for the test split, so that
+  validation relates to training as the test split does. Every stage trains on the rest (``train-fit.jsonl``)
+  and logs its validation loss; the model and the baselines (learned from ``train-fit.jsonl``) are also
+  scored on the validation questions. The recipe's settings were chosen on these validation figures.
 """
 from __future__ import annotations
 
@@ -29,6 +39,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -48,7 +59,11 @@ TASK = "vqa-rad"
 COMPAT_FLAVOUR = "med-moe"
 REMOVED_CATEGORIES = ("exact", "rephrasing")
 QUICK_SCALE = 0.1
-MANIFEST_VERSION = 1
+MODEL_LINK = "model"
+MANIFEST_VERSION = 2
+VALIDATION_FRACTION = 0.1
+VALIDATION_SEED = 0        # fixed: the held-out questions do not change with --seed
+EVALS_PER_STAGE = 4        # validation-loss points per stage (a stage without eval_steps of its own)
 
 
 @dataclass
@@ -126,6 +141,15 @@ class DemoData:
     def clean_train(self) -> Path:
         return self.directory / "train-clean.jsonl"
 
+    @property
+    def fit(self) -> Path:
+        """What the stages train on: the cleaned set without the validation questions and their leakage."""
+        return self.directory / "train-fit.jsonl"
+
+    @property
+    def validation(self) -> Path:
+        return self.directory / "validation.jsonl"
+
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
@@ -146,10 +170,11 @@ def prepare_data(output: Path) -> tuple[DemoData, bool]:
     manifest_path = directory / "manifest.json"
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        files = (data.train, data.test, data.clean_train)
+        files = (data.train, data.test, data.clean_train, data.fit, data.validation)
         if (manifest.get("version") == MANIFEST_VERSION and manifest.get("source_sha256") == hashes
                 and all(p.is_file() for p in files)
-                and manifest.get("clean_train_sha256") == _sha256(data.clean_train)):
+                and manifest.get("clean_train_sha256") == _sha256(data.clean_train)
+                and manifest.get("fit_sha256") == _sha256(data.fit)):
             data.manifest = manifest
             print(f"reusing converted data in {directory} (bundled files unchanged)")
             return data, True
@@ -181,10 +206,13 @@ def _convert_and_clean(sources: dict[str, Path], hashes: dict[str, str], data: D
     write_clean(train, data.clean_train, drop, clean_tally)
     print(f"cleaned training set: {clean_tally.written} of {len(train)} questions kept "
           f"({len(drop)} removed: {len(report.exact)} exact pairs, {len(report.rephrasing)} rephrasings)")
+    validation = split_validation([s for position, s in enumerate(train) if position not in drop], data)
     return {
         "version": MANIFEST_VERSION, "source_sha256": hashes, "clean_train_sha256": _sha256(data.clean_train),
+        "fit_sha256": _sha256(data.fit), "validation": validation,
         "sources": {split: str(path) for split, path in sources.items()}, "image_root": str(data.image_root),
-        "records": {"train": len(train), "test": len(test), "clean_train": clean_tally.written},
+        "records": {"train": len(train), "test": len(test), "clean_train": clean_tally.written,
+                    "fit": validation["fit"], "validation": validation["questions"]},
         "tallies": {split: tally.to_dict() for split, tally in tallies.items()},
         "leakage": {"removed_categories": list(REMOVED_CATEGORIES), "removed": len(drop),
                     "exact": len(report.exact), "rephrasing": len(report.rephrasing), "near": len(report.near),
@@ -195,12 +223,39 @@ def _convert_and_clean(sources: dict[str, Path], hashes: dict[str, str], data: D
     }
 
 
+def split_validation(clean: list[Sample], data: DemoData, *, fraction: float = VALIDATION_FRACTION,
+                     seed: int = VALIDATION_SEED) -> dict:
+    """Write validation.jsonl (a seeded random ``fraction`` of the cleaned questions) and train-fit.jsonl (the
+    others, less those that leak into validation: exact pairs and rephrasings, as for the test split)."""
+    import random
+
+    from medtune.data.jsonl import write_samples
+    from medtune.data.leakage import find_leakage
+
+    held = set(random.Random(seed).sample(range(len(clean)), round(fraction * len(clean))))
+    validation = [s for position, s in enumerate(clean) if position in held]
+    rest = [s for position, s in enumerate(clean) if position not in held]
+    report = find_leakage(((s, data.image_root) for s in rest), ((s, data.image_root) for s in validation))
+    leaking = report.positions(REMOVED_CATEGORIES)
+    fit = [s for position, s in enumerate(rest) if position not in leaking]
+    write_samples(data.validation, validation, Tally())
+    write_samples(data.fit, fit, Tally())
+    print(f"validation split (from the cleaned training set, seed {seed}): {len(validation)} questions held out; "
+          f"{len(leaking)} training questions that leak into them removed ({len(report.exact)} exact pairs, "
+          f"{len(report.rephrasing)} rephrasings); training on {len(fit)}")
+    return {"fraction": fraction, "seed": seed, "questions": len(validation), "fit": len(fit),
+            "removed_from_fit": len(leaking), "exact": len(report.exact), "rephrasing": len(report.rephrasing),
+            "ids": [s.id for s in validation], "removed_ids": [rest[position].id for position in sorted(leaking)]}
+
+
 # ---- training --------------------------------------------------------------------------------------------
 
 
 def resolve_recipe(options: DemoOptions, data: DemoData):
-    """``recipes/demo.yaml`` pointed at the cleaned data (token cache under the output folder), with the preset,
-    seed, step scale and overrides."""
+    """``recipes/demo.yaml`` pointed at the training part of the cleaned data, with the validation split as
+    every stage's eval data (token cache under the output folder), with the preset, seed, step scale, torch
+    threads that follow the free cores, bf16 where the machine computes it natively, and the overrides (which
+    win)."""
     import yaml
 
     from medtune.paths import recipe_path
@@ -209,9 +264,16 @@ def resolve_recipe(options: DemoOptions, data: DemoData):
     path = recipe_path(options.recipe)
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     # Values are JSON strings, which YAML reads back verbatim whatever the path contains.
-    overrides = [f"stages.*.data.path={json.dumps(str(data.clean_train))}", "stages.*.data.format=canonical",
+    validation = {"path": str(data.validation), "format": "canonical", "image_root": str(data.image_root)}
+    overrides = [f"stages.*.data.path={json.dumps(str(data.fit))}", "stages.*.data.format=canonical",
                  f"stages.*.data.image_root={json.dumps(str(data.image_root))}",
-                 f"cache_dir={json.dumps(str(data.directory.parent / 'cache' / 'tokens'))}"]
+                 f"stages.*.eval_data={json.dumps(validation)}",
+                 f"cache_dir={json.dumps(str(data.directory.parent / 'cache' / 'tokens'))}",
+                 # a newcomer's machine is often busy with other work: threads follow the free cores
+                 # (medtune.train.machine), at the price of bit-identical weights across runs
+                 "stages.*.torch_threads=free"]
+    if fast_bf16():
+        overrides.append("stages.*.precision=bf16")
     if options.seed is not None:
         overrides.append(f"seed={options.seed}")
     if isinstance(raw.get("model"), dict) and "preset" in raw["model"]:
@@ -222,9 +284,23 @@ def resolve_recipe(options: DemoOptions, data: DemoData):
     for stage in recipe.stages:
         if stage.max_steps is not None:
             stage.max_steps = max(1, round(stage.max_steps * options.steps_scale))
+            if stage.eval_steps is None:   # a validation loss a few times per stage, at its end included
+                stage.eval_steps = max(1, -(-stage.max_steps // EVALS_PER_STAGE))
         else:
             stage.epochs *= options.steps_scale
     return recipe, path
+
+
+def fast_bf16() -> bool:
+    """Whether training in bf16 autocast is faster here and supported: a GPU with bf16, or a CPU with native
+    bf16 (benchmarks/train_speed.py: 1.9x the samples/s of fp32 on AVX512-BF16, the same loss to 1e-4)."""
+    import torch
+
+    from medtune.train.machine import bf16_native
+    from medtune.train.recipe import bf16_supported
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return bf16_supported(device) and (device == "cuda" or bf16_native())
 
 
 def recipe_fingerprint(recipe, output: Path, clean_sha256: str) -> str:
@@ -245,6 +321,7 @@ def stage_summary(recipe, index: int) -> dict:
     summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else {}
     return {"name": stage.name, "directory": str(directory), "metrics": str(directory / "metrics.jsonl"),
             "max_steps": stage.max_steps, "epochs": stage.epochs, "batch_size": stage.batch_size,
+            "precision": stage.precision,
             "lr": dataclasses.asdict(stage.lr), **{k: summary.get(k) for k in (
                 "steps", "samples", "tokens", "seconds", "train_loss", "skipped", "trainable")}}
 
@@ -262,31 +339,49 @@ def train_stage(recipe, index: int) -> tuple[dict, bool]:
     return stage_summary(recipe, index), False
 
 
+def link_final_model(output: Path, final_model: Path) -> Path | None:
+    """Point ``output/model`` at ``final_model`` (a relative symlink, replaced atomically); its path, or None
+    when a real file or folder already has that name."""
+    link = output / MODEL_LINK
+    if link.exists() and not link.is_symlink():
+        log.warning("%s exists and is not a link; the final model stays at %s", link, final_model)
+        return None
+    staging = output / f".{MODEL_LINK}.{os.getpid()}.link"
+    staging.unlink(missing_ok=True)
+    staging.symlink_to(os.path.relpath(final_model, output), target_is_directory=True)
+    os.replace(staging, link)
+    return link
+
+
 # ---- evaluation and baselines ----------------------------------------------------------------------------
 
 
-def load_test_questions(data: DemoData, max_test: int | None):
-    """The VQA-RAD test task over the converted file, and its questions (the first ``max_test`` if given)."""
+def load_test_questions(data: DemoData, max_test: int | None, *, split: str = "test"):
+    """The VQA-RAD task over the converted ``split`` file (test, or the validation split carved from training),
+    and its questions (the first ``max_test`` if given)."""
     from medtune.eval.tasks import get_task
 
-    task = get_task(TASK, data=data.test, data_format="canonical", image_root=data.image_root)
+    path = data.test if split == "test" else data.validation
+    task = get_task(TASK, data=path, data_format="canonical", image_root=data.image_root)
     tally = Tally()
     samples = task.samples(tally=tally)
     if tally.n_skipped:
-        raise UserError(f"{data.test}: {tally.summary()}; every test question needs an answer and answer type")
+        raise UserError(f"{path}: {tally.summary()}; every {split} question needs an answer and answer type")
     if max_test is not None:
         samples = samples[:max_test]
     return task, samples
 
 
-def evaluate_model(data: DemoData, model_dir: Path, run_dir: Path, options: DemoOptions, *, seed: int) -> dict:
-    """Answer the test questions with the trained model (resuming earlier answers) and score them."""
+def evaluate_model(data: DemoData, model_dir: Path, run_dir: Path, options: DemoOptions, *, seed: int,
+                   split: str = "test") -> dict:
+    """Answer the ``split`` questions with the trained model (resuming earlier answers) and score them."""
     from medtune.demo import evaluate
 
-    task, samples = load_test_questions(data, options.max_test)
-    result, predictions = evaluate.answer_questions(task, model_dir, run_dir / f"eval-{TASK}",
-                                                    limit=options.max_test, batch_size=options.eval_batch_size,
-                                                    device=_device())
+    limit = options.max_test   # the first N questions of either split
+    task, samples = load_test_questions(data, limit, split=split)
+    out_dir = run_dir / (f"eval-{TASK}" if split == "test" else f"eval-{TASK}-{split}")
+    result, predictions = evaluate.answer_questions(task, model_dir, out_dir, limit=limit,
+                                                    batch_size=options.eval_batch_size, device=_device())
     if result.already_answered:
         print(f"reusing {result.already_answered} answers already in {result.predictions_path}")
     scored = evaluate.score(TASK, "model", samples, predictions, compat_flavour=COMPAT_FLAVOUR, seed=seed)
@@ -294,13 +389,15 @@ def evaluate_model(data: DemoData, model_dir: Path, run_dir: Path, options: Demo
             "reused": result.already_answered, "answered_now": result.answered}
 
 
-def score_baselines(data: DemoData, samples: list[Sample], out_dir: Path, *, seed: int) -> dict:
-    """Both baselines, learned from the cleaned training set, answered (files in ``out_dir``) and scored."""
+def score_baselines(data: DemoData, samples: list[Sample], out_dir: Path, *, seed: int,
+                    split: str = "test") -> dict:
+    """Both baselines, learned from the questions the model trained on, answered (files in ``out_dir``) and
+    scored."""
     from medtune.data.jsonl import read_samples
     from medtune.demo import evaluate
     from medtune.demo.baselines import BASELINES, AnswerPriors
 
-    priors = AnswerPriors.learn(read_samples(data.clean_train, strict=True))
+    priors = AnswerPriors.learn(read_samples(data.fit, strict=True))   # what the model trained on
     scored = []
     for name in BASELINES:
         answers = priors.predict(name, samples)
@@ -308,7 +405,7 @@ def score_baselines(data: DemoData, samples: list[Sample], out_dir: Path, *, see
         scored.append(evaluate.score(TASK, name, samples, answers, compat_flavour=COMPAT_FLAVOUR, seed=seed))
     info = {**priors.describe(), "question_prior_coverage": priors.coverage(samples)}
     print(f"majority answers: {info['majority']}; the question prior knows {info['question_prior_coverage']} "
-          f"of {len(samples)} test questions from training")
+          f"of {len(samples)} {split} questions from training")
     return {"scored": scored, "info": info}
 
 
@@ -318,8 +415,11 @@ def machine_info() -> dict:
 
     import torch
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    info = {"cpu_count": os.cpu_count(), "usable_cores": cores, "torch": torch.__version__,
+    from medtune.train.machine import bf16_native, usable_cores
+
+    info = {"cpu_count": os.cpu_count(), "usable_cores": usable_cores(), "bf16_native": bf16_native(),
+            "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+            "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
@@ -340,19 +440,21 @@ def run_demo(options: DemoOptions) -> dict:
     import datetime
 
     from medtune.demo import report
+    from medtune.train.progress import quiet_libraries
     from medtune.train.recipe import check_environment
     from medtune.train.run import MODEL_DIR
 
+    quiet_libraries()   # the model loads for evaluation without transformers' "Loading weights" bar
     output = options.output.resolve()   # recipes and reports name absolute paths; the hash does not
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     recipe, recipe_file = resolve_recipe(options, DemoData.at(output))   # a bad override fails before any work
     check_environment(recipe)
     output.mkdir(parents=True, exist_ok=True)
-    phases = Phases(total=len(recipe.stages) + 4)
+    phases = Phases(total=len(recipe.stages) + 5)
     with phases.phase("data", "data: convert bundled VQA-RAD, remove train/test leakage") as entry:
         data, reused = prepare_data(output)
         entry["status"] = "reused" if reused else "ran"
-    fingerprint = recipe_fingerprint(recipe, output, data.manifest["clean_train_sha256"])
+    fingerprint = recipe_fingerprint(recipe, output, data.manifest["fit_sha256"])
     run_dir = output / "runs" / f"{options.preset}-{fingerprint}"
     recipe.output_dir = str(run_dir)
     write_json(run_dir / "recipe.json", dataclasses.asdict(recipe))
@@ -365,6 +467,13 @@ def run_demo(options: DemoOptions) -> dict:
             entry["status"] = "reused" if reused else "ran"
             stages.append({**summary, "reused": reused})
     final_model = Path(stages[-1]["directory"]) / MODEL_DIR
+    model_link = link_final_model(output, final_model)
+    with phases.phase("validate", f"validation: the {TASK} questions held out of training, model and "
+                                  "baselines") as entry:
+        validation = evaluate_model(data, final_model, run_dir, options, seed=recipe.seed, split="validation")
+        validation["baselines"] = score_baselines(data, validation["samples"], output / "baselines" / "validation",
+                                                  seed=recipe.seed, split="validation")
+        entry["status"] = "reused" if not validation["answered_now"] else "ran"
     with phases.phase("evaluate", f"evaluation: {TASK} test split, local model, greedy") as entry:
         evaluation = evaluate_model(data, final_model, run_dir, options, seed=recipe.seed)
         entry["status"] = "reused" if not evaluation["answered_now"] else "ran"
@@ -374,10 +483,13 @@ def run_demo(options: DemoOptions) -> dict:
         context = report.DemoContext(
             options=options, command=command_line(options), started=started, data=data, recipe=recipe,
             recipe_file=recipe_file, fingerprint=fingerprint, run_dir=run_dir, stages=stages,
-            final_model=final_model, task=evaluation["task"], samples=evaluation["samples"],
+            final_model=final_model, model_link=model_link, task=evaluation["task"], samples=evaluation["samples"],
             scored=[evaluation["scored"], *baselines["scored"]], baselines=baselines["info"],
             predictions=evaluation["predictions"], predictions_reused=evaluation["reused"],
-            machine=machine_info(), compat_flavour=COMPAT_FLAVOUR)
+            machine=machine_info(), compat_flavour=COMPAT_FLAVOUR,
+            validation={"samples": validation["samples"], "info": validation["baselines"]["info"],
+                        "scored": [validation["scored"], *validation["baselines"]["scored"]],
+                        "predictions": validation["predictions"]})
         content = report.build_content(output, context)
     # Written after the last phase so that the timings table is complete.
     report.add_first_run_timings(phases.timings, output, str(run_dir))

@@ -10,6 +10,15 @@ Design choices:
   model learned beyond answer priors.
 * The report says plainly what a randomly initialised small model is (a pipeline demonstration) and gives
   the command that runs the same recipe with pretrained parts.
+* Figures are read without the table beside them: every bar carries its value (a 0.0 bar is a visible "0.0",
+  an undefined figure "n/a"), and each loss panel draws the logged loss with one marker style and, over it, an
+  exponential moving average (TensorBoard's debiased smoothing) so the trend shows through step-to-step noise.
+* The report ends with the commands to chat with, serve and score the final model, by its stable path
+  ``DIR/model`` (a link the pipeline points at the latest run's final model).
+* The learning signal a newcomer can read: train and validation loss per stage (table and figure), the
+  validation questions (carved from training, where the recipe's settings were chosen) scored beside the
+  baselines as the test split is, and a few test questions with their image (copied to ``DIR/examples/``), the
+  model's answer and the truth, picked by a fixed rule (closed and open, right and wrong) rather than by hand.
 """
 from __future__ import annotations
 
@@ -24,7 +33,13 @@ from medtune.data.jsonl import atomic_open, write_json
 from medtune.eval.metrics import Row
 
 REPORT_JSON, REPORT_MD, LOSS_PNG, RESULTS_PNG = "report.json", "report.md", "loss.png", "results.png"
+EXAMPLES_DIR = "examples"
+EXAMPLES_PER_KIND = 2   # per (answer type, right or wrong): up to 8 example questions
+VAL_STYLE = {"marker": "s", "markersize": 4, "linewidth": 1.5, "color": "#55A868"}
 SYSTEMS = {"model": "model", "majority": "majority baseline", "question_prior": "question-prior baseline"}
+LOSS_SMOOTHING = 0.6   # TensorBoard's default weight
+RAW_STYLE = {"marker": "o", "markersize": 3, "linewidth": 1, "alpha": 0.45, "color": "#4C72B0"}
+SMOOTH_STYLE = {"linewidth": 2, "color": "#C44E52"}
 # (family, answer type, metric) shown in the main table, in this order.
 HEADLINE = (("compat", "closed", "accuracy"), ("compat", "open", "recall"),
             ("strict", "closed", "accuracy"), ("strict", "closed", "unparsed"), ("strict", "open", "recall"),
@@ -74,6 +89,7 @@ class DemoContext:
     run_dir: Path
     stages: list[dict]
     final_model: Path
+    model_link: Path | None
     task: object
     samples: list
     scored: list
@@ -82,6 +98,7 @@ class DemoContext:
     predictions_reused: int
     machine: dict
     compat_flavour: str
+    validation: dict | None = None   # samples, scored (model, baselines), info, predictions of the validation split
 
 
 # ---- content ---------------------------------------------------------------------------------------------
@@ -92,7 +109,8 @@ def build_content(output: Path, context: DemoContext) -> dict:
     import dataclasses
 
     rows = {s.name: s.rows for s in context.scored}
-    stages = [{**stage, "loss_curve": loss_points(Path(stage["metrics"]))} for stage in context.stages]
+    stages = [{**stage, "loss_curve": loss_points(Path(stage["metrics"])),
+               "validation_curve": loss_points(Path(stage["metrics"]), key="eval_loss")} for stage in context.stages]
     write_loss_figure(output / LOSS_PNG, stages)
     headline = compare_rows(rows, HEADLINE)
     write_results_figure(output / RESULTS_PNG, [line for line in headline if line["metric"] != "unparsed"])
@@ -105,7 +123,9 @@ def build_content(output: Path, context: DemoContext) -> dict:
         "data": {"train": str(context.data.train), "test": str(context.data.test),
                  "clean_train": str(context.data.clean_train), "image_root": str(context.data.image_root),
                  "records": context.data.manifest["records"], "leakage": context.data.manifest["leakage"]},
-        "model": {"spec": context.recipe.model, "final_model": str(context.final_model)},
+        "model": {"spec": context.recipe.model, "final_model": str(context.final_model),
+                  "link": str(context.model_link) if context.model_link else None},
+        "next_commands": next_commands(context.model_link or context.final_model, output),
         "recipe": {"file": str(context.recipe_file), "fingerprint": context.fingerprint,
                    "run_dir": str(context.run_dir), "overrides": list(context.options.overrides)},
         "training": {"stages": stages},
@@ -114,6 +134,8 @@ def build_content(output: Path, context: DemoContext) -> dict:
         "headline": headline,
         "model_answers": answer_spread(context.scored[0]),
         "per_organ": organ_rows(rows),
+        "validation": validation_section(context),
+        "examples": write_examples(output, context),
         "results": {name: [row.to_dict() for row in system_rows] for name, system_rows in rows.items()},
         "figures": {"loss": LOSS_PNG, "results": RESULTS_PNG},
         "gpu_command": gpu_command(),
@@ -131,6 +153,73 @@ def evaluation_section(context: DemoContext) -> dict:
             "bootstrap": {"method": "percentile", "resamples": 1000, "seed": context.recipe.seed, "level": 0.95}}
 
 
+def validation_section(context: DemoContext) -> dict | None:
+    """The validation split (held out of the training set): what it is, and model and baselines scored on it."""
+    if context.validation is None:
+        return None
+    split = {k: v for k, v in context.data.manifest.get("validation", {}).items() if not k.endswith("ids")}
+    samples = context.validation["samples"]
+    rows = {s.name: s.rows for s in context.validation["scored"]}
+    return {"split": split, "n": len(samples), "answer_types": dict(Counter(s.meta.answer_type for s in samples)),
+            "predictions": str(context.validation["predictions"]),
+            "question_prior_coverage": context.validation["info"]["question_prior_coverage"],
+            "headline": compare_rows(rows, HEADLINE),
+            "model_answers": answer_spread(context.validation["scored"][0]),
+            "results": {name: [row.to_dict() for row in system_rows] for name, system_rows in rows.items()}}
+
+
+def pick_examples(scored, per_kind: int = EXAMPLES_PER_KIND) -> list:
+    """Test items to show: the first ``per_kind`` right and wrong (strict) of each answer type, in test order."""
+    strict = scored.scores["strict"]
+    picked, counts = [], Counter()
+    for item in scored.items:
+        right = bool(strict[item.id].get("accuracy" if item.answer_type == "closed" else "exact"))
+        kind = (item.answer_type, right)
+        if counts[kind] < per_kind:
+            counts[kind] += 1
+            picked.append((item, right))
+    return sorted(picked, key=lambda pair: (pair[0].answer_type, not pair[1]))
+
+
+def write_examples(output: Path, context: DemoContext) -> list[dict]:
+    """A few test questions with the model's answer and the truth; their images copied beside the report."""
+    import shutil
+
+    samples = {s.id: s for s in context.samples}
+    root = Path(context.data.image_root)
+    examples = []
+    for item, right in pick_examples(context.scored[0]):
+        images = samples[item.id].images if item.id in samples else []
+        shown = None
+        if images and (root / images[0].path).is_file():
+            shown = f"{EXAMPLES_DIR}/{Path(images[0].path).name}"
+            (output / EXAMPLES_DIR).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(root / images[0].path, output / shown)
+        examples.append({"id": item.id, "question": item.question, "answer_type": item.answer_type,
+                         "organ": item.organ, "truth": item.answer, "model": item.prediction,
+                         "strict_correct": right, "image": shown})
+    return examples
+
+
+def next_commands(model: Path, output: Path) -> list[str]:
+    """Chat with, serve and score the final model (``model``: its stable link), as a newcomer types them: paths
+    relative to the current folder when they are below it."""
+    import os
+    import shlex
+
+    from medtune.paths import bundled_data
+
+    def shown(path: Path) -> str:   # relative to where the demo was run when it is below it
+        relative = os.path.relpath(Path(path).absolute())
+        return shlex.quote(relative if not relative.startswith("..") else str(Path(path).absolute()))
+
+    where = shown(model)
+    image = shown(bundled_data("vqa_rad", "images", "synpic100132.jpg"))
+    return [f"medtune chat {where} --image {image}",
+            f"medtune serve {where}",
+            f"medtune eval run --task vqa-rad --model {where} --out {shown(Path(output) / 'eval')}"]
+
+
 def gpu_command() -> str:
     """The same demo with pretrained parts: recipe overrides only (the preset's parts are all replaced)."""
     return " ".join(["medtune demo --output medtune-output/demo-pretrained", *PRETRAINED_OVERRIDES])
@@ -143,16 +232,16 @@ def answer_spread(scored) -> dict:
     return {"distinct": len(answers), "most_common": text, "most_common_count": count}
 
 
-def loss_points(metrics_file: Path) -> list[list[float]]:
-    """``[[step, loss], ...]`` from a stage's metrics.jsonl (lines with a training loss)."""
+def loss_points(metrics_file: Path, key: str = "loss") -> list[list[float]]:
+    """``[[step, value], ...]`` from a stage's metrics.jsonl: the training loss, or ``eval_loss`` (validation)."""
     if not metrics_file.is_file():
         return []
     points = []
     for line in metrics_file.read_text(encoding="utf-8").splitlines():
         if line.strip():
             record = json.loads(line)
-            if "loss" in record:
-                points.append([record["step"], record["loss"]])
+            if key in record:
+                points.append([record["step"], record[key]])
     return points
 
 
@@ -207,34 +296,54 @@ def _save(fig, path: Path) -> None:
     _pyplot().close(fig)
 
 
-def write_loss_figure(path: Path, stages: list[dict]) -> None:
-    """One panel per stage: training loss against optimizer step."""
+def smoothed(values: list[float], weight: float = LOSS_SMOOTHING) -> list[float]:
+    """Exponential moving average, debiased so the first points are not pulled towards zero (TensorBoard's)."""
+    out, average = [], 0.0
+    for count, value in enumerate(values, 1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight ** count))
+    return out
+
+
+def loss_figure(stages: list[dict]):
+    """One panel per stage: the logged training loss against optimizer step, its moving average, and the
+    validation loss."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 3.2), squeeze=False)
     for ax, stage in zip(axes[0], stages):
         points = stage["loss_curve"]
         if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if len(points) < 20 else None,
-                    color="#4C72B0")
+            steps, losses = [p[0] for p in points], [p[1] for p in points]
+            ax.plot(steps, losses, label="logged", **RAW_STYLE)
+            ax.plot(steps, smoothed(losses), label=f"smoothed (EMA {LOSS_SMOOTHING})", **SMOOTH_STYLE)
+            validation = stage.get("validation_curve") or []
+            if validation:
+                ax.plot([p[0] for p in validation], [p[1] for p in validation], label="validation", **VAL_STYLE)
+            ax.legend(fontsize=7, loc="upper right")
         else:
             ax.text(0.5, 0.5, "no loss logged", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(f"stage {stage['name']}")
         ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
+        ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig, path)
+    return fig
+
+
+def write_loss_figure(path: Path, stages: list[dict]) -> None:
+    _save(loss_figure(stages), path)
 
 
 def _drawable(cell: dict | None) -> dict:
-    """Undefined figures are drawn as empty bars (the table says "-")."""
+    """Undefined figures are drawn as empty bars labelled "n/a" (the table says "-")."""
     if cell is None or cell["value"] is None:
-        return {"value": 0.0, "ci_low": 0.0, "ci_high": 0.0}
-    return cell
+        return {"value": 0.0, "ci_low": 0.0, "ci_high": 0.0, "label": "n/a"}
+    return {**cell, "label": f"{cell['value']:.1f}"}
 
 
-def write_results_figure(path: Path, headline: list[dict]) -> None:
-    """Grouped bars: each headline metric, one bar per system, 95% bootstrap intervals as error bars."""
+def results_figure(headline: list[dict]):
+    """Grouped bars: each headline metric, one bar per system with its value on top, 95% bootstrap intervals
+    as error bars."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 1.5 * len(headline) + 2), 3.8))
     width = 0.8 / len(SYSTEMS)
@@ -243,16 +352,24 @@ def write_results_figure(path: Path, headline: list[dict]) -> None:
         cells = [_drawable(line.get(name)) for line in headline]
         values = [c["value"] for c in cells]
         errors = [[c["value"] - c["ci_low"] for c in cells], [c["ci_high"] - c["value"] for c in cells]]
-        ax.bar([i + (offset - 1) * width for i in range(len(headline))], values, width, yerr=errors, capsize=3,
-               label=label, color=colours[offset])
+        bars = ax.bar([i + (offset - 1) * width for i in range(len(headline))], values, width, yerr=errors,
+                      capsize=3, label=label, color=colours[offset])
+        # above the interval's top, so the error bar does not cross the number
+        for bar, cell in zip(bars, cells):
+            ax.annotate(cell["label"], (bar.get_x() + bar.get_width() / 2, cell["ci_high"]), xytext=(0, 2),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=6)
     ax.set_xticks(range(len(headline)),
                   [f"{l['family']}\n{l['answer_type']} {l['metric']}" for l in headline], fontsize=8)
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 112)
     ax.set_ylabel("% (95% bootstrap CI)")
     ax.set_title("VQA-RAD test: model and baselines")
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper left", ncols=len(SYSTEMS))
     fig.tight_layout()
-    _save(fig, path)
+    return fig
+
+
+def write_results_figure(path: Path, headline: list[dict]) -> None:
+    _save(results_figure(headline), path)
 
 
 # ---- Markdown --------------------------------------------------------------------------------------------
@@ -282,7 +399,10 @@ def markdown(content: dict) -> str:
         "# medtune demo: VQA-RAD end to end", "",
         f"Run {content['started']} with `{content['command']}` (medtune {content['medtune_version']}).", "",
         f"> **{_statement_title(content)}** {content['statement']}", "",
-        *_results_section(content), *_data_section(content), *_training_section(content),
+        *_results_section(content), *_examples_section(content), *_validation_section(content),
+        *_data_section(content), *_training_section(content),
+        "## Next: chat with the model, serve it, score it", "",
+        "```bash", *content["next_commands"], "```", "",
         "## The same recipe with pretrained parts", "",
         "On a GPU with access to the Hugging Face Hub, the same two stages with LLaVA-1.5's vision tower and "
         "language model (stage 2 LoRA-tunes the LM) are recipe overrides only:", "",
@@ -311,13 +431,53 @@ def _results_section(content: dict) -> list[str]:
         *_comparison_table(content["headline"]), "",
         *_caveats(content), "",
         f"![model and baselines]({content['figures']['results']})", "",
-        "Baselines (learned from the same cleaned training split): **majority** answers every question with "
+        "Baselines (learned from the questions the model trained on): **majority** answers every question with "
         f"the most frequent training answer of its type ({_majority(content)}); **question prior** answers "
         "with the most frequent training answer to the same (normalised) question, falling back to the "
         f"majority answer; it knew {content['baselines']['question_prior_coverage']} of the {evaluation['n']} "
         "test questions.", "",
         "### Per organ", "",
         *_comparison_table(content["per_organ"], first=("organ",)), "",
+    ]
+
+
+def _examples_section(content: dict) -> list[str]:
+    examples = content.get("examples") or []
+    if not examples:
+        return []
+    out = ["### Example test questions", "",
+           "The first right and wrong answers (strict) of each answer type, in test order:", "",
+           "| image | question | model | truth | strict |", "| --- | --- | --- | --- | --- |"]
+    for example in examples:
+        image = f"![{example['id']}]({example['image']})" if example["image"] else "-"
+        mark = "right" if example["strict_correct"] else "wrong"
+        out.append(f"| {image} | {_md(example['question'])} ({example['answer_type']}, {example['organ'] or '-'}) | "
+                   f"{_md(example['model'])} | {_md(example['truth'])} | {mark} |")
+    return [*out, ""]
+
+
+def _md(text) -> str:
+    """Text for a Markdown table cell: one line, pipes escaped, long answers cut."""
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _validation_section(content: dict) -> list[str]:
+    validation = content.get("validation")
+    if not validation:
+        return []
+    split, types = validation["split"], ", ".join(f"{n} {t}" for t, n in sorted(validation["answer_types"].items()))
+    spread = validation["model_answers"]
+    return [
+        f"## Validation: {validation['n']} questions held out of the training set ({types})", "",
+        f"The recipe's settings (model size, steps, learning rates) were chosen on this split, never on the test "
+        f"split. It is a random {split.get('fraction', 0):.0%} of the cleaned training questions (seed "
+        f"{split.get('seed')}, the same whatever `--seed`); the {split.get('removed_from_fit', 0)} training "
+        f"questions that leak into it ({split.get('exact', 0)} exact pairs, {split.get('rephrasing', 0)} "
+        f"rephrasings) were removed from training, as for the test split, so {split.get('fit', '?')} questions "
+        "trained the model and the baselines. The validation loss of every stage is in the training table and "
+        f"loss figure. The model gave {spread['distinct']} distinct answers here.", "",
+        *_comparison_table(validation["headline"]), "",
     ]
 
 
@@ -336,8 +496,9 @@ def _data_section(content: dict) -> list[str]:
         f"| **removed** | **{leakage['removed']}** |", "",
         f"{leakage['test_images_in_train']} of the {leakage['test_images']} test images also appear in training "
         f"({leakage['train_records_on_test_images']} training questions use them); VQA-RAD is built that way, "
-        f"so images are kept and only question-answer leakage is removed. Training uses "
-        f"{data['records']['clean_train']} questions.", "",
+        f"so images are kept and only question-answer leakage is removed. Of the {data['records']['clean_train']} "
+        f"cleaned training questions, {data['records'].get('validation', 0)} are held out for validation (below) "
+        f"and {data['records'].get('fit', data['records']['clean_train'])} train the model.", "",
     ]
 
 
@@ -347,16 +508,27 @@ def _training_section(content: dict) -> list[str]:
     return [
         "## Training", "",
         *_training_table(content), "",
+        f"Precision: {_precisions(content)}.", "",
         f"![loss curves]({content['figures']['loss']})", "",
         f"Recipe `{content['recipe']['file']}`, run directory `{content['recipe']['run_dir']}`; final model "
-        f"`{content['model']['final_model']}` (loads with `transformers` alone).", "",
+        f"`{content['model']['final_model']}` (loads with `transformers` alone)"
+        + (f", also at `{content['model']['link']}` (a link to the latest run's final model)."
+           if content["model"].get("link") else "."), "",
         "## Timings", "",
         *_timings_table(content), "",
         f"Machine: {machine['usable_cores']} usable CPU cores (of {machine['cpu_count']}), "
         f"{machine['processor']}, {machine['platform']}; torch {machine['torch']} "
-        f"({machine['torch_threads']} threads), transformers {machine.get('transformers', '?')}, Python "
-        f"{machine['python']}{gpu}.", "",
+        f"({machine['torch_threads']} threads outside training; training chooses its own from the free cores), "
+        f"transformers {machine.get('transformers', '?')}, Python {machine['python']}{gpu}"
+        + (f"; load average {', '.join(map(str, machine['load_average']))} (1, 5, 15 min) when the report was "
+           "written" if machine.get("load_average") else "") + ".", "",
     ]
+
+
+def _precisions(content: dict) -> str:
+    names = {"fp32": "fp32", "bf16": "bf16 autocast (fp32 weights; chosen where the machine computes bf16 natively)"}
+    used = dict.fromkeys(stage.get("precision", "fp32") for stage in content["training"]["stages"])
+    return "; ".join(names.get(p, p) for p in used)
 
 
 def _exclusion_note(flavour: str) -> str:
@@ -369,6 +541,7 @@ def _caveats(content: dict) -> list[str]:
     distinct = f"{spread['distinct']} distinct answer" + ("s" if spread["distinct"] != 1 else "")
     lines = [f"The model gave {distinct} to the {n} questions; its most frequent answer, "
              f"\"{spread['most_common']}\", appears {spread['most_common_count']} times."]
+    lines.append(verdict(content["headline"]))
     compat_closed = next((h["model"] for h in content["headline"] if (h["family"], h["answer_type"], h["metric"])
                           == ("compat", "closed", "accuracy")), None)
     if compat_closed and compat_closed.get("excluded"):
@@ -379,22 +552,41 @@ def _caveats(content: dict) -> list[str]:
     return [" ".join(lines)]
 
 
+def verdict(headline: list[dict]) -> str:
+    """Whether the model beats both baselines on strict closed and strict all accuracy, said plainly."""
+    said = []
+    for answer_type in ("closed", "all"):
+        line = next((h for h in headline if (h["family"], h["answer_type"], h["metric"])
+                     == ("strict", answer_type, "accuracy")), None)
+        if line is None or not line.get("model") or line["model"]["value"] is None:
+            continue
+        best = max((line[name]["value"] for name in SYSTEMS if name != "model" and line.get(name)
+                    and line[name]["value"] is not None), default=None)
+        if best is not None:
+            beats = "beats" if line["model"]["value"] > best else "does not beat"
+            said.append(f"on strict {answer_type} accuracy the model {beats} the better baseline "
+                        f"({line['model']['value']:.1f} vs {best:.1f})")
+    return ("Point estimates: " + "; ".join(said) + ".") if said else ""
+
+
 def _majority(content: dict) -> str:
     return ", ".join(f"{t}: \"{a}\"" for t, a in content["baselines"]["majority"].items())
 
 
 def _training_table(content: dict) -> list[str]:
-    out = ["| stage | steps | samples | batch | learning rates | first loss | last loss | train loss | seconds | |",
-           "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
+    out = ["| stage | steps | samples | batch | learning rates | first loss | last loss | train loss | "
+           "validation loss (first → last) | seconds | run |",
+           "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for stage in content["training"]["stages"]:
-        curve = stage["loss_curve"]
+        curve, validation = stage["loss_curve"], stage.get("validation_curve") or []
         rates = ", ".join(f"{part} {lr:g}" for part, lr in stage["lr"].items() if lr)
         first, last = (f"{curve[0][1]:.3f}", f"{curve[-1][1]:.3f}") if curve else ("-", "-")
+        held = f"{validation[0][1]:.3f} → {validation[-1][1]:.3f}" if validation else "-"
         loss = f"{stage['train_loss']:.3f}" if stage.get("train_loss") is not None else "-"
         seconds = f"{stage['seconds']:.0f}" if stage.get("seconds") is not None else "-"
         out.append(f"| {stage['name']} | {stage.get('steps') or '-'} | {stage.get('samples') or '-'} | "
-                   f"{stage['batch_size']} | {rates} | {first} | {last} | {loss} | {seconds} | "
-                   f"{'reused' if stage['reused'] else ''} |")
+                   f"{stage['batch_size']} | {rates} | {first} | {last} | {loss} | {held} | {seconds} | "
+                   f"{'reused' if stage['reused'] else 'ran'} |")
     return out
 
 
@@ -415,12 +607,17 @@ def add_first_run_timings(timings: list[dict], output: Path, run_dir: str) -> No
 
 def _timings_table(content: dict) -> list[str]:
     timings = content.get("timings", {"phases": [], "total_seconds": 0})
-    out = ["| phase | seconds | |", "| --- | ---: | --- |"]
+    out = ["| phase | seconds | run |", "| --- | ---: | --- |"]
     for t in timings["phases"]:
         note = t["status"] + (f" (ran in {t['first_run_seconds']:.1f} s)" if "first_run_seconds" in t else "")
         out.append(f"| {t['title']} | {t['seconds']:.1f} | {note} |")
-    out.append(f"| **total** | **{timings['total_seconds']:.1f}** | |")
+    out.append(f"| **total** | **{timings['total_seconds']:.1f}** | {_runs(timings['phases'])} |")
     return out
+
+
+def _runs(phases: list[dict]) -> str:
+    ran = sum(t["status"] == "ran" for t in phases)
+    return f"{ran} ran, {len(phases) - ran} reused"
 
 
 def write_files(output: Path, content: dict) -> None:
@@ -438,3 +635,9 @@ def print_summary(content: dict, output: Path) -> None:
     timings = content["timings"]
     print(f"\ndemo finished in {timings['total_seconds'] / 60:.1f} min; report: {output / REPORT_MD} "
           f"(+ {REPORT_JSON}, {LOSS_PNG}, {RESULTS_PNG})")
+    model = content["model"]
+    print(f"final model: {model['link'] or model['final_model']}"
+          + (f" (-> {model['final_model']})" if model["link"] else ""))
+    print("next: chat with it, serve it (OpenAI-compatible API), score it:")
+    for command in content["next_commands"]:
+        print(f"  {command}")
