@@ -49,11 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = args.func(args)
-    except (UserError, FileNotFoundError, ValueError) as error:
-        # Input problems get one clear line; programming errors keep their traceback.
-        if args.verbose or not _is_user_facing(error):
+    except (UserError, OSError, ValueError) as error:
+        # Input problems get one clear line; programming errors keep their traceback (and -v shows it always).
+        message = None if args.verbose else user_message(error)
+        if message is None:
             raise
-        print(f"medtune {args.verb}: error: {error}", file=sys.stderr)
+        print(f"medtune {args.verb}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -61,8 +62,26 @@ def main(argv: list[str] | None = None) -> int:
     return int(result or 0)
 
 
-def _is_user_facing(error: Exception) -> bool:
-    return isinstance(error, (UserError, FileNotFoundError)) or type(error).__module__.startswith("medtune")
+# An OS error about a path the user gave, in words (the errno's own text is terse: "[Errno 21] Is a directory").
+_PATH_ERRORS = {PermissionError: "permission denied", IsADirectoryError: "is a folder, where a file is expected",
+                NotADirectoryError: "is not a folder, where one is expected", FileExistsError: "already exists"}
+
+
+def user_message(error: Exception) -> str | None:
+    """The one line to print for an input error, or None when the error is a bug (keep its traceback).
+
+    medtune's own errors and a missing file say what they mean. An OS error naming a file (permission denied,
+    a folder where a file is expected) is about the user's paths, wherever it was raised; so is text that is not
+    UTF-8, which is what reading a binary file as text gives.
+    """
+    if isinstance(error, (UserError, FileNotFoundError)) or type(error).__module__.startswith("medtune"):
+        return str(error)
+    for kind, words in _PATH_ERRORS.items():
+        if isinstance(error, kind) and error.filename:
+            return f"{error.filename}: {words}"
+    if isinstance(error, UnicodeDecodeError):
+        return f"an input file is not UTF-8 text (a binary file where text is expected?): {error.reason}"
+    return None
 
 
 if __name__ == "__main__":

@@ -18,3 +18,8 @@ class RecipeError(UserError, ValueError):
 
 class SpecError(UserError, ValueError):
     """A model spec that cannot be built: the message names the field and what is wrong."""
+
+
+class InputFileError(UserError, ValueError):
+    """A file or folder the user named cannot be used as given: a folder where a file is expected, an empty
+    file, one that may not be read, or one of the wrong type (a PNG where text is expected)."""

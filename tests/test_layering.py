@@ -102,8 +102,9 @@ def test_the_checker_sees_a_circle_and_a_lazy_import():
     assert "medtune.eval.run" in import_graph()["medtune.eval.cli"]
 
 
-KIND_TEST = re.compile(r"""[=!]=\s*["'](native|composed)["']|\.kind\s*[=!]=|image_tokens_per_image\s+is\s+None"""
-                       r"""|isinstance\([^)]*\b(ComposedVLM|NativeVLM)\b|model_type\s*[=!]=""")
+KIND_TEST = re.compile(r"""[=!]=\s*["'](native|composed|moe|discrete)["']|\.kind\s*[=!]=|\.kind\s+(not\s+)?in\b"""
+                       r"""|image_tokens_per_image\s+is\s+None"""
+                       r"""|isinstance\([^)]*\b(ComposedVLM|NativeVLM|MoEVLM|DiscreteVLM)\b|model_type\s*[=!]=""")
 
 
 def test_no_caller_tests_the_model_kind():
@@ -118,5 +119,6 @@ def test_no_caller_tests_the_model_kind():
 
 def test_the_kind_test_pattern_sees_the_old_spellings():
     for line in ('if vlm.template == "native":', "if vlm.image_tokens_per_image is None:",
-                 'if model.config.model_type == "llava":', "isinstance(vlm, NativeVLM)", 'vlm.kind != "composed"'):
+                 'if model.config.model_type == "llava":', "isinstance(vlm, NativeVLM)", 'vlm.kind != "composed"',
+                 "isinstance(vlm, DiscreteVLM)", 'if vlm.kind in ("moe", "discrete"):', 'kind == "moe"'):
         assert KIND_TEST.search(line), line
