@@ -3,6 +3,7 @@ Hugging Face checkpoint round trip, text generation without image codes, and Cha
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -314,7 +315,9 @@ def test_outside_medtune_the_checkpoint_s_own_class_writes_image_codes(vlm, root
     ids = _batch(vlm, root, [TWO_IMAGES])["input_ids"]
     (tmp_path / "ids.json").write_text(json.dumps(ids.tolist()))
     (tmp_path / "plain.py").write_text(PLAIN_CHAMELEON)
-    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    # the MKL mode medtune runs in (it sets MKL_CBWR on import): bit-identical results need the same one
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+           "MKL_CBWR": os.environ["MKL_CBWR"]}
     done = subprocess.run([sys.executable, "-I", str(tmp_path / "plain.py"), str(tmp_path / "model"),
                            str(tmp_path / "ids.json"), str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=300)

@@ -11,6 +11,7 @@
 * ``pad`` is LLaVA's expand2square: the LLaVA background colour int(mean * 255), then CLIP's resize.
 """
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -127,7 +128,9 @@ def plain(checkpoints, images, tmp_path_factory):
            "out": str(work)}
     (work / "job.json").write_text(json.dumps(job))
     (work / "plain.py").write_text(PLAIN_TRANSFORMERS)
-    env = {"HF_HOME": str(work / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    # the MKL mode medtune runs in (it sets MKL_CBWR on import): bit-identical results need the same one
+    env = {"HF_HOME": str(work / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+           "MKL_CBWR": os.environ["MKL_CBWR"]}
     result = subprocess.run([sys.executable, "-I", str(work / "plain.py"), str(work / "job.json")], env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
