@@ -3,7 +3,6 @@ Hugging Face checkpoint round trip, text generation without image codes, and Cha
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from medtune.data.schema import ImageRef, Message, Metadata, Part, Sample  # noq
 from medtune.models.build import load_vlm  # noqa: E402
 from medtune.models.presets import tiny_chameleon  # noqa: E402
 from medtune.models.processing import IGNORE_INDEX, SkipSample  # noqa: E402
+from plain_python import run_without_medtune  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -275,14 +275,6 @@ def test_text_answers_hold_no_image_and_images_need_a_decoder(vlm, drawing):
 
 
 PLAIN_CHAMELEON = r'''
-import importlib.abc, json, sys
-
-class RefuseMedtune(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "medtune":
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-
-sys.meta_path.insert(0, RefuseMedtune())
 import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForImageTextToText
@@ -306,22 +298,12 @@ json.dump({"classes": {k: v for k, v in results.items() if k.startswith("class")
 def test_outside_medtune_the_checkpoint_s_own_class_writes_image_codes(vlm, root, tmp_path):
     """With trust_remote_code, plain transformers (medtune not importable) runs the saved subclass, whose image-code
     logits are medtune's; without it, transformers' Chameleon with its mask."""
-    import subprocess
-    import sys
-
     from safetensors.torch import load_file
 
     vlm.save(tmp_path / "model")
     ids = _batch(vlm, root, [TWO_IMAGES])["input_ids"]
     (tmp_path / "ids.json").write_text(json.dumps(ids.tolist()))
-    (tmp_path / "plain.py").write_text(PLAIN_CHAMELEON)
-    # the MKL mode medtune runs in (it sets MKL_CBWR on import): bit-identical results need the same one
-    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
-           "MKL_CBWR": os.environ["MKL_CBWR"]}
-    done = subprocess.run([sys.executable, "-I", str(tmp_path / "plain.py"), str(tmp_path / "model"),
-                           str(tmp_path / "ids.json"), str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_without_medtune(PLAIN_CHAMELEON, tmp_path, str(tmp_path / "model"), str(tmp_path / "ids.json"), str(tmp_path))
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["medtune_modules"] == []
     assert report["classes"] == {"class_True": "MedtuneChameleonForConditionalGeneration",

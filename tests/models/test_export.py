@@ -11,9 +11,6 @@
 * ``pad`` is LLaVA's expand2square: the LLaVA background colour int(mean * 255), then CLIP's resize.
 """
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +21,7 @@ from medtune.models.build import build_vlm, load_vlm  # noqa: E402
 from medtune.models.moe_settings import MoESettings  # noqa: E402
 from medtune.models.presets import tiny_spec  # noqa: E402
 from medtune.models.vision import pad_mode_of  # noqa: E402
+from plain_python import run_without_medtune  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -40,16 +38,8 @@ PHI = {"model_type": "phi", "hidden_size": 32, "intermediate_size": 64, "num_hid
 PAD_MODES = {"pad": "llava-clip-llama", "crop": "llava-siglip-qwen2", "resize": "attn-pool"}
 TOWER_KEYS = ("vision_tower.vision_model.embeddings.", "vision_tower.vision_model.encoder.layers.0.")
 
-# Run as `python -I` (no script directory, no user site); the finder refuses medtune however it is installed.
+# Run by plain_python.run_without_medtune: a Python where medtune cannot be imported.
 PLAIN_TRANSFORMERS = r'''
-import importlib.abc, json, sys
-
-class RefuseMedtune(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "medtune":
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-
-sys.meta_path.insert(0, RefuseMedtune())
 import torch
 from PIL import Image
 from safetensors.torch import save_file
@@ -127,13 +117,7 @@ def plain(checkpoints, images, tmp_path_factory):
            "images": [str(path) for path in images[0]], "all_images": list(PAD_MODES.values()), "question": QUESTION,
            "out": str(work)}
     (work / "job.json").write_text(json.dumps(job))
-    (work / "plain.py").write_text(PLAIN_TRANSFORMERS)
-    # the MKL mode medtune runs in (it sets MKL_CBWR on import): bit-identical results need the same one
-    env = {"HF_HOME": str(work / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
-           "MKL_CBWR": os.environ["MKL_CBWR"]}
-    result = subprocess.run([sys.executable, "-I", str(work / "plain.py"), str(work / "job.json")], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_without_medtune(PLAIN_TRANSFORMERS, work, str(work / "job.json"))
     report = json.loads((work / "report.json").read_text())
     return {name: load_file(str(work / f"{name}.safetensors")) for name in checkpoints}, report
 
