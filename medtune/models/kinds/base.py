@@ -130,6 +130,14 @@ class VLM(ABC):
         """A training example from a cached row (its images decoded now)."""
         raise NotImplementedError(f"{type(self).__name__} samples are not cacheable")
 
+    @staticmethod
+    def token_row(ids: list[int], labels: list[int], metadata: dict[str, Any] | None) -> dict[str, Any]:
+        """A sample's token columns: ids, an all-ones attention mask, labels, and its carried metadata if any."""
+        row = {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+        if metadata is not None:
+            row[SAMPLE_METADATA] = metadata
+        return row
+
     def carried_metadata(self, sample) -> dict[str, Any] | None:
         """The :attr:`sample_metadata` fields of ``sample`` (None when the kind carries none)."""
         if not self.sample_metadata:

@@ -99,11 +99,7 @@ class ComposedVLM(VLM):
             raise SkipSample("no assistant reply")
         ids, labels = expand_image_tokens(ids, labels, self.image_token_id, self.image_tokens_per_image)
         ids, labels = truncate(ids, labels, self.image_token_id, max_length=max_length, truncation=truncation)
-        encoded = {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
-        carried = self.carried_metadata(sample)
-        if carried is not None:
-            encoded["sample_metadata"] = carried
-        return encoded
+        return self.token_row(ids, labels, self.carried_metadata(sample))
 
     def encode_sample(self, sample, image_root, *, max_length: int, truncation: str = "text",
                       allowed_roots: Sequence = ()) -> dict[str, Any]:
@@ -114,10 +110,7 @@ class ComposedVLM(VLM):
                            allowed_roots: Sequence = ()) -> dict[str, Any]:
         from medtune.models.processing import load_images
 
-        example = {"input_ids": row["input_ids"], "attention_mask": [1] * len(row["input_ids"]),
-                   "labels": row["labels"]}
-        if row.get("sample_metadata") is not None:
-            example["sample_metadata"] = row["sample_metadata"]
+        example = self.token_row(row["input_ids"], row["labels"], row.get("sample_metadata"))
         example["pixel_values"] = self.pixel_values(load_images(image_refs, image_root, allowed_roots=allowed_roots))
         return example
 

@@ -167,11 +167,7 @@ class DiscreteVLM(VLM):
         out_ids, out_labels = self._truncate(out_ids, out_labels, spans, max_length, truncation)
         if all(label == IGNORE_INDEX for label in out_labels[1:]):
             raise SkipSample("no assistant reply")
-        encoded = {"input_ids": out_ids, "attention_mask": [1] * len(out_ids), "labels": out_labels}
-        carried = self.carried_metadata(sample)
-        if carried is not None:
-            encoded["sample_metadata"] = carried
-        return encoded
+        return self.token_row(out_ids, out_labels, self.carried_metadata(sample))
 
     def _labels(self, ids: list[int], trainable: list[bool]) -> list[int]:
         from medtune.models.processing import IGNORE_INDEX, SkipSample
@@ -228,11 +224,7 @@ class DiscreteVLM(VLM):
 
     def inputs_from_tokens(self, row: dict[str, Any], image_refs: list, image_root, *,
                            allowed_roots: Sequence = ()) -> dict[str, Any]:
-        example = {"input_ids": row["input_ids"], "attention_mask": [1] * len(row["input_ids"]),
-                   "labels": row["labels"]}
-        if row.get("sample_metadata") is not None:
-            example["sample_metadata"] = row["sample_metadata"]
-        return example
+        return self.token_row(row["input_ids"], row["labels"], row.get("sample_metadata"))
 
     def check_images(self, image_refs: list, image_root, *, allowed_roots: Sequence = ()) -> None:
         """Nothing to do: encoding already turned every image into codes (or used the sample's own)."""
