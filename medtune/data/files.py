@@ -12,6 +12,7 @@ recipe, a model spec or a predictions file is still text only.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -66,3 +67,18 @@ def binary_kind(head: bytes) -> str | None:
         if error.start < len(head) - 3:  # not just a character cut at the end of the sample
             return "a binary file (not UTF-8 text)"
     return None
+
+
+def hash_file(path: str | os.PathLike, digest=None):
+    """``digest`` (a new SHA-256 by default) updated with the file's bytes, read in 1 MiB chunks (data files can
+    be gigabytes); OSError as ``open`` raises it."""
+    digest = hashlib.sha256() if digest is None else digest
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes."""
+    return hash_file(path).hexdigest()

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import hashlib
 import io
 import os
 import re
@@ -62,6 +61,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from medtune.data.files import hash_file
 from medtune.data.jsonl import atomic_open
 from medtune.data.schema import ImageRef
 from medtune.errors import UserError
@@ -614,11 +614,8 @@ def materialise(ref: ImageRef, root: str | os.PathLike, out_dir: str | os.PathLi
 
 def _content_key(source: Path, ref: ImageRef, window) -> str:
     """SHA-256 (first 128 bits, hex) of the file's bytes and the selection that makes it one 2-D image."""
-    digest = hashlib.sha256()
     try:
-        with open(source, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        digest = hash_file(source)
     except FileNotFoundError:
         raise ImageError(source, "file not found") from None
     except OSError as error:

@@ -41,7 +41,6 @@ default), whose VQA-RAD reader keeps the qid as the sample id and ``phrase_type`
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import unicodedata
@@ -49,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from medtune.data.files import hash_file
 from medtune.data.jsonl import SampleWriter, Tally
 from medtune.data.schema import Sample
 
@@ -86,11 +86,8 @@ class ImageHasher:
         return self._cache[path]
 
     def _hash(self, path: Path) -> str:
-        digest = hashlib.sha256()
         try:
-            with open(path, "rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
+            digest = hash_file(path)
         except OSError as error:
             self.unreadable[str(path)] = error.strerror or type(error).__name__
             return f"unreadable:{path}"

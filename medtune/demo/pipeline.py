@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Iterator
 
 from medtune.errors import UserError
+from medtune.data.files import file_digest
 from medtune.data.jsonl import Tally, write_json
 from medtune.data.schema import Sample
 
@@ -151,14 +152,6 @@ class DemoData:
         return self.directory / "validation.jsonl"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def prepare_data(output: Path) -> tuple[DemoData, bool]:
     """Convert the bundled VQA-RAD and write the leakage-cleaned training set; (data, reused)."""
     from medtune.paths import bundled_data
@@ -166,15 +159,15 @@ def prepare_data(output: Path) -> tuple[DemoData, bool]:
     sources = {"train": bundled_data("vqa_rad", "trainset.json"), "test": bundled_data("vqa_rad", "testset.json")}
     data = DemoData.at(output)
     directory = data.directory
-    hashes = {split: _sha256(path) for split, path in sources.items()}
+    hashes = {split: file_digest(path) for split, path in sources.items()}
     manifest_path = directory / "manifest.json"
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         files = (data.train, data.test, data.clean_train, data.fit, data.validation)
         if (manifest.get("version") == MANIFEST_VERSION and manifest.get("source_sha256") == hashes
                 and all(p.is_file() for p in files)
-                and manifest.get("clean_train_sha256") == _sha256(data.clean_train)
-                and manifest.get("fit_sha256") == _sha256(data.fit)):
+                and manifest.get("clean_train_sha256") == file_digest(data.clean_train)
+                and manifest.get("fit_sha256") == file_digest(data.fit)):
             data.manifest = manifest
             print(f"reusing converted data in {directory} (bundled files unchanged)")
             return data, True
@@ -208,8 +201,8 @@ def _convert_and_clean(sources: dict[str, Path], hashes: dict[str, str], data: D
           f"({len(drop)} removed: {len(report.exact)} exact pairs, {len(report.rephrasing)} rephrasings)")
     validation = split_validation([s for position, s in enumerate(train) if position not in drop], data)
     return {
-        "version": MANIFEST_VERSION, "source_sha256": hashes, "clean_train_sha256": _sha256(data.clean_train),
-        "fit_sha256": _sha256(data.fit), "validation": validation,
+        "version": MANIFEST_VERSION, "source_sha256": hashes, "clean_train_sha256": file_digest(data.clean_train),
+        "fit_sha256": file_digest(data.fit), "validation": validation,
         "sources": {split: str(path) for split, path in sources.items()}, "image_root": str(data.image_root),
         "records": {"train": len(train), "test": len(test), "clean_train": clean_tally.written,
                     "fit": validation["fit"], "validation": validation["questions"]},

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from medtune.data.files import file_digest
 from medtune.data.jsonl import RecordError, Tally, write_json
 from medtune.data.schema import ImageRef
 
@@ -37,15 +38,6 @@ TALLY_FILE = "tally.json"
 
 # --------------------------------------------------------------------------------------------------------------
 # Keys
-
-def file_digest(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes, read in chunks (data files can be gigabytes)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def tokenizer_digest(tokenizer) -> str:
     """SHA-256 of what decides a tokenizer's output: its model and normaliser, special tokens, chat template."""
