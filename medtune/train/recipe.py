@@ -657,6 +657,11 @@ def _packing_problems(stage: Stage, attn_implementation: str | None, where: str)
     return [f"{where}.packing: {stage.packing!r} with model.attn_implementation {attn_implementation!r}: {reason}"]
 
 
+def launched_distributed() -> bool:
+    """Whether a launcher (torchrun, accelerate launch, deepspeed) started this process, at any world size."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
+
+
 def check_environment(recipe: Recipe, *, device: str | None = None) -> None:
     """Checks that need the machine (bf16 support, CUDA for QLoRA and flash-attention, DeepSpeed installed):
     still before work, every problem at once."""
@@ -678,8 +683,7 @@ def check_environment(recipe: Recipe, *, device: str | None = None) -> None:
             elif importlib.util.find_spec("bitsandbytes") is None:
                 problems.append(f"{where}.lora.quantize: QLoRA needs bitsandbytes (pip install bitsandbytes)")
     strategy = recipe.distributed.strategy
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ   # by torchrun & co
-    if strategy != "ddp" and launched and device != "cuda":
+    if strategy != "ddp" and launched_distributed() and device != "cuda":
         # accelerate 1.15 (state.py, _prepare_backend) turns FSDP and DeepSpeed on only for launched processes on
         # accelerators (one GPU is enough); on CPU (gloo) Trainer would silently fall back to DDP.
         problems.append(f"distributed.strategy: {strategy} needs GPUs (Accelerate enables FSDP/DeepSpeed only on "

@@ -40,7 +40,7 @@ from typing import Any
 
 from medtune.data.jsonl import write_json
 from medtune.train import checkpoints
-from medtune.train.recipe import Recipe, RecipeError, Stage, check_environment
+from medtune.train.recipe import Recipe, RecipeError, Stage, check_environment, launched_distributed
 
 log = logging.getLogger(__name__)
 
@@ -512,11 +512,6 @@ def distributed_arguments(recipe: Recipe, model) -> dict:
                   **spec.fsdp_config}
         return {"fsdp": "full_shard auto_wrap", "fsdp_config": config}
     return {}
-
-
-def launched_distributed() -> bool:
-    """Whether a launcher (torchrun, accelerate launch, deepspeed) started this process, at any world size."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
 
 
 def deepspeed_config(zero_stage: int) -> dict:
