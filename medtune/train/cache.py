@@ -183,10 +183,16 @@ def _read_tally(path: Path) -> Tally:
 
 
 class CachedDataset:
-    """Map-style dataset over cached rows: ``dataset[i]`` has token lists and freshly decoded pixel values."""
+    """Map-style dataset over cached rows: ``dataset[i]`` has token lists and decoded pixel values.
 
-    def __init__(self, rows, vlm, *, allowed_roots=()):
+    Each distinct image is decoded and preprocessed once per process and kept (:class:`ImageMemo`, up to
+    ``memo_bytes``; 0 turns it off): preprocessing is deterministic, so a later sample showing the same image
+    gets bit-identical pixels without reading the file again (VQA-RAD: 315 images behind 3,064 samples).
+    """
+
+    def __init__(self, rows, vlm, *, allowed_roots=(), memo_bytes: int | None = None):
         self.rows, self.vlm, self.allowed_roots = rows, vlm, allowed_roots
+        self.memo = ImageMemo(DEFAULT_MEMO_BYTES if memo_bytes is None else memo_bytes)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -200,4 +206,66 @@ class CachedDataset:
         refs = [ImageRef.from_dict(ref) for ref in json.loads(row["images"])]
         tokens = {"input_ids": row["input_ids"], "labels": row["labels"],
                   "sample_metadata": json.loads(row["metadata"])}
-        return self.vlm.inputs_from_tokens(tokens, refs, row["image_root"], allowed_roots=self.allowed_roots)
+        return self.vlm.inputs_from_tokens(tokens, refs, row["image_root"], allowed_roots=self.allowed_roots,
+                                           memo=self.memo if self.memo.limit_bytes > 0 else None)
+
+
+DEFAULT_MEMO_BYTES = 1 << 30
+"""What one process keeps of preprocessed pixels (a 336-px image is ~1.3 MB as float32, a 64-px one 48 KB)."""
+
+
+class ImageMemo:
+    """Preprocessed pixels of each distinct image a process has decoded, up to ``limit_bytes``.
+
+    Keyed by the image file (its resolved path under the image root, size and modification time, so an edited
+    file is decoded again) and the frame / slice the reference names. Past the limit, new images are decoded
+    as usual and not kept. With dataloader workers every worker keeps its own.
+    """
+
+    def __init__(self, limit_bytes: int):
+        self.limit_bytes = limit_bytes
+        self.entries: dict[tuple, Any] = {}
+        self.bytes = 0
+        self.hits = self.misses = 0
+
+    def pixels(self, refs: Sequence[ImageRef], image_root, decode: Callable[[list], Any]):
+        """The stacked pixels of ``refs`` (``decode(refs)`` gives them for a list of references, or None for
+        none), decoding only the references not seen before."""
+        keys = [self._key(ref, image_root) for ref in refs]
+        missing = [ref for ref, key in zip(refs, keys) if key is None or key not in self.entries]
+        self.hits += len(refs) - len(missing)
+        self.misses += len(missing)
+        if len(missing) == len(refs):                      # nothing to reuse (or no images): decode as usual
+            values = decode(list(refs))
+            if values is not None:
+                for key, value in zip(keys, values):
+                    self._keep(key, value)
+            return values
+        import torch
+
+        decoded = iter(decode(missing)) if missing else iter(())
+        out = []
+        for key in keys:
+            if key is not None and key in self.entries:
+                out.append(self.entries[key])
+            else:
+                value = next(decoded)
+                self._keep(key, value)
+                out.append(value)
+        return torch.stack(out)
+
+    def _keep(self, key, value) -> None:
+        size = value.numel() * value.element_size()
+        if key is not None and key not in self.entries and self.bytes + size <= self.limit_bytes:
+            self.entries[key] = value.clone()              # not a view into the batch tensor
+            self.bytes += size
+
+    @staticmethod
+    def _key(ref: ImageRef, image_root) -> tuple | None:
+        """The file's identity, or None when it cannot be read now (decoding then reports why)."""
+        path = ref.path if os.path.isabs(ref.path) else os.path.join(os.path.abspath(image_root), ref.path)
+        try:
+            stat = os.stat(os.path.normpath(path))
+        except (OSError, ValueError):
+            return None
+        return (os.path.normpath(path), stat.st_size, stat.st_mtime_ns, ref.frame, ref.axis, ref.slice)

@@ -472,7 +472,8 @@ def training_arguments(recipe: Recipe, stage: Stage, directory: Path, model):
         logging_strategy="steps", logging_steps=stage.log_steps,   # TensorBoard: OUTPUT/stage-*/runs/
         report_to=[r for r in recipe.report_to if r != "none"] or "none",
         include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
-        dataloader_num_workers=workers, disable_tqdm=True,
+        # workers live for the whole stage, so each keeps the images it decoded (train.cache.ImageMemo)
+        dataloader_num_workers=workers, dataloader_persistent_workers=workers > 0, disable_tqdm=True,
         torch_threads=machine.torch_threads(stage.torch_threads, workers=workers), torch_compile=stage.compile,
         adapt_threads=machine.adapts_threads(stage.torch_threads),
         # Accelerate sets up multi-process CPU training (gloo) only when told it runs on the CPU

@@ -116,3 +116,46 @@ def test_strict_stops_at_the_first_unusable_sample(data, vlm, tmp_path):
     with pytest.raises(RecordError, match=r"train.jsonl:3: bad image: .*missing.png"):
         _run(data, vlm, tmp_path / "cache", CountingEncoder(), strict=True)
     assert not any((tmp_path / "cache").glob("*/tally.json"))  # nothing half-built was left to trust
+
+
+def test_the_image_memo_gives_the_same_pixels_and_decodes_each_image_once(data, vlm, tmp_path, monkeypatch):
+    from medtune.models import processing
+
+    cached = _run(data, vlm, tmp_path / "cache", CountingEncoder())
+    plain = CachedDataset(cached.rows, vlm, memo_bytes=0)
+    memo = CachedDataset(cached.rows, vlm)
+    decoded = []
+    real = processing.load_images
+    monkeypatch.setattr(processing, "load_images", lambda refs, *a, **k: decoded.extend(refs) or real(refs, *a, **k))
+
+    expected = [plain[i] for i in range(len(plain))]
+    assert len(decoded) == 3                               # no memo: x.png once for sample 1, twice for sample 5
+    decoded.clear()
+    for _ in range(3):                                     # three epochs over the same rows
+        for item, want in zip((memo[i] for i in range(len(memo))), expected):
+            assert item["input_ids"] == want["input_ids"]
+            if want["pixel_values"] is None:
+                assert item["pixel_values"] is None
+            else:
+                assert torch.equal(item["pixel_values"], want["pixel_values"])
+    assert [ref.path for ref in decoded] == ["x.png"]      # once, for sample 1; sample 5's two images reuse it
+    assert (memo.memo.hits, memo.memo.misses, len(memo.memo.entries)) == (3 * 3 - 1, 1, 1)
+    # returned pixels are not the kept tensor: a consumer writing into them changes nothing later
+    memo[2]["pixel_values"].zero_()
+    assert torch.equal(memo[2]["pixel_values"], expected[2]["pixel_values"])
+
+    # an edited image file is decoded again (its size and modification time are part of the key)
+    image = tmp_path / "x.png"
+    Image.fromarray(np.full((24, 32, 3), 200, dtype=np.uint8)).save(image)
+    decoded.clear()
+    assert torch.equal(memo[0]["pixel_values"], plain[0]["pixel_values"])
+    assert [ref.path for ref in decoded] == ["x.png", "x.png"]   # once via the memo, once without it
+
+
+def test_the_image_memo_keeps_no_more_than_its_limit(data, vlm, tmp_path):
+    cached = _run(data, vlm, tmp_path / "cache", CountingEncoder())
+    one_image = CachedDataset(cached.rows, vlm, memo_bytes=0)[0]["pixel_values"][0]
+    small = CachedDataset(cached.rows, vlm, memo_bytes=one_image.numel() * one_image.element_size() - 1)
+    for _ in range(2):
+        assert torch.equal(small[0]["pixel_values"][0], one_image)
+    assert small.memo.entries == {} and small.memo.bytes == 0 and small.memo.misses == 2

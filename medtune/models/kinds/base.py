@@ -126,8 +126,9 @@ class VLM(ABC):
         load_images(image_refs, image_root, allowed_roots=allowed_roots)
 
     def inputs_from_tokens(self, row: dict[str, Any], image_refs: list, image_root, *,
-                           allowed_roots: Sequence = ()) -> dict[str, Any]:
-        """A training example from a cached row (its images decoded now)."""
+                           allowed_roots: Sequence = (), memo=None) -> dict[str, Any]:
+        """A training example from a cached row (its images decoded now, or reused from ``memo``, a
+        :class:`medtune.train.cache.ImageMemo`: the same pixels, decoded once per distinct image)."""
         raise NotImplementedError(f"{type(self).__name__} samples are not cacheable")
 
     @staticmethod

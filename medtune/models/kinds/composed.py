@@ -107,11 +107,14 @@ class ComposedVLM(VLM):
         return self.inputs_from_tokens(encoded, sample.images, image_root, allowed_roots=allowed_roots)
 
     def inputs_from_tokens(self, row: dict[str, Any], image_refs: list, image_root, *,
-                           allowed_roots: Sequence = ()) -> dict[str, Any]:
+                           allowed_roots: Sequence = (), memo=None) -> dict[str, Any]:
         from medtune.models.processing import load_images
 
+        def decode(refs):
+            return self.pixel_values(load_images(refs, image_root, allowed_roots=allowed_roots))
+
         example = self.token_row(row["input_ids"], row["labels"], row.get("sample_metadata"))
-        example["pixel_values"] = self.pixel_values(load_images(image_refs, image_root, allowed_roots=allowed_roots))
+        example["pixel_values"] = decode(image_refs) if memo is None else memo.pixels(image_refs, image_root, decode)
         return example
 
     def encode_prompt(self, messages: list[dict], images: list) -> dict[str, Any]:

@@ -223,7 +223,7 @@ class DiscreteVLM(VLM):
                                   allowed_roots=allowed_roots)
 
     def inputs_from_tokens(self, row: dict[str, Any], image_refs: list, image_root, *,
-                           allowed_roots: Sequence = ()) -> dict[str, Any]:
+                           allowed_roots: Sequence = (), memo=None) -> dict[str, Any]:
         return self.token_row(row["input_ids"], row["labels"], row.get("sample_metadata"))
 
     def check_images(self, image_refs: list, image_root, *, allowed_roots: Sequence = ()) -> None:
