@@ -2,14 +2,16 @@
 
 Every configuration trains the same randomly initialised model (the demo's ``small`` preset by default: vision
 tower frozen, projector + LLM trained, one learning rate for both so the optimizers match) on the same VQA-RAD
-SFT batches, in the same order (same seed, same sampler), for ``--steps`` optimizer steps:
+SFT batches, in the same order (same seed, same sampler), for ``--epochs`` epochs over ``--samples`` training
+samples drawn at random (seed 0; 400 samples show about 230 of the 315 images):
 
 * ``naive``: ``transformers.Trainer`` as a script would use it: the model's own forward (the LM head over every
   position, the vision tower on every image of every step), torch's default threads, ``--naive-workers``
   dataloader workers (default 0, Trainer's own default; LLaVA's scripts pass 4).
 * ``medtune``: ``medtune train``'s Trainer (:func:`medtune.train.run.build_trainer`) with its defaults: the LM
-  head only at labelled positions, a frozen tower's features computed once per distinct image, torch threads
-  and dataloader workers from the usable cores (:mod:`medtune.train.machine`).
+  head only at labelled positions, each distinct image decoded once (:class:`medtune.train.cache.ImageMemo`) and,
+  the tower being frozen, its features computed once, torch threads and dataloader workers from the usable cores
+  (:mod:`medtune.train.machine`).
 * ``medtune free threads``: ``torch_threads: free`` (the demo's setting), fewer threads while other processes
   keep cores busy (the ``thr`` column lists the counts it chose, in order).
 * ``medtune -X``: the same with one exact speed-up turned off (or the old default of 2 dataloader workers), so
@@ -17,16 +19,18 @@ SFT batches, in the same order (same seed, same sampler), for ``--steps`` optimi
 * ``medtune +bf16`` (CPUs with native bf16, or a GPU) and ``medtune +compile`` (``--compile``): optional, not
   exact; their loss is printed beside the others for the parity check.
 
-Throughput is measured between the end of step ``--warmup`` and the last step (so model building, encoding and
-torch.compile's compilation are left out; compilation time is printed separately). Useful tokens are the tokens
-that are not padding, and the labelled ones (what the loss trains), counted from the same batches. ``loss`` is
-Trainer's mean training loss over all steps: the exact speed-ups leave it equal to float rounding.
+Throughput is measured twice: over the first epoch from the end of step ``--warmup`` (so model building,
+encoding and torch.compile's compilation are left out; compilation time is printed separately), where the
+per-image speed-ups still meet most images for the first time, and over the later epochs, where they have seen
+every image (a run of several epochs, like the demo's, spends most of its time there). Useful tokens are the
+tokens that are not padding, and the labelled ones (what the loss trains), counted from the same batches.
+``loss`` is Trainer's mean training loss over all steps: the exact speed-ups leave it equal to float rounding.
 
 With ``--busy N``, N other processes spin on the CPU during every configuration (another job on a shared
 machine): the naive loop and medtune's default keep their threads, ``free threads`` runs on the cores left.
 
-    nice python benchmarks/train_speed.py                    # small preset, 32 steps: under 3 minutes on 2 cores
-    python benchmarks/train_speed.py --steps 20 --compile    # + torch.compile (slow to compile on a CPU)
+    python benchmarks/train_speed.py                         # small preset, 2 x 50 steps: about 7 minutes on 2 cores
+    python benchmarks/train_speed.py --compile               # + torch.compile (slow to compile on a CPU)
     python benchmarks/train_speed.py --busy 1 --only naive medtune "medtune free threads"
 """
 from __future__ import annotations
@@ -82,9 +86,13 @@ def recipe_for(args, workdir: Path, name: str, **stage_changes):
                          "report_to": ["none"], "cache_dir": str(workdir / "cache"), "stages": [stage]})
 
 
-def prepared(recipe):
-    """(vlm, model with the stage's parts trainable, training rows, collator) as `medtune train` builds them."""
+def prepared(recipe, samples: int, *, image_memo: bool = True):
+    """(vlm, model with the stage's parts trainable, training rows, collator) as `medtune train` builds them,
+    on ``samples`` rows drawn at random (seed 0) from the stage's data."""
+    import random
+
     from medtune.models.presets import build_preset
+    from medtune.train.cache import CachedDataset
     from medtune.train.data import stage_dataset, training_rows
     from medtune.train.parts import apply_trainable_parts
 
@@ -92,6 +100,8 @@ def prepared(recipe):
     vlm = build_preset(recipe.model["preset"])
     dataset, _ = stage_dataset(stage.data, vlm, max_length=stage.max_length, seed=recipe.seed,
                                cache_dir=recipe.cache_dir, progress=False)
+    chosen = sorted(random.Random(0).sample(range(len(dataset)), min(samples, len(dataset))))
+    dataset = CachedDataset(dataset.rows.select(chosen), vlm, memo_bytes=None if image_memo else 0)
     model = apply_trainable_parts(vlm, vlm.model, stage.lr)
     rows = training_rows(dataset, packing=False, max_length=stage.max_length)
     return vlm, model, rows, vlm.collator(packing=False, max_length=stage.max_length)
@@ -106,7 +116,7 @@ def naive_trainer(args, workdir: Path, clock):
 
     recipe = recipe_for(args, workdir, "naive")
     stage = recipe.stages[0]
-    _, model, rows, collator = prepared(recipe)   # the model alone: no medtune loop
+    _, model, rows, collator = prepared(recipe, args.samples, image_memo=False)   # the model alone: no medtune loop
     counting = CountingCollator(collator, drop=(SAMPLE_METADATA, SAMPLE_INDEX))
     training_args = TrainingArguments(
         output_dir=str(workdir / "naive"), seed=recipe.seed, data_seed=recipe.seed, max_steps=args.steps,
@@ -121,12 +131,12 @@ def naive_trainer(args, workdir: Path, clock):
 
 
 def medtune_trainer(args, workdir: Path, name: str, clock, *, speedups_off: tuple[str, ...] = (),
-                    **stage_changes):
+                    image_memo: bool = True, **stage_changes):
     from medtune.train.run import build_trainer
 
     recipe = recipe_for(args, workdir, name, **stage_changes)
     stage = recipe.stages[0]
-    vlm, model, rows, collator = prepared(recipe)
+    vlm, model, rows, collator = prepared(recipe, args.samples, image_memo=image_memo)
     counting = CountingCollator(collator)
     trainer = build_trainer(recipe, stage, vlm, model, rows, None, counting, workdir / name)
     trainer.speedups = dataclasses.replace(trainer.speedups, **{flag: False for flag in speedups_off})
@@ -171,13 +181,17 @@ def run(name: str, make, args) -> dict:
             threads = "-".join(dict.fromkeys(str(n) for n in governor.choices))
         else:
             threads = str(getattr(trainer.args, "torch_threads", None) or torch.get_num_threads())
-    timed = clock.times[args.warmup - 1:]
-    seconds = timed[-1] - timed[0]
-    steps = len(timed) - 1
-    return {"name": name, "steps": steps, "seconds": seconds, "samples": steps * args.batch_size,
+    first, later = windows(args)
+    return {"name": name, "first": clock.times[first[1] - 1] - clock.times[first[0] - 1],
+            "later": clock.times[later[1] - 1] - clock.times[later[0] - 1],
             "batches": counting.batches, "loss": output.metrics["train_loss"], "threads": threads,
             "workers": trainer.args.dataloader_num_workers,
             "warmup_seconds": clock.times[args.warmup - 1] - began}
+
+
+def windows(args) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The timed (after-step, to-step) ranges: the first epoch after the warm-up steps, and the later epochs."""
+    return (args.warmup, args.epoch_steps), (args.epoch_steps, args.steps)
 
 
 def configurations(args) -> list[tuple[str, object]]:
@@ -190,7 +204,9 @@ def configurations(args) -> list[tuple[str, object]]:
             medtune("medtune"),
             medtune("medtune -labelled head", speedups_off=("labelled_positions_head",)),
             medtune("medtune -tower cache", speedups_off=("frozen_vision_features",)),
-            medtune("medtune -both", speedups_off=("labelled_positions_head", "frozen_vision_features")),
+            medtune("medtune -image memo", image_memo=False),
+            medtune("medtune -all exact", image_memo=False,
+                    speedups_off=("labelled_positions_head", "frozen_vision_features")),
             medtune("medtune 2 workers", dataloader_workers=2),
             medtune("medtune free threads", torch_threads="free")]
     if _cuda() or bf16_native():
@@ -203,8 +219,9 @@ def configurations(args) -> list[tuple[str, object]]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small", choices=("tiny", "small"))
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--warmup", type=int, default=4, help="steps left out of the timing")
+    parser.add_argument("--samples", type=int, default=400, help="training samples (drawn at random, seed 0)")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=4, help="first-epoch steps left out of the timing")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--naive-workers", type=int, default=0, help="dataloader workers of the plain Trainer")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
@@ -212,8 +229,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--busy", type=int, default=0, metavar="N",
                         help="N other processes keep a core busy each while every configuration trains")
     args = parser.parse_args(argv)
-    if args.steps <= args.warmup + 1:
-        parser.error("--steps must exceed --warmup by at least 2")
+    args.epoch_steps = -(-args.samples // args.batch_size)
+    args.steps = args.epochs * args.epoch_steps
+    if args.epochs < 2 or args.epoch_steps <= args.warmup + 1:
+        parser.error("need --epochs 2 or more and more than --warmup + 1 steps per epoch")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.disable(logging.WARNING)
     from medtune.train.progress import quiet_libraries
@@ -229,23 +248,26 @@ def print_table(results: list[dict], args) -> None:
     # every configuration sees the same batches (same seed and sampler); counts come from the main process's
     # collator, which workers bypass, so the first configuration's counts stand for all
     counted = next(r["batches"] for r in results if r["batches"])
-    window = counted[args.warmup:args.warmup + base["steps"]]
-    tokens, labelled = sum(b[0] for b in window), sum(b[1] for b in window)
+    first, later = windows(args)
+    tokens, labelled = (sum(b[column] for b in counted[later[0]:later[1]]) for column in (0, 1))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"\n{args.preset} preset, VQA-RAD SFT, batch {args.batch_size}, {args.steps} steps (timed: steps "
-          f"{args.warmup + 1}-{args.steps}), device {'cuda' if _cuda() else 'cpu'}, load average {load:.2f}"
+    print(f"\n{args.preset} preset, VQA-RAD SFT, {args.samples} samples, batch {args.batch_size}, {args.epochs} "
+          f"epochs of {args.epoch_steps} steps (timed: steps {first[0] + 1}-{first[1]} of the first epoch, steps "
+          f"{later[0] + 1}-{later[1]} after it), device {'cuda' if _cuda() else 'cpu'}, load average {load:.2f}"
           + (f", {args.busy} other busy process(es)" if args.busy else ""))
-    print(f"useful tokens per timed window: {tokens:,} non-padding, {labelled:,} labelled; "
-          f"x naive = samples/s ratio (the same batches, so also the tokens/s ratio)")
-    header = (f"{'configuration':<24} {'thr':>5} {'wrk':>3} {'samples/s':>9} {'tok/s':>8} {'labelled/s':>10} "
-              f"{'x naive':>7} {'loss':>8} {'loss - naive':>12} {'warm-up s':>9}")
+    print(f"useful tokens per later-epochs window: {tokens:,} non-padding, {labelled:,} labelled; x naive = "
+          f"samples/s ratio (the same batches, so also the tokens/s ratio)")
+    header = (f"{'configuration':<24} {'thr':>5} {'wrk':>3} {'x naive 1st':>11} {'samples/s':>9} {'tok/s':>8} "
+              f"{'labelled/s':>10} {'x naive':>7} {'loss':>8} {'loss - naive':>12} {'warm-up s':>9}")
+    print(" " * 34 + "first epoch" + " " * 3 + "later epochs")
     print(header)
     print("-" * len(header))
+    steps = later[1] - later[0]
     for row in results:
-        rate = row["samples"] / row["seconds"]
-        print(f"{row['name']:<24} {row['threads']:>5} {row['workers']:>3} {rate:>9.2f} "
-              f"{tokens / row['seconds']:>8,.0f} {labelled / row['seconds']:>10,.1f} "
-              f"{(base['seconds'] / row['seconds']):>7.2f} {row['loss']:>8.4f} {row['loss'] - base['loss']:>+12.2e} "
+        rate = steps * args.batch_size / row["later"]
+        print(f"{row['name']:<24} {row['threads']:>5} {row['workers']:>3} {base['first'] / row['first']:>11.2f} "
+              f"{rate:>9.2f} {tokens / row['later']:>8,.0f} {labelled / row['later']:>10,.1f} "
+              f"{base['later'] / row['later']:>7.2f} {row['loss']:>8.4f} {row['loss'] - base['loss']:>+12.2e} "
               f"{row['warmup_seconds']:>9.1f}")
 
 
