@@ -192,7 +192,8 @@ class CachedDataset:
 
     def __init__(self, rows, vlm, *, allowed_roots=(), memo_bytes: int | None = None):
         self.rows, self.vlm, self.allowed_roots = rows, vlm, allowed_roots
-        self.memo = ImageMemo(DEFAULT_MEMO_BYTES if memo_bytes is None else memo_bytes)
+        limit = DEFAULT_MEMO_BYTES if memo_bytes is None else memo_bytes
+        self.memo = ImageMemo(limit) if limit > 0 else None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -207,7 +208,7 @@ class CachedDataset:
         tokens = {"input_ids": row["input_ids"], "labels": row["labels"],
                   "sample_metadata": json.loads(row["metadata"])}
         return self.vlm.inputs_from_tokens(tokens, refs, row["image_root"], allowed_roots=self.allowed_roots,
-                                           memo=self.memo if self.memo.limit_bytes > 0 else None)
+                                           memo=self.memo)
 
 
 DEFAULT_MEMO_BYTES = 1 << 30
@@ -228,30 +229,24 @@ class ImageMemo:
         self.bytes = 0
         self.hits = self.misses = 0
 
-    def pixels(self, refs: Sequence[ImageRef], image_root, decode: Callable[[list], Any]):
+    def pixels(self, refs: Sequence[ImageRef], image_root, decode: Callable[[list], Any], *,
+               allowed_roots: Sequence = ()):
         """The stacked pixels of ``refs`` (``decode(refs)`` gives them for a list of references, or None for
         none), decoding only the references not seen before."""
-        keys = [self._key(ref, image_root) for ref in refs]
-        missing = [ref for ref, key in zip(refs, keys) if key is None or key not in self.entries]
-        self.hits += len(refs) - len(missing)
-        self.misses += len(missing)
-        if len(missing) == len(refs):                      # nothing to reuse (or no images): decode as usual
-            values = decode(list(refs))
-            if values is not None:
-                for key, value in zip(keys, values):
-                    self._keep(key, value)
-            return values
+        if not refs:
+            return decode([])
         import torch
 
+        keys = [self._key(ref, image_root, allowed_roots) for ref in refs]
+        kept = [self.entries.get(key) for key in keys]     # None: not seen yet, or unreadable now
+        missing = [ref for ref, value in zip(refs, kept) if value is None]
+        self.hits += len(refs) - len(missing)
+        self.misses += len(missing)
         decoded = iter(decode(missing)) if missing else iter(())
-        out = []
-        for key in keys:
-            if key is not None and key in self.entries:
-                out.append(self.entries[key])
-            else:
-                value = next(decoded)
+        out = [next(decoded) if value is None else value for value in kept]
+        for key, value, was_kept in zip(keys, out, kept):
+            if was_kept is None:
                 self._keep(key, value)
-                out.append(value)
         return torch.stack(out)
 
     def _keep(self, key, value) -> None:
@@ -261,11 +256,13 @@ class ImageMemo:
             self.bytes += size
 
     @staticmethod
-    def _key(ref: ImageRef, image_root) -> tuple | None:
+    def _key(ref: ImageRef, image_root, allowed_roots: Sequence) -> tuple | None:
         """The file's identity, or None when it cannot be read now (decoding then reports why)."""
-        path = ref.path if os.path.isabs(ref.path) else os.path.join(os.path.abspath(image_root), ref.path)
+        from medtune.data.images import resolve_image_path
+
         try:
-            stat = os.stat(os.path.normpath(path))
-        except (OSError, ValueError):
+            path = resolve_image_path(ref.path, image_root, allowed_roots)
+            stat = path.stat()
+        except (OSError, ValueError):                      # ImageError is a ValueError
             return None
-        return (os.path.normpath(path), stat.st_size, stat.st_mtime_ns, ref.frame, ref.axis, ref.slice)
+        return (str(path), stat.st_size, stat.st_mtime_ns, ref.frame, ref.axis, ref.slice)

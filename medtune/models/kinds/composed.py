@@ -114,7 +114,8 @@ class ComposedVLM(VLM):
             return self.pixel_values(load_images(refs, image_root, allowed_roots=allowed_roots))
 
         example = self.token_row(row["input_ids"], row["labels"], row.get("sample_metadata"))
-        example["pixel_values"] = decode(image_refs) if memo is None else memo.pixels(image_refs, image_root, decode)
+        example["pixel_values"] = (decode(image_refs) if memo is None
+                                   else memo.pixels(image_refs, image_root, decode, allowed_roots=allowed_roots))
         return example
 
     def encode_prompt(self, messages: list[dict], images: list) -> dict[str, Any]:
