@@ -10,7 +10,11 @@ per problem with its location:
   the text, duplicate ids;
 * every image that is missing, outside the image root, not an image, truncated, over the pixel limit or an
   undecodable DICOM/NIfTI, with :class:`~medtune.data.images.ImageError`'s reason. Each distinct image
-  reference is loaded once, however many samples share it.
+  reference is loaded once, however many samples share it. ``check_images=False`` (``--no-images``) skips
+  them, for annotations that come without their images (SLAKE's JSON alone, say).
+
+Every problem is kept (``--report`` writes them all), but one missing folder makes an error per record, so the
+command prints only the first few of each kind (:func:`first_of_each_kind`) and a line with each kind's count.
 
 The format is detected from the file's content unless ``--format`` names it; when nothing in the file could be
 read in the format used, a note says which format it looks like. An image root that does not exist is one
@@ -199,6 +203,10 @@ class ImageChecker:
         return self.outcomes[ref]
 
 
+# The kinds image_problem_kind gives: a problem whose meaning depends on where image paths were looked up.
+IMAGE_PROBLEM_KINDS = ("burned-in annotation", "missing image", "image outside root", "unreadable image")
+
+
 def image_problem_kind(error: ImageError) -> str:
     if isinstance(error, BurnedInError):
         return "burned-in annotation"
@@ -213,16 +221,20 @@ def image_problem_kind(error: ImageError) -> str:
 
 def check_dataset(path: Path, fmt: str, image_root: Path, *, allowed_roots: Iterable = (),
                   max_pixels: int = DEFAULT_MAX_PIXELS, tally: Tally | None = None,
-                  progress: bool = True, allow_burned_in: bool = False) -> tuple[list[Problem], ImageChecker]:
-    """Every problem in ``path``, in file order, plus the image checker (for counts)."""
+                  progress: bool = True, allow_burned_in: bool = False,
+                  check_images: bool = True) -> tuple[list[Problem], ImageChecker | None]:
+    """Every problem in ``path``, in file order, plus the image checker (for counts; None when
+    ``check_images`` is off and no image is looked at, so the image root need not exist)."""
     from tqdm import tqdm
 
     readable_text_file(path)
-    require_image_root(image_root)
-    for root in allowed_roots:
-        require_image_root(root, "allowed root")
+    images = None
+    if check_images:
+        require_image_root(image_root)
+        for root in allowed_roots:
+            require_image_root(root, "allowed root")
+        images = ImageChecker(image_root, allowed_roots, max_pixels, allow_burned_in)
     tally = tally if tally is not None else Tally()
-    images = ImageChecker(image_root, allowed_roots, max_pixels, allow_burned_in)
     problems: list[Problem] = []
     first_seen: dict[str, str] = {}
     usable = 0
@@ -244,7 +256,7 @@ def check_dataset(path: Path, fmt: str, image_root: Path, *, allowed_roots: Iter
     return problems, images
 
 
-def sample_problems(sample: Sample, where: str, images: ImageChecker, first_seen: dict[str, str]
+def sample_problems(sample: Sample, where: str, images: ImageChecker | None, first_seen: dict[str, str]
                     ) -> Iterator[Problem]:
     if sample.id in first_seen:
         yield Problem(where, "duplicate id", f"duplicate id {sample.id!r} (first at {first_seen[sample.id]})",
@@ -253,24 +265,40 @@ def sample_problems(sample: Sample, where: str, images: ImageChecker, first_seen
         first_seen[sample.id] = where
     for kind, message, severity in (*turn_problems(sample), *placeholder_problems(sample)):
         yield Problem(where, kind, message, sample.id, severity)
-    for ref in dict.fromkeys(sample.images):
+    for ref in dict.fromkeys(sample.images) if images is not None else ():
         error = images.check(ref)
         if error is not None:
             yield Problem(where, image_problem_kind(error), f"image {ref.path!r}: {error.reason}", sample.id)
 
 
+def first_of_each_kind(problems: list[Problem], limit: int) -> list[Problem]:
+    """The first ``limit`` problems of each kind, in file order (all of them when ``limit`` is 0): what a person
+    reads on the console, where 1,061 lines of one missing folder would hide the one other problem."""
+    if not limit:
+        return list(problems)
+    seen: collections.Counter = collections.Counter()
+    shown = []
+    for problem in problems:
+        seen[problem.kind] += 1
+        if seen[problem.kind] <= limit:
+            shown.append(problem)
+    return shown
 
 
-def summarise(problems: list[Problem], images: ImageChecker, tally: Tally, *, path: Path, fmt: str,
+def summarise(problems: list[Problem], images: ImageChecker | None, tally: Tally, *, path: Path, fmt: str,
               image_root: Path) -> dict:
+    """The report: counts, the one-line summary, and every problem (``images`` None: images were not checked)."""
     errors = sum(p.severity == "error" for p in problems)
     warnings = len(problems) - errors
-    bad_images = sum(outcome is not None for outcome in images.outcomes.values())
+    outcomes = images.outcomes if images is not None else {}
+    bad_images = sum(outcome is not None for outcome in outcomes.values())
     by_kind = collections.Counter(p.kind for p in problems)
-    summary = (f"checked {tally.read} records and {len(images.outcomes)} distinct images "
-               f"({bad_images} unusable): {errors} errors, {warnings} warnings")
+    checked = (f"{len(outcomes)} distinct images ({bad_images} unusable)" if images is not None
+               else "no image (annotations only)")
+    summary = f"checked {tally.read} records and {checked}: {errors} errors, {warnings} warnings"
     return {"file": os.fspath(path), "format": fmt, "image_root": os.fspath(image_root), "records": tally.read,
-            "images_checked": len(images.outcomes), "images_unusable": bad_images, "errors": errors,
-            "warnings": warnings, "by_kind": dict(by_kind.most_common()), "summary": summary,
-            "allow_burned_in": images.allow_burned_in, "burned_in_accepted": images.burned_in_accepted,
+            "images_checked": len(outcomes), "images_unusable": bad_images, "annotations_only": images is None,
+            "errors": errors, "warnings": warnings, "by_kind": dict(by_kind.most_common()), "summary": summary,
+            "allow_burned_in": bool(images and images.allow_burned_in),
+            "burned_in_accepted": images.burned_in_accepted if images is not None else 0,
             "tally": tally.to_dict(), "problems": [asdict(p) for p in problems]}

@@ -8,6 +8,7 @@ Every verb detects a file's format from its content when ``--from`` / ``--format
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -150,8 +151,10 @@ def _add_check(subparsers) -> None:
         "check", help="report every problem in a dataset (exit code 1 when there are errors)",
         description="Check FILE: records that do not parse, empty or misordered turns, placeholder/image count "
                     "mismatches, duplicate ids, unknown answer types, and every image that is missing, "
-                    "unreadable, outside the image root or too large. One line per problem, with its location. "
-                    "Exit code 1 when there are errors (or, with --strict, warnings), 0 otherwise.")
+                    "unreadable, outside the image root or too large (--no-images: the annotations only). "
+                    "One line per problem with its location, the first few of each kind, then each kind's "
+                    "count; --report writes them all. Exit code 1 when there are errors (or, with --strict, "
+                    "warnings), 0 otherwise.")
     parser.add_argument("file", metavar="FILE", help="dataset file")
     _add_format_option(parser)
     parser.add_argument("--image-root", metavar="DIR",
@@ -160,10 +163,25 @@ def _add_check(subparsers) -> None:
                         help="also allow images under DIR (repeatable); paths outside every root are errors")
     parser.add_argument("--max-pixels", type=int, default=checks.DEFAULT_MAX_PIXELS, metavar="N",
                         help=f"refuse images with more pixels than N (default {checks.DEFAULT_MAX_PIXELS:,})")
+    parser.add_argument("--no-images", dest="check_images", action="store_false",
+                        help="check the annotations only: no image is looked for (annotations shipped without "
+                             "their images)")
+    parser.add_argument("--examples", type=int, default=5, metavar="N",
+                        help="print the first N problems of each kind and count the rest (default %(default)s; "
+                             "0 prints every one)")
     parser.add_argument("--strict", action="store_true", help="count warnings as errors")
     _add_burned_in_flag(parser)
-    parser.add_argument("--report", metavar="OUT.json", help="also write the problems as JSON")
+    parser.add_argument("--report", metavar="OUT.json", help="also write every problem as JSON")
     parser.set_defaults(func=_run_check)
+
+
+def _print_kind_counts(by_kind: dict[str, int], examples: int, report: str | None) -> None:
+    """A line for each kind with more problems than were printed: how many, and where to see them all."""
+    where_all = f"all in {report}" if report else "--report OUT.json writes them all"
+    for kind, count in by_kind.items():
+        if examples and count > examples:
+            print(f"{kind}: {count:,} problems, the first {examples} shown above ({where_all}; --examples 0 "
+                  "prints every one)")
 
 
 def _add_format_option(parser) -> None:
@@ -172,23 +190,26 @@ def _add_format_option(parser) -> None:
 
 
 def _run_check(args: argparse.Namespace) -> int:
-
     path = Path(args.file)
     fmt, detected = _format_of(args.format, path)
+    if detected:  # flushed: before the problems, and before the progress bar on stderr
+        print(f"format: {fmt} (detected from the file's content; --format to choose)", flush=True)
     image_root = Path(args.image_root) if args.image_root else default_image_root(fmt, path)
     tally = Tally()
     problems, images = checks.check_dataset(path, fmt, image_root, allowed_roots=args.allow_root,
                                             max_pixels=args.max_pixels, tally=tally, progress=sys.stderr.isatty(),
-                                            allow_burned_in=args.allow_burned_in)
-    for problem in problems:
+                                            allow_burned_in=args.allow_burned_in, check_images=args.check_images)
+    for problem in checks.first_of_each_kind(problems, args.examples):
         print(problem.line())
     report = checks.summarise(problems, images, tally, path=path, fmt=fmt, image_root=image_root)
-    if detected:
-        print(f"format: {fmt} (detected from the file's content; --format to choose)")
+    _print_kind_counts(report["by_kind"], args.examples, args.report)
+    if any(kind in checks.IMAGE_PROBLEM_KINDS for kind in report["by_kind"]):
+        print(f"image paths were looked up under {os.path.abspath(image_root)} (--image-root DIR to change it; "
+              "--no-images checks the annotations only)")
     print(report["summary"])
     if report["by_kind"]:
         print("  " + ", ".join(f"{n} {kind}" for kind, n in report["by_kind"].items()))
-    if images.burned_in_accepted:
+    if images is not None and images.burned_in_accepted:
         tally.notes.append(convert.burned_in_note(images.burned_in_accepted))
         report["tally"] = tally.to_dict()
     print(tally.summary())

@@ -224,3 +224,60 @@ def test_dicom_without_the_extra_is_one_clear_line(tmp_path, monkeypatch, capsys
 def test_a_missing_file_is_one_line_with_exit_code_2(tmp_path, capsys):
     assert main(["data", "check", str(tmp_path / "nope.jsonl")]) == 2
     assert capsys.readouterr().err.strip() == f"medtune data: error: {tmp_path / 'nope.jsonl'}: no such file"
+
+
+def slake_records(count: int) -> list[dict]:
+    """SLAKE's JSON as it ships without its imgs/ folder: every record names an image that is not there."""
+    return [{"qid": 100 + i, "img_name": f"xmlab{i % 3}/source.jpg", "question": "Which modality is this?",
+             "answer": "CT", "q_lang": "en", "answer_type": "OPEN"} for i in range(count)]
+
+
+def test_annotations_without_images_print_a_few_examples_a_count_and_where_images_were_looked_for(tmp_path):
+    import subprocess
+    import sys
+
+    data = tmp_path / "test.json"
+    data.write_text(json.dumps(slake_records(12)))
+    command = [sys.executable, "-c", "import sys; from medtune.cli import main; sys.exit(main())", "data", "check",
+               str(data)]
+    # stderr into the same pipe: what a person sees in a log, in the order it arrives there
+    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
+    assert done.returncode == 1
+    lines = done.stdout.splitlines()
+    assert lines[0] == "format: slake (detected from the file's content; --format to choose)"
+    problems = [line for line in lines if line.startswith(f"{data}:")]
+    assert problems == [f"{data}:[{i}]: error: image 'xmlab{i % 3}/source.jpg': file not found [id {100 + i}]"
+                        for i in range(5)]
+    assert "missing image: 12 problems, the first 5 shown above" in done.stdout
+    assert f"image paths were looked up under {tmp_path} (--image-root DIR" in done.stdout
+    assert "checked 12 records and 3 distinct images (3 unusable): 12 errors, 0 warnings" in done.stdout
+
+
+def test_no_images_checks_the_annotations_alone(tmp_path, capsys):
+    records = slake_records(4)
+    records[2]["qid"] = records[1]["qid"]
+    data = tmp_path / "test.json"
+    data.write_text(json.dumps(records))
+    report = tmp_path / "report.json"
+    assert main(["data", "check", str(data), "--no-images", "--report", str(report)]) == 1
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith(f"{data}:")] == [
+        f"{data}:[2]: error: duplicate id '101' (first at {data}:[1]) [id 101]"]
+    assert "checked 4 records and no image (annotations only): 1 errors, 0 warnings" in out
+    assert "looked up under" not in out
+    assert json.loads(report.read_text())["annotations_only"] is True
+
+
+def test_examples_zero_prints_every_problem_and_the_report_keeps_all(tmp_path, capsys):
+    data = tmp_path / "test.json"
+    data.write_text(json.dumps(slake_records(7)))
+    report = tmp_path / "report.json"
+    assert main(["data", "check", str(data), "--examples", "2", "--report", str(report)]) == 1
+    out = capsys.readouterr().out
+    assert len([line for line in out.splitlines() if line.startswith(f"{data}:")]) == 2
+    assert f"missing image: 7 problems, the first 2 shown above (all in {report}" in out
+    assert len(json.loads(report.read_text())["problems"]) == 7
+    assert main(["data", "check", str(data), "--examples", "0"]) == 1
+    out = capsys.readouterr().out
+    assert len([line for line in out.splitlines() if line.startswith(f"{data}:")]) == 7
+    assert "problems, the first" not in out
