@@ -230,6 +230,7 @@ def _score(args) -> int:
               + (f" ({row.excluded} excluded)" if row.excluded else ""))
     if result.compat_table is not None:
         print(f"\ncompat table ({result.compat_table.flavour}):\n{result.compat_table.render()}")
+        print(f"note: {result.compat_table.exact_match_note}")
     if result.medmax_table is not None:
         print(f"\n{result.medmax_table.render()}")
     for name, tally in result.tallies.items():

@@ -232,6 +232,15 @@ def exact_match(prediction: str, truth: str) -> float:
     return sum(1 for word in truth_words if word in pred_words) / total
 
 
+def exact_match_note(flavour: str) -> str:
+    """One line for beside the table: its "exact match" and the strict family's "exact" give different numbers
+    for the same answers, and a reader should not have to open this file to learn why."""
+    label = next(label for _, metric, label in get_flavour(flavour).labels if metric == "exact_match")
+    return (f"{label!r} is not strict's 'exact': it gives every open answer partial credit (distinct truth words "
+            "found in the answer / the answer's word count, so 'lung' scores 1 against 'left lung'), while strict "
+            "counts an answer only when it equals the truth after normalisation")
+
+
 _BLEU_WEIGHTS = {"bleu1": (1, 0, 0, 0), "bleu2": (0, 1, 0, 0), "bleu3": (0, 0, 1, 0)}
 
 

@@ -251,6 +251,10 @@ class CompatTable:
     def reference(self) -> compat.Reference:
         return compat.get_flavour(self.flavour).reference
 
+    @property
+    def exact_match_note(self) -> str:
+        return compat.exact_match_note(self.flavour)
+
     def to_dict(self) -> dict:
         return {"flavour": self.flavour, "reference": self.reference.to_dict(),
                 "lines": [line.to_dict() for line in self.lines]}

@@ -112,7 +112,8 @@ def _compat_section(compat: CompatTable) -> list[str]:
     reference = compat.reference
     lines = [f"## Compatibility table ({compat.flavour} script labels, as it prints them)", "",
              f"Reproduces `{reference.script}` of {reference.repository} at commit `{reference.commit}` "
-             f"({reference.release})" + (f"; {reference.note}" if reference.note else "") + ".", "",
+             f"({reference.release})" + (f"; {reference.note}" if reference.note else "") + ".",
+             f"Note: {compat.exact_match_note}.", "",
              "| metric | value | n |", "| --- | ---: | ---: |"]
     for line in compat.lines:
         n = f"{line.n}" + (f" ({line.excluded} excluded)" if line.excluded else "")

@@ -55,6 +55,21 @@ def test_score_writes_every_report_file_with_the_right_numbers(files, tmp_path, 
     assert "yes/no accuracy        100" in capsys.readouterr().out
 
 
+def test_the_two_exact_match_figures_are_told_apart_next_to_the_table(files, tmp_path, capsys):
+    gt, preds = files
+    out = tmp_path / "report"
+    assert main(["eval", "score", str(preds), "--gt", str(gt), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    # "effusion" for "pleural effusion": a whole point in the script's exact match, a miss in strict's exact
+    assert any(line.startswith("strict  open   exact      50.00") for line in printed)
+    table_line = next(i for i, line in enumerate(printed) if line.startswith("Exact Match Score"))
+    assert printed[table_line].split()[3] == "100"
+    note = next(line for line in printed if line.startswith("note: "))
+    assert printed.index(note) > table_line
+    assert "'Exact Match Score' is not strict's 'exact'" in note and "partial credit" in note
+    assert note.removeprefix("note: ") in (out / "results.md").read_text()
+
+
 def test_missing_predictions_fail_naming_the_ids_unless_allowed(files, tmp_path, capsys):
     gt, preds = files
     lines = preds.read_text().splitlines()
