@@ -22,7 +22,10 @@ from medtune.data.schema import Sample
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("data", help="convert, check, describe, mix and de-leak datasets")
+    parser = subparsers.add_parser(
+        "data", help="convert, check, describe, mix and de-leak datasets",
+        description="Work on dataset files in any known format (see docs/data-format.md); each file's format is "
+                    "detected from its content unless you name it. `medtune data VERB --help` for each verb.")
     verbs = parser.add_subparsers(dest="data_verb", metavar="VERB")
     for add_verb in (_add_convert, _add_check, _add_stats, _add_mix, _add_leakage):
         add_verb(verbs)

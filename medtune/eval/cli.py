@@ -36,7 +36,9 @@ def register(subparsers) -> None:
     _add_score(verbs)
     _add_compare(verbs)
     _add_merge(verbs)
-    verbs.add_parser("tasks", help="list the built-in tasks and suites").set_defaults(func=_tasks)
+    verbs.add_parser("tasks", help="list the built-in tasks and suites",
+                     description="List the built-in tasks (for --task) and suites (for `eval suite`), with what "
+                                 "each needs.").set_defaults(func=_tasks)
     _add_run(verbs)
     _add_suite(verbs)
 
@@ -52,22 +54,24 @@ def _add_task_options(parser, *, required: bool) -> None:
 
 
 def _add_score(verbs) -> None:
-    p = verbs.add_parser("score", help="score a predictions file (medtune or LLaVA-Med/Med-MoE answers)")
+    p = verbs.add_parser("score", help="score a predictions file (medtune or LLaVA-Med/Med-MoE answers)",
+                         description="Score PREDICTIONS against a task's ground truth with each metric family, "
+                                     "with bootstrap 95%% intervals; print the headline figures and the reference "
+                                     "script's table, and with --out write the reports (see docs/evaluation.md).")
     p.add_argument("predictions", type=Path, help="JSONL: medtune predictions or LLaVA-Med answer file")
     _add_task_options(p, required=True)
     p.add_argument("--metrics", default="compat,strict",
                    help="families, comma-separated: compat (alias llava-med), strict, judge, medmax "
-                        "(MedMax's rules; open answers need --judge-endpoint)")
+                        "(MedMax's rules; open answers need --judge-endpoint) (default %(default)s)")
     from medtune.eval import compat  # light: the flavour table, no metric libraries
     p.add_argument("--compat-flavour", choices=compat.FLAVOURS, default="med-moe",
-                   help="which reference script the compat family reproduces")
+                   help="which reference script the compat family reproduces (default %(default)s)")
     p.add_argument("--candidates", type=Path,
                    help="LLaVA-Med candidate answer file: adds its 'open accuracy' (llava-med flavour)")
     p.add_argument("--out", type=Path, help="folder for results.json, results.md, results.png, wrong_answers.jsonl")
     p.add_argument("--allow-missing", action="store_true", help="score questions without a prediction as wrong")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    _add_bootstrap_options(p)
     p.add_argument("--judge-endpoint", help=f"OpenAI-compatible base URL for the LLM judge (key: ${JUDGE_KEY_ENV})")
     p.add_argument("--judge-model", help="model name at the judge endpoint")
     p.add_argument("--circular", action="store_true",
@@ -76,23 +80,31 @@ def _add_score(verbs) -> None:
 
 
 def _add_compare(verbs) -> None:
-    p = verbs.add_parser("compare", help="two scoring runs side by side")
-    p.add_argument("a", type=Path)
-    p.add_argument("b", type=Path)
+    p = verbs.add_parser("compare", help="two scoring runs side by side",
+                         description="Line up two scoring runs metric by metric and say whether their 95%% "
+                                     "intervals overlap (a quick, conservative check, not a test).")
+    p.add_argument("a", type=Path, metavar="A", help="first run: its results.json or its folder")
+    p.add_argument("b", type=Path, metavar="B", help="second run: its results.json or its folder")
     p.add_argument("--all-groups", action="store_true", help="include the per-organ and per-modality rows")
     p.set_defaults(func=_compare)
 
 
 def _add_merge(verbs) -> None:
-    p = verbs.add_parser("merge", help="merge shard prediction files; every id exactly once")
-    p.add_argument("shards", nargs="+", type=Path)
-    p.add_argument("--out", type=Path, required=True)
+    p = verbs.add_parser("merge", help="merge shard prediction files; every id exactly once",
+                         description="Merge the predictions files of a sharded run into one; with --task or --gt, "
+                                     "fail naming any question missing, answered twice or unknown.")
+    p.add_argument("shards", nargs="+", type=Path, metavar="SHARD", help="a shard's predictions JSONL")
+    p.add_argument("--out", type=Path, required=True, help="the merged predictions JSONL to write")
     _add_task_options(p, required=False)
     p.set_defaults(func=_merge)
 
 
 def _add_run(verbs) -> None:
-    p = verbs.add_parser("run", help="answer a task's questions with a model or an endpoint, then score")
+    p = verbs.add_parser("run", help="answer a task's questions with a model or an endpoint, then score",
+                         description="Answer every question of a task with a local model or an OpenAI-compatible "
+                                     "endpoint, writing each answer to OUT/predictions.jsonl as it comes (a rerun "
+                                     "resumes), then score it as `eval score` does. Shards split the questions "
+                                     "between processes, by hand or under torchrun.")
     p.add_argument("--task", default="vqa-rad", help="a built-in task (default: bundled VQA-RAD test split)")
     p.add_argument("--data", type=Path, help="where the task's questions are (default: bundled, if any)")
     p.add_argument("--gt-format", default=None, help="format of --data")
@@ -104,22 +116,26 @@ def _add_run(verbs) -> None:
     p.add_argument("--endpoint-model", help="model name at the endpoint")
     p.add_argument("--out", type=Path, required=True,
                    help="folder for predictions and the report; running again into it resumes")
-    p.add_argument("--batch-size", type=_positive_int, default=8,
-                   help="questions per generate call (local) or requests in flight (endpoint)")
-    p.add_argument("--limit", type=_positive_int, help="only the first N questions of the task")
-    p.add_argument("--device", default="auto", help="local model: cpu, cuda, cuda:1 ... (auto: GPU if any)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="local model weights' dtype")
+    _add_generation_options(p, "the task")
     p.add_argument("--prompt-style", choices=("plain", "short"), default="plain",
-                   help="plain: the question alone (LLaVA-Med protocol); short: ask for a word or phrase")
-    p.add_argument("--num-shards", type=_positive_int, default=1, help="(under torchrun: WORLD_SIZE)")
-    p.add_argument("--shard-index", type=int, default=0, help="(under torchrun: RANK)")
-    p.add_argument("--shard-mode", choices=("modulo", "contiguous"), default="modulo")
+                   help="plain: the question alone (LLaVA-Med protocol); short: ask for a word or phrase "
+                        "(default %(default)s)")
+    p.add_argument("--num-shards", type=_positive_int, default=1, metavar="N",
+                   help="split the questions into N shards, each answered by its own run into the same --out; "
+                        "the last to finish merges and scores (default %(default)s; under torchrun: WORLD_SIZE)")
+    p.add_argument("--shard-index", type=int, default=0, metavar="I",
+                   help="the shard this run answers, 0..N-1 (default %(default)s; under torchrun: RANK)")
+    p.add_argument("--shard-mode", choices=("modulo", "contiguous"), default="modulo",
+                   help="which questions a shard gets: modulo, question i goes to shard i mod N (shards get a "
+                        "similar mix and finish together); contiguous, one block of the task order each "
+                        "(default %(default)s)")
     from medtune.eval.tasks import PROTOCOLS
     p.add_argument("--protocol", choices=PROTOCOLS, default="medtune",
                    help="generation budgets: medtune's, or MedMax's (1 token for closed/mcq, scaled to the "
-                        "model's tokenizer; 60 for open)")
+                        "model's tokenizer; 60 for open) (default %(default)s)")
     p.add_argument("--metrics", default="compat,strict",
-                   help="families, comma-separated: compat, strict, medmax (open answers left unjudged)")
+                   help="families, comma-separated: compat, strict, medmax (open answers left unjudged) "
+                        "(default %(default)s)")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable question or image")
     p.add_argument("--circular", action="store_true",
                    help="ask every multiple-choice question once per rotation of its options (MMBench CircularEval)")
@@ -128,8 +144,12 @@ def _add_run(verbs) -> None:
 
 def _add_suite(verbs) -> None:
     from medtune.eval.suite import SUITES
-    p = verbs.add_parser("suite", help="run a named list of tasks into one report (medmax-12, gmai)")
-    p.add_argument("name", choices=list(SUITES))
+    p = verbs.add_parser("suite", help="run a named list of tasks into one report (medmax-12, gmai)",
+                         description="Run every task of suite NAME as `eval run` does, one subfolder each, and "
+                                     "write suite.json and suite.md on top. `medtune eval tasks` lists each "
+                                     "suite's tasks.")
+    p.add_argument("name", choices=list(SUITES), metavar="NAME",
+                   help="; ".join(f"{name}: {suite.description}" for name, suite in SUITES.items()))
     backend = p.add_mutually_exclusive_group(required=True)
     backend.add_argument("--model", help="a local checkpoint (medtune or Hugging Face)")
     backend.add_argument("--endpoint", help="OpenAI-compatible base URL (API key: $MEDTUNE_ENDPOINT_API_KEY)")
@@ -139,17 +159,32 @@ def _add_suite(verbs) -> None:
                    help="a task's data file; PATH alone: every task (medmax-12 reads one release file)")
     p.add_argument("--image-root", action="append", default=[], metavar="[TASK=]DIR",
                    help="a task's image folder; DIR alone: every task")
-    p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--limit", type=_positive_int, help="only the first N questions of each task")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    _add_generation_options(p, "each task")
     p.add_argument("--circular", action="store_true", help="circular evaluation of multiple-choice tasks")
     p.add_argument("--judge-endpoint", help=f"OpenAI-compatible judge (key: ${JUDGE_KEY_ENV}): MedMax's open "
                    "answers, VLMEvalKit's unmatched mcq answers")
     p.add_argument("--judge-model", help="model name at the judge endpoint")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    _add_bootstrap_options(p)
     p.set_defaults(func=_suite, metrics="compat,strict")
+
+
+def _add_generation_options(p, questions: str) -> None:
+    """How `eval run` and `eval suite` answer: batch, limit, and the local model's device and dtype."""
+    p.add_argument("--batch-size", type=_positive_int, default=8,
+                   help="questions per generate call (local) or requests in flight (endpoint) "
+                        "(default %(default)s)")
+    p.add_argument("--limit", type=_positive_int, metavar="N", help=f"only the first N questions of {questions}")
+    p.add_argument("--device", default="auto",
+                   help="local model: cpu, cuda, cuda:1 ... (default %(default)s: this process's GPU if any, "
+                        "else cpu)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="local model weights' dtype (default: the checkpoint's)")
+
+
+def _add_bootstrap_options(p) -> None:
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default %(default)s)")
+    p.add_argument("--resamples", type=int, default=1000,
+                   help="bootstrap resamples for the 95%% intervals (default %(default)s)")
 
 
 def _positive_int(text: str) -> int:

@@ -22,27 +22,39 @@ from typing import Any
 
 
 def register(subparsers) -> None:
-    model = subparsers.add_parser("model", help="build or inspect a vision-language model")
+    model = subparsers.add_parser("model", help="build or inspect a vision-language model",
+                                  description="Build a vision-language model from a preset or a spec, describe a "
+                                              "saved one, or export one in another library's layout.")
     verbs = model.add_subparsers(dest="model_verb", metavar="ACTION", required=True)
 
-    build = verbs.add_parser("build", help="build a composed VLM (random projector) and save it")
+    build = verbs.add_parser("build", help="build a composed VLM (random projector) and save it",
+                             description="Compose a vision tower, a projector (randomly initialised) and a language "
+                                         "model from SPEC, with key=value overrides parsed as YAML values, and save "
+                                         "the result to OUT as a safetensors checkpoint.")
     build.add_argument("spec", help="a preset (tiny, small) or a YAML file of ModelSpec fields")
     build.add_argument("out", type=Path, help="output folder (safetensors checkpoint)")
     build.add_argument("overrides", nargs="*", metavar="key=value", help="ModelSpec fields to change")
     build.set_defaults(func=run_build)
 
-    info = verbs.add_parser("info", help="describe a saved VLM: parts, parameters, template, image tokens")
+    info = verbs.add_parser("info", help="describe a saved VLM: parts, parameters, template, image tokens",
+                            description="Describe the model at PATH: its vision tower, projector and language "
+                                        "model, parameter count, dtype, chat template and image tokens.")
     info.add_argument("path", help="a checkpoint folder (or hub name)")
     info.set_defaults(func=run_info)
 
     export = verbs.add_parser("export-native", help="write an upcycled Qwen2 MoE model as Llava + Qwen2-MoE, "
-                                                    "which plain transformers and vLLM load without medtune")
+                                                    "which plain transformers and vLLM load without medtune",
+                              description="Write CHECKPOINT (a medtune MoE model whose LLM is Qwen2) to OUT as a "
+                                          "Llava model with a Qwen2-MoE language model: a complete checkpoint that "
+                                          "plain transformers loads without medtune.")
     export.add_argument("checkpoint", help="a medtune MoE checkpoint (kind moe) whose LLM is Qwen2")
     export.add_argument("out", type=Path, help="output folder (a complete native checkpoint)")
     export.set_defaults(func=run_export_native)
 
     chameleon = verbs.add_parser("export-chameleon", help="write a discrete-token (Chameleon/Anole) checkpoint in "
-                                                          "Chameleon's original format (consolidated.pth + params.json)")
+                                                          "Chameleon's original format (consolidated.pth + params.json)",
+                                 description="Write CHECKPOINT (a Chameleon-family model, kind discrete) to OUT in "
+                                             "Chameleon's original layout: consolidated.pth and params.json.")
     chameleon.add_argument("checkpoint", help="a Chameleon-family checkpoint (kind discrete), e.g. a merged MedMax "
                                               "stage")
     chameleon.add_argument("out", type=Path, help="output folder (models/7b-style: consolidated.pth, params.json)")
@@ -209,11 +221,11 @@ def _add_tokenize_images(subparsers) -> None:
     parser.add_argument("--format", metavar="FMT", help="INPUT's format: canonical (default for files), csv, "
                                                         "folder, or any medtune data format")
     parser.add_argument("--image-root", metavar="DIR", help="folder image paths are relative to")
-    parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per encoder call (16)")
-    parser.add_argument("--num-shards", type=int, default=1, metavar="N", help="processes sharing the work")
-    parser.add_argument("--shard-index", type=int, default=0, metavar="I", help="this process's shard (0..N-1)")
+    parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per encoder call (default %(default)s)")
+    parser.add_argument("--num-shards", type=int, default=1, metavar="N", help="processes sharing the work (default %(default)s; under torchrun: WORLD_SIZE)")
+    parser.add_argument("--shard-index", type=int, default=0, metavar="I", help="this process's shard, 0..N-1 (default %(default)s; under torchrun: RANK)")
     parser.add_argument("--chunk-rows", type=int, default=1024, metavar="N",
-                        help="rows per flushed part file: what a kill can lose (1024)")
+                        help="rows per flushed part file: what a kill can lose (default %(default)s)")
     parser.add_argument("--device", default=None, help="where the VQ runs (default: this rank's GPU, else cpu)")
     parser.add_argument("--medmax", action="store_true", help="write MedMax's columns: img_path, img_tokens")
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable image")

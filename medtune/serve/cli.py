@@ -58,13 +58,18 @@ def _register_chat(subparsers) -> None:
     parser.add_argument("--image", help="an image to talk about: PNG/JPEG, DICOM or NIfTI")
     parser.add_argument("--window", help="window preset for DICOM images (lung, bone, brain, ...)")
     parser.add_argument("--slice", type=int, help="slice of a NIfTI volume (default: the middle one)")
-    parser.add_argument("--max-tokens", type=_positive_int, default=256, help="longest answer in tokens")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (deterministic)")
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-tokens", type=_positive_int, default=256,
+                        help="longest answer in tokens (default %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature; 0 is greedy, the same answer every time (default %(default)s; "
+                             "the API's default is 1, as OpenAI's)")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="nucleus sampling: sample from the smallest set of tokens whose probabilities add up "
+                             "to P, when temperature > 0 (default %(default)s: every token)")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling (temperature > 0)")
     parser.add_argument("--modalities", default="text",
                         help="what answers may hold: text, image, or text,image (images need a model that writes "
-                             "image tokens, e.g. a MedMax checkpoint with its image decoder)")
+                             "image tokens, e.g. a MedMax checkpoint with its image decoder) (default %(default)s)")
     parser.add_argument("--image-dir", type=Path, default=Path("medtune-chat-images"),
                         help="where images in answers are saved (default: ./medtune-chat-images)")
     parser.set_defaults(func=_run_chat)
@@ -83,7 +88,7 @@ def _add_model(parser, port: int | None = None) -> None:
     parser.add_argument("model", help="a medtune checkpoint folder or a local Hugging Face VLM")
     if port is not None:
         parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-        parser.add_argument("--port", type=int, default=port)
+        parser.add_argument("--port", type=int, default=port, help="port to listen on (default %(default)s)")
 
 
 def _register_serve(subparsers) -> None:
@@ -102,16 +107,16 @@ def _register_serve(subparsers) -> None:
     parser.add_argument("--allowed-image-root", type=Path,
                         help="accept image paths under this folder (default: data URIs only)")
     parser.add_argument("--max-tokens-limit", type=_positive_int, default=DEFAULT_MAX_TOKENS_LIMIT,
-                        help="largest max_tokens a request may ask for")
+                        help="largest max_tokens a request may ask for (default %(default)s)")
     parser.add_argument("--default-max-tokens", type=_positive_int, default=None,
                         help=f"max_tokens when a request does not say (default: {DEFAULT_MAX_TOKENS}, "
                              "or the limit if lower)")
     parser.add_argument("--max-image-bytes", type=_positive_int, default=DEFAULT_MAX_IMAGE_BYTES,
-                        help="largest image file accepted, in bytes")
+                        help="largest image file accepted, in bytes (default %(default)s: 20 MiB)")
     parser.add_argument("--max-pixels", type=_positive_int, default=None,
                         help="largest image accepted, in pixels (default: the image loader's guard)")
     parser.add_argument("--max-batch-size", type=_positive_int, default=8,
-                        help="requests with equal settings generated together")
+                        help="requests with equal settings generated together (default %(default)s)")
     parser.add_argument("--max-queue", type=_positive_int, default=DEFAULT_MAX_QUEUE,
                         help="requests that may wait for the model; past it a request gets 503 with Retry-After "
                              f"(default: {DEFAULT_MAX_QUEUE})")

@@ -46,7 +46,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="skip finished stages and continue an unfinished one from its last complete checkpoint")
     parser.add_argument("--start-stage", type=int, default=0, metavar="N",
-                        help="start at stage N (0-based); stage N-1's model must exist in the output directory")
+                        help="start at stage N (0-based; default %(default)s, the first); stage N-1's model must "
+                             "exist in the output directory")
     parser.add_argument("--output", metavar="DIR", help="output directory (replaces the recipe's output_dir)")
 
 
