@@ -4,12 +4,16 @@ Each stage package has a ``cli`` module with ``register(subparsers)``, which add
 ``func`` on each parser. Those modules import nothing heavy at import time (torch, transformers, web
 servers load inside the verb's function), so ``medtune data ...`` starts fast and works without the
 deep-learning extras installed.
+
+Every verb shows progress with medtune's own display (:mod:`medtune.progress`: a bar on a terminal, plain lines
+in a log); :func:`quiet_library_progress` turns off the Hugging Face libraries' bars once, here, for all of them.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from medtune import __version__
@@ -44,9 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # httpx logs every request it makes (Gradio's start-up checks, an endpoint's answers)
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    quiet_library_progress()
     try:
         result = args.func(args)
     except (UserError, OSError, ValueError) as error:
@@ -60,6 +67,29 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return int(result or 0)
+
+
+# Each library's switch for its own progress bars: the environment variable it reads when it is imported, and
+# the function that turns them off once it has been.
+LIBRARY_PROGRESS_ENV = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
+LIBRARY_PROGRESS_OFF = (("transformers.utils.logging", "disable_progress_bar"),
+                        ("huggingface_hub.utils", "disable_progress_bars"),
+                        ("datasets.utils.logging", "disable_progress_bar"))
+
+
+def quiet_library_progress() -> None:
+    """Turn off the progress bars of transformers, the hub and datasets for this process and its children.
+
+    Their bars ("Loading weights: 100%|...| 114/114", "Writing model shards") are drawn with carriage returns,
+    which a log keeps as run-together lines, and they interleave with medtune's own display. The environment
+    variables reach the libraries a verb imports later, without importing them here (``medtune data`` stays
+    light); the libraries already imported (by a test, or ``python -c``) are switched off by their own call.
+    """
+    for variable in LIBRARY_PROGRESS_ENV:
+        os.environ[variable] = "1"
+    for module, switch_off in LIBRARY_PROGRESS_OFF:
+        if module in sys.modules:
+            getattr(sys.modules[module], switch_off)()
 
 
 # An OS error about a path the user gave, in words (the errno's own text is terse: "[Errno 21] Is a directory").

@@ -19,6 +19,7 @@ from medtune.data.formats import (
 )
 from medtune.data.jsonl import UNREADABLE_TAIL, Tally, write_json
 from medtune.data.schema import Sample
+from medtune.progress import track
 
 
 def register(subparsers) -> None:
@@ -356,12 +357,11 @@ def _stream(path: Path, fmt: str, root: Path, tally: Tally, strict: bool) -> Ite
 
 
 def _run_leakage(args) -> int:
-    from tqdm import tqdm
-
     (train_path, train_fmt, train_root), (test_path, test_fmt, test_root) = _side(args, "train"), _side(args, "test")
     tally, hasher = Tally(), leakage.ImageHasher()
-    train_stream = tqdm(_stream(train_path, train_fmt, train_root, tally, args.strict), desc="comparing",
-                        unit="record")
+    # a bar on a terminal, plain lines in a log (the training records stream: no total to show)
+    train_stream = track(_stream(train_path, train_fmt, train_root, tally, args.strict), total=None,
+                         desc="comparing", unit="training records")
     report = leakage.find_leakage(train_stream, _stream(test_path, test_fmt, test_root, tally, args.strict),
                           near_threshold=args.near_threshold, hasher=hasher)
     result = report.to_dict()

@@ -52,6 +52,7 @@ from medtune.eval.backends import Backend, Request, Settings
 from medtune.eval.metrics import DEFAULT_FAMILIES
 from medtune.eval.score import LIMIT_FIELD, score_predictions
 from medtune.eval.tasks import Task
+from medtune.progress import progress_bar
 
 ENDPOINT_KEY_ENV = "MEDTUNE_ENDPOINT_API_KEY"  # the endpoint's API key (else OPENAI_API_KEY), never an option
 IMAGE_CACHE_SIZE = 16  # VQA benchmarks ask several questions about one image, usually one after another
@@ -244,11 +245,9 @@ class _ImageCache:
 
 
 def _progress_bar(total: int, done: int, label: str, *, enabled: bool):
-    from medtune.train.progress import progress_bar
-
     # questions/s and the ETA count only this run's answers: `initial` marks the resumed ones as done; off a
-    # terminal (a log, CI) the display is plain lines, as training's is
-    return progress_bar(total, desc=label, unit="q", initial=done, enabled=enabled)
+    # terminal (a log, CI) the display is plain lines, as training's is. The unit is the summary's word.
+    return progress_bar(total, desc=label, unit="questions", initial=done, enabled=enabled)
 
 
 def _complete(path: Path, ids: Iterable[str]) -> bool:
@@ -277,7 +276,7 @@ def summary(result: RunResult, out_dir) -> str:
     """The line a run ends with."""
     where = f"shard {result.shard_index + 1}/{result.num_shards}: " if result.num_shards > 1 else ""
     line = (f"{result.task}: {where}{result.shard_questions} questions, {result.already_answered} answered before, "
-            f"{result.answered} answered now in {result.seconds:.1f} s ({result.questions_per_second:.2f} q/s)")
+            f"{result.answered} answered now in {result.seconds:.1f} s ({result.questions_per_second:.2f} questions/s)")
     if result.skipped.n_skipped:
         line += f", {result.skipped.n_skipped} skipped"
     if result.score is not None:

@@ -36,13 +36,6 @@ def checkpoint_name(model: str) -> str:
     return path.name or "model"
 
 
-def _quiet_loading() -> None:
-    """Without transformers' "Loading weights" bar, the first thing on the console is the verb's own banner."""
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-
-
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -79,7 +72,6 @@ def _run_chat(args) -> int:
     from medtune.serve.chat import run_chat
 
     check_model_path(args.model)
-    _quiet_loading()
     return run_chat(args)
 
 
@@ -140,7 +132,6 @@ def _run_serve(args) -> int:
                   max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
                   max_image_bytes=args.max_image_bytes, max_pixels=args.max_pixels,
                   max_batch_size=args.max_batch_size, max_queue=args.max_queue)
-    _quiet_loading()
     serve(args.model, host=args.host, port=args.port, config_overrides=config)
     return 0
 
@@ -158,5 +149,4 @@ def _run_web(args) -> int:
 
     check_model_path(args.model)
     args.model_name = checkpoint_name(args.model)   # the page's title
-    _quiet_loading()
     return run_web(args)

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Sequence
 from medtune.data.files import file_digest
 from medtune.data.jsonl import RecordError, Tally, write_json
 from medtune.data.schema import ImageRef
+from medtune.progress import track
 
 CACHE_FORMAT = "2"
 TALLY_FILE = "tally.json"
@@ -121,7 +122,6 @@ def _features():
 
 def _encode_all(pairs, vlm, encoder, *, max_length, truncation, strict, tally, data_files, progress) -> dict:
     from medtune.models.processing import SkipSample
-    from medtune.train.progress import track
 
     columns: dict[str, list] = {name: [] for name in _features()}
     pairs = list(pairs)   # a total for the display's ETA; the encoded columns are held in memory anyway

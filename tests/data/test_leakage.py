@@ -1,5 +1,6 @@
 """`medtune data leakage`: the known VQA-RAD leakage through the real CLI, cleaning, and each category's rule."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,16 @@ def test_images_compared_by_content_not_name(tmp_path):
     report = find_leakage(train, test)
     assert [p["train_id"] for p in report.exact.values()] == ["r1"]
     assert (report.test_images_in_train, report.train_records_on_test_images) == (1, 1)
+
+
+def test_a_log_gets_one_plain_progress_line_not_a_bar(tmp_path, capsys):
+    image = _write_image(tmp_path / "x.png", b"x")
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    write_samples(train, [_sample(f"r{i}", image, f"Is there a mass in segment {i}?", "no") for i in range(3)])
+    write_samples(test, [_sample("t", image, "Is there a mass?", "no")])
+    assert main(["data", "leakage", str(train), str(test)]) == 0
+    err = capsys.readouterr().err   # not a terminal, as in a log
+    assert re.fullmatch(r"comparing: 3 training records in 0:\d\d \([\d.,]+ training records/s\)\n", err), err
 
 
 def test_near_duplicates_follow_the_threshold(tmp_path):

@@ -20,6 +20,35 @@ def test_build_then_info(tmp_path, capsys):
     assert f"{vlm.num_parameters():,} parameters" in info and "projector: attn_pool+mlp2x_gelu" in info
 
 
+@pytest.fixture
+def library_bars_on(monkeypatch):
+    """transformers' and the hub's progress bars switched on, as in a process that imported them before the verb
+    ran; their state and the environment are put back afterwards."""
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as transformers_logging
+
+    from medtune.cli import LIBRARY_PROGRESS_ENV
+
+    was_on = transformers_logging.is_progress_bar_enabled()
+    for variable in LIBRARY_PROGRESS_ENV:
+        monkeypatch.delenv(variable, raising=False)
+    transformers_logging.enable_progress_bar()
+    yield
+    if not was_on:
+        transformers_logging.disable_progress_bar()
+        hub_utils.disable_progress_bars()
+
+
+def test_build_and_info_show_no_library_progress_bar(tmp_path, capsys, library_bars_on):
+    out = tmp_path / "vlm"
+    assert main(["model", "build", "tiny", str(out)]) == 0
+    assert main(["model", "info", str(out)]) == 0
+    printed = "".join(capsys.readouterr())
+    assert "parameters" in printed
+    for bar in ("Loading weights", "Writing model shards", "it/s]", "\r"):
+        assert bar not in printed
+
+
 def test_build_from_a_spec_file(tmp_path, capsys):
     spec = tmp_path / "spec.yaml"
     spec.write_text("vision: {model_type: clip_vision_model, image_size: 32, patch_size: 16, hidden_size: 32,\n"
