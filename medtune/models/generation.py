@@ -128,8 +128,10 @@ class Generator:
         return [c.text for c in self.complete(conversations, images, settings)]
 
     def complete(self, conversations: Sequence[Conversation], images: Sequence[Sequence["Image.Image"]],
-                 settings: GenerationSettings = GenerationSettings()) -> list[Completion]:
-        """Like :meth:`generate`, with finish reasons and token counts."""
+                 settings: GenerationSettings = GenerationSettings(),
+                 cancel: threading.Event | None = None) -> list[Completion]:
+        """Like :meth:`generate`, with finish reasons and token counts. Once ``cancel`` is set (a server
+        shutting down), every row ends at its next token."""
         if len(conversations) != len(images):
             raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
         if not conversations:
@@ -137,7 +139,7 @@ class Generator:
         batch = self._encode_batch(conversations, images)
         prompt_length = batch["input_ids"].shape[1]
         with self._lock:
-            output = self._run_generate(batch, settings)
+            output = self._run_generate(batch, settings, cancel=cancel)
         return [self._completion(row[prompt_length:], int(mask.sum()), settings)
                 for row, mask in zip(output, batch["attention_mask"])]
 
@@ -316,7 +318,8 @@ def _safe_prefix_length(text: str, stop: Sequence[str]) -> int:
 
 
 class _Cancelled:
-    """Stopping criterion that ends every row once the consumer of a stream has gone away."""
+    """Stopping criterion that ends every row once the consumer of a stream has gone away, or the server is
+    stopping."""
 
     def __init__(self, event: threading.Event):
         self.event = event

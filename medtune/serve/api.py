@@ -27,6 +27,9 @@ Design choices:
   DICOM image (medtune.data.images.WINDOW_PRESETS).
 * Binds to loopback by default; an API key (``--api-key`` or ``MEDTUNE_API_KEY``) is required as a Bearer
   token on ``/v1`` routes when set. ``/health`` stays open for load balancers and says nothing private.
+* Every request gets one access-log line once its response is sent (:class:`AccessLog`): method, path, status,
+  seconds and, for completions, the token counts; never a message or an image, which are patients' data. On
+  SIGTERM or Ctrl-C the server stops within a second and logs that it did (:mod:`medtune.serve.shutdown`).
 """
 # No `from __future__ import annotations` here: FastAPI reads the handlers' annotations (Request) at
 # registration, and they are imported inside create_app, so they must be evaluated where they are defined.
@@ -48,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune.models.generation import Completion, GenerationSettings
+from medtune.serve.shutdown import GRACE_SECONDS, run_until_signalled, wait_until_listening
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,7 @@ DEFAULT_MAX_TOKENS = 256
 DEFAULT_MAX_QUEUE = 64  # eight full batches of the default size waiting behind the one being generated
 ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 IMAGE_MEDIA_TYPES = ("image/", "application/dicom")
+USAGE_KEY = "medtune.usage"  # the ASGI scope entry where a completion handler leaves token counts for the log
 
 
 class ApiError(Exception):
@@ -314,7 +319,9 @@ class _Job:
 
 class BatchingWorker:
     """One thread that owns the Generator and micro-batches waiting requests with the same settings; at most
-    ``max_queue`` requests wait to start, the next ones are refused (:meth:`busy_error`)."""
+    ``max_queue`` requests wait to start, the next ones are refused (:meth:`busy_error`). Once :meth:`stop` is
+    called (the server is shutting down) generation ends at the next token, and every request not yet answered
+    gets 503 (a stream: an error event), so none is still open when the server closes its connections."""
 
     def __init__(self, generator, max_batch_size: int = 8, max_queue: int = DEFAULT_MAX_QUEUE):
         self.generator = generator
@@ -327,6 +334,7 @@ class BatchingWorker:
         self.refused = 0
         self._batch_seconds: float | None = None   # moving average of one generate call
         self.batch_sizes: collections.Counter = collections.Counter()
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="medtune-generate", daemon=True)
         self._thread.start()
 
@@ -368,6 +376,8 @@ class BatchingWorker:
 
     def _admit(self, job: _Job) -> None:
         with self._admission:
+            if self._stopping.is_set():
+                raise _shutting_down()
             self._refuse_if_full()
             self._waiting += 1
         self._queue.put(job)
@@ -379,9 +389,13 @@ class BatchingWorker:
     def _timed(self, seconds: float) -> None:
         self._batch_seconds = seconds if self._batch_seconds is None else 0.8 * self._batch_seconds + 0.2 * seconds
 
-    def close(self):
+    def stop(self) -> None:
+        """Cut what is being generated short and answer every request left with 503 (see the class)."""
+        self._stopping.set()
+
+    def close(self, timeout: float = 10.0):
         self._queue.put(None)
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=timeout)
 
     def _next(self, block: bool):
         if self._held:
@@ -390,6 +404,13 @@ class BatchingWorker:
 
     def _loop(self):
         while (job := self._next(block=True)) is not None:
+            if self._stopping.is_set():
+                self._started([job])
+                if job.request.stream:
+                    _put(job, _shutting_down())
+                else:
+                    job.future.set_exception(_shutting_down())
+                continue
             jobs = [job] if job.request.stream else self._gather(job)
             self._started(jobs)
             started = time.monotonic()
@@ -419,7 +440,7 @@ class BatchingWorker:
         requests = [job.request for job in batch]
         try:
             completions = self.generator.complete([r.conversation for r in requests], [r.images for r in requests],
-                                                  requests[0].settings)
+                                                  requests[0].settings, cancel=self._stopping)
         except Exception as error:
             if len(batch) > 1:  # find the culprit: only its own request should fail
                 for job in batch:
@@ -428,6 +449,10 @@ class BatchingWorker:
             log.exception("generation failed")
             batch[0].future.set_exception(_as_api_error(error))
             return
+        if self._stopping.is_set():  # the answers may have been cut at any token: none is given
+            for job in batch:
+                job.future.set_exception(_shutting_down())
+            return
         for job, completion in zip(batch, completions):
             job.future.set_result(completion)
 
@@ -435,18 +460,31 @@ class BatchingWorker:
         request = job.request
         if job.cancelled.is_set():  # the client left while the request was waiting
             return
-        put = lambda item: job.loop.call_soon_threadsafe(job.deltas.put_nowait, item)  # noqa: E731
         try:
             stream = self.generator.stream(request.conversation, request.images, request.settings)
             for delta in stream:
-                if job.cancelled.is_set():
+                if job.cancelled.is_set() or self._stopping.is_set():
                     stream.deltas.close()  # stops the generation thread too
-                    break
-                put(delta)
-            put(stream.completion)
+                    _put(job, _shutting_down())  # read only when the server is stopping, not by a client gone
+                    return
+                _put(job, delta)
+            _put(job, stream.completion)
         except Exception as error:
             log.exception("streaming generation failed")
-            put(_as_api_error(error))
+            _put(job, _as_api_error(error))
+
+
+def _put(job: _Job, item) -> None:
+    """Hand a stream's next delta (or its end) to the event loop serving its client."""
+    try:
+        job.loop.call_soon_threadsafe(job.deltas.put_nowait, item)
+    except RuntimeError:  # that loop has closed (the server stopped): no one is left to read
+        pass
+
+
+def _shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down; send the request again once it is back", type="server_error",
+                    code="server_shutting_down")
 
 
 def _as_api_error(error: BaseException) -> ApiError:
@@ -469,6 +507,36 @@ def _is_input_error(error: BaseException) -> bool:
 # -- the app --------------------------------------------------------------------------------------------------
 
 
+class AccessLog:
+    """ASGI middleware: one log line per request once its response is sent (a stream's at its end): method, path,
+    status, seconds and, for completions, the token counts the handler leaves under :data:`USAGE_KEY`. Never the
+    query string or a body: conversations and images are patients' data, and more people read a log than use
+    the API."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status, usage = time.monotonic(), [500], {}
+        scope[USAGE_KEY] = usage
+
+        async def send_noting_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            tokens = (f", {usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion tokens"
+                      if usage else "")
+            log.info("%s %s %d %.2f s%s", scope["method"], scope["path"], status[0], time.monotonic() - started,
+                     tokens)
+
+
 def create_app(generator, config: ServerConfig):
     """The FastAPI application; ``generator`` needs ``complete`` and ``stream`` like :class:`Generator`."""
     from fastapi import FastAPI, Request
@@ -479,6 +547,7 @@ def create_app(generator, config: ServerConfig):
     worker = BatchingWorker(generator, config.max_batch_size, config.max_queue)
     app = FastAPI(title="medtune", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker = worker
+    app.add_middleware(AccessLog)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError):
@@ -516,11 +585,13 @@ def create_app(generator, config: ServerConfig):
         chat = await run_in_threadpool(parse_chat_request, body, config)  # image decoding off the event loop
         _check_modalities(generator, chat.settings)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        usage = request.scope.get(USAGE_KEY, {})   # read by AccessLog
         if chat.stream:
             job = worker.submit_stream(chat, asyncio.get_running_loop())
-            return StreamingResponse(_sse_events(job, completion_id, created, config.model_id),
+            return StreamingResponse(_sse_events(job, completion_id, created, config.model_id, usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         completion = await asyncio.wrap_future(worker.submit(chat))
+        usage.update(_usage(completion))
         return _completion_body(completion, completion_id, created, config.model_id)
 
     return app
@@ -569,8 +640,9 @@ def _completion_body(completion: Completion, completion_id: str, created: int, m
             "usage": _usage(completion)}
 
 
-async def _sse_events(job: _Job, completion_id: str, created: int, model_id: str):
-    """``data: {chunk}`` events: the role, the text deltas, the finish reason (and usage), then [DONE]."""
+async def _sse_events(job: _Job, completion_id: str, created: int, model_id: str, usage: dict):
+    """``data: {chunk}`` events: the role, the text deltas, the finish reason (and usage), then [DONE]; the token
+    counts also go into ``usage``, for the access log."""
 
     def event(choices: list, **usage) -> str:
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
@@ -590,6 +662,7 @@ async def _sse_events(job: _Job, completion_id: str, created: int, model_id: str
                 yield f"data: {json.dumps(item.body())}\n\n"
                 break
             else:  # the finished Completion; images (whole, not streamed) come as content parts before the end
+                usage.update(_usage(item))
                 if item.images:
                     yield chunk({"content": _message_content(item)[1 if item.text else 0:]})
                 yield chunk({}, finish_reason=item.finish_reason)
@@ -605,7 +678,7 @@ async def _sse_events(job: _Job, completion_id: str, created: int, model_id: str
 
 
 def serve(model: str, *, host: str, port: int, config_overrides: dict) -> None:
-    """Load ``model`` and serve it until interrupted (``medtune serve``)."""
+    """Load ``model`` and serve it until SIGTERM or Ctrl-C (``medtune serve``)."""
     import uvicorn
 
     from medtune.models.build import load_vlm
@@ -616,6 +689,10 @@ def serve(model: str, *, host: str, port: int, config_overrides: dict) -> None:
         log.warning("serving on %s without an API key: anyone who can reach this port can use the model", host)
     generator = Generator(load_vlm(model))
     app = create_app(generator, config)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="medtune-serve", daemon=True)
+    thread.start()
+    wait_until_listening(server, thread, f"medtune serve on {host}:{port}")
     log.info("serving %s as %r on http://%s:%d/v1", model, config.model_id, host, port)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
-    app.state.worker.close()
+    run_until_signalled(server, thread, "medtune serve", on_stop=app.state.worker.stop)
+    app.state.worker.close(timeout=GRACE_SECONDS)  # a generation still running ends with the process

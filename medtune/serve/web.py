@@ -12,6 +12,8 @@ Design choices:
   the image); the Chatbot only displays it, as plain text (no Markdown), so answers read as generated.
 * Answers stream through ``Generator.stream``; Gradio's queue runs one generation at a time per event, and
   the Generator's lock serialises the rest, so several open tabs share the model safely.
+* SIGTERM or Ctrl-C stops the page within a second, as ``medtune serve`` stops (:mod:`medtune.serve.shutdown`),
+  not after Gradio's five-second wait for open browser connections.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune.models.generation import GenerationSettings
+from medtune.serve.shutdown import run_until_signalled
 
 AUTO_WINDOW = "auto (from the file)"
 NO_IMAGE = "No image: the model answers from text alone."
@@ -211,7 +214,10 @@ def run_web(args) -> int:
                                             "can use the model and upload images", args.host)
     generator = Generator(load_vlm(args.model))
     app = build_app(generator, title=f"medtune · {getattr(args, 'model_name', None) or Path(args.model).name}")
-    logging.getLogger(__name__).info("web demo on http://%s:%d", args.host, args.port)
+    # not blocking: the main thread waits for a signal below, where Gradio's own wait would take seconds to stop
     app.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, share=False,
-                                                  ssr_mode=False, show_error=True, quiet=True)
+                                                  ssr_mode=False, show_error=True, quiet=True,
+                                                  prevent_thread_lock=True)
+    logging.getLogger(__name__).info("web demo on http://%s:%d", args.host, args.port)
+    run_until_signalled(app.server, app.server.thread, "medtune web")
     return 0

@@ -15,10 +15,13 @@ class FakeGenerator:
         self.calls: list[tuple[list[str], GenerationSettings]] = []
         self.release = threading.Event()
         self.started = threading.Event()
+        self.cancel_seen = threading.Event()   # a call that found its cancel event set when it ended
 
-    def complete(self, conversations, images, settings):
+    def complete(self, conversations, images, settings, cancel=None):
         self.started.set()
         self.release.wait(timeout=30)
+        if cancel is not None and cancel.is_set():
+            self.cancel_seen.set()
         questions = [c[-1]["content"][0]["text"] for c in conversations]
         self.calls.append((questions, settings))
         if any(q.startswith("boom") for q in questions):
@@ -106,3 +109,21 @@ def test_the_queue_is_bounded_and_the_overflow_refused_with_retry_after(fake):
     worker.close()
     assert worker.waiting == 0
     assert [questions for questions, _ in fake.calls] == [["q0"], ["q1", "q2"], ["q5"]]
+
+
+def test_stop_cuts_the_running_batch_short_and_answers_every_request_left_with_503(fake):
+    worker = BatchingWorker(fake, max_batch_size=1)
+    running = worker.submit(request("q0"))
+    assert fake.started.wait(10)
+    waiting = worker.submit(request("q1"))
+    worker.stop()
+    fake.release.set()
+    for future in (running, waiting):
+        with pytest.raises(ApiError) as stopped:
+            future.result(timeout=10)
+        assert (stopped.value.status, stopped.value.code) == (503, "server_shutting_down")
+    assert fake.cancel_seen.is_set()   # the generate call being run was told to end
+    with pytest.raises(ApiError):
+        worker.submit(request("q2"))
+    worker.close()
+    assert [questions for questions, _ in fake.calls] == [["q0"]]   # q1 was never generated
