@@ -11,6 +11,8 @@ Design choices:
   (with a slice), with the same decompression-bomb guard as everywhere else.
 * Every answer line starts with ``assistant: `` and ends with a newline, so output stays parseable when
   stdin is not a terminal (no prompts are printed then).
+* Chat starts greedy (temperature 0), where ``medtune serve``'s API samples at temperature 1 as OpenAI's does;
+  the banner says which decoding is on (:func:`decoding_note`), so a different answer from the API is no riddle.
 * An answer that holds images (a model that writes image tokens, with ``modalities`` allowing images) gets them
   saved as PNG files under ``image_dir``, named by the answer's number and the image's content hash (never by an
   input file's name), and their paths printed after the text. The conversation keeps the answer's text.
@@ -122,6 +124,16 @@ class ChatSession:
         return (f"temperature={s.temperature} top_p={s.top_p} max_tokens={s.max_new_tokens} seed={s.seed} "
                 f"modalities={','.join(s.modalities)} window={self.window} slice={self.slice} "
                 f"image={self.image_name}")
+
+
+def decoding_note(settings: GenerationSettings) -> str:
+    """The banner's second line: how answers are decoded, and the command that changes it."""
+    if settings.greedy:
+        return ("greedy decoding (temperature 0): the same question gets the same answer, where the API samples "
+                "at 1 unless asked; /set temperature 0.7 to sample")
+    seed = f", seed {settings.seed}" if settings.seed is not None else ", no seed"
+    return (f"sampling at temperature {settings.temperature:g}, top_p {settings.top_p:g}{seed}: answers vary; "
+            "/set temperature 0 for greedy decoding")
 
 
 def parse_modalities(text: str) -> tuple[str, ...]:
@@ -260,6 +272,7 @@ def run_chat(args) -> int:
     interactive = sys.stdin.isatty()
     print(f"medtune chat: {args.model}" + (f" with image {args.image}" if args.image else "")
           + ". Type /help for commands, /quit to leave.", flush=True)
+    print(decoding_note(settings), flush=True)
     lines = _terminal_lines("you> ") if interactive else sys.stdin
     chat_loop(session, lines, sys.stdout)
     return 0

@@ -31,6 +31,9 @@ def test_conversation_commands_and_streamed_answers(tiny_model_dir, generator, t
         "/frobnicate", "/reset", "What is shown?", "/quit", "this line comes after /quit",
     ])
     assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1] == ("greedy decoding (temperature 0): the same question gets the same "
+                                             "answer, where the API samples at 1 unless asked; /set temperature 0.7 "
+                                             "to sample")
     image = load_image("scan.png", tmp_path)
     first_turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
     answer1 = ask(generator, first_turn, [image], 8)
@@ -44,6 +47,14 @@ def test_conversation_commands_and_streamed_answers(tiny_model_dir, generator, t
     assert "error: no image file at missing.png" in result.stdout
     assert "error: unknown command /frobnicate (type /help)" in result.stdout
     assert "conversation reset" in result.stdout
+
+
+def test_the_banner_says_when_answers_are_sampled():
+    from medtune.serve.chat import decoding_note
+
+    assert decoding_note(GenerationSettings(temperature=0.7, seed=3)) == (
+        "sampling at temperature 0.7, top_p 1, seed 3: answers vary; /set temperature 0 for greedy decoding")
+    assert "no seed" in decoding_note(GenerationSettings(temperature=1.0, top_p=0.9))
 
 
 def test_dicom_window_and_nifti_slice(tiny_model_dir, generator, tmp_path):
