@@ -170,13 +170,20 @@ def _add_check(subparsers) -> None:
     parser.add_argument("--no-images", dest="check_images", action="store_false",
                         help="check the annotations only: no image is looked for (annotations shipped without "
                              "their images)")
-    parser.add_argument("--examples", type=int, default=5, metavar="N",
+    parser.add_argument("--examples", type=_count, default=5, metavar="N",
                         help="print the first N problems of each kind and count the rest (default %(default)s; "
                              "0 prints every one)")
     parser.add_argument("--strict", action="store_true", help="count warnings as errors")
     _add_burned_in_flag(parser)
     parser.add_argument("--report", metavar="OUT.json", help="also write every problem as JSON")
     parser.set_defaults(func=_run_check)
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text}")
+    return value
 
 
 def _print_kind_counts(by_kind: dict[str, int], examples: int, report: str | None) -> None:

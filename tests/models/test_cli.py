@@ -1,4 +1,6 @@
 """`medtune model build` / `medtune model info` through the real CLI entry point."""
+import warnings
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -32,7 +34,11 @@ def library_bars_on(monkeypatch):
     was_on = transformers_logging.is_progress_bar_enabled()
     for variable in LIBRARY_PROGRESS_ENV:
         monkeypatch.delenv(variable, raising=False)
-    transformers_logging.enable_progress_bar()
+    with warnings.catch_warnings():
+        # the hub keeps its own bars off if an earlier main() in this process set its variable before the hub
+        # was imported, and warns; transformers' switch, which draws "Loading weights", still turns on
+        warnings.simplefilter("ignore", UserWarning)
+        transformers_logging.enable_progress_bar()
     yield
     if not was_on:
         transformers_logging.disable_progress_bar()
