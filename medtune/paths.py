@@ -6,6 +6,9 @@ In a source checkout (editable install) these are the repository's ``data/`` and
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
+import sys
 from pathlib import Path
 
 
@@ -30,3 +33,27 @@ def recipe_path(name: str) -> Path:
         shipped = sorted(p.stem for p in (project_root() / "recipes").glob("*.yaml"))
         raise FileNotFoundError(f"no recipe file {name!r} and no shipped recipe of that name (shipped: {shipped})")
     return path
+
+
+def shown_path(path: str | os.PathLike) -> str:
+    """``path`` as a person would type it here: relative to the current folder when it is below it, absolute
+    otherwise, quoted for the shell."""
+    relative = os.path.relpath(Path(path).absolute())
+    return shlex.quote(relative if not relative.startswith("..") else str(Path(path).absolute()))
+
+
+def shell_command(argv0: str | None = None, search_path: str | None = None) -> str:
+    """How to run this medtune from the shell that started it, so that a printed command runs as printed.
+
+    ``medtune`` when that name on ``$PATH`` is this installation's entry script; else the entry script's path
+    (``.venv/bin/medtune`` after ``make demo``, whose shell never activated the venv); else
+    ``PYTHON -m medtune``. ``argv0`` and ``search_path`` replace ``sys.argv[0]`` and ``$PATH`` (for tests)."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    candidates = [Path(argv0), Path(sys.executable).parent / "medtune"]
+    entry = next((c for c in candidates if c.name == "medtune" and c.is_file()), None)
+    if entry is None:
+        return f"{shlex.quote(sys.executable)} -m medtune"
+    on_path = shutil.which("medtune", path=search_path)
+    if on_path and os.path.samefile(on_path, entry):
+        return "medtune"
+    return shown_path(entry)

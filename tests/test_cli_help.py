@@ -32,13 +32,7 @@ def states_no_default(action: argparse.Action) -> bool:
     return action.nargs == 0 or action.default in (None, argparse.SUPPRESS) or action.default == []
 
 
-# medtune/demo/cli.py is being reworked in parallel (issue 33, point 1, and the demo issue): its `--preset` and
-# `--eval-batch-size` do not state their defaults yet. Remove this mark once they do.
-DEMO_PENDING = pytest.mark.xfail(reason="demo's --preset and --eval-batch-size do not state their defaults yet")
-
-VERBS = [pytest.param(path, parser, id=" ".join(path) or "medtune",
-                      marks=[DEMO_PENDING] if path[:1] == ("demo",) else [])
-         for path, parser in verb_parsers(build_parser())]
+VERBS = [pytest.param(path, parser, id=" ".join(path) or "medtune") for path, parser in verb_parsers(build_parser())]
 
 
 def test_the_walk_reaches_every_stage_and_nested_verbs():

@@ -31,7 +31,7 @@ def register(subparsers) -> None:
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, metavar="DIR",
                         help=f"where everything goes (default: {DEFAULT_OUTPUT})")
     parser.add_argument("--preset", choices=("tiny", "small"), default="small",
-                        help="model preset: small (the demo, ~6 M parameters) or tiny (seconds, for tests)")
+                        help="model preset: small (the demo, ~6 M parameters) or tiny (seconds, for tests); default: small")
     steps = parser.add_mutually_exclusive_group()
     steps.add_argument("--steps-scale", type=float, default=1.0, metavar="F",
                        help="multiply every stage's steps (or epochs) by F (default 1)")
@@ -42,7 +42,8 @@ def register(subparsers) -> None:
                         help="evaluate on the first N test (and validation) questions only (default: all)")
     parser.add_argument("--recipe", default="demo", metavar="RECIPE",
                         help="recipe YAML or shipped recipe name (default: demo, i.e. recipes/demo.yaml)")
-    parser.add_argument("--eval-batch-size", type=int, default=16, metavar="N", help="questions per generate call")
+    parser.add_argument("--eval-batch-size", type=int, default=16, metavar="N",
+                        help="questions per generate call (default: 16)")
     parser.set_defaults(func=demo_command)
 
 

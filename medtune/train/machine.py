@@ -225,8 +225,20 @@ def using_threads(threads: int) -> Iterator[int]:
         torch.set_num_threads(previous)
 
 
-def bf16_native() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast can be faster."""
+# Instruction sets below AVX512-BF16 that oneDNN and ATen accept as caps (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY)
+_ISA_WITHOUT_BF16 = {"sse41", "avx", "avx2", "avx2_vnni", "avx2_vnni_2", "avx512_core", "avx512_core_vnni",
+                     "default", "avx512"}
+
+
+def bf16_native(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast can be faster.
+
+    A cap on the instruction sets torch may use (``ATEN_CPU_CAPABILITY=avx2`` or ``ONEDNN_MAX_CPU_ISA=AVX2``,
+    how a machine with AVX512 runs the kernels of an AVX2-only one) counts: under it bf16 is not native."""
+    environ = os.environ if environ is None else environ
+    caps = (environ.get(name, "").strip().lower() for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"))
+    if any(cap in _ISA_WITHOUT_BF16 for cap in caps):
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

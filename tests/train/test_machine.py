@@ -142,3 +142,21 @@ def test_a_governor_without_proc_stat_keeps_the_ceiling():
         assert governor.start() == 1 and governor.update() is None
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("environ", [{"ATEN_CPU_CAPABILITY": "avx2"}, {"ONEDNN_MAX_CPU_ISA": "AVX2"},
+                                     {"ONEDNN_MAX_CPU_ISA": "avx512_core"}])
+def test_an_instruction_set_cap_below_avx512_bf16_means_no_native_bf16(environ):
+    from medtune.train.machine import bf16_native
+
+    assert bf16_native(environ) is False   # whatever /proc/cpuinfo says: the capped kernels have no bf16
+
+
+def test_without_a_cap_native_bf16_is_what_the_cpu_reports():
+    from pathlib import Path
+
+    from medtune.train.machine import bf16_native
+
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else []
+    assert bf16_native({}) == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    assert bf16_native({"ONEDNN_MAX_CPU_ISA": "ALL"}) == bf16_native({})
