@@ -27,6 +27,7 @@ from medtune.errors import SpecError
 from medtune.models.kinds.base import MEDTUNE_FILE, NATIVE_TEMPLATE, VLM
 from medtune.models.kinds.composed import ComposedVLM, composed_processor
 from medtune.models.projectors import PROJECTOR_NAMES
+from medtune.models.templates import stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,7 @@ def build_vlm(spec: ModelSpec) -> ComposedVLM:
 
     if spec.template != NATIVE_TEMPLATE:
         tokenizer.chat_template = chat_template(spec.template)
+        model.generation_config.eos_token_id = stop_token_ids(spec.template, tokenizer)
     elif not tokenizer.chat_template:
         raise SpecError("ModelSpec.template 'native' keeps the tokenizer's chat template, but this tokenizer "
                         "has none; pick a medtune template")

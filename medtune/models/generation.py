@@ -26,6 +26,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
+from medtune.models.templates import stop_token_ids
+
 if TYPE_CHECKING:  # heavy imports stay inside functions (this module is imported by CLI modules)
     from PIL import Image
 
@@ -245,10 +247,12 @@ class Generator:
 
 
 def _eos_token_ids(vlm) -> list[int]:
-    """End-of-turn ids: the checkpoint's generation config (it may list a template's end token) plus EOS."""
+    """End-of-turn ids: the checkpoint's generation config (it may list a template's end token), EOS, and the end
+    of turn of the medtune template the model was trained with (checkpoints saved before their generation config
+    listed it, e.g. a chatml model whose tokenizer's EOS is ``</s>``)."""
     configured = getattr(getattr(vlm.model, "generation_config", None), "eos_token_id", None)
     ids = list(configured) if isinstance(configured, (list, tuple)) else [configured]
-    ids.append(vlm.tokenizer.eos_token_id)
+    ids += stop_token_ids(getattr(vlm, "template", None) or "", vlm.tokenizer)
     return sorted({i for i in ids if i is not None})
 
 

@@ -389,6 +389,18 @@ _TEMPLATES = {
 TEMPLATE_NAMES: tuple[str, ...] = tuple(_TEMPLATES)
 
 
+def stop_token_ids(name: str, tokenizer) -> list[int]:
+    """The ids that end an answer in template ``name``: the tokenizer's EOS, and the template's end of turn where
+    it is one token of this vocabulary (chatml's ``<|im_end|>``, which an offline or Llama tokenizer's EOS is not).
+    Generation must stop at both: a model that ends its turn and is asked to go on writes another answer."""
+    ids = {tokenizer.eos_token_id}
+    if name in _TEMPLATES:
+        end = tokenizer.convert_tokens_to_ids(_TEMPLATES[name].default_eos)
+        if end is not None and end != tokenizer.unk_token_id:
+            ids.add(end)
+    return sorted(i for i in ids if i is not None)
+
+
 def get_template(name: str) -> ChatTemplate:
     """The template called ``name`` (one of :data:`TEMPLATE_NAMES`)."""
     if name not in _TEMPLATES:

@@ -190,3 +190,34 @@ def test_unseeded_sampling_draws_new_answers(generator):
     torch.manual_seed(0)
     answers = {generator.generate(CONVERSATIONS[:1], IMAGES[:1], settings)[0] for _ in range(4)}
     assert len(answers) > 1
+
+
+def test_a_chatml_model_stops_at_its_end_of_turn_though_the_tokenizer_eos_is_another_token():
+    """The offline tokenizer's EOS is ``</s>``; a model trained with chatml ends its answers with ``<|im_end|>``.
+    Generation must stop there (else it writes a second answer after the first), in medtune and in plain
+    transformers (the saved generation config), also for a model whose config does not list it yet."""
+    from medtune.models import presets
+    from medtune.models.build import build_vlm
+
+    vlm = build_vlm(presets.tiny_spec(template="chatml"))
+    end = vlm.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end != vlm.tokenizer.eos_token_id
+    assert vlm.model.generation_config.eos_token_id == sorted({vlm.tokenizer.eos_token_id, end})
+    vlm.model.generation_config.eos_token_id = vlm.tokenizer.eos_token_id   # a checkpoint saved before the fix
+    assert end in Generator(vlm).eos_token_ids
+    # the LM head made to prefer <|im_end|> at every position: one token, then stop
+    with torch.no_grad():
+        vlm.model.lm_head.bias = torch.nn.Parameter(torch.full((vlm.model.lm_head.out_features,), -1e4))
+        vlm.model.lm_head.bias[end] = 1e4
+    completion = Generator(vlm).complete(CONVERSATIONS[:1], IMAGES[:1], GenerationSettings(max_new_tokens=8))[0]
+    assert (completion.text, completion.finish_reason, completion.completion_tokens) == ("", "stop", 1)
+
+
+def test_switching_template_moves_the_stop_tokens_with_it():
+    from medtune.models import presets
+    from medtune.models.build import build_vlm
+
+    vlm = build_vlm(presets.tiny_spec(template="vicuna"))
+    assert vlm.model.generation_config.eos_token_id == [vlm.tokenizer.eos_token_id]
+    vlm.use_template("chatml")
+    assert vlm.tokenizer.convert_tokens_to_ids("<|im_end|>") in vlm.model.generation_config.eos_token_id

@@ -197,13 +197,14 @@ class ComposedVLM(VLM):
     # ---- templates and saving ---------------------------------------------------------------------------
 
     def use_template(self, name: str) -> None:
-        from medtune.models.templates import get_template
+        from medtune.models.templates import get_template, stop_token_ids
 
         jinja = get_template(name).jinja
         self.template = name
         self.tokenizer.chat_template = jinja
         if self.processor is not None:
             self.processor.chat_template = jinja
+        self.model.generation_config.eos_token_id = stop_token_ids(name, self.tokenizer)
 
     def metadata(self) -> dict[str, Any]:
         return {**super().metadata(), "image_tokens_per_image": self.image_tokens_per_image,
