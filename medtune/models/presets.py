@@ -62,7 +62,7 @@ def tiny_spec(template: str = "vicuna", projector: str = "mlp2x_gelu", **overrid
                     llm=_llama(width=32, layers=2, heads=4, kv_heads=2, max_positions=1024),
                     projector=projector, projector_queries=8, projector_heads=4, tokenizer="offline",
                     template=template)
-    return ModelSpec.from_dict({**settings, **overrides})
+    return ModelSpec.from_dict(_override(settings, overrides))
 
 
 def small_spec(template: str = "vicuna", projector: str = "mlp2x_gelu", **overrides: Any) -> ModelSpec:
@@ -71,7 +71,15 @@ def small_spec(template: str = "vicuna", projector: str = "mlp2x_gelu", **overri
                     llm=_llama(width=256, layers=4, heads=4, kv_heads=4, max_positions=2048),
                     projector=projector, projector_queries=32, projector_heads=4, tokenizer="offline",
                     template=template)
-    return ModelSpec.from_dict({**settings, **overrides})
+    return ModelSpec.from_dict(_override(settings, overrides))
+
+
+def _override(settings: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The preset's settings with ``overrides`` on top; a mapping given for a mapping setting (the vision tower's
+    or the LM's config) updates it key by key, so ``vision: {patch_size: 16}`` keeps the rest of the tower."""
+    return {**settings, **{key: {**settings[key], **value}
+                           if isinstance(value, dict) and isinstance(settings.get(key), dict) else value
+                           for key, value in overrides.items()}}
 
 
 PRESETS = {"tiny": tiny_spec, "small": small_spec}

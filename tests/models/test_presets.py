@@ -26,3 +26,11 @@ def test_same_seed_same_weights_different_seed_different_weights():
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown model preset 'huge'; presets: tiny, small"):
         preset_spec("huge")
+
+
+@pytest.mark.parametrize("make", [tiny_spec, small_spec])
+def test_a_mapping_override_updates_the_preset_tower_key_by_key(make):
+    base, patched = make(), make(vision={"patch_size": 16})
+    assert patched.vision == {**base.vision, "patch_size": 16}
+    assert patched.llm == base.llm
+    assert make(vision="openai/clip-vit-base-patch32").vision == "openai/clip-vit-base-patch32"   # a name replaces
