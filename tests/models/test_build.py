@@ -186,7 +186,7 @@ def test_saved_metadata_and_dtype(tmp_path):
     ({"pad_mode": "stretch"}, "ModelSpec.pad_mode"),
     ({"template": "alpaca"}, "ModelSpec.template: 'alpaca' is not one of plain, vicuna"),
     ({"tokenizer": None}, "ModelSpec.tokenizer: an LLM built from a config has no tokenizer"),
-    ({"llm": {"hidden_size": 8}}, "ModelSpec.llm: a config dict needs a model_type"),
+    ({"llm": {"model_type": None, "hidden_size": 8}}, "ModelSpec.llm: a config dict needs a model_type"),
     ({"image_mean": [0.5, 0.5]}, "ModelSpec.image_mean needs 3 values"),
     ({"colour": "red"}, r"unknown model spec keys \['colour'\]"),
 ])
