@@ -18,7 +18,7 @@ from PIL import Image
 
 from medtune.cli import main
 from medtune.eval import compat, strict
-from medtune.paths import bundled_data
+from medtune.paths import bundled_data, shell_command
 
 pytestmark = pytest.mark.slow
 
@@ -108,7 +108,8 @@ def test_leaking_training_pairs_are_removed_before_training(demo):
     assert len(recipe["stages"]) == len(report["training"]["stages"]) == 2
     assert {s["data"]["path"] for s in recipe["stages"]} == {str(output / "data" / "train-fit.jsonl")}
     assert {s["eval_data"]["path"] for s in recipe["stages"]} == {str(output / "data" / "validation.jsonl")}
-    assert {s["torch_threads"] for s in recipe["stages"]} == {"free"}   # the demo's threads follow the free cores
+    # fixed threads (medtune train's default), so that a second run with the same seed gives the same figures
+    assert {s["torch_threads"] for s in recipe["stages"]} == {None}
 
 
 def lines(path: Path) -> list[dict]:
@@ -137,6 +138,12 @@ def test_validation_is_carved_from_training_disjoint_from_test_and_from_what_tra
     assert section["split"]["removed_from_fit"] == len(dropped)
     answered = {p["id"] for p in lines(Path(section["predictions"]))}
     assert answered == validation_ids and not answered & test_ids
+    # what trains and validates has its answers lower-cased (VQA-RAD writes "Yes" and "yes"), nothing else
+    for row in (*fit, *validation):
+        answer = str(by_id[row["id"]]["answer"]).lower()
+        replies = [part["text"] for m in row["messages"] if m["role"] == "assistant" for part in m["content"]]
+        assert row["meta"]["answer"] == answer and replies == [answer]
+    assert {s["id"]: s["messages"][0] for s in clean if s["id"] in fit_ids} == {s["id"]: s["messages"][0] for s in fit}
 
 
 # ---- baselines -------------------------------------------------------------------------------------------
@@ -198,14 +205,16 @@ def test_baselines_equal_an_independent_recomputation(demo):
 
 def test_report_markdown_has_the_tables_and_the_statement(demo):
     _, report, text = demo
-    assert "| family | answer type | metric | n | model | majority baseline | question-prior baseline |" in text
+    assert ("| family | answer type | metric | n | model | majority baseline | question-prior baseline | "
+            "question-only classifier |") in text
     assert "| organ | family | answer type | metric | n | model |" in text
     for organ in report["evaluation"]["organs"]:
         assert f"| {organ} | strict | closed | accuracy |" in text
     assert "| exact pairs (same image, question and answer as a test question) | 22 |" in text
     assert "of 1267 frame records) | 283 |" in text
     assert "pipeline demonstration, not a medical model" in text
-    assert "on strict all accuracy the model does not beat the better baseline" in text   # the 2-step tiny model
+    # the 2-step tiny model
+    assert "on strict all accuracy the model does not beat the better answer-prior baseline" in text
     assert report["gpu_command"] in text and "model.llm=" in report["gpu_command"]
     assert f"{report['machine']['usable_cores']} usable CPU cores" in text
     for phase in report["timings"]["phases"]:
@@ -323,13 +332,65 @@ def test_final_model_has_a_stable_path_and_the_next_commands_use_it(demo_run):
     assert link.is_symlink() and not Path(link.readlink()).is_absolute()   # the folder can move as a whole
     assert link.resolve() == Path(report["model"]["final_model"]).resolve()
     assert (link / "config.json").is_file() and report["model"]["link"] == str(link)
+    medtune = shlex.split(shell_command())
     chat, serve, score = (shlex.split(command) for command in report["next_commands"])
-    assert chat[:3] == ["medtune", "chat", str(link)] and Path(chat[chat.index("--image") + 1]).is_file()
-    assert serve == ["medtune", "serve", str(link)]
-    assert score[:3] == ["medtune", "eval", "run"] and score[score.index("--model") + 1] == str(link)
+    n = len(medtune)
+    assert chat[:n + 2] == [*medtune, "chat", str(link)] and Path(chat[chat.index("--image") + 1]).is_file()
+    assert serve == [*medtune, "serve", str(link)]
+    assert score[:n + 2] == [*medtune, "eval", "run"] and score[score.index("--model") + 1] == str(link)
     for command in report["next_commands"]:
         assert command in text and f"  {command}" in printed
     assert f"final model: {link} (-> {report['model']['final_model']})" in printed
+
+
+def test_next_commands_run_as_printed_from_the_shell_that_ran_the_demo(demo, tmp_path):
+    """The chat and score commands, pasted into a shell (this process's PATH, where the venv may not be
+    active), run; chat reads one question and leaves at the end of its input."""
+    import os
+    import subprocess
+
+    _, report, _ = demo
+    chat, _, score = report["next_commands"]
+    env = {**os.environ, "MEDTUNE_CACHE": os.environ.get("MEDTUNE_CACHE", str(tmp_path / "cache"))}
+    talked = subprocess.run(chat, shell=True, input="What organ is shown?\n/quit\n", capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert talked.returncode == 0, talked.stderr
+    # a second --out (the last one wins) keeps the demo's folder as the fixture left it
+    scored = subprocess.run(f"{score} --out {tmp_path / 'eval'} --limit 4", shell=True, capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert scored.returncode == 0, scored.stderr
+    assert len((tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()) == 4
+
+
+def test_two_runs_with_one_seed_give_the_same_figures(demo, tmp_path):
+    """Same seed, same (fixed) thread count, another folder: every figure and loss equal, not just close."""
+    _, first, _ = demo
+    assert run_demo(tmp_path / "again") == 0
+    again = strict_json((tmp_path / "again" / "report.json").read_text(encoding="utf-8"))
+    assert again["headline"] == first["headline"]
+    assert again["validation"]["headline"] == first["validation"]["headline"]
+    assert ([s["loss_curve"] for s in again["training"]["stages"]]
+            == [s["loss_curve"] for s in first["training"]["stages"]])
+
+
+@pytest.mark.parametrize("argv0, on_path, expected", [
+    ("venv/bin/medtune", True, "medtune"),                 # the venv is active: the plain name runs it
+    ("venv/bin/medtune", False, "venv/bin/medtune"),       # make demo's shell: the venv is not on PATH
+    ("-m", False, "PYTHON -m medtune"),                    # python -m medtune, no entry script beside python
+])
+def test_the_printed_medtune_command_is_the_one_this_shell_runs(tmp_path, monkeypatch, argv0, on_path, expected):
+    import shlex
+    import sys
+
+    entry = tmp_path / "venv" / "bin" / "medtune"
+    entry.parent.mkdir(parents=True)
+    entry.write_text("#!/bin/sh\n")
+    entry.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python" if argv0 == "-m" else entry.parent / "python"))
+    search = str(entry.parent) if on_path else str(tmp_path / "empty")
+    got = shell_command(argv0=str(entry) if argv0 != "-m" else "/x/__main__.py", search_path=search)
+    assert got == expected.replace("PYTHON", shlex.quote(sys.executable))
 
 
 # ---- caches, options, errors -----------------------------------------------------------------------------
@@ -374,6 +435,10 @@ def test_other_settings_train_their_own_model_and_max_test_subsets(demo):
     assert report["evaluation"]["n"] == 16
     assert report["evaluation"]["answer_types"] == dict(Counter(answer_type(r) for r in first16))
     assert report["validation"]["n"] == 16   # --max-test caps the validation questions too
+    # a shortened run says what it shows; the full run (the fixture's, scale 1) does not carry the note
+    text = (output / "report.md").read_text(encoding="utf-8")
+    assert "This run trained 0.5 of the recipe's steps" in text and "pipeline check" in text
+    assert "of the recipe's steps" not in demo[2]
     assert Path(first["recipe"]["run_dir"], "stage-1-" + first["training"]["stages"][1]["name"], "model").is_dir()
 
 
@@ -444,11 +509,34 @@ def test_gpu_command_runs_the_recipe_with_pretrained_parts_by_overrides_only(dem
 def test_the_report_says_whether_the_model_beats_the_better_baseline():
     from medtune.demo.report import verdict
 
-    def line(answer_type, model, majority, prior):
+    def line(answer_type, model, majority, prior, classifier):
         return {"family": "strict", "answer_type": answer_type, "metric": "accuracy",
-                **{name: {"value": value} for name, value in
-                   (("model", model), ("majority", majority), ("question_prior", prior))}}
-    said = verdict([line("closed", 52.0, 48.9, 51.1), line("all", 33.0, 31.9, 33.5)])
-    assert "strict closed accuracy the model beats the better baseline (52.0 vs 51.1)" in said
-    assert "strict all accuracy the model does not beat the better baseline (33.0 vs 33.5)" in said
+                **{name: {"value": value} for name, value in (("model", model), ("majority", majority),
+                                                               ("question_prior", prior),
+                                                               ("question_classifier", classifier))}}
+    said = verdict([line("closed", 52.0, 48.9, 51.1, 60.0), line("all", 33.0, 31.9, 33.5, 30.0)])
+    assert "strict closed accuracy the model beats the better answer-prior baseline (52.0 vs 51.1)" in said
+    assert "strict closed accuracy the model does not beat the question-only classifier (52.0 vs 60.0)" in said
+    assert "strict all accuracy the model does not beat the better answer-prior baseline (33.0 vs 33.5)" in said
+    assert "strict all accuracy the model beats the question-only classifier (33.0 vs 30.0)" in said
     assert verdict([]) == ""
+
+
+def test_the_question_classifier_generalises_across_rephrasings_where_the_prior_cannot():
+    from medtune.demo.baselines import AnswerPriors
+    from medtune.data.schema import Sample
+
+    def sample(sid, question, answer):
+        return Sample.from_dict({"id": sid, "messages": [{"role": "user", "content": question},
+                                                          {"role": "assistant", "content": answer}],
+                                 "meta": {"answer_type": "closed", "answer": answer}})
+    train = [sample(str(i), q, a) for i, (q, a) in enumerate(
+        [("is there a fracture of the rib", "yes"), ("is a rib fracture present", "yes"),
+         ("fracture of the rib seen", "yes"), ("is the liver normal", "no"), ("is the kidney normal", "no"),
+         ("is the spleen normal", "no"), ("is the heart normal", "no")])]
+    priors = AnswerPriors.learn(train)
+    test = [sample("a", "is there a rib fracture", "yes"), sample("b", "is the bladder normal", "no")]
+    assert priors.predict("question_prior", test) == {"a": "no", "b": "no"}   # unseen: the majority answer
+    assert priors.predict("question_classifier", test) == {"a": "yes", "b": "no"}
+    assert priors.predict("question_classifier", test) == AnswerPriors.learn(train).predict(
+        "question_classifier", test)   # deterministic

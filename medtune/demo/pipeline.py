@@ -61,7 +61,7 @@ COMPAT_FLAVOUR = "med-moe"
 REMOVED_CATEGORIES = ("exact", "rephrasing")
 QUICK_SCALE = 0.1
 MODEL_LINK = "model"
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3   # 3: training and validation answers lower-cased (fold_answer_case)
 VALIDATION_FRACTION = 0.1
 VALIDATION_SEED = 0        # fixed: the held-out questions do not change with --seed
 EVALS_PER_STAGE = 4        # validation-loss points per stage (a stage without eval_steps of its own)
@@ -230,8 +230,9 @@ def split_validation(clean: list[Sample], data: DemoData, *, fraction: float = V
     rest = [s for position, s in enumerate(clean) if position not in held]
     report = find_leakage(((s, data.image_root) for s in rest), ((s, data.image_root) for s in validation))
     leaking = report.positions(REMOVED_CATEGORIES)
-    fit = [s for position, s in enumerate(rest) if position not in leaking]
-    write_samples(data.validation, validation, Tally())
+    fit = [fold_answer_case(s) for position, s in enumerate(rest) if position not in leaking]
+    # folded too, so that the validation loss measures the answers as training writes them
+    write_samples(data.validation, [fold_answer_case(s) for s in validation], Tally())
     write_samples(data.fit, fit, Tally())
     print(f"validation split (from the cleaned training set, seed {seed}): {len(validation)} questions held out; "
           f"{len(leaking)} training questions that leak into them removed ({len(report.exact)} exact pairs, "
@@ -241,14 +242,31 @@ def split_validation(clean: list[Sample], data: DemoData, *, fraction: float = V
             "ids": [s.id for s in validation], "removed_ids": [rest[position].id for position in sorted(leaking)]}
 
 
+def fold_answer_case(sample: Sample) -> Sample:
+    """``sample`` with its answer lower-cased (the assistant turns and ``meta.answer``).
+
+    VQA-RAD's annotators wrote the same answer in several cases ("Yes" 513 times and "yes" 315 in the training
+    file, "No" 738 and "no" 146). A model trained on them spends probability on the case, and greedy decoding
+    then picks the largest single spelling: a question that is 55% likely "yes" (34% "Yes" + 21% "yes") is
+    answered "No" at 38%. Both metric families fold case, so the training and validation answers are folded
+    too; the questions and the test file keep their text."""
+    messages = [dataclasses.replace(m, content=tuple(
+        dataclasses.replace(part, text=part.text.lower()) if part.type == "text" else part for part in m.content))
+        if m.role == "assistant" else m for m in sample.messages]
+    answer = sample.meta.answer.lower() if isinstance(sample.meta.answer, str) else sample.meta.answer
+    return dataclasses.replace(sample, messages=messages, meta=dataclasses.replace(sample.meta, answer=answer))
+
+
 # ---- training --------------------------------------------------------------------------------------------
 
 
 def resolve_recipe(options: DemoOptions, data: DemoData):
     """``recipes/demo.yaml`` pointed at the training part of the cleaned data, with the validation split as
-    every stage's eval data (token cache under the output folder), with the preset, seed, step scale, torch
-    threads that follow the free cores, bf16 where the machine computes it natively, and the overrides (which
-    win)."""
+    every stage's eval data (token cache under the output folder), with the preset, seed, step scale, bf16
+    where the machine computes it natively, and the overrides (which win). Torch threads are ``medtune train``'s
+    fixed default (every usable core), so that two runs with the same seed on one machine give the same
+    figures; ``stages.*.torch_threads=free`` follows the free cores instead (faster beside other work, but
+    the thread count, and with it the arithmetic, may change during the run)."""
     import yaml
 
     from medtune.paths import recipe_path
@@ -261,10 +279,7 @@ def resolve_recipe(options: DemoOptions, data: DemoData):
     overrides = [f"stages.*.data.path={json.dumps(str(data.fit))}", "stages.*.data.format=canonical",
                  f"stages.*.data.image_root={json.dumps(str(data.image_root))}",
                  f"stages.*.eval_data={json.dumps(validation)}",
-                 f"cache_dir={json.dumps(str(data.directory.parent / 'cache' / 'tokens'))}",
-                 # a newcomer's machine is often busy with other work: threads follow the free cores
-                 # (medtune.train.machine), at the price of bit-identical weights across runs
-                 "stages.*.torch_threads=free"]
+                 f"cache_dir={json.dumps(str(data.directory.parent / 'cache' / 'tokens'))}"]
     if fast_bf16():
         overrides.append("stages.*.precision=bf16")
     if options.seed is not None:
@@ -314,7 +329,8 @@ def stage_summary(recipe, index: int) -> dict:
     summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else {}
     return {"name": stage.name, "directory": str(directory), "metrics": str(directory / "metrics.jsonl"),
             "max_steps": stage.max_steps, "epochs": stage.epochs, "batch_size": stage.batch_size,
-            "precision": stage.precision,
+            "precision": stage.precision, "data": stage.data.path or stage.data.mixture,
+            "eval_data": stage.eval_data.path if stage.eval_data else None,
             "lr": dataclasses.asdict(stage.lr), **{k: summary.get(k) for k in (
                 "steps", "samples", "tokens", "seconds", "train_loss", "skipped", "trainable")}}
 
@@ -384,7 +400,7 @@ def evaluate_model(data: DemoData, model_dir: Path, run_dir: Path, options: Demo
 
 def score_baselines(data: DemoData, samples: list[Sample], out_dir: Path, *, seed: int,
                     split: str = "test") -> dict:
-    """Both baselines, learned from the questions the model trained on, answered (files in ``out_dir``) and
+    """The baselines, learned from the questions the model trained on, answered (files in ``out_dir``) and
     scored."""
     from medtune.data.jsonl import read_samples
     from medtune.demo import evaluate
@@ -408,9 +424,10 @@ def machine_info() -> dict:
 
     import torch
 
-    from medtune.train.machine import bf16_native, usable_cores
+    from medtune.train.machine import bf16_native, cpu_flags, isa_caps, usable_cores
 
     info = {"cpu_count": os.cpu_count(), "usable_cores": usable_cores(), "bf16_native": bf16_native(),
+            "cpu_flags": cpu_flags(), "isa_caps": isa_caps(),
             "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
@@ -470,7 +487,8 @@ def run_demo(options: DemoOptions) -> dict:
     with phases.phase("evaluate", f"evaluation: {TASK} test split, local model, greedy") as entry:
         evaluation = evaluate_model(data, final_model, run_dir, options, seed=recipe.seed)
         entry["status"] = "reused" if not evaluation["answered_now"] else "ran"
-    with phases.phase("baselines", "baselines: majority answer per type, most frequent answer per question"):
+    with phases.phase("baselines", "baselines: majority answer per type, most frequent answer per question, "
+                                   "question-only classifier"):
         baselines = score_baselines(data, evaluation["samples"], output / "baselines", seed=recipe.seed)
     with phases.phase("report", "report: tables, loss curves, results chart"):
         context = report.DemoContext(

@@ -36,7 +36,9 @@ REPORT_JSON, REPORT_MD, LOSS_PNG, RESULTS_PNG = "report.json", "report.md", "los
 EXAMPLES_DIR = "examples"
 EXAMPLES_PER_KIND = 2   # per (answer type, right or wrong): up to 8 example questions
 VAL_STYLE = {"marker": "s", "markersize": 4, "linewidth": 1.5, "color": "#55A868"}
-SYSTEMS = {"model": "model", "majority": "majority baseline", "question_prior": "question-prior baseline"}
+SYSTEMS = {"model": "model", "majority": "majority baseline", "question_prior": "question-prior baseline",
+           "question_classifier": "question-only classifier"}
+ANSWER_PRIORS = ("majority", "question_prior")
 LOSS_SMOOTHING = 0.6   # TensorBoard's default weight
 RAW_STYLE = {"marker": "o", "markersize": 3, "linewidth": 1, "alpha": 0.45, "color": "#4C72B0"}
 SMOOTH_STYLE = {"linewidth": 2, "color": "#C44E52"}
@@ -47,12 +49,14 @@ HEADLINE = (("compat", "closed", "accuracy"), ("compat", "open", "recall"),
 ORGAN_METRICS = (("compat", "closed", "accuracy"), ("compat", "open", "recall"),
                  ("strict", "closed", "accuracy"), ("strict", "open", "exact"))
 # The same recipe with pretrained parts: LLaVA-1.5's vision tower and language model, bf16 on one GPU. CLIP-336
-# gives 576 image tokens, hence the longer rows; the LM is LoRA-tuned in stage 2 (a full 7B fine-tune with Adam
-# does not fit one 80 GB GPU) at LLaVA's rates rather than the from-scratch rates of the demo.
+# gives 576 image tokens, hence the longer rows; Vicuna's own chat template; the tower stays frozen as in LLaVA
+# and the LM is LoRA-tuned in stage 2 (a full 7B fine-tune with Adam does not fit one 80 GB GPU) at LLaVA's
+# rates rather than the from-scratch rates of the demo.
 PRETRAINED_OVERRIDES = (
     "model.vision=openai/clip-vit-large-patch14-336", "model.llm=lmsys/vicuna-7b-v1.5", "model.tokenizer=null",
-    "stages.*.precision=bf16", "stages.*.max_length=1024", "stages.*.gradient_checkpointing=true",
-    "stages.1.lr.llm=0", "stages.1.lr.projector=2e-5", "stages.1.lora.r=64", "stages.1.lr.lora=2e-4")
+    "model.template=vicuna", "stages.*.precision=bf16", "stages.*.max_length=1024",
+    "stages.*.gradient_checkpointing=true", "stages.1.lr.vision=0", "stages.1.lr.llm=0", "stages.1.lr.projector=2e-5",
+    "stages.1.lora.r=64", "stages.1.lr.lora=2e-4")
 RANDOM_STATEMENT = (
     "This model is randomly initialised: its vision encoder, projector and language model are built from "
     "configs and its tokenizer is trained offline on bundled text, so it starts knowing nothing about images "
@@ -60,6 +64,11 @@ RANDOM_STATEMENT = (
     "(conversion, leakage removal, two-stage training, evaluation, baselines, report); it is not a medical "
     "model and its answers must not be used for anything. Read its figures against the baselines: a model "
     "this small mostly learns answer priors, which the baselines measure directly.")
+SHORT_RUN_NOTE = (
+    "This run trained {scale:g} of the recipe's steps (`--quick` is 0.1): it shows that every phase runs (data, "
+    "leakage removal, both stages, evaluation, baselines, report) in a few minutes. So few steps learn little "
+    "beyond the answer prior: read its figures as a pipeline check, and the full `medtune demo`'s for what the "
+    "model learns.")
 PRETRAINED_STATEMENT = (
     "This model starts from pretrained parts ({parts}) and is fine-tuned on the {n} questions of the cleaned "
     "VQA-RAD training split. It is a research artefact, not a medical device: its answers must not be used "
@@ -202,22 +211,16 @@ def write_examples(output: Path, context: DemoContext) -> list[dict]:
 
 
 def next_commands(model: Path, output: Path) -> list[str]:
-    """Chat with, serve and score the final model (``model``: its stable link), as a newcomer types them: paths
-    relative to the current folder when they are below it."""
-    import os
-    import shlex
+    """Chat with, serve and score the final model (``model``: its stable link), as they run from the shell that
+    ran the demo (:func:`medtune.paths.shell_command`: ``.venv/bin/medtune`` where the venv is not active),
+    with paths relative to the current folder when they are below it."""
+    from medtune.paths import bundled_data, shell_command, shown_path
 
-    from medtune.paths import bundled_data
-
-    def shown(path: Path) -> str:   # relative to where the demo was run when it is below it
-        relative = os.path.relpath(Path(path).absolute())
-        return shlex.quote(relative if not relative.startswith("..") else str(Path(path).absolute()))
-
-    where = shown(model)
-    image = shown(bundled_data("vqa_rad", "images", "synpic100132.jpg"))
-    return [f"medtune chat {where} --image {image}",
-            f"medtune serve {where}",
-            f"medtune eval run --task vqa-rad --model {where} --out {shown(Path(output) / 'eval')}"]
+    medtune, where = shell_command(), shown_path(model)
+    image = shown_path(bundled_data("vqa_rad", "images", "synpic100132.jpg"))
+    return [f"{medtune} chat {where} --image {image}",
+            f"{medtune} serve {where}",
+            f"{medtune} eval run --task vqa-rad --model {where} --out {shown_path(Path(output) / 'eval')}"]
 
 
 def gpu_command() -> str:
@@ -347,13 +350,13 @@ def results_figure(headline: list[dict]):
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 1.5 * len(headline) + 2), 3.8))
     width = 0.8 / len(SYSTEMS)
-    colours = ("#4C72B0", "#DD8452", "#55A868")
+    colours = ("#4C72B0", "#DD8452", "#55A868", "#8172B3")
     for offset, (name, label) in enumerate(SYSTEMS.items()):
         cells = [_drawable(line.get(name)) for line in headline]
         values = [c["value"] for c in cells]
         errors = [[c["value"] - c["ci_low"] for c in cells], [c["ci_high"] - c["value"] for c in cells]]
-        bars = ax.bar([i + (offset - 1) * width for i in range(len(headline))], values, width, yerr=errors,
-                      capsize=3, label=label, color=colours[offset])
+        bars = ax.bar([i + (offset - (len(SYSTEMS) - 1) / 2) * width for i in range(len(headline))], values,
+                      width, yerr=errors, capsize=3, label=label, color=colours[offset])
         # above the interval's top, so the error bar does not cross the number
         for bar, cell in zip(bars, cells):
             ax.annotate(cell["label"], (bar.get_x() + bar.get_width() / 2, cell["ci_high"]), xytext=(0, 2),
@@ -435,7 +438,9 @@ def _results_section(content: dict) -> list[str]:
         f"the most frequent training answer of its type ({_majority(content)}); **question prior** answers "
         "with the most frequent training answer to the same (normalised) question, falling back to the "
         f"majority answer; it knew {content['baselines']['question_prior_coverage']} of the {evaluation['n']} "
-        "test questions.", "",
+        "test questions; the **question-only classifier** (TF-IDF of the question's words and word pairs, "
+        "logistic regression over the training answers) generalises across rephrasings and never sees an "
+        "image: a model that beats it uses the image, one that does not may be reading the question only.", "",
         "### Per organ", "",
         *_comparison_table(content["per_organ"], first=("organ",)), "",
     ]
@@ -508,6 +513,7 @@ def _training_section(content: dict) -> list[str]:
     return [
         "## Training", "",
         *_training_table(content), "",
+        _what_training_saw(content), "",
         f"Precision: {_precisions(content)}.", "",
         f"![loss curves]({content['figures']['loss']})", "",
         f"Recipe `{content['recipe']['file']}`, run directory `{content['recipe']['run_dir']}`; final model "
@@ -517,12 +523,32 @@ def _training_section(content: dict) -> list[str]:
         "## Timings", "",
         *_timings_table(content), "",
         f"Machine: {machine['usable_cores']} usable CPU cores (of {machine['cpu_count']}), "
-        f"{machine['processor']}, {machine['platform']}; torch {machine['torch']} "
-        f"({machine['torch_threads']} threads outside training; training chooses its own from the free cores), "
+        f"{machine['processor']}, {machine['platform']}; CPU flags {_flags(machine)}; torch {machine['torch']} "
+        f"({machine['torch_threads']} threads; training keeps every usable core unless a stage sets "
+        "`torch_threads`), "
         f"transformers {machine.get('transformers', '?')}, Python {machine['python']}{gpu}"
         + (f"; load average {', '.join(map(str, machine['load_average']))} (1, 5, 15 min) when the report was "
            "written" if machine.get("load_average") else "") + ".", "",
     ]
+
+
+def _what_training_saw(content: dict) -> str:
+    """Which questions each stage trained and was validated on, and that none is a test question."""
+    records = content["data"]["records"]
+    return (f"Every stage trained on `train-fit.jsonl` ({records['fit']:,} questions of the VQA-RAD training split: "
+            f"the {records['clean_train']:,} left by the leakage check less the {records['validation']:,} "
+            "validation questions and the training questions that leak into them; answers lower-cased, as both "
+            "metric families compare them) and measured its validation loss on `validation.jsonl` (answers "
+            "lower-cased too). No stage saw a test question or a test answer; the offline tokenizer's word pieces "
+            "are learned from the text of all bundled VQA-RAD files (test questions included), which tells it "
+            "which words exist, not which answer goes with which question.")
+
+
+def _flags(machine: dict) -> str:
+    """The SIMD flags that decide the precision and speed, and any cap on the instruction sets torch uses."""
+    flags = ", ".join(machine.get("cpu_flags") or []) or "none of avx2, avx512f, avx512_bf16, amx_bf16"
+    caps = machine.get("isa_caps") or {}
+    return flags + (f" (capped: {', '.join(f'{k}={v}' for k, v in caps.items())})" if caps else "")
 
 
 def _precisions(content: dict) -> str:
@@ -542,6 +568,9 @@ def _caveats(content: dict) -> list[str]:
     lines = [f"The model gave {distinct} to the {n} questions; its most frequent answer, "
              f"\"{spread['most_common']}\", appears {spread['most_common_count']} times."]
     lines.append(verdict(content["headline"]))
+    scale = content["options"].get("steps_scale", 1.0)
+    if scale < 1:
+        lines.append(SHORT_RUN_NOTE.format(scale=scale))
     compat_closed = next((h["model"] for h in content["headline"] if (h["family"], h["answer_type"], h["metric"])
                           == ("compat", "closed", "accuracy")), None)
     if compat_closed and compat_closed.get("excluded"):
@@ -553,19 +582,23 @@ def _caveats(content: dict) -> list[str]:
 
 
 def verdict(headline: list[dict]) -> str:
-    """Whether the model beats both baselines on strict closed and strict all accuracy, said plainly."""
+    """Whether the model beats the better answer-prior baseline and the question-only classifier on strict
+    closed and strict all accuracy, said plainly. The first says whether it learned more than answer counts;
+    the second whether it does better than reading the question alone, i.e. whether the image helps."""
     said = []
     for answer_type in ("closed", "all"):
         line = next((h for h in headline if (h["family"], h["answer_type"], h["metric"])
                      == ("strict", answer_type, "accuracy")), None)
         if line is None or not line.get("model") or line["model"]["value"] is None:
             continue
-        best = max((line[name]["value"] for name in SYSTEMS if name != "model" and line.get(name)
-                    and line[name]["value"] is not None), default=None)
-        if best is not None:
-            beats = "beats" if line["model"]["value"] > best else "does not beat"
-            said.append(f"on strict {answer_type} accuracy the model {beats} the better baseline "
-                        f"({line['model']['value']:.1f} vs {best:.1f})")
+        model = line["model"]["value"]
+        for names, what in ((ANSWER_PRIORS, "the better answer-prior baseline"),
+                            (("question_classifier",), "the question-only classifier")):
+            best = max((line[name]["value"] for name in names if line.get(name)
+                        and line[name]["value"] is not None), default=None)
+            if best is not None:
+                beats = "beats" if model > best else "does not beat"
+                said.append(f"on strict {answer_type} accuracy the model {beats} {what} ({model:.1f} vs {best:.1f})")
     return ("Point estimates: " + "; ".join(said) + ".") if said else ""
 
 
@@ -574,9 +607,9 @@ def _majority(content: dict) -> str:
 
 
 def _training_table(content: dict) -> list[str]:
-    out = ["| stage | steps | samples | batch | learning rates | first loss | last loss | train loss | "
+    out = ["| stage | trained on | steps | samples | batch | learning rates | first loss | last loss | train loss | "
            "validation loss (first → last) | seconds | run |",
-           "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+           "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for stage in content["training"]["stages"]:
         curve, validation = stage["loss_curve"], stage.get("validation_curve") or []
         rates = ", ".join(f"{part} {lr:g}" for part, lr in stage["lr"].items() if lr)
@@ -584,7 +617,8 @@ def _training_table(content: dict) -> list[str]:
         held = f"{validation[0][1]:.3f} → {validation[-1][1]:.3f}" if validation else "-"
         loss = f"{stage['train_loss']:.3f}" if stage.get("train_loss") is not None else "-"
         seconds = f"{stage['seconds']:.0f}" if stage.get("seconds") is not None else "-"
-        out.append(f"| {stage['name']} | {stage.get('steps') or '-'} | {stage.get('samples') or '-'} | "
+        trained_on = f"`{Path(stage['data']).name}`" if stage.get("data") else "-"
+        out.append(f"| {stage['name']} | {trained_on} | {stage.get('steps') or '-'} | {stage.get('samples') or '-'} | "
                    f"{stage['batch_size']} | {rates} | {first} | {last} | {loss} | {held} | {seconds} | "
                    f"{'reused' if stage['reused'] else 'ran'} |")
     return out

@@ -230,17 +230,30 @@ _ISA_WITHOUT_BF16 = {"sse41", "avx", "avx2", "avx2_vnni", "avx2_vnni_2", "avx512
                      "default", "avx512"}
 
 
+SIMD_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")   # what decides fp32 and bf16 speed on a CPU
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def cpu_flags() -> list[str]:
+    """The :data:`SIMD_FLAGS` this CPU reports (empty where /proc/cpuinfo cannot be read)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return [flag for flag in SIMD_FLAGS if flag in flags]
+
+
+def isa_caps(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The instruction-set caps set in the environment (ATen, oneDNN, MKL), e.g. ``{"ATEN_CPU_CAPABILITY": "avx2"}``."""
+    environ = os.environ if environ is None else environ
+    return {name: environ[name] for name in ISA_CAPS if environ.get(name, "").strip()}
+
+
 def bf16_native(environ: Mapping[str, str] | None = None) -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast can be faster.
 
     A cap on the instruction sets torch may use (``ATEN_CPU_CAPABILITY=avx2`` or ``ONEDNN_MAX_CPU_ISA=AVX2``,
     how a machine with AVX512 runs the kernels of an AVX2-only one) counts: under it bf16 is not native."""
-    environ = os.environ if environ is None else environ
-    caps = (environ.get(name, "").strip().lower() for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"))
-    if any(cap in _ISA_WITHOUT_BF16 for cap in caps):
+    if any(cap.strip().lower() in _ISA_WITHOUT_BF16 for cap in isa_caps(environ).values()):
         return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+    return any(flag in cpu_flags() for flag in ("avx512_bf16", "amx_bf16"))
