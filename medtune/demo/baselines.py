@@ -14,7 +14,8 @@ with the same metrics, in the same run, both learned from the training split the
   multinomial logistic regression over the normalised training answers). It generalises across rephrasings
   where ``question_prior`` needs the exact question, so it is the strongest thing a model can score without
   the image: a VQA model that beats it is using the image, one that does not may be reading the question
-  only. Its settings are fixed (not tuned on any split) and it is deterministic (lbfgs, no random state).
+  only. Its settings are fixed in the code (C chosen once on the demo's validation split, never on the test
+  split) and it is deterministic (lbfgs, no random state).
 
 Design choices: answers are counted after the same normalisation (so "Yes" and "yes" are one answer), and the
 normalised text is what the baseline predicts (both metric families lower-case anyway). Ties go to the answer
@@ -61,11 +62,11 @@ class AnswerPriors:
             if answer is None or answer_type is None:
                 continue   # nothing to learn from; counted by the reader that produced the sample
             priors.samples += 1
-            answer = normalise(answer)
-            questions.append(normalise(sample.question))
+            answer, question = normalise(answer), normalise(sample.question)
+            questions.append(question)
             answers.append(answer)
             priors.by_type.setdefault(answer_type, Counter())[answer] += 1
-            priors.by_question.setdefault(normalise(sample.question), Counter())[answer] += 1
+            priors.by_question.setdefault(question, Counter())[answer] += 1
         if not priors.samples:
             raise ValueError("no training sample has an answer and an answer type to learn baselines from")
         priors.classifier = QuestionClassifier.learn(questions, answers)
