@@ -24,6 +24,10 @@ from typing import Any, Iterator
 
 ROLES = ("system", "user", "assistant")
 ANSWER_TYPES = ("open", "closed", "mcq")
+# meta.extra keys shared by readers and scorers: the right option's letter as the benchmark gives it (two options
+# may share a text), and the benchmark file's answer / option cells as written, for the families that reproduce
+# a reference script reading them verbatim.
+ANSWER_LABEL, SOURCE_CELLS = "answer_label", "source_cells"
 
 # Spellings seen in the wild ("CLOSED " with a trailing space in VQA-RAD, "close" in some LLaVA-Med files,
 # "yes/no" in others) all map onto the three canonical answer types.

@@ -3,16 +3,19 @@ rotation of its options, and counts as right only when every rotation is answere
 
 A question with k options becomes k questions: rotation 0 is the original (same id), rotation r moves each
 option r places back (the first r options go to the end), so the right answer's letter moves too; its id is
-``<id>@circular<r>``. The ground truth stays the option text, so every family scores each rotation as it
-would any question. :func:`circular_rows` then folds the per-rotation figures of each family into one
+``<id>@circular<r>``. The ground truth moves with its option: the right letter is recomputed from the
+original one (not looked up by text, since two options may share a text), so every family scores each rotation
+as it would any question. :func:`circular_rows` then folds the per-rotation figures of each family into one
 ``circular_accuracy`` row over the original questions (n = questions, not rotations). A question of which only
 some rotations were scored (a ``--limit`` that cut it) is judged on those rotations.
 """
 from __future__ import annotations
 
 import copy
+import string
 
-from medtune.data.schema import Message, Part, Sample
+from medtune.data.schema import ANSWER_LABEL, SOURCE_CELLS, Message, Part, Sample
+from medtune.eval import strict
 from medtune.eval.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, estimate
 
 SEPARATOR = "@circular"
@@ -25,14 +28,26 @@ def rotations(sample: Sample) -> list[Sample]:
     if sample.meta.answer_type != "mcq" or len(choices) < 2:
         return [sample]
     out = [sample]
+    right = _right_index(sample)
     for shift in range(1, len(choices)):
         rotated = copy.deepcopy(sample)
         rotated.id = f"{sample.id}{SEPARATOR}{shift}"
         rotated.meta.choices = choices[shift:] + choices[:shift]
-        rotated.meta.extra.pop("answer_label", None)  # the letter moved; the option text is the truth
+        if right is not None:
+            rotated.meta.extra[ANSWER_LABEL] = string.ascii_uppercase[(right - shift) % len(choices)]
+        rotated.meta.extra.pop(SOURCE_CELLS, None)  # the file's cells describe the unrotated question
         rotated.messages = [_without_option_lines(m, choices) for m in rotated.messages]
         out.append(rotated)
     return out
+
+
+def _right_index(sample: Sample) -> int | None:
+    """The right option's position: from the benchmark's letter where there is one, else the truth's text."""
+    label = sample.meta.extra.get(ANSWER_LABEL)
+    if label:
+        return string.ascii_uppercase.index(label)
+    expected = strict.truth_letter(sample.meta.answer or "", sample.meta.choices)
+    return None if expected is None else string.ascii_uppercase.index(expected)
 
 
 def _without_option_lines(message: Message, choices: list[str]) -> Message:

@@ -68,6 +68,9 @@ def _add_score(verbs) -> None:
                    help="which reference script the compat family reproduces (default %(default)s)")
     p.add_argument("--candidates", type=Path,
                    help="LLaVA-Med candidate answer file: adds its 'open accuracy' (llava-med flavour)")
+    p.add_argument("--medmax-truth", choices=("verbatim", "normalised"), default="verbatim",
+                   help="medmax family: compare with the truth as the file writes it, as MedMax does, or stripped "
+                        "and lower-cased (for files that write 'Yes') (default %(default)s)")
     p.add_argument("--out", type=Path, help="folder for results.json, results.md, results.png, wrong_answers.jsonl")
     p.add_argument("--allow-missing", action="store_true", help="score questions without a prediction as wrong")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
@@ -254,6 +257,7 @@ def _score(args) -> int:
     try:
         result = score_predictions(task_from_args(args), args.predictions, out_dir=args.out, families=families,
                                    compat_flavour=args.compat_flavour, judge=_judge(args),
+                                   medmax_truth=args.medmax_truth,
                                    candidates=read_candidates(args.candidates) if args.candidates else None,
                                    allow_missing=args.allow_missing, strict=args.strict,
                                    resamples=args.resamples, seed=args.seed)
@@ -268,6 +272,8 @@ def _score(args) -> int:
         print(f"note: {result.compat_table.exact_match_note}")
     if result.medmax_table is not None:
         print(f"\n{result.medmax_table.render()}")
+    if result.probmed_table is not None:
+        print(f"\n{result.probmed_table.render()}")
     for name, tally in result.tallies.items():
         if tally.n_skipped:
             print(f"{name.replace('_', ' ')}: {tally.summary()}", file=sys.stderr)

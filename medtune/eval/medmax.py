@@ -5,9 +5,16 @@ commit ``20b7055``) scores its twelve VQA tasks by answer type. The rules are wr
 
 ``closed``  one generated token; lowercased, the answer is right when the truth is "yes" and the text holds
             "yes" but not "no" (or the mirror for "no"). Substrings, as in MedMax: "not" and "normal" hold
-            "no". A truth other than yes/no can never be right; such questions are counted in the table.
-``mcq``     one generated token; right when the text, upper-cased and stripped, *is* the truth's letter
-            ("(A)" and "A." are wrong).
+            "no". A truth other than exactly "yes" or "no" can never be right; such questions are counted in
+            the table.
+``mcq``     one generated token; right when the text, upper-cased and stripped, *is* the truth as written
+            ("(A)" and "A." are wrong, and so is everything when the file's truth is "a" or " B").
+
+The truth is the file's ``answer`` cell exactly as written (``meta.extra["source_cells"]``, kept by the
+``medmax-eval`` reader; for other files the answer, or an mcq question's letter), as MedMax compares it: no
+stripping, no change of case. ``truth="normalised"`` (``eval score --medmax-truth normalised``) strips and
+lower-cases a closed truth and takes an mcq question's letter however the file writes it, for files other than
+MedMax's own (VQA-RAD writes "Yes"); it is an option, not the rule, and the report says which was used.
 ``open``    up to 60 tokens; the lowercased answer is sent to an LLM judge that ends its reply with a
             "Correctness: 1" or "Correctness: 0" line, read by substring (the prompt is medtune's wording).
 
@@ -20,8 +27,6 @@ Where medtune departs from MedMax's script, and why:
   MedMax's script would print.
 * Without a judge, open questions are ``not_judged``: counted, their accuracy ``None`` (excluded, and shown
   as excluded in every row they would enter), never scored 0 in silence.
-* The ground truth is stripped and lowercased before the closed test (MedMax's data is lowercase; VQA-RAD's
-  "Yes"/"No" would otherwise never match); an mcq truth written as option text is mapped to its letter.
 * The judge is called at temperature 0 with a reply budget (MedMax sends neither, so the API defaults
   apply there).
 * Figures are percentages; the table adds MedMax's standard error, ``std(ddof=1) / sqrt(n)``, also × 100.
@@ -48,6 +53,7 @@ REFERENCE = "Hritikbansal/medmax evaluation/vqa.py at 20b7055"
 HEADLINE = {"closed": "accuracy", "mcq": "accuracy", "open": "accuracy"}
 ACCURACY, REPORTED, UNPARSED, NOT_JUDGED = "accuracy", "medmax_reported_accuracy", "unparsed_verdicts", "not_judged"
 ANSWER_TYPES = ("closed", "mcq", "open")
+TRUTH_RULES = ("verbatim", "normalised")
 
 # MedMax decodes greedily; the literal budgets are what its script passes as max_gen_len.
 SETTINGS = {
@@ -68,18 +74,29 @@ JUDGE_MAX_TOKENS = 128  # room for a sentence of reasoning before the verdict li
 
 
 def closed_correct(prediction: str, truth: str) -> float:
-    """MedMax's closed rule: the truth's word in the answer and the other word not (substrings)."""
-    said, expected = prediction.lower(), truth.strip().lower()
-    other = {"yes": "no", "no": "yes"}.get(expected)
-    return float(other is not None and expected in said and other not in said)
+    """MedMax's closed rule: the truth ("yes" or "no", exactly) in the answer and the other word not (substrings)."""
+    said = prediction.lower()
+    other = {"yes": "no", "no": "yes"}.get(truth)
+    return float(other is not None and truth in said and other not in said)
 
 
-def mcq_correct(prediction: str, truth: str, choices: list[str] | None = None) -> float:
-    """MedMax's mcq rule: the upper-cased, stripped answer equals the truth's letter."""
-    letter = strict.truth_letter(truth, choices)
-    if letter is None:
-        raise ValueError(f"multiple-choice ground truth {truth!r} is neither a letter nor one of the options")
-    return float(prediction.upper().strip() == letter)
+def mcq_correct(prediction: str, truth: str) -> float:
+    """MedMax's mcq rule: the upper-cased, stripped answer equals the truth."""
+    return float(prediction.upper().strip() == truth)
+
+
+def truth_of(item, rule: str = "verbatim") -> str:
+    """What MedMax's script compares an answer with (see the module docstring for the two rules)."""
+    if rule not in TRUTH_RULES:
+        raise ValueError(f"unknown MedMax truth rule {rule!r} (expected one of {', '.join(TRUTH_RULES)})")
+    if rule == "verbatim" and item.source_cells and "answer" in item.source_cells:
+        return item.source_cells["answer"]
+    if item.answer_type == "mcq":
+        letter = item.answer_label or strict.truth_letter(item.answer, item.choices)
+        if letter is None:
+            raise ValueError(f"multiple-choice ground truth {item.answer!r} is neither a letter nor an option")
+        return letter
+    return item.answer if rule == "verbatim" else item.answer.strip().lower()
 
 
 def parse_correctness(reply: str) -> float | None:
@@ -97,15 +114,16 @@ def medmax_judge(judge):
                          family=FAMILY, answer_types=("open",))
 
 
-def score_items(items: list, judge=None) -> dict[str, dict]:
+def score_items(items: list, judge=None, truth: str = "verbatim") -> dict[str, dict]:
     """``{item id: {metric: value}}`` (see the module docstring); ``judge`` is a
-    :class:`medtune.eval.judge.Judge`, given MedMax's rules here; without one, open items are not judged."""
+    :class:`medtune.eval.judge.Judge`, given MedMax's rules here; without one, open items are not judged;
+    ``truth``: one of :data:`TRUTH_RULES`."""
     out: dict[str, dict] = {}
     for item in items:
         if item.answer_type == "closed":
-            out[item.id] = {ACCURACY: closed_correct(item.prediction, item.answer)}
+            out[item.id] = {ACCURACY: closed_correct(item.prediction, truth_of(item, truth))}
         elif item.answer_type == "mcq":
-            out[item.id] = {ACCURACY: mcq_correct(item.prediction, item.answer, item.choices)}
+            out[item.id] = {ACCURACY: mcq_correct(item.prediction, truth_of(item, truth))}
         elif item.answer_type == "open" and judge is None:
             out[item.id] = {ACCURACY: None, REPORTED: None, NOT_JUDGED: 1.0}
     if judge is not None:
@@ -181,22 +199,23 @@ class MedmaxTable:
     """Per answer type: medtune's accuracy, the MedMax-reported one, and the counts behind them."""
 
     lines: list[TableLine] = field(default_factory=list)
+    truth: str = "verbatim"
 
     def line(self, label: str) -> TableLine | None:
         return next((line for line in self.lines if line.label == label), None)
 
     def to_dict(self) -> dict:
-        return {"reference": REFERENCE, "lines": [line.to_dict() for line in self.lines]}
+        return {"reference": REFERENCE, "truth": self.truth, "lines": [line.to_dict() for line in self.lines]}
 
     def render(self) -> str:
         width = max((len(line.label) for line in self.lines), default=0)
-        return "\n".join([f"MedMax rules ({REFERENCE}); ± is MedMax's standard error",
+        return "\n".join([f"MedMax rules ({REFERENCE}; truth {self.truth}); ± is MedMax's standard error",
                           *(f"{line.label:<{width}}  {line.render()}" for line in self.lines)])
 
 
-def table(items: list, scores: dict[str, dict]) -> MedmaxTable:
+def table(items: list, scores: dict[str, dict], truth: str = "verbatim") -> MedmaxTable:
     """The MedMax figures and counts, in the order closed, mcq, open, for the answer types present."""
-    out = MedmaxTable()
+    out = MedmaxTable(truth=truth)
     for answer_type in ANSWER_TYPES:
         group = [item for item in items if item.answer_type == answer_type]
         if not group:
@@ -204,9 +223,9 @@ def table(items: list, scores: dict[str, dict]) -> MedmaxTable:
         per_item = [scores[item.id] for item in group]
         if answer_type == "closed":
             out.lines.append(_accuracy_line("closed accuracy", [s[ACCURACY] for s in per_item]))
-            odd = sum(item.answer.strip().lower() not in ("yes", "no") for item in group)
+            odd = sum(truth_of(item, truth) not in ("yes", "no") for item in group)
             if odd:
-                out.lines.append(count_line("closed truths not yes/no (always wrong)", odd))
+                out.lines.append(count_line("closed truths not exactly yes/no (always wrong)", odd))
         elif answer_type == "mcq":
             out.lines.append(_accuracy_line("mcq accuracy", [s[ACCURACY] for s in per_item]))
         else:

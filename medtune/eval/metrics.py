@@ -28,7 +28,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
-from medtune.data.schema import Sample
+from medtune.data.schema import ANSWER_LABEL, SOURCE_CELLS, Sample
 from medtune.eval import compat, mcq, medmax, probmed, strict
 from medtune.eval.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, Estimate, estimate
 
@@ -59,6 +59,8 @@ class Item:
     organ: str | None = None
     modality: str | None = None
     missing: bool = False
+    answer_label: str | None = None              # mcq: the right option's letter, as the benchmark defines it
+    source_cells: dict[str, str] | None = None   # the benchmark file's answer (and option) cells as written
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None and v is not False}
@@ -100,7 +102,8 @@ def item_from_sample(sample: Sample, prediction: str | None) -> Item:
         raise ValueError(f"sample {sample.id!r} has no ground-truth answer or answer_type in its metadata")
     return Item(id=sample.id, question=sample.question, answer=meta.answer, answer_type=meta.answer_type,
                 prediction=prediction or "", choices=meta.choices, organ=meta.organ, modality=meta.modality,
-                missing=prediction is None)
+                missing=prediction is None, answer_label=meta.extra.get(ANSWER_LABEL),
+                source_cells=meta.extra.get(SOURCE_CELLS))
 
 
 def match_items(samples: Iterable[Sample], predictions: Mapping[str, str], *,
@@ -127,9 +130,10 @@ def _some(ids: list[str], limit: int = 20) -> str:
 
 def score_items(items: list[Item], families: Iterable[str] = DEFAULT_FAMILIES, *,
                 compat_flavour: str = "med-moe", candidates: list[str] | None = None,
-                judge=None) -> dict[str, dict[str, dict]]:
+                judge=None, medmax_truth: str = "verbatim") -> dict[str, dict[str, dict]]:
     """``{family: {item id: {metric: value}}}``; ``judge`` is a :class:`medtune.eval.judge.Judge`;
-    ``candidates`` is LLaVA-Med's answer vocabulary for its "open accuracy" (LLaVA-Med flavours)."""
+    ``candidates`` is LLaVA-Med's answer vocabulary for its "open accuracy" (LLaVA-Med flavours);
+    ``medmax_truth``: how the ``medmax`` family reads the truth (:data:`medtune.eval.medmax.TRUTH_RULES`)."""
     scores: dict[str, dict[str, dict]] = {}
     for family in families:
         if family not in FAMILIES:
@@ -138,14 +142,14 @@ def score_items(items: list[Item], families: Iterable[str] = DEFAULT_FAMILIES, *
             scores[family] = {i.id: compat.score_item(i.prediction, i.answer, i.answer_type, compat_flavour,
                                                       candidates) for i in items}
         elif family == "strict":
-            scores[family] = {i.id: strict.score_item(i.prediction, i.answer, i.answer_type, i.choices)
+            scores[family] = {i.id: strict.score_item(i.prediction, i.answer, i.answer_type, i.choices, i.answer_label)
                               for i in items}
         elif family == "judge":
             if judge is None:
                 raise ValueError("the judge family needs a judge endpoint (--judge-endpoint)")
             scores[family] = judge.score(items)
         elif family == "medmax":
-            scores[family] = medmax.score_items(items, judge)
+            scores[family] = medmax.score_items(items, judge, medmax_truth)
         elif family == "vlmevalkit":
             scores[family] = mcq.score_items(items, judge)
         elif family == "letter":

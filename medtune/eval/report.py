@@ -39,7 +39,8 @@ WRONG_FILE, JUDGE_FILE = "wrong_answers.jsonl", "judge.jsonl"
 def write_report(out_dir: str | os.PathLike, *, rows: list[Row], items: list[Item], scores: dict[str, dict],
                  info: dict, compat_table: CompatTable | None = None, medmax_table: MedmaxTable | None = None,
                  judge_records: list[dict] | None = None, resamples: int = DEFAULT_RESAMPLES,
-                 seed: int = DEFAULT_SEED, mcq_routes: dict[str, int] | None = None) -> dict[str, Path]:
+                 seed: int = DEFAULT_SEED, mcq_routes: dict[str, int] | None = None,
+                 probmed_table=None) -> dict[str, Path]:
     """Write every report file into ``out_dir`` (each atomically); returns their paths by kind."""
     out = Path(out_dir)
     results = {**info, "bootstrap": {"method": "percentile", "resamples": resamples, "seed": seed, "level": 0.95},
@@ -50,13 +51,15 @@ def write_report(out_dir: str | os.PathLike, *, rows: list[Row], items: list[Ite
         results["medmax_table"] = medmax_table.to_dict()
     if mcq_routes is not None:
         results["mcq_routes"] = mcq_routes
+    if probmed_table is not None:
+        results["probmed_table"] = probmed_table.to_dict()
     paths = {"results": out / RESULTS_FILE, "markdown": out / MARKDOWN_FILE, "chart": out / CHART_FILE,
              "wrong": out / WRONG_FILE}
     write_json(paths["results"], results)
     with atomic_open(paths["markdown"]) as handle:
         handle.write(markdown(rows, title=f"medtune eval: {info.get('task', {}).get('name', '?')}",
                               compat=compat_table, medmax=medmax_table, scope=scope_line(info.get("counts", {})),
-                              mcq_routes=mcq_routes))
+                              mcq_routes=mcq_routes, probmed=probmed_table))
     write_chart(paths["chart"], rows)
     paths["wrong"] = write_wrong_answers(paths["wrong"], items, scores)
     if judge_records:
@@ -79,7 +82,7 @@ def scope_line(counts: dict) -> str | None:
 
 def markdown(rows: list[Row], *, title: str = "medtune eval", compat: CompatTable | None = None,
              medmax: MedmaxTable | None = None, scope: str | None = None,
-             mcq_routes: dict[str, int] | None = None) -> str:
+             mcq_routes: dict[str, int] | None = None, probmed=None) -> str:
     lines = [f"# {title}", "", *([scope.capitalize() + ".", ""] if scope else []),
              "| task | family | answer type | group | metric | n | value | 95% CI |",
              "| --- | --- | --- | --- | --- | ---: | ---: | --- |"]
@@ -94,6 +97,8 @@ def markdown(rows: list[Row], *, title: str = "medtune eval", compat: CompatTabl
         lines += ["", *_medmax_section(medmax)]
     if mcq_routes is not None:
         lines += ["", *_routes_section(mcq_routes)]
+    if probmed is not None:
+        lines += ["", "## ProbMed's table", "", "```", probmed.render(), "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -101,8 +106,9 @@ def _routes_section(routes: dict[str, int]) -> list[str]:
     """How the vlmevalkit family read each multiple-choice answer (see medtune.eval.mcq)."""
     from medtune.eval.mcq import REFERENCE
     lines = ["## Multiple-choice answers by matching route", "",
-             (f"VLMEvalKit's rule ({REFERENCE}): the option letter as a word, else one option's text, else "
-              "the judge (only with a judge endpoint), else a miss."), "", "| route | answers |", "| --- | ---: |"]
+             (f"VLMEvalKit's rule ({REFERENCE}): the option letter as a word, else a refusal or a lone Z "
+              "(refused: a miss), else one option's text, else the judge (only with a judge endpoint), else a "
+              "miss."), "", "| route | answers |", "| --- | ---: |"]
     lines += [f"| {route} | {n} |" for route, n in routes.items()]
     return lines
 

@@ -38,6 +38,7 @@ class ScoreResult:
     paths: dict[str, Path] = field(default_factory=dict)
     medmax_table: medmax.MedmaxTable | None = None
     mcq_routes: dict[str, int] | None = None   # vlmevalkit family: answers per matching route
+    probmed_table: probmed.ProbmedTable | None = None   # probmed family: the script's figures
 
     def headline(self) -> list[metrics.Row]:
         return [r for r in self.rows if r.group_by == "all" and metrics.is_headline(r)]
@@ -47,10 +48,11 @@ def score_predictions(task: Task, predictions_path: str | os.PathLike, *, out_di
                       families=metrics.DEFAULT_FAMILIES, compat_flavour: str = "med-moe",
                       candidates: list[str] | None = None, judge=None,
                       allow_missing: bool = False, strict: bool = False, resamples: int = DEFAULT_RESAMPLES,
-                      seed: int = DEFAULT_SEED) -> ScoreResult:
+                      seed: int = DEFAULT_SEED, medmax_truth: str = "verbatim") -> ScoreResult:
     """Match predictions to ``task``'s questions by id, score every family, and write the report if asked.
 
     ``candidates``: LLaVA-Med's answer vocabulary (see :func:`read_candidates`), for its "open accuracy".
+    ``medmax_truth``: ``verbatim`` (MedMax's rule) or ``normalised`` (see :mod:`medtune.eval.medmax`).
     A ``judge`` adds the ``judge`` family unless ``medmax`` is asked for, which judges open answers by its own
     rules; name both families to have both verdicts. A task's own families (``Task.scoring_families``, e.g.
     ``probmed`` for ProbMed) are always added.
@@ -70,31 +72,42 @@ def score_predictions(task: Task, predictions_path: str | os.PathLike, *, out_di
     if unexpected:
         log.warning("%d predictions match no question of %s (first: %s); they are not scored",
                     len(unexpected), task.name, ", ".join(unexpected[:5]))
-    scores = metrics.score_items(items, families, compat_flavour=compat_flavour, candidates=candidates, judge=judge)
+    scores = metrics.score_items(items, families, compat_flavour=compat_flavour, candidates=candidates, judge=judge,
+                                 medmax_truth=medmax_truth)
     rows = metrics.aggregate(task.name, items, scores, resamples=resamples, seed=seed)
     if getattr(task, "circular", False):
         rows += circular.circular_rows(task.name, items, scores, resamples=resamples, seed=seed)
+    probmed_table = None
     if probmed.FAMILY in scores:
+        figures, probmed_table = probmed.paired_figures(samples, items, scores[probmed.FAMILY], resamples=resamples,
+                                                        seed=seed)
         rows += [metrics.Row(task.name, probmed.FAMILY, "closed", f.metric, f.estimate, f.group_by, f.group, f.excluded)
-                 for f in probmed.paired_figures(samples, items, scores[probmed.FAMILY], resamples=resamples,
-                                                 seed=seed)]
+                 for f in figures]
     routes = mcq.route_counts(items, scores[mcq.FAMILY]) if mcq.FAMILY in scores else None
     table = metrics.compat_table(items, scores["compat"], compat_flavour) if "compat" in scores else None
-    medmax_table = medmax.table(items, scores["medmax"]) if "medmax" in scores else None
+    medmax_table = medmax.table(items, scores["medmax"], medmax_truth) if "medmax" in scores else None
     result = ScoreResult(rows, items, scores, table, unexpected, {"ground_truth": gt_tally, "predictions": pred_tally},
-                         medmax_table=medmax_table, mcq_routes=routes)
+                         medmax_table=medmax_table, mcq_routes=routes, probmed_table=probmed_table)
     if out_dir is not None:
         info = {"medtune_version": __version__, "task": task.describe(), "predictions": str(predictions_path),
                 "families": list(families), "compat_flavour": compat_flavour,
+                "references": references(families),
                 "counts": {"questions": len(items), "task_questions": task_questions, "limit": limit,
                            "missing": [i.id for i in items if i.missing],
                            "unexpected": unexpected, "ground_truth": gt_tally.to_dict(),
                            "predictions": pred_tally.to_dict()}}
         result.paths = report.write_report(out_dir, rows=rows, items=items, scores=scores, info=info,
                                            compat_table=table, medmax_table=medmax_table, mcq_routes=routes,
+                                           probmed_table=probmed_table,
                                            judge_records=getattr(judge, "records", None),
                                            resamples=resamples, seed=seed)
     return result
+
+
+def references(families) -> dict[str, str]:
+    """The reference script and commit each reference-rule family reproduces, for results.json."""
+    named = {"medmax": medmax.REFERENCE, mcq.FAMILY: mcq.REFERENCE, probmed.FAMILY: probmed.REFERENCE}
+    return {family: named[family] for family in families if family in named}
 
 
 def recorded_limit(predictions_path: str | os.PathLike) -> int | None:

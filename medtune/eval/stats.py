@@ -69,3 +69,20 @@ def estimate(values: Sequence[float], *, scale: float = 100.0, resamples: int = 
     mean = sum(values) / len(values) * scale
     low, high = bootstrap_ci(values, resamples=resamples, seed=seed)
     return Estimate(mean, len(values), low * scale, high * scale)
+
+
+def weighted_estimate(values: Sequence[float], weights: Sequence[float], *, scale: float = 100.0,
+                      resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> Estimate:
+    """The weighted mean × ``scale`` (a reference script's weighting of its units), n = the units, and the
+    95% interval of the same weighted mean over resamples of the units (drawn as :func:`bootstrap_ci` draws)."""
+    data, weight = np.asarray(values, dtype=np.float64), np.asarray(weights, dtype=np.float64)
+    if data.size == 0 or weight.sum() <= 0:
+        return Estimate(float("nan"), int(data.size), float("nan"), float("nan"))
+    mean = float((data * weight).sum() / weight.sum()) * scale
+    if data.size == 1:
+        return Estimate(mean, 1, mean, mean)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, data.size, size=(resamples, data.size))
+    means = (data[draws] * weight[draws]).sum(axis=1) / weight[draws].sum(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return Estimate(mean, int(data.size), float(low) * scale, float(high) * scale)

@@ -102,11 +102,14 @@ def truth_letter(truth: str, choices: list[str] | None) -> str | None:
     return None
 
 
-def score_item(prediction: str, truth: str, answer_type: str, choices: list[str] | None = None) -> dict:
-    """Per-item figures in [0, 1]; ``unparsed`` is 1 when a yes/no or multiple-choice answer picked nothing."""
+def score_item(prediction: str, truth: str, answer_type: str, choices: list[str] | None = None,
+               label: str | None = None) -> dict:
+    """Per-item figures in [0, 1]; ``unparsed`` is 1 when a yes/no or multiple-choice answer picked nothing.
+    ``label``: a multiple-choice question's right letter as its benchmark gives it (two options may share a
+    text, so the letter, not the text, says which one is right)."""
     if answer_type == "mcq":
         picked = extract_choice(prediction, choices)
-        expected = truth_letter(truth, choices)
+        expected = label or truth_letter(truth, choices)
         if expected is None:
             raise ValueError(f"multiple-choice ground truth {truth!r} is neither a letter nor one of the options")
         return {"accuracy": float(picked == expected), "unparsed": float(picked is None)}

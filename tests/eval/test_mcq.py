@@ -24,7 +24,7 @@ ANSWERS = {  # prediction -> (route, right?) with truth B (pneumothorax)
     "cardiomegaly, clearly": ("text", False),
     "pneumothorax or cardiomegaly": ("miss", False),   # two options' texts: no route decides
     "b": ("miss", False),                              # lower case is no option letter
-    "Cannot determine the answer": ("miss", False),
+    "Cannot determine the answer": ("refused", False),  # VLMEvalKit's refusal: Z, never an option
     "": ("miss", False),
 }
 
@@ -40,7 +40,7 @@ def test_vlmevalkit_routes_are_counted_exactly():
     for item, (route, right) in zip(items, ANSWERS.values()):
         assert scores[item.id][f"route_{route}"] == 1.0, item.prediction
         assert scores[item.id]["accuracy"] == float(right), item.prediction
-    assert mcq.route_counts(items, scores) == {"letter": 6, "text": 2, "judge": 0, "miss": 4}
+    assert mcq.route_counts(items, scores) == {"letter": 6, "refused": 1, "text": 2, "judge": 0, "miss": 3}
 
 
 def test_letter_only_accepts_bare_letters_only():
@@ -53,12 +53,12 @@ def test_judge_route_only_with_a_judge_and_its_reply_read_as_a_letter():
     items = _items()
     missed = [i for i in items if ANSWERS[i.prediction][0] == "miss"]
     seen = []
-    judge = Judge("http://judge/v1", "m", transport=fake_endpoint(["B", "Z", "The answer is C", "D"], seen))
+    judge = Judge("http://judge/v1", "m", transport=fake_endpoint(["B", "Z", "The answer is C"], seen))
     scores = mcq.score_items(items, judge)
-    assert len(seen) == len(missed) == 4  # only undecided answers go to the judge
+    assert len(seen) == len(missed) == 3  # only undecided answers go to the judge (a refusal is decided)
     assert "B. pneumothorax" in seen[0]["messages"][0]["content"]
-    assert mcq.route_counts(items, scores) == {"letter": 6, "text": 2, "judge": 3, "miss": 1}
-    assert [scores[i.id]["accuracy"] for i in missed] == [1.0, 0.0, 0.0, 0.0]
+    assert mcq.route_counts(items, scores) == {"letter": 6, "refused": 1, "text": 2, "judge": 3, "miss": 0}
+    assert [scores[i.id]["accuracy"] for i in missed] == [1.0, 0.0, 0.0]
 
 
 def test_families_are_registered_for_scoring():
@@ -98,7 +98,7 @@ def test_circular_counts_a_question_only_when_every_rotation_is_right(tmp_path):
                         and r.answer_type == "mcq" and r.group_by == "all")
     assert per_rotation.estimate.n == 8 and per_rotation.estimate.value == pytest.approx(87.5)
     report = json.loads((tmp_path / "report" / "results.json").read_text())
-    assert report["mcq_routes"] == {"letter": 8, "text": 0, "judge": 0, "miss": 0}
+    assert report["mcq_routes"] == {"letter": 8, "refused": 0, "text": 0, "judge": 0, "miss": 0}
     assert "by matching route" in (tmp_path / "report" / "results.md").read_text()
 
 
@@ -109,3 +109,31 @@ def test_circular_rows_fold_by_base_id():
                          "b": {"accuracy": 1.0}, "b@circular1": {"accuracy": 0.0}}}
     (row,) = circular_rows("t", items, scores)
     assert (row.estimate.n, row.estimate.value) == (2, 50.0)
+
+
+DUPLICATES = ["pneumothorax", "cardiomegaly", "normal", "normal"]
+
+
+def _duplicate_items(truth_letter: str) -> list[Item]:
+    sample = mcq_sample("q", "Which finding?", list(DUPLICATES), truth_letter, [ImageRef("x.png")],
+                        Metadata(source="test"))
+    return [Item(id=said, question="Which finding?", answer=sample.meta.answer, answer_type="mcq", prediction=said,
+                 choices=DUPLICATES, answer_label=sample.meta.extra["answer_label"]) for said in ("C", "D")]
+
+
+@pytest.mark.parametrize("truth", ["C", "D"])
+def test_two_options_with_one_text_are_scored_by_the_benchmark_letter(truth):
+    """The truth is the letter the benchmark gives, not the first option with the truth's text."""
+    items = _duplicate_items(truth)
+    scores = score_items(items, ("strict", "vlmevalkit", "letter", "medmax"))
+    for family, per_item in scores.items():
+        assert {i: figures["accuracy"] for i, figures in per_item.items()} == \
+            {"C": float(truth == "C"), "D": float(truth == "D")}, family
+
+
+def test_rotations_keep_the_right_letter_of_a_repeated_option_text():
+    sample = mcq_sample("q", "Which finding?", list(DUPLICATES), "D", [ImageRef("x.png")], Metadata(source="t"))
+    for rotated in rotations(sample):
+        label = rotated.meta.extra["answer_label"]
+        shift = int(rotated.id.split("@circular")[1]) if "@circular" in rotated.id else 0
+        assert "ABCD".index(label) == (3 - shift) % 4, rotated.id   # option D moves back with each rotation

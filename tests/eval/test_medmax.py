@@ -12,6 +12,7 @@ from medtune.data.jsonl import write_samples
 from medtune.data.schema import Metadata, qa_sample
 from medtune.eval import medmax
 from medtune.eval.judge import Judge
+from medtune.eval.metrics import Item
 from medtune.eval.score import score_predictions
 from medtune.eval.tasks import get_task
 
@@ -24,7 +25,7 @@ CLOSED = [
     ("c4", "yes", "yes, no", 0),    # both words: wrong for either truth
     ("c5", "no", "Normal", 1),      # MedMax's substring quirk: "normal" holds "no"
     ("c6", "yes", "no", 0),
-    ("c7", "Yes", "YES", 1),        # a capitalised truth is lowercased too (VQA-RAD writes "Yes")
+    ("c7", "Yes", "YES", 0),        # MedMax compares the truth as written: "Yes" is neither "yes" nor "no"
     ("c8", "left", "left", 0),      # a truth other than yes/no can never be right under this rule
 ]
 MCQ = [
@@ -46,29 +47,32 @@ OPEN = [
 JUDGE_REPLIES = [reply for *_, reply in OPEN]
 
 # The table by hand (percent; MedMax's standard error is std(ddof=1) / sqrt(n)):
-#   closed: c1 c2 c3 c5 c7 right = 5/8 = 62.5; squares about the mean: 5 x 0.375^2 + 3 x 0.625^2 = 1.875,
-#           stderr = sqrt(1.875 / 7 / 8) = 18.30; one truth ("left") is not yes/no.
+#   closed: c1 c2 c3 c5 right = 4/8 = 50; squares about the mean: 8 x 0.5^2 = 2, stderr = sqrt(2 / 7 / 8) = 18.90;
+#           two truths ("Yes", "left") are not exactly yes/no. (With --medmax-truth normalised "Yes" is "yes",
+#           so c7 is right too: 5/8 = 62.5, 5 x 0.375^2 + 3 x 0.625^2 = 1.875, stderr = sqrt(1.875 / 7 / 8).)
 #   mcq:    m1 m2 m5 right = 3/6 = 50; 6 x 0.5^2 = 1.5, stderr = sqrt(1.5 / 5 / 6) = 22.36.
 #   open:   judged 6: o1 o3 o6 right, o2 wrong, o4 o5 unparsed.
 #           medtune (unparsed = wrong): 3/6 = 50, stderr 22.36 as for mcq.
 #           MedMax-reported (unparsed dropped): 3/4 = 75; 3 x 0.25^2 + 0.75^2 = 0.75, stderr = sqrt(0.75/3/4) = 25.
 #           unparsed verdicts: 2.
 EXPECTED_TABLE = [
-    ("closed accuracy", "figure", 62.5, 100 * math.sqrt(1.875 / 7 / 8), 8),
-    ("closed truths not yes/no (always wrong)", "count", None, None, 1),
+    ("closed accuracy", "figure", 50.0, 100 * math.sqrt(2 / 7 / 8), 8),
+    ("closed truths not exactly yes/no (always wrong)", "count", None, None, 2),
     ("mcq accuracy", "figure", 50.0, 100 * math.sqrt(1.5 / 5 / 6), 6),
     ("open accuracy (unparsed verdicts count as wrong)", "figure", 50.0, 100 * math.sqrt(1.5 / 5 / 6), 6),
     ("open accuracy, MedMax-reported (unparsed verdicts dropped)", "figure", 75.0, 25.0, 4),
     ("unparsed verdicts", "count", None, None, 2),
 ]
-# The family's rows (value, n, excluded): "all" is 5 + 3 + 3 right of 8 + 6 + 6 = 55%.
+EXPECTED_CLOSED_NORMALISED = [("closed accuracy", "figure", 62.5, 100 * math.sqrt(1.875 / 7 / 8), 8),
+                              ("closed truths not exactly yes/no (always wrong)", "count", None, None, 1)]
+# The family's rows (value, n, excluded): "all" is 4 + 3 + 3 right of 8 + 6 + 6 = 50%.
 EXPECTED_ROWS = {
-    ("closed", "accuracy"): (62.5, 8, 0),
+    ("closed", "accuracy"): (50.0, 8, 0),
     ("mcq", "accuracy"): (50.0, 6, 0),
     ("open", "accuracy"): (50.0, 6, 0),
     ("open", "medmax_reported_accuracy"): (75.0, 4, 2),
     ("open", "unparsed_verdicts"): (100 * 2 / 6, 6, 0),
-    ("all", "accuracy"): (55.0, 20, 0),
+    ("all", "accuracy"): (50.0, 20, 0),
 }
 
 
@@ -102,7 +106,17 @@ def test_closed_rule(truth, prediction, verdict):
 
 @pytest.mark.parametrize("truth, choices, prediction, verdict", [(t, c, p, v) for _, t, c, p, v in MCQ])
 def test_mcq_rule(truth, choices, prediction, verdict):
-    assert medmax.mcq_correct(prediction, truth, choices) == verdict
+    item = Item("q", "?", truth, "mcq", prediction, choices)
+    assert medmax.mcq_correct(prediction, medmax.truth_of(item)) == verdict
+
+
+def test_normalised_truth_is_an_option_and_the_table_says_which_rule(files):
+    gt, preds = files
+    result = score_predictions(get_task("custom", data=gt), preds, families=("medmax",),
+                               medmax_truth="normalised")
+    table = result.medmax_table.to_dict()
+    assert table["truth"] == "normalised" and table_tuples(table)[:2] == approx_table(EXPECTED_CLOSED_NORMALISED)
+    assert "truth normalised" in result.medmax_table.render()
 
 
 @pytest.mark.parametrize("reply, verdict", [("Correctness: 1", 1.0), ("Reasoning...\nCorrectness: 0", 0.0),
@@ -138,13 +152,13 @@ def test_without_a_judge_open_answers_are_counted_as_not_judged(files):
     result = score_predictions(get_task("custom", data=gt), preds, families=("medmax",))
     table = result.medmax_table
     assert table.line("open not judged (no judge endpoint)").n == len(OPEN)
-    assert table.line("unparsed verdicts") is None and table.line("closed accuracy").value == 62.5
+    assert table.line("unparsed verdicts") is None and table.line("closed accuracy").value == 50.0
     rows = {(r.answer_type, r.metric): r for r in result.rows if r.family == "medmax" and r.group_by == "all"}
     assert (rows["open", "accuracy"].estimate.n, rows["open", "accuracy"].excluded) == (0, len(OPEN))
     assert (rows["open", "not_judged"].estimate.n, rows["open", "not_judged"].estimate.value) == (len(OPEN), 100.0)
     # the overall figure covers closed and mcq and says the open answers are out: 8 right of 14
     overall = rows["all", "accuracy"]
-    assert (overall.estimate.n, overall.excluded, overall.estimate.value) == (14, len(OPEN), pytest.approx(800 / 14))
+    assert (overall.estimate.n, overall.excluded, overall.estimate.value) == (14, len(OPEN), pytest.approx(700 / 14))
 
 
 def test_eval_score_cli_writes_the_medmax_table(files, tmp_path, monkeypatch, capsys):

@@ -42,17 +42,17 @@ def _rows(result, metric):
     return {r.group: r for r in result.rows if r.family == "probmed" and r.metric == metric}
 
 
-def test_paired_accuracy_is_below_plain_accuracy_by_the_pairs_the_twins_break(scored):
+def test_pooled_paired_accuracy_is_below_plain_accuracy_by_the_pairs_the_twins_break(scored):
     plain = _rows(scored, "accuracy")["all"].estimate
     assert (plain.n, plain.value) == (18, pytest.approx(100 * 14 / 18))   # 4 questions wrong
-    paired = _rows(scored, probmed.PAIRED)
+    paired = _rows(scored, probmed.PAIRED + probmed.POOLED)   # every unit weighted alike
     assert paired["all"].estimate.n == 9 and paired["all"].estimate.value == pytest.approx(100 * 5 / 9)
     assert paired["all"].excluded == 1 and paired["all"].group_by == "all"
     by_category = {group: (row.estimate.n, row.estimate.value) for group, row in paired.items() if group != "all"}
     assert by_category == {"modality": (2, 50.0), "body_part": (2, 50.0), "abnormality": (2, 50.0),
                            "entity": (2, 50.0), "grounding": (1, 100.0)}
     assert paired["modality"].excluded == 1   # image 3's original without its twin
-    without = _rows(scored, probmed.WITHOUT_ADVERSARIAL)
+    without = _rows(scored, probmed.WITHOUT_ADVERSARIAL + probmed.POOLED)
     assert {g: r.estimate.value for g, r in without.items()} == {
         "modality": 50.0, "body_part": 100.0, "entity": 100.0, "grounding": 100.0, "all": pytest.approx(600 / 7)}
     for row in paired.values():

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import string
 
-from medtune.data.schema import ImageRef, Metadata, Sample, qa_sample
+from medtune.data.schema import ANSWER_LABEL, ImageRef, Metadata, Sample, qa_sample
 
 LETTERS = string.ascii_uppercase
 
@@ -51,5 +51,5 @@ def mcq_sample(sample_id: str, question: str, choices: list[str], letter: str | 
     answer = None
     if letter is not None:
         answer = choices[LETTERS.index(letter)]
-        meta.extra["answer_label"] = letter
+        meta.extra[ANSWER_LABEL] = letter
     return qa_sample(sample_id, question + option_lines(choices), answer, images=images, meta=meta)

@@ -11,7 +11,8 @@ relative to the folder the images were unpacked into. Read as JSON, JSON Lines o
   "another MedMax task"), as MedMax's script does.
 * The prompt is MedMax's text and is sent **verbatim** (``meta.extra["prompt_verbatim"]``): the options of an mcq
   question are already in it, and MedMax's numbers were made with exactly that text. ``answer`` is lowercase
-  yes/no for closed questions and the option letter for mcq ones.
+  yes/no for closed questions and the option letter for mcq ones; the cell as written (unstripped) is also kept
+  as ``meta.extra["source_cells"]["answer"]``, which the ``medmax`` metric family compares with, as MedMax does.
 * mcq options are read back from the prompt's lines that start with a letter (``A:``, ``A.``, ``(A)``); when
   none do, the choices are the letters A-D themselves (scoring compares letters, so nothing depends on the text).
 * The id is the row's ``id`` / ``question_id`` when the table has one, else ``<task_name>-<question_type>-<row>``
@@ -38,7 +39,7 @@ from medtune.data.formats.records import (
     text_value,
 )
 from medtune.data.jsonl import Tally
-from medtune.data.schema import ImageRef, Metadata, Sample, qa_sample
+from medtune.data.schema import SOURCE_CELLS, ImageRef, Metadata, Sample, qa_sample
 
 MAPPED_KEYS = {"task_name", "question_type", "prompt", "answer", "image_path", "id", "question_id"}
 TASKS = (("vqa_rad", "closed"), ("slake", "closed"), ("pathvqa", "closed"), ("quilt_vqa", "closed"),
@@ -66,10 +67,11 @@ def medmax_eval_sample(record: Any, where: int | str, *, path, task_name: str | 
         raise Skip("another MedMax task")
     if kind not in ("closed", "open", "mcq"):
         raise ValueError(f"question_type must be closed, open or mcq, got {kind!r}")
-    prompt, answer = text_value(prompt, "prompt"), text_value(answer, "answer").strip()
+    raw_answer = text_value(answer, "answer")
+    prompt, answer = text_value(prompt, "prompt"), raw_answer.strip()
     image = record.get("image_path")
     meta = Metadata(source=f"medmax-eval:{name}", task="vqa", split="test", answer_type=kind,
-                    extra={"task_name": name, "prompt_verbatim": True,
+                    extra={"task_name": name, "prompt_verbatim": True, SOURCE_CELLS: {"answer": raw_answer},
                            **{k: v for k, v in record.items() if k not in MAPPED_KEYS}})
     if kind == "mcq":
         found = dict(_OPTION_LINE.findall(prompt))

@@ -6,7 +6,8 @@ e.g. ``x-ray_chest``), "question", "gt_ans" ("yes" | "no"), "qa_type"}``; ``qa_t
 (``modality``, ``body_part``, ``abnormality``, ``entity``, ``grounding``, with ``gt`` / ``hallu`` for the
 original question and its adversarial twin).
 
-* Every question is ``closed``; ``gt_ans`` is the answer. The question id is ``<id>-<qa_type>`` because ``id``
+* Every question is ``closed``; ``gt_ans`` is the answer (stripped, lower-cased; as written in
+  ``meta.extra["source_cells"]``, which the ``probmed`` family reads as ProbMed's script does). The question id is ``<id>-<qa_type>`` because ``id``
   alone repeats; should that still repeat within a file, later ones get ``#2``, ``#3`` (counted in a note).
 * ``image_type`` is split at its first underscore into ``meta.modality`` and ``meta.organ``; ``id`` (the image),
   ``qa_type`` and ``image_type`` stay in ``meta.extra`` so ProbMed's paired scoring can be rebuilt from a report.
@@ -27,7 +28,7 @@ from medtune.data.formats.records import (
     text_value,
 )
 from medtune.data.jsonl import Tally
-from medtune.data.schema import ImageRef, Metadata, Sample, qa_sample
+from medtune.data.schema import SOURCE_CELLS, ImageRef, Metadata, Sample, qa_sample
 
 MAPPED_KEYS = {"image", "question", "gt_ans"}
 
@@ -53,7 +54,8 @@ def probmed_sample(record: Any, where: int | str, *, seen: dict[str, int], split
     modality, _, organ = str(record.get("image_type") or "").partition("_")
     meta = Metadata(source="probmed", task="vqa", split=split, answer_type="closed",
                     modality=modality or None, organ=organ or None,
-                    extra={k: v for k, v in record.items() if k not in MAPPED_KEYS})
+                    extra={**{k: v for k, v in record.items() if k not in MAPPED_KEYS},
+                           SOURCE_CELLS: {"gt_ans": text_value(answer, "gt_ans")}})
     return qa_sample(sample_id, text_value(question, "question"), text_value(answer, "gt_ans").strip().lower(),
                      images=[ImageRef(text_value(image, "image"))], meta=meta)
 

@@ -21,7 +21,9 @@ their content (the same picture is stored once), and the sample refers to that f
 a question is asked, by :func:`medtune.data.images.load_image`, with the same limits as every other image (the
 pixel-count guard runs before decoding). A base64 cell larger than :data:`MAX_IMAGE_CHARS` is refused for that
 row. ``category`` -> ``meta.extra["category"]`` and so on: every
-column but the base64 image is kept in ``meta.extra``.
+column but the base64 image is kept in ``meta.extra``; the option and ``answer`` cells of a multiple-choice row,
+unstripped, are ``meta.extra["source_cells"]``, which the ``vlmevalkit`` metric family reads as VLMEvalKit does.
+Options must use consecutive letters: a row with an option after an empty one is refused, naming both letters.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ from medtune.data.formats.choices import LETTERS, letter_of, mcq_sample
 from medtune.data.formats.embedded_images import EmbeddedImages
 from medtune.data.formats.records import convert_records, split_from_name, text_value
 from medtune.data.jsonl import Tally
-from medtune.data.schema import ImageRef, Metadata, Sample, qa_sample
+from medtune.data.schema import SOURCE_CELLS, ImageRef, Metadata, Sample, qa_sample
 
 MAX_IMAGE_CHARS = 256 << 20   # one base64 cell; far above any benchmark image, far below memory trouble
 REFERENCE_CHARS = 64          # VLMEvalKit: an image cell this short names another row's image
@@ -90,6 +92,8 @@ def vlmevalkit_sample(record: Any, where: int | str, *, path: Path, images: Imag
     answer = _cell(record, "answer") or None
     choices = options(record)
     if choices:
+        # the cells as written, for the family that reads them as VLMEvalKit's pandas does
+        meta.extra[SOURCE_CELLS] = {key: record.get(key) or "" for key in (*LETTERS, "answer") if key in record}
         return mcq_sample(index, question, choices, letter_of(answer, choices), refs, meta)
     if answer is not None:
         meta.answer_type = "closed" if answer.strip().lower() in ("yes", "no") else "open"
@@ -97,13 +101,17 @@ def vlmevalkit_sample(record: Any, where: int | str, *, path: Path, images: Imag
 
 
 def options(record: dict) -> list[str]:
-    """The texts of columns A, B, ... up to the first empty one (VLMEvalKit writes "nan" for a missing one)."""
-    choices = []
+    """The texts of columns A, B, ... up to the first empty one (VLMEvalKit writes "nan" for a missing one). An
+    option after an empty one is refused: its letter would move (VLMEvalKit keeps the gap)."""
+    choices, gap = [], None
     for letter in LETTERS:
         value = _cell(record, letter)
         if not value or value.lower() == "nan":
-            break
-        choices.append(value)
+            gap = gap or letter
+        elif gap:
+            raise ValueError(f"option {letter} follows the empty option {gap}: options must be consecutive letters")
+        else:
+            choices.append(value)
     return choices if len(choices) >= 2 else []
 
 
