@@ -168,6 +168,10 @@ PROBMED: list[tuple[str, str, str, str, str]] = [
     ("12", "mri_knee", "modality", "Yes", "Yes"), ("12", "mri_knee", "modality_hallu", "No", "No"),
     ("12", "mri_knee", "abnormality", "No", "No"),
     ("12", "mri_knee", "entity_gt_1", "yes", "Yes"), ("12", "mri_knee", "entity_hallu_1", "no", "No"),
+    ("13", "mri_knee", "modality", "yes", ""), ("13", "mri_knee", "modality_hallu", "no", "Yes, no"),
+    ("13", "mri_knee", "body_part", "yes", "yes."), ("13", "mri_knee", "body_part_hallu", "no", "NO."),
+    ("13", "mri_knee", "abnormality", "yes", "  Yes  "),
+    ("13", "mri_knee", "grounding_gt_4", "yes", "Yes"), ("13", "mri_knee", "grounding_hallu_4", "no", "No"),
 ]
 
 # MedMax rows: (question_type, answer as the release file writes it, generated text)
