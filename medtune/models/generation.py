@@ -131,33 +131,48 @@ class Generator:
 
     def complete(self, conversations: Sequence[Conversation], images: Sequence[Sequence["Image.Image"]],
                  settings: GenerationSettings = GenerationSettings(),
-                 cancel: threading.Event | None = None) -> list[Completion]:
+                 cancel: threading.Event | None = None, *, cancel_rows: Sequence[threading.Event] | None = None,
+                 prompts: Sequence[dict] | None = None) -> list[Completion]:
         """Like :meth:`generate`, with finish reasons and token counts. Once ``cancel`` is set (a server
-        shutting down), every row ends at its next token."""
+        shutting down), every row ends at its next token; once ``cancel_rows[i]`` is set (its client has gone),
+        row ``i`` does. ``prompts``: the rows already encoded by :meth:`encode` (then ``images`` is not read)."""
         if len(conversations) != len(images):
             raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
         if not conversations:
             return []
-        batch = self._encode_batch(conversations, images)
+        batch = self._encode_batch(conversations, images, prompts)
         prompt_length = batch["input_ids"].shape[1]
         with self._lock:
-            output = self._run_generate(batch, settings, cancel=cancel)
+            output = self._run_generate(batch, settings, cancel=_Cancelled(cancel, cancel_rows)
+                                        if cancel is not None or cancel_rows else None)
         return [self._completion(row[prompt_length:], int(mask.sum()), settings)
                 for row, mask in zip(output, batch["attention_mask"])]
 
     def stream(self, conversation: Conversation, images: Sequence["Image.Image"],
-               settings: GenerationSettings = GenerationSettings()) -> TextStream:
-        """Text deltas of one answer as it is generated; joined they equal :meth:`generate`'s answer."""
-        batch = self._encode_batch([conversation], [images])
+               settings: GenerationSettings = GenerationSettings(), *, prompt: dict | None = None) -> TextStream:
+        """Text deltas of one answer as it is generated; joined they equal :meth:`generate`'s answer.
+        ``prompt``: the conversation already encoded by :meth:`encode`."""
+        batch = self._encode_batch([conversation], [images], None if prompt is None else [prompt])
         stream = TextStream(deltas=iter(()))
         stream.deltas = self._stream_deltas(batch, settings, stream)
         return stream
 
-    # -- encoding ---------------------------------------------------------------------------------------------
+    def encode(self, conversation: Conversation, images: Sequence["Image.Image"]) -> dict[str, Any]:
+        """One prompt's tensors ([1, L] ids, the images' pixels), as :meth:`complete` batches them; a server
+        encodes once on arrival to check the prompt's length and keeps these instead of the decoded images."""
+        return self.vlm.encode_prompt(list(conversation), list(images))
 
-    def _encode_batch(self, conversations, images) -> dict[str, Any]:
-        encodings = [self.vlm.encode_prompt(list(conv), list(imgs)) for conv, imgs in zip(conversations, images)]
-        return _collate_left_padded(encodings, self.pad_token_id, self.vlm.model)
+    def _encode_batch(self, conversations, images, prompts: Sequence[dict] | None = None) -> dict[str, Any]:
+        if prompts is None:
+            prompts = [self.encode(conv, imgs) for conv, imgs in zip(conversations, images)]
+        return _collate_left_padded(list(prompts), self.pad_token_id, self.vlm.model)
+
+    @property
+    def context_length(self) -> int | None:
+        """Most tokens the model attends to (prompt and answer together), or None when its config does not say."""
+        config = self.vlm.model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return getattr(text_config, "max_position_embeddings", None)
 
     # -- decoding ---------------------------------------------------------------------------------------------
 
@@ -165,9 +180,7 @@ class Generator:
         import torch
         from transformers import StoppingCriteriaList
 
-        criteria = StoppingCriteriaList()
-        if cancel is not None:
-            criteria.append(_Cancelled(cancel))
+        criteria = StoppingCriteriaList([cancel] if cancel is not None else [])
         kwargs = dict(batch, max_new_tokens=settings.max_new_tokens, do_sample=not settings.greedy,
                       pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_ids,
                       stopping_criteria=criteria, streamer=streamer, use_cache=True,
@@ -214,7 +227,8 @@ class Generator:
         def work():
             try:
                 with self._lock:
-                    output.append(self._run_generate(batch, settings, streamer=streamer, cancel=cancel))
+                    output.append(self._run_generate(batch, settings, streamer=streamer,
+                                                     cancel=_Cancelled(cancel)))
             except BaseException as error:  # re-raised in the consumer, which owns the error reporting
                 failure.append(error)
                 streamer.end()  # generate raised before ending the stream: end it, or the consumer waits forever
@@ -322,13 +336,16 @@ def _safe_prefix_length(text: str, stop: Sequence[str]) -> int:
 
 
 class _Cancelled:
-    """Stopping criterion that ends every row once the consumer of a stream has gone away, or the server is
-    stopping."""
+    """Stopping criterion: every row ends once ``everyone`` is set (a server stopping, a stream's consumer gone);
+    row ``i`` ends once ``rows[i]`` is (its client has gone), the others go on."""
 
-    def __init__(self, event: threading.Event):
-        self.event = event
+    def __init__(self, everyone: threading.Event | None, rows: Sequence[threading.Event] | None = None):
+        self.everyone, self.rows = everyone, rows
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        if self.everyone is not None and self.everyone.is_set():
+            return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        rows = [event.is_set() for event in self.rows] if self.rows else [False] * input_ids.shape[0]
+        return torch.tensor(rows, dtype=torch.bool, device=input_ids.device)
