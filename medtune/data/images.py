@@ -49,12 +49,15 @@ pydicom and nibabel are the ``[dicom]`` extra and are imported only when such a 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import gzip
 import io
+import math
 import os
 import re
 import threading
 import warnings
+import zlib
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -265,6 +268,45 @@ def _check_pixels(name, width: int, height: int, max_pixels: int, what: str = "i
     if width * height > max_pixels:
         raise ImageError(name, f"{what} is {width}x{height} = {width * height:,} pixels, over the limit of "
                                f"{max_pixels:,} (possible decompression bomb; raise max_pixels to allow it)")
+    _charge_budget(name, width * height, f"{what} of {width}x{height}")
+
+
+class PixelBudget:
+    """Pixels that several images decoded together may have in all (a server request's images). Each header's
+    count is charged before its pixels are decoded; a NIfTI upload is charged its whole volume, which is inflated
+    to read a slice. Set with :func:`pixel_budget` around the loads it covers."""
+
+    def __init__(self, limit: int, label: str):
+        self.limit, self.label, self.used = limit, label, 0
+
+    def charge(self, name, pixels: int, what: str) -> None:
+        if self.used + pixels > self.limit:
+            before = f" with the {self.used:,} decoded before it" if self.used else ""
+            raise ImageError(name, f"{what} = {pixels:,} pixels{before} is over {self.label} of {self.limit:,} "
+                                   "pixels")
+        self.used += pixels
+
+
+# The budget of the loads running in this context (a thread serving one request), if any: passed this way rather
+# than through every loader's signature.
+_BUDGET: contextvars.ContextVar[PixelBudget | None] = contextvars.ContextVar("medtune_pixel_budget", default=None)
+
+
+@contextlib.contextmanager
+def pixel_budget(limit: int, label: str):
+    """Charge every image loaded inside the block to one :class:`PixelBudget` of ``limit`` pixels; ``label``
+    names the limit in the error (e.g. "this server's limit per request")."""
+    token = _BUDGET.set(PixelBudget(limit, label))
+    try:
+        yield _BUDGET.get()
+    finally:
+        _BUDGET.reset(token)
+
+
+def _charge_budget(name, pixels: int, what: str) -> None:
+    budget = _BUDGET.get()
+    if budget is not None:
+        budget.charge(name, pixels, what)
 
 
 def _load_pil(source, name, max_pixels: int, frame: int | None = None) -> Image.Image:
@@ -504,29 +546,38 @@ def _import_nibabel():
 
 
 def _nifti_from_bytes(data: bytes, name: str, max_pixels: int):
+    """A NIfTI-1 image over uploaded bytes. A gzipped upload is inflated as a stream, only as far as its header
+    says the volume goes, once that size has passed the limits (16 bytes per allowed pixel, and the budget of
+    :func:`pixel_budget`): a few hundred kilobytes of gzip can inflate to gigabytes."""
     nibabel = _import_nibabel()
-    if data[:2] == b"\x1f\x8b":
-        data = _gunzip_bounded(data, name, limit=max_pixels * 16)
+    compressed = data[:2] == b"\x1f\x8b"
+    stream = gzip.GzipFile(fileobj=io.BytesIO(data)) if compressed else io.BytesIO(data)
+    try:
+        with stream:
+            head = stream.read(nibabel.Nifti1Header.template_dtype.itemsize)
+            try:
+                header = nibabel.Nifti1Header.from_fileobj(io.BytesIO(head), check=True)
+                shape, voxels = header.get_data_shape(), math.prod(header.get_data_shape())
+                size = voxels * header.get_data_dtype().itemsize
+                end = int(header.get_data_offset()) + size
+            except Exception as error:  # nibabel raises several types for a bad header
+                raise ImageError(name, f"not a readable NIfTI-1 volume ({type(error).__name__}: {_clean(error)})"
+                                 ) from None
+            if size > 16 * max_pixels:
+                raise ImageError(name, f"NIfTI volume data is {size:,} bytes, over {16 * max_pixels:,} (16 bytes "
+                                       "per allowed pixel; raise max_pixels to allow it)")
+            _charge_budget(name, voxels, f"NIfTI volume of {'x'.join(map(str, shape))}")
+            if compressed:   # inflated again from the start, into one buffer no longer than the header promises
+                stream.seek(0)
+                data = stream.read(max(end, 0))
+    except (OSError, EOFError, zlib.error) as error:
+        raise ImageError(name, f"truncated or corrupt gzip data ({_clean(error)})") from None
+    if len(data) < end:
+        raise ImageError(name, f"truncated NIfTI volume ({len(data):,} of {end:,} bytes)")
     try:
         return nibabel.Nifti1Image.from_bytes(data)
     except Exception as error:  # nibabel raises several types for a bad header
         raise ImageError(name, f"not a readable NIfTI-1 volume ({type(error).__name__}: {_clean(error)})") from None
-
-
-def _gunzip_bounded(data: bytes, name: str, limit: int) -> bytes:
-    """Decompress an uploaded .nii.gz, refusing more than ``limit`` bytes (a gzip bomb is cheap to send)."""
-    chunks, total = [], 0
-    try:
-        with gzip.GzipFile(fileobj=io.BytesIO(data)) as handle:
-            while chunk := handle.read(1 << 20):
-                total += len(chunk)
-                if total > limit:
-                    raise ImageError(name, f"decompressed NIfTI is over {limit:,} bytes (16 bytes per allowed "
-                                           "pixel; raise max_pixels to allow it)")
-                chunks.append(chunk)
-    except (OSError, EOFError) as error:
-        raise ImageError(name, f"truncated or corrupt gzip data ({_clean(error)})") from None
-    return b"".join(chunks)
 
 
 def _load_nifti(source, axis: str | None, slice_index: int | None, window, max_pixels: int, *,
