@@ -9,8 +9,17 @@ Design choices:
   request gets OpenAI's error shape ``{"error": {"message", "type", "param", "code"}}`` with a message that
   names the offending field (``messages[0].content[1].image_url``), and the server keeps serving.
 * Images arrive as ``image_url`` data URIs (PNG/JPEG/..., or ``application/dicom``) or as file paths under the
-  one root the operator allows (``--allowed-image-root``). Remote URLs are never fetched. Byte and pixel
-  limits apply before anything is decoded in full.
+  one root the operator allows (``--allowed-image-root``; a path whose real path leaves it is refused with the
+  same words as a missing file, and no message shows a server path). Remote URLs are never fetched.
+* Every request is bounded before it costs much (a client may be hostile): its body is read as it arrives and
+  refused past its size (413, chunked or not); its images share one pixel budget (``--max-request-pixels``),
+  charged from each header before the pixels are decoded (a gzipped NIfTI is inflated only as far as its
+  header says, once that fits); at most :data:`DECODERS` requests decode at once; its prompt is encoded on
+  arrival and refused when it and ``max_tokens`` do not fit the model's context; the encoded prompt (pixels at
+  the model's size) waits in the queue instead of the decoded images. A request holds its place in the queue
+  from arrival, so ``--max-queue`` bounds all of this, and a client that hangs up (streamed or not) gives its
+  place back within :data:`DISCONNECT_POLL_SECONDS` and its generation stops at the next token. JSON nested
+  too deep, numbers out of any range and every other malformed input are 4xx errors.
 * One worker thread owns the model. It micro-batches: it takes the oldest waiting request and every other
   waiting request with the same decoding settings (up to ``max_batch_size``) into one ``Generator.complete``
   call. Streams run alone. Greedy results do not depend on the batch (left padding is tested), sampled
@@ -42,7 +51,9 @@ import hmac
 import json
 import logging
 import math
+import os
 import queue
+import reprlib
 import threading
 import time
 import uuid
@@ -56,12 +67,27 @@ from medtune.serve.shutdown import GRACE_SECONDS, run_until_signalled, wait_unti
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
+# A 5000 x 5000 image (a full-field mammogram), or several smaller ones, per request: 75 MB as RGB
+DEFAULT_MAX_REQUEST_PIXELS = 25_000_000
 DEFAULT_MAX_TOKENS_LIMIT = 1024
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_MAX_QUEUE = 64  # eight full batches of the default size waiting behind the one being generated
+# Requests whose images are decoded at the same time: each may hold its whole pixel budget several times over
+# while it decodes (16-bit data goes through float64), and more than two at once gain nothing on the cores the
+# model also needs.
+DECODERS = 2
+DISCONNECT_POLL_SECONDS = 0.25   # how often a plain request's handler asks whether its client is still there
 ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 IMAGE_MEDIA_TYPES = ("image/", "application/dicom")
+# The one answer for a path outside the root, missing, or not a file: which of them it is would tell a client
+# what exists on the server.
+NO_IMAGE_AT_PATH = "no image file the server may read at this path (paths are under its allowed image root)"
+SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.manual_seed takes
 USAGE_KEY = "medtune.usage"  # the ASGI scope entry where a completion handler leaves token counts for the log
+
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxstring, _SHORT_REPR.maxother, _SHORT_REPR.maxlong = 80, 80, 40
 
 
 class ApiError(Exception):
@@ -88,6 +114,7 @@ class ServerConfig:
     default_max_tokens: int = DEFAULT_MAX_TOKENS
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_pixels: int | None = None  # None: the image loader's own decompression-bomb guard
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS   # all of a request's images together
     max_batch_size: int = 8
     max_queue: int = DEFAULT_MAX_QUEUE
 
@@ -106,6 +133,7 @@ class ChatRequest:
     settings: GenerationSettings
     stream: bool = False
     include_usage: bool = False
+    prompt: dict | None = None   # the encoded prompt (Generator.encode), kept instead of the images once known
 
 
 # -- validation -----------------------------------------------------------------------------------------------
@@ -114,27 +142,42 @@ class ChatRequest:
 def parse_json_body(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ApiError(400, f"request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ApiError(400, "request body is not valid JSON: nested too deeply") from None
+    except ValueError as error:  # JSONDecodeError, bad UTF-8, and integers over Python's digit limit
+        raise ApiError(400, f"request body is not valid JSON: {_clipped(str(error))}") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__}")
     return body
 
 
+def _clipped(text: str, limit: int = 100) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _shown(value) -> str:
+    """A client's value as an error message quotes it: short (a value can be megabytes long, or deeply nested)."""
+    return _SHORT_REPR.repr(value)
+
+
 def parse_chat_request(body: dict, config: ServerConfig) -> ChatRequest:
     """Check a ``/v1/chat/completions`` body and decode its images; raises :class:`ApiError` naming the field."""
+    from medtune.data import images as image_io
+
     model = body.get("model")
     if model is None:
         raise ApiError(400, "missing required parameter 'model'", param="model")
     if model != config.model_id:
-        raise ApiError(404, f"model {model!r} not found; this server serves {config.model_id!r}",
+        raise ApiError(404, f"model {_shown(model)} not found; this server serves {config.model_id!r}",
                        param="model", code="model_not_found")
     if body.get("n") not in (None, 1):
         raise ApiError(400, "only n=1 is supported", param="n")
-    conversation, images = _parse_messages(body.get("messages"), config)
+    settings = _parse_settings(body, config)   # before any image is decoded
     stream = _optional(body, "stream", bool, False)
     options = _optional(body, "stream_options", dict, {}) or {}
-    return ChatRequest(conversation, images, _parse_settings(body, config), stream=stream,
+    with image_io.pixel_budget(config.max_request_pixels, "this server's limit per request (--max-request-pixels)"):
+        conversation, images = _parse_messages(body.get("messages"), config)
+    return ChatRequest(conversation, images, settings, stream=stream,
                        include_usage=bool(options.get("include_usage", False)))
 
 
@@ -144,7 +187,7 @@ def _optional(body: dict, name: str, kind: type | tuple, default):
         return default
     # bool is an int in Python; a JSON true is not a number of tokens
     if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
-        raise ApiError(400, f"'{name}' must be {_kind_name(kind)}, got {json.dumps(value)}", param=name)
+        raise ApiError(400, f"'{name}' must be {_kind_name(kind)}, got {_shown(value)}", param=name)
     return value
 
 
@@ -166,22 +209,27 @@ def _parse_settings(body: dict, config: ServerConfig) -> GenerationSettings:
     if max_tokens > config.max_tokens_limit:
         raise ApiError(400, f"'{name}' is {max_tokens}, over this server's limit of {config.max_tokens_limit}",
                        param=name)
-    temperature = float(_optional(body, "temperature", (int, float), 1.0))
-    if not 0.0 <= temperature <= 2.0:
-        raise ApiError(400, f"'temperature' must be between 0 and 2, got {temperature}", param="temperature")
-    top_p = float(_optional(body, "top_p", (int, float), 1.0))
-    if not 0.0 < top_p <= 1.0:
-        raise ApiError(400, f"'top_p' must be greater than 0 and at most 1, got {top_p}", param="top_p")
+    # compared before float(): an integer too large for a float is still a number out of range, not a crash
+    temperature = _optional(body, "temperature", (int, float), 1.0)
+    if not 0 <= temperature <= 2:
+        raise ApiError(400, f"'temperature' must be between 0 and 2, got {_shown(temperature)}", param="temperature")
+    top_p = _optional(body, "top_p", (int, float), 1.0)
+    if not 0 < top_p <= 1:
+        raise ApiError(400, f"'top_p' must be greater than 0 and at most 1, got {_shown(top_p)}", param="top_p")
     stop = _optional(body, "stop", (str, list), ())
     stop = (stop,) if isinstance(stop, str) else tuple(stop)
     if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, "'stop' must be a non-empty string or a list of at most 4 of them", param="stop")
     seed = _optional(body, "seed", int, None)
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ApiError(400, f"'seed' must be a 64-bit integer ({SEED_RANGE[0]} to {SEED_RANGE[1]}), got "
+                            f"{_shown(seed)}", param="seed")
     modalities = _optional(body, "modalities", list, ["text"])
     if not modalities or not all(m in ("text", "image") for m in modalities):
-        raise ApiError(400, f"'modalities' must list text and/or image, got {modalities!r}", param="modalities")
-    return GenerationSettings(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop,
-                              seed=seed, modalities=tuple(modalities))
+        raise ApiError(400, f"'modalities' must list text and/or image, got {_shown(modalities)}",
+                       param="modalities")
+    return GenerationSettings(max_new_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
+                              stop=stop, seed=seed, modalities=tuple(modalities))
 
 
 def _parse_messages(messages, config: ServerConfig) -> tuple[list[dict], list]:
@@ -194,9 +242,10 @@ def _parse_messages(messages, config: ServerConfig) -> tuple[list[dict], list]:
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise ApiError(400, f"{where} must be an object with 'role' and 'content'", param=where)
-        role = ROLE_ALIASES.get(message.get("role"))
+        role = message.get("role")
+        role = ROLE_ALIASES.get(role) if isinstance(role, str) else None
         if role is None:
-            raise ApiError(400, f"{where}.role must be system, user or assistant, got {message.get('role')!r}",
+            raise ApiError(400, f"{where}.role must be system, user or assistant, got {_shown(message.get('role'))}",
                            param=f"{where}.role")
         parts = _parse_content(message.get("content"), role, where, config, images)
         conversation.append({"role": role, "content": parts})
@@ -231,7 +280,10 @@ def _parse_content(content, role: str, where: str, config: ServerConfig, images:
 
 
 def decode_image_part(image_url, config: ServerConfig, param: str):
-    """A PIL image from an ``image_url`` value: ``{"url": ..., "window": optional DICOM preset}`` or a string."""
+    """A PIL image from an ``image_url`` value: ``{"url": ..., "window": optional DICOM preset}`` or a string.
+
+    Error messages quote the loader's reason, never a server path; for a path, "outside the root", "missing" and
+    "not a file" are one message (:data:`NO_IMAGE_AT_PATH`), so a client cannot probe what exists."""
     from medtune.data import images as image_io
 
     if isinstance(image_url, str):
@@ -239,8 +291,8 @@ def decode_image_part(image_url, config: ServerConfig, param: str):
     if not isinstance(image_url, dict) or not isinstance(image_url.get("url"), str):
         raise ApiError(400, f"{param} must be an object with a string 'url'", param=param)
     url, window = image_url["url"], image_url.get("window")
-    if window is not None and window not in image_io.WINDOW_PRESETS:
-        raise ApiError(400, f"{param}.window {window!r} is not a preset ({', '.join(image_io.WINDOW_PRESETS)})",
+    if window is not None and (not isinstance(window, str) or window not in image_io.WINDOW_PRESETS):
+        raise ApiError(400, f"{param}.window {_shown(window)} is not a preset ({', '.join(image_io.WINDOW_PRESETS)})",
                        param=f"{param}.window")
     limits = {} if config.max_pixels is None else {"max_pixels": config.max_pixels}
     try:
@@ -257,7 +309,9 @@ def decode_image_part(image_url, config: ServerConfig, param: str):
                                    allowed_roots=(config.allowed_image_root,), window=window,
                                    allow_burned_in=True, **limits)   # shown to the model, written nowhere
     except image_io.ImageError as error:
-        raise ApiError(400, f"{param}: {error}", param=param) from None
+        raise ApiError(400, f"{param}: {error.reason}", param=param) from None
+    except OSError:  # unreadable, or gone since it was checked: as if it were not there
+        raise ApiError(400, f"{param}: {NO_IMAGE_AT_PATH}", param=param) from None
 
 
 def _data_uri_bytes(url: str, config: ServerConfig, param: str) -> tuple[bytes, str]:
@@ -266,7 +320,7 @@ def _data_uri_bytes(url: str, config: ServerConfig, param: str) -> tuple[bytes, 
     if not sep or not header.endswith(";base64"):
         raise ApiError(400, f"{param}: a data URI must look like data:image/png;base64,<data>", param=param)
     if not media_type.startswith(IMAGE_MEDIA_TYPES):
-        raise ApiError(400, f"{param}: media type {media_type or '(none)'!r} is not an image "
+        raise ApiError(400, f"{param}: media type {_shown(media_type or '(none)')} is not an image "
                             f"(expected image/* or application/dicom)", param=param)
     if len(payload) * 3 // 4 > config.max_image_bytes:
         raise ApiError(400, f"{param}: image is over the limit of {config.max_image_bytes} bytes", param=param)
@@ -280,21 +334,24 @@ def _data_uri_bytes(url: str, config: ServerConfig, param: str) -> tuple[bytes, 
 
 
 def _allowed_path(path: str, config: ServerConfig, param: str) -> Path:
+    """The real path of an image a client names, if it is a file whose real path (symlinks followed) lies under
+    the allowed root's; anything else is the one :data:`NO_IMAGE_AT_PATH` error."""
     from medtune.data import images as image_io
 
-    if config.allowed_image_root is None:
+    root = config.allowed_image_root
+    if root is None:
         raise ApiError(400, f"{param}: image paths are not accepted by this server (no --allowed-image-root); "
                             f"send a data URI", param=param)
     try:
-        resolved = image_io.resolve_image_path(path, config.allowed_image_root,
-                                               allowed_roots=(config.allowed_image_root,))
+        lexical = image_io.resolve_image_path(path, root, allowed_roots=(root,))
     except image_io.ImageError:
-        raise ApiError(400, f"{param}: path {path!r} is outside the allowed image root", param=param) from None
-    if not resolved.is_file():
-        raise ApiError(400, f"{param}: no image file at {path!r} under the allowed image root", param=param)
-    if resolved.stat().st_size > config.max_image_bytes:
+        raise ApiError(400, f"{param}: {NO_IMAGE_AT_PATH}", param=param) from None
+    real, real_root = Path(os.path.realpath(lexical)), Path(os.path.realpath(root))
+    if real_root not in real.parents or not os.path.isfile(real):
+        raise ApiError(400, f"{param}: {NO_IMAGE_AT_PATH}", param=param)
+    if real.stat().st_size > config.max_image_bytes:
         raise ApiError(400, f"{param}: image is over the limit of {config.max_image_bytes} bytes", param=param)
-    return resolved
+    return real
 
 
 # -- the worker -----------------------------------------------------------------------------------------------
@@ -307,7 +364,8 @@ class _Job:
     # streaming jobs: deltas go to an asyncio queue in the server's event loop
     loop: asyncio.AbstractEventLoop | None = None
     deltas: asyncio.Queue | None = None
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    cancelled: threading.Event = field(default_factory=threading.Event)   # its client has gone
+    started: bool = False   # no longer counted as waiting: being generated, or dropped (client gone)
 
     def batch_key(self):
         """Jobs with equal keys can share one generate call; None: this job runs alone."""
@@ -316,12 +374,18 @@ class _Job:
             return None
         return settings
 
+    def result(self, timeout: float | None = None) -> Completion:
+        return self.future.result(timeout)
+
 
 class BatchingWorker:
     """One thread that owns the Generator and micro-batches waiting requests with the same settings; at most
-    ``max_queue`` requests wait to start, the next ones are refused (:meth:`busy_error`). Once :meth:`stop` is
-    called (the server is shutting down) generation ends at the next token, and every request not yet answered
-    gets 503 (a stream: an error event), so none is still open when the server closes its connections."""
+    ``max_queue`` requests wait to start, the next ones are refused (:meth:`busy_error`). The server takes a
+    request's place in the queue on arrival (:meth:`reserve`), so what requests read and decode before they
+    start is bounded by the queue too. A client that goes away (:meth:`cancel`) frees its place at once, and
+    its row stops at the next token if it is being generated. Once :meth:`stop` is called (the server is
+    shutting down) generation ends at the next token, and every request not yet answered gets 503 (a stream:
+    an error event), so none is still open when the server closes its connections."""
 
     def __init__(self, generator, max_batch_size: int = 8, max_queue: int = DEFAULT_MAX_QUEUE):
         self.generator = generator
@@ -330,7 +394,8 @@ class BatchingWorker:
         self._queue: queue.Queue = queue.Queue()
         self._held: collections.deque = collections.deque()  # taken off the queue but not batchable yet
         self._admission = threading.Lock()
-        self._waiting = 0                    # admitted, not started yet (in _queue or _held)
+        self._waiting = 0                    # admitted or reserved, not started yet
+        self.running = 0                     # requests being generated now
         self.refused = 0
         self._batch_seconds: float | None = None   # moving average of one generate call
         self.batch_sizes: collections.Counter = collections.Counter()
@@ -354,37 +419,63 @@ class BatchingWorker:
                              f"(--max-queue {self.max_queue}); retry after {retry_after} s", type="server_error",
                         code="server_busy", headers={"Retry-After": str(retry_after)})
 
-    def submit(self, request: ChatRequest) -> concurrent.futures.Future:
-        job = _Job(request)
-        self._admit(job)
-        return job.future
+    def reserve(self) -> None:
+        """Take a place in the queue for a request about to be read and checked (503 when there is none); hand
+        it to :meth:`submit` with ``reserved=True``, or give it back with :meth:`release`."""
+        with self._admission:
+            if self._stopping.is_set():
+                raise _shutting_down()
+            self._refuse_if_full()
+            self._waiting += 1
 
-    def submit_stream(self, request: ChatRequest, loop: asyncio.AbstractEventLoop) -> _Job:
-        job = _Job(request, loop=loop, deltas=asyncio.Queue())
-        self._admit(job)
+    def release(self) -> None:
+        with self._admission:
+            self._waiting -= 1
+
+    def submit(self, request: ChatRequest, *, reserved: bool = False) -> _Job:
+        job = _Job(request)
+        self._admit(job, reserved)
         return job
 
-    def refuse_if_full(self) -> None:
-        """Raise :meth:`busy_error` (and count it) when no more requests may wait."""
+    def submit_stream(self, request: ChatRequest, loop: asyncio.AbstractEventLoop, *, reserved: bool = False
+                      ) -> _Job:
+        job = _Job(request, loop=loop, deltas=asyncio.Queue())
+        self._admit(job, reserved)
+        return job
+
+    def cancel(self, job: _Job) -> None:
+        """The job's client has gone: a waiting job gives its place back now and is never generated; a running
+        one stops at its next token."""
         with self._admission:
-            self._refuse_if_full()
+            job.cancelled.set()
+            if not job.started:
+                job.started = True
+                self._waiting -= 1
 
     def _refuse_if_full(self) -> None:
         if self.full:
             self.refused += 1
             raise self.busy_error()
 
-    def _admit(self, job: _Job) -> None:
+    def _admit(self, job: _Job, reserved: bool) -> None:
         with self._admission:
             if self._stopping.is_set():
+                if reserved:
+                    self._waiting -= 1
                 raise _shutting_down()
-            self._refuse_if_full()
-            self._waiting += 1
+            if not reserved:
+                self._refuse_if_full()
+                self._waiting += 1
         self._queue.put(job)
 
-    def _started(self, jobs: list[_Job]) -> None:
+    def _start(self, jobs: list[_Job]) -> list[_Job]:
+        """The jobs that still have a client, now counted as started rather than waiting."""
         with self._admission:
-            self._waiting -= len(jobs)
+            live = [job for job in jobs if not job.started]
+            for job in live:
+                job.started = True
+            self._waiting -= len(live)
+        return live
 
     def _timed(self, seconds: float) -> None:
         self._batch_seconds = seconds if self._batch_seconds is None else 0.8 * self._batch_seconds + 0.2 * seconds
@@ -405,19 +496,21 @@ class BatchingWorker:
     def _loop(self):
         while (job := self._next(block=True)) is not None:
             if self._stopping.is_set():
-                self._started([job])
-                if job.request.stream:
-                    _put(job, _shutting_down())
-                else:
-                    job.future.set_exception(_shutting_down())
+                for left in self._start([job]):
+                    if left.request.stream:
+                        _put(left, _shutting_down())
+                    else:
+                        left.future.set_exception(_shutting_down())
                 continue
-            jobs = [job] if job.request.stream else self._gather(job)
-            self._started(jobs)
-            started = time.monotonic()
+            jobs = self._start([job] if job.request.stream else self._gather(job))
+            if not jobs:
+                continue
+            started, self.running = time.monotonic(), len(jobs)
             if job.request.stream:
                 self._run_stream(job)
             else:
                 self._run_batch(jobs)
+            self.running = 0
             self._timed(time.monotonic() - started)
 
     def _gather(self, first: _Job) -> list[_Job]:
@@ -431,6 +524,8 @@ class BatchingWorker:
                 if job is None:  # shutting down: let the loop see it after this batch
                     skipped.append(job)
                     break
+                if job.started:  # its client has gone
+                    continue
                 (batch if job.batch_key() == key else skipped).append(job)
         self._held.extendleft(reversed(skipped))  # keep arrival order for the ones that wait
         return batch
@@ -438,9 +533,12 @@ class BatchingWorker:
     def _run_batch(self, batch: list[_Job]):
         self.batch_sizes[len(batch)] += 1
         requests = [job.request for job in batch]
+        prompts = [r.prompt for r in requests]
         try:
-            completions = self.generator.complete([r.conversation for r in requests], [r.images for r in requests],
-                                                  requests[0].settings, cancel=self._stopping)
+            completions = self.generator.complete(
+                [r.conversation for r in requests], [r.images for r in requests], requests[0].settings,
+                cancel=self._stopping, cancel_rows=[job.cancelled for job in batch],
+                prompts=None if None in prompts else prompts)
         except Exception as error:
             if len(batch) > 1:  # find the culprit: only its own request should fail
                 for job in batch:
@@ -458,10 +556,9 @@ class BatchingWorker:
 
     def _run_stream(self, job: _Job):
         request = job.request
-        if job.cancelled.is_set():  # the client left while the request was waiting
-            return
         try:
-            stream = self.generator.stream(request.conversation, request.images, request.settings)
+            stream = self.generator.stream(request.conversation, request.images, request.settings,
+                                           prompt=request.prompt)
             for delta in stream:
                 if job.cancelled.is_set() or self._stopping.is_set():
                     stream.deltas.close()  # stops the generation thread too
@@ -545,6 +642,9 @@ def create_app(generator, config: ServerConfig):
     from starlette.exceptions import HTTPException
 
     worker = BatchingWorker(generator, config.max_batch_size, config.max_queue)
+    decoding = asyncio.Semaphore(DECODERS)
+    tokenizer = getattr(generator, "tokenizer", None)
+    longest_token = max(map(len, tokenizer.get_vocab()), default=1) if tokenizer is not None else 1
     app = FastAPI(title="medtune", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker = worker
     app.add_middleware(AccessLog)
@@ -552,6 +652,11 @@ def create_app(generator, config: ServerConfig):
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError):
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def server_fault(request: Request, error: Exception):  # a bug, not the client's doing: logged by Starlette
+        return JSONResponse(ApiError(500, f"internal error: {type(error).__name__}", type="server_error").body(),
+                            status_code=500)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):
@@ -561,8 +666,8 @@ def create_app(generator, config: ServerConfig):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": config.model_id, "waiting": worker.waiting, "max_queue": worker.max_queue,
-                "refused": worker.refused,
+        return {"status": "ok", "model": config.model_id, "waiting": worker.waiting, "running": worker.running,
+                "max_queue": worker.max_queue, "refused": worker.refused,
                 "batch_sizes": {str(size): count for size, count in sorted(worker.batch_sizes.items())}}
 
     @app.get("/v1/models")
@@ -574,27 +679,95 @@ def create_app(generator, config: ServerConfig):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         _check_key(request, config)
-        worker.refuse_if_full()   # before the body is read and its images decoded; submit checks again
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
-            raise ApiError(413, f"request body of {length} bytes is over the limit of {config.max_body_bytes}")
-        raw = await request.body()
-        if len(raw) > config.max_body_bytes:  # a chunked upload has no content-length to check up front
-            raise ApiError(413, f"request body of {len(raw)} bytes is over the limit of {config.max_body_bytes}")
-        body = parse_json_body(raw)
-        chat = await run_in_threadpool(parse_chat_request, body, config)  # image decoding off the event loop
-        _check_modalities(generator, chat.settings)
+        worker.reserve()   # on arrival: at most --max-queue requests are read, decoded or waiting at once
+        try:
+            raw = await _read_body(request, config.max_body_bytes)
+            async with decoding:
+                chat = await run_in_threadpool(_prepare, raw, config, generator, longest_token)
+            del raw
+            if await request.is_disconnected():
+                raise _client_gone()
+        except BaseException:
+            worker.release()
+            raise
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         usage = request.scope.get(USAGE_KEY, {})   # read by AccessLog
         if chat.stream:
-            job = worker.submit_stream(chat, asyncio.get_running_loop())
-            return StreamingResponse(_sse_events(job, completion_id, created, config.model_id, usage),
+            job = worker.submit_stream(chat, asyncio.get_running_loop(), reserved=True)
+            return StreamingResponse(_sse_events(job, worker, completion_id, created, config.model_id, usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        completion = await asyncio.wrap_future(worker.submit(chat))
+        completion = await _answer_unless_gone(request, worker, worker.submit(chat, reserved=True))
         usage.update(_usage(completion))
         return _completion_body(completion, completion_id, created, config.model_id)
 
     return app
+
+
+async def _read_body(request, limit: int) -> bytes:
+    """The request's body, read as it arrives and refused (413) as soon as it passes ``limit`` bytes, whether or
+    not it said its length (a chunked upload does not)."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise ApiError(413, f"request body of {length} bytes is over the limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _prepare(raw: bytes, config: ServerConfig, generator, longest_token: int) -> ChatRequest:
+    """A request body checked, its images decoded and its prompt encoded (refused when it does not fit the
+    model's context). Runs in a thread, off the event loop: JSON, images and tokenizing take CPU time."""
+    chat = parse_chat_request(parse_json_body(raw), config)
+    _check_modalities(generator, chat.settings)
+    if getattr(generator, "vlm", None) is not None:
+        chat.prompt = _encode_within_context(generator, chat, longest_token)
+        chat.images = []   # their pixels are in the prompt now, at the model's size
+    return chat
+
+
+def _encode_within_context(generator, chat: ChatRequest, longest_token: int) -> dict:
+    """The request's encoded prompt; 400 when it and ``max_tokens`` do not fit the model's context. A text that
+    cannot fit however it tokenizes (no token spans more than ``longest_token`` characters) is refused before
+    it is tokenized: a megabyte of text takes the tokenizer seconds."""
+    context, max_tokens = generator.context_length, chat.settings.max_new_tokens
+    too_long = dict(param="messages", code="context_length_exceeded")
+    if context is not None:
+        characters = sum(len(part["text"]) for message in chat.conversation for part in message["content"]
+                         if part["type"] == "text")
+        if characters > max(context - max_tokens, 0) * longest_token:
+            raise ApiError(400, f"the messages' {characters:,} characters cannot fit in the model's context of "
+                                f"{context} tokens with max_tokens {max_tokens}", **too_long)
+    try:
+        prompt = generator.encode(chat.conversation, chat.images)
+    except ValueError as error:   # e.g. an image token typed into a text part
+        raise ApiError(400, f"the request cannot be encoded for this model: {_clipped(str(error))}",
+                       param="messages") from None
+    length = prompt["input_ids"].shape[1]
+    if context is not None and length + max_tokens > context:
+        raise ApiError(400, f"the prompt is {length} tokens; with max_tokens {max_tokens} that is over the model's "
+                            f"context of {context} tokens", **too_long)
+    return prompt
+
+
+async def _answer_unless_gone(request, worker: BatchingWorker, job: _Job) -> Completion:
+    """The job's completion; if its client goes away first, the job is cancelled within
+    :data:`DISCONNECT_POLL_SECONDS` (its place freed, its generation stopped)."""
+    answer = asyncio.wrap_future(job.future)
+    while not answer.done():
+        await asyncio.wait([answer], timeout=DISCONNECT_POLL_SECONDS)
+        if not answer.done() and await request.is_disconnected():
+            worker.cancel(job)
+            raise _client_gone()
+    return answer.result()
+
+
+def _client_gone() -> ApiError:
+    # nginx's status for a client that closed the connection: no one reads it, the access log shows it
+    return ApiError(499, "the client closed the connection before the answer", code="client_closed_request")
 
 
 def _check_key(request, config: ServerConfig) -> None:
@@ -640,7 +813,8 @@ def _completion_body(completion: Completion, completion_id: str, created: int, m
             "usage": _usage(completion)}
 
 
-async def _sse_events(job: _Job, completion_id: str, created: int, model_id: str, usage: dict):
+async def _sse_events(job: _Job, worker: BatchingWorker, completion_id: str, created: int, model_id: str,
+                      usage: dict):
     """``data: {chunk}`` events: the role, the text deltas, the finish reason (and usage), then [DONE]; the token
     counts also go into ``usage``, for the access log."""
 
@@ -671,7 +845,7 @@ async def _sse_events(job: _Job, completion_id: str, created: int, model_id: str
                 break
         yield "data: [DONE]\n\n"
     finally:
-        job.cancelled.set()  # the client went away early: stop generating for it
+        worker.cancel(job)  # the client went away early: free its place, stop generating for it
 
 
 # -- entry point ----------------------------------------------------------------------------------------------

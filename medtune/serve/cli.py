@@ -85,8 +85,8 @@ def _add_model(parser, port: int | None = None) -> None:
 
 def _register_serve(subparsers) -> None:
     # api.py imports no web framework at module level; its defaults are the documented ones
-    from medtune.serve.api import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS,
-                                   DEFAULT_MAX_TOKENS_LIMIT)
+    from medtune.serve.api import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_QUEUE, DEFAULT_MAX_REQUEST_PIXELS,
+                                   DEFAULT_MAX_TOKENS, DEFAULT_MAX_TOKENS_LIMIT)
 
     parser = subparsers.add_parser("serve", help="serve a model as an OpenAI-compatible HTTP API",
                                    description="GET /v1/models, POST /v1/chat/completions (streaming with "
@@ -104,9 +104,13 @@ def _register_serve(subparsers) -> None:
                         help=f"max_tokens when a request does not say (default: {DEFAULT_MAX_TOKENS}, "
                              "or the limit if lower)")
     parser.add_argument("--max-image-bytes", type=_positive_int, default=DEFAULT_MAX_IMAGE_BYTES,
-                        help="largest image file accepted, in bytes (default %(default)s: 20 MiB)")
+                        help="largest image file accepted, in bytes (default %(default)s: 20 MiB); a request body "
+                             "may hold four such images in base64 and 4 MiB more, and is refused with 413 past that")
     parser.add_argument("--max-pixels", type=_positive_int, default=None,
-                        help="largest image accepted, in pixels (default: the image loader's guard)")
+                        help="largest image accepted, in pixels (default: the image loader's guard, 50,000,000)")
+    parser.add_argument("--max-request-pixels", type=_positive_int, default=DEFAULT_MAX_REQUEST_PIXELS,
+                        help="pixels all images of one request may have together, checked from their headers "
+                             "before decoding; a NIfTI volume counts every voxel (default %(default)s)")
     parser.add_argument("--max-batch-size", type=_positive_int, default=8,
                         help="requests with equal settings generated together (default %(default)s)")
     parser.add_argument("--max-queue", type=_positive_int, default=DEFAULT_MAX_QUEUE,
@@ -131,6 +135,7 @@ def _run_serve(args) -> int:
                   allowed_image_root=args.allowed_image_root.resolve() if args.allowed_image_root else None,
                   max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
                   max_image_bytes=args.max_image_bytes, max_pixels=args.max_pixels,
+                  max_request_pixels=args.max_request_pixels,
                   max_batch_size=args.max_batch_size, max_queue=args.max_queue)
     serve(args.model, host=args.host, port=args.port, config_overrides=config)
     return 0

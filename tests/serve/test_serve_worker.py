@@ -17,7 +17,7 @@ class FakeGenerator:
         self.started = threading.Event()
         self.cancel_seen = threading.Event()   # a call that found its cancel event set when it ended
 
-    def complete(self, conversations, images, settings, cancel=None):
+    def complete(self, conversations, images, settings, cancel=None, cancel_rows=None, prompts=None):
         self.started.set()
         self.release.wait(timeout=30)
         if cancel is not None and cancel.is_set():
