@@ -59,6 +59,9 @@ def _add_convert(subparsers) -> None:
     parser.add_argument("--window", metavar="PRESET",
                         help="with --materialise: VOI window preset for DICOM/NIfTI (lung, bone, brain, ...)")
     _add_burned_in_flag(parser, "with --materialise: ")
+    parser.add_argument("--keep-image-names", action="store_true",
+                        help="without --materialise: copy DICOM/NIfTI file names into OUT as they are (a file name "
+                             "can hold patient identifiers, so this is refused unless asked)")
     parser.set_defaults(func=_run_convert)
 
 
@@ -80,6 +83,8 @@ def _run_convert(args: argparse.Namespace) -> int:
         raise UserError("--window applies only with --materialise")
     if args.allow_burned_in and not args.materialise:
         raise UserError("--allow-burned-in applies only with --materialise (without it no pixel is read)")
+    if args.keep_image_names and args.materialise:
+        raise UserError("--keep-image-names applies only without --materialise (which names images by content)")
     if Path(args.input).resolve() == Path(args.output).resolve():
         raise UserError(f"{args.output}: output would overwrite the input")
     args.source_format, args.detected = _format_of(args.source_format, args.input)
@@ -91,6 +96,8 @@ def _run_convert(args: argparse.Namespace) -> int:
     if args.materialise:
         samples = convert.materialised(samples, image_root, Path(args.materialise), args.window,
                                        tally=tally, strict=args.strict, allow_burned_in=args.allow_burned_in)
+    elif not args.keep_image_names:
+        samples = convert.without_volume_names(samples, args.input)
     write_records(args.target_format, args.output, _something_written(_with_progress(samples), tally, args),
                   tally=tally)
     output_root = default_image_root(args.target_format, args.output)

@@ -39,6 +39,21 @@ def needs_materialising(ref: ImageRef) -> bool:
 BURNED_IN_REFUSED = "burned-in annotation refused"
 
 
+def without_volume_names(samples: Iterable[Sample], source) -> Iterator[Sample]:
+    """``samples``, stopping at the first that names a DICOM or NIfTI file: clinical exports name such files
+    after the patient, so copying the name into an output could carry an identifier (the error gives the
+    record's number, never the name). ``--materialise`` writes them as PNGs named by content instead."""
+    from medtune.errors import UserError
+
+    for number, sample in enumerate(samples, 1):
+        if any(needs_materialising(ref) for ref in sample.images):
+            raise UserError(f"{source}: record {number} refers to a DICOM or NIfTI file by its name, which can "
+                            "hold patient identifiers, so nothing was written: convert with --materialise DIR "
+                            "(PNGs named by content) or, where the names are known to hold none, "
+                            "--keep-image-names")
+        yield sample
+
+
 def materialised(samples: Iterable[Sample], image_root: Path, out_dir: Path, window: str | None, *,
                  tally: Tally, strict: bool, allow_burned_in: bool = False) -> Iterator[Sample]:
     """Samples with their volume references replaced by PNGs in ``out_dir`` (paths relative to the root)."""

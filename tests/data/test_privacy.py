@@ -98,3 +98,18 @@ def test_converted_dataset_names_no_source_file(tmp_path, capsys):
     (sample,) = read_records("canonical", out, tally=Tally())
     written = [p.name for p in (tmp_path / "png").iterdir()] + [sample.images[0].path]
     assert not any("Doe" in name for name in written)
+
+
+@pytest.mark.parametrize("name", ["DOE_JOHN_1965.dcm", "DOE_JOHN_1965.nii.gz"])
+def test_convert_copies_no_volume_file_name_unless_asked(name, tmp_path, capsys):
+    """A DICOM or NIfTI file name can hold the patient's name: without --materialise, convert stops (naming the
+    record, never the file); --keep-image-names copies the names as asked."""
+    data = llava_file(tmp_path, ["scan.png", name])
+    out = tmp_path / "out.jsonl"
+    assert main(["data", "convert", "--from", "llava", "--to", "canonical", str(data), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "record 2 refers to a DICOM or NIfTI file by its name" in err and "DOE" not in err
+    assert not out.exists() and not list(tmp_path.glob(".out.jsonl*"))
+    assert main(["data", "convert", "--from", "llava", "--to", "canonical", str(data), str(out),
+                 "--keep-image-names"]) == 0
+    assert name in out.read_text()
