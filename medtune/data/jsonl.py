@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import glob
 import json
 import os
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,14 +169,43 @@ def _default_file_mode() -> int:
 
 
 _FILE_MODE = _default_file_mode()
+_HOST = socket.gethostname().replace(".", "-") or "host"
+
+
+def remove_stale_partials(path: Path) -> list[Path]:
+    """Remove the partial files of ``path`` whose writer, a process of this host, has ended; returns them."""
+    removed = []
+    prefix = f".{path.name}.{_HOST}."
+    for partial in path.parent.glob(f".{glob.escape(path.name)}.*.partial"):
+        pid = partial.name[len(prefix):].split(".", 1)[0] if partial.name.startswith(prefix) else ""
+        if pid.isdigit() and not _running(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                partial.unlink()
+                removed.append(partial)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True   # another user's process: alive
+    return True
 
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
-    """Open a temporary file next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Open a temporary file next to ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The temporary file is ``.<name>.<host>.<pid>.<random>.partial``. A process killed outright (kill -9, power
+    loss) cannot remove its own, so each call first removes those of ``path`` left by processes of this host
+    that are no longer running; a partial file is never renamed into place or read."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    remove_stale_partials(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".partial", dir=path.parent)
     try:
         os.chmod(tmp, _FILE_MODE)
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as handle:

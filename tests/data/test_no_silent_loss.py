@@ -222,3 +222,58 @@ def test_benchmark_record_errors_name_the_qid(tmp_path):
     with pytest.raises(UserError):  # nothing usable: the one record is bad
         list(read_records("vqa-rad", path, tally=tally))
     assert "(id 42): empty field 'answer'" in "\n".join(tally.examples.values())
+
+
+# ---- nothing half-written stays behind ---------------------------------------------------------------------
+
+_WRITER = """
+import sys, time
+from medtune.data.jsonl import atomic_open
+with atomic_open(sys.argv[1]) as handle:
+    handle.write("half a line")
+    handle.flush()
+    print("writing", flush=True)
+    time.sleep(60)
+"""
+
+
+def _writer(out: Path):
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", _WRITER, str(out)], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "writing"
+    return process
+
+
+def test_a_killed_writers_partial_file_is_removed_by_the_next_run(tmp_path):
+    import signal
+
+    data = llava_list(tmp_path / "data.json", [llava_record("a")])
+    out = tmp_path / "out.jsonl"
+    killed = _writer(out)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    live = _writer(tmp_path / "other.jsonl")   # another output's writer, still running
+    try:
+        (stale,) = tmp_path.glob(".out.jsonl.*.partial")
+        assert main(["data", "convert", "--from", "llava", "--to", "canonical", str(data), str(out)]) == 0
+        assert not stale.exists() and not list(tmp_path.glob(".out.jsonl.*.partial"))
+        assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a"]
+        assert len(list(tmp_path.glob(".other.jsonl.*.partial"))) == 1   # not ours to remove
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_running_writers_partial_file_of_the_same_output_is_kept(tmp_path):
+    from medtune.data.jsonl import remove_stale_partials
+
+    out = tmp_path / "out.jsonl"
+    live = _writer(out)
+    try:
+        assert remove_stale_partials(out) == [] and len(list(tmp_path.glob(".out.jsonl.*.partial"))) == 1
+    finally:
+        live.kill()
+        live.wait()
+    assert len(remove_stale_partials(out)) == 1 and not list(tmp_path.glob(".out.jsonl.*.partial"))
