@@ -11,6 +11,7 @@ in a log); :func:`quiet_library_progress` turns off the Hugging Face libraries' 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -95,6 +96,9 @@ def quiet_library_progress() -> None:
 # An OS error about a path the user gave, in words (the errno's own text is terse: "[Errno 21] Is a directory").
 _PATH_ERRORS = {PermissionError: "permission denied", IsADirectoryError: "is a folder, where a file is expected",
                 NotADirectoryError: "is not a folder, where one is expected", FileExistsError: "already exists"}
+# A device that cannot take what is being written, in words; the command can be run again once it can.
+_DEVICE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is used up",
+                  errno.EROFS: "the file system is read-only", errno.EFBIG: "the file is too large for the file system"}
 
 
 def user_message(error: Exception) -> str | None:
@@ -102,13 +106,17 @@ def user_message(error: Exception) -> str | None:
 
     medtune's own errors and a missing file say what they mean. An OS error naming a file (permission denied,
     a folder where a file is expected) is about the user's paths, wherever it was raised; so is text that is not
-    UTF-8, which is what reading a binary file as text gives.
+    UTF-8, which is what reading a binary file as text gives; so is a full or read-only disk.
     """
     if isinstance(error, (UserError, FileNotFoundError)) or type(error).__module__.startswith("medtune"):
         return str(error)
     for kind, words in _PATH_ERRORS.items():
         if isinstance(error, kind) and error.filename:
             return f"{error.filename}: {words}"
+    if isinstance(error, OSError) and error.errno in _DEVICE_ERRORS:
+        where = f"{error.filename}: " if error.filename else ""
+        return (f"{where}{_DEVICE_ERRORS[error.errno]} (make room and run the command again: nothing half-written "
+                "is picked up)")
     if isinstance(error, UnicodeDecodeError):
         return f"an input file is not UTF-8 text (a binary file where text is expected?): {error.reason}"
     return None

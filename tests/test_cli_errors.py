@@ -154,3 +154,92 @@ def test_a_model_path_that_does_not_exist_is_named_not_looked_up_on_the_hub(argv
 def test_verbose_keeps_the_traceback(workspace):
     with pytest.raises(FileNotFoundError):
         main(["-v", "model", "info", "./no-such-model"])
+
+
+# ---- damaged and hostile weight files --------------------------------------------------------------------------
+
+def _damaged(data: bytes) -> dict[str, bytes]:
+    """A safetensors file five ways broken: header length absurd, header not JSON, tensors past the end of the
+    file, cut in half, empty."""
+    import struct
+
+    size = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + size])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["data_offsets"] = [0, 10 ** 12]
+    past_end = json.dumps(header).encode()
+    past_end += b" " * (-len(past_end) % 8)
+    return {"header too large": struct.pack("<Q", 2 ** 40) + data[8:],
+            "header not JSON": struct.pack("<Q", size) + b"{" * size + data[8 + size:],
+            "offsets past the end": struct.pack("<Q", len(past_end)) + past_end + data[8 + size:],
+            "truncated": data[:len(data) // 2], "empty": b""}
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny") / "ckpt"
+    assert main(["model", "build", "tiny", str(folder)]) == 0
+    return folder
+
+
+class _RunsCode:
+    """A pickled object that would create a file if unpickled without weights_only."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+DAMAGES = ("header too large", "header not JSON", "offsets past the end", "truncated", "empty")
+BROKEN = [*DAMAGES, "pickle that runs code"]
+WEIGHT_VERBS = {verb: argv for verb, argv in MODEL_VERBS.items() if verb != "tokenize-images"}
+
+
+@pytest.mark.parametrize("verb", list(WEIGHT_VERBS))
+@pytest.mark.parametrize("damage", BROKEN)
+def test_broken_or_hostile_weights_are_one_line_naming_the_file(verb, damage, tiny_checkpoint, workspace, capsys):
+    import shutil
+
+    import torch
+
+    folder = workspace / "ckpt"
+    shutil.copytree(tiny_checkpoint, folder)
+    weights = folder / "model.safetensors"
+    marker = workspace / "code-ran"
+    if damage == "pickle that runs code":
+        weights.unlink()
+        weights = folder / "pytorch_model.bin"
+        torch.save({"model.weight": _RunsCode(str(marker))}, weights)
+    else:
+        weights.write_bytes(_damaged(weights.read_bytes())[damage])
+    argv = WEIGHT_VERBS[verb]
+    code = main([{"X": str(folder), "OUT": str(workspace / "out")}.get(a, a) for a in argv])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert str(weights) in errors[0]
+    assert "weights_only=False" not in err and not marker.exists()
+    if damage != "pickle that runs code":
+        assert "not a usable safetensors file" in errors[0]
+
+
+def test_a_full_disk_is_one_line_and_the_previous_output_is_kept(workspace, monkeypatch, capsys):
+    import errno
+
+    import medtune.data.jsonl as jsonl
+
+    out = workspace / "out.jsonl"
+    out.write_text("previous\n")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(jsonl.os, "fsync", full)
+    code = main(["data", "convert", "--to", "canonical", str(workspace / "good.jsonl"), str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith("no space left on the device (make room and run the command "
+                                                 "again: nothing half-written is picked up)")
+    assert out.read_text() == "previous\n" and not list(workspace.glob(".out.jsonl*"))

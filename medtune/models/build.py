@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -301,16 +302,28 @@ def _compose(spec: ModelSpec, tower, llm, tokenizer, strategy: str, tokens_per_i
 
 def load_vlm(name_or_path: str | Path, *, dtype=None, device: str = "cpu") -> VLM:
     """A medtune checkpoint, as the kind its medtune.json records, or a Hugging Face VLM medtune did not write
-    (the native kind); a local path or a hub name."""
+    (the native kind); a local path or a hub name. A local folder's safetensors headers are checked first and a
+    refused pickle is one error naming the file (:mod:`medtune.models.weights`)."""
+    from medtune.models.weights import check_safetensors, refused_pickle
+
+    source = str(name_or_path)
+    if Path(source).exists() and not (Path(source) / "config.json").exists():
+        raise FileNotFoundError(f"{source} is not a model checkpoint (no config.json)")
+    if Path(source).is_dir():
+        check_safetensors(source)
+    try:
+        return _load_vlm(source, dtype=dtype, device=device)
+    except pickle.UnpicklingError:
+        raise refused_pickle(source) from None
+
+
+def _load_vlm(source: str, *, dtype, device: str) -> VLM:
     from transformers.utils import cached_file
 
     from transformers import AutoConfig
 
     from medtune.models.kinds import DEFAULT_KIND, kind_class, kind_of_foreign_checkpoint
 
-    source = str(name_or_path)
-    if Path(source).exists() and not (Path(source) / "config.json").exists():
-        raise FileNotFoundError(f"{source} is not a model checkpoint (no config.json)")
     model_kwargs = {"dtype": _torch_dtype(dtype)} if dtype is not None else {}
     metadata_file = cached_file(source, MEDTUNE_FILE, _raise_exceptions_for_missing_entries=False)
     if metadata_file is None:

@@ -74,6 +74,7 @@ def check_model_path(model: str | os.PathLike, *, configs: tuple[str, ...] = ("c
     ``configs``: the files of which one must be there (``merge`` also takes a LoRA ``adapter_config.json``).
     """
     from medtune.errors import InputFileError
+    from medtune.models.weights import check_safetensors
 
     model = os.fspath(model)
     if not looks_local(model):
@@ -94,6 +95,7 @@ def check_model_path(model: str | os.PathLike, *, configs: tuple[str, ...] = ("c
         raise InputFileError(f"{config}: not a readable model config ({error})") from None
     if not isinstance(settings, dict) or not (settings.get("model_type") or settings.get("peft_type")):
         raise InputFileError(f"{config} describes no model (it needs a model_type)")
+    check_safetensors(path)
     return model
 
 

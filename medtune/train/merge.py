@@ -16,7 +16,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from medtune.errors import UserError
+from medtune.errors import InputFileError, UserError
 from medtune.train.checkpoints import atomic_directory
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ def merge_checkpoint(checkpoint: str | Path, out: str | Path, *, base: str | Pat
         if (checkpoint / ADAPTER_CONFIG).is_file():
             _merge_adapters(checkpoint, staging, base)
         elif (checkpoint / "config.json").is_file():
+            _require_safetensors(checkpoint)
             _copy_model_files(checkpoint, staging, skip=())
         else:
             raise UserError(f"{checkpoint} is neither a LoRA checkpoint (no {ADAPTER_CONFIG}) nor a model "
@@ -63,6 +64,18 @@ def _merge_adapters(checkpoint: Path, out: Path, base: str | Path | None) -> Non
     # anything it lacks (an image processor saved only with the base) from the base
     _copy_model_files(checkpoint, out, skip=_ADAPTER_FILES)
     _copy_model_files(base, out, skip=("config.json", "generation_config.json"), weights=False, overwrite=False)
+
+
+def _require_safetensors(checkpoint: Path) -> None:
+    """A full checkpoint is copied as it is, and only safetensors weights are copied: one whose weights are
+    pickles would come out without weights, so it is refused, naming the file."""
+    if any(checkpoint.glob("*.safetensors")):
+        return
+    pickled = sorted(p for p in checkpoint.iterdir() if p.suffix in (".bin", ".pt", ".pth")
+                     and p.name not in _TRAINING_STATE and not p.name.startswith("rng_state"))
+    what = f"{pickled[0]}: its weights are a pickle" if pickled else f"{checkpoint}: it has no weight file"
+    raise InputFileError(f"{what}; merge copies a full checkpoint's safetensors weights only (it never unpickles "
+                         "them): convert the weights to safetensors on a machine where the file is trusted")
 
 
 def _base_of(checkpoint: Path) -> Path:

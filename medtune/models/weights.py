@@ -1,0 +1,43 @@
+"""Weight files looked at before any library loads them, so a damaged or hostile file is one error naming it.
+
+* :func:`check_safetensors` reads the header of every ``*.safetensors`` file of a checkpoint folder (and its
+  sub-folders one level down: a discrete model keeps its image tokenizer there). Only the header is read, so
+  the check costs milliseconds whatever the file's size; a header that is too large, not JSON, or describes
+  tensors past the end of the file, a truncated file and an empty one are each refused with the reason.
+* :func:`refused_pickle` words the error of a pickled weight file (``*.bin``, ``*.pt``, ``*.pth``) that holds
+  more than tensors. Such files are only ever read with ``torch.load(weights_only=True)`` (transformers does so
+  too), which refuses to build other objects; the error it raises suggests ``weights_only=False``, which would run
+  the file's code. medtune never does that and says what to do instead.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from medtune.errors import InputFileError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def check_safetensors(folder: str | os.PathLike) -> None:
+    """Raise :class:`InputFileError` naming the first ``*.safetensors`` file of ``folder`` whose header is unusable."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    for path in sorted([*folder.glob("*.safetensors"), *folder.glob("*/*.safetensors")]):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except SafetensorError as error:
+            reason = str(error).removeprefix("Error while deserializing header: ")
+            raise InputFileError(f"{path}: not a usable safetensors file ({reason})") from None
+
+
+def refused_pickle(source: str | os.PathLike) -> InputFileError:
+    """The error for a checkpoint whose pickled weights ``torch.load(weights_only=True)`` refused."""
+    folder = Path(source)
+    files = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+    where = f"{folder / files[0]}" if len(files) == 1 else f"{source} ({', '.join(files) or 'its pickled weights'})"
+    return InputFileError(f"{where}: a pickled weight file holding objects other than tensors; medtune reads "
+                          "pickles only as tensors and never runs code from a checkpoint. Convert the weights "
+                          "to safetensors on a machine where the file is trusted.")
