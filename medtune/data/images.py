@@ -241,6 +241,7 @@ def image_from_bytes(data: bytes, *, name: str = "upload", window: str | Sequenc
     if data[:2] == b"\x1f\x8b" or lowered.endswith(NIFTI_SUFFIXES):
         return _load_nifti(_nifti_from_bytes(data, name, max_pixels), None, None, window, max_pixels, name=name)
     if data[128:132] == b"DICM" or lowered.endswith(DICOM_SUFFIXES):
+        _check_deflated_dicom(data, name, max_pixels)
         return _load_dicom(io.BytesIO(data), None, window, max_pixels, name=name, allow_burned_in=True)
     return _load_pil(io.BytesIO(data), name, max_pixels)
 
@@ -433,6 +434,37 @@ def _read_dicom(source, name, pydicom, **options):
         raise ImageError(name, "not a DICOM file (no DICM preamble or readable DICOM header)") from None
     except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as error:
         raise ImageError(name, f"unreadable DICOM header ({type(error).__name__}: {_clean(error)})") from None
+
+
+def _check_deflated_dicom(data: bytes, name: str, max_pixels: int) -> None:
+    """pydicom inflates a deflated DICOM's whole dataset in one call, without a limit (a few MB can inflate to
+    gigabytes): count what it would inflate, in bounded steps, and refuse more than 16 bytes per allowed pixel, or
+    than the budget of :func:`pixel_budget` (charged a pixel per 16 bytes), before pydicom reads it."""
+    pydicom = _import_pydicom()
+    source = io.BytesIO(data)
+    try:
+        with _quiet_pydicom():
+            pydicom.filereader.read_preamble(source, False)
+            meta = pydicom.filereader._read_file_meta_info(source)   # the file meta group only, never deflated
+    except Exception:  # no preamble or an unreadable meta group: pydicom reads it as plain, or refuses it later
+        return
+    if meta.get("TransferSyntaxUID") != pydicom.uid.DeflatedExplicitVRLittleEndian:
+        return
+    limit, inflated, inflater = 16 * max_pixels, 0, zlib.decompressobj(-zlib.MAX_WBITS)
+    pending = data[source.tell():]
+    try:
+        while not inflater.eof and inflated <= limit:
+            out = inflater.decompress(pending, 1 << 20)
+            pending = inflater.unconsumed_tail
+            if not out and not pending:   # truncated: pydicom will say so
+                break
+            inflated += len(out)
+    except zlib.error as error:
+        raise ImageError(name, f"corrupt deflated DICOM data ({_clean(error)})") from None
+    if inflated > limit:
+        raise ImageError(name, f"deflated DICOM dataset inflates to over {limit:,} bytes (16 bytes per allowed "
+                               "pixel; raise max_pixels to allow it)")
+    _charge_budget(name, inflated // 16, f"deflated DICOM dataset of {inflated:,} bytes")
 
 
 def burned_in_reason(dataset) -> str | None:

@@ -8,6 +8,7 @@ bomb here is a few kilobytes.
 """
 import asyncio
 import contextlib
+import io
 import json
 import socket
 import threading
@@ -183,6 +184,34 @@ def test_gzip_nifti_inflates_no_further_than_its_header_says():
         tracemalloc.stop()
     assert image.size == (32, 32)
     assert refused_peak < 2 << 20 and padded_peak < 2 << 20, (refused_peak, padded_peak)
+
+
+def test_a_deflated_dicom_is_measured_before_pydicom_inflates_it():
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from medtune.data.images import ImageError, image_from_bytes, pixel_budget
+    from serve_helpers import ct_dicom_bytes
+
+    def deflated(size: int) -> bytes:
+        dataset = pydicom.dcmread(io.BytesIO(ct_dicom_bytes(size)))
+        dataset.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+    assert image_from_bytes(deflated(64), name="ct.dcm", window="lung").size == (64, 64)
+    bomb = deflated(2048)   # 8 MiB of pixel data in about 10 KB
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageError, match="deflated DICOM dataset inflates to over 1,600,000 bytes"):
+            image_from_bytes(bomb, name="ct.dcm", max_pixels=100_000)
+        with pixel_budget(100_000, "the test's limit"), pytest.raises(ImageError, match="the test's limit"):
+            image_from_bytes(bomb, name="ct.dcm")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 6 << 20, peak   # inflated 1 MiB at a time; pydicom would have held all 8 MiB at once
 
 
 def test_decoding_runs_two_at_a_time_and_requests_hold_a_queue_place_from_arrival(generator, monkeypatch):
