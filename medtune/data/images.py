@@ -439,7 +439,8 @@ def _read_dicom(source, name, pydicom, **options):
 def _check_deflated_dicom(data: bytes, name: str, max_pixels: int) -> None:
     """pydicom inflates a deflated DICOM's whole dataset in one call, without a limit (a few MB can inflate to
     gigabytes): count what it would inflate, in bounded steps, and refuse more than 16 bytes per allowed pixel, or
-    than the budget of :func:`pixel_budget` (charged a pixel per 16 bytes), before pydicom reads it."""
+    than the budget of :func:`pixel_budget` (charged a pixel per 2 bytes, a 16-bit pixel), before pydicom reads
+    it."""
     pydicom = _import_pydicom()
     source = io.BytesIO(data)
     try:
@@ -450,10 +451,11 @@ def _check_deflated_dicom(data: bytes, name: str, max_pixels: int) -> None:
         return
     if meta.get("TransferSyntaxUID") != pydicom.uid.DeflatedExplicitVRLittleEndian:
         return
-    limit, inflated, inflater = 16 * max_pixels, 0, zlib.decompressobj(-zlib.MAX_WBITS)
-    pending = data[source.tell():]
+    limit, budget = 16 * max_pixels, _BUDGET.get()
+    counted = limit if budget is None else min(limit, 2 * (budget.limit - budget.used))   # past it, refused
+    inflated, inflater, pending = 0, zlib.decompressobj(-zlib.MAX_WBITS), data[source.tell():]
     try:
-        while not inflater.eof and inflated <= limit:
+        while not inflater.eof and inflated <= counted:
             out = inflater.decompress(pending, 1 << 20)
             pending = inflater.unconsumed_tail
             if not out and not pending:   # truncated: pydicom will say so
@@ -464,7 +466,8 @@ def _check_deflated_dicom(data: bytes, name: str, max_pixels: int) -> None:
     if inflated > limit:
         raise ImageError(name, f"deflated DICOM dataset inflates to over {limit:,} bytes (16 bytes per allowed "
                                "pixel; raise max_pixels to allow it)")
-    _charge_budget(name, inflated // 16, f"deflated DICOM dataset of {inflated:,} bytes")
+    size = f"{inflated:,}" if inflater.eof else f"over {inflated:,}"
+    _charge_budget(name, inflated // 2, f"deflated DICOM dataset of {size} bytes (a pixel per 2 bytes)")
 
 
 def burned_in_reason(dataset) -> str | None:
