@@ -5,6 +5,7 @@ adversarial run did (``--max-queue 8 --max-batch-size 2``, every other limit at 
 at a time:
 
 * three 766 KB gzipped NIfTI data URIs at once, each inflating to 788 MB (1024 x 1024 x 376 int16 zeros);
+* three deflated DICOM data URIs at once, each inflating to 128 MiB (an 8192 x 8192 16-bit slice);
 * one request holding six 7000 x 7000 PNGs (49 Mpx each, a few hundred KB together);
 * eight requests at once, each holding one 5000 x 5000 PNG: every one at the per-request budget;
 * a 300 MB chunked body (no Content-Length);
@@ -77,6 +78,33 @@ def nifti_bomb(shape=(1024, 1024, 376)) -> bytes:
     return zeros_deflated(int(np.prod(shape)) * 2, header.binaryblock + bytes(4), wbits=31)
 
 
+def deflated_dicom_bomb(rows: int = 8192, columns: int = 8192) -> bytes:
+    """A deflated DICOM CT slice of 16-bit zeros: 128 MiB of pixel data in about 130 KB, written without ever
+    holding the pixels (the dataset, then PixelData's header, then its zeros, through one raw deflate stream)."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    dataset = pydicom.Dataset()
+    dataset.SOPClassUID, dataset.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    dataset.Modality, dataset.Rows, dataset.Columns = "CT", rows, columns
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 16, 15, 0
+    head = DicomBytesIO()
+    head.is_little_endian, head.is_implicit_VR = True, False
+    pydicom.filewriter.write_file_meta_info(head, meta)
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    pydicom.filewriter.write_dataset(body, dataset)
+    pixel_header = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, rows * columns * 2)
+    return bytes(128) + b"DICM" + head.getvalue() + zeros_deflated(rows * columns * 2, body.getvalue() + pixel_header,
+                                                                   wbits=-15)
+
+
 def grey_png(width: int, height: int) -> bytes:
     """An RGB PNG of zeros, ``width`` x ``height``, written chunk by chunk."""
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -121,6 +149,12 @@ def case_nifti_bombs(base: str, port: int) -> tuple[str, list]:
     bomb = nifti_bomb()
     body = ask(data_uri(bomb, "image/nifti"))
     responses = asyncio.run(post_all(base + "/v1/chat/completions", [body] * 3))
+    return f"({len(bomb) / 1024:.0f} KB each) " + outcome_of(responses), [r.status_code for r in responses]
+
+
+def case_dicom_bomb(base: str, port: int) -> tuple[str, list]:
+    bomb = deflated_dicom_bomb()
+    responses = asyncio.run(post_all(base + "/v1/chat/completions", [ask(data_uri(bomb, "application/dicom"))] * 3))
     return f"({len(bomb) / 1024:.0f} KB each) " + outcome_of(responses), [r.status_code for r in responses]
 
 
@@ -199,6 +233,7 @@ def case_malformed(base: str, port: int) -> tuple[str, list]:
 
 CASES = [  # name, function, the statuses it may get
     ("3 x gzip NIfTI bomb (788 MB inflated)", case_nifti_bombs, {400}),
+    ("3 x deflated DICOM bomb (128 MiB inflated)", case_dicom_bomb, {400}),
     ("6 x 49 Mpx PNG in one request", case_six_large_pngs, {400}),
     ("8 x one 25 Mpx PNG at once", case_eight_at_the_budget, {200, 503}),
     ("300 MB chunked body", case_chunked_body, {413}),
