@@ -10,7 +10,10 @@ guards live in one place:
 * **Decompression bombs are refused before decoding.** ``Image.open`` reads only the header; the pixel count is
   compared with ``max_pixels`` before any pixel is decoded. PIL's own process-wide guard is switched off only
   for the header read (under a lock), so our error, naming the file, the size and the limit, is the one a user
-  sees, and the caller chooses the limit.
+  sees, and the caller chooses the limit. Several loads can share one budget (:func:`pixel_budget`: a server
+  request's images), charged from each header. Compressed uploads are measured before they are inflated: a
+  gzipped NIfTI from its header, then inflated no further than the header says; a deflated DICOM by counting
+  its inflated size in bounded steps before pydicom inflates it whole.
 * **Pixels only**: a loaded image carries no metadata (``info`` is emptied: JPEG comments, EXIF, ICC profiles,
   PNG text), so nothing a source file says about a person can be copied onward.
 * **Every failure is an ImageError naming the file and a reason**, with a distinct reason for a missing file,

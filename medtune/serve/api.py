@@ -12,7 +12,7 @@ Design choices:
   one root the operator allows (``--allowed-image-root``; a path whose real path leaves it is refused with the
   same words as a missing file, and no message shows a server path). Remote URLs are never fetched.
 * Every request is bounded before it costs much (a client may be hostile): its body is read as it arrives and
-  refused past its size (413, chunked or not); its images share one pixel budget (``--max-request-pixels``),
+  refused past its size (413, chunked or not) or past :data:`BODY_READ_SECONDS` (408); its images share one pixel budget (``--max-request-pixels``),
   charged from each header before the pixels are decoded (a gzipped NIfTI is inflated only as far as its
   header says, once that fits); at most :data:`DECODERS` requests decode at once; its prompt is encoded on
   arrival and refused when it and ``max_tokens`` do not fit the model's context; the encoded prompt (pixels at
@@ -77,6 +77,9 @@ DEFAULT_MAX_QUEUE = 64  # eight full batches of the default size waiting behind 
 # model also needs.
 DECODERS = 2
 DISCONNECT_POLL_SECONDS = 0.25   # how often a plain request's handler asks whether its client is still there
+# A request holds its place in the queue while its body arrives: a client that trickles it in gives it back after
+# this long (a body at the default limit needs 15 Mbit/s).
+BODY_READ_SECONDS = 60
 ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 IMAGE_MEDIA_TYPES = ("image/", "application/dicom")
 # The one answer for a path outside the root, missing, or not a file: which of them it is would tell a client
@@ -705,17 +708,30 @@ def create_app(generator, config: ServerConfig):
 
 async def _read_body(request, limit: int) -> bytes:
     """The request's body, read as it arrives and refused (413) as soon as it passes ``limit`` bytes, whether or
-    not it said its length (a chunked upload does not)."""
+    not it said its length (a chunked upload does not); 408 if it has not all arrived within
+    :data:`BODY_READ_SECONDS`, since a request holds its place in the queue while it is read."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise ApiError(413, f"request body of {length} bytes is over the limit of {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    from starlette.requests import ClientDisconnect   # the web framework is imported where it is used
+
+    try:
+        return await asyncio.wait_for(read(), BODY_READ_SECONDS)
+    except ClientDisconnect:
+        raise _client_gone() from None
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {BODY_READ_SECONDS} s",
+                       code="request_timeout") from None
 
 
 def _prepare(raw: bytes, config: ServerConfig, generator, longest_token: int) -> ChatRequest:
@@ -743,7 +759,9 @@ def _encode_within_context(generator, chat: ChatRequest, longest_token: int) -> 
                                 f"{context} tokens with max_tokens {max_tokens}", **too_long)
     try:
         prompt = generator.encode(chat.conversation, chat.images)
-    except ValueError as error:   # e.g. an image token typed into a text part
+    except Exception as error:   # e.g. an image token typed into a text part: ValueError
+        if not (isinstance(error, ValueError) or _is_input_error(error)):
+            raise
         raise ApiError(400, f"the request cannot be encoded for this model: {_clipped(str(error))}",
                        param="messages") from None
     length = prompt["input_ids"].shape[1]

@@ -337,6 +337,28 @@ def test_a_chunked_body_over_the_limit_is_refused_before_it_ends(generator):
     assert small.status_code == 200, small.text
 
 
+def test_a_body_that_trickles_in_or_stops_gives_its_place_back(generator, monkeypatch):
+    import medtune.serve.api as api
+
+    monkeypatch.setattr(api, "BODY_READ_SECONDS", 0.5)
+    with serving(generator, max_queue=1) as (url, app):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+            started = time.monotonic()
+            slow.sendall(f"POST {URL} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{".encode())
+            status_line, body = read_response(slow)
+            seconds = time.monotonic() - started
+        gone = socket.create_connection(("127.0.0.1", port))
+        gone.sendall(f"POST {URL} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{".encode())
+        wait_for(lambda: app.state.worker.waiting == 1)
+        gone.close()
+        wait_for(lambda: app.state.worker.waiting == 0, timeout=2)
+        answered = httpx.post(url + URL, json=ask("Hi?"), timeout=30)
+    assert status_line == "HTTP/1.1 408 Request Timeout" and 0.5 <= seconds < 2, (status_line, seconds)
+    assert "did not arrive within 0.5 s" in json.loads(body)["error"]["message"]
+    assert answered.status_code == 200   # the one place is free again
+
+
 # -- 5. every malformed request is a 4xx in OpenAI's shape, with no server path ---------------------------------
 
 HOSTILE = {
