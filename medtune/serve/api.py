@@ -86,6 +86,9 @@ IMAGE_MEDIA_TYPES = ("image/", "application/dicom")
 # what exists on the server.
 NO_IMAGE_AT_PATH = "no image file the server may read at this path (paths are under its allowed image root)"
 SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.manual_seed takes
+# transformers' stop-string matcher builds a table of vocabulary size x the longest stop string (and keeps the
+# last few): 20,000 characters took 300 MB with the tiny preset's vocabulary
+MAX_STOP_CHARACTERS = 64
 USAGE_KEY = "medtune.usage"  # the ASGI scope entry where a completion handler leaves token counts for the log
 
 
@@ -223,6 +226,8 @@ def _parse_settings(body: dict, config: ServerConfig) -> GenerationSettings:
     stop = (stop,) if isinstance(stop, str) else tuple(stop)
     if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, "'stop' must be a non-empty string or a list of at most 4 of them", param="stop")
+    if max(map(len, stop), default=0) > MAX_STOP_CHARACTERS:
+        raise ApiError(400, f"each 'stop' string may have at most {MAX_STOP_CHARACTERS} characters", param="stop")
     seed = _optional(body, "seed", int, None)
     if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
         raise ApiError(400, f"'seed' must be a 64-bit integer ({SEED_RANGE[0]} to {SEED_RANGE[1]}), got "

@@ -379,6 +379,8 @@ HOSTILE = {
     "image token typed as text": (json.dumps(ask("<image> what is this?")), "cannot be encoded for this model",
                                   "messages"),
     "a megabyte model name": (json.dumps(ask("Hi?", model="m" * 1_000_000)), "not found", "model"),
+    "a stop string of 100k characters": (json.dumps(ask("Hi?", stop="s" * 100_000)),
+                                         "each 'stop' string may have at most 64 characters", "stop"),
 }
 
 
