@@ -650,6 +650,8 @@ def _nifti_plane(volume, axis: str, slice_index: int | None, volume_index: int, 
     array_axis = int(np.flatnonzero(orientation[:3, 0] == _AXES[axis])[0])
     other = [a for a in range(3) if a != array_axis]
     _check_pixels(name, shape[other[1]], shape[other[0]], max_pixels, what=f"{axis} slice")
+    if shape[other[0]] * shape[other[1]] == 0:
+        raise ImageError(name, f"{axis} slice is empty (the volume's shape is {'x'.join(map(str, shape))})")
     count = shape[array_axis]
     position = count // 2 if slice_index is None else slice_index
     if position >= count:

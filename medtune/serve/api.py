@@ -236,8 +236,11 @@ def _parse_settings(body: dict, config: ServerConfig) -> GenerationSettings:
     if not modalities or not all(m in ("text", "image") for m in modalities):
         raise ApiError(400, f"'modalities' must list text and/or image, got {_shown(modalities)}",
                        param="modalities")
-    return GenerationSettings(max_new_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
-                              stop=stop, seed=seed, modalities=tuple(modalities))
+    try:
+        return GenerationSettings(max_new_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
+                                  stop=stop, seed=seed, modalities=tuple(modalities))
+    except ValueError as error:   # what only GenerationSettings checks, e.g. a modality listed twice
+        raise ApiError(400, str(error)) from None
 
 
 def _parse_messages(messages, config: ServerConfig) -> tuple[list[dict], list]:

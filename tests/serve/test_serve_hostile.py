@@ -379,6 +379,10 @@ HOSTILE = {
     "image token typed as text": (json.dumps(ask("<image> what is this?")), "cannot be encoded for this model",
                                   "messages"),
     "a megabyte model name": (json.dumps(ask("Hi?", model="m" * 1_000_000)), "not found", "model"),
+    "a modality listed twice": (json.dumps(ask("Hi?", modalities=["text", "text"])),
+                                "modalities must be text, image or both", None),
+    "a NIfTI volume with an empty axis": (json.dumps(ask(data_uri(nifti_gzip((4, 0, 4)), "image/nifti"), "Hi?")),
+                                          "axial slice is empty", "messages[0].content[0].image_url"),
     "a stop string of 100k characters": (json.dumps(ask("Hi?", stop="s" * 100_000)),
                                          "each 'stop' string may have at most 64 characters", "stop"),
 }
