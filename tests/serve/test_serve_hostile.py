@@ -2,9 +2,10 @@
 are bounded, a client that goes away frees its place at once, and every malformed request is a 4xx in OpenAI's
 error shape that shows no server path.
 
-The app runs in this process on a loopback port (:func:`serving`), with the session's tiny Generator, or with a
+The app runs in this process, in a TestClient (:func:`app_with`) or on a loopback port where a test needs real
+connections (:func:`serving`: hang-ups, chunked and slow bodies), with the session's tiny Generator, or with a
 tiny model of 16k positions where a generation must last long enough to be cut short. Limits are small, so every
-bomb here is a few kilobytes.
+bomb here is a few kilobytes to a few hundred.
 """
 import asyncio
 import contextlib
@@ -93,7 +94,7 @@ def error_of(response) -> dict:
     return body["error"]
 
 
-def raw_request(port: int, body: bytes, *, stream: bool = False) -> socket.socket:
+def raw_request(port: int, body: bytes) -> socket.socket:
     """A connection that has sent one POST and is left open (its caller closes it to hang up)."""
     sock = socket.create_connection(("127.0.0.1", port))
     sock.sendall(b"POST " + URL.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
