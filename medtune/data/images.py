@@ -445,11 +445,14 @@ def _check_deflated_dicom(data: bytes, name: str, max_pixels: int) -> None:
     than the budget of :func:`pixel_budget` (charged a pixel per 2 bytes, a 16-bit pixel), before pydicom reads
     it."""
     pydicom = _import_pydicom()
+    # pydicom's reader of the file meta group (what comes before the deflated part) is private: taken outside the
+    # try below, where a pydicom without it would pass silently and let the bomb through
+    read_file_meta = pydicom.filereader._read_file_meta_info
     source = io.BytesIO(data)
     try:
         with _quiet_pydicom():
             pydicom.filereader.read_preamble(source, False)
-            meta = pydicom.filereader._read_file_meta_info(source)   # the file meta group only, never deflated
+            meta = read_file_meta(source)
     except Exception:  # no preamble or an unreadable meta group: pydicom reads it as plain, or refuses it later
         return
     if meta.get("TransferSyntaxUID") != pydicom.uid.DeflatedExplicitVRLittleEndian:
