@@ -12,7 +12,7 @@ at a time:
 * ten clients that each ask for a 900-token answer and hang up, then one more request;
 * a prompt of about 100k tokens;
 * the malformed bodies that used to be 500s (seed 2**70, a window object, JSON nested 100k deep, an integer of
-  10^6 digits).
+  10^6 digits), and a million empty JSON objects.
 
 The server's resident memory before each case and its peak during it (VmHWM, reset through
 /proc/PID/clear_refs) are printed with the outcome, beside the bound the server's limits give (``stated_bound``;
@@ -225,10 +225,11 @@ def case_malformed(base: str, port: int) -> tuple[str, list]:
     window["messages"][0]["content"].insert(0, {"type": "image_url", "image_url": {"url": "x", "window": {}}})
     deep = '{"model": "bench", "messages": ' + "[" * 100_000 + "]" * 100_000 + "}"
     digits = '{"model": "bench", "max_tokens": ' + "9" * 10**6 + "}"
+    objects = '{"model": "bench", "messages": [' + "{}," * 10**6 + "{}]}"   # 3 MB that parse to about 75 MB
     responses = asyncio.run(post_all(base + "/v1/chat/completions",
-                                     [ask(seed=2**70), window, deep.encode(), digits.encode()]))
+                                     [ask(seed=2**70), window, deep.encode(), digits.encode(), objects.encode()]))
     statuses = [r.status_code for r in responses]
-    return ", ".join(map(str, statuses)) + " (seed, window, depth, digits)", statuses
+    return ", ".join(map(str, statuses)) + " (seed, window, depth, digits, a million {})", statuses
 
 
 CASES = [  # name, function, the statuses it may get
@@ -239,7 +240,7 @@ CASES = [  # name, function, the statuses it may get
     ("300 MB chunked body", case_chunked_body, {413}),
     ("10 clients hang up", case_hang_ups, {200}),
     ("~100k-token prompt", case_long_prompt, {400}),
-    ("malformed (the old 500s)", case_malformed, {400}),
+    ("malformed (the old 500s, a million {})", case_malformed, {400}),
 ]
 
 
@@ -258,11 +259,16 @@ def peak_rss(pid: int, *, reset: bool = False) -> int:
 
 def stated_bound(idle: int, max_queue: int, max_body: int, request_pixels: int, decoders: int) -> tuple[int, str]:
     """What the server may hold at once on top of its idle memory: every request with a place in the queue may
-    hold its body, and each of the ``decoders`` requests being decoded also its parsed JSON and base64-decoded
-    bytes (under twice its body) and its images' working copies."""
-    extra = max_queue * max_body + decoders * (2 * max_body + DECODE_BYTES_PER_PIXEL * request_pixels)
+    hold its body, and each of the ``decoders`` requests being decoded also its parsed JSON (its strings, under
+    its body's size, and up to MAX_JSON_VALUES small values of ~80 bytes), its base64-decoded bytes and its
+    images' working copies."""
+    from medtune.serve.api import MAX_JSON_VALUES
+
+    json_values = 80 * MAX_JSON_VALUES
+    extra = max_queue * max_body + decoders * (2 * max_body + json_values + DECODE_BYTES_PER_PIXEL * request_pixels)
     how = (f"idle {idle / MIB:.0f} MB + {max_queue} queue places x {max_body / MIB:.0f} MB body + {decoders} "
-           f"decoders x (2 x {max_body / MIB:.0f} MB + {DECODE_BYTES_PER_PIXEL} B x {request_pixels:,} px)")
+           f"decoders x (2 x {max_body / MIB:.0f} MB + {json_values / MIB:.0f} MB of JSON values + "
+           f"{DECODE_BYTES_PER_PIXEL} B x {request_pixels:,} px)")
     return idle + extra, how
 
 

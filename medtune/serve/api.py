@@ -12,14 +12,16 @@ Design choices:
   one root the operator allows (``--allowed-image-root``; a path whose real path leaves it is refused with the
   same words as a missing file, and no message shows a server path). Remote URLs are never fetched.
 * Every request is bounded before it costs much (a client may be hostile): its body is read as it arrives and
-  refused past its size (413, chunked or not) or past :data:`BODY_READ_SECONDS` (408); its images share one pixel budget (``--max-request-pixels``),
-  charged from each header before the pixels are decoded (a gzipped NIfTI is inflated only as far as its
-  header says, once that fits); at most :data:`DECODERS` requests decode at once; its prompt is encoded on
-  arrival and refused when it and ``max_tokens`` do not fit the model's context; the encoded prompt (pixels at
-  the model's size) waits in the queue instead of the decoded images. A request holds its place in the queue
-  from arrival, so ``--max-queue`` bounds all of this, and a client that hangs up (streamed or not) gives its
-  place back within :data:`DISCONNECT_POLL_SECONDS` and its generation stops at the next token. JSON nested
-  too deep, numbers out of any range and every other malformed input are 4xx errors.
+  refused past its size (413, chunked or not) or past :data:`BODY_READ_SECONDS` (408), and past
+  :data:`MAX_JSON_VALUES` before it is parsed; its images share one pixel budget (``--max-request-pixels``),
+  charged from each header before the pixels are decoded (a gzipped NIfTI is inflated only as far as its header
+  says, once that fits; a deflated DICOM is measured before pydicom inflates it); at most :data:`DECODERS`
+  requests decode at once; its prompt is encoded on arrival and refused when it and ``max_tokens`` do not fit
+  the model's context; the encoded prompt (pixels at the model's size) waits in the queue instead of the decoded
+  images. A request holds its place in the queue from arrival, so ``--max-queue`` bounds all of this, and a
+  client that hangs up (streamed or not) gives its place back within :data:`DISCONNECT_POLL_SECONDS` and its
+  generation stops at the next token. JSON nested too deep, numbers out of any range and every other malformed
+  input are 4xx errors.
 * One worker thread owns the model. It micro-batches: it takes the oldest waiting request and every other
   waiting request with the same decoding settings (up to ``max_batch_size``) into one ``Generator.complete``
   call. Streams run alone. Greedy results do not depend on the batch (left padding is tested), sampled
@@ -89,6 +91,9 @@ SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.manual_seed takes
 # transformers' stop-string matcher builds a table of vocabulary size x the longest stop string (and keeps the
 # last few): 20,000 characters took 300 MB with the tiny preset's vocabulary
 MAX_STOP_CHARACTERS = 64
+# A body of `[{},{},...]` parses to about 25 times its size: 200,000 values are at most ~16 MB of Python objects,
+# and far more than a conversation needs (the commas of its text count too)
+MAX_JSON_VALUES = 200_000
 USAGE_KEY = "medtune.usage"  # the ASGI scope entry where a completion handler leaves token counts for the log
 
 
@@ -146,6 +151,11 @@ class ChatRequest:
 
 
 def parse_json_body(raw: bytes) -> dict:
+    # Python's JSON objects take up to ~80 bytes per value, so a body of small values parses to many times its size
+    values = raw.count(b",") + raw.count(b"[") + raw.count(b"{")   # at least the number of values, in strings too
+    if values > MAX_JSON_VALUES:
+        raise ApiError(400, f"request body holds {values:,} commas and brackets, over the limit of "
+                            f"{MAX_JSON_VALUES:,} JSON values")
     try:
         body = json.loads(raw)
     except RecursionError:

@@ -384,6 +384,8 @@ HOSTILE = {
                                 "modalities must be text, image or both", None),
     "a NIfTI volume with an empty axis": (json.dumps(ask(data_uri(nifti_gzip((4, 0, 4)), "image/nifti"), "Hi?")),
                                           "axial slice is empty", "messages[0].content[0].image_url"),
+    "a million empty objects": ('{"model": "tiny", "messages": [' + "{}," * 1_000_000 + "{}]}",
+                                "over the limit of 200,000 JSON values", None),
     "a stop string of 100k characters": (json.dumps(ask("Hi?", stop="s" * 100_000)),
                                          "each 'stop' string may have at most 64 characters", "stop"),
 }
