@@ -667,6 +667,7 @@ def _nifti_plane(volume, axis: str, slice_index: int | None, volume_index: int, 
     except Exception as error:
         raise ImageError(name, f"NIfTI voxel data cannot be read ({type(error).__name__}: {_clean(error)})"
                          ) from None
+    _require_finite(plane, name, f"{axis} slice {position}")
     # Put the two remaining axes in RAS order, each increasing towards R/A/S, then show it radiologically.
     if orientation[other[0], 0] > orientation[other[1], 0]:
         plane, other = plane.T, other[::-1]
@@ -674,6 +675,16 @@ def _nifti_plane(volume, axis: str, slice_index: int | None, volume_index: int, 
         if orientation[array_dim, 1] < 0:
             plane = np.flip(plane, axis=dim)
     return np.ascontiguousarray(plane.T[::-1, ::-1])
+
+
+def _require_finite(values: np.ndarray, name, what: str) -> None:
+    """Refuse NaN or infinite values: the window would turn the slice black (all NaN) or spread them as 0s
+    among real intensities (some NaN), and either would be trained on or shown as if it were an image."""
+    bad = values.size - int(np.count_nonzero(np.isfinite(values)))
+    if bad:
+        share = "all" if bad == values.size else f"{bad:,} of {values.size:,} ({100 * bad / values.size:.1f}%)"
+        raise ImageError(name, f"{what} has {share} of its values NaN or infinite; replace them (or choose "
+                               "another slice) before using the volume")
 
 
 def _nifti_cal_window(volume) -> tuple[float, float] | None:

@@ -431,3 +431,30 @@ def test_materialise_names_frames_apart(tmp_path):
     write_dicom(tmp_path / "mf.dcm", frames, frames=2)
     refs = {materialise(ImageRef("mf.dcm", frame=i), tmp_path, tmp_path / "out").path for i in (0, 1)}
     assert len(refs) == 2
+
+
+@pytest.mark.parametrize("nan_share, words", [(1.0, "axial slice 1 has all of its values NaN or infinite"),
+                                              (0.25, "axial slice 1 has 5 of 20 (25.0%) of its values NaN")])
+def test_nan_in_a_nifti_slice_is_an_error_in_check_load_and_materialise(nan_share, words, tmp_path, capsys):
+    """A slice with NaN would become a black picture (all NaN) or one with holes (some): never an image."""
+    import re
+
+    from medtune.cli import main
+    from medtune.data.jsonl import write_samples
+    from medtune.data.schema import qa_sample
+
+    volume = ras_volume()
+    plane = volume[:, :, 1]
+    plane.flat[:round(nan_share * plane.size)] = np.nan
+    save_nifti(tmp_path / "scan.nii.gz", volume)
+    with pytest.raises(ImageError, match=re.escape(words)):
+        load_image(ImageRef("scan.nii.gz", slice=1), tmp_path)
+    assert np.asarray(load_image(ImageRef("scan.nii.gz", slice=0), tmp_path)).any()   # other slices still load
+    canonical = tmp_path / "data.jsonl"
+    write_samples(canonical, [qa_sample("r0", "What?", "A scan.", images=[ImageRef("scan.nii.gz", slice=1)])])
+    assert main(["data", "check", str(canonical)]) == 1
+    assert words in capsys.readouterr().out
+    out, pngs = tmp_path / "png.jsonl", tmp_path / "png"
+    assert main(["data", "convert", "--to", "canonical", str(canonical), str(out), "--materialise", str(pngs)]) == 2
+    assert "image could not be materialised" in capsys.readouterr().err
+    assert not out.exists() and not list(pngs.glob("*.png"))
