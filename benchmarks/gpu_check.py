@@ -174,8 +174,8 @@ def check_packed_loss(name: str, *, cuda: bool, out: Path, steps: int) -> list[R
 
     from medtune.models.build import build_vlm
     from medtune.models.presets import tiny_spec
-    from medtune.train.collate import pad_batch
-    from medtune.train.packing import pack_rows, sample_spans
+    from medtune.models.collate import pad_batch
+    from medtune.models.packing import pack_rows, sample_spans
 
     dtype = torch.bfloat16 if cuda else torch.float32
     tolerance = BF16_TOLERANCE if cuda else FP32_TOLERANCE
@@ -301,8 +301,8 @@ def check_mfu(name: str, *, cuda: bool, out: Path, steps: int) -> list[Row]:
     import torch
 
     from medtune.models.build import build_vlm
-    from medtune.train.collate import pad_batch
-    from medtune.train.packing import pack_rows, plan_rows
+    from medtune.models.collate import pad_batch
+    from medtune.models.packing import pack_rows, plan_rows
 
     spec = big_spec()
     parameters = full_size_parameters(spec)

@@ -5,8 +5,8 @@ compares three ways of batching the same samples under the same batch token budg
 ``--max-length`` token positions per batch):
 
 * naive: ``--rows`` samples per batch in shuffled order, each batch padded to its longest sample (baseline);
-* length-grouped: the same, ordered by medtune.train.sampler.LengthGroupedSampler;
-* packed: samples packed best-fit into rows of ``--max-length`` (medtune.train.packing), ``--rows`` rows per
+* length-grouped: the same, ordered by medtune.models.sampler.LengthGroupedSampler;
+* packed: samples packed best-fit into rows of ``--max-length`` (medtune.models.packing), ``--rows`` rows per
   batch, each batch padded to its longest row.
 
 It reports the share of padding positions, the positions computed per epoch and the optimizer steps per epoch,
@@ -50,8 +50,8 @@ def batching_stats(lengths: list[int], batches: list[list[list[int]]], budget: i
 
 
 def compare_batching(lengths: list[int], max_length: int, rows: int, seed: int) -> list[tuple[str, tuple]]:
-    from medtune.train.packing import plan_rows
-    from medtune.train.sampler import LengthGroupedSampler
+    from medtune.models.packing import plan_rows
+    from medtune.models.sampler import LengthGroupedSampler
 
     order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)

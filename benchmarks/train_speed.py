@@ -112,7 +112,7 @@ def naive_trainer(args, workdir: Path, clock):
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    from medtune.models.kinds.base import SAMPLE_INDEX, SAMPLE_METADATA
+    from medtune.models.batch import SAMPLE_INDEX, SAMPLE_METADATA
 
     recipe = recipe_for(args, workdir, "naive")
     stage = recipe.stages[0]

@@ -1,7 +1,11 @@
-"""The package's import graph: no circles, and no engine module imports a CLI module.
+"""The package's import graph: no circles, layers that only point down, and no engine module imports a CLI module.
 
 Every ``import`` counts, including those inside functions (a lazy import still couples two modules). CLI modules
 are ``medtune/cli.py``, ``medtune/__main__.py`` and each package's ``cli.py``.
+
+Layers, bottom up: the package's ground floor (``medtune``, ``errors``, ``paths``, ``progress``) < ``data`` <
+``models`` < ``train``, ``eval``, ``serve`` (side by side) < ``demo`` < every CLI module. A module may import
+from its own layer or below, never above (batch building lives in ``models`` so the model kinds can use it).
 """
 from __future__ import annotations
 
@@ -83,6 +87,32 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def is_cli(module: str) -> bool:
     return module in ("medtune.cli", "medtune.__main__") or module.endswith(".cli")
+
+
+LAYERS = {"medtune": 0, "errors": 0, "paths": 0, "progress": 0, "__main__": 5,
+          "data": 1, "models": 2, "train": 3, "eval": 3, "serve": 3, "demo": 4}
+CLI_LAYER = 5
+
+
+def layer(module: str) -> int:
+    if is_cli(module):
+        return CLI_LAYER
+    parts = module.split(".")
+    return LAYERS[parts[1] if len(parts) > 1 else parts[0]]
+
+
+def test_layers_only_point_down():
+    graph = import_graph()
+    unknown = sorted({m.split(".")[1] for m in graph if "." in m and not is_cli(m)} - set(LAYERS))
+    assert unknown == []   # a new top-level package or module needs its place in LAYERS
+    upward = sorted((module, target) for module, targets in graph.items() for target in targets
+                    if layer(target) > layer(module))
+    assert upward == []
+
+
+def test_the_layer_check_sees_an_upward_import():
+    assert layer("medtune.models.kinds.base") < layer("medtune.train.collate") < layer("medtune.demo.pipeline")
+    assert layer("medtune.eval.cli") == layer("medtune.cli") > layer("medtune.demo.pipeline")
 
 
 def test_the_import_graph_has_no_circles():

@@ -23,9 +23,9 @@ import bisect
 import os
 from typing import Sequence
 
+from medtune.models.batch import IGNORE_INDEX
 from medtune.models.templates import Segment
 
-IGNORE_INDEX = -100
 TRUNCATION_MODES = ("text", "drop")
 
 

@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from medtune.data.jsonl import Tally
+from medtune.models.batch import IGNORE_INDEX
 from medtune.train.recipe import DataSpec, RecipeError, resolve_data_path
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 
 # ---- reading --------------------------------------------------------------------------------------------
@@ -193,6 +192,6 @@ def training_rows(dataset, *, packing: bool, max_length: int):
     """What Trainer iterates: samples, or (packing) rows of samples planned to fill ``max_length``."""
     if not packing:
         return dataset
-    from medtune.train.packing import PackedDataset
+    from medtune.models.packing import PackedDataset
 
     return PackedDataset(dataset, max_length, lengths=dataset.lengths)

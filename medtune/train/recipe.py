@@ -15,7 +15,7 @@ Design choices:
 * The model's attention implementation is a model setting (``model: {preset: small, attn_implementation:
   sdpa}``, or ``{checkpoint: PATH, attn_implementation: flash_attention_2}`` for a checkpoint) and a stage's
   ``packing`` names how packed samples are kept apart (``position_ids`` / ``mask`` / ``flatten``, or ``true`` for
-  the default of the attention implementation; :mod:`medtune.train.packing`); pairs that cannot be exact are
+  the default of the attention implementation; :mod:`medtune.models.packing`); pairs that cannot be exact are
   refused here, naming both keys.
 * A recipe may have a ``defaults`` mapping merged under every stage, so that recipes list only what changes
   from stage to stage.
@@ -114,7 +114,7 @@ class Stage:
     max_length: int = 2048              # tokens per sample (per packed row with packing)
     # Pack several samples per row, kept apart by: position_ids (restart per sample), mask (an explicit block
     # mask) or flatten (one row, varlen kernels); true = the attention implementation's default (flatten for
-    # flash-attention, mask for sdpa, position_ids for flex_attention and eager: medtune.train.packing).
+    # flash-attention, mask for sdpa, position_ids for flex_attention and eager: medtune.models.packing).
     packing: bool | Literal["position_ids", "mask", "flatten"] = False
     group_by_length: bool = False       # batch samples of similar length (less padding, no packing)
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -647,7 +647,7 @@ def _loop_problems(stage: Stage, where: str) -> list[str]:
 
 def _packing_problems(stage: Stage, attn_implementation: str | None, where: str) -> list[str]:
     """A packing mode the recipe's attention implementation cannot run exactly (both keys named)."""
-    from medtune.train.packing import pair_refusal   # plain Python, no torch
+    from medtune.models.packing import pair_refusal   # plain Python, no torch
 
     if not isinstance(stage.packing, str) or attn_implementation is None:
         return []

@@ -305,7 +305,7 @@ def _resume_point(directory: Path, stage: Stage, resume: bool) -> Path | None:
 def stage_collator(vlm, stage: Stage, where: str):
     """The stage's collator: padding, or packing in the stage's mode (``packing: true``: the default of the
     model's attention implementation); a mode the model cannot run exactly is refused naming the keys."""
-    from medtune.train.packing import use_packing_mode
+    from medtune.models.packing import use_packing_mode
 
     if not stage.packing:
         return vlm.collator(packing=False, max_length=stage.max_length)

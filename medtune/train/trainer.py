@@ -129,7 +129,7 @@ class MedtuneTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
-            from medtune.train.sampler import LengthGroupedSampler
+            from medtune.models.sampler import LengthGroupedSampler
 
             return LengthGroupedSampler(dataset.lengths, self.args.train_batch_size, seed=self.args.seed)
         return super()._get_train_sampler(train_dataset)

@@ -11,9 +11,10 @@ torch = pytest.importorskip("torch")
 from PIL import Image  # noqa: E402
 
 from medtune.data.schema import ImageRef, Message, Metadata, Part, Sample  # noqa: E402
+from medtune.models.batch import IGNORE_INDEX  # noqa: E402
 from medtune.models.build import load_vlm  # noqa: E402
 from medtune.models.presets import tiny_chameleon  # noqa: E402
-from medtune.models.processing import IGNORE_INDEX, SkipSample  # noqa: E402
+from medtune.models.processing import SkipSample  # noqa: E402
 from plain_python import run_without_medtune  # noqa: E402
 
 torch.set_num_threads(1)

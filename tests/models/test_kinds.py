@@ -155,7 +155,7 @@ def _expected(sample):
 
 def test_metadata_survives_the_token_cache_padding_and_packing(routed, root, tmp_path):
     from medtune.train.cache import CachedDataset, encode_with_cache
-    from medtune.train.packing import PackedDataset
+    from medtune.models.packing import PackedDataset
 
     data = tmp_path / "train.jsonl"
     write_samples(data, SAMPLES)

@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 
 from medtune.data.schema import ImageRef, Message, Part, Sample
+from medtune.models.batch import IGNORE_INDEX
 from medtune.models.kinds.native import NativeVLM
-from medtune.models.processing import IGNORE_INDEX, SkipSample
+from medtune.models.processing import SkipSample
 from medtune.models.templates import to_chat_messages
 
 

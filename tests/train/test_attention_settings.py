@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medtune.models.processing import IGNORE_INDEX
-from medtune.train.packing import ATTENTION_MODES, default_mode, pair_refusal, sample_spans
+from medtune.models.batch import IGNORE_INDEX
+from medtune.models.packing import ATTENTION_MODES, default_mode, pair_refusal, sample_spans
 from medtune.train.recipe import RecipeError, check_environment, parse_recipe
 
 torch.set_num_threads(1)

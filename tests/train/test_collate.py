@@ -7,11 +7,11 @@ import torch
 from PIL import Image
 
 from medtune.data.schema import ImageRef, Message, Part, Sample
-from medtune.models.processing import IGNORE_INDEX
+from medtune.models.batch import IGNORE_INDEX
 from medtune.models.templates import to_chat_messages
-from medtune.train.collate import PadCollator, collate_prompts, pad_batch
-from medtune.train.packing import PackingCollator, pack_rows, plan_rows
-from medtune.train.sampler import LengthGroupedSampler, padding_fraction
+from medtune.models.collate import PadCollator, collate_prompts, pad_batch
+from medtune.models.packing import PackingCollator, pack_rows, plan_rows
+from medtune.models.sampler import LengthGroupedSampler, padding_fraction
 
 
 @pytest.fixture(scope="module")

@@ -142,7 +142,7 @@ from medtune.data.formats import default_image_root, read_records
 from medtune.data.jsonl import Tally
 from medtune.data.schema import qa_sample
 from medtune.paths import bundled_data
-from medtune.train.collate import PadCollator
+from medtune.models.collate import PadCollator
 
 def batches(vlm):
     path = bundled_data("vqa_rad", "trainset.json")

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from medtune.data.schema import ImageRef, Message, Part, Sample
-from medtune.models.processing import IGNORE_INDEX
-from medtune.train.packing import PackedDataset, pack_rows, plan_rows, sample_spans
+from medtune.models.batch import IGNORE_INDEX
+from medtune.models.packing import PackedDataset, pack_rows, plan_rows, sample_spans
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,7 @@ def test_flatten_mode_matches_transformers_data_collator_with_flattening(vlm, en
 
 
 def test_mask_mode_is_block_diagonal_and_causal():
-    from medtune.train.packing import block_causal_mask
+    from medtune.models.packing import block_causal_mask
 
     mask = block_causal_mask(torch.tensor([[0, 0, 1, 1, 1, 2]]))
     allowed = (mask[0, 0] == 0).int().tolist()

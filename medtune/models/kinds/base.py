@@ -41,12 +41,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
-from medtune.models.processing import IGNORE_INDEX
+from medtune.models.batch import IGNORE_INDEX, SAMPLE_INDEX, SAMPLE_METADATA
+from medtune.models.collate import PadCollator
+from medtune.models.packing import PackingCollator
 
 MEDTUNE_FILE = "medtune.json"
 NATIVE_TEMPLATE = "native"
-SAMPLE_METADATA = "sample_metadata"   # the batch key that carries :attr:`VLM.sample_metadata`
-SAMPLE_INDEX = "sample_index"         # [B, L]: which sample of the batch each position holds (-1: padding)
 LORA_COMPONENTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
 
@@ -149,9 +149,6 @@ class VLM(ABC):
 
     def collator(self, *, packing: bool = False, max_length: int | None = None) -> Callable[[list], dict]:
         """The batch collator of a training stage: right padding, or packing into rows of ``max_length``."""
-        from medtune.train.collate import PadCollator
-        from medtune.train.packing import PackingCollator
-
         if packing:
             return PackingCollator(self.tokenizer.pad_token_id, max_length=max_length)
         return PadCollator(self.tokenizer.pad_token_id)

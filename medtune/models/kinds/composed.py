@@ -7,7 +7,7 @@ saves, which also makes the image square (``pad_mode``: :func:`medtune.models.vi
 so plain transformers and vLLM compute the same pixels. Because ids and labels do not depend on the pixels,
 encoded samples go through the token cache and images are decoded when a batch is made.
 
-Batches always run the vision tower (:class:`medtune.train.collate.KeepVisionBusy`): under sharded training a
+Batches always run the vision tower (:class:`medtune.models.collate.KeepVisionBusy`): under sharded training a
 rank with a text-only batch would otherwise skip the tower's collectives and hang the others.
 """
 from __future__ import annotations
@@ -16,6 +16,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Sequence
 
+from medtune.models.batch import IGNORE_INDEX
+from medtune.models.collate import KeepVisionBusy
 from medtune.models.kinds.base import VLM
 
 
@@ -83,8 +85,7 @@ class ComposedVLM(VLM):
     def encode_tokens(self, sample, *, max_length: int, truncation: str = "text", image_root=None,
                       allowed_roots: Sequence = ()) -> dict[str, list]:
         """input_ids / attention_mask / labels of a sample, without loading its images (so no image root)."""
-        from medtune.models.processing import (IGNORE_INDEX, SkipSample, expand_image_tokens, tokenize_segments,
-                                               truncate)
+        from medtune.models.processing import SkipSample, expand_image_tokens, tokenize_segments, truncate
         from medtune.models.templates import get_template, render_with_tokenizer, to_chat_messages
 
         segments = render_with_tokenizer(get_template(self.template), to_chat_messages(sample), self.tokenizer,
@@ -180,8 +181,6 @@ class ComposedVLM(VLM):
     # ---- batches ----------------------------------------------------------------------------------------
 
     def collator(self, *, packing: bool = False, max_length: int | None = None) -> Callable[[list], dict]:
-        from medtune.train.collate import KeepVisionBusy
-
         return KeepVisionBusy(super().collator(packing=packing, max_length=max_length), self.image_token_id,
                               self.image_tokens_per_image, self.image_size, self.tokenizer.pad_token_id)
 

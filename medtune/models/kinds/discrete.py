@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
+from medtune.models.batch import IGNORE_INDEX
 from medtune.models.kinds.base import VLM
 
 LABEL_RULES = ("roles", "first_separator")
@@ -142,7 +143,7 @@ class DiscreteVLM(VLM):
 
     def encode_tokens(self, sample, *, max_length: int, truncation: str = "text", image_root=None,
                       allowed_roots: Sequence = ()) -> dict[str, list]:
-        from medtune.models.processing import IGNORE_INDEX, SkipSample, tokenize_segments
+        from medtune.models.processing import SkipSample, tokenize_segments
         from medtune.models.templates import get_template, render_with_tokenizer, to_chat_messages
 
         segments = render_with_tokenizer(get_template(self.template), to_chat_messages(sample), self.tokenizer,
@@ -170,7 +171,7 @@ class DiscreteVLM(VLM):
         return self.token_row(out_ids, out_labels, self.carried_metadata(sample))
 
     def _labels(self, ids: list[int], trainable: list[bool]) -> list[int]:
-        from medtune.models.processing import IGNORE_INDEX, SkipSample
+        from medtune.models.processing import SkipSample
 
         if self.label_rule == "roles":
             return [token if train else IGNORE_INDEX for token, train in zip(ids, trainable)]

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from medtune.models.kinds.base import LORA_COMPONENTS, SAMPLE_INDEX, SAMPLE_METADATA, Speedups
+from medtune.models.batch import IGNORE_INDEX, SAMPLE_INDEX, SAMPLE_METADATA
+from medtune.models.kinds.base import LORA_COMPONENTS, Speedups
 from medtune.models.kinds.composed import ComposedVLM
 
 
@@ -135,7 +136,7 @@ class MoEVLM(ComposedVLM):
             if num_items_in_batch is not None:
                 # the LM loss is a sum over the accumulated batch divided by its labelled tokens; the router
                 # losses are per micro-batch means, so each gets the share of this micro-batch's labelled tokens
-                labelled = (inputs["labels"][:, 1:] != -100).sum()
+                labelled = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()
                 extra = extra * labelled / num_items_in_batch
             loss = loss + extra
         return loss, outputs

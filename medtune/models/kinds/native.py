@@ -36,12 +36,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Sequence
 
+from medtune.models.batch import IGNORE_INDEX, ROPE_POSITIONS
+from medtune.models.packing import ATTENTION_MODES, token_columns
 from medtune.models.kinds.base import LORA_COMPONENTS, NATIVE_TEMPLATE, VLM
 
 log = logging.getLogger(__name__)
 
 PROCESSOR_TOKEN_KEYS = ("input_ids", "attention_mask")
-ROPE_POSITIONS = "rope_position_ids"   # [3, L] per sample; medtune.train.packing reads it by this name
 
 
 @dataclass(kw_only=True)
@@ -82,7 +83,7 @@ class NativeVLM(VLM):
 
     def encode_sample(self, sample, image_root, *, max_length: int, truncation: str = "text",
                       allowed_roots: Sequence = ()) -> dict[str, Any]:
-        from medtune.models.processing import IGNORE_INDEX, SkipSample, load_images, truncate
+        from medtune.models.processing import SkipSample, load_images, truncate
         from medtune.models.templates import to_chat_messages
 
         images = load_images(sample.images, image_root, allowed_roots=allowed_roots)
@@ -147,8 +148,6 @@ class NativeVLM(VLM):
 
     def packing_modes(self) -> tuple[str, ...]:
         """The packed-attention modes that keep this model's samples apart exactly."""
-        from medtune.train.packing import ATTENTION_MODES
-
         if uses_token_type_mask(self.model):
             # an explicit 4-D mask replaces the model's own one, which lets image tokens see each other both ways
             return tuple(mode for mode in ATTENTION_MODES if mode != "mask")
@@ -427,7 +426,7 @@ class NativeCollator:
     """Wraps a padding or packing collator for processor outputs it does not know.
 
     * Token columns (lists as long as the ids: ``token_type_ids``, ``mm_token_type_ids``) are padded with 0
-      like the ids (packed rows carry them themselves, :func:`medtune.train.packing.pack_rows`).
+      like the ids (packed rows carry them themselves, :func:`medtune.models.packing.pack_rows`).
     * Per-sample image stacks ([1, images, C, H, W], Idefics3's) with different image counts are padded with
       all-zero images, which those models skip, so that they concatenate over the batch.
     """
@@ -444,8 +443,6 @@ class NativeCollator:
 
     def __call__(self, features: list) -> dict:
         import torch
-
-        from medtune.train.packing import token_columns
 
         # copies: padding image stacks must not change the dataset's rows
         if features and not isinstance(features[0], dict):

@@ -23,10 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-IGNORE_INDEX = -100
-TOKEN_KEYS = ("input_ids", "attention_mask", "labels")
-SAMPLE_METADATA = "sample_metadata"
-SAMPLE_INDEX = "sample_index"
+from medtune.models.batch import IGNORE_INDEX, SAMPLE_INDEX, SAMPLE_METADATA, TOKEN_KEYS
 
 
 def _image_columns(examples: Sequence[dict]) -> dict[str, Any]:

@@ -46,14 +46,14 @@ from __future__ import annotations
 import bisect
 from typing import Any, Sequence
 
-from medtune.train.collate import IGNORE_INDEX, SAMPLE_INDEX, _image_columns, sample_metadata
+from medtune.models.batch import IGNORE_INDEX, ROPE_POSITIONS, SAMPLE_INDEX
+from medtune.models.collate import _image_columns, sample_metadata
 
 STRATEGIES = ("best_fit", "greedy")
 ATTENTION_MODES = ("position_ids", "mask", "flatten")
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2")
 FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
 _NOT_TOKEN_COLUMNS = ("input_ids", "labels", "attention_mask", "position_ids")
-ROPE_POSITIONS = "rope_position_ids"   # a sample's own multimodal rotary positions, [3, L] (Qwen2-VL)
 
 
 def default_mode(attn_implementation: str | None) -> str:
