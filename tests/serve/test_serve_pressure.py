@@ -56,8 +56,10 @@ def test_overflow_is_refused_with_retry_after_and_the_rest_answered(busy_server)
     assert set(statuses) <= {200, 503}, statuses
     answered = [r for r in responses if r.status_code == 200]
     refused = [r for r in responses if r.status_code == 503]
-    # one running and MAX_QUEUE waiting at least; the arrivals overflow while the first answer is generated
-    assert len(answered) >= 1 + MAX_QUEUE and refused, statuses
+    # MAX_QUEUE places at least (a place is taken on arrival and given back when the worker takes the request,
+    # so whether the first request left the queue before the burst filled it is timing: MAX_QUEUE or one more);
+    # the arrivals overflow while the first answer is generated
+    assert len(answered) >= MAX_QUEUE and refused, statuses
     for response in answered:
         assert response.json()["choices"][0]["finish_reason"] in ("stop", "length")
     for response in refused:
