@@ -46,10 +46,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from medtune.errors import UserError
 from medtune.data.files import file_digest
 from medtune.data.jsonl import Tally, write_json
 from medtune.data.schema import Sample
+from medtune.distributed import process_device
+from medtune.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -390,7 +391,7 @@ def evaluate_model(data: DemoData, model_dir: Path, run_dir: Path, options: Demo
     task, samples = load_test_questions(data, limit, split=split)
     out_dir = run_dir / (f"eval-{TASK}" if split == "test" else f"eval-{TASK}-{split}")
     result, predictions = evaluate.answer_questions(task, model_dir, out_dir, limit=limit,
-                                                    batch_size=options.eval_batch_size, device=_device())
+                                                    batch_size=options.eval_batch_size, device=process_device())
     if result.already_answered:
         print(f"reusing {result.already_answered} answers already in {result.predictions_path}")
     scored = evaluate.score(TASK, "model", samples, predictions, compat_flavour=COMPAT_FLAVOUR, seed=seed)
@@ -521,7 +522,3 @@ def command_line(options: DemoOptions) -> str:
     return shlex.join(parts + list(options.overrides))
 
 
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"

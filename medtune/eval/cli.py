@@ -23,6 +23,8 @@ import os
 import sys
 from pathlib import Path
 
+from medtune.distributed import process_device, shard_from_env   # environment only: no torch at import
+
 JUDGE_KEY_ENV = "MEDTUNE_JUDGE_API_KEY"
 
 
@@ -432,9 +434,7 @@ def _run(args) -> int:
                         "`medtune eval score --judge-endpoint URL --judge-model NAME`")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    num_shards, shard_index = preds.shard_from_env(args.num_shards, args.shard_index)
-    if num_shards < 1 or not 0 <= shard_index < num_shards:
-        raise UserError(f"--shard-index {shard_index} is not in 0..{num_shards - 1}")
+    num_shards, shard_index = shard_from_env(args.num_shards, args.shard_index)
     _check_inputs(args)
     if args.model:
         from medtune.models.cli import check_model_path
@@ -488,22 +488,11 @@ def _backend_from_args(args):
         except BackendError as error:
             raise UserError(str(error)) from None
     try:
-        return LocalBackend(args.model, batch_size=args.batch_size, device=_device(args.device), dtype=args.dtype)
+        return LocalBackend(args.model, batch_size=args.batch_size, device=process_device(args.device), dtype=args.dtype)
     except UserError:
         raise
     except (OSError, ValueError) as error:  # a hub name not in the cache offline, a broken weight file
         raise UserError(f"cannot load a model from {args.model}: {' '.join(str(error).split())}") from error
-
-
-def _device(device: str) -> str:
-    """``auto``: this process's GPU (``LOCAL_RANK`` under torchrun) when there is one, else the CPU."""
-    if device != "auto":
-        return device
-    import torch
-
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return "cpu"
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m medtune.eval.cli` for debugging

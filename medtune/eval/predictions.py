@@ -14,7 +14,7 @@ A medtune predictions file is JSON Lines, one record per answered question::
 * :func:`merge_predictions` requires every expected id exactly once over all shard files and raises
   :class:`MergeError` naming the missing, duplicated and unexpected ids otherwise. (The Med-MoE scripts pair
   answers with questions by position, so a lost or doubled answer silently shifts every later score.)
-* A generation run (``medtune eval run``) uses :func:`shard_from_env` (``torchrun`` or
+* A generation run (``medtune eval run``) uses :func:`medtune.distributed.shard_from_env` (``torchrun`` or
   ``--num-shards/--shard-index``), :func:`shard_path`, :func:`pending` and :class:`PredictionWriter`, then
   :func:`merge_predictions` over the shard files.
 * :func:`read_predictions` reads medtune's files and the LLaVA-Med / Med-MoE answer files (JSON lines with
@@ -149,14 +149,6 @@ def shard(items: Sequence[T], num_shards: int, shard_index: int, mode: str = "mo
         start = shard_index * size + min(shard_index, extra)
         return list(items[start:start + size + (shard_index < extra)])
     raise ValueError(f"unknown shard mode {mode!r} (expected one of {', '.join(SHARD_MODES)})")
-
-
-def shard_from_env(num_shards: int = 1, shard_index: int = 0) -> tuple[int, int]:
-    """``(num_shards, shard_index)``: ``torchrun``'s ``WORLD_SIZE``/``RANK`` when set, else the arguments."""
-    world_size = os.environ.get("WORLD_SIZE")
-    if world_size and int(world_size) > 1:
-        return int(world_size), int(os.environ.get("RANK", "0"))
-    return num_shards, shard_index
 
 
 def shard_path(out_dir: str | os.PathLike, num_shards: int, shard_index: int) -> Path:

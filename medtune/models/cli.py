@@ -20,6 +20,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from medtune.distributed import process_device   # environment only: no torch at import
+
 
 def register(subparsers) -> None:
     model = subparsers.add_parser("model", help="build or inspect a vision-language model",
@@ -254,7 +256,7 @@ def run_tokenize_images(args: argparse.Namespace) -> int:
 
     check_model_path(args.model)
     try:
-        tokenizer = image_tokenizer(args.model, device=args.device or tokenize.default_device())
+        tokenizer = image_tokenizer(args.model, device=args.device or process_device())
     except UserError:
         raise
     except OSError as error:  # a hub name that is not in the cache offline, a broken weight file

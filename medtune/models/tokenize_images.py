@@ -64,6 +64,7 @@ import pyarrow.parquet as pq
 from medtune.data.images import ImageError, load_image
 from medtune.data.jsonl import RecordError, Tally, atomic_open, write_json
 from medtune.data.schema import ImageRef
+from medtune.distributed import shard_from_env
 from medtune.errors import UserError
 
 FOLDER, CSV = "folder", "csv"
@@ -193,23 +194,6 @@ def shard_of(sample_id: str, num_shards: int) -> int:
     """The shard a sample id belongs to: stable across runs, processes and machines."""
     digest = hashlib.blake2b(sample_id.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "big") % num_shards
-
-
-def shard_from_env(num_shards: int = 1, shard_index: int = 0) -> tuple[int, int]:
-    """``(num_shards, shard_index)``: torchrun's ``WORLD_SIZE``/``RANK`` when set, else the arguments, checked."""
-    world_size = os.environ.get("WORLD_SIZE")
-    if world_size and int(world_size) > 1:
-        num_shards, shard_index = int(world_size), int(os.environ.get("RANK", "0"))
-    if num_shards < 1 or not 0 <= shard_index < num_shards:
-        raise UserError(f"shard index {shard_index} is not in 0..{num_shards - 1}")
-    return num_shards, shard_index
-
-
-def default_device() -> str:
-    """``cuda:LOCAL_RANK`` when a GPU is there (one per torchrun process), else ``cpu``."""
-    import torch
-
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
 
 
 def _ref_key(ref: ImageRef) -> str:
@@ -712,5 +696,5 @@ def _unique(path: Path, pairs: Iterable[tuple[Any, Any]]) -> dict[Any, list[int]
 
 __all__ = [
     "CODES_SCHEMA", "ImageRow", "MEDMAX_SCHEMA", "MergeResult", "ShardResult", "Source", "check_output", "iter_rows",
-    "merge_parts", "open_source", "parts_dir", "read_codes", "shard_from_env", "shard_of", "tokenize_images",
+    "merge_parts", "open_source", "parts_dir", "read_codes", "shard_of", "tokenize_images",
 ]

@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 import yaml
 
+from medtune.distributed import launched_distributed
 from medtune.errors import RecipeError
 from medtune.models.moe_settings import MoESettings, RouterTraining   # plain Python, no torch
 
@@ -655,11 +656,6 @@ def _packing_problems(stage: Stage, attn_implementation: str | None, where: str)
     if reason is None:
         return []
     return [f"{where}.packing: {stage.packing!r} with model.attn_implementation {attn_implementation!r}: {reason}"]
-
-
-def launched_distributed() -> bool:
-    """Whether a launcher (torchrun, accelerate launch, deepspeed) started this process, at any world size."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
 
 
 def check_environment(recipe: Recipe, *, device: str | None = None) -> None:

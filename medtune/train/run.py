@@ -40,7 +40,8 @@ from typing import Any
 
 from medtune.data.jsonl import write_json
 from medtune.train import checkpoints
-from medtune.train.recipe import Recipe, RecipeError, Stage, check_environment, launched_distributed
+from medtune.distributed import launched_distributed
+from medtune.train.recipe import Recipe, RecipeError, Stage, check_environment
 
 log = logging.getLogger(__name__)
 

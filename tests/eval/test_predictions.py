@@ -113,7 +113,7 @@ def test_merge_names_missing_duplicated_and_unexpected_ids(tmp_path):
 
 
 def test_torchrun_environment_picks_the_shard(monkeypatch):
-    from medtune.eval.predictions import shard_from_env
+    from medtune.distributed import shard_from_env
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert shard_from_env(4, 1) == (4, 1)
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -16,6 +16,7 @@ from test_vq import random_images, tiny_chameleon  # noqa: E402
 
 from medtune.cli import main  # noqa: E402
 from medtune.data.images import ImageError, load_image  # noqa: E402
+from medtune.distributed import shard_from_env  # noqa: E402
 from medtune.errors import UserError  # noqa: E402
 from medtune.models import tokenize_images as ti  # noqa: E402
 from medtune.models import vq  # noqa: E402
@@ -114,7 +115,7 @@ def test_shards_are_stable_hashes_of_the_sample_id_and_follow_torchrun(monkeypat
     assert ti.shard_of("synpic100132", 7) == 5  # the same number in every process (Python's hash() is salted)
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "2")
-    assert ti.shard_from_env(1, 0) == (3, 2)
+    assert shard_from_env(1, 0) == (3, 2)
 
 
 # ------------------------------------------------------------------------------------------------ resuming
