@@ -137,6 +137,13 @@ def progress_bar(total: int | None, *, desc: str, unit: str, initial: int = 0, e
     return LineProgress(total, desc=desc, unit=unit, initial=initial, file=file)
 
 
+def note(message: str, file: TextIO | None = None) -> None:
+    """A line of its own (a warning about one item) that leaves a bar on the same terminal intact."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=file if file is not None else sys.stderr)
+
+
 def track(items: Iterable[T], *, total: int | None, desc: str, unit: str, enabled: bool = True,
           file: TextIO | None = None) -> Iterator[T]:
     """``items`` one by one, with the phase's display advancing and closed at the end."""

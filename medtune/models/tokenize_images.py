@@ -49,8 +49,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
-import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -66,6 +64,7 @@ from medtune.data.jsonl import RecordError, Tally, atomic_open, write_json
 from medtune.data.schema import ImageRef
 from medtune.distributed import shard_from_env
 from medtune.errors import UserError
+from medtune.progress import note, progress_bar
 
 FOLDER, CSV = "folder", "csv"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".dcm", ".dicom", ".nii",
@@ -329,34 +328,6 @@ def _reason_head(reason: str) -> str:
     return reason.split(" (")[0].split(";")[0].strip() or reason[:60]
 
 
-class _Progress:
-    """A tqdm bar on a terminal; otherwise one plain line per flushed chunk."""
-
-    def __init__(self, total: int, label: str, enabled: bool | None):
-        from tqdm import tqdm
-
-        self.total, self.label, self.done, self.start = total, label, 0, time.perf_counter()
-        interactive = sys.stderr.isatty() if enabled is None else enabled
-        self.bar = tqdm(total=total, desc=label, unit=" img", file=sys.stderr) if interactive else None
-
-    def advance(self, count: int) -> None:
-        self.done += count
-        if self.bar is not None:
-            self.bar.update(count)
-
-    def note(self, message: str) -> None:
-        (self.bar.write if self.bar is not None else lambda m: print(m, file=sys.stderr))(message)
-
-    def chunk_written(self) -> None:
-        if self.bar is None:
-            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-            print(f"{self.label}: {self.done}/{self.total} images ({rate:.1f} images/s)", file=sys.stderr)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _prefetched(items: Iterable, function: Callable, workers: int, ahead: int) -> Iterator[tuple[Any, Any]]:
     """``(item, function(item))`` in order, computed on ``workers`` threads at most ``ahead`` items early."""
     pool = ThreadPoolExecutor(max_workers=workers)
@@ -378,7 +349,7 @@ class _ShardEncoder:
     """Encodes a shard's pending rows in batches and flushes them to its chunks."""
 
     def __init__(self, tokenizer, parts: ShardParts, result: ShardResult, image_root: Path, *, batch_size: int,
-                 chunk_rows: int, strict: bool, progress: _Progress):
+                 chunk_rows: int, strict: bool, progress):
         self.tokenizer, self.parts, self.result, self.image_root = tokenizer, parts, result, image_root
         self.batch_size, self.chunk_rows, self.strict, self.progress = batch_size, chunk_rows, strict, progress
         self.batch: list[tuple[list[ImageRow], Any]] = []  # (rows sharing one image, its pixels)
@@ -420,8 +391,8 @@ class _ShardEncoder:
             self.result.skipped[_reason_head(error.reason)] += 1
             self.result.failures.append({"position": row.position, "id": row.id, "image_index": row.image_index,
                                          "image": row.ref.path, "reason": error.reason})
-            self.progress.note(f"unreadable image {where}: {error.reason}")
-        self.progress.advance(len(rows))
+            note(f"unreadable image {where}: {error.reason}")
+        self.progress.update(len(rows))
 
     def encode_batch(self) -> None:
         if not self.batch:
@@ -443,7 +414,7 @@ class _ShardEncoder:
             array = image_codes.numpy().astype(np.int32)
             self.rows.extend(rows)
             self.codes.extend([array] * len(rows))
-            self.progress.advance(len(rows))
+            self.progress.update(len(rows))
         if len(self.rows) >= self.chunk_rows:
             self.flush()
 
@@ -452,7 +423,6 @@ class _ShardEncoder:
             self.parts.append(self.rows, self.codes)
             self.result.tokenized += len(self.rows)
             self.rows, self.codes = [], []
-            self.progress.chunk_written()
 
 
 def tokenize_images(input_path: str | os.PathLike, out: str | os.PathLike, tokenizer, *, fmt: str | None = None,
@@ -461,7 +431,9 @@ def tokenize_images(input_path: str | os.PathLike, out: str | os.PathLike, token
                     chunk_rows: int = DEFAULT_CHUNK_ROWS, progress: bool | None = None) -> ShardResult:
     """Tokenize this shard's images of ``input_path`` into ``OUT.parts``; merge into ``out`` if it is the last.
 
-    ``tokenizer``: a :class:`medtune.models.vq.ImageTokenizer`. ``progress``: None = a bar on a terminal.
+    ``tokenizer``: a :class:`medtune.models.vq.ImageTokenizer`. ``progress``: False shows none; otherwise
+    :func:`medtune.progress.progress_bar` (a bar on a terminal, plain lines in a log). Unreadable images are
+    reported either way.
     """
     if batch_size < 1 or chunk_rows < 1:
         raise UserError("batch size and chunk rows must be at least 1")
@@ -480,7 +452,7 @@ def tokenize_images(input_path: str | os.PathLike, out: str | os.PathLike, token
     result.read, result.resumed = len(rows), len(rows) - len(pending)
     result.tokenized = result.resumed
     label = f"shard {shard_index}/{num_shards}" if num_shards > 1 else "tokenizing"
-    bar = _Progress(len(pending), label, progress)
+    bar = progress_bar(len(pending), desc=label, unit="images", enabled=progress is not False)
     try:
         _ShardEncoder(tokenizer, shard, result, source.image_root, batch_size=batch_size, chunk_rows=chunk_rows,
                       strict=strict, progress=bar).run(pending)
