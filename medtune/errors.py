@@ -23,3 +23,15 @@ class SpecError(UserError, ValueError):
 class InputFileError(UserError, ValueError):
     """A file or folder the user named cannot be used as given: a folder where a file is expected, an empty
     file, one that may not be read, or one of the wrong type (a PNG where text is expected)."""
+
+
+def suggestion(value, known, *, list_known: bool = True) -> str:
+    """The hint an error about an unknown name ends with: ``did you mean X?`` for the closest known name, else
+    ``known: a, b, ...`` (or nothing, with ``list_known=False``, where the message already lists them)."""
+    import difflib
+
+    known = [str(name) for name in known]
+    close = difflib.get_close_matches(str(value), known, n=1)
+    if close:
+        return f"did you mean {close[0]}?"
+    return f"known: {', '.join(known)}" if list_known else ""

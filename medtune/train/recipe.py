@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import os
 import types
 import typing
@@ -39,7 +38,7 @@ from typing import Any, Literal
 import yaml
 
 from medtune.distributed import launched_distributed
-from medtune.errors import RecipeError
+from medtune.errors import RecipeError, suggestion
 from medtune.models.moe_settings import MoESettings, RouterTraining   # plain Python, no torch
 
 
@@ -278,8 +277,8 @@ def _take_model_settings(raw: dict, problems: list[str]) -> str | None:
     model = dict(model)
     implementation = model.pop("attn_implementation", None)
     if implementation is not None and implementation not in ATTENTION_IMPLEMENTATIONS:
-        close = difflib.get_close_matches(str(implementation), ATTENTION_IMPLEMENTATIONS, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
+        hint = suggestion(implementation, ATTENTION_IMPLEMENTATIONS, list_known=False)
+        hint = f" ({hint})" if hint else ""
         problems.append(f"model.attn_implementation: {implementation!r} is not one of "
                         f"{', '.join(ATTENTION_IMPLEMENTATIONS)}{hint}")
         implementation = None
@@ -323,9 +322,7 @@ def _check_keys(data: dict, cls: type, path: str, problems: list[str]) -> None:
     known = _keys(cls)
     for key in data:
         if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(known)})"
-            problems.append(f"{_join(path, str(key))}: unknown key{hint}")
+            problems.append(f"{_join(path, str(key))}: unknown key ({suggestion(key, known)})")
 
 
 def _build(cls: type, data: Any, path: str, problems: list[str]):
@@ -512,9 +509,8 @@ def _data_problems(data: DataSpec, where: str) -> list[str]:
         from medtune.data.formats import FORMATS   # plain Python, no torch
 
         if data.format not in FORMATS:
-            close = difflib.get_close_matches(data.format, list(FORMATS), n=1)
-            hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(FORMATS)}"
-            problems.append(f"{where}.format: unknown data format {data.format!r} ({hint})")
+            problems.append(f"{where}.format: unknown data format {data.format!r} "
+                            f"({suggestion(data.format, FORMATS)})")
     if data.limit is not None and data.limit < 1:
         problems.append(f"{where}.limit: must be at least 1")
     return problems
@@ -532,9 +528,7 @@ def moe_settings(stage: Stage, where: str = "") -> tuple[MoESettings, str]:
     values = {}
     for key, value in raw.items():
         if key not in known:
-            close = difflib.get_close_matches(str(key), known + ["preset", "router"], n=1)
-            hint = f" (did you mean {close[0]}?)" if close else f" (known: preset, router, {', '.join(known)})"
-            raise RecipeError(f"{prefix}moe.{key}: unknown key{hint}")
+            raise RecipeError(f"{prefix}moe.{key}: unknown key ({suggestion(key, ['preset', 'router', *known])})")
         problems: list[str] = []
         values[key] = _convert_value(value, hints[key], f"{prefix}moe.{key}", problems)
         if problems:
@@ -638,9 +632,8 @@ def _loop_problems(stage: Stage, where: str) -> list[str]:
         from medtune.models.templates import TEMPLATE_NAMES   # plain Python, no torch
 
         if stage.template not in TEMPLATE_NAMES:
-            close = difflib.get_close_matches(stage.template, TEMPLATE_NAMES, n=1)
-            hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(TEMPLATE_NAMES)}"
-            problems.append(f"{where}.template: unknown chat template {stage.template!r} ({hint})")
+            problems.append(f"{where}.template: unknown chat template {stage.template!r} "
+                            f"({suggestion(stage.template, TEMPLATE_NAMES)})")
     if 1 <= stage.max_length < 16:
         problems.append(f"{where}.max_length: {stage.max_length} tokens cannot hold a prompt and an answer")
     return problems
@@ -724,8 +717,8 @@ def _model_spec_problems(model: dict) -> list[str]:
     problems = []
     for key in model:
         if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            problems.append(f"model.{key}: unknown key" + (f" (did you mean {close[0]}?)" if close else ""))
+            hint = suggestion(key, known, list_known=False)
+            problems.append(f"model.{key}: unknown key" + (f" ({hint})" if hint else ""))
     if "preset" in model and model["preset"] not in PRESET_NAMES:
         problems.append(f"model.preset: {model['preset']!r} is not one of {', '.join(PRESET_NAMES)}")
     if "preset" not in model and not {"vision", "llm"} <= set(model):
