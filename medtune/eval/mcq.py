@@ -205,10 +205,7 @@ def _figures(truth: str, picked: str | None, route: str) -> dict:
 
 
 def _truth(item) -> str:
-    expected = item.answer_label or strict.truth_letter(item.answer, item.choices)
-    if expected is None:
-        raise ValueError(f"multiple-choice ground truth {item.answer!r} is neither a letter nor one of the options")
-    return expected
+    return strict.right_letter(item.answer, item.choices, item.answer_label)
 
 
 def score_letter_only(items: list) -> dict[str, dict]:

@@ -92,10 +92,7 @@ def truth_of(item, rule: str = "verbatim") -> str:
     if rule == "verbatim" and item.source_cells and "answer" in item.source_cells:
         return item.source_cells["answer"]
     if item.answer_type == "mcq":
-        letter = item.answer_label or strict.truth_letter(item.answer, item.choices)
-        if letter is None:
-            raise ValueError(f"multiple-choice ground truth {item.answer!r} is neither a letter nor an option")
-        return letter
+        return strict.right_letter(item.answer, item.choices, item.answer_label)
     return item.answer if rule == "verbatim" else item.answer.strip().lower()
 
 

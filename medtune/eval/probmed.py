@@ -247,10 +247,10 @@ def paired_figures(samples: list, items: list, per_item: dict[str, dict], *, res
         if not members and not left_out.get(category):
             continue
         out += figure(PAIRED, category, members, left_out.get(category, 0))
-        if category != "abnormality":
+        if category in PAIRED_CATEGORIES:
             out += figure(WITHOUT_ADVERSARIAL, category, members, 0, original=True)
     out += figure(PAIRED, "all", units_scored, sum(left_out.values()), group_by="all")
-    out += figure(WITHOUT_ADVERSARIAL, "all", [u for u in units_scored if u.unit.category != "abnormality"], 0,
+    out += figure(WITHOUT_ADVERSARIAL, "all", [u for u in units_scored if u.unit.category in PAIRED_CATEGORIES], 0,
                   original=True, group_by="all")
     return out, script_table(units_scored)
 

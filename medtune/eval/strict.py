@@ -102,6 +102,15 @@ def truth_letter(truth: str, choices: list[str] | None) -> str | None:
     return None
 
 
+def right_letter(truth: str, choices: list[str] | None, label: str | None = None) -> str:
+    """A multiple-choice question's right letter: the benchmark's ``label`` when it gives one (two options may
+    share a text), else the truth read as a letter or an option's text; an error when it is neither."""
+    expected = label or truth_letter(truth, choices)
+    if expected is None:
+        raise ValueError(f"multiple-choice ground truth {truth!r} is neither a letter nor one of the options")
+    return expected
+
+
 def score_item(prediction: str, truth: str, answer_type: str, choices: list[str] | None = None,
                label: str | None = None) -> dict:
     """Per-item figures in [0, 1]; ``unparsed`` is 1 when a yes/no or multiple-choice answer picked nothing.
@@ -109,9 +118,7 @@ def score_item(prediction: str, truth: str, answer_type: str, choices: list[str]
     text, so the letter, not the text, says which one is right)."""
     if answer_type == "mcq":
         picked = extract_choice(prediction, choices)
-        expected = label or truth_letter(truth, choices)
-        if expected is None:
-            raise ValueError(f"multiple-choice ground truth {truth!r} is neither a letter nor one of the options")
+        expected = right_letter(truth, choices, label)
         return {"accuracy": float(picked == expected), "unparsed": float(picked is None)}
     if answer_type == "closed":
         expected = normalize(truth)
