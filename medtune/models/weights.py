@@ -17,6 +17,14 @@ from pathlib import Path
 from medtune.errors import InputFileError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+# What Trainer pickles into a checkpoint beside the model: training state, never weights.
+TRAINER_STATE_PICKLES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "training_args.bin")
+
+
+def pickled_weights(folder: str | os.PathLike) -> list[Path]:
+    """The pickled files of ``folder`` that may hold model weights (Trainer's own state left out)."""
+    return sorted(path for path in Path(folder).iterdir() if path.suffix in PICKLE_SUFFIXES
+                  and path.name not in TRAINER_STATE_PICKLES and not path.name.startswith("rng_state"))
 
 
 def check_safetensors(folder: str | os.PathLike) -> None:
@@ -35,9 +43,9 @@ def check_safetensors(folder: str | os.PathLike) -> None:
 
 def refused_pickle(source: str | os.PathLike) -> InputFileError:
     """The error for a checkpoint whose pickled weights ``torch.load(weights_only=True)`` refused."""
-    folder = Path(source)
-    files = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
-    where = f"{folder / files[0]}" if len(files) == 1 else f"{source} ({', '.join(files) or 'its pickled weights'})"
+    files = pickled_weights(source) if Path(source).is_dir() else []
+    names = ", ".join(path.name for path in files) or "its pickled weights"
+    where = str(files[0]) if len(files) == 1 else f"{source} ({names})"
     return InputFileError(f"{where}: a pickled weight file holding objects other than tensors; medtune reads "
                           "pickles only as tensors and never runs code from a checkpoint. Convert the weights "
                           "to safetensors on a machine where the file is trusted.")

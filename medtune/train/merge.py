@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from medtune.errors import InputFileError, UserError
+from medtune.models.weights import PICKLE_SUFFIXES, pickled_weights
 from medtune.train.checkpoints import atomic_directory
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,7 @@ def _require_safetensors(checkpoint: Path) -> None:
     pickles would come out without weights, so it is refused, naming the file."""
     if any(checkpoint.glob("*.safetensors")):
         return
-    pickled = sorted(p for p in checkpoint.iterdir() if p.suffix in (".bin", ".pt", ".pth")
-                     and p.name not in _TRAINING_STATE and not p.name.startswith("rng_state"))
+    pickled = pickled_weights(checkpoint)
     what = f"{pickled[0]}: its weights are a pickle" if pickled else f"{checkpoint}: it has no weight file"
     raise InputFileError(f"{what}; merge copies a full checkpoint's safetensors weights only (it never unpickles "
                          "them): convert the weights to safetensors on a machine where the file is trusted")
@@ -90,7 +90,7 @@ def _copy_model_files(source: Path, out: Path, *, skip, weights: bool = True, ov
     for path in source.iterdir():
         if not path.is_file() or path.name in _TRAINING_STATE or path.name in skip:
             continue
-        if path.name.startswith("rng_state") or path.suffix in (".pt", ".pth", ".bin"):
+        if path.name.startswith("rng_state") or path.suffix in PICKLE_SUFFIXES:
             continue   # pickled training state never travels into a model directory
         is_weights = path.suffix == ".safetensors" or path.name.endswith(".safetensors.index.json")
         if is_weights and not weights:
