@@ -157,12 +157,11 @@ def as_vlmevalkit_reads(items: list) -> dict[str, Seen]:
 
 
 def _cells(item) -> dict[str, str]:
-    """The file's option and answer cells (a VLMEvalKit TSV's reader keeps them), else the item's own."""
-    if item.source_cells:
-        return dict(item.source_cells)
+    """The item's options and right letter, overlaid by the cells its file wrote where the reader kept them (a
+    VLMEvalKit TSV keeps every option cell and the answer; MedMax's release only the answer)."""
     cells = {string.ascii_uppercase[i]: choice for i, choice in enumerate(item.choices or [])}
     cells["answer"] = _truth(item)
-    return cells
+    return {**cells, **(item.source_cells or {})}
 
 
 def _pandas():

@@ -137,3 +137,10 @@ def test_rotations_keep_the_right_letter_of_a_repeated_option_text():
         label = rotated.meta.extra["answer_label"]
         shift = int(rotated.id.split("@circular")[1]) if "@circular" in rotated.id else 0
         assert "ABCD".index(label) == (3 - shift) % 4, rotated.id   # option D moves back with each rotation
+
+
+def test_a_file_that_kept_only_its_answer_cell_is_scored_on_the_items_options():
+    """MedMax's release keeps its answer cell as written but no option cells: the options come from the item."""
+    item = Item(id="m", question="Which?", answer="pneumothorax", answer_type="mcq", prediction="It is B",
+                choices=CHOICES, answer_label="B", source_cells={"answer": "B"})
+    assert mcq.score_items([item])["m"]["accuracy"] == 1.0
