@@ -205,8 +205,8 @@ def test_baselines_equal_an_independent_recomputation(demo):
 
 def test_report_markdown_has_the_tables_and_the_statement(demo):
     _, report, text = demo
-    assert ("| family | answer type | metric | n | model | majority baseline | question-prior baseline | "
-            "question-only classifier |") in text
+    assert ("| family | answer type | metric | n | model | model, images blanked | majority baseline | "
+            "question-prior baseline | question-only classifier |") in text
     assert "| organ | family | answer type | metric | n | model |" in text
     for organ in report["evaluation"]["organs"]:
         assert f"| {organ} | strict | closed | accuracy |" in text
@@ -250,6 +250,29 @@ def test_report_shows_validation_losses_and_scores_and_says_settings_were_chosen
                       if (h["family"], h["answer_type"], h["metric"]) == ("strict", "all", "accuracy"))
     assert strict_all["model"]["n"] == report["validation"]["n"]
     assert f"| strict | all | accuracy | {report['validation']['n']} |" in text
+
+
+def test_the_model_is_also_asked_every_question_with_its_image_blanked(demo):
+    output, report, _ = demo
+    for split, predictions, section in (("test", report["evaluation"]["predictions"], report),
+                                        ("validation", report["validation"]["predictions"], report["validation"])):
+        asked = lines(Path(predictions))
+        blanked = lines(Path(predictions).parent.with_name(Path(predictions).parent.name + "-blank-image")
+                        / "predictions.jsonl")
+        # the same questions in the same order, each with the one black image instead of its own
+        assert [(p["id"], p["prompt"]) for p in blanked] == [(p["id"], p["prompt"]) for p in asked]
+        assert {json.dumps(p["images"]) for p in blanked} == {json.dumps([{"path": "black.png"}])}
+        assert {p["images"][0]["path"] for p in asked} <= {r["image_name"] for r in raw("test") + raw("train")}
+        with Image.open(output / "data" / "blank-image" / "black.png") as image:
+            assert image.getextrema() == ((0, 0), (0, 0), (0, 0))
+        results = section["results"]["model_blank_image"]
+        closed = next(r for r in results if (r["family"], r["answer_type"], r["metric"])
+                      == ("strict", "closed", "accuracy"))
+        if split == "test":   # the column scores the blanked answers, by the model's rule
+            truth = {str(r["qid"]): r for r in raw("test")}
+            hits = [strict.score_item(p["prediction"], str(truth[p["id"]]["answer"]), "closed")["accuracy"]
+                    for p in blanked if answer_type(truth[p["id"]]) == "closed"]
+            assert closed["n"] == len(hits) == 272 and closed["value"] == pytest.approx(mean_percent(hits))
 
 
 def test_report_shows_example_questions_with_image_answer_and_truth(demo):
@@ -514,7 +537,10 @@ def test_the_report_says_whether_the_model_beats_the_better_baseline():
                 **{name: {"value": value} for name, value in (("model", model), ("majority", majority),
                                                                ("question_prior", prior),
                                                                ("question_classifier", classifier))}}
-    said = verdict([line("closed", 52.0, 48.9, 51.1, 60.0), line("all", 33.0, 31.9, 33.5, 30.0)])
+    blanked = line("closed", 52.0, 48.9, 51.1, 60.0) | {"model_blank_image": {"value": 50.5}}
+    said = verdict([blanked, line("all", 33.0, 31.9, 33.5, 30.0)])
+    assert "with its images blanked it scores 50.5 strict closed (+1.5 points from the images)" in said
+    assert "blanked it scores" not in said.split("strict all accuracy the model does not beat")[1]
     assert "strict closed accuracy the model beats the better answer-prior baseline (52.0 vs 51.1)" in said
     assert "strict closed accuracy the model does not beat the question-only classifier (52.0 vs 60.0)" in said
     assert "strict all accuracy the model does not beat the better answer-prior baseline (33.0 vs 33.5)" in said

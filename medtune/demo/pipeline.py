@@ -4,9 +4,11 @@ on the 451-question test split -> baselines -> report, with every intermediate k
 Layout of ``--output DIR``::
 
     DIR/data/             train.jsonl, test.jsonl (canonical), train-clean.jsonl, manifest.json (+ leakage),
-                          validation.jsonl and train-fit.jsonl (the cleaned set split: held out / trained on)
+                          validation.jsonl and train-fit.jsonl (the cleaned set split: held out / trained on),
+                          blank-image/ (the test and validation questions with every image one black image)
     DIR/runs/NAME-HASH/   the training run of one resolved recipe (stages, checkpoints, metrics.jsonl) and
-                          eval-vqa-rad/predictions.jsonl, its final model's answers
+                          eval-vqa-rad/predictions.jsonl, its final model's answers (-validation: on the
+                          validation split; -blank-image: with the images blanked)
     DIR/cache/tokens/     the token cache of the training stages (keyed by data, tokenizer and settings)
     DIR/baselines/        the baselines' answers, as predictions files `medtune eval score` reads
     DIR/model             a link to the latest run's final model: the path to chat with, serve and score
@@ -31,6 +33,9 @@ Design choices:
   validation relates to training as the test split does. Every stage trains on the rest (``train-fit.jsonl``)
   and logs its validation loss; the model and the baselines (learned from ``train-fit.jsonl``) are also
   scored on the validation questions. The recipe's settings were chosen on these validation figures.
+* The model answers every test and validation question twice: with its image, and with one black image in
+  its place. The difference is what the model takes from the image; the question-only classifier says what
+  reading the question alone can give.
 """
 from __future__ import annotations
 
@@ -62,6 +67,7 @@ COMPAT_FLAVOUR = "med-moe"
 REMOVED_CATEGORIES = ("exact", "rephrasing")
 QUICK_SCALE = 0.1
 MODEL_LINK = "model"
+BLANK_IMAGE = "black.png"   # what every image becomes when the model is asked without its images
 MANIFEST_VERSION = 3   # 3: training and validation answers lower-cased (fold_answer_case)
 VALIDATION_FRACTION = 0.1
 VALIDATION_SEED = 0        # fixed: the held-out questions do not change with --seed
@@ -366,13 +372,15 @@ def link_final_model(output: Path, final_model: Path) -> Path | None:
 # ---- evaluation and baselines ----------------------------------------------------------------------------
 
 
-def load_test_questions(data: DemoData, max_test: int | None, *, split: str = "test"):
+def load_test_questions(data: DemoData, max_test: int | None, *, split: str = "test", blank_images: bool = False):
     """The VQA-RAD task over the converted ``split`` file (test, or the validation split carved from training),
-    and its questions (the first ``max_test`` if given)."""
+    and its questions (the first ``max_test`` if given); with ``blank_images``, every image black."""
     from medtune.eval.tasks import get_task
 
-    path = data.test if split == "test" else data.validation
-    task = get_task(TASK, data=path, data_format="canonical", image_root=data.image_root)
+    path, image_root = data.test if split == "test" else data.validation, data.image_root
+    if blank_images:
+        path, image_root = blank_image_questions(data, split)
+    task = get_task(TASK, data=path, data_format="canonical", image_root=image_root)
     tally = Tally()
     samples = task.samples(tally=tally)
     if tally.n_skipped:
@@ -382,19 +390,45 @@ def load_test_questions(data: DemoData, max_test: int | None, *, split: str = "t
     return task, samples
 
 
+def blank_image_questions(data: DemoData, split: str) -> tuple[Path, Path]:
+    """The ``split`` questions with every image replaced by one black image, and that image's folder:
+    ``DIR/data/blank-image/`` (``SPLIT.jsonl`` and ``black.png``), written once."""
+    from PIL import Image
+
+    from medtune.data.jsonl import read_samples, write_samples
+    from medtune.data.schema import ImageRef
+
+    folder = data.directory / "blank-image"
+    path = folder / f"{split}.jsonl"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / BLANK_IMAGE).is_file():
+            Image.new("RGB", (64, 64)).save(folder / BLANK_IMAGE)
+        source = data.test if split == "test" else data.validation
+        blank = [dataclasses.replace(sample, messages=[dataclasses.replace(m, content=tuple(
+            dataclasses.replace(part, image=ImageRef(BLANK_IMAGE)) if part.type == "image" else part
+            for part in m.content)) for m in sample.messages]) for sample in read_samples(source, strict=True)]
+        write_samples(path, blank)
+    return path, folder
+
+
 def evaluate_model(data: DemoData, model_dir: Path, run_dir: Path, options: DemoOptions, *, seed: int,
-                   split: str = "test") -> dict:
-    """Answer the ``split`` questions with the trained model (resuming earlier answers) and score them."""
+                   split: str = "test", blank_images: bool = False) -> dict:
+    """Answer the ``split`` questions with the trained model (resuming earlier answers) and score them; with
+    ``blank_images``, the same questions with every image black (scored as ``model_blank_image``): what the
+    model answers from the question alone, so the difference is what it takes from the image."""
     from medtune.demo import evaluate
 
     limit = options.max_test   # the first N questions of either split
-    task, samples = load_test_questions(data, limit, split=split)
+    task, samples = load_test_questions(data, limit, split=split, blank_images=blank_images)
     out_dir = run_dir / (f"eval-{TASK}" if split == "test" else f"eval-{TASK}-{split}")
+    out_dir = out_dir.with_name(out_dir.name + "-blank-image") if blank_images else out_dir
     result, predictions = evaluate.answer_questions(task, model_dir, out_dir, limit=limit,
                                                     batch_size=options.eval_batch_size, device=process_device())
     if result.already_answered:
         print(f"reusing {result.already_answered} answers already in {result.predictions_path}")
-    scored = evaluate.score(TASK, "model", samples, predictions, compat_flavour=COMPAT_FLAVOUR, seed=seed)
+    name = "model_blank_image" if blank_images else "model"
+    scored = evaluate.score(TASK, name, samples, predictions, compat_flavour=COMPAT_FLAVOUR, seed=seed)
     return {"task": task, "samples": samples, "scored": scored, "predictions": result.predictions_path,
             "reused": result.already_answered, "answered_now": result.answered}
 
@@ -482,12 +516,16 @@ def run_demo(options: DemoOptions) -> dict:
     with phases.phase("validate", f"validation: the {TASK} questions held out of training, model and "
                                   "baselines") as entry:
         validation = evaluate_model(data, final_model, run_dir, options, seed=recipe.seed, split="validation")
+        validation["blank"] = evaluate_model(data, final_model, run_dir, options, seed=recipe.seed,
+                                             split="validation", blank_images=True)
         validation["baselines"] = score_baselines(data, validation["samples"], output / "baselines" / "validation",
                                                   seed=recipe.seed, split="validation")
-        entry["status"] = "reused" if not validation["answered_now"] else "ran"
-    with phases.phase("evaluate", f"evaluation: {TASK} test split, local model, greedy") as entry:
+        entry["status"] = "reused" if not validation["answered_now"] + validation["blank"]["answered_now"] else "ran"
+    with phases.phase("evaluate", f"evaluation: {TASK} test split, local model, greedy, with and without its "
+                                  "images") as entry:
         evaluation = evaluate_model(data, final_model, run_dir, options, seed=recipe.seed)
-        entry["status"] = "reused" if not evaluation["answered_now"] else "ran"
+        blank = evaluate_model(data, final_model, run_dir, options, seed=recipe.seed, blank_images=True)
+        entry["status"] = "reused" if not evaluation["answered_now"] + blank["answered_now"] else "ran"
     with phases.phase("baselines", "baselines: majority answer per type, most frequent answer per question, "
                                    "question-only classifier"):
         baselines = score_baselines(data, evaluation["samples"], output / "baselines", seed=recipe.seed)
@@ -496,11 +534,12 @@ def run_demo(options: DemoOptions) -> dict:
             options=options, command=command_line(options), started=started, data=data, recipe=recipe,
             recipe_file=recipe_file, fingerprint=fingerprint, run_dir=run_dir, stages=stages,
             final_model=final_model, model_link=model_link, task=evaluation["task"], samples=evaluation["samples"],
-            scored=[evaluation["scored"], *baselines["scored"]], baselines=baselines["info"],
+            scored=[evaluation["scored"], blank["scored"], *baselines["scored"]], baselines=baselines["info"],
             predictions=evaluation["predictions"], predictions_reused=evaluation["reused"],
             machine=machine_info(), compat_flavour=COMPAT_FLAVOUR,
             validation={"samples": validation["samples"], "info": validation["baselines"]["info"],
-                        "scored": [validation["scored"], *validation["baselines"]["scored"]],
+                        "scored": [validation["scored"], validation["blank"]["scored"],
+                                   *validation["baselines"]["scored"]],
                         "predictions": validation["predictions"]})
         content = report.build_content(output, context)
     # Written after the last phase so that the timings table is complete.

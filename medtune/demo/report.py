@@ -36,8 +36,9 @@ REPORT_JSON, REPORT_MD, LOSS_PNG, RESULTS_PNG = "report.json", "report.md", "los
 EXAMPLES_DIR = "examples"
 EXAMPLES_PER_KIND = 2   # per (answer type, right or wrong): up to 8 example questions
 VAL_STYLE = {"marker": "s", "markersize": 4, "linewidth": 1.5, "color": "#55A868"}
-SYSTEMS = {"model": "model", "majority": "majority baseline", "question_prior": "question-prior baseline",
-           "question_classifier": "question-only classifier"}
+SYSTEMS = {"model": "model", "model_blank_image": "model, images blanked", "majority": "majority baseline",
+           "question_prior": "question-prior baseline", "question_classifier": "question-only classifier"}
+MODEL_SYSTEMS = ("model", "model_blank_image")   # the trained model's answers; the others are baselines
 ANSWER_PRIORS = ("majority", "question_prior")
 LOSS_SMOOTHING = 0.6   # TensorBoard's default weight
 RAW_STYLE = {"marker": "o", "markersize": 3, "linewidth": 1, "alpha": 0.45, "color": "#4C72B0"}
@@ -124,7 +125,7 @@ def build_content(output: Path, context: DemoContext) -> dict:
     headline = compare_rows(rows, HEADLINE)
     write_results_figure(output / RESULTS_PNG, [line for line in headline if line["metric"] != "unparsed"])
     options = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(context.options).items()}
-    baseline_files = {name: str(output / "baselines" / f"{name}.jsonl") for name in SYSTEMS if name != "model"}
+    baseline_files = {name: str(output / "baselines" / f"{name}.jsonl") for name in SYSTEMS if name not in MODEL_SYSTEMS}
     return {
         "title": "medtune demo", "medtune_version": __version__, "started": context.started,
         "command": context.command, "machine": context.machine, "options": options,
@@ -350,7 +351,7 @@ def results_figure(headline: list[dict]):
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 1.5 * len(headline) + 2), 3.8))
     width = 0.8 / len(SYSTEMS)
-    colours = ("#4C72B0", "#DD8452", "#55A868", "#8172B3")
+    colours = ("#4C72B0", "#A6BDDB", "#DD8452", "#55A868", "#8172B3")   # the blanked model: the model's, paler
     for offset, (name, label) in enumerate(SYSTEMS.items()):
         cells = [_drawable(line.get(name)) for line in headline]
         values = [c["value"] for c in cells]
@@ -583,8 +584,9 @@ def _caveats(content: dict) -> list[str]:
 
 def verdict(headline: list[dict]) -> str:
     """Whether the model beats the better answer-prior baseline and the question-only classifier on strict
-    closed and strict all accuracy, said plainly. The first says whether it learned more than answer counts;
-    the second whether it does better than reading the question alone, i.e. whether the image helps."""
+    closed and strict all accuracy, said plainly, and what it scores with its images blanked. The first says
+    whether it learned more than answer counts; the second whether it does better than reading the question
+    alone; the third how much of its score comes from the image."""
     said = []
     for answer_type in ("closed", "all"):
         line = next((h for h in headline if (h["family"], h["answer_type"], h["metric"])
@@ -599,6 +601,10 @@ def verdict(headline: list[dict]) -> str:
             if best is not None:
                 beats = "beats" if model > best else "does not beat"
                 said.append(f"on strict {answer_type} accuracy the model {beats} {what} ({model:.1f} vs {best:.1f})")
+        blank = (line.get("model_blank_image") or {}).get("value")
+        if blank is not None:
+            said.append(f"with its images blanked it scores {blank:.1f} strict {answer_type} "
+                        f"({model - blank:+.1f} points from the images)")
     return ("Point estimates: " + "; ".join(said) + ".") if said else ""
 
 
