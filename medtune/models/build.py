@@ -128,8 +128,9 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 # ---------------------------------------------------------------------------------------------- build
 
 
-def build_vlm(spec: ModelSpec) -> ComposedVLM:
-    """Assemble the composed model described by ``spec`` (see module docstring)."""
+def build_vlm(spec: ModelSpec, *, llm=None) -> ComposedVLM:
+    """Assemble the composed model described by ``spec`` (see module docstring); ``llm``: the causal LM already
+    loaded (an importer's, whose checkpoint transformers cannot load by name), instead of ``spec.llm``'s."""
     import torch
 
     from medtune.models import vision
@@ -144,7 +145,7 @@ def build_vlm(spec: ModelSpec) -> ComposedVLM:
     strategy, tokens_per_image = _feature_selection(spec, layout)
 
     tokenizer = _load_tokenizer(spec)
-    llm = _load_llm(spec, tokenizer)
+    llm = _load_llm(spec, tokenizer) if llm is None else llm
     model = _compose(spec, tower, llm, tokenizer, strategy, tokens_per_image)
     model.to(getattr(torch, spec.dtype)).eval()
 

@@ -1,4 +1,4 @@
-"""``medtune model build`` and ``medtune model info``.
+"""``medtune model build``, ``info``, ``import`` (a LLaVA / LLaVA-Med checkpoint) and the exports.
 
     medtune model build tiny out/tiny-vlm projector=attn_pool+mlp2x_gelu template=chatml
     medtune model build my-spec.yaml out/vlm llm=path/to/llm
@@ -52,6 +52,25 @@ def register(subparsers) -> None:
     export.add_argument("checkpoint", help="a medtune MoE checkpoint (kind moe) whose LLM is Qwen2")
     export.add_argument("out", type=Path, help="output folder (a complete native checkpoint)")
     export.set_defaults(func=run_export_native)
+
+    imported = verbs.add_parser("import", help="write a medtune checkpoint from one LLaVA / LLaVA-Med's own code "
+                                               "saved (llava, llava_llama, llava_mistral)",
+                                description="Read SOURCE, a checkpoint folder saved by LLaVA's or LLaVA-Med's own "
+                                            "code (config with mm_vision_tower, model.mm_projector.* weights), and "
+                                            "write OUT: a composed model (transformers' Llava for mlp2x_gelu) with "
+                                            "the vision tower mm_vision_tower names, the checkpoint's tokenizer and "
+                                            "the chat template of the conversation mode. Settings medtune does not "
+                                            "reproduce (anyres, im_start/im_end tokens, other projectors) are refused "
+                                            "by name.")
+    imported.add_argument("source", help="the LLaVA checkpoint folder")
+    imported.add_argument("out", type=Path, help="output folder (a medtune checkpoint)")
+    imported.add_argument("--vision-tower", help="the tower checkpoint to use instead of the one mm_vision_tower "
+                                                 "names (a local copy of it, e.g. clip-vit-large-patch14-336)")
+    imported.add_argument("--conv-mode", help="the LLaVA conversation mode it is prompted with: mistral_instruct "
+                                              "(llava_mistral's default), llava_v1 (llava_llama's), llava_llama_2")
+    imported.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                          help="weight dtype of the written checkpoint (default float32)")
+    imported.set_defaults(func=run_import)
 
     chameleon = verbs.add_parser("export-chameleon", help="write a discrete-token (Chameleon/Anole) checkpoint in "
                                                           "Chameleon's original format (consolidated.pth + params.json)",
@@ -178,6 +197,18 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"{args.path}: {type(vlm.model).__name__}, {vlm.num_parameters():,} parameters, dtype {vlm.model.dtype}")
     for line in vlm.describe():
         print(f"  {line}")
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    """``medtune model import SOURCE OUT``: see medtune/models/llava_import.py for what is read and refused."""
+    from medtune.models.llava_import import import_llava
+
+    check_model_path(args.source)
+    vlm = import_llava(args.source, args.out, vision_tower=args.vision_tower, conv_mode=args.conv_mode,
+                       dtype=args.dtype)
+    print(f"wrote {args.out}: {type(vlm.model).__name__}, {vlm.num_parameters():,} parameters, template "
+          f"{vlm.template}, {vlm.image_tokens_per_image} image tokens per image")
     return 0
 
 

@@ -17,6 +17,9 @@ from pathlib import Path
 from medtune.errors import InputFileError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+PICKLE_REFUSAL = ("a pickled weight file holding objects other than tensors; medtune reads pickles only as "
+                  "tensors and never runs code from a checkpoint. Convert the weights to safetensors on a machine "
+                  "where the file is trusted.")
 # What Trainer pickles into a checkpoint beside the model: training state, never weights.
 TRAINER_STATE_PICKLES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "training_args.bin")
 
@@ -46,6 +49,4 @@ def refused_pickle(source: str | os.PathLike) -> InputFileError:
     files = pickled_weights(source) if Path(source).is_dir() else []
     names = ", ".join(path.name for path in files) or "its pickled weights"
     where = str(files[0]) if len(files) == 1 else f"{source} ({names})"
-    return InputFileError(f"{where}: a pickled weight file holding objects other than tensors; medtune reads "
-                          "pickles only as tensors and never runs code from a checkpoint. Convert the weights "
-                          "to safetensors on a machine where the file is trusted.")
+    return InputFileError(f"{where}: {PICKLE_REFUSAL}")

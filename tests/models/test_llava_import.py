@@ -1,0 +1,187 @@
+"""``medtune model import`` on a LLaVA-Med v1.5 checkpoint written by LLaVA-Med's own code.
+
+The fixture (tests/models/fixtures/seeds/llava_med, README there) holds a tiny ``llava_mistral`` checkpoint and
+what LLaVA-Med's code computed on it: the evaluation script's prompt ids, the padded pixels, the logits of a
+forward pass and 8 greedy ids. The imported model must give the same numbers through transformers' Llava.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from medtune.cli import main
+from medtune.errors import SpecError
+
+FIXTURE = Path(__file__).parent / "fixtures" / "seeds" / "llava_med"
+IMAGE_TOKEN_INDEX = -200   # LLaVA's image placeholder id inside its prompt ids
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from safetensors.torch import load_file
+
+    return json.loads((FIXTURE / "reference.json").read_text()), load_file(FIXTURE / "reference.safetensors")
+
+
+@pytest.fixture(scope="module")
+def imported_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("import") / "llava-med-tiny"
+    assert main(["model", "import", str(FIXTURE / "checkpoint"), str(out),
+                 "--vision-tower", str(FIXTURE / "tower")]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def imported(imported_dir):
+    from medtune.models.build import load_vlm
+
+    return load_vlm(imported_dir)
+
+
+def seed_ids_for(vlm, ids: list[int]) -> torch.Tensor:
+    """LLaVA's prompt ids with its -200 placeholder written as this model's image tokens."""
+    expanded = []
+    for token in ids:
+        expanded += [vlm.image_token_id] * vlm.image_tokens_per_image if token == IMAGE_TOKEN_INDEX else [token]
+    return torch.tensor([expanded])
+
+
+def test_the_imported_model_is_transformers_llava_with_the_seed_s_settings(imported, reference):
+    meta, _ = reference
+    config = imported.model.config
+    assert type(imported.model).__name__ == "LlavaForConditionalGeneration"
+    assert config.text_config.model_type == "mistral" and config.vision_feature_layer == -2
+    assert config.vision_feature_select_strategy == "default"   # mm_vision_select_feature: patch
+    assert imported.image_tokens_per_image == meta["image_tokens"] == 4
+    assert imported.template == "mistral_instruct" and imported.pad_mode == "pad"
+
+
+def test_logits_equal_llava_med_s_own_forward(imported, reference):
+    meta, tensors = reference
+    ids = seed_ids_for(imported, meta["prompts"]["mistral_instruct"]["ids"])
+    with torch.no_grad():
+        logits = imported.model(input_ids=ids, pixel_values=tensors["pixel_values"][None]).logits[0]
+    vocabulary = tensors["logits"].shape[1]   # the image token medtune adds comes after LLaVA's vocabulary
+    assert logits.shape[0] == tensors["logits"].shape[0]
+    torch.testing.assert_close(logits[:, :vocabulary], tensors["logits"], atol=1e-5, rtol=0)
+
+
+def test_greedy_generation_gives_llava_med_s_ids(imported, reference):
+    meta, tensors = reference
+    ids = seed_ids_for(imported, meta["prompts"]["mistral_instruct"]["ids"])
+    with torch.no_grad():
+        out = imported.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                      pixel_values=tensors["pixel_values"][None], do_sample=False,
+                                      max_new_tokens=len(meta["generated_ids"]), eos_token_id=None)
+    assert out[0, ids.shape[1]:].tolist() == meta["generated_ids"]
+
+
+def test_pixels_equal_llava_med_s_padding_at_the_centred_offset(imported, reference):
+    meta, tensors = reference
+    with Image.open(FIXTURE / meta["image"]) as image:
+        pixels = imported.pixel_values([image.convert("RGB")])[0]
+    torch.testing.assert_close(pixels, tensors["pixel_values_centred"], atol=1e-6, rtol=0)
+    # LLaVA-Med draws the offset at random (centred or one pixel further); its evaluation's draw here was the other
+    assert meta["pad_offset_drawn"] == 9 and not torch.allclose(pixels, tensors["pixel_values"], atol=1e-3)
+
+
+def test_the_chat_template_writes_llava_med_s_prompt(imported, reference):
+    meta, _ = reference
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": meta["question"]}]}]
+    prompt = imported.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    expected = meta["prompts"]["mistral_instruct"]["prompt"].replace("<image>", imported.image_token)
+    assert prompt.removeprefix(imported.tokenizer.bos_token or "") == expected
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"image_aspect_ratio": "anyres"}, "image_aspect_ratio 'anyres'"),
+    ({"mm_use_im_start_end": True}, "mm_use_im_start_end: true"),
+    ({"mm_projector_type": "mlp3x_gelu"}, "mm_projector_type 'mlp3x_gelu'"),
+    ({"mm_patch_merge_type": "spatial_unpad"}, "mm_patch_merge_type 'spatial_unpad'"),
+])
+def test_settings_medtune_does_not_reproduce_are_refused_by_name(tmp_path, change, named):
+    from medtune.models.llava_import import LlavaLayout
+
+    source = tmp_path / "checkpoint"
+    source.mkdir()
+    config = json.loads((FIXTURE / "checkpoint" / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps(config | change))
+    with pytest.raises(SpecError, match="cannot import this LLaVA checkpoint") as error:
+        LlavaLayout.read(source)
+    assert named in str(error.value) and str(source / "config.json") in str(error.value)
+
+
+def test_a_pickled_projector_file_is_read_as_tensors_only(tmp_path):
+    from medtune.errors import InputFileError
+    from medtune.models.llava_import import projector_state
+
+    good = tmp_path / "mm_projector.bin"
+    torch.save({"model.mm_projector.0.weight": torch.ones(2, 2), "model.mm_projector.2.bias": torch.zeros(2)}, good)
+    assert sorted(projector_state(good, "mlp2x_gelu")) == ["linear_1.weight", "linear_2.bias"]
+    hostile = tmp_path / "hostile.bin"
+    torch.save({"model.mm_projector.0.weight": torch.ones(2, 2), "payload": shutil.rmtree}, hostile)
+    with pytest.raises(InputFileError, match="never runs code from a checkpoint") as error:
+        projector_state(hostile, "mlp2x_gelu")
+    assert str(hostile) in str(error.value)
+
+
+def test_medtune_s_own_prompt_ids_are_llava_med_s(imported, reference):
+    """What `medtune eval run` / `serve` send the imported model: model_vqa.py's ids for mistral_instruct."""
+    meta, _ = reference
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": meta["question"]}]}]
+    with Image.open(FIXTURE / meta["image"]) as image:
+        encoded = imported.encode_prompt(messages, [image.convert("RGB")])
+    expected = seed_ids_for(imported, meta["prompts"]["mistral_instruct"]["ids"])
+    assert encoded["input_ids"].tolist() == expected.tolist()
+
+
+def test_an_imported_model_trains_a_lora_stage_and_reloads(imported_dir, tmp_path):
+    import yaml
+    from safetensors.torch import load_file
+
+    from medtune.models.build import load_vlm
+
+    recipe = {"model": str(imported_dir), "output_dir": str(tmp_path / "run"), "report_to": ["none"],
+              "stages": [{"name": "lora", "data": {"path": "bundled:vqa_rad/trainset.json", "format": "vqa-rad",
+                                                   "limit": 8},
+                          "lr": {"projector": 1e-2, "lora": 1e-2}, "lora": {"r": 4, "alpha": 8,
+                                                                           "target_modules": ["q_proj", "v_proj"]},
+                          "max_steps": 2, "batch_size": 4, "max_length": 128, "save_steps": 2, "log_steps": 1}]}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path)]) == 0
+    trained = load_vlm(tmp_path / "run" / "stage-0-lora" / "model")
+    before, after = load_file(imported_dir / "model.safetensors"), load_file(
+        tmp_path / "run" / "stage-0-lora" / "model" / "model.safetensors")
+    assert before.keys() == after.keys() and trained.template == "mistral_instruct"
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    assert any("multi_modal_projector" in key for key in changed)                 # trained directly
+    assert any("q_proj" in key for key in changed) and any("v_proj" in key for key in changed)   # LoRA, merged
+    assert not any("vision_tower" in key or "k_proj" in key for key in changed)   # frozen
+
+
+def test_a_linear_projector_is_imported_into_medtune_s_linear_projector(tmp_path):
+    """LLaVA 1.0 / LLaVA-Med 1.0's `linear` projector: `model.mm_projector.weight` / `.bias`, no index (key names
+    from LLaVA's projector builder; this checkpoint is the fixture's with its projector replaced)."""
+    from safetensors.torch import load_file, save_file
+
+    from medtune.models.build import load_vlm
+
+    source = tmp_path / "linear"
+    shutil.copytree(FIXTURE / "checkpoint", source)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps(config | {"mm_projector_type": "linear"}))
+    state = {k: v for k, v in load_file(source / "model.safetensors").items() if "mm_projector" not in k}
+    weight, bias = torch.randn(32, 32, generator=torch.Generator().manual_seed(3)), torch.linspace(-1, 1, 32)
+    save_file(state | {"model.mm_projector.weight": weight, "model.mm_projector.bias": bias},
+              source / "model.safetensors", metadata={"format": "pt"})
+    assert main(["model", "import", str(source), str(tmp_path / "out"), "--vision-tower", str(FIXTURE / "tower")]) == 0
+    vlm = load_vlm(tmp_path / "out")
+    projector = vlm.model.model.multi_modal_projector
+    assert type(vlm.model).__name__ == "MedtuneVLMForConditionalGeneration"
+    assert torch.equal(projector.linear.weight, weight) and torch.equal(projector.linear.bias, bias)
