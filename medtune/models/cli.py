@@ -67,7 +67,8 @@ def register(subparsers) -> None:
     imported.add_argument("--vision-tower", help="the tower checkpoint to use instead of the one mm_vision_tower "
                                                  "names (a local copy of it, e.g. clip-vit-large-patch14-336)")
     imported.add_argument("--conv-mode", help="the LLaVA conversation mode it is prompted with: mistral_instruct "
-                                              "(llava_mistral's default), llava_v1 (llava_llama's), llava_llama_2")
+                                              "(llava_mistral's default), vicuna_v1, llava_v1 (llava_llama's), "
+                                              "llava_llama_2")
     imported.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                           help="weight dtype of the written checkpoint (default float32)")
     imported.set_defaults(func=run_import)

@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 LANGUAGE_MODELS = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral"}
 MODEL_TYPES = {"llava_llama": "llama", "llava_mistral": "mistral", "llava": "llama"}
 # LLaVA conversation modes medtune's templates render exactly (conversation.py: system prompt, roles, separators).
-CONV_MODES = {"mistral_instruct": "mistral_instruct", "llava_v1": "vicuna", "llava_llama_2": "llava_llama_2"}
+CONV_MODES = {"mistral_instruct": "mistral_instruct", "vicuna_v1": "vicuna_v1", "llava_v1": "vicuna",
+              "llava_llama_2": "llava_llama_2"}
 DEFAULT_CONV_MODE = {"mistral": "mistral_instruct", "llama": "llava_v1"}   # LLaVA-Med's README; LLaVA's model_vqa
 PROJECTORS = {"mlp2x_gelu": "mlp2x_gelu", "linear": "linear"}
 SQUARING = {"pad": "pad", "square": "crop", None: "crop"}   # anything else: the CLIP processor's resize + crop

@@ -20,9 +20,10 @@ bases, LLaVA / LLaVA-Med, MoE-LLaVA / Med-MoE, XTuner / GMAI-VL, Qwen):
 * ``plain``: projector alignment. Each user turn contributes only its image tokens, each assistant turn its
   text followed by a newline; only the caption (and newline) is trained. System prompts and question text are
   ignored, as in LLaVA's stage-1 pre-training.
-* ``vicuna``, ``phi``, ``stablelm``: a system sentence, then ``USER: ... ASSISTANT: ...`` turns separated by a
-  space; each reply ends with the tokenizer's end-of-sequence token. ``vicuna`` (LLaVA v1) speaks of a
-  "human", ``phi`` and ``stablelm`` (MoE-LLaVA, Med-MoE) of a "user" and start without a BOS token.
+* ``vicuna``, ``vicuna_v1``, ``phi``, ``stablelm``: a system sentence, then ``USER: ... ASSISTANT: ...`` turns
+  separated by a space; each reply ends with the tokenizer's end-of-sequence token. ``vicuna`` (LLaVA's
+  ``llava_v1``) speaks of a "human"; ``vicuna_v1`` (LLaVA-Med's ``model_vqa.py`` default), ``phi`` and
+  ``stablelm`` (MoE-LLaVA, Med-MoE) of a "user", and the last two start without a BOS token.
 * ``llava_llama_2`` and ``mistral_instruct``: ``[INST] ... [/INST]`` instructions with the system prompt in a
   ``<<SYS>>`` block inside the first instruction, replies followed by `` </s>``; Llama-2 repeats BOS before
   every later instruction, Mistral does not. A generation prompt adds nothing: the prompt ends at ``[/INST]``.
@@ -371,6 +372,8 @@ def _make(name: str, renderer: Renderer, jinja: str, **defaults) -> ChatTemplate
 _TEMPLATES = {
     "plain": _make("plain", _render_plain, _PLAIN_JINJA),
     "vicuna": _make("vicuna", _user_assistant_renderer(_VICUNA_SYSTEM, True), _user_assistant_jinja(_VICUNA_SYSTEM, True)),
+    "vicuna_v1": _make("vicuna_v1", _user_assistant_renderer(_MOE_LLAVA_SYSTEM, True),
+                       _user_assistant_jinja(_MOE_LLAVA_SYSTEM, True)),
     "phi": _make("phi", _user_assistant_renderer(_MOE_LLAVA_SYSTEM, False),
                  _user_assistant_jinja(_MOE_LLAVA_SYSTEM, False), default_eos="<|endoftext|>"),
     "stablelm": _make("stablelm", _user_assistant_renderer(_MOE_LLAVA_SYSTEM, False),

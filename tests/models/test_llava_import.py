@@ -185,3 +185,20 @@ def test_a_linear_projector_is_imported_into_medtune_s_linear_projector(tmp_path
     projector = vlm.model.model.multi_modal_projector
     assert type(vlm.model).__name__ == "MedtuneVLMForConditionalGeneration"
     assert torch.equal(projector.linear.weight, weight) and torch.equal(projector.linear.bias, bias)
+
+
+def test_llava_med_s_default_conversation_mode_gives_its_prompt_ids(tmp_path, reference):
+    """model_vqa.py's default --conv-mode vicuna_v1 ("a curious user", USER: / ASSISTANT:)."""
+    from medtune.models.build import load_vlm
+
+    meta, _ = reference
+    assert main(["model", "import", str(FIXTURE / "checkpoint"), str(tmp_path / "out"),
+                 "--vision-tower", str(FIXTURE / "tower"), "--conv-mode", "vicuna_v1"]) == 0
+    vlm = load_vlm(tmp_path / "out")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": meta["question"]}]}]
+    prompt = vlm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert prompt.removeprefix(vlm.tokenizer.bos_token) == meta["prompts"]["vicuna_v1"]["prompt"].replace(
+        "<image>", vlm.image_token)
+    with Image.open(FIXTURE / meta["image"]) as image:
+        encoded = vlm.encode_prompt(messages, [image.convert("RGB")])
+    assert encoded["input_ids"].tolist() == seed_ids_for(vlm, meta["prompts"]["vicuna_v1"]["ids"]).tolist()

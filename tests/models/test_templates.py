@@ -92,7 +92,7 @@ def test_trainable_tokens_are_exactly_the_replies(tmp_path, name):
     replies = ["No.", "Yes, the femur."]
     if name in ("llava_llama_2", "mistral_instruct"):
         expected = "".join(f" {r} {end}" for r in replies)
-    elif name in ("vicuna", "phi", "stablelm"):
+    elif name in ("vicuna", "vicuna_v1", "phi", "stablelm"):
         expected = "".join(f" {r}{end}" for r in replies)
     else:
         expected = "".join(f"{r}{end}" for r in replies)
