@@ -70,6 +70,10 @@ class ModelSpec:
     """Normalisation mean; None takes the tower checkpoint's processor, or the tower family's default."""
     image_std: tuple[float, float, float] | None = None
     """Normalisation std; as image_mean."""
+    projector_weights: str | None = None
+    """A trained projector to start from instead of a random one: a stage-1 ``mm_projector.bin`` as LLaVA's
+    ``--pretrain_mm_mlp_adapter`` takes it (tensors named ``...mm_projector.*``), a safetensors file of them, or
+    a LLaVA checkpoint folder holding them; ``linear`` and ``mlp2x_gelu`` projectors."""
     image_token: str = "<image>"
     """Placeholder token for an image in the text; added to the tokenizer if absent."""
     dtype: str = "float32"
@@ -147,6 +151,8 @@ def build_vlm(spec: ModelSpec, *, llm=None) -> ComposedVLM:
     tokenizer = _load_tokenizer(spec)
     llm = _load_llm(spec, tokenizer) if llm is None else llm
     model = _compose(spec, tower, llm, tokenizer, strategy, tokens_per_image)
+    if spec.projector_weights:
+        _load_projector(model.model.multi_modal_projector, spec)
     model.to(getattr(torch, spec.dtype)).eval()
 
     if spec.template != NATIVE_TEMPLATE:
@@ -162,6 +168,29 @@ def build_vlm(spec: ModelSpec, *, llm=None) -> ComposedVLM:
                        image_token_id=tokenizer.convert_tokens_to_ids(spec.image_token),
                        image_tokens_per_image=tokens_per_image, image_size=vision_config.image_size,
                        pad_mode=spec.pad_mode, spec=spec.to_dict())
+
+
+def _load_projector(projector, spec: ModelSpec) -> None:
+    """``spec.projector_weights`` into the composed model's projector; a file that does not fit is one error."""
+    from medtune.errors import InputFileError
+    from medtune.models.llava_import import PROJECTOR_KEYS, projector_state
+
+    path = Path(spec.projector_weights).expanduser()
+    if spec.projector not in PROJECTOR_KEYS:
+        raise SpecError(f"ModelSpec.projector_weights: a {spec.projector} projector cannot start from LLaVA's "
+                        f"projector file (only {', '.join(PROJECTOR_KEYS)})")
+    if not path.exists():
+        raise FileNotFoundError(f"ModelSpec.projector_weights: no file at {path}")
+    state = projector_state(path, spec.projector)
+    expected = projector.state_dict()
+    problems = [f"{name} {tuple(tensor.shape)} where the model has {tuple(expected[name].shape)}"
+                for name, tensor in state.items() if name in expected and tensor.shape != expected[name].shape]
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if problems or missing or unexpected:
+        raise InputFileError(f"{path}: does not fit the {spec.projector} projector ("
+                             + "; ".join(problems + [f"missing {missing}"] * bool(missing)
+                                         + [f"unexpected {unexpected}"] * bool(unexpected)) + ")")
+    projector.load_state_dict({name: tensor.to(expected[name].dtype) for name, tensor in state.items()})
 
 
 def chat_template(name: str) -> str:

@@ -25,6 +25,7 @@ haotian-liu/LLaVA v1.1.3 / main: ``llava_arch.py``, ``clip_encoder.py``, ``multi
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pickle
@@ -140,13 +141,7 @@ def import_llava(source: str | Path, out: str | Path, *, vision_tower: str | Non
     spec = ModelSpec(vision=tower, llm=str(layout.source), projector=layout.projector,
                      vision_feature_layer=layout.select_layer, vision_feature_select=layout.select_feature,
                      tokenizer=str(layout.source), template=CONV_MODES[mode], pad_mode=layout.pad_mode, dtype=dtype)
-    vlm = build_vlm(spec, llm=llm)
-    projector = vlm.model.model.multi_modal_projector
-    state = projector_state(layout.source, layout.projector)
-    missing, unexpected = projector.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise InputFileError(f"{layout.source}: the {layout.projector} projector's weights do not fit: missing "
-                             f"{sorted(missing)}, unexpected {sorted(unexpected)}")
+    vlm = build_vlm(dataclasses.replace(spec, projector_weights=str(layout.source)), llm=llm)
     vlm.save(out)
     return vlm
 

@@ -202,3 +202,38 @@ def test_llava_med_s_default_conversation_mode_gives_its_prompt_ids(tmp_path, re
     with Image.open(FIXTURE / meta["image"]) as image:
         encoded = vlm.encode_prompt(messages, [image.convert("RGB")])
     assert encoded["input_ids"].tolist() == seed_ids_for(vlm, meta["prompts"]["vicuna_v1"]["ids"]).tolist()
+
+
+def projector_spec(tmp_path, hidden: int) -> Path:
+    import yaml
+
+    spec = {"vision": str(FIXTURE / "tower"), "tokenizer": "offline", "template": "mistral_instruct",
+            "llm": {"model_type": "mistral", "hidden_size": hidden, "intermediate_size": 64, "num_hidden_layers": 1,
+                    "num_attention_heads": 4, "num_key_value_heads": 2},
+            "projector_weights": str(FIXTURE / "mm_projector.bin")}
+    path = tmp_path / f"spec-{hidden}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_a_stage_1_projector_file_starts_a_model_built_from_its_parts(tmp_path):
+    """LLaVA's --pretrain_mm_mlp_adapter: a stage-1 mm_projector.bin (written from LLaVA-Med's model, as LLaVA's
+    trainer selects the tensors) becomes the projector of a model composed from an LM and the tower."""
+    from medtune.models.build import load_vlm
+
+    saved = torch.load(FIXTURE / "mm_projector.bin", weights_only=True)
+    assert sorted(saved) == ["model.mm_projector.0.bias", "model.mm_projector.0.weight",
+                             "model.mm_projector.2.bias", "model.mm_projector.2.weight"]
+    assert main(["model", "build", str(projector_spec(tmp_path, 32)), str(tmp_path / "out")]) == 0
+    projector = load_vlm(tmp_path / "out").model.model.multi_modal_projector
+    for ours, theirs in (("linear_1", "0"), ("linear_2", "2")):
+        for field in ("weight", "bias"):
+            assert torch.equal(getattr(getattr(projector, ours), field), saved[f"model.mm_projector.{theirs}.{field}"])
+
+
+def test_a_projector_file_that_does_not_fit_is_one_error_naming_it(tmp_path, capsys):
+    assert main(["model", "build", str(projector_spec(tmp_path, 64)), str(tmp_path / "out")]) != 0
+    error = capsys.readouterr().err
+    assert f"{FIXTURE / 'mm_projector.bin'}: does not fit the mlp2x_gelu projector" in error
+    assert "linear_1.weight (32, 32) where the model has (64, 32)" in error and "Traceback" not in error
+    assert not (tmp_path / "out").exists()
