@@ -1,8 +1,11 @@
-"""``medtune model import`` on a LLaVA-Med v1.5 checkpoint written by LLaVA-Med's own code.
+"""``medtune model import`` on LLaVA checkpoints written by the seeds' own code.
 
-The fixture (tests/models/fixtures/seeds/llava_med, README there) holds a tiny ``llava_mistral`` checkpoint and
-what LLaVA-Med's code computed on it: the evaluation script's prompt ids, the padded pixels, the logits of a
-forward pass and 8 greedy ids. The imported model must give the same numbers through transformers' Llava.
+Each fixture (tests/models/fixtures/seeds/NAME, README there) holds a tiny checkpoint and what the seed's code
+computed on it: the evaluation script's prompt ids for two conversation modes, the padded pixels, the logits of
+a forward pass and 8 greedy ids. ``llava_med``: LLaVA-Med v1.5 (``llava_mistral``, Mistral LM);
+``llava_1_1_3``: LLaVA 1.1.3, the version PathChat's trainer adapts (``model_type: llava``, which is not
+transformers' Llava; Llama LM, slow sentencepiece tokenizer). The imported model must give the same numbers
+through transformers' Llava.
 """
 from __future__ import annotations
 
@@ -17,23 +20,39 @@ from PIL import Image
 from medtune.cli import main
 from medtune.errors import SpecError
 
-FIXTURE = Path(__file__).parent / "fixtures" / "seeds" / "llava_med"
+SEEDS_DIR = Path(__file__).parent / "fixtures" / "seeds"
+FIXTURE = SEEDS_DIR / "llava_med"
 IMAGE_TOKEN_INDEX = -200   # LLaVA's image placeholder id inside its prompt ids
+# per fixture: the LM, the conversation mode its logits were computed with (-> medtune template), and the other
+# mode recorded (-> medtune template)
+SEEDS = {"llava_med": {"lm": "mistral", "mode": ("mistral_instruct", "mistral_instruct"),
+                       "other": ("vicuna_v1", "vicuna_v1")},
+         "llava_1_1_3": {"lm": "llama", "mode": ("llava_llama_2", "llava_llama_2"), "other": ("llava_v1", "vicuna")}}
+
+
+@pytest.fixture(scope="module", params=list(SEEDS))
+def seed(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference(seed):
     from safetensors.torch import load_file
 
-    return json.loads((FIXTURE / "reference.json").read_text()), load_file(FIXTURE / "reference.safetensors")
+    folder = SEEDS_DIR / seed
+    return json.loads((folder / "reference.json").read_text()), load_file(folder / "reference.safetensors")
+
+
+def import_seed(seed: str, out: Path, mode: str) -> Path:
+    folder = SEEDS_DIR / seed
+    assert main(["model", "import", str(folder / "checkpoint"), str(out), "--vision-tower", str(folder / "tower"),
+                 "--conv-mode", mode]) == 0
+    return out
 
 
 @pytest.fixture(scope="module")
-def imported_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("import") / "llava-med-tiny"
-    assert main(["model", "import", str(FIXTURE / "checkpoint"), str(out),
-                 "--vision-tower", str(FIXTURE / "tower")]) == 0
-    return out
+def imported_dir(seed, tmp_path_factory) -> Path:
+    return import_seed(seed, tmp_path_factory.mktemp("import") / seed, SEEDS[seed]["mode"][0])
 
 
 @pytest.fixture(scope="module")
@@ -51,19 +70,19 @@ def seed_ids_for(vlm, ids: list[int]) -> torch.Tensor:
     return torch.tensor([expanded])
 
 
-def test_the_imported_model_is_transformers_llava_with_the_seed_s_settings(imported, reference):
+def test_the_imported_model_is_transformers_llava_with_the_seed_s_settings(seed, imported, reference):
     meta, _ = reference
     config = imported.model.config
     assert type(imported.model).__name__ == "LlavaForConditionalGeneration"
-    assert config.text_config.model_type == "mistral" and config.vision_feature_layer == -2
+    assert config.text_config.model_type == SEEDS[seed]["lm"] and config.vision_feature_layer == -2
     assert config.vision_feature_select_strategy == "default"   # mm_vision_select_feature: patch
     assert imported.image_tokens_per_image == meta["image_tokens"] == 4
-    assert imported.template == "mistral_instruct" and imported.pad_mode == "pad"
+    assert imported.template == SEEDS[seed]["mode"][1] and imported.pad_mode == "pad"
 
 
 def test_logits_equal_llava_med_s_own_forward(imported, reference):
     meta, tensors = reference
-    ids = seed_ids_for(imported, meta["prompts"]["mistral_instruct"]["ids"])
+    ids = seed_ids_for(imported, meta["prompts"][meta["logits_for"]]["ids"])
     with torch.no_grad():
         logits = imported.model(input_ids=ids, pixel_values=tensors["pixel_values"][None]).logits[0]
     vocabulary = tensors["logits"].shape[1]   # the image token medtune adds comes after LLaVA's vocabulary
@@ -73,7 +92,7 @@ def test_logits_equal_llava_med_s_own_forward(imported, reference):
 
 def test_greedy_generation_gives_llava_med_s_ids(imported, reference):
     meta, tensors = reference
-    ids = seed_ids_for(imported, meta["prompts"]["mistral_instruct"]["ids"])
+    ids = seed_ids_for(imported, meta["prompts"][meta["logits_for"]]["ids"])
     with torch.no_grad():
         out = imported.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                       pixel_values=tensors["pixel_values"][None], do_sample=False,
@@ -81,20 +100,22 @@ def test_greedy_generation_gives_llava_med_s_ids(imported, reference):
     assert out[0, ids.shape[1]:].tolist() == meta["generated_ids"]
 
 
-def test_pixels_equal_llava_med_s_padding_at_the_centred_offset(imported, reference):
+def test_pixels_equal_the_seed_s_padding_at_the_centred_offset(seed, imported, reference):
     meta, tensors = reference
-    with Image.open(FIXTURE / meta["image"]) as image:
+    with Image.open(SEEDS_DIR / seed / meta["image"]) as image:
         pixels = imported.pixel_values([image.convert("RGB")])[0]
     torch.testing.assert_close(pixels, tensors["pixel_values_centred"], atol=1e-6, rtol=0)
-    # LLaVA-Med draws the offset at random (centred or one pixel further); its evaluation's draw here was the other
-    assert meta["pad_offset_drawn"] == 9 and not torch.allclose(pixels, tensors["pixel_values"], atol=1e-3)
+    if seed == "llava_1_1_3":   # LLaVA pads at the centre
+        assert meta["pad_offset_drawn"] == 8 and torch.equal(tensors["pixel_values"], tensors["pixel_values_centred"])
+    else:   # LLaVA-Med draws the offset (centred or one further); its evaluation's draw here was the other
+        assert meta["pad_offset_drawn"] == 9 and not torch.allclose(pixels, tensors["pixel_values"], atol=1e-3)
 
 
-def test_the_chat_template_writes_llava_med_s_prompt(imported, reference):
+def test_the_chat_template_writes_the_seed_s_prompt(imported, reference):
     meta, _ = reference
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": meta["question"]}]}]
     prompt = imported.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    expected = meta["prompts"]["mistral_instruct"]["prompt"].replace("<image>", imported.image_token)
+    expected = meta["prompts"][meta["logits_for"]]["prompt"].replace("<image>", imported.image_token)
     assert prompt.removeprefix(imported.tokenizer.bos_token or "") == expected
 
 
@@ -130,17 +151,17 @@ def test_a_pickled_projector_file_is_read_as_tensors_only(tmp_path):
     assert str(hostile) in str(error.value)
 
 
-def test_medtune_s_own_prompt_ids_are_llava_med_s(imported, reference):
-    """What `medtune eval run` / `serve` send the imported model: model_vqa.py's ids for mistral_instruct."""
+def test_medtune_s_own_prompt_ids_are_the_seed_s(seed, imported, reference):
+    """What `medtune eval run` / `serve` send the imported model: model_vqa.py's ids for the mode."""
     meta, _ = reference
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": meta["question"]}]}]
-    with Image.open(FIXTURE / meta["image"]) as image:
+    with Image.open(SEEDS_DIR / seed / meta["image"]) as image:
         encoded = imported.encode_prompt(messages, [image.convert("RGB")])
-    expected = seed_ids_for(imported, meta["prompts"]["mistral_instruct"]["ids"])
+    expected = seed_ids_for(imported, meta["prompts"][meta["logits_for"]]["ids"])
     assert encoded["input_ids"].tolist() == expected.tolist()
 
 
-def test_an_imported_model_trains_a_lora_stage_and_reloads(imported_dir, tmp_path):
+def test_an_imported_model_trains_a_lora_stage_and_reloads(imported_dir, imported, tmp_path):
     import yaml
     from safetensors.torch import load_file
 
@@ -151,14 +172,14 @@ def test_an_imported_model_trains_a_lora_stage_and_reloads(imported_dir, tmp_pat
                                                    "limit": 8},
                           "lr": {"projector": 1e-2, "lora": 1e-2}, "lora": {"r": 4, "alpha": 8,
                                                                            "target_modules": ["q_proj", "v_proj"]},
-                          "max_steps": 2, "batch_size": 4, "max_length": 128, "save_steps": 2, "log_steps": 1}]}
+                          "max_steps": 2, "batch_size": 4, "max_length": 384, "save_steps": 2, "log_steps": 1}]}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     assert main(["train", str(path)]) == 0
     trained = load_vlm(tmp_path / "run" / "stage-0-lora" / "model")
     before, after = load_file(imported_dir / "model.safetensors"), load_file(
         tmp_path / "run" / "stage-0-lora" / "model" / "model.safetensors")
-    assert before.keys() == after.keys() and trained.template == "mistral_instruct"
+    assert before.keys() == after.keys() and trained.template == imported.template
     changed = {key for key in before if not torch.equal(before[key], after[key])}
     assert any("multi_modal_projector" in key for key in changed)                 # trained directly
     assert any("q_proj" in key for key in changed) and any("v_proj" in key for key in changed)   # LoRA, merged
@@ -187,21 +208,22 @@ def test_a_linear_projector_is_imported_into_medtune_s_linear_projector(tmp_path
     assert torch.equal(projector.linear.weight, weight) and torch.equal(projector.linear.bias, bias)
 
 
-def test_llava_med_s_default_conversation_mode_gives_its_prompt_ids(tmp_path, reference):
-    """model_vqa.py's default --conv-mode vicuna_v1 ("a curious user", USER: / ASSISTANT:)."""
+def test_the_script_s_other_conversation_mode_gives_its_prompt_ids(seed, tmp_path, reference):
+    """LLaVA-Med's model_vqa.py default (vicuna_v1: "a curious user"); LLaVA 1.1.3's (llava_v1: "a curious human",
+    medtune's vicuna)."""
     from medtune.models.build import load_vlm
 
     meta, _ = reference
-    assert main(["model", "import", str(FIXTURE / "checkpoint"), str(tmp_path / "out"),
-                 "--vision-tower", str(FIXTURE / "tower"), "--conv-mode", "vicuna_v1"]) == 0
-    vlm = load_vlm(tmp_path / "out")
+    mode, template = SEEDS[seed]["other"]
+    vlm = load_vlm(import_seed(seed, tmp_path / "out", mode))
+    assert vlm.template == template
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": meta["question"]}]}]
     prompt = vlm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert prompt.removeprefix(vlm.tokenizer.bos_token) == meta["prompts"]["vicuna_v1"]["prompt"].replace(
+    assert prompt.removeprefix(vlm.tokenizer.bos_token) == meta["prompts"][mode]["prompt"].replace(
         "<image>", vlm.image_token)
-    with Image.open(FIXTURE / meta["image"]) as image:
+    with Image.open(SEEDS_DIR / seed / meta["image"]) as image:
         encoded = vlm.encode_prompt(messages, [image.convert("RGB")])
-    assert encoded["input_ids"].tolist() == seed_ids_for(vlm, meta["prompts"]["vicuna_v1"]["ids"]).tolist()
+    assert encoded["input_ids"].tolist() == seed_ids_for(vlm, meta["prompts"][mode]["ids"]).tolist()
 
 
 def projector_spec(tmp_path, hidden: int) -> Path:
@@ -237,3 +259,12 @@ def test_a_projector_file_that_does_not_fit_is_one_error_naming_it(tmp_path, cap
     assert f"{FIXTURE / 'mm_projector.bin'}: does not fit the mlp2x_gelu projector" in error
     assert "linear_1.weight (32, 32) where the model has (64, 32)" in error and "Traceback" not in error
     assert not (tmp_path / "out").exists()
+
+
+def test_a_transformers_llava_checkpoint_is_not_taken_for_llava_s_own(tmp_path):
+    from medtune.models.llava_import import LlavaLayout
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava", "text_config": {"model_type": "llama"},
+                                                      "vision_config": {"model_type": "clip_vision_model"}}))
+    with pytest.raises(SpecError, match="not a LLaVA checkpoint as LLaVA's own code saves it"):
+        LlavaLayout.read(tmp_path)
