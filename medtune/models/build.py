@@ -132,9 +132,10 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 # ---------------------------------------------------------------------------------------------- build
 
 
-def build_vlm(spec: ModelSpec, *, llm=None) -> ComposedVLM:
-    """Assemble the composed model described by ``spec`` (see module docstring); ``llm``: the causal LM already
-    loaded (an importer's, whose checkpoint transformers cannot load by name), instead of ``spec.llm``'s."""
+def build_vlm(spec: ModelSpec, *, llm=None, tokenizer=None) -> ComposedVLM:
+    """Assemble the composed model described by ``spec`` (see module docstring); ``llm`` and ``tokenizer``: the
+    causal LM and its tokenizer already loaded (an importer's, whose checkpoint transformers cannot load by name,
+    or whose tokenizer needs the tokens the checkpoint's own loader adds), instead of ``spec``'s."""
     import torch
 
     from medtune.models import vision
@@ -148,7 +149,7 @@ def build_vlm(spec: ModelSpec, *, llm=None) -> ComposedVLM:
     _check_feature_layer(spec.vision_feature_layer, layout)
     strategy, tokens_per_image = _feature_selection(spec, layout)
 
-    tokenizer = _load_tokenizer(spec)
+    tokenizer = _load_tokenizer(spec, tokenizer)
     llm = _load_llm(spec, tokenizer) if llm is None else llm
     model = _compose(spec, tower, llm, tokenizer, strategy, tokens_per_image)
     if spec.projector_weights:
@@ -231,8 +232,10 @@ def _feature_selection(spec: ModelSpec, layout) -> tuple[str, int]:
     return strategy, tokens
 
 
-def _load_tokenizer(spec: ModelSpec):
-    if spec.tokenizer == "offline":
+def _load_tokenizer(spec: ModelSpec, tokenizer=None):
+    if tokenizer is not None:
+        pass
+    elif spec.tokenizer == "offline":
         from medtune.models.tokenizer import offline_tokenizer
 
         tokenizer = offline_tokenizer()

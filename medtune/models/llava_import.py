@@ -19,9 +19,10 @@ haotian-liu/LLaVA v1.1.3 / main: ``llava_arch.py``, ``clip_encoder.py``, ``multi
   (``mlpNx_gelu`` for N > 2, ``identity``, PathChat's ``attn_pool+*``) are refused;
 * ``image_aspect_ratio`` ``pad`` (square with the processor's mean colour) or ``square`` / absent (the tower
   processor's resize and centre crop); ``anyres`` is refused, and so are ``mm_patch_merge_type`` other than
-  ``flat`` and ``mm_use_im_start_end`` (tokens around each image that medtune's templates do not write);
-* the tokenizer is the checkpoint's, with medtune's image token added after its vocabulary (LLaVA marks the image
-  with the id -200 inside its code, which no tokenizer holds).
+  ``flat``, ``mm_use_im_start_end`` (tokens around each image that medtune's templates do not write) and
+  ``unfreeze_mm_vision_tower`` (a tower trained with the model, whose weights are the checkpoint's own);
+* the tokenizer is the checkpoint's, with ``<im_patch>`` where LLaVA's loader adds it and medtune's image token
+  after the vocabulary (LLaVA marks the image with the id -200 inside its code, which no tokenizer holds).
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ SQUARING = {"pad": "pad", "square": "crop", None: "crop"}   # anything else: the
 LLAVA_KEYS = ("use_mm_proj", "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter", "image_aspect_ratio",
               "image_grid_pinpoints", "tokenizer_padding_side", "tokenizer_model_max_length", "feature_outs",
               "img_size", "vision_backbone", "segtok_posembed", "unfreeze_mm_vision_tower")
-PROJECTOR_PREFIX = "model.mm_projector."
+IM_PATCH = "<im_patch>"
 PROJECTOR_KEYS = {"mlp2x_gelu": {"0.": "linear_1.", "2.": "linear_2."}, "linear": {"": "linear."}}
 
 
@@ -66,6 +67,7 @@ class LlavaLayout:
     select_layer: int
     select_feature: str
     pad_mode: str
+    patch_token: bool          # LLaVA's loader adds <im_patch> to the tokenizer (the key absent counts as true)
 
     @classmethod
     def read(cls, source: str | Path) -> "LlavaLayout":
@@ -87,7 +89,8 @@ class LlavaLayout:
                    vision_tower=raw["mm_vision_tower"], projector=PROJECTORS[raw.get("mm_projector_type", "linear")],
                    select_layer=int(raw.get("mm_vision_select_layer", -1)),
                    select_feature=raw.get("mm_vision_select_feature", "patch"),
-                   pad_mode=SQUARING[raw.get("image_aspect_ratio")])
+                   pad_mode=SQUARING[raw.get("image_aspect_ratio")],
+                   patch_token=bool(raw.get("mm_use_im_patch_token", True)))
 
 
 def _language_model(raw: dict, path: Path) -> str:
@@ -117,6 +120,9 @@ def _refusals(raw: dict) -> list[str]:
         problems.append(f"mm_patch_merge_type {raw['mm_patch_merge_type']!r} (only flat)")
     if raw.get("mm_use_im_start_end"):
         problems.append("mm_use_im_start_end: true (<im_start>/<im_end> around each image)")
+    if raw.get("unfreeze_mm_vision_tower"):
+        problems.append("unfreeze_mm_vision_tower: true (the tower was trained and its weights are the "
+                        "checkpoint's; medtune takes the tower mm_vision_tower names)")
     return problems
 
 
@@ -141,9 +147,22 @@ def import_llava(source: str | Path, out: str | Path, *, vision_tower: str | Non
     spec = ModelSpec(vision=tower, llm=str(layout.source), projector=layout.projector,
                      vision_feature_layer=layout.select_layer, vision_feature_select=layout.select_feature,
                      tokenizer=str(layout.source), template=CONV_MODES[mode], pad_mode=layout.pad_mode, dtype=dtype)
-    vlm = build_vlm(dataclasses.replace(spec, projector_weights=str(layout.source)), llm=llm)
+    vlm = build_vlm(dataclasses.replace(spec, projector_weights=str(layout.source)), llm=llm,
+                    tokenizer=_tokenizer_as_loaded(layout))
     vlm.save(out)
     return vlm
+
+
+def _tokenizer_as_loaded(layout: LlavaLayout):
+    """The checkpoint's tokenizer with the token LLaVA's loader adds before it resizes the LM's embeddings:
+    ``<im_patch>`` where ``mm_use_im_patch_token`` is true or absent (it never appears in a v1 prompt, but it
+    holds a row of the embeddings, so medtune's image token must come after it)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(layout.source))
+    if layout.patch_token and IM_PATCH not in tokenizer.get_vocab():
+        tokenizer.add_tokens([IM_PATCH], special_tokens=True)
+    return tokenizer
 
 
 def local_folder(source: str | Path) -> Path:

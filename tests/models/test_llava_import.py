@@ -268,3 +268,33 @@ def test_a_transformers_llava_checkpoint_is_not_taken_for_llava_s_own(tmp_path):
                                                       "vision_config": {"model_type": "clip_vision_model"}}))
     with pytest.raises(SpecError, match="not a LLaVA checkpoint as LLaVA's own code saves it"):
         LlavaLayout.read(tmp_path)
+
+
+def test_the_patch_token_llava_s_loader_adds_comes_before_medtune_s_image_token(tmp_path):
+    """mm_use_im_patch_token absent counts as true in LLaVA's loader, which adds <im_patch> to the tokenizer and
+    resizes the embeddings; the import does the same, so the checkpoint's rows keep their ids."""
+    from medtune.models.build import load_vlm
+    from safetensors.torch import load_file
+
+    source = tmp_path / "patch-token"
+    shutil.copytree(FIXTURE / "checkpoint", source)
+    config = json.loads((source / "config.json").read_text())
+    del config["mm_use_im_patch_token"]
+    (source / "config.json").write_text(json.dumps(config))
+    assert main(["model", "import", str(source), str(tmp_path / "out"), "--vision-tower", str(FIXTURE / "tower")]) == 0
+    vlm = load_vlm(tmp_path / "out")
+    assert vlm.tokenizer.convert_tokens_to_ids("<im_patch>") == 512 and vlm.image_token_id == 513
+    meta, tensors = json.loads((FIXTURE / "reference.json").read_text()), load_file(FIXTURE / "reference.safetensors")
+    ids = seed_ids_for(vlm, meta["prompts"]["mistral_instruct"]["ids"])
+    with torch.no_grad():
+        logits = vlm.model(input_ids=ids, pixel_values=tensors["pixel_values"][None]).logits[0]
+    torch.testing.assert_close(logits[:, :512], tensors["logits"], atol=1e-5, rtol=0)
+
+
+def test_a_tower_trained_with_the_model_is_refused_by_name(tmp_path):
+    from medtune.models.llava_import import LlavaLayout
+
+    (tmp_path / "config.json").write_text(json.dumps(json.loads((FIXTURE / "checkpoint" / "config.json").read_text())
+                                                     | {"unfreeze_mm_vision_tower": True}))
+    with pytest.raises(SpecError, match="unfreeze_mm_vision_tower: true"):
+        LlavaLayout.read(tmp_path)
