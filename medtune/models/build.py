@@ -174,15 +174,15 @@ def build_vlm(spec: ModelSpec, *, llm=None, tokenizer=None) -> ComposedVLM:
 def _load_projector(projector, spec: ModelSpec) -> None:
     """``spec.projector_weights`` into the composed model's projector; a file that does not fit is one error."""
     from medtune.errors import InputFileError
-    from medtune.models.llava_import import PROJECTOR_KEYS, projector_state
+    from medtune.models.projectors import LLAVA_PROJECTOR_KEYS, llava_projector_state
 
     path = Path(spec.projector_weights).expanduser()
-    if spec.projector not in PROJECTOR_KEYS:
+    if spec.projector not in LLAVA_PROJECTOR_KEYS:
         raise SpecError(f"ModelSpec.projector_weights: a {spec.projector} projector cannot start from LLaVA's "
-                        f"projector file (only {', '.join(PROJECTOR_KEYS)})")
+                        f"projector file (only {', '.join(LLAVA_PROJECTOR_KEYS)})")
     if not path.exists():
         raise FileNotFoundError(f"ModelSpec.projector_weights: no file at {path}")
-    state = projector_state(path, spec.projector)
+    state = llava_projector_state(path, spec.projector)
     expected = projector.state_dict()
     problems = [f"{name} {tuple(tensor.shape)} where the model has {tuple(expected[name].shape)}"
                 for name, tensor in state.items() if name in expected and tensor.shape != expected[name].shape]

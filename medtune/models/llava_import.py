@@ -29,13 +29,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from medtune.errors import InputFileError, SpecError
-from medtune.models.weights import PICKLE_REFUSAL, pickled_weights
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +49,6 @@ LLAVA_KEYS = ("use_mm_proj", "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter", "im
               "image_grid_pinpoints", "tokenizer_padding_side", "tokenizer_model_max_length", "feature_outs",
               "img_size", "vision_backbone", "segtok_posembed", "unfreeze_mm_vision_tower")
 IM_PATCH = "<im_patch>"
-PROJECTOR_KEYS = {"mlp2x_gelu": {"0.": "linear_1.", "2.": "linear_2."}, "linear": {"": "linear."}}
 
 
 @dataclass
@@ -181,42 +177,3 @@ def _tower_source(layout: LlavaLayout) -> str:
     named = layout.vision_tower
     beside = layout.source / named
     return str(beside) if not Path(named).is_absolute() and (beside / "config.json").is_file() else named
-
-
-def projector_state(source: Path, projector: str) -> dict[str, Any]:
-    """The projector's tensors of a LLaVA checkpoint (or of a stage-1 ``mm_projector.bin``), under the names of
-    medtune's projector. Pickled files are read as tensors only."""
-    renames = PROJECTOR_KEYS[projector]
-    state = {}
-    for key, tensor in _tensors_named(source, "mm_projector.").items():
-        rest = key.split("mm_projector.", 1)[1]   # LLaVA's own rule: any prefix before mm_projector.
-        for old, new in renames.items():
-            if rest.startswith(old):
-                state[new + rest[len(old):]] = tensor
-                break
-        else:
-            state[rest] = tensor   # reported as unexpected by the caller
-    if not state:
-        raise InputFileError(f"{source}: no mm_projector weights found")
-    return state
-
-
-def _tensors_named(source: Path, marker: str) -> dict[str, Any]:
-    """Every tensor of ``source`` (a folder's safetensors / pickled shards, or one weight file) whose name holds
-    ``marker``, read without building the model."""
-    import torch
-    from safetensors import safe_open
-
-    files = [source] if source.is_file() else sorted(source.glob("*.safetensors")) or pickled_weights(source)
-    found = {}
-    for path in files:
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as handle:
-                found.update({key: handle.get_tensor(key) for key in handle.keys() if marker in key})
-        else:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError:   # weights_only refuses anything but tensors and plain containers
-                raise InputFileError(f"{path}: {PICKLE_REFUSAL}") from None
-            found.update({key: value for key, value in state.items() if marker in key})
-    return found

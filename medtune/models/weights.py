@@ -50,3 +50,27 @@ def refused_pickle(source: str | os.PathLike) -> InputFileError:
     names = ", ".join(path.name for path in files) or "its pickled weights"
     where = str(files[0]) if len(files) == 1 else f"{source} ({names})"
     return InputFileError(f"{where}: {PICKLE_REFUSAL}")
+
+
+def tensors_named(source: str | os.PathLike, marker: str) -> dict:
+    """Every tensor of ``source`` (a folder's safetensors, else its pickled weight files, or one weight file)
+    whose name holds ``marker``, read without building a model; pickles only as tensors."""
+    import pickle
+
+    import torch
+    from safetensors import safe_open
+
+    source = Path(source)
+    files = [source] if source.is_file() else sorted(source.glob("*.safetensors")) or pickled_weights(source)
+    found = {}
+    for path in files:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as handle:
+                found.update({key: handle.get_tensor(key) for key in handle.keys() if marker in key})
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError:   # weights_only refuses anything but tensors and plain containers
+                raise InputFileError(f"{path}: {PICKLE_REFUSAL}") from None
+            found.update({key: value for key, value in state.items() if marker in key})
+    return found
