@@ -298,3 +298,32 @@ def test_a_tower_trained_with_the_model_is_refused_by_name(tmp_path):
                                                      | {"unfreeze_mm_vision_tower": True}))
     with pytest.raises(SpecError, match="unfreeze_mm_vision_tower: true"):
         LlavaLayout.read(tmp_path)
+
+
+def test_eval_run_on_an_import_gives_the_seed_s_answers_file(seed, imported_dir, tmp_path):
+    from medtune.models.build import load_vlm
+
+    """`medtune eval run` on the imported model answers VQA-RAD questions (square images: no pad offset to draw)
+    with the text the seed's model_vqa.py loop wrote, greedy, at medtune's answer budgets."""
+    seed_answers = {str(json.loads(line)["question_id"]): json.loads(line)["text"]
+                    for line in (SEEDS_DIR / seed / "vqa_rad_answers.jsonl").read_text().splitlines()}
+    converted = tmp_path / "test.jsonl"
+    assert main(["data", "convert", "--from", "vqa-rad", "--to", "canonical", "data/vqa_rad/testset.json",
+                 str(converted)]) == 0
+    subset = tmp_path / "subset.jsonl"
+    subset.write_text("".join(line + "\n" for line in converted.read_text().splitlines()
+                              if json.loads(line)["id"] in seed_answers))
+    assert main(["eval", "run", "--data", str(subset), "--gt-format", "canonical", "--image-root",
+                 "data/vqa_rad/images", "--model", str(imported_dir), "--out", str(tmp_path / "eval")]) == 0
+    ours = {json.loads(line)["id"]: json.loads(line)["prediction"]
+            for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()}
+    assert len(ours) == 6
+    if seed == "llava_med":   # the same fast tokenizer decodes: the answers file's text itself
+        assert ours == seed_answers
+    else:
+        # LLaVA 1.1.3 decodes with the slow sentencepiece tokenizer, which replaces an invalid UTF-8 byte sequence
+        # (a tiny random model writes many) otherwise than the fast one medtune loads; the generated ids are the
+        # seed's: the same ids decoded by the imported tokenizer give medtune's answers
+        seed_ids = json.loads((SEEDS_DIR / seed / "vqa_rad_answer_ids.json").read_text())
+        tokenizer = load_vlm(imported_dir).tokenizer
+        assert ours == {k: tokenizer.decode(v, skip_special_tokens=True).strip() for k, v in seed_ids.items()}
