@@ -26,6 +26,7 @@ haotian-liu/LLaVA v1.1.3 / main: ``llava_arch.py``, ``clip_encoder.py``, ``multi
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -135,16 +136,31 @@ def import_llava(source: str | Path, out: str | Path, *, vision_tower: str | Non
         raise SpecError(f"conversation mode {mode!r}: medtune renders {', '.join(CONV_MODES)} as LLaVA does")
     tower = vision_tower or _tower_source(layout)
     text_config = AutoConfig.for_model(layout.language_model, **layout.text_settings)
-    # the LM's keys (model.*, lm_head.*) load as they are; mm_projector and the tower's copy are left for below
-    llm = AutoModelForCausalLM.from_pretrained(str(layout.source), config=text_config,
-                                               dtype=getattr(torch, dtype))
+    # the LM's keys (model.*, lm_head.*) load as they are; mm_projector (read below) and the tower's copy (LLaVA's
+    # loader drops it too) are the checkpoint's other keys, which transformers would list as unexpected
+    with _quiet_transformers():   # ... and that llava_mistral is not a model type it knows
+        llm = AutoModelForCausalLM.from_pretrained(str(layout.source), config=text_config,
+                                                   dtype=getattr(torch, dtype))
+        tokenizer = _tokenizer_as_loaded(layout)
     spec = ModelSpec(vision=tower, llm=str(layout.source), projector=layout.projector,
                      vision_feature_layer=layout.select_layer, vision_feature_select=layout.select_feature,
                      tokenizer=str(layout.source), template=CONV_MODES[mode], pad_mode=layout.pad_mode, dtype=dtype)
-    vlm = build_vlm(dataclasses.replace(spec, projector_weights=str(layout.source)), llm=llm,
-                    tokenizer=_tokenizer_as_loaded(layout))
+    vlm = build_vlm(dataclasses.replace(spec, projector_weights=str(layout.source)), llm=llm, tokenizer=tokenizer)
     vlm.save(out)
     return vlm
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' warnings off for a moment: what it would say about a LLaVA checkpoint is expected here."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _tokenizer_as_loaded(layout: LlavaLayout):
