@@ -174,7 +174,7 @@ def build_vlm(spec: ModelSpec, *, llm=None, tokenizer=None) -> ComposedVLM:
 def _load_projector(projector, spec: ModelSpec) -> None:
     """``spec.projector_weights`` into the composed model's projector; a file that does not fit is one error."""
     from medtune.errors import InputFileError
-    from medtune.models.projectors import LLAVA_PROJECTOR_KEYS, llava_projector_state
+    from medtune.models.weights import LLAVA_PROJECTOR_KEYS, llava_projector_state
 
     path = Path(spec.projector_weights).expanduser()
     if spec.projector not in LLAVA_PROJECTOR_KEYS:

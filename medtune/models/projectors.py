@@ -72,26 +72,3 @@ def build_projector(name: str, vision_width: int, llm_width: int, *, num_queries
     if name == "attn_pool+mlp2x_gelu":
         return AttentionPoolProjector(vision_width, llm_width, num_queries, num_heads)
     raise ValueError(f"unknown projector {name!r}; choose one of {', '.join(PROJECTOR_NAMES)}")
-
-
-# LLaVA's projector tensors (``model.mm_projector.*``: a checkpoint saved by LLaVA's code, or a stage-1
-# ``mm_projector.bin``) under the names of medtune's projectors: ``mlp2x_gelu`` is LLaVA's Sequential (indices 0
-# and 2), ``linear`` a bare Linear (no index).
-LLAVA_PROJECTOR_KEYS = {"mlp2x_gelu": {"0.": "linear_1.", "2.": "linear_2."}, "linear": {"": "linear."}}
-
-
-def llava_projector_state(source, projector: str) -> dict[str, torch.Tensor]:
-    """The projector tensors of a LLaVA checkpoint folder or projector file, renamed for ``projector``; a
-    tensor no rule renames keeps its name (and is reported as unexpected by the loader)."""
-    from medtune.errors import InputFileError
-    from medtune.models.weights import tensors_named
-
-    renames = LLAVA_PROJECTOR_KEYS[projector]
-    state = {}
-    for key, tensor in tensors_named(source, "mm_projector.").items():
-        rest = key.split("mm_projector.", 1)[1]   # LLaVA's own rule: any prefix before mm_projector.
-        new = next((new + rest[len(old):] for old, new in renames.items() if rest.startswith(old)), rest)
-        state[new] = tensor
-    if not state:
-        raise InputFileError(f"{source}: no mm_projector weights found")
-    return state

@@ -8,6 +8,9 @@
   more than tensors. Such files are only ever read with ``torch.load(weights_only=True)`` (transformers does so
   too), which refuses to build other objects; the error it raises suggests ``weights_only=False``, which would run
   the file's code. medtune never does that and says what to do instead.
+* :func:`tensors_named` reads the tensors of a checkpoint whose names hold a marker without building a model
+  (pickles as tensors only), and :func:`llava_projector_state` uses it for LLaVA's ``mm_projector`` tensors
+  (a checkpoint saved by LLaVA's code, or a stage-1 ``mm_projector.bin``), renamed for medtune's projectors.
 """
 from __future__ import annotations
 
@@ -74,3 +77,23 @@ def tensors_named(source: str | os.PathLike, marker: str) -> dict:
                 raise InputFileError(f"{path}: {PICKLE_REFUSAL}") from None
             found.update({key: value for key, value in state.items() if marker in key})
     return found
+
+
+# LLaVA's projector tensors (``model.mm_projector.*``: a checkpoint saved by LLaVA's code, or a stage-1
+# ``mm_projector.bin``) under the names of medtune's projectors: ``mlp2x_gelu`` is LLaVA's Sequential (indices 0
+# and 2), ``linear`` a bare Linear (no index).
+LLAVA_PROJECTOR_KEYS = {"mlp2x_gelu": {"0.": "linear_1.", "2.": "linear_2."}, "linear": {"": "linear."}}
+
+
+def llava_projector_state(source, projector: str) -> dict:
+    """The projector tensors of a LLaVA checkpoint folder or projector file, renamed for ``projector``; a
+    tensor no rule renames keeps its name (and is reported as unexpected by the loader)."""
+    renames = LLAVA_PROJECTOR_KEYS[projector]
+    state = {}
+    for key, tensor in tensors_named(source, "mm_projector.").items():
+        rest = key.split("mm_projector.", 1)[1]   # LLaVA's own rule: any prefix before mm_projector.
+        new = next((new + rest[len(old):] for old, new in renames.items() if rest.startswith(old)), rest)
+        state[new] = tensor
+    if not state:
+        raise InputFileError(f"{source}: no mm_projector weights found")
+    return state

@@ -139,7 +139,7 @@ def test_settings_medtune_does_not_reproduce_are_refused_by_name(tmp_path, chang
 
 def test_a_pickled_projector_file_is_read_as_tensors_only(tmp_path):
     from medtune.errors import InputFileError
-    from medtune.models.projectors import llava_projector_state as projector_state
+    from medtune.models.weights import llava_projector_state as projector_state
 
     good = tmp_path / "mm_projector.bin"
     torch.save({"model.mm_projector.0.weight": torch.ones(2, 2), "model.mm_projector.2.bias": torch.zeros(2)}, good)
