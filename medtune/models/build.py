@@ -149,7 +149,7 @@ def build_vlm(spec: ModelSpec, *, llm=None, tokenizer=None) -> ComposedVLM:
     _check_feature_layer(spec.vision_feature_layer, layout)
     strategy, tokens_per_image = _feature_selection(spec, layout)
 
-    tokenizer = _load_tokenizer(spec, tokenizer)
+    tokenizer = _with_image_and_pad_tokens(_load_tokenizer(spec) if tokenizer is None else tokenizer, spec)
     llm = _load_llm(spec, tokenizer) if llm is None else llm
     model = _compose(spec, tower, llm, tokenizer, strategy, tokens_per_image)
     if spec.projector_weights:
@@ -232,25 +232,26 @@ def _feature_selection(spec: ModelSpec, layout) -> tuple[str, int]:
     return strategy, tokens
 
 
-def _load_tokenizer(spec: ModelSpec, tokenizer=None):
-    if tokenizer is not None:
-        pass
-    elif spec.tokenizer == "offline":
+def _load_tokenizer(spec: ModelSpec):
+    if spec.tokenizer == "offline":
         from medtune.models.tokenizer import offline_tokenizer
 
-        tokenizer = offline_tokenizer()
-    else:
-        from transformers import AutoTokenizer
+        return offline_tokenizer()
+    from transformers import AutoTokenizer
 
-        source = spec.tokenizer or spec.llm
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except (ValueError, ImportError, OSError) as error:
-            if _sentencepiece_missing_for(source):
-                raise SpecError(f"ModelSpec.tokenizer: {source} is a sentencepiece tokenizer (tokenizer.model, no "
-                                "tokenizer.json); reading it needs sentencepiece and protobuf: "
-                                "pip install 'medtune[models]'") from error
-            raise
+    source = spec.tokenizer or spec.llm
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (ValueError, ImportError, OSError) as error:
+        if _sentencepiece_missing_for(source):
+            raise SpecError(f"ModelSpec.tokenizer: {source} is a sentencepiece tokenizer (tokenizer.model, no "
+                            "tokenizer.json); reading it needs sentencepiece and protobuf: "
+                            "pip install 'medtune[models]'") from error
+        raise
+
+
+def _with_image_and_pad_tokens(tokenizer, spec: ModelSpec):
+    """``tokenizer`` with the spec's image token (added after its vocabulary if absent) and a pad token."""
     if spec.image_token not in tokenizer.get_vocab():
         tokenizer.add_tokens([spec.image_token], special_tokens=True)
     if tokenizer.pad_token is None:

@@ -60,8 +60,8 @@ def register(subparsers) -> None:
                                             "write OUT: a composed model (transformers' Llava for mlp2x_gelu) with "
                                             "the vision tower mm_vision_tower names, the checkpoint's tokenizer and "
                                             "the chat template of the conversation mode. Settings medtune does not "
-                                            "reproduce (anyres, im_start/im_end tokens, other projectors) are refused "
-                                            "by name.")
+                                            "reproduce (anyres, im_start/im_end tokens, other projectors) are "
+                                            "refused by name.")
     imported.add_argument("source", help="the LLaVA checkpoint folder")
     imported.add_argument("out", type=Path, help="output folder (a medtune checkpoint)")
     imported.add_argument("--vision-tower", help="the tower checkpoint to use instead of the one mm_vision_tower "

@@ -27,12 +27,12 @@ haotian-liu/LLaVA v1.1.3 / main: ``llava_arch.py``, ``clip_encoder.py``, ``multi
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from medtune.errors import InputFileError, SpecError
+from medtune.models.weights import LLAVA_PROJECTOR_KEYS   # the projectors whose tensors medtune can read
 
 
 LANGUAGE_MODELS = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral"}
@@ -41,7 +41,6 @@ MODEL_TYPES = {"llava_llama": "llama", "llava_mistral": "mistral", "llava": "lla
 CONV_MODES = {"mistral_instruct": "mistral_instruct", "vicuna_v1": "vicuna_v1", "llava_v1": "vicuna",
               "llava_llama_2": "llava_llama_2"}
 DEFAULT_CONV_MODE = {"mistral": "mistral_instruct", "llama": "llava_v1"}   # LLaVA-Med's README; LLaVA's model_vqa
-PROJECTORS = {"mlp2x_gelu": "mlp2x_gelu", "linear": "linear"}
 SQUARING = {"pad": "pad", "square": "crop", None: "crop"}   # anything else: the CLIP processor's resize + crop
 # Keys LLaVA adds to the LM's config; none of them is the LM's.
 LLAVA_KEYS = ("use_mm_proj", "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter", "image_aspect_ratio",
@@ -81,7 +80,7 @@ class LlavaLayout:
         settings = {k: v for k, v in raw.items() if not k.startswith("mm_") and k not in LLAVA_KEYS
                     and k not in ("architectures", "model_type", "_name_or_path", "transformers_version")}
         return cls(source=source, language_model=language_model, text_settings=settings,
-                   vision_tower=raw["mm_vision_tower"], projector=PROJECTORS[raw.get("mm_projector_type", "linear")],
+                   vision_tower=raw["mm_vision_tower"], projector=raw.get("mm_projector_type", "linear"),
                    select_layer=int(raw.get("mm_vision_select_layer", -1)),
                    select_feature=raw.get("mm_vision_select_feature", "patch"),
                    pad_mode=SQUARING[raw.get("image_aspect_ratio")],
@@ -105,8 +104,8 @@ def _refusals(raw: dict) -> list[str]:
     """Each setting that would change the computation in a way medtune does not reproduce, by name."""
     problems = []
     projector = raw.get("mm_projector_type", "linear")
-    if projector not in PROJECTORS:
-        problems.append(f"mm_projector_type {projector!r} (medtune imports {', '.join(PROJECTORS)})")
+    if projector not in LLAVA_PROJECTOR_KEYS:
+        problems.append(f"mm_projector_type {projector!r} (medtune imports {', '.join(LLAVA_PROJECTOR_KEYS)})")
     if raw.get("mm_vision_select_feature", "patch") not in ("patch", "cls_patch"):
         problems.append(f"mm_vision_select_feature {raw['mm_vision_select_feature']!r} (LLaVA itself raises)")
     if raw.get("image_aspect_ratio") not in SQUARING:
@@ -144,8 +143,9 @@ def import_llava(source: str | Path, out: str | Path, *, vision_tower: str | Non
         tokenizer = _tokenizer_as_loaded(layout)
     spec = ModelSpec(vision=tower, llm=str(layout.source), projector=layout.projector,
                      vision_feature_layer=layout.select_layer, vision_feature_select=layout.select_feature,
-                     tokenizer=str(layout.source), template=CONV_MODES[mode], pad_mode=layout.pad_mode, dtype=dtype)
-    vlm = build_vlm(dataclasses.replace(spec, projector_weights=str(layout.source)), llm=llm, tokenizer=tokenizer)
+                     tokenizer=str(layout.source), template=CONV_MODES[mode], pad_mode=layout.pad_mode, dtype=dtype,
+                     projector_weights=str(layout.source))
+    vlm = build_vlm(spec, llm=llm, tokenizer=tokenizer)
     vlm.save(out)
     return vlm
 

@@ -80,7 +80,7 @@ def test_the_imported_model_is_transformers_llava_with_the_seed_s_settings(seed,
     assert imported.template == SEEDS[seed]["mode"][1] and imported.pad_mode == "pad"
 
 
-def test_logits_equal_llava_med_s_own_forward(imported, reference):
+def test_logits_equal_the_seed_s_own_forward(imported, reference):
     meta, tensors = reference
     ids = seed_ids_for(imported, meta["prompts"][meta["logits_for"]]["ids"])
     with torch.no_grad():
@@ -90,7 +90,7 @@ def test_logits_equal_llava_med_s_own_forward(imported, reference):
     torch.testing.assert_close(logits[:, :vocabulary], tensors["logits"], atol=1e-5, rtol=0)
 
 
-def test_greedy_generation_gives_llava_med_s_ids(imported, reference):
+def test_greedy_generation_gives_the_seed_s_ids(imported, reference):
     meta, tensors = reference
     ids = seed_ids_for(imported, meta["prompts"][meta["logits_for"]]["ids"])
     with torch.no_grad():
