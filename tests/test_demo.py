@@ -443,7 +443,12 @@ def test_second_run_reuses_data_stages_and_answers(demo, capsys):
     assert all(t["first_run_seconds"] == ran[t["phase"]] for t in second["timings"]["phases"][:4])
 
 
-def test_other_settings_train_their_own_model_and_max_test_subsets(demo):
+def test_other_settings_train_their_own_model_and_max_test_subsets(demo, monkeypatch):
+    import medtune.eval.backends as backends
+
+    loads = []
+    local_backend = backends.LocalBackend
+    monkeypatch.setattr(backends, "LocalBackend", lambda *a, **k: loads.append(a) or local_backend(*a, **k))
     output, first, _ = demo
     token_cache = sorted((output / "cache" / "tokens").iterdir())
     assert token_cache   # under --output, like everything else
@@ -458,6 +463,8 @@ def test_other_settings_train_their_own_model_and_max_test_subsets(demo):
     assert report["evaluation"]["n"] == 16
     assert report["evaluation"]["answer_types"] == dict(Counter(answer_type(r) for r in first16))
     assert report["validation"]["n"] == 16   # --max-test caps the validation questions too
+    # validation and test, each with and without images: four answer files, one model load
+    assert len(loads) == 1 and report["results"]["model_blank_image"]
     # a shortened run says what it shows; the full run (the fixture's, scale 1) does not carry the note
     text = (output / "report.md").read_text(encoding="utf-8")
     assert "This run trained 0.5 of the recipe's steps" in text and "pipeline check" in text

@@ -42,9 +42,9 @@ class LazyLocalBackend:
         return answers
 
 
-def answer_questions(task: Task, model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                     limit: int | None, batch_size: int = 16, device: str = "cpu"):
-    """Answer the task's (first ``limit``) questions not yet in ``out_dir``; (RunResult, {id: answer})."""
+def answer_questions(task: Task, backend: LazyLocalBackend, out_dir: str | os.PathLike, *, limit: int | None):
+    """Answer the task's (first ``limit``) questions not yet in ``out_dir`` with ``backend`` (shared between
+    calls: the model loads once); (RunResult, {id: answer})."""
     from medtune.errors import UserError
     from medtune.eval.predictions import read_predictions, shard_path
     from medtune.eval.run import run_task
@@ -56,8 +56,12 @@ def answer_questions(task: Task, model_dir: str | os.PathLike, out_dir: str | os
     answered = min(answered, questions)   # for the display only: run_task decides what is still asked
     with progress_bar(questions, initial=answered, desc=task.name, unit="questions",
                       enabled=answered < questions) as display:
-        backend = LazyLocalBackend(model_dir, batch_size=batch_size, device=device, display=display)
-        result = run_task(task, backend, out_dir, batch_size=batch_size, limit=limit, score=False, progress=False)
+        backend.display = display
+        try:
+            result = run_task(task, backend, out_dir, batch_size=backend.batch_size, limit=limit, score=False,
+                              progress=False)
+        finally:
+            backend.display = None
     if result.predictions_path is None:
         raise UserError(f"{result.skipped.n_skipped} test questions could not be answered "
                         f"({'; '.join(result.skipped.details())}); nothing was scored")

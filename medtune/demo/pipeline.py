@@ -158,6 +158,10 @@ class DemoData:
     def validation(self) -> Path:
         return self.directory / "validation.jsonl"
 
+    def questions(self, split: str) -> Path:
+        """The questions the model is asked: the test split, or the validation split carved from training."""
+        return self.test if split == "test" else self.validation
+
 
 def prepare_data(output: Path) -> tuple[DemoData, bool]:
     """Convert the bundled VQA-RAD and write the leakage-cleaned training set; (data, reused)."""
@@ -377,9 +381,8 @@ def load_test_questions(data: DemoData, max_test: int | None, *, split: str = "t
     and its questions (the first ``max_test`` if given); with ``blank_images``, every image black."""
     from medtune.eval.tasks import get_task
 
-    path, image_root = data.test if split == "test" else data.validation, data.image_root
-    if blank_images:
-        path, image_root = blank_image_questions(data, split)
+    path, image_root = blank_image_questions(data, split) if blank_images else (data.questions(split),
+                                                                                 data.image_root)
     task = get_task(TASK, data=path, data_format="canonical", image_root=image_root)
     tally = Tally()
     samples = task.samples(tally=tally)
@@ -404,27 +407,31 @@ def blank_image_questions(data: DemoData, split: str) -> tuple[Path, Path]:
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / BLANK_IMAGE).is_file():
             Image.new("RGB", (64, 64)).save(folder / BLANK_IMAGE)
-        source = data.test if split == "test" else data.validation
-        blank = [dataclasses.replace(sample, messages=[dataclasses.replace(m, content=tuple(
-            dataclasses.replace(part, image=ImageRef(BLANK_IMAGE)) if part.type == "image" else part
-            for part in m.content)) for m in sample.messages]) for sample in read_samples(source, strict=True)]
-        write_samples(path, blank)
+        black = ImageRef(BLANK_IMAGE)
+
+        def blanked(message):
+            return dataclasses.replace(message, content=tuple(
+                dataclasses.replace(part, image=black) if part.type == "image" else part for part in message.content))
+
+        write_samples(path, [dataclasses.replace(sample, messages=[blanked(m) for m in sample.messages])
+                             for sample in read_samples(data.questions(split), strict=True)])
     return path, folder
 
 
-def evaluate_model(data: DemoData, model_dir: Path, run_dir: Path, options: DemoOptions, *, seed: int,
+def evaluate_model(data: DemoData, backend, run_dir: Path, options: DemoOptions, *, seed: int,
                    split: str = "test", blank_images: bool = False) -> dict:
-    """Answer the ``split`` questions with the trained model (resuming earlier answers) and score them; with
-    ``blank_images``, the same questions with every image black (scored as ``model_blank_image``): what the
-    model answers from the question alone, so the difference is what it takes from the image."""
+    """Answer the ``split`` questions with the trained model (``backend``: one
+    :class:`~medtune.demo.evaluate.LazyLocalBackend` for every call, so the model loads once, and only when a
+    question is not answered yet) and score them, resuming earlier answers; with ``blank_images``, the same
+    questions with every image black (scored as ``model_blank_image``): what the model answers from the question
+    alone, so the difference is what it takes from the image."""
     from medtune.demo import evaluate
 
     limit = options.max_test   # the first N questions of either split
     task, samples = load_test_questions(data, limit, split=split, blank_images=blank_images)
     out_dir = run_dir / (f"eval-{TASK}" if split == "test" else f"eval-{TASK}-{split}")
     out_dir = out_dir.with_name(out_dir.name + "-blank-image") if blank_images else out_dir
-    result, predictions = evaluate.answer_questions(task, model_dir, out_dir, limit=limit,
-                                                    batch_size=options.eval_batch_size, device=process_device())
+    result, predictions = evaluate.answer_questions(task, backend, out_dir, limit=limit)
     if result.already_answered:
         print(f"reusing {result.already_answered} answers already in {result.predictions_path}")
     name = "model_blank_image" if blank_images else "model"
@@ -484,7 +491,7 @@ def run_demo(options: DemoOptions) -> dict:
     """Run every phase (reusing what is already done) and write the report; returns report.json's content."""
     import datetime
 
-    from medtune.demo import report
+    from medtune.demo import evaluate, report
     from medtune.train.progress import quiet_libraries
     from medtune.train.recipe import check_environment
     from medtune.train.run import MODEL_DIR
@@ -513,18 +520,19 @@ def run_demo(options: DemoOptions) -> dict:
             stages.append({**summary, "reused": reused})
     final_model = Path(stages[-1]["directory"]) / MODEL_DIR
     model_link = link_final_model(output, final_model)
+    backend = evaluate.LazyLocalBackend(final_model, batch_size=options.eval_batch_size, device=process_device())
     with phases.phase("validate", f"validation: the {TASK} questions held out of training, model and "
                                   "baselines") as entry:
-        validation = evaluate_model(data, final_model, run_dir, options, seed=recipe.seed, split="validation")
-        validation["blank"] = evaluate_model(data, final_model, run_dir, options, seed=recipe.seed,
-                                             split="validation", blank_images=True)
+        validation = evaluate_model(data, backend, run_dir, options, seed=recipe.seed, split="validation")
+        validation["blank"] = evaluate_model(data, backend, run_dir, options, seed=recipe.seed, split="validation",
+                                             blank_images=True)
         validation["baselines"] = score_baselines(data, validation["samples"], output / "baselines" / "validation",
                                                   seed=recipe.seed, split="validation")
         entry["status"] = "reused" if not validation["answered_now"] + validation["blank"]["answered_now"] else "ran"
     with phases.phase("evaluate", f"evaluation: {TASK} test split, local model, greedy, with and without its "
                                   "images") as entry:
-        evaluation = evaluate_model(data, final_model, run_dir, options, seed=recipe.seed)
-        blank = evaluate_model(data, final_model, run_dir, options, seed=recipe.seed, blank_images=True)
+        evaluation = evaluate_model(data, backend, run_dir, options, seed=recipe.seed)
+        blank = evaluate_model(data, backend, run_dir, options, seed=recipe.seed, blank_images=True)
         entry["status"] = "reused" if not evaluation["answered_now"] + blank["answered_now"] else "ran"
     with phases.phase("baselines", "baselines: majority answer per type, most frequent answer per question, "
                                    "question-only classifier"):

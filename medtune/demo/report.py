@@ -125,7 +125,8 @@ def build_content(output: Path, context: DemoContext) -> dict:
     headline = compare_rows(rows, HEADLINE)
     write_results_figure(output / RESULTS_PNG, [line for line in headline if line["metric"] != "unparsed"])
     options = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(context.options).items()}
-    baseline_files = {name: str(output / "baselines" / f"{name}.jsonl") for name in SYSTEMS if name not in MODEL_SYSTEMS}
+    baseline_files = {name: str(output / "baselines" / f"{name}.jsonl") for name in SYSTEMS
+                      if name not in MODEL_SYSTEMS}
     return {
         "title": "medtune demo", "medtune_version": __version__, "started": context.started,
         "command": context.command, "machine": context.machine, "options": options,
