@@ -53,22 +53,24 @@ def register(subparsers) -> None:
     export.add_argument("out", type=Path, help="output folder (a complete native checkpoint)")
     export.set_defaults(func=run_export_native)
 
-    imported = verbs.add_parser("import", help="write a medtune checkpoint from one LLaVA / LLaVA-Med's own code "
-                                               "saved (llava, llava_llama, llava_mistral)",
-                                description="Read SOURCE, a checkpoint folder saved by LLaVA's or LLaVA-Med's own "
-                                            "code (config with mm_vision_tower, model.mm_projector.* weights), and "
-                                            "write OUT: a composed model (transformers' Llava for mlp2x_gelu) with "
-                                            "the vision tower mm_vision_tower names, the checkpoint's tokenizer and "
-                                            "the chat template of the conversation mode. Settings medtune does not "
-                                            "reproduce (anyres, im_start/im_end tokens, other projectors) are "
-                                            "refused by name.")
-    imported.add_argument("source", help="the LLaVA checkpoint folder")
+    imported = verbs.add_parser("import", help="write a medtune checkpoint from one LLaVA, LLaVA-Med or Med-MoE's "
+                                               "own code saved (llava, llava_llama, llava_mistral, llava_phi, "
+                                               "moe_llava_phi)",
+                                description="Read SOURCE, a checkpoint folder saved by LLaVA's, LLaVA-Med's or "
+                                            "Med-MoE's own code (config with mm_vision_tower or mm_image_tower, "
+                                            "model.mm_projector.* weights), and write OUT: a composed model "
+                                            "(transformers' Llava for mlp2x_gelu), or medtune's moe kind for a "
+                                            "Med-MoE stage-3 model, with the vision tower the config names, the "
+                                            "checkpoint's tokenizer and the chat template of the conversation mode. "
+                                            "Settings medtune does not reproduce (anyres, im_start/im_end tokens, "
+                                            "other projectors, top-2 routing) are refused by name.")
+    imported.add_argument("source", help="the checkpoint folder (or hub name)")
     imported.add_argument("out", type=Path, help="output folder (a medtune checkpoint)")
-    imported.add_argument("--vision-tower", help="the tower checkpoint to use instead of the one mm_vision_tower "
-                                                 "names (a local copy of it, e.g. clip-vit-large-patch14-336)")
+    imported.add_argument("--vision-tower", help="the tower checkpoint to use instead of the one the config names "
+                                                 "(a local copy of it, e.g. clip-vit-large-patch14-336)")
     imported.add_argument("--conv-mode", help="the LLaVA conversation mode it is prompted with: mistral_instruct "
                                               "(llava_mistral's default), vicuna_v1, llava_v1 (llava_llama's), "
-                                              "llava_llama_2")
+                                              "llava_llama_2; phi for Med-MoE (its default)")
     imported.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                           help="weight dtype of the written checkpoint (default float32)")
     imported.set_defaults(func=run_import)
@@ -204,10 +206,11 @@ def run_info(args: argparse.Namespace) -> int:
 def run_import(args: argparse.Namespace) -> int:
     """``medtune model import SOURCE OUT``: see medtune/models/llava_import.py for what is read and refused."""
     from medtune.models.llava_import import import_llava
+    from medtune.models.med_moe_import import import_med_moe, is_moe_llava
 
     check_model_path(args.source)
-    vlm = import_llava(args.source, args.out, vision_tower=args.vision_tower, conv_mode=args.conv_mode,
-                       dtype=args.dtype)
+    importer = import_med_moe if is_moe_llava(args.source) else import_llava
+    vlm = importer(args.source, args.out, vision_tower=args.vision_tower, conv_mode=args.conv_mode, dtype=args.dtype)
     print(f"wrote {args.out}: {type(vlm.model).__name__}, {vlm.num_parameters():,} parameters, template "
           f"{vlm.template}, {vlm.image_tokens_per_image} image tokens per image")
     return 0

@@ -133,11 +133,11 @@ def import_llava(source: str | Path, out: str | Path, *, vision_tower: str | Non
     mode = conv_mode or DEFAULT_CONV_MODE[layout.language_model]
     if mode not in CONV_MODES:
         raise SpecError(f"conversation mode {mode!r}: medtune renders {', '.join(CONV_MODES)} as LLaVA does")
-    tower = vision_tower or _tower_source(layout)
+    tower = vision_tower or tower_source(layout.source, layout.vision_tower)
     text_config = AutoConfig.for_model(layout.language_model, **layout.text_settings)
     # the LM's keys (model.*, lm_head.*) load as they are; mm_projector (read below) and the tower's copy (LLaVA's
     # loader drops it too) are the checkpoint's other keys, which transformers would list as unexpected
-    with _quiet_transformers():   # ... and that llava_mistral is not a model type it knows
+    with quiet_transformers():   # ... and that llava_mistral is not a model type it knows
         llm = AutoModelForCausalLM.from_pretrained(str(layout.source), config=text_config,
                                                    dtype=getattr(torch, dtype))
         tokenizer = _tokenizer_as_loaded(layout)
@@ -151,7 +151,7 @@ def import_llava(source: str | Path, out: str | Path, *, vision_tower: str | Non
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """transformers' warnings off for a moment: what it would say about a LLaVA checkpoint is expected here."""
     from transformers.utils import logging as hf_logging
 
@@ -186,8 +186,8 @@ def local_folder(source: str | Path) -> Path:
                                                                 "*.txt"]))
 
 
-def _tower_source(layout: LlavaLayout) -> str:
-    """``mm_vision_tower``: a hub name, an absolute path, or a folder relative to the checkpoint."""
-    named = layout.vision_tower
-    beside = layout.source / named
+def tower_source(source: Path, named: str) -> str:
+    """The tower a checkpoint's config names (``mm_vision_tower``, Med-MoE's ``mm_image_tower``): a hub name, an
+    absolute path, or a folder relative to the checkpoint."""
+    beside = source / named
     return str(beside) if not Path(named).is_absolute() and (beside / "config.json").is_file() else named

@@ -83,6 +83,8 @@ def tensors_named(source: str | os.PathLike, marker: str) -> dict:
 # ``mm_projector.bin``) under the names of medtune's projectors: ``mlp2x_gelu`` is LLaVA's Sequential (indices 0
 # and 2), ``linear`` a bare Linear (no index).
 LLAVA_PROJECTOR_KEYS = {"mlp2x_gelu": {"0.": "linear_1.", "2.": "linear_2."}, "linear": {"": "linear."}}
+# MoE-LLaVA and Med-MoE nest the image projector one level down (their projector also holds video parts).
+MOE_LLAVA_IMAGE_PROJECTOR = "image_spatial_proj."
 
 
 def llava_projector_state(source, projector: str) -> dict:
@@ -92,6 +94,7 @@ def llava_projector_state(source, projector: str) -> dict:
     state = {}
     for key, tensor in tensors_named(source, "mm_projector.").items():
         rest = key.split("mm_projector.", 1)[1]   # LLaVA's own rule: any prefix before mm_projector.
+        rest = rest.removeprefix(MOE_LLAVA_IMAGE_PROJECTOR)
         new = next((new + rest[len(old):] for old, new in renames.items() if rest.startswith(old)), rest)
         state[new] = tensor
     if not state:
