@@ -1,13 +1,17 @@
-"""``medtune model import`` for Med-MoE's checkpoints: stage 2 (``llava_phi``, dense) and stage 3 (``moe_llava_phi``).
+"""``medtune model import`` for Med-MoE's checkpoints: stage 2 (``llava_phi`` / ``llava_stablelm``, dense) and
+stage 3 (``moe_llava_phi`` / ``moe_llava_stablelm``), the two language models Med-MoE ships (phi-2, StableLM 2).
 
 Med-MoE (jiangsongtao/Med-MoE, a MoE-LLaVA fork; facts from 148cbd6: ``moellava/model/language_model/
-llava_phi[_moe].py``, ``moellava/model/llava_arch.py``, ``moellava/model/builder.py``, ``moe/layer.py``,
-``moe/sharded_moe.py``, ``moellava/eval/model_vqa_med.py``) saves one Phi causal LM whose state dict also holds
+llava_{phi,stablelm}[_moe].py``, ``stablelm/configuration_stablelm_epoch.py``, ``moellava/model/llava_arch.py``, ``moellava/model/builder.py``, ``moe/layer.py``,
+``moe/sharded_moe.py``, ``moellava/eval/model_vqa_med.py``) saves one causal LM whose state dict also holds
 the projector (``model.mm_projector.image_spatial_proj.{0,2}.*``) and a copy of the frozen CLIP tower; its config
 names the tower ``mm_image_tower`` and the projector ``image_projector_type``. In stage 3 every MoE layer's FFN
-is ``model.layers.L.mlp.deepspeed_moe.experts.deepspeed_experts.E.{fc1,fc2}.*`` (the routed experts),
-``mlp.deepspeed_moe.gate.wg.{weight,bias}`` (the router, a Linear with bias) and ``mlp.meta_moe.{fc1,fc2}.*``
-(the always-on "meta" expert); ``config.moe`` holds the layers, expert counts and top-k.
+is ``model.layers.L.mlp.deepspeed_moe.experts.deepspeed_experts.E.*`` (the routed experts: Phi's ``fc1`` /
+``fc2``, StableLM's ``gate_proj`` / ``up_proj`` / ``down_proj``), ``mlp.deepspeed_moe.gate.wg.{weight,bias}`` (the
+router, a Linear with bias) and ``mlp.meta_moe.*`` (the always-on "meta" expert); ``config.moe`` holds the
+layers, expert counts and top-k. Med-MoE vendors StableLM as the remote-code ``stablelm_epoch`` model, whose
+config says ``rope_pct`` and ``norm_eps`` where transformers' ``stablelm`` says ``partial_rotary_factor`` and
+``layer_norm_eps``; the modules are the same.
 
 What the import reproduces, as Med-MoE's loader and evaluation compute it:
 
@@ -20,10 +24,11 @@ What the import reproduces, as Med-MoE's loader and evaluation compute it:
   renormalisation), the meta expert added with weight 1, no token dropped (Med-MoE hard-codes capacity 4 with
   ``drop_tokens=False``);
 * images as ``model_vqa_med.py`` feeds them: the CLIP processor's resize and centre crop (``pad_mode: crop``;
-  training padded to a square, the evaluation script does not), and the ``phi`` conversation template.
+  training padded to a square, the evaluation script does not), and the ``phi`` / ``stablelm`` conversation
+  template (the same prompt).
 
-Refused by name: other model types (StableLM, Qwen, Llama, Mistral, MiniCPM: no fixture from Med-MoE's code
-yet), a video tower, ``mm_use_im_start_end``, top-2 routing (Med-MoE draws its second expert with Gumbel noise,
+Refused by name: other model types (MoE-LLaVA's Qwen, Llama, Mistral, MiniCPM: Med-MoE ships none, and no
+fixture from its code), a video tower, ``mm_use_im_start_end``, top-2 routing (Med-MoE draws its second expert with Gumbel noise,
 at evaluation too), ``use_residual``, ``ep_size`` > 1 and layers with different expert counts.
 """
 from __future__ import annotations
@@ -36,8 +41,13 @@ from medtune.errors import InputFileError, SpecError
 from medtune.models.llava_import import local_folder, quiet_transformers
 from medtune.models.weights import LLAVA_PROJECTOR_KEYS
 
-MODEL_TYPES = {"llava_phi": "phi", "moe_llava_phi": "phi"}
+MODEL_TYPES = {"llava_phi": "phi", "moe_llava_phi": "phi", "llava_stablelm": "stablelm",
+               "moe_llava_stablelm": "stablelm"}
 CONV_MODES = (None, "phi", "stablelm")   # conversation.py: the two templates are the same (system, USER/ASSISTANT)
+# stablelm_epoch's config names -> transformers' stablelm
+STABLELM_EPOCH_KEYS = {"rope_pct": "partial_rotary_factor", "norm_eps": "layer_norm_eps"}
+# each expert's Linear layers, in the order medtune fuses them (gate rows before up rows)
+EXPERT_LINEARS = {"phi": (("fc1",), "fc2"), "stablelm": (("gate_proj", "up_proj"), "down_proj")}
 # Med-MoE keys that describe the multimodal wrapper or the training run, never the LM.
 WRAPPER_KEYS = ("moe", "use_mm_proj", "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter", "image_aspect_ratio",
                 "tokenizer_padding_side", "tokenizer_model_max_length", "image_projector_type",
@@ -51,7 +61,7 @@ class MedMoELayout:
     """What a Med-MoE checkpoint's config says, read without transformers (its model types are not registered)."""
 
     source: Path
-    language_model: str        # phi
+    language_model: str        # phi | stablelm
     text_settings: dict        # the LM's own config keys
     vision_tower: str
     projector: str
@@ -76,7 +86,8 @@ class MedMoELayout:
         problems = _refusals(raw, moe)
         if problems:
             raise SpecError(f"{path}: cannot import this Med-MoE checkpoint: " + "; ".join(problems))
-        settings = {k: v for k, v in raw.items() if not k.startswith("mm_") and k not in WRAPPER_KEYS
+        settings = {STABLELM_EPOCH_KEYS.get(k, k): v for k, v in raw.items()
+                    if not k.startswith("mm_") and k not in WRAPPER_KEYS
                     and not (k == "rope_scaling" and v is None)}   # transformers 5 reads rope_parameters
         return cls(source=source, language_model=MODEL_TYPES[raw["model_type"]], text_settings=settings,
                    vision_tower=raw["mm_image_tower"], projector=raw.get("image_projector_type", "linear"),
@@ -148,8 +159,8 @@ def import_med_moe(source: str | Path, out: str | Path, *, vision_tower: str | N
     from medtune.models.llava_import import tower_source
 
     if conv_mode not in CONV_MODES:
-        raise SpecError(f"conversation mode {conv_mode!r}: Med-MoE's phi checkpoints are evaluated with "
-                        "'phi' (its model_vqa_med.py default; 'stablelm' writes the same prompt)")
+        raise SpecError(f"conversation mode {conv_mode!r}: Med-MoE's checkpoints are evaluated with 'phi' (its "
+                        "model_vqa_med.py default) or 'stablelm', which write the same prompt")
     layout = MedMoELayout.read(local_folder(source))
     tensors = _checkpoint_tensors(layout.source)
     text_config = AutoConfig.for_model(layout.language_model, **layout.text_settings)
@@ -161,7 +172,8 @@ def import_med_moe(source: str | Path, out: str | Path, *, vision_tower: str | N
     llm.lm_head.register_parameter("bias", None)   # Med-MoE's Phi head has none (transformers' has one)
     spec = ModelSpec(vision=vision_tower or tower_source(layout.source, layout.vision_tower), llm=str(layout.source),
                      projector=layout.projector, vision_feature_layer=layout.select_layer,
-                     vision_feature_select=layout.select_feature, tokenizer=str(layout.source), template="phi",
+                     vision_feature_select=layout.select_feature, tokenizer=str(layout.source),
+                     template=conv_mode or layout.language_model,
                      pad_mode="crop", dtype=dtype, projector_weights=str(layout.source))
     vlm = build_vlm(spec, llm=llm, tokenizer=tokenizer)
     if layout.moe is not None:
@@ -195,7 +207,9 @@ def _load_language_model(llm, tensors: dict, layout: MedMoELayout) -> None:
 
 
 def _load_experts(vlm, tensors: dict, layout: MedMoELayout) -> None:
-    """Each MoE layer's routed experts and router from Med-MoE's DeepSpeed keys into medtune's fused tensors."""
+    """Each MoE layer's routed experts and router from Med-MoE's DeepSpeed keys into medtune's fused tensors
+    (Phi: fc1 -> up_proj, fc2 -> down_proj, with biases; StableLM: gate_proj and up_proj rows -> gate_up_proj,
+    down_proj -> down_proj)."""
     import torch
 
     from medtune.models.moe import moe_blocks
@@ -205,16 +219,20 @@ def _load_experts(vlm, tensors: dict, layout: MedMoELayout) -> None:
         block = next((b for name, b in blocks.items() if name.endswith(f"layers.{layer}.mlp")), None)
         prefix = f"model.layers.{layer}.{MOE_PREFIX}"
         experts = [f"{prefix}experts.deepspeed_experts.{e}." for e in range(block.experts.num_experts)]
-        needed = [f"{p}{name}" for p in experts for name in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")]
+        ups, down = EXPERT_LINEARS[layout.language_model]
+        kinds = ("weight", "bias") if block.experts.has_bias else ("weight",)
+        needed = [f"{p}{linear}.{kind}" for p in experts for linear in (*ups, down) for kind in kinds]
         needed += [f"{prefix}gate.wg.weight", f"{prefix}gate.wg.bias"]
         absent = [key for key in needed if key not in tensors]
         if absent:
-            raise InputFileError(f"{layout.source}: MoE layer {layer} lacks {absent[:3]} (a Phi stage-3 checkpoint "
-                                 "holds every expert's fc1/fc2 and the router's weight and bias)")
+            raise InputFileError(f"{layout.source}: MoE layer {layer} lacks {absent[:3]} (a stage-3 checkpoint "
+                                 "holds every expert's FFN and the router's weight and bias)")
         with torch.no_grad():
-            block.experts.up_proj.copy_(torch.stack([tensors[f"{p}fc1.weight"] for p in experts]))
-            block.experts.up_proj_bias.copy_(torch.stack([tensors[f"{p}fc1.bias"] for p in experts]))
-            block.experts.down_proj.copy_(torch.stack([tensors[f"{p}fc2.weight"] for p in experts]))
-            block.experts.down_proj_bias.copy_(torch.stack([tensors[f"{p}fc2.bias"] for p in experts]))
+            for kind in kinds:
+                suffix = "_bias" if kind == "bias" else ""
+                getattr(block.experts, block.experts.up_name + suffix).copy_(torch.stack(
+                    [torch.cat([tensors[f"{p}{linear}.{kind}"] for linear in ups]) for p in experts]))
+                getattr(block.experts, "down_proj" + suffix).copy_(
+                    torch.stack([tensors[f"{p}{down}.{kind}"] for p in experts]))
             block.gate.weight.copy_(tensors[f"{prefix}gate.wg.weight"])
             block.gate.bias.copy_(tensors[f"{prefix}gate.wg.bias"])

@@ -1,9 +1,10 @@
 """``medtune model import`` on Med-MoE checkpoints written by Med-MoE's own code.
 
-The fixture (tests/models/fixtures/seeds/med_moe, README there) holds a tiny stage-2 (``llava_phi``) and stage-3
-(``moe_llava_phi``: 4 experts on layers 0 and 2, top-1, the meta expert, a router) checkpoint and what Med-MoE's
-code computed on them as its builder loads them: ``model_vqa_med.py``'s prompt ids (conversation mode ``phi``)
-and pixels, the logits of a forward pass and 8 greedy ids. The imported models must give the same numbers.
+The fixture (tests/models/fixtures/seeds/med_moe, README there) holds, for each LM Med-MoE ships (Phi and
+StableLM), a tiny stage-2 (``llava_<lm>``) and stage-3 (``moe_llava_<lm>``: 4 experts on layers 0 and 2, top-1,
+the meta expert, a router) checkpoint and what Med-MoE's code computed on them as its builder loads them:
+``model_vqa_med.py``'s prompt ids (conversation mode ``phi`` / ``stablelm``) and pixels, the logits of a forward
+pass and 8 greedy ids. The imported models must give the same numbers.
 """
 from __future__ import annotations
 
@@ -22,20 +23,27 @@ FIXTURE = Path(__file__).parent / "fixtures" / "seeds" / "med_moe"
 IMAGE_TOKEN_INDEX = -200   # the image placeholder id inside Med-MoE's prompt ids
 VQA_RAD_IMAGES = Path(__file__).parents[2] / "data" / "vqa_rad" / "images"
 STAGES = ("stage-2", "stage-3")
+LMS = ("phi", "stablelm")
+PHI = FIXTURE / "phi"
+
+
+@pytest.fixture(scope="module", params=LMS)
+def lm(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference(lm):
     from safetensors.torch import load_file
 
-    return json.loads((FIXTURE / "reference.json").read_text()), load_file(FIXTURE / "reference.safetensors")
+    return json.loads((FIXTURE / lm / "reference.json").read_text()), load_file(FIXTURE / lm / "reference.safetensors")
 
 
 @pytest.fixture(scope="module")
-def imported_dirs(tmp_path_factory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("med-moe")
+def imported_dirs(lm, tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp(f"med-moe-{lm}")
     for stage in STAGES:
-        assert main(["model", "import", str(FIXTURE / stage), str(out / stage),
+        assert main(["model", "import", str(FIXTURE / lm / stage), str(out / stage),
                      "--vision-tower", str(FIXTURE / "tower")]) == 0
     return {stage: out / stage for stage in STAGES}
 
@@ -54,18 +62,23 @@ def seed_ids_for(vlm, ids: list[int]) -> torch.Tensor:
     return torch.tensor([expanded])
 
 
-def test_stage_2_is_transformers_llava_and_stage_3_medtune_s_moe_kind_with_med_moe_s_routing(imported):
+def test_stage_2_is_transformers_llava_and_stage_3_medtune_s_moe_kind_with_med_moe_s_routing(lm, imported):
     dense, moe = imported["stage-2"], imported["stage-3"]
     assert type(dense.model).__name__ == "LlavaForConditionalGeneration" and dense.kind == "composed"
-    assert dense.model.config.text_config.model_type == "phi" and dense.model.config.vision_feature_layer == -2
+    assert dense.model.config.text_config.model_type == {"phi": "phi", "stablelm": "stablelm"}[lm]
+    assert dense.model.config.vision_feature_layer == -2
     assert moe.kind == "moe"
     settings = moe.settings
     assert (settings.layer_indices(4), settings.num_experts, settings.top_k) == ([0, 2], 4, 1)
     assert settings.shared_expert and not settings.shared_expert_gate and not settings.renormalize
     assert settings.capacity_factor is None and settings.router_bias   # dropless, a router Linear with bias
     for vlm in (dense, moe):
-        assert vlm.template == "phi" and vlm.pad_mode == "crop" and vlm.image_tokens_per_image == 4
-        assert vlm.model.lm_head.bias is None   # Med-MoE's Phi head has no bias
+        assert vlm.template == lm and vlm.pad_mode == "crop" and vlm.image_tokens_per_image == 4
+        assert vlm.model.lm_head.bias is None   # Med-MoE's heads have no bias (transformers' Phi has one)
+    if lm == "stablelm":   # stablelm_epoch's rope_pct / norm_eps under transformers' names
+        text = dense.model.config.text_config
+        assert text.rope_parameters["partial_rotary_factor"] == 0.25
+        assert (text.layer_norm_eps, text.use_qkv_bias) == (1e-5, True)
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -109,7 +122,7 @@ def test_pixels_and_prompt_ids_are_model_vqa_med_s(imported, reference):
 
 def config_with(tmp_path: Path, stage: str, change: dict) -> Path:
     folder = tmp_path / stage
-    shutil.copytree(FIXTURE / stage, folder)
+    shutil.copytree(PHI / stage, folder)
     config = json.loads((folder / "config.json").read_text())
     for key, value in change.items():
         if key.startswith("moe."):
@@ -127,7 +140,7 @@ def config_with(tmp_path: Path, stage: str, change: dict) -> Path:
     ("stage-3", {"moe.ep_size": 2}, "moe.ep_size 2"),
     ("stage-2", {"mm_use_im_start_end": True}, "mm_use_im_start_end: true"),
     ("stage-2", {"image_projector_type": "qformer2_64"}, "image_projector_type 'qformer2_64'"),
-    ("stage-2", {"model_type": "llava_stablelm"}, "model_type 'llava_stablelm'"),
+    ("stage-2", {"model_type": "llava_qwen"}, "model_type 'llava_qwen'"),
 ])
 def test_settings_medtune_does_not_reproduce_are_refused_by_name(tmp_path, stage, change, named):
     from medtune.models.med_moe_import import MedMoELayout
@@ -138,7 +151,7 @@ def test_settings_medtune_does_not_reproduce_are_refused_by_name(tmp_path, stage
 
 
 def test_another_conversation_mode_is_refused_before_anything_is_read(tmp_path, capsys):
-    assert main(["model", "import", str(FIXTURE / "stage-2"), str(tmp_path / "out"),
+    assert main(["model", "import", str(PHI / "stage-2"), str(tmp_path / "out"),
                  "--vision-tower", str(FIXTURE / "tower"), "--conv-mode", "vicuna_v1"]) != 0
     assert "conversation mode 'vicuna_v1'" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
@@ -150,7 +163,7 @@ def test_a_stage_3_checkpoint_missing_an_expert_is_one_error_naming_the_layer(tm
     from medtune.models.med_moe_import import import_med_moe
 
     folder = tmp_path / "stage-3"
-    shutil.copytree(FIXTURE / "stage-3", folder)
+    shutil.copytree(PHI / "stage-3", folder)
     tensors = load_file(folder / "model.safetensors")
     del tensors["model.layers.2.mlp.deepspeed_moe.experts.deepspeed_experts.3.fc2.weight"]
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
@@ -166,7 +179,7 @@ def test_med_moe_s_stage_1_projector_file_is_read_under_medtune_s_names(tmp_path
 
     from medtune.models.weights import llava_projector_state
 
-    tensors = {key: value for key, value in load_file(FIXTURE / "stage-2" / "model.safetensors").items()
+    tensors = {key: value for key, value in load_file(PHI / "stage-2" / "model.safetensors").items()
                if "mm_projector" in key}
     torch.save(tensors, tmp_path / "mm_projector.bin")
     state = llava_projector_state(tmp_path / "mm_projector.bin", "mlp2x_gelu")
@@ -174,13 +187,15 @@ def test_med_moe_s_stage_1_projector_file_is_read_under_medtune_s_names(tmp_path
     assert torch.equal(state["linear_2.weight"], tensors["model.mm_projector.image_spatial_proj.2.weight"])
 
 
-def test_med_moe_s_router_file_format_loads_as_a_medtune_router():
+@pytest.mark.parametrize("name", LMS)
+def test_med_moe_s_router_file_format_loads_as_a_medtune_router(name):
     """The format of Med-MoE's shipped phi_router.pth / stablelm_router.pth ({fc1.weight, fc1.bias}), written by
     the fixture script with torch.save as Med-MoE's code reads it."""
     from medtune.models.moe import load_router
 
-    state = load_router(FIXTURE / "phi_router.pth", num_experts=4, hidden_size=32)
-    written = torch.load(FIXTURE / "phi_router.pth", weights_only=True)
+    path = FIXTURE / name / f"{name}_router.pth"
+    state = load_router(path, num_experts=4, hidden_size=32)
+    written = torch.load(path, weights_only=True)
     assert torch.equal(state["weight"], written["fc1.weight"]) and torch.equal(state["bias"], written["fc1.bias"])
 
 
