@@ -481,8 +481,10 @@ def _validation_section(content: dict) -> list[str]:
         f"split. It is a random {split.get('fraction', 0):.0%} of the cleaned training questions (seed "
         f"{split.get('seed')}, the same whatever `--seed`); the {split.get('removed_from_fit', 0)} training "
         f"questions that leak into it ({split.get('exact', 0)} exact pairs, {split.get('rephrasing', 0)} "
-        f"rephrasings) were removed from training, as for the test split, so {split.get('fit', '?')} questions "
-        "trained the model and the baselines. The validation loss of every stage is in the training table and "
+        f"rephrasings, as for the test split; {split.get('near', 0)} near duplicates and "
+        f"{split.get('same_image_answer', 0)} questions on a validation image with that open question's answer, "
+        "which the test split's construction leaves almost none of) were removed from training, so "
+        f"{split.get('fit', '?')} questions trained the model and the baselines. The validation loss of every stage is in the training table and "
         f"loss figure. The model gave {spread['distinct']} distinct answers here.", "",
         *_comparison_table(validation["headline"]), "",
     ]
