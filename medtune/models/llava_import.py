@@ -66,13 +66,7 @@ class LlavaLayout:
     @classmethod
     def read(cls, source: str | Path) -> "LlavaLayout":
         source = Path(source)
-        path = source / "config.json"
-        if not path.is_file():
-            raise InputFileError(f"{source}: not a checkpoint folder (no config.json)")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as error:
-            raise InputFileError(f"{path}: not valid JSON ({error})") from None
+        path, raw = checkpoint_config(source)
         language_model = _language_model(raw, path)
         problems = _refusals(raw)
         if problems:
@@ -85,6 +79,17 @@ class LlavaLayout:
                    select_feature=raw.get("mm_vision_select_feature", "patch"),
                    pad_mode=SQUARING[raw.get("image_aspect_ratio")],
                    patch_token=bool(raw.get("mm_use_im_patch_token", True)))
+
+
+def checkpoint_config(source: Path) -> tuple[Path, dict]:
+    """``source``'s config.json, path and content, read without transformers (a seed's model type may clash)."""
+    path = source / "config.json"
+    if not path.is_file():
+        raise InputFileError(f"{source}: not a checkpoint folder (no config.json)")
+    try:
+        return path, json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InputFileError(f"{path}: not valid JSON ({error})") from None
 
 
 def _language_model(raw: dict, path: Path) -> str:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medtune.errors import InputFileError, SpecError
-from medtune.models.llava_import import local_folder, quiet_transformers
+from medtune.models.llava_import import checkpoint_config, local_folder, quiet_transformers
 from medtune.models.weights import LLAVA_PROJECTOR_KEYS
 
 MODEL_TYPES = {"llava_phi": "phi", "moe_llava_phi": "phi", "llava_stablelm": "stablelm",
@@ -72,13 +72,7 @@ class MedMoELayout:
     @classmethod
     def read(cls, source: str | Path) -> "MedMoELayout":
         source = Path(source)
-        path = source / "config.json"
-        if not path.is_file():
-            raise InputFileError(f"{source}: not a checkpoint folder (no config.json)")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as error:
-            raise InputFileError(f"{path}: not valid JSON ({error})") from None
+        path, raw = checkpoint_config(source)
         if raw.get("model_type") not in MODEL_TYPES or "mm_image_tower" not in raw:
             raise SpecError(f"{path}: model_type {raw.get('model_type')!r} is not a Med-MoE checkpoint medtune "
                             f"imports ({', '.join(MODEL_TYPES)}, with mm_image_tower)")
