@@ -31,9 +31,10 @@ Design choices:
   random 10% of its questions (the same split whatever ``--seed``), and the training questions that leak into
   it are removed from training by the same check, with the same categories, as for the test split, and so are
   near duplicates and the training questions on a validation question's image with that open question's
-  answer, so that validation relates to training as the test split does (see :func:`split_validation`). Every stage trains on the rest (``train-fit.jsonl``)
-  and logs its validation loss; the model and the baselines (learned from ``train-fit.jsonl``) are also
-  scored on the validation questions. The recipe's settings were chosen on these validation figures.
+  answer, so that validation relates to training as the test split does (see :func:`split_validation`).
+  Every stage trains on the rest (``train-fit.jsonl``) and logs its validation loss; the model and the
+  baselines (learned from ``train-fit.jsonl``) are also scored on the validation questions. The recipe's
+  settings were chosen on these validation figures.
 * The model answers every test and validation question twice: with its image, and with one black image in
   its place. The difference is what the model takes from the image; the question-only classifier says what
   reading the question alone can give.

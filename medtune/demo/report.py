@@ -484,8 +484,8 @@ def _validation_section(content: dict) -> list[str]:
         f"rephrasings, as for the test split; {split.get('near', 0)} near duplicates and "
         f"{split.get('same_image_answer', 0)} questions on a validation image with that open question's answer, "
         "which the test split's construction leaves almost none of) were removed from training, so "
-        f"{split.get('fit', '?')} questions trained the model and the baselines. The validation loss of every stage is in the training table and "
-        f"loss figure. The model gave {spread['distinct']} distinct answers here.", "",
+        f"{split.get('fit', '?')} questions trained the model and the baselines. The validation loss of every "
+        f"stage is in the training table and loss figure. The model gave {spread['distinct']} distinct answers here.", "",
         *_comparison_table(validation["headline"]), "",
     ]
 

@@ -2,8 +2,9 @@
 stage 3 (``moe_llava_phi`` / ``moe_llava_stablelm``), the two language models Med-MoE ships (phi-2, StableLM 2).
 
 Med-MoE (jiangsongtao/Med-MoE, a MoE-LLaVA fork; facts from 148cbd6: ``moellava/model/language_model/
-llava_{phi,stablelm}[_moe].py``, ``stablelm/configuration_stablelm_epoch.py``, ``moellava/model/llava_arch.py``, ``moellava/model/builder.py``, ``moe/layer.py``,
-``moe/sharded_moe.py``, ``moellava/eval/model_vqa_med.py``) saves one causal LM whose state dict also holds
+llava_{phi,stablelm}[_moe].py``, ``stablelm/configuration_stablelm_epoch.py``, ``moellava/model/llava_arch.py``,
+``moellava/model/builder.py``, ``moe/layer.py``, ``moe/sharded_moe.py``, ``moellava/eval/model_vqa_med.py``) saves
+one causal LM whose state dict also holds
 the projector (``model.mm_projector.image_spatial_proj.{0,2}.*``) and a copy of the frozen CLIP tower; its config
 names the tower ``mm_image_tower`` and the projector ``image_projector_type``. In stage 3 every MoE layer's FFN
 is ``model.layers.L.mlp.deepspeed_moe.experts.deepspeed_experts.E.*`` (the routed experts: Phi's ``fc1`` /
@@ -28,8 +29,8 @@ What the import reproduces, as Med-MoE's loader and evaluation compute it:
   template (the same prompt).
 
 Refused by name: other model types (MoE-LLaVA's Qwen, Llama, Mistral, MiniCPM: Med-MoE ships none, and no
-fixture from its code), a video tower, ``mm_use_im_start_end``, top-2 routing (Med-MoE draws its second expert with Gumbel noise,
-at evaluation too), ``use_residual``, ``ep_size`` > 1 and layers with different expert counts.
+fixture from its code), a video tower, ``mm_use_im_start_end``, top-2 routing (Med-MoE draws its second expert
+with Gumbel noise, at evaluation too), ``use_residual``, ``ep_size`` > 1 and layers with different expert counts.
 """
 from __future__ import annotations
 
