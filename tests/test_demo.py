@@ -107,7 +107,9 @@ def test_leaking_training_pairs_are_removed_before_training(demo):
     assert [c["id"] for c in clean] == [str(r["qid"]) for r in train if str(r["qid"]) not in removed]
     recipe = json.loads((Path(report["recipe"]["run_dir"]) / "recipe.json").read_text())
     assert len(recipe["stages"]) == len(report["training"]["stages"]) == 2
-    assert {s["data"]["path"] for s in recipe["stages"]} == {str(output / "data" / "train-fit.jsonl")}
+    # the caption-alignment stage (plain template) trains on captions made from train-fit, the other on train-fit
+    assert [(s["template"], s["data"]["path"]) for s in recipe["stages"]] == [
+        ("plain", str(output / "data" / "captions.jsonl")), (None, str(output / "data" / "train-fit.jsonl"))]
     assert {s["eval_data"]["path"] for s in recipe["stages"]} == {str(output / "data" / "validation.jsonl")}
     # fixed threads (medtune train's default), so that a second run with the same seed gives the same figures
     assert {s["torch_threads"] for s in recipe["stages"]} == {None}
@@ -160,6 +162,30 @@ def test_validation_is_carved_from_training_disjoint_from_test_and_from_what_tra
         replies = [part["text"] for m in row["messages"] if m["role"] == "assistant" for part in m["content"]]
         assert row["meta"]["answer"] == answer and replies == [answer]
     assert {s["id"]: s["messages"][0] for s in clean if s["id"] in fit_ids} == {s["id"]: s["messages"][0] for s in fit}
+
+
+def test_captions_are_made_from_the_training_questions_alone(demo):
+    """Recomputed from the raw file: one caption per image of train-fit, its organ and then the distinct answers
+    of the open modality, plane and organ questions train-fit asks about it, in that order."""
+    output, report, _ = demo
+    fit_ids = {row["id"] for row in lines(output / "data" / "train-fit.jsonl")}
+    first = {"MODALITY": 0, "PLANE": 1, "ORGAN": 2}
+    records = [r for r in raw("train") if str(r["qid"]) in fit_ids]
+    records.sort(key=lambda r: first.get(r["question_type"].split(",")[0].strip(), 3))
+    expected: dict[str, list[str]] = {}
+    for record in records:
+        facts = expected.setdefault(record["image_name"], [{"ABD": "abdomen", "CHEST": "chest",
+                                                            "HEAD": "head"}[record["image_organ"]]])
+        answer = " ".join(str(record["answer"]).lower().split())
+        kind = record["question_type"].split(",")[0].strip()
+        if answer_type(record) == "open" and kind in first and answer not in facts:
+            facts.append(answer)
+    captions = lines(output / "data" / "captions.jsonl")
+    assert [c["messages"][0]["content"] for c in captions] == [
+        [{"type": "image", "image": {"path": image}}] for image in sorted(expected)]
+    assert [c["messages"][1]["content"][0]["text"] for c in captions] == [
+        ", ".join(expected[image]) for image in sorted(expected)]
+    assert report["data"]["records"]["captions"] == len(captions) == len(expected) > 300
 
 
 # ---- baselines -------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ Layout of ``--output DIR``::
 
     DIR/data/             train.jsonl, test.jsonl (canonical), train-clean.jsonl, manifest.json (+ leakage),
                           validation.jsonl and train-fit.jsonl (the cleaned set split: held out / trained on),
+                          captions.jsonl (one caption per training image, from train-fit.jsonl's answers),
                           blank-image/ (the test and validation questions with every image one black image)
     DIR/runs/NAME-HASH/   the training run of one resolved recipe (stages, checkpoints, metrics.jsonl) and
                           eval-vqa-rad/predictions.jsonl, its final model's answers (-validation: on the
@@ -32,7 +33,8 @@ Design choices:
   it are removed from training by the same check, with the same categories, as for the test split, and so are
   near duplicates and the training questions on a validation question's image with that open question's
   answer, so that validation relates to training as the test split does (see :func:`split_validation`).
-  Every stage trains on the rest (``train-fit.jsonl``) and logs its validation loss; the model and the
+  Every stage trains on the rest (``train-fit.jsonl``), or on captions made from it (a stage with the ``plain``
+  template: ``captions.jsonl``, see :func:`image_captions`), and logs its validation loss; the model and the
   baselines (learned from ``train-fit.jsonl``) are also scored on the validation questions. The recipe's
   settings were chosen on these validation figures.
 * The model answers every test and validation question twice: with its image, and with one black image in
@@ -73,7 +75,10 @@ VALIDATION_REMOVED = (*REMOVED_CATEGORIES, "near")
 QUICK_SCALE = 0.1
 MODEL_LINK = "model"
 BLANK_IMAGE = "black.png"   # what every image becomes when the model is asked without its images
-MANIFEST_VERSION = 4   # 3: answers lower-cased (fold_answer_case); 4: validation's open answers not on its images
+MANIFEST_VERSION = 5   # 3: answers lower-cased (fold_answer_case); 4: validation's open answers not on its
+                       # images; 5: captions.jsonl
+CAPTION_TYPES = ("MODALITY", "PLANE", "ORGAN")   # the questions whose open answers describe an image as a whole
+ORGAN_WORDS = {"ABD": "abdomen", "CHEST": "chest", "HEAD": "head"}
 VALIDATION_FRACTION = 0.1
 VALIDATION_SEED = 0        # fixed: the held-out questions do not change with --seed
 EVALS_PER_STAGE = 4        # validation-loss points per stage (a stage without eval_steps of its own)
@@ -163,6 +168,11 @@ class DemoData:
     def validation(self) -> Path:
         return self.directory / "validation.jsonl"
 
+    @property
+    def captions(self) -> Path:
+        """What a caption-alignment stage (``plain`` template) trains on: :func:`image_captions` of the fit set."""
+        return self.directory / "captions.jsonl"
+
     def questions(self, split: str) -> Path:
         """The questions the model is asked: the test split, or the validation split carved from training."""
         return self.test if split == "test" else self.validation
@@ -179,11 +189,12 @@ def prepare_data(output: Path) -> tuple[DemoData, bool]:
     manifest_path = directory / "manifest.json"
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        files = (data.train, data.test, data.clean_train, data.fit, data.validation)
+        files = (data.train, data.test, data.clean_train, data.fit, data.validation, data.captions)
         if (manifest.get("version") == MANIFEST_VERSION and manifest.get("source_sha256") == hashes
                 and all(p.is_file() for p in files)
                 and manifest.get("clean_train_sha256") == file_digest(data.clean_train)
-                and manifest.get("fit_sha256") == file_digest(data.fit)):
+                and manifest.get("fit_sha256") == file_digest(data.fit)
+                and manifest.get("captions_sha256") == file_digest(data.captions)):
             data.manifest = manifest
             print(f"reusing converted data in {directory} (bundled files unchanged)")
             return data, True
@@ -218,10 +229,12 @@ def _convert_and_clean(sources: dict[str, Path], hashes: dict[str, str], data: D
     validation = split_validation([s for position, s in enumerate(train) if position not in drop], data)
     return {
         "version": MANIFEST_VERSION, "source_sha256": hashes, "clean_train_sha256": file_digest(data.clean_train),
-        "fit_sha256": file_digest(data.fit), "validation": validation,
+        "fit_sha256": file_digest(data.fit), "captions_sha256": file_digest(data.captions),
+        "validation": validation,
         "sources": {split: str(path) for split, path in sources.items()}, "image_root": str(data.image_root),
         "records": {"train": len(train), "test": len(test), "clean_train": clean_tally.written,
-                    "fit": validation["fit"], "validation": validation["questions"]},
+                    "fit": validation["fit"], "validation": validation["questions"],
+                    "captions": validation["captions"]},
         "tallies": {split: tally.to_dict() for split, tally in tallies.items()},
         "leakage": {"removed_categories": list(REMOVED_CATEGORIES), "removed": len(drop),
                     "exact": len(report.exact), "rephrasing": len(report.rephrasing), "near": len(report.near),
@@ -244,7 +257,9 @@ def split_validation(clean: list[Sample], data: DemoData, *, fraction: float = V
     (the training rephrasings of test questions were the ones that had) and 3 test questions a near duplicate in
     training, while a random validation split keeps paraphrases on both sides (62% of its open questions had
     such a training question, and 29 of its questions a near duplicate). Validation then rewarded recalling what
-    training said about an image, which the test split does not."""
+    training said about an image, which the test split does not.
+
+    It also writes captions.jsonl (:func:`image_captions` of train-fit.jsonl)."""
     import random
 
     from medtune.data.jsonl import write_samples
@@ -260,12 +275,15 @@ def split_validation(clean: list[Sample], data: DemoData, *, fraction: float = V
     # folded too, so that the validation loss measures the answers as training writes them
     write_samples(data.validation, [fold_answer_case(s) for s in validation], Tally())
     write_samples(data.fit, fit, Tally())
+    captions = image_captions(fit)
+    write_samples(data.captions, captions, Tally())
     print(f"validation split (from the cleaned training set, seed {seed}): {len(validation)} questions held out; "
           f"{len(leaking)} training questions that leak into them removed ({len(report.exact)} exact pairs, "
           f"{len(report.rephrasing)} rephrasings, {len(report.near)} near duplicates, {len(answered)} on a "
-          "validation image with its open answer); "
-          f"training on {len(fit)}")
+          f"validation image with its open answer); training on {len(fit)}, and on {len(captions)} captions of "
+          "their images")
     return {"fraction": fraction, "seed": seed, "questions": len(validation), "fit": len(fit),
+            "captions": len(captions),
             "removed_from_fit": len(leaking), "exact": len(report.exact), "rephrasing": len(report.rephrasing),
             "near": len(report.near), "same_image_answer": len(answered),
             "ids": [s.id for s in validation], "removed_ids": [rest[position].id for position in sorted(leaking)]}
@@ -283,6 +301,47 @@ def same_image_answers(rest: list[Sample], held: list[Sample]) -> set[int]:
 
     open_answers = {key(s) for s in held if s.meta.answer_type == "open"}
     return {position for position, sample in enumerate(rest) if key(sample) in open_answers}
+
+
+def image_captions(fit: list[Sample]) -> list[Sample]:
+    """One caption per image of ``fit`` (sorted by image path), for the stage that aligns image and text: the
+    image's organ, then the distinct answers of the open modality, plane and organ questions ``fit`` asks about
+    it, in that order (e.g. "head, mri, axial"; most images have only their organ).
+
+    Why: a random tower trained only through question answering learns little the question does not already
+    say (asked with every image blanked, such a model scored almost the same). A caption can be written only by
+    looking at the image, so the stage that trains on captions makes the tower tell organs, modalities and
+    planes apart, which every image shows. Only what describes the image as a whole goes in: a caption of every
+    answer given about an image (findings, locations) taught recall of what training said about that image,
+    which the validation split rewarded before it was made to relate to training as the test split does, and
+    the test split did not (docs/demo.md, trial K). Made from the training questions alone: no validation or
+    test question or answer is in a caption."""
+    def kind(sample: Sample) -> str:
+        return str(sample.meta.extra.get("question_type", "")).split(",")[0].strip()
+
+    images: dict[str, tuple[str | None, list[str]]] = {}
+    # modality answers first, then plane, then organ; file order within each (sorted is stable)
+    for sample in sorted(fit, key=lambda s: CAPTION_TYPES.index(kind(s)) if kind(s) in CAPTION_TYPES else 3):
+        image = next((part.image.path for message in sample.messages for part in message.content
+                      if part.type == "image"), None)
+        if image is None:
+            continue
+        organ, facts = images.setdefault(image, (ORGAN_WORDS.get(str(sample.meta.organ).upper()), []))
+        answer = " ".join(str(sample.meta.answer or "").split())
+        if (sample.meta.answer_type == "open" and kind(sample) in CAPTION_TYPES and answer and answer != organ
+                and answer not in facts):
+            facts.append(answer)
+    return [_caption(image, organ, facts) for image, (organ, facts) in sorted(images.items())]
+
+
+def _caption(image: str, organ: str | None, facts: list[str]) -> Sample:
+    from medtune.data.schema import ImageRef, Message, Metadata, Part
+
+    text = ", ".join([organ] * (organ is not None) + facts)
+    return Sample(id=f"caption:{image}", messages=[
+        Message("user", (Part("image", image=ImageRef(image)),)),
+        Message("assistant", (Part("text", text=text),))],
+        meta=Metadata(source="vqa-rad", task="caption", split="train", answer=text))
 
 
 def fold_answer_case(sample: Sample) -> Sample:
@@ -304,7 +363,8 @@ def fold_answer_case(sample: Sample) -> Sample:
 
 
 def resolve_recipe(options: DemoOptions, data: DemoData):
-    """``recipes/demo.yaml`` pointed at the training part of the cleaned data, with the validation split as
+    """``recipes/demo.yaml`` pointed at the training part of the cleaned data (a stage with the ``plain``
+    template, which trains on captions alone, at the captions of its images), with the validation split as
     every stage's eval data (token cache under the output folder), with the preset, seed, step scale, bf16
     where the machine computes it natively, and the overrides (which win). Torch threads are ``medtune train``'s
     fixed default (every usable core), so that two runs with the same seed on one machine give the same
@@ -319,7 +379,10 @@ def resolve_recipe(options: DemoOptions, data: DemoData):
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     # Values are JSON strings, which YAML reads back verbatim whatever the path contains.
     validation = {"path": str(data.validation), "format": "canonical", "image_root": str(data.image_root)}
+    captioning = [index for index, stage in enumerate(raw.get("stages") or [])
+                  if isinstance(stage, dict) and stage.get("template") == "plain"]
     overrides = [f"stages.*.data.path={json.dumps(str(data.fit))}", "stages.*.data.format=canonical",
+                 *(f"stages.{index}.data.path={json.dumps(str(data.captions))}" for index in captioning),
                  f"stages.*.data.image_root={json.dumps(str(data.image_root))}",
                  f"stages.*.eval_data={json.dumps(validation)}",
                  f"cache_dir={json.dumps(str(data.directory.parent / 'cache' / 'tokens'))}"]

@@ -56,15 +56,17 @@ ORGAN_METRICS = (("compat", "closed", "accuracy"), ("compat", "open", "recall"),
 PRETRAINED_OVERRIDES = (
     "model.vision=openai/clip-vit-large-patch14-336", "model.llm=lmsys/vicuna-7b-v1.5", "model.tokenizer=null",
     "model.template=vicuna", "stages.*.precision=bf16", "stages.*.max_length=1024",
-    "stages.*.gradient_checkpointing=true", "stages.1.lr.vision=0", "stages.1.lr.llm=0", "stages.1.lr.projector=2e-5",
+    "stages.*.gradient_checkpointing=true", "stages.0.lr.vision=0", "stages.0.lr.llm=0", "stages.0.lr.projector=1e-3",
+    "stages.1.lr.vision=0", "stages.1.lr.llm=0", "stages.1.lr.projector=2e-5",
     "stages.1.lora.r=64", "stages.1.lr.lora=2e-4")
 RANDOM_STATEMENT = (
     "This model is randomly initialised: its vision encoder, projector and language model are built from "
     "configs and its tokenizer is trained offline on bundled text, so it starts knowing nothing about images "
     "or language. Trained for a few minutes on a CPU, it demonstrates that the pipeline runs end to end "
     "(conversion, leakage removal, two-stage training, evaluation, baselines, report); it is not a medical "
-    "model and its answers must not be used for anything. Read its figures against the baselines: a model "
-    "this small mostly learns answer priors, which the baselines measure directly.")
+    "model and its answers must not be used for anything. Read its figures against the baselines, which "
+    "measure answer priors and what the question alone gives, and against its own answers with the images "
+    "blanked, which measure what it takes from the image.")
 SHORT_RUN_NOTE = (
     "This run trained {scale:g} of the recipe's steps (`--quick` is 0.1): it shows that every phase runs (data, "
     "leakage removal, both stages, evaluation, baselines, report) in a few minutes. So few steps learn little "
@@ -485,7 +487,8 @@ def _validation_section(content: dict) -> list[str]:
         f"{split.get('same_image_answer', 0)} questions on a validation image with that open question's answer, "
         "which the test split's construction leaves almost none of) were removed from training, so "
         f"{split.get('fit', '?')} questions trained the model and the baselines. The validation loss of every "
-        f"stage is in the training table and loss figure. The model gave {spread['distinct']} distinct answers here.", "",
+        f"stage is in the training table and loss figure. The model gave {spread['distinct']} distinct answers "
+        "here.", "",
         *_comparison_table(validation["headline"]), "",
     ]
 
@@ -539,13 +542,18 @@ def _training_section(content: dict) -> list[str]:
 def _what_training_saw(content: dict) -> str:
     """Which questions each stage trained and was validated on, and that none is a test question."""
     records = content["data"]["records"]
-    return (f"Every stage trained on `train-fit.jsonl` ({records['fit']:,} questions of the VQA-RAD training split: "
+    captions = (f" A stage with the `plain` template (caption alignment) trained on `captions.jsonl` instead: one "
+                f"caption for each of the {records['captions']:,} images of `train-fit.jsonl`, its organ and the "
+                "answers of the open modality, plane and organ questions `train-fit.jsonl` asks about it, so that "
+                "the model learns to tell the images apart; no validation or test answer is in a caption."
+                if records.get("captions") else "")
+    return (f"The stages trained on `train-fit.jsonl` ({records['fit']:,} questions of the VQA-RAD training split: "
             f"the {records['clean_train']:,} left by the leakage check less the {records['validation']:,} "
             "validation questions and the training questions that leak into them; answers lower-cased, as both "
-            "metric families compare them) and measured its validation loss on `validation.jsonl` (answers "
-            "lower-cased too). No stage saw a test question or a test answer; the offline tokenizer's word pieces "
-            "are learned from the text of all bundled VQA-RAD files (test questions included), which tells it "
-            "which words exist, not which answer goes with which question.")
+            f"metric families compare them).{captions} Every stage measured its validation loss on "
+            "`validation.jsonl` (answers lower-cased too). No stage saw a test question or a test answer; the "
+            "offline tokenizer's word pieces are learned from the text of all bundled VQA-RAD files (test "
+            "questions included), which tells it which words exist, not which answer goes with which question.")
 
 
 def _flags(machine: dict) -> str:
