@@ -295,9 +295,7 @@ def same_image_answers(rest: list[Sample], held: list[Sample]) -> set[int]:
     from medtune.data.leakage import normalise
 
     def key(sample: Sample) -> tuple:
-        image = next((part.image.path for message in sample.messages for part in message.content
-                      if part.type == "image"), None)
-        return image, normalise(str(sample.meta.answer))
+        return next((image.path for image in sample.images), None), normalise(str(sample.meta.answer))
 
     open_answers = {key(s) for s in held if s.meta.answer_type == "open"}
     return {position for position, sample in enumerate(rest) if key(sample) in open_answers}
@@ -316,31 +314,31 @@ def image_captions(fit: list[Sample]) -> list[Sample]:
     which the validation split rewarded before it was made to relate to training as the test split does, and
     the test split did not (docs/demo.md, trial K). Made from the training questions alone: no validation or
     test question or answer is in a caption."""
-    def kind(sample: Sample) -> str:
-        return str(sample.meta.extra.get("question_type", "")).split(",")[0].strip()
+    def rank(sample: Sample) -> int:
+        """The place of the sample's question type in CAPTION_TYPES; len(CAPTION_TYPES) for any other."""
+        kind = str(sample.meta.extra.get("question_type", "")).split(",")[0].strip()
+        return CAPTION_TYPES.index(kind) if kind in CAPTION_TYPES else len(CAPTION_TYPES)
 
     images: dict[str, tuple[str | None, list[str]]] = {}
     # modality answers first, then plane, then organ; file order within each (sorted is stable)
-    for sample in sorted(fit, key=lambda s: CAPTION_TYPES.index(kind(s)) if kind(s) in CAPTION_TYPES else 3):
-        image = next((part.image.path for message in sample.messages for part in message.content
-                      if part.type == "image"), None)
-        if image is None:
+    for sample in sorted(fit, key=rank):
+        if not sample.images:
             continue
-        organ, facts = images.setdefault(image, (ORGAN_WORDS.get(str(sample.meta.organ).upper()), []))
+        organ, facts = images.setdefault(sample.images[0].path,
+                                         (ORGAN_WORDS.get(str(sample.meta.organ).upper()), []))
         answer = " ".join(str(sample.meta.answer or "").split())
-        if (sample.meta.answer_type == "open" and kind(sample) in CAPTION_TYPES and answer and answer != organ
+        if (sample.meta.answer_type == "open" and rank(sample) < len(CAPTION_TYPES) and answer and answer != organ
                 and answer not in facts):
             facts.append(answer)
     return [_caption(image, organ, facts) for image, (organ, facts) in sorted(images.items())]
 
 
 def _caption(image: str, organ: str | None, facts: list[str]) -> Sample:
-    from medtune.data.schema import ImageRef, Message, Metadata, Part
+    from medtune.data.schema import Message, Metadata, Part
 
     text = ", ".join([organ] * (organ is not None) + facts)
     return Sample(id=f"caption:{image}", messages=[
-        Message("user", (Part("image", image=ImageRef(image)),)),
-        Message("assistant", (Part("text", text=text),))],
+        Message("user", (Part.of_image(image),)), Message("assistant", (Part.of_text(text),))],
         meta=Metadata(source="vqa-rad", task="caption", split="train", answer=text))
 
 

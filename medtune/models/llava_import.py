@@ -105,14 +105,21 @@ def _language_model(raw: dict, path: Path) -> str:
                     f"is not one LLaVA writes ({', '.join(MODEL_TYPES)})")
 
 
+def projector_and_feature_refusals(raw: dict, projector_key: str, seed: str) -> list[str]:
+    """The LLaVA family's projector (named by ``projector_key``: LLaVA's ``mm_projector_type``, MoE-LLaVA's
+    ``image_projector_type``) and tower-feature settings medtune does not reproduce, by name."""
+    problems = []
+    projector = raw.get(projector_key, "linear")
+    if projector not in LLAVA_PROJECTOR_KEYS:
+        problems.append(f"{projector_key} {projector!r} (medtune imports {', '.join(LLAVA_PROJECTOR_KEYS)})")
+    if raw.get("mm_vision_select_feature", "patch") not in ("patch", "cls_patch"):
+        problems.append(f"mm_vision_select_feature {raw['mm_vision_select_feature']!r} ({seed} itself raises)")
+    return problems
+
+
 def _refusals(raw: dict) -> list[str]:
     """Each setting that would change the computation in a way medtune does not reproduce, by name."""
-    problems = []
-    projector = raw.get("mm_projector_type", "linear")
-    if projector not in LLAVA_PROJECTOR_KEYS:
-        problems.append(f"mm_projector_type {projector!r} (medtune imports {', '.join(LLAVA_PROJECTOR_KEYS)})")
-    if raw.get("mm_vision_select_feature", "patch") not in ("patch", "cls_patch"):
-        problems.append(f"mm_vision_select_feature {raw['mm_vision_select_feature']!r} (LLaVA itself raises)")
+    problems = projector_and_feature_refusals(raw, "mm_projector_type", "LLaVA")
     if raw.get("image_aspect_ratio") not in SQUARING:
         problems.append(f"image_aspect_ratio {raw['image_aspect_ratio']!r} (medtune imports pad and square)")
     if raw.get("mm_patch_merge_type", "flat") != "flat":

@@ -34,13 +34,12 @@ with Gumbel noise, at evaluation too), ``use_residual``, ``ep_size`` > 1 and lay
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from medtune.errors import InputFileError, SpecError
-from medtune.models.llava_import import checkpoint_config, local_folder, quiet_transformers
-from medtune.models.weights import LLAVA_PROJECTOR_KEYS
+from medtune.models.llava_import import (checkpoint_config, local_folder, projector_and_feature_refusals,
+                                         quiet_transformers)
 
 MODEL_TYPES = {"llava_phi": "phi", "moe_llava_phi": "phi", "llava_stablelm": "stablelm",
                "moe_llava_stablelm": "stablelm"}
@@ -100,12 +99,7 @@ class MedMoELayout:
 
 def _refusals(raw: dict, moe: dict | None) -> list[str]:
     """Each setting that would change the computation in a way medtune does not reproduce, by name."""
-    problems = []
-    projector = raw.get("image_projector_type", "linear")
-    if projector not in LLAVA_PROJECTOR_KEYS:
-        problems.append(f"image_projector_type {projector!r} (medtune imports {', '.join(LLAVA_PROJECTOR_KEYS)})")
-    if raw.get("mm_vision_select_feature", "patch") not in ("patch", "cls_patch"):
-        problems.append(f"mm_vision_select_feature {raw['mm_vision_select_feature']!r} (Med-MoE itself raises)")
+    problems = projector_and_feature_refusals(raw, "image_projector_type", "Med-MoE")
     if raw.get("mm_video_tower"):
         problems.append(f"mm_video_tower {raw['mm_video_tower']!r} (medtune imports the image path only)")
     if raw.get("mm_use_im_start_end"):
@@ -136,10 +130,9 @@ def _moe_refusals(moe: dict | None) -> list[str]:
 def is_moe_llava(source: str | Path) -> bool:
     """Whether ``source`` (a folder, or a hub name fetched) was saved by MoE-LLaVA's / Med-MoE's code: its config
     names the tower ``mm_image_tower`` (LLaVA's says ``mm_vision_tower``)."""
-    path = local_folder(source) / "config.json"
     try:
-        return "mm_image_tower" in json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
+        return "mm_image_tower" in checkpoint_config(local_folder(source))[1]
+    except InputFileError:
         return False   # LLaVA's importer names what is wrong with the folder
 
 
