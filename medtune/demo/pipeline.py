@@ -533,15 +533,20 @@ def evaluate_model(data: DemoData, backend, run_dir: Path, options: DemoOptions,
             "reused": result.already_answered, "answered_now": result.answered}
 
 
-def score_baselines(data: DemoData, samples: list[Sample], out_dir: Path, *, seed: int,
-                    split: str = "test") -> dict:
-    """The baselines, learned from the questions the model trained on, answered (files in ``out_dir``) and
-    scored."""
+def learn_baselines(data: DemoData):
+    """The baselines' answer priors and question classifier, learned from the questions the model trained on
+    (once per run: fitting the classifier takes about 15 s on 2 cores)."""
     from medtune.data.jsonl import read_samples
-    from medtune.demo import evaluate
-    from medtune.demo.baselines import BASELINES, AnswerPriors
+    from medtune.demo.baselines import AnswerPriors
 
-    priors = AnswerPriors.learn(read_samples(data.fit, strict=True))   # what the model trained on
+    return AnswerPriors.learn(read_samples(data.fit, strict=True))
+
+
+def score_baselines(priors, samples: list[Sample], out_dir: Path, *, seed: int, split: str = "test") -> dict:
+    """The baselines (``priors``: :func:`learn_baselines`) answered (files in ``out_dir``) and scored."""
+    from medtune.demo import evaluate
+    from medtune.demo.baselines import BASELINES
+
     scored = []
     for name in BASELINES:
         answers = priors.predict(name, samples)
@@ -619,8 +624,10 @@ def run_demo(options: DemoOptions) -> dict:
         validation = evaluate_model(data, backend, run_dir, options, seed=recipe.seed, split="validation")
         validation["blank"] = evaluate_model(data, backend, run_dir, options, seed=recipe.seed, split="validation",
                                              blank_images=True)
-        validation["baselines"] = score_baselines(data, validation["samples"], output / "baselines" / "validation",
-                                                  seed=recipe.seed, split="validation")
+        priors = learn_baselines(data)
+        validation["baselines"] = score_baselines(priors, validation["samples"],
+                                                  output / "baselines" / "validation", seed=recipe.seed,
+                                                  split="validation")
         entry["status"] = "reused" if not validation["answered_now"] + validation["blank"]["answered_now"] else "ran"
     with phases.phase("evaluate", f"evaluation: {TASK} test split, local model, greedy, with and without its "
                                   "images") as entry:
@@ -629,7 +636,7 @@ def run_demo(options: DemoOptions) -> dict:
         entry["status"] = "reused" if not evaluation["answered_now"] + blank["answered_now"] else "ran"
     with phases.phase("baselines", "baselines: majority answer per type, most frequent answer per question, "
                                    "question-only classifier"):
-        baselines = score_baselines(data, evaluation["samples"], output / "baselines", seed=recipe.seed)
+        baselines = score_baselines(priors, evaluation["samples"], output / "baselines", seed=recipe.seed)
     with phases.phase("report", "report: tables, loss curves, results chart"):
         context = report.DemoContext(
             options=options, command=command_line(options), started=started, data=data, recipe=recipe,

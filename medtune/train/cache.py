@@ -19,6 +19,7 @@ when complete, so an interrupted run never leaves an entry a later run would tru
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -68,10 +69,20 @@ def cache_key(data_files: Sequence[str | os.PathLike], vlm, *, max_length: int, 
 # --------------------------------------------------------------------------------------------------------------
 # Building and reading
 
-def encode_checked(sample, vlm, image_root, *, max_length: int, truncation: str) -> dict[str, list[int]]:
-    """Token columns of a sample, after decoding its images once so a broken image is counted now."""
+def encode_checked(sample, vlm, image_root, *, max_length: int, truncation: str,
+                   decoded: set | None = None) -> dict[str, list[int]]:
+    """Token columns of a sample, after decoding its images so a broken image is counted now.
+
+    ``decoded`` (the image files one pass has already decoded, by :meth:`ImageMemo.file_key`) skips an image
+    file decoded for an earlier sample: VQA-RAD's 3,064 questions ask about 315 images."""
     row = vlm.encode_tokens(sample, max_length=max_length, truncation=truncation, image_root=image_root)
-    vlm.check_images(sample.images, image_root)
+    if decoded is None:
+        vlm.check_images(sample.images, image_root)
+        return row
+    keys = [ImageMemo.file_key(ref, image_root) for ref in sample.images]
+    vlm.check_images([ref for ref, key in zip(sample.images, keys) if key is None or key not in decoded],
+                     image_root)
+    decoded.update(key for key in keys if key is not None)
     return row
 
 
@@ -93,7 +104,8 @@ def encode_with_cache(samples: Callable[[], Iterable[tuple[Any, Path]]], vlm, *,
     """Encoded rows of ``samples()`` (``(sample, image_root)`` pairs), from the cache when the key matches.
 
     ``samples`` is called only on a cache miss. ``encoder(sample, vlm, image_root, max_length=, truncation=)``
-    defaults to :func:`encode_checked`; a SkipSample it raises is counted in the Tally (raised when strict).
+    defaults to :func:`encode_checked` (each image file decoded once per pass); a SkipSample it raises is
+    counted in the Tally (raised when strict).
     """
     import datasets
 
@@ -104,7 +116,8 @@ def encode_with_cache(samples: Callable[[], Iterable[tuple[Any, Path]]], vlm, *,
     if (path / TALLY_FILE).is_file():
         return CachedEncoding(datasets.load_from_disk(str(path)), _read_tally(path / TALLY_FILE), key, path, True)
     tally = Tally()
-    columns = _encode_all(samples(), vlm, encoder or encode_checked, max_length=max_length,
+    columns = _encode_all(samples(), vlm, encoder or functools.partial(encode_checked, decoded=set()),
+                          max_length=max_length,
                           truncation=truncation, strict=strict, tally=tally, data_files=data_files,
                           progress=progress)
     _write_entry(datasets.Dataset.from_dict(columns, features=_features()), tally, path)
@@ -193,7 +206,7 @@ class CachedDataset:
     def __init__(self, rows, vlm, *, allowed_roots=(), memo_bytes: int | None = None):
         self.rows, self.vlm, self.allowed_roots = rows, vlm, allowed_roots
         limit = DEFAULT_MEMO_BYTES if memo_bytes is None else memo_bytes
-        self.memo = ImageMemo(limit) if limit > 0 else None
+        self.memo = ImageMemo.for_preprocessing(vlm, limit) if limit > 0 else None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -221,13 +234,27 @@ class ImageMemo:
     Keyed by the image file (its resolved path under the image root, size and modification time, so an edited
     file is decoded again) and the frame / slice the reference names. Past the limit, new images are decoded
     as usual and not kept. With dataloader workers every worker keeps its own.
+    :meth:`for_preprocessing` gives every dataset of a process with the same image preprocessing one memo (a
+    recipe's stages and their evaluation sets decode each image once).
     """
+
+    _shared: dict[tuple, "ImageMemo"] = {}
 
     def __init__(self, limit_bytes: int):
         self.limit_bytes = limit_bytes
         self.entries: dict[tuple, Any] = {}
         self.bytes = 0
         self.hits = self.misses = 0
+
+    @classmethod
+    def for_preprocessing(cls, vlm, limit_bytes: int) -> "ImageMemo":
+        """The process's memo for ``vlm``'s image preprocessing (its kind and image processor settings); a new
+        one for a model without an image processor (its pixels may depend on more than those settings)."""
+        processor = getattr(vlm, "image_processor", None)
+        if processor is None:
+            return cls(limit_bytes)
+        key = (vlm.kind, type(processor).__qualname__, processor.to_json_string(), limit_bytes)
+        return cls._shared.setdefault(key, cls(limit_bytes))
 
     def pixels(self, refs: Sequence[ImageRef], image_root, decode: Callable[[list], Any], *,
                allowed_roots: Sequence = ()):
@@ -237,7 +264,7 @@ class ImageMemo:
             return decode([])
         import torch
 
-        keys = [self._key(ref, image_root, allowed_roots) for ref in refs]
+        keys = [self.file_key(ref, image_root, allowed_roots) for ref in refs]
         kept = [self.entries.get(key) for key in keys]     # None: not seen yet, or unreadable now
         missing = [ref for ref, value in zip(refs, kept) if value is None]
         self.hits += len(refs) - len(missing)
@@ -256,7 +283,7 @@ class ImageMemo:
             self.bytes += size
 
     @staticmethod
-    def _key(ref: ImageRef, image_root, allowed_roots: Sequence) -> tuple | None:
+    def file_key(ref: ImageRef, image_root, allowed_roots: Sequence = ()) -> tuple | None:
         """The file's identity, or None when it cannot be read now (decoding then reports why)."""
         from medtune.data.images import resolve_image_path
 

@@ -1,4 +1,5 @@
 """The Arrow token cache: a second run reads the cache, keys change with what changes the rows."""
+import copy
 import dataclasses
 import shutil
 
@@ -9,7 +10,13 @@ from PIL import Image
 
 from medtune.data.jsonl import RecordError, read_samples, write_samples
 from medtune.data.schema import ImageRef, Message, Part, Sample
-from medtune.train.cache import CachedDataset, cache_key, encode_checked, encode_with_cache
+from medtune.train.cache import CachedDataset, ImageMemo, cache_key, encode_checked, encode_with_cache
+
+
+@pytest.fixture(autouse=True)
+def own_memos(monkeypatch):
+    """Each test starts with no image kept by the process (the memo is shared by every dataset of a process)."""
+    monkeypatch.setattr(ImageMemo, "_shared", {})
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +166,39 @@ def test_the_image_memo_keeps_no_more_than_its_limit(data, vlm, tmp_path):
     for _ in range(2):
         assert torch.equal(small[0]["pixel_values"][0], one_image)
     assert small.memo.entries == {} and small.memo.bytes == 0 and small.memo.misses == 2
+
+
+def test_a_pass_decodes_each_image_file_once_and_still_skips_every_sample_of_a_broken_one(data, vlm, tmp_path,
+                                                                                          monkeypatch):
+    from medtune.models import processing
+
+    write_samples(data, [*read_samples(data), _qa("6", "Again?", "Yes.", ["x.png"]),
+                         _qa("7", "Still there?", "No.", ["missing.png"])])
+    opened = []
+    real = processing._load_image
+    monkeypatch.setattr(processing, "_load_image", lambda ref, *args: opened.append(ref.path) or real(ref, *args))
+    built = encode_with_cache(lambda: ((s, data.parent) for s in read_samples(data)), vlm, data_files=[data],
+                              cache_dir=tmp_path / "cache", max_length=128)
+    # x.png behind samples 1, 5 (twice) and 6 is decoded once; the missing file is tried for each of its samples
+    assert sorted(opened) == ["missing.png", "missing.png", "x.png"]
+    assert [row["id"] for row in built.rows] == ["1", "2", "5", "6"]
+    assert dict(built.tally.skipped) == {"bad image": 2, "no assistant reply": 1}
+
+
+def test_datasets_with_the_same_preprocessing_share_one_memo(data, vlm, tmp_path, monkeypatch):
+    from medtune.models import processing
+
+    cached = _run(data, vlm, tmp_path / "cache", CountingEncoder())
+    decoded = []
+    real = processing.load_images
+    monkeypatch.setattr(processing, "load_images", lambda refs, *a, **k: decoded.extend(refs) or real(refs, *a, **k))
+    first_stage, second_stage = CachedDataset(cached.rows, vlm), CachedDataset(cached.rows, vlm)
+    assert torch.equal(first_stage[0]["pixel_values"], second_stage[0]["pixel_values"])
+    assert [ref.path for ref in decoded] == ["x.png"] and first_stage.memo is second_stage.memo
+    # other preprocessing (here another image size) keeps its own pixels
+    processor = copy.deepcopy(vlm.image_processor)
+    processor.size, processor.crop_size = {"shortest_edge": 16}, {"height": 16, "width": 16}
+    resized = copy.copy(vlm)
+    resized.image_processor = processor
+    assert resized.image_processor.to_json_string() != vlm.image_processor.to_json_string()
+    assert CachedDataset(cached.rows, resized).memo is not first_stage.memo
