@@ -4,7 +4,7 @@ Four layers on the same tokens, each timed over ``--steps`` forward+backward pas
 (the layers take turns, one pass each per round; the table shows the median pass):
 
 * dense: the FFN alone (transformers' LlamaMLP, SwiGLU): the baseline of every ratio;
-* moe grouped_mm: ``medtune.models.moe.MoEBlock`` (Med-MoE settings: shared expert + routed experts, top-k,
+* moe grouped_mm: ``medtune.models.moe.layers.MoEBlock`` (Med-MoE settings: shared expert + routed experts, top-k,
   dropless) dispatched by transformers' ``grouped_mm`` experts kernel;
 * moe eager: the same block with medtune's eager experts loop (``index_add_`` per expert);
 * naive loop: a reference written here the way MoE layers are often first written: an ``nn.ModuleList`` of
@@ -68,7 +68,7 @@ def layers(args, dtype, device):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    from medtune.models.moe import MoEBlock, MoESettings
+    from medtune.models.moe.layers import MoEBlock, MoESettings
 
     torch.manual_seed(0)
     dense = LlamaMLP(LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, hidden_act="silu"))

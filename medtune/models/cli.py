@@ -217,8 +217,8 @@ def run_import(args: argparse.Namespace) -> int:
 
 
 def run_export_native(args: argparse.Namespace) -> int:
-    """``medtune model export-native CHECKPOINT OUT``: see medtune/models/moe_native.py for what maps exactly."""
-    from medtune.models.moe_native import save_native_qwen2_moe
+    """``medtune model export-native CHECKPOINT OUT``: see medtune/models/moe/qwen2_export.py for what maps exactly."""
+    from medtune.models.moe.qwen2_export import save_native_qwen2_moe
 
     report = save_native_qwen2_moe(load_checkpoint(args.checkpoint), args.out)
     bias, probe = report["router_bias"], report["probe"]

@@ -31,7 +31,7 @@ Design choices:
   reverse: medtune writes released names whatever the installed transformers' module tree is, and every
   loader (medtune's, plain transformers', vLLM's) reads them; transformers' forward mapping also still reads
   the layouts older medtune versions wrote. The MoE kind's per-expert keys are a mapping registered the same
-  way (:func:`medtune.models.moe.register_checkpoint_layout`), so they go through the same two steps.
+  way (:func:`medtune.models.moe.layers.register_checkpoint_layout`), so they go through the same two steps.
 * Remote code, one source of truth: the files beside the weights are medtune's own modules, copied at export
   time, with each ``from medtune.<...>.<module> import names`` turned into ``from .<module> import names``
   (:func:`remote_code_files`). transformers' dynamic-module loader copies a file's relative imports with it,

@@ -90,7 +90,7 @@ class MedMoELayout:
 
     def moe_settings(self):
         """medtune's MoESettings for config.moe: Med-MoE's routing (see the module docstring)."""
-        from medtune.models.moe_settings import MoESettings
+        from medtune.models.moe.settings import MoESettings
 
         return MoESettings.preset("med-moe", layers=list(self.moe["moe_layers_idx"]),
                                   num_experts=int(self.moe["num_experts"][0]), top_k=1,
@@ -200,7 +200,7 @@ def _load_experts(vlm, tensors: dict, layout: MedMoELayout) -> None:
     down_proj -> down_proj)."""
     import torch
 
-    from medtune.models.moe import moe_blocks
+    from medtune.models.moe.layers import moe_blocks
 
     blocks = dict(moe_blocks(vlm.model))
     for layer in layout.moe["moe_layers_idx"]:

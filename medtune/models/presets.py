@@ -99,7 +99,7 @@ def tiny_chameleon(*, codebook_size: int = 64, image_size: int = 32, width: int 
     import torch
     from transformers import ChameleonConfig
 
-    from medtune.models.discrete import BOI, END_OF_TURN, EOI, MedtuneChameleonForConditionalGeneration, image_code_token
+    from medtune.models.chameleon import BOI, END_OF_TURN, EOI, MedtuneChameleonForConditionalGeneration, image_code_token
     from medtune.models.kinds.discrete import DiscreteVLM
     from medtune.models.templates import get_template
     from medtune.models.tokenizer import offline_tokenizer

@@ -10,7 +10,7 @@ import importlib
 
 MODEL_MODULES = (
     "medtune.models.medtune_vlm",   # medtune_vlm: projectors transformers' Llava does not have
-    "medtune.models.moe_vlm",       # medtune_moe_vlm: composed models with upcycled experts
+    "medtune.models.moe.model",     # medtune_moe_vlm: composed models with upcycled experts
 )
 
 

@@ -39,7 +39,7 @@ import yaml
 
 from medtune.distributed import launched_distributed
 from medtune.errors import RecipeError, suggestion
-from medtune.models.moe_settings import MoESettings, RouterTraining   # plain Python, no torch
+from medtune.models.moe.settings import MoESettings, RouterTraining   # plain Python, no torch
 
 
 @dataclass
@@ -121,11 +121,11 @@ class Stage:
     gradient_checkpointing: bool = False
     template: str | None = None         # chat template for this stage; default: the recipe model's
     # Mixture of experts: the FFNs of the chosen layers become experts before this stage trains (keys of
-    # medtune.models.moe_settings.MoESettings, plus `preset: default | med-moe` and `router: random | FILE |
+    # medtune.models.moe.settings.MoESettings, plus `preset: default | med-moe` and `router: random | FILE |
     # stage:NAME`, the router file a router stage of this recipe wrote).
     moe: dict | None = None
     # A router stage: instead of training the model, fit a domain classifier on its hidden states and save it as
-    # the router file an MoE stage loads (medtune.models.moe_settings.RouterTraining).
+    # the router file an MoE stage loads (medtune.models.moe.settings.RouterTraining).
     router: RouterTraining | None = None
     save_steps: int = 500
     eval_steps: int | None = None

@@ -5,7 +5,7 @@ stage-2 model, loads the same weights into the gate of every MoE layer and freez
 part of its repository, and the file's path is written into its model code. Here the router is a stage of
 the recipe, and its file is what the MoE stage names (``moe.router: stage:NAME``).
 
-Choices, each a setting of :class:`medtune.models.moe_settings.RouterTraining`:
+Choices, each a setting of :class:`medtune.models.moe.settings.RouterTraining`:
 
 * What the classifier sees: the input of decoder layer ``layer``'s FFN (by default layer 0, the first MoE
   layer), i.e. exactly what the router is applied to in the MoE stage, token by token. With ``pooling: token``
@@ -35,7 +35,7 @@ from typing import Any
 
 from medtune.data.jsonl import Tally, write_json
 from medtune.errors import RecipeError
-from medtune.models.moe_settings import RouterTraining
+from medtune.models.moe.settings import RouterTraining
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def train_router(vlm, samples, spec: RouterTraining, out_dir: Path, *, tally: Ta
     report = _report(router, features, classes, num_experts, spec, train, held_out)
     report["seconds"] = time.monotonic() - started
     report["tally"] = tally.to_dict()
-    from medtune.models.moe import save_router
+    from medtune.models.moe.layers import save_router
 
     with torch.no_grad():
         save_router(out_dir / ROUTER_FILE, router.weight.detach().clone(), router.bias.detach().clone())

@@ -200,7 +200,7 @@ def run_router_stage(recipe: Recipe, index: int) -> StageResult:
 
 def _with_experts(recipe: Recipe, index: int, vlm):
     """The stage's model with experts: its moe settings, and the router its ``moe.router`` names."""
-    from medtune.models.moe import load_router
+    from medtune.models.moe.layers import load_router
     from medtune.train.recipe import moe_settings
     from medtune.train.router import ROUTER_FILE, read_report
 

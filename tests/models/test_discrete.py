@@ -191,7 +191,7 @@ def test_every_parameter_is_vision_or_llm(vlm):
 
 
 def test_chameleon_format_round_trip_gives_identical_weights(vlm, tmp_path):
-    from medtune.models.discrete import from_chameleon_format, to_chameleon_format
+    from medtune.models.chameleon import from_chameleon_format, to_chameleon_format
 
     to_chameleon_format(vlm.model, tmp_path)
     params = json.loads((tmp_path / "params.json").read_text())["model"]
@@ -210,7 +210,7 @@ def test_per_head_norms_that_differ_are_refused_by_the_export(vlm, tmp_path):
     import copy
 
     from medtune.errors import UserError
-    from medtune.models.discrete import to_chameleon_format
+    from medtune.models.chameleon import to_chameleon_format
 
     model = copy.deepcopy(vlm.model)
     with torch.no_grad():

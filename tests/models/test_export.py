@@ -18,7 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from medtune.models.build import build_vlm, load_vlm  # noqa: E402
-from medtune.models.moe_settings import MoESettings  # noqa: E402
+from medtune.models.moe.settings import MoESettings  # noqa: E402
 from medtune.models.presets import tiny_spec  # noqa: E402
 from medtune.models.vision import pad_mode_of  # noqa: E402
 from plain_python import run_without_medtune  # noqa: E402
@@ -266,11 +266,11 @@ def test_remote_code_is_medtune_s_modules_with_relative_imports(checkpoints):
 
     folder = checkpoints["moe"][1]
     config = json.loads((folder / "config.json").read_text())
-    assert config["auto_map"]["AutoModelForImageTextToText"] == "moe_vlm.MedtuneMoEVLMForConditionalGeneration"
+    assert config["auto_map"]["AutoModelForImageTextToText"] == "model.MedtuneMoEVLMForConditionalGeneration"
     files = {path.name for path in folder.glob("*.py")}
-    assert files == {"moe_vlm.py", "medtune_vlm.py", "projectors.py", "moe.py", "moe_settings.py", "errors.py"}
-    source = Path(__file__).resolve().parents[2] / "medtune" / "models" / "moe_vlm.py"
-    copied = (folder / "moe_vlm.py").read_text()
+    assert files == {"model.py", "medtune_vlm.py", "projectors.py", "layers.py", "settings.py", "errors.py"}
+    source = Path(__file__).resolve().parents[2] / "medtune" / "models" / "moe" / "model.py"
+    copied = (folder / "model.py").read_text()
     assert copied.endswith(relative_imports(source.read_text())[0]) and "\nfrom medtune" not in copied
     assert not list(checkpoints["llava-clip-llama"][1].glob("*.py"))   # a native class needs no code
 
@@ -278,7 +278,7 @@ def test_remote_code_is_medtune_s_modules_with_relative_imports(checkpoints):
 def test_an_import_of_medtune_that_cannot_be_copied_is_refused_with_its_line():
     from medtune.models.export import relative_imports
 
-    assert relative_imports("from medtune.models.moe import MoEBlock\n")[0] == "from .moe import MoEBlock\n"
+    assert relative_imports("from medtune.models.moe.layers import MoEBlock\n")[0] == "from .layers import MoEBlock\n"
     with pytest.raises(ValueError, match=r"<source>:2: .*imports from a package"):
         relative_imports("import torch\nfrom medtune.models import moe\n")
     with pytest.raises(ValueError, match=r"<source>:1: `import medtune"):

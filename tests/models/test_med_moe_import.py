@@ -191,7 +191,7 @@ def test_med_moe_s_stage_1_projector_file_is_read_under_medtune_s_names(tmp_path
 def test_med_moe_s_router_file_format_loads_as_a_medtune_router(name):
     """The format of Med-MoE's shipped phi_router.pth / stablelm_router.pth ({fc1.weight, fc1.bias}), written by
     the fixture script with torch.save as Med-MoE's code reads it."""
-    from medtune.models.moe import load_router
+    from medtune.models.moe.layers import load_router
 
     path = FIXTURE / name / f"{name}_router.pth"
     state = load_router(path, num_experts=4, hidden_size=32)

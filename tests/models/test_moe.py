@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM  # noqa: E402
 
-from medtune.models.moe import (  # noqa: E402
+from medtune.models.moe.layers import (  # noqa: E402
     MoEBlock,
     MoEExperts,
     MoESettings,

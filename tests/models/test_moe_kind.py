@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 
 from medtune.models.build import build_vlm, load_vlm  # noqa: E402
 from medtune.models.kinds.base import MEDTUNE_FILE  # noqa: E402
-from medtune.models.moe_settings import MoESettings  # noqa: E402
+from medtune.models.moe.settings import MoESettings  # noqa: E402
 from medtune.models.presets import tiny_spec  # noqa: E402
 
 torch.set_num_threads(1)

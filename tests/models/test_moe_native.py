@@ -1,4 +1,4 @@
-"""Native export of an upcycled Qwen2 model (medtune/models/moe_native.py): plain transformers, in a process where
+"""Native export of an upcycled Qwen2 model (medtune/models/moe/qwen2_export.py): plain transformers, in a process where
 medtune cannot be imported, loads the saved Llava + Qwen2-MoE folder and gives the medtune MoE model's logits;
 Med-MoE's even MoE layers are the native sparse layers; experts are stored one key each; the router bias the
 native form cannot hold is measured; settings it cannot hold are refused by name."""
@@ -17,8 +17,8 @@ torch = pytest.importorskip("torch")
 from medtune.errors import SpecError  # noqa: E402
 from medtune.models.build import build_vlm, load_vlm  # noqa: E402
 from medtune.models.kinds.base import MEDTUNE_FILE  # noqa: E402
-from medtune.models.moe_native import save_native_qwen2_moe, to_native_qwen2_moe  # noqa: E402
-from medtune.models.moe_settings import MoESettings  # noqa: E402
+from medtune.models.moe.qwen2_export import save_native_qwen2_moe, to_native_qwen2_moe  # noqa: E402
+from medtune.models.moe.settings import MoESettings  # noqa: E402
 from medtune.models.presets import tiny_spec  # noqa: E402
 
 torch.set_num_threads(1)
@@ -193,7 +193,7 @@ def test_dropped_router_bias_is_reported_and_agreement_is_below_one_exactly_when
         bias, changes, caplog):
     vlm = _upcycled(bias=bias)
     probe = _probe(vlm)
-    with caplog.at_level(logging.WARNING, logger="medtune.models.moe_native"):
+    with caplog.at_level(logging.WARNING, logger="medtune.models.moe.qwen2_export"):
         native, report = to_native_qwen2_moe(vlm, probe=probe)
     assert report["router_bias"]["max_abs"] == pytest.approx(bias.abs().max().item())
     assert report["router_bias"]["max_spread"] == pytest.approx((bias.max() - bias.min()).item())

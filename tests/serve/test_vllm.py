@@ -65,8 +65,8 @@ def checkpoint(request, tmp_path_factory):
     elif name == "phi-head-bias":
         build_vlm(presets.tiny_spec(llm={"model_type": "phi", **WIDE_HEADS})).save(out)
     else:
-        from medtune.models.moe_native import save_native_qwen2_moe
-        from medtune.models.moe_settings import MoESettings
+        from medtune.models.moe.qwen2_export import save_native_qwen2_moe
+        from medtune.models.moe.settings import MoESettings
 
         dense = build_vlm(presets.tiny_spec(llm={"model_type": "qwen2", "num_key_value_heads": 1, **WIDE_HEADS}))
         save_native_qwen2_moe(dense.with_experts(MoESettings(layers=[0], expert_noise=0.5, seed=1)), out)

@@ -16,7 +16,7 @@ def test_lora_on_a_discrete_token_model_trains_and_merges_to_the_adapter_model(t
     from peft import PeftModel
 
     from medtune.models.build import load_vlm
-    from medtune.models.discrete import MedtuneChameleonForConditionalGeneration
+    from medtune.models.chameleon import MedtuneChameleonForConditionalGeneration
 
     recipe = {"model": {"preset": "tiny-chameleon"}, "output_dir": str(tmp_path / "run"),
               "cache_dir": str(tmp_path / "cache"), "report_to": ["none"],

@@ -43,7 +43,7 @@ def test_the_router_beats_the_majority_class_on_unseen_images(tmp_path, capsys):
     # the confusion table accounts for every held-out sample; nothing is predicted as the class-less expert
     assert sum(map(sum, report["confusion"])) == held["samples"]
     assert all(row[3] == 0 for row in report["confusion"])
-    from medtune.models.moe import load_router
+    from medtune.models.moe.layers import load_router
 
     router = load_router(tmp_path / "run" / "stage-0-router" / "router.safetensors")
     assert router["weight"].shape == (4, 32) and router["bias"].shape == (4,)

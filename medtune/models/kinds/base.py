@@ -282,7 +282,7 @@ class VLM(ABC):
            module tree: the writer calls :func:`medtune.models.export.use_released_layout` first (``save``
            does; composed models set it when made, for Trainer). A kind whose model keys differ from what its
            released checkpoints or engines use registers a transformers conversion mapping for its class, as the
-           MoE kind does for one key per expert (:func:`medtune.models.moe.register_checkpoint_layout`).
+           MoE kind does for one key per expert (:func:`medtune.models.moe.layers.register_checkpoint_layout`).
         2. The tokenizer with the chat template prompts are built with (tokenizer files, chat_template.jinja)
            and, where the kind has one, the processor plain transformers and vLLM prepare inputs with
            (processor_config.json, preprocessor_config.json): the same prompt ids and the same pixels as

@@ -19,7 +19,7 @@ Choices:
   masked nothing, depending on the batch).
 * Truncation never cuts an image block: a sample is cut at the end only where every block stays whole and a label
   remains, else skipped and counted.
-* Training lifts Chameleon's image-logit mask (:class:`medtune.models.discrete.MedtuneChameleonForConditionalGeneration`),
+* Training lifts Chameleon's image-logit mask (:class:`medtune.models.chameleon.MedtuneChameleonForConditionalGeneration`),
   so the loss over image-code labels is the plain cross-entropy; text generation suppresses image codes instead.
 * Encoded samples hold token ids only (the codes are in them), so they go through the token cache, and batches
   are plain padded or packed rows: there is no vision tower to keep busy.
@@ -93,7 +93,7 @@ class DiscreteVLM(VLM):
     def load(cls, source: str, metadata: dict[str, Any] | None, *, model_kwargs: dict, device: str) -> DiscreteVLM:
         from transformers import AutoTokenizer
 
-        from medtune.models.discrete import MedtuneChameleonForConditionalGeneration
+        from medtune.models.chameleon import MedtuneChameleonForConditionalGeneration
         from medtune.models.templates import get_template
 
         model = MedtuneChameleonForConditionalGeneration.from_pretrained(source, **model_kwargs).to(device).eval()
@@ -317,7 +317,7 @@ class DiscreteVLM(VLM):
 
     def export_original_format(self, out_dir):
         """Chameleon's own layout (consolidated.pth + params.json), for its and MedMax's inference code."""
-        from medtune.models.discrete import to_chameleon_format
+        from medtune.models.chameleon import to_chameleon_format
 
         return to_chameleon_format(self.model, out_dir)
 

@@ -49,9 +49,9 @@ class MoEVLM(ComposedVLM):
         are moved, not copied, into the new model)."""
         import torch
 
-        from medtune.models import moe
-        from medtune.models.moe_vlm import (MedtuneMoEVLMConfig, MedtuneMoEVLMForConditionalGeneration,
-                                            register_expert_layout)
+        from medtune.models.moe import layers as moe
+        from medtune.models.moe.model import (MedtuneMoEVLMConfig, MedtuneMoEVLMForConditionalGeneration,
+                                              register_expert_layout)
 
         dense = vlm.model
         language_model = dense.model.language_model
@@ -82,7 +82,7 @@ class MoEVLM(ComposedVLM):
 
     @property
     def settings(self):
-        from medtune.models.moe_settings import MoESettings
+        from medtune.models.moe.settings import MoESettings
 
         return MoESettings.from_dict(self.model.config.moe)
 
@@ -111,7 +111,7 @@ class MoEVLM(ComposedVLM):
 
     def lora_parameter_targets(self) -> list[str]:
         """Fused expert weights PEFT's LoRA can adapt (``target_parameters``): rank r per expert."""
-        from medtune.models import moe
+        from medtune.models.moe import layers as moe
 
         names = set()
         for _, block in moe.moe_blocks(self.model):
@@ -123,7 +123,7 @@ class MoEVLM(ComposedVLM):
 
     def training_loss(self, model, inputs: dict[str, Any], num_items_in_batch=None,
                       speedups: Speedups | None = None):
-        from medtune.models import moe
+        from medtune.models.moe import layers as moe
 
         loss, outputs = super().training_loss(model, inputs, num_items_in_batch, speedups)
         self._count_routing(inputs)
@@ -148,7 +148,7 @@ class MoEVLM(ComposedVLM):
             return
         import torch
 
-        from medtune.models import moe
+        from medtune.models.moe import layers as moe
 
         if self.routing is None:
             self.routing = RoutingCounts()
@@ -162,7 +162,7 @@ class MoEVLM(ComposedVLM):
         each domain's prompt tokens go to."""
         import torch
 
-        from medtune.models import moe
+        from medtune.models.moe import layers as moe
         from medtune.models.generation import _collate_left_padded
 
         if not any(self.domain_field in m for m in metadata):
@@ -180,7 +180,7 @@ class MoEVLM(ComposedVLM):
     def write_eval_report(self, out_dir: str | Path, *, suffix: str = "") -> list[Path]:
         if self.eval_routing is None or not self.eval_routing.names:
             return []
-        from medtune.models import moe
+        from medtune.models.moe import layers as moe
 
         layers = [name for name, _ in moe.moe_blocks(self.model)]
         return self.eval_routing.write(Path(out_dir), layers, self.domain_field, suffix=suffix)
@@ -189,7 +189,7 @@ class MoEVLM(ComposedVLM):
 
     def write_stage_report(self, directory: str | Path) -> None:
         if self.routing is not None and self.routing.names:   # samples carried their domain
-            from medtune.models import moe
+            from medtune.models.moe import layers as moe
 
             layers = [name for name, _ in moe.moe_blocks(self.model)]
             self.routing.write(Path(directory), layers, self.domain_field)

@@ -2,8 +2,8 @@
 
 The classes subclass medtune_vlm's (themselves LLaVA's), so everything about the vision side, the projector,
 image-token scattering and generation is LLaVA's; the only change is that the decoder layers listed in
-``config.moe_layers`` get a :class:`medtune.models.moe.MoEBlock` in place of their FFN, built from
-``config.moe`` (:class:`medtune.models.moe_settings.MoESettings`). Nothing here needs DeepSpeed or a process
+``config.moe_layers`` get a :class:`medtune.models.moe.layers.MoEBlock` in place of their FFN, built from
+``config.moe`` (:class:`medtune.models.moe.settings.MoESettings`). Nothing here needs DeepSpeed or a process
 group: routing, experts and the shared expert run in one process, on any device.
 
 Checkpoints are safetensors with every expert under its own keys (``mlp.experts.{e}.gate_proj.weight`` ..., or
@@ -20,9 +20,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
 from torch import nn
 
-from medtune.models.moe import build_layers, moe_blocks, register_checkpoint_layout
+from medtune.models.moe.layers import build_layers, moe_blocks, register_checkpoint_layout
 from medtune.models.medtune_vlm import MedtuneVLMConfig, MedtuneVLMForConditionalGeneration, MedtuneVLMModel
-from medtune.models.moe_settings import MoESettings
+from medtune.models.moe.settings import MoESettings
 
 
 class MedtuneMoEVLMConfig(MedtuneVLMConfig):

@@ -1,6 +1,6 @@
 """An upcycled Qwen2 model in transformers' native MoE architecture: Llava + Qwen2-MoE, loadable without medtune.
 
-medtune's MoE kind (:mod:`medtune.models.moe_vlm`) is a medtune class; where the LLM is Qwen2, transformers
+medtune's MoE kind (:mod:`medtune.models.moe.model`) is a medtune class; where the LLM is Qwen2, transformers
 (and vLLM) have a native sibling, Qwen2-MoE, that holds almost everything Med-MoE's stage 3 makes. This module
 rewrites a medtune MoE model as a stock ``LlavaForConditionalGeneration`` whose ``text_config`` is a
 ``qwen2_moe`` config, and saves it so that ``AutoModelForImageTextToText.from_pretrained`` loads it with medtune
@@ -66,7 +66,7 @@ __all__ = ["default_probe", "native_config", "routing_agreement", "save_native_q
 def _check_exportable(vlm) -> tuple[Any, list[int], dict[int, Any]]:
     """(settings, MoE layer indices, {layer: MoEBlock}) of a medtune MoE model that Qwen2-MoE can hold, or a
     SpecError naming the setting that it cannot."""
-    from medtune.models import moe
+    from medtune.models.moe import layers as moe
     from medtune.models.kinds.base import LORA_COMPONENTS
 
     config = vlm.model.config
@@ -299,7 +299,7 @@ def routing_agreement(medtune_model, native_model, probe: list[dict]) -> dict[st
     """
     import torch
 
-    from medtune.models.moe import MoERouter
+    from medtune.models.moe.layers import MoERouter
 
     def choices(model, router_class):
         chosen: dict[int, list] = {}

@@ -1,6 +1,6 @@
 """Settings of an upcycled mixture of experts (a recipe stage's ``moe`` section), in plain Python (no torch).
 
-They are read by the recipe (checked before any work starts), by :mod:`medtune.models.moe` (the layers) and
+They are read by the recipe (checked before any work starts), by :mod:`medtune.models.moe.layers` (the layers) and
 saved in the model's config, so a checkpoint carries how its experts were made. Two presets:
 
 ``default``

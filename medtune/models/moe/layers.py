@@ -6,7 +6,7 @@ written on transformers' own MoE machinery, with no DeepSpeed and no distributed
 
 Pieces, one per concept, each usable alone:
 
-- :class:`MoESettings` (defined torch-free in :mod:`medtune.models.moe_settings`, re-exported here): the recipe
+- :class:`MoESettings` (defined torch-free in :mod:`medtune.models.moe.settings`, re-exported here): the recipe
   stage's ``moe:`` section, stored in the model config.
 - :class:`MoERouter`: ``Linear(H, E)`` (with bias, as Med-MoE's gate) computed in float32 whatever the model
   dtype; softmax, top-k, optional renormalisation. Returns (logits, weights, index) like transformers' routers.
@@ -68,7 +68,7 @@ from torch import nn
 from transformers.integrations import use_experts_implementation
 
 from medtune.errors import SpecError
-from medtune.models.moe_settings import EXPERTS_IMPLEMENTATIONS, MoESettings
+from medtune.models.moe.settings import EXPERTS_IMPLEMENTATIONS, MoESettings
 
 __all__ = ["ExpertsConfig", "MoEBlock", "MoEExperts", "MoERouter", "MoESettings", "auxiliary_losses", "build_layers",
            "load_router", "moe_blocks", "register_checkpoint_layout", "routing_counts", "save_router",

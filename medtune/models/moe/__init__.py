@@ -1,0 +1,12 @@
+"""Mixture of experts: everything medtune knows about upcycled experts, one module per concept.
+
+* :mod:`~medtune.models.moe.settings`: a recipe's ``moe:`` section and the router stage's settings (plain Python,
+  no torch; the presets ``default`` and ``med-moe``).
+* :mod:`~medtune.models.moe.layers`: the layers (router, fused experts, the block that replaces an FFN), their
+  checkpoint key layout (one key per expert) and the router file.
+* :mod:`~medtune.models.moe.model`: ``medtune_moe_vlm``, the composed model class whose LLM holds those layers.
+* :mod:`~medtune.models.moe.qwen2_export`: the export of a Qwen2 MoE model to transformers' native Qwen2-MoE.
+
+The model kind that trains, reports and serves these models is :mod:`medtune.models.kinds.moe`. Import names from
+their module, not from this package: the modules are copied beside a checkpoint's weights as its remote code.
+"""
