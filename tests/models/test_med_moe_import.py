@@ -4,7 +4,8 @@ The fixture (tests/models/fixtures/seeds/med_moe, README there) holds, for each 
 StableLM), a tiny stage-2 (``llava_<lm>``) and stage-3 (``moe_llava_<lm>``: 4 experts on layers 0 and 2, top-1,
 the meta expert, a router) checkpoint and what Med-MoE's code computed on them as its builder loads them:
 ``model_vqa_med.py``'s prompt ids (conversation mode ``phi`` / ``stablelm``) and pixels, the logits of a forward
-pass and 8 greedy ids. The imported models must give the same numbers.
+pass and 8 greedy ids, and the answers file of ``model_vqa_med.py``'s loop over six VQA-RAD test questions. The
+imported models must give the same numbers, and ``medtune eval run`` on them the same answers.
 """
 from __future__ import annotations
 
@@ -222,3 +223,25 @@ def test_an_imported_stage_3_trains_its_experts_and_reloads_with_its_routing(imp
     changed = {key for key in before if not torch.equal(before[key], after[key])}
     assert any(".experts." in key for key in changed) and any(".shared_expert." in key for key in changed)
     assert not any(".gate." in key or "vision_tower" in key or "self_attn" in key for key in changed)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_eval_run_on_an_import_gives_model_vqa_med_s_answers_file(lm, stage, imported_dirs, tmp_path):
+    """`medtune eval run` on the imported model answers the VQA-RAD questions of the fixture's Med-MoE question
+    file with the text model_vqa_med.py's loop wrote (greedy, the closed questions' keyword stop, medtune's
+    answer budgets)."""
+    seed_answers = {str(json.loads(line)["question_id"]): json.loads(line)["text"]
+                    for line in (FIXTURE / lm / f"{stage}.vqa_rad_answers.jsonl").read_text().splitlines()}
+    asked = {str(q["id"]) for q in json.loads((FIXTURE / "vqa_rad_questions.json").read_text())}
+    assert set(seed_answers) == asked and len(asked) == 6
+    converted = tmp_path / "test.jsonl"
+    assert main(["data", "convert", "--from", "vqa-rad", "--to", "canonical", "data/vqa_rad/testset.json",
+                 str(converted)]) == 0
+    subset = tmp_path / "subset.jsonl"
+    subset.write_text("".join(line + "\n" for line in converted.read_text().splitlines()
+                              if json.loads(line)["id"] in asked))
+    assert main(["eval", "run", "--data", str(subset), "--gt-format", "canonical", "--image-root",
+                 str(VQA_RAD_IMAGES), "--model", str(imported_dirs[stage]), "--out", str(tmp_path / "eval")]) == 0
+    ours = {json.loads(line)["id"]: json.loads(line)["prediction"]
+            for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()}
+    assert ours == seed_answers
