@@ -615,3 +615,17 @@ def test_the_question_classifier_generalises_across_rephrasings_where_the_prior_
     assert priors.predict("question_classifier", test) == {"a": "yes", "b": "no"}
     assert priors.predict("question_classifier", test) == AnswerPriors.learn(train).predict(
         "question_classifier", test)   # deterministic
+
+
+def test_the_report_explains_length_grouped_batches_beside_the_loss_they_shape():
+    from medtune.demo.report import batching_notes
+
+    stages = [{"name": "align", "batch_size": 16, "group_by_length": False},
+              {"name": "sft", "batch_size": 16, "group_by_length": 4},
+              {"name": "more", "batch_size": 8, "group_by_length": True}]
+    notes = [note for note in batching_notes({"training": {"stages": stages}}) if note]
+    assert len(notes) == 2 and not any("align" in note for note in notes)
+    assert notes[0].startswith("Stage sft groups its batches by length (`group_by_length: 4`): each run of 4 "
+                               "batches is 64 random samples sorted by length")
+    assert "with a period of 4 steps" in notes[0]
+    assert "each run of 50 batches is 400 random samples" in notes[1]

@@ -433,7 +433,8 @@ def stage_summary(recipe, index: int) -> dict:
     summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else {}
     return {"name": stage.name, "directory": str(directory), "metrics": str(directory / "metrics.jsonl"),
             "max_steps": stage.max_steps, "epochs": stage.epochs, "batch_size": stage.batch_size,
-            "precision": stage.precision, "data": stage.data.path or stage.data.mixture,
+            "precision": stage.precision, "group_by_length": stage.group_by_length,
+            "data": stage.data.path or stage.data.mixture,
             "eval_data": stage.eval_data.path if stage.eval_data else None,
             "lr": dataclasses.asdict(stage.lr), **{k: summary.get(k) for k in (
                 "steps", "samples", "tokens", "seconds", "train_loss", "skipped", "trainable")}}

@@ -520,6 +520,7 @@ def _training_section(content: dict) -> list[str]:
     return [
         "## Training", "",
         *_training_table(content), "",
+        *batching_notes(content),
         _what_training_saw(content), "",
         f"Precision: {_precisions(content)}.", "",
         f"![loss curves]({content['figures']['loss']})", "",
@@ -639,6 +640,23 @@ def _training_table(content: dict) -> list[str]:
                    f"{stage['batch_size']} | {rates} | {first} | {last} | {loss} | {held} | {seconds} | "
                    f"{'reused' if stage['reused'] else 'ran'} |")
     return out
+
+
+def batching_notes(content: dict) -> list[str]:
+    """A line per stage whose batches are grouped by length: why its logged loss alternates step to step."""
+    from medtune.models.sampler import mega_batch_factor
+
+    notes = []
+    for stage in content["training"]["stages"]:
+        grouped = stage.get("group_by_length")
+        if grouped:
+            factor = mega_batch_factor(grouped)
+            notes += [f"Stage {stage['name']} groups its batches by length (`group_by_length: {grouped}`): each "
+                      f"run of {factor} batches is {factor * stage['batch_size']} random samples sorted by length, "
+                      f"so there is less padding to compute, and the logged loss alternates between batches of "
+                      f"short questions (mostly closed) and long ones (mostly open) with a period of {factor} "
+                      f"steps; the smoothed curve shows the trend.", ""]
+    return notes
 
 
 def add_first_run_timings(timings: list[dict], output: Path, run_dir: str) -> None:

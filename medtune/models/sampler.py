@@ -19,10 +19,22 @@ import random
 from typing import Iterator, Sequence
 
 
+DEFAULT_MEGA_BATCH_FACTOR = 50
+"""Batches per mega-batch for ``group_by_length: true`` (transformers' LengthGroupedSampler uses 50)."""
+
+
+def mega_batch_factor(group_by_length: bool | int) -> int:
+    """Batches per mega-batch for a stage's ``group_by_length`` setting: an integer as given, else the default."""
+    if isinstance(group_by_length, bool):
+        return DEFAULT_MEGA_BATCH_FACTOR
+    return group_by_length
+
+
 class LengthGroupedSampler:
     """Yield dataset indices so that consecutive ``batch_size`` indices have similar lengths."""
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, *, seed: int = 0, mega_batch_factor: int = 50):
+    def __init__(self, lengths: Sequence[int], batch_size: int, *, seed: int = 0,
+                 mega_batch_factor: int = DEFAULT_MEGA_BATCH_FACTOR):
         if batch_size < 1 or mega_batch_factor < 1:
             raise ValueError("batch_size and mega_batch_factor must be positive")
         self.lengths = list(lengths)

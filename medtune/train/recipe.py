@@ -116,7 +116,10 @@ class Stage:
     # mask) or flatten (one row, varlen kernels); true = the attention implementation's default (flatten for
     # flash-attention, mask for sdpa, position_ids for flex_attention and eager: medtune.models.packing).
     packing: bool | Literal["position_ids", "mask", "flatten"] = False
-    group_by_length: bool = False       # batch samples of similar length (less padding, no packing)
+    # Batch samples of similar length (less padding; not with packing): each epoch's shuffled order is cut into
+    # mega-batches of N batches, each sorted by length; true = 50 batches (transformers' choice). A small N keeps
+    # batches of mixed kinds of samples and the loss free of a long-period swing (medtune.models.sampler).
+    group_by_length: bool | int = False
     precision: Literal["fp32", "bf16"] = "fp32"
     gradient_checkpointing: bool = False
     template: str | None = None         # chat template for this stage; default: the recipe model's
@@ -617,6 +620,9 @@ def _loop_problems(stage: Stage, where: str) -> list[str]:
     if stage.packing and stage.group_by_length:
         problems.append(f"{where}.group_by_length: cannot be combined with packing (packed rows already have "
                         "equal length); choose one")
+    if not isinstance(stage.group_by_length, bool) and stage.group_by_length < 1:
+        problems.append(f"{where}.group_by_length: {stage.group_by_length} batches per mega-batch; give at "
+                        "least 1, true (50) or false")
     if stage.max_steps is None and stage.epochs <= 0:
         problems.append(f"{where}.epochs: must be > 0 (or set max_steps)")
     if stage.max_steps is not None and stage.max_steps < 1:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune.data.jsonl import write_json
+from medtune.models.sampler import mega_batch_factor
 from medtune.train import checkpoints
 from medtune.distributed import launched_distributed
 from medtune.train.recipe import Recipe, RecipeError, Stage, check_environment
@@ -480,6 +481,7 @@ def training_arguments(recipe: Recipe, stage: Stage, directory: Path, model):
         # Accelerate sets up multi-process CPU training (gloo) only when told it runs on the CPU
         dataloader_pin_memory=_has_cuda(), use_cpu=not _has_cuda(),
         train_sampling_strategy="group_by_length" if stage.group_by_length else "random",
+        length_group_batches=mega_batch_factor(stage.group_by_length),
         ddp_find_unused_parameters=_may_leave_parameters_unused(stage),
         ddp_backend=recipe.distributed.backend,
     )

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from medtune.models.sampler import DEFAULT_MEGA_BATCH_FACTOR, LengthGroupedSampler
 from medtune.train import checkpoints, machine
 from medtune.train.parts import parameter_groups
 from medtune.train.recipe import LearningRates
@@ -49,6 +50,8 @@ class MedtuneTrainingArguments(TrainingArguments):
                                                                       "None leaves the process's setting"})
     adapt_threads: bool = field(default=False, metadata={"help": "run torch_threads at most, fewer while other "
                                                                  "processes keep cores busy (ThreadGovernor)"})
+    length_group_batches: int = field(default=DEFAULT_MEGA_BATCH_FACTOR, metadata={
+        "help": "with group_by_length: batches per length-sorted mega-batch (medtune.models.sampler)"})
 
 
 class MedtuneTrainer(Trainer):
@@ -129,9 +132,8 @@ class MedtuneTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
-            from medtune.models.sampler import LengthGroupedSampler
-
-            return LengthGroupedSampler(dataset.lengths, self.args.train_batch_size, seed=self.args.seed)
+            return LengthGroupedSampler(dataset.lengths, self.args.train_batch_size, seed=self.args.seed,
+                                        mega_batch_factor=self.args.length_group_batches)
         return super()._get_train_sampler(train_dataset)
 
     def _track_num_input_tokens(self, inputs) -> None:

@@ -147,3 +147,27 @@ def test_a_resumed_run_sees_the_epoch_order_of_the_uninterrupted_run():
     first_epoch, second_epoch = list(theirs), list(theirs)
     rebuilt = TransformersSampler(4, lengths=lengths, generator=torch.Generator().manual_seed(5))
     assert not hasattr(theirs, "set_epoch") and list(rebuilt) == first_epoch != second_epoch
+
+
+@pytest.mark.parametrize("setting, factor", [("true", 50), ("4", 4)])
+def test_group_by_length_reaches_the_trainer_s_sampler(setting, factor, tmp_path):
+    """A stage's ``group_by_length`` (true: 50 batches per mega-batch, N: N) is the sampler the Trainer draws from;
+    false draws at random (Trainer's own sampler)."""
+    from types import SimpleNamespace
+
+    from medtune.paths import recipe_path
+    from medtune.train.recipe import load_recipe
+    from medtune.train.run import training_arguments
+    from medtune.train.trainer import MedtuneTrainer
+
+    def arguments(value):
+        recipe = load_recipe(recipe_path("demo"), [f"stages.1.group_by_length={value}"])
+        return training_arguments(recipe, recipe.stages[1], tmp_path, None)
+
+    assert arguments("false").train_sampling_strategy == "random"
+    args = arguments(setting)
+    assert args.train_sampling_strategy == "group_by_length" and args.length_group_batches == factor
+    lengths = [random.Random(2).randint(20, 400) for _ in range(256)]
+    built = MedtuneTrainer._get_train_sampler(SimpleNamespace(args=args, train_dataset=SimpleNamespace(lengths=lengths)))
+    expected = LengthGroupedSampler(lengths, batch_size=args.train_batch_size, seed=args.seed, mega_batch_factor=factor)
+    assert list(built) == list(expected)

@@ -53,6 +53,7 @@ def test_wrong_types_name_the_key(change, message):
     ({"lr": {"lora": 1e-4}}, "stages[0].lr.lora: set to 0.0001 but the stage has no lora section"),
     ({"lr": {"vision": 1e-5, "lora": 1e-4}, "lora": {"on_vision": True}}, "stages[0].lr.vision:"),
     ({"packing": True, "group_by_length": True}, "stages[0].group_by_length: cannot be combined with packing"),
+    ({"group_by_length": 0}, "stages[0].group_by_length: 0 batches per mega-batch; give at least 1"),
     ({"lr": {"projector": -1.0}}, "stages[0].lr.projector: a learning rate cannot be negative"),
     ({"data": {"path": "a", "mixture": "m.yaml"}}, "stages[0].data: give exactly one of path"),
     ({"eval_steps": 10}, "stages[0].eval_steps: needs eval_data"),
