@@ -19,6 +19,7 @@ from PIL import Image
 
 from medtune.cli import main
 from medtune.errors import SpecError
+from vqa_rad_answers import medtune_answers
 
 SEEDS_DIR = Path(__file__).parent / "fixtures" / "seeds"
 FIXTURE = SEEDS_DIR / "llava_med"
@@ -301,22 +302,13 @@ def test_a_tower_trained_with_the_model_is_refused_by_name(tmp_path):
 
 
 def test_eval_run_on_an_import_gives_the_seed_s_answers_file(seed, imported_dir, tmp_path):
-    from medtune.models.build import load_vlm
-
     """`medtune eval run` on the imported model answers VQA-RAD questions (square images: no pad offset to draw)
     with the text the seed's model_vqa.py loop wrote, greedy, at medtune's answer budgets."""
+    from medtune.models.build import load_vlm
+
     seed_answers = {str(json.loads(line)["question_id"]): json.loads(line)["text"]
                     for line in (SEEDS_DIR / seed / "vqa_rad_answers.jsonl").read_text().splitlines()}
-    converted = tmp_path / "test.jsonl"
-    assert main(["data", "convert", "--from", "vqa-rad", "--to", "canonical", "data/vqa_rad/testset.json",
-                 str(converted)]) == 0
-    subset = tmp_path / "subset.jsonl"
-    subset.write_text("".join(line + "\n" for line in converted.read_text().splitlines()
-                              if json.loads(line)["id"] in seed_answers))
-    assert main(["eval", "run", "--data", str(subset), "--gt-format", "canonical", "--image-root",
-                 "data/vqa_rad/images", "--model", str(imported_dir), "--out", str(tmp_path / "eval")]) == 0
-    ours = {json.loads(line)["id"]: json.loads(line)["prediction"]
-            for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()}
+    ours = medtune_answers(imported_dir, set(seed_answers), tmp_path)
     assert len(ours) == 6
     if seed == "llava_med":   # the same fast tokenizer decodes: the answers file's text itself
         assert ours == seed_answers

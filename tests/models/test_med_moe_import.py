@@ -19,6 +19,7 @@ from PIL import Image
 
 from medtune.cli import main
 from medtune.errors import SpecError
+from vqa_rad_answers import medtune_answers
 
 FIXTURE = Path(__file__).parent / "fixtures" / "seeds" / "med_moe"
 IMAGE_TOKEN_INDEX = -200   # the image placeholder id inside Med-MoE's prompt ids
@@ -234,14 +235,4 @@ def test_eval_run_on_an_import_gives_model_vqa_med_s_answers_file(lm, stage, imp
                     for line in (FIXTURE / lm / f"{stage}.vqa_rad_answers.jsonl").read_text().splitlines()}
     asked = {str(q["id"]) for q in json.loads((FIXTURE / "vqa_rad_questions.json").read_text())}
     assert set(seed_answers) == asked and len(asked) == 6
-    converted = tmp_path / "test.jsonl"
-    assert main(["data", "convert", "--from", "vqa-rad", "--to", "canonical", "data/vqa_rad/testset.json",
-                 str(converted)]) == 0
-    subset = tmp_path / "subset.jsonl"
-    subset.write_text("".join(line + "\n" for line in converted.read_text().splitlines()
-                              if json.loads(line)["id"] in asked))
-    assert main(["eval", "run", "--data", str(subset), "--gt-format", "canonical", "--image-root",
-                 str(VQA_RAD_IMAGES), "--model", str(imported_dirs[stage]), "--out", str(tmp_path / "eval")]) == 0
-    ours = {json.loads(line)["id"]: json.loads(line)["prediction"]
-            for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()}
-    assert ours == seed_answers
+    assert medtune_answers(imported_dirs[stage], asked, tmp_path) == seed_answers
