@@ -37,6 +37,35 @@ Conversation = list[dict]
 
 
 @dataclass(frozen=True)
+class ImageSampling:
+    """How image codes are picked. Defaults are Chameleon's (``Options.Image``): guidance 3.0 on the text and 1.2
+    on the images, temperature 0.7, top-p 0.9. ``temperature == 0`` takes the most likely code."""
+
+    guidance_text: float = 3.0
+    guidance_image: float = 1.2
+    temperature: float = 0.7
+    top_p: float = 0.9
+
+    def __post_init__(self):
+        for name in ("guidance_text", "guidance_image"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 20:
+                raise ValueError(f"image {name.replace('_', ' ')} scale must be between 0 and 20, got {value!r}")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"image temperature must be between 0 and 2, got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"image top_p must be in (0, 1], got {self.top_p!r}")
+
+    @property
+    def guided(self) -> bool:
+        return (self.guidance_text, self.guidance_image) != (1, 1)
+
+    def to_dict(self) -> dict[str, float]:
+        return {"guidance_text": self.guidance_text, "guidance_image": self.guidance_image,
+                "temperature": self.temperature, "top_p": self.top_p}
+
+
+@dataclass(frozen=True)
 class GenerationSettings:
     """How to decode. ``temperature == 0`` is greedy; ``seed`` makes sampling reproducible."""
 
@@ -48,6 +77,9 @@ class GenerationSettings:
     modalities: tuple[str, ...] = ("text",)
     """What the answer may hold: ``text``; ``image`` alone (the answer is one image); or both (the model decides
     where an image goes). Images need a model that writes image tokens and can decode them."""
+    image: ImageSampling = ImageSampling()
+    """How the codes of an image answer are picked (classifier-free guidance and their own sampling, as
+    Chameleon's image decoder does; :mod:`medtune.models.image_guidance`)."""
 
     def __post_init__(self):
         if isinstance(self.stop, str):  # a single stop string is a common way to write it
@@ -78,6 +110,8 @@ class GenerationSettings:
             out["seed"] = self.seed
         if self.modalities != ("text",):
             out["modalities"] = list(self.modalities)
+        if "image" in self.modalities:
+            out["image"] = self.image.to_dict()
         return out
 
 

@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medtune.models.generation import Completion, GenerationSettings
+from medtune.models.generation import Completion, GenerationSettings, ImageSampling
 from medtune.serve.shutdown import GRACE_SECONDS, run_until_signalled, wait_until_listening
 
 log = logging.getLogger(__name__)
@@ -246,11 +246,32 @@ def _parse_settings(body: dict, config: ServerConfig) -> GenerationSettings:
     if not modalities or not all(m in ("text", "image") for m in modalities):
         raise ApiError(400, f"'modalities' must list text and/or image, got {_shown(modalities)}",
                        param="modalities")
+    image = _image_sampling(_optional(body, "image_sampling", dict, {}))
     try:
         return GenerationSettings(max_new_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
-                                  stop=stop, seed=seed, modalities=tuple(modalities))
+                                  stop=stop, seed=seed, modalities=tuple(modalities), image=image)
     except ValueError as error:   # what only GenerationSettings checks, e.g. a modality listed twice
         raise ApiError(400, str(error)) from None
+
+
+def _image_sampling(fields: dict) -> ImageSampling:
+    """medtune's ``image_sampling`` extension: how an image answer's codes are picked (``guidance_text``,
+    ``guidance_image``, ``temperature``, ``top_p``; Chameleon's defaults for what is left out)."""
+    allowed = tuple(ImageSampling().to_dict())
+    unknown = sorted(set(fields) - set(allowed))
+    if unknown:
+        raise ApiError(400, f"'image_sampling' has unknown field {unknown[0]!r} (fields: {', '.join(allowed)})",
+                       param="image_sampling")
+    for name, value in fields.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ApiError(400, f"'image_sampling.{name}' must be a number, got {_shown(value)}",
+                           param="image_sampling")
+        try:   # checked before float(): an integer too large for a float is out of range, not a crash
+            ImageSampling(**{name: value})
+        except ValueError as error:
+            reason = str(error).rsplit(", got ", 1)[0]
+            raise ApiError(400, f"'image_sampling': {reason}, got {_shown(value)}", param="image_sampling") from None
+    return ImageSampling(**{name: float(value) for name, value in fields.items()})
 
 
 def _parse_messages(messages, config: ServerConfig) -> tuple[list[dict], list]:

@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, TextIO
 
-from medtune.models.generation import GenerationSettings
+from medtune.models.generation import GenerationSettings, ImageSampling
 
 HELP = """commands:
   /image PATH           talk about another image (PNG/JPEG, DICOM, NIfTI); starts a new conversation
-  /set NAME VALUE       change a setting: temperature, top_p, max_tokens, seed, modalities, window, slice
+  /set NAME VALUE       change a setting: temperature, top_p, max_tokens, seed, modalities, window, slice;
+                        for image answers: image_guidance TEXT,IMAGE, image_temperature, image_top_p
   /settings             show the current settings
   /reset                forget the conversation (the image stays)
   /help                 this text
@@ -37,6 +38,7 @@ HELP = """commands:
 anything else is sent to the model as your next message"""
 
 SAMPLING_SETTINGS = {"temperature": float, "top_p": float, "max_tokens": int, "seed": int}
+IMAGE_SETTINGS = ("image_guidance", "image_temperature", "image_top_p")
 
 
 class ChatCommandError(ValueError):
@@ -107,6 +109,12 @@ class ChatSession:
                 raise ChatCommandError(str(error)) from None
         elif name == "slice":
             self.slice = None if value.lower() == "none" else _parse(int, name, value)
+        elif name in IMAGE_SETTINGS:
+            try:
+                image = image_sampling(self.settings.image, **{name: value})
+            except ValueError as error:
+                raise ChatCommandError(str(error)) from None
+            self.settings = dataclasses.replace(self.settings, image=image)
         elif name in SAMPLING_SETTINGS:
             parsed = None if name == "seed" and value.lower() == "none" else _parse(SAMPLING_SETTINGS[name], name,
                                                                                      value)
@@ -116,14 +124,19 @@ class ChatSession:
             except ValueError as error:
                 raise ChatCommandError(str(error)) from None
         else:
-            known = ", ".join([*SAMPLING_SETTINGS, "modalities", "window", "slice"])
+            known = ", ".join([*SAMPLING_SETTINGS, "modalities", "window", "slice", *IMAGE_SETTINGS])
             raise ChatCommandError(f"unknown setting {name!r} (settings: {known})")
 
     def describe(self) -> str:
         s = self.settings
-        return (f"temperature={s.temperature} top_p={s.top_p} max_tokens={s.max_new_tokens} seed={s.seed} "
-                f"modalities={','.join(s.modalities)} window={self.window} slice={self.slice} "
-                f"image={self.image_name}")
+        described = (f"temperature={s.temperature} top_p={s.top_p} max_tokens={s.max_new_tokens} seed={s.seed} "
+                     f"modalities={','.join(s.modalities)} window={self.window} slice={self.slice} "
+                     f"image={self.image_name}")
+        if "image" in s.modalities:
+            i = s.image
+            described += (f" image_guidance={i.guidance_text:g},{i.guidance_image:g} "
+                          f"image_temperature={i.temperature:g} image_top_p={i.top_p:g}")
+        return described
 
 
 def decoding_note(settings: GenerationSettings) -> str:
@@ -134,6 +147,23 @@ def decoding_note(settings: GenerationSettings) -> str:
     seed = f", seed {settings.seed}" if settings.seed is not None else ", no seed"
     return (f"sampling at temperature {settings.temperature:g}, top_p {settings.top_p:g}{seed}: answers vary; "
             "/set temperature 0 for greedy decoding")
+
+
+def image_sampling(current: ImageSampling, *, image_guidance: str | None = None,
+                   image_temperature: str | float | None = None, image_top_p: str | float | None = None) -> ImageSampling:
+    """``current`` with the settings given as text (``image_guidance`` is ``TEXT,IMAGE``, e.g. ``3,1.2``)."""
+    changes = {}
+    if image_guidance is not None:
+        scales = str(image_guidance).split(",")
+        try:
+            changes["guidance_text"], changes["guidance_image"] = (float(scale) for scale in scales)
+        except ValueError:
+            raise ValueError(f"image_guidance must be two numbers, TEXT,IMAGE (Chameleon's: 3,1.2), got "
+                             f"{image_guidance!r}") from None
+    for key, value in (("temperature", image_temperature), ("top_p", image_top_p)):
+        if value is not None:
+            changes[key] = _parse(float, f"image_{key}", value) if isinstance(value, str) else value
+    return dataclasses.replace(current, **changes)
 
 
 def parse_modalities(text: str) -> tuple[str, ...]:
@@ -255,8 +285,11 @@ def run_chat(args) -> int:
     from medtune.models.generation import Generator
 
     try:
+        image = image_sampling(ImageSampling(), image_guidance=args.image_guidance,
+                               image_temperature=args.image_temperature, image_top_p=args.image_top_p)
         settings = GenerationSettings(max_new_tokens=args.max_tokens, temperature=args.temperature,
-                                      top_p=args.top_p, seed=args.seed, modalities=parse_modalities(args.modalities))
+                                      top_p=args.top_p, seed=args.seed, modalities=parse_modalities(args.modalities),
+                                      image=image)
         _check_window(args.window)
     except ValueError as error:
         raise UserError(str(error)) from None

@@ -63,6 +63,14 @@ def _register_chat(subparsers) -> None:
     parser.add_argument("--modalities", default="text",
                         help="what answers may hold: text, image, or text,image (images need a model that writes "
                              "image tokens, e.g. a MedMax checkpoint with its image decoder) (default %(default)s)")
+    parser.add_argument("--image-guidance", default=None, metavar="TEXT,IMAGE",
+                        help="classifier-free guidance scales for image answers, on the text and on the images "
+                             "(default: Chameleon's 3,1.2; 1,1 turns guidance off)")
+    parser.add_argument("--image-temperature", type=float, default=None,
+                        help="sampling temperature of image codes; 0 takes the most likely code (default: "
+                             "Chameleon's 0.7)")
+    parser.add_argument("--image-top-p", type=float, default=None,
+                        help="nucleus of image codes (default: Chameleon's 0.9)")
     parser.add_argument("--image-dir", type=Path, default=Path("medtune-chat-images"),
                         help="where images in answers are saved (default: ./medtune-chat-images)")
     parser.set_defaults(func=_run_chat)

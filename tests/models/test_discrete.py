@@ -13,6 +13,7 @@ from PIL import Image  # noqa: E402
 from medtune.data.schema import ImageRef, Message, Metadata, Part, Sample  # noqa: E402
 from medtune.models.batch import IGNORE_INDEX  # noqa: E402
 from medtune.models.build import load_vlm  # noqa: E402
+from medtune.models.generation import ImageSampling  # noqa: E402
 from medtune.models.presets import tiny_chameleon  # noqa: E402
 from medtune.models.processing import SkipSample  # noqa: E402
 from plain_python import run_without_medtune  # noqa: E402
@@ -250,7 +251,8 @@ def test_an_image_answer_is_one_decoded_image_of_the_vq_s_size(drawing):
 
     generator = Generator(drawing)
     conversation = [{"role": "user", "content": [{"type": "text", "text": "Draw a chest X-ray."}]}]
-    settings = GenerationSettings(max_new_tokens=drawing.image_tokenizer.codes_per_image + 8, modalities=("image",))
+    settings = GenerationSettings(max_new_tokens=drawing.image_tokenizer.codes_per_image + 8, modalities=("image",),
+                                  image=ImageSampling(temperature=0))
     batch = generator._encode_batch([conversation], [[]])
     with torch.inference_mode():
         output = generator._run_generate(batch, settings)[0, batch["input_ids"].shape[1]:].tolist()
@@ -263,6 +265,103 @@ def test_an_image_answer_is_one_decoded_image_of_the_vq_s_size(drawing):
     # deterministic: greedy decoding and a deterministic decoder give the same pixels again
     again = generator.complete([conversation], [[]], settings)[0].images[0]
     assert np.array_equal(np.asarray(again), np.asarray(completion.images[0]))
+
+
+def _guided_codes_by_hand(vlm, prompt: list[int], n: int, scales: tuple[float, float]) -> list[int]:
+    """Greedy guided codes from whole-sequence forwards (no cache), streams built from Chameleon's rule."""
+    bos, boi, eoi = vlm.tokenizer.bos_token_id, vlm.token_id(vlm.boi_token), vlm.token_id(vlm.eoi_token)
+    image_ids = torch.tensor(vlm.image_token_ids)
+    kept = {bos, boi, eoi, *vlm.image_token_ids}
+
+    def last_logits(ids):
+        with torch.no_grad():
+            return vlm.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+
+    full = prompt + [boi]
+    image_only, none = [t for t in full if t in kept], [bos, boi]
+    codes = []
+    for _ in range(n):
+        f, i, u = (last_logits(ids + codes) for ids in (full, image_only, none))
+        mixed = u + scales[1] * (i - u) + scales[0] * (f - i)
+        codes.append(int(image_ids[mixed[image_ids].argmax()]))
+    return codes
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+def test_image_codes_are_chameleon_s_guided_logits_step_by_step(drawing, root, with_image):
+    """Guidance over three streams (full prompt; its BOS and image tokens only; BOS + begin-of-image), mixed as
+    Chameleon's InBatchInstructCFGLogitsProcessor mixes them, equals a hand computation at every code; with both
+    scales 1 it is the unguided argmax, and the default scales change the picture."""
+    from medtune.models.generation import GenerationSettings, Generator
+
+    generator, n = Generator(drawing), drawing.image_tokenizer.codes_per_image
+    content = [{"type": "text", "text": "Draw the same lung, larger."}]
+    images = [Image.open(root / "a.png").convert("RGB")] if with_image else []
+    if with_image:
+        content.insert(0, {"type": "image"})
+    batch = generator._encode_batch([[{"role": "user", "content": content}]], [images])
+    prompt = batch["input_ids"][0].tolist()
+
+    def generated(guidance_text, guidance_image):
+        settings = GenerationSettings(max_new_tokens=n + 4, modalities=("image",), image=ImageSampling(
+            guidance_text=guidance_text, guidance_image=guidance_image, temperature=0))
+        with torch.inference_mode():
+            out = generator._run_generate(batch, settings)[0, len(prompt):].tolist()
+        assert out[0] == drawing.token_id(drawing.boi_token) and out[n + 1] == drawing.token_id(drawing.eoi_token)
+        return out[1:n + 1]
+
+    guided = generated(3.0, 1.2)
+    assert guided == _guided_codes_by_hand(drawing, prompt, n, (3.0, 1.2))
+    plain = generated(1.0, 1.0)
+    assert plain == _guided_codes_by_hand(drawing, prompt, n, (1.0, 1.0))
+    assert plain != guided
+
+
+def test_a_batch_of_image_answers_is_guided_row_by_row_like_single_prompts(drawing):
+    """Left padding does not reach the streams: each row's codes equal that prompt's codes generated alone."""
+    from medtune.models.generation import GenerationSettings, Generator
+
+    generator, n = Generator(drawing), drawing.image_tokenizer.codes_per_image
+    conversations = [[{"role": "user", "content": [{"type": "text", "text": text}]}]
+                     for text in ("Draw a chest X-ray.", "Draw a much longer and more detailed abdominal CT slice.")]
+    settings = GenerationSettings(max_new_tokens=n + 4, modalities=("image",), image=ImageSampling(temperature=0))
+    together = generator.complete(conversations, [[], []], settings)
+    alone = [generator.complete([c], [[]], settings)[0] for c in conversations]
+    for a, b in zip(together, alone):
+        assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    assert not np.array_equal(np.asarray(together[0].images[0]), np.asarray(together[1].images[0]))
+
+
+def test_image_codes_are_drawn_with_their_own_temperature_and_top_p():
+    """The draw follows softmax(logits / temperature) within the top-p nucleus (transformers' warpers, as
+    Chameleon chains them): frequencies over many draws match the hand-computed distribution."""
+    from medtune.models.generation import ImageSampling
+    from medtune.models.image_guidance import pick_code
+
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0])
+    sampling = ImageSampling(temperature=0.7, top_p=0.9)
+    probs = torch.softmax(logits / 0.7, dim=0)
+    keep = torch.cumsum(probs, 0) - probs < 0.9     # logits are sorted: a code stays while the mass before it < p
+    expected = torch.where(keep, probs, torch.zeros_like(probs))
+    expected /= expected.sum()
+    torch.manual_seed(0)
+    counts = torch.bincount(torch.tensor([pick_code(logits, sampling) for _ in range(4000)]), minlength=5)
+    assert counts[~keep].sum() == 0
+    assert torch.allclose(counts / 4000, expected, atol=0.03)
+    assert pick_code(logits, ImageSampling(temperature=0)) == 0
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("guidance_text", -1, "image guidance text scale must be between 0 and 20, got -1"),
+    ("guidance_image", float("nan"), "image guidance image scale must be between 0 and 20, got nan"),
+    ("temperature", 3, "image temperature must be between 0 and 2, got 3"),
+    ("top_p", 0, r"image top_p must be in \(0, 1\], got 0"),
+])
+def test_image_sampling_settings_are_checked(field, value, message):
+    from medtune.models.generation import ImageSampling
+
+    with pytest.raises(ValueError, match=message):
+        ImageSampling(**{field: value})
 
 
 def test_text_answers_hold_no_image_and_images_need_a_decoder(vlm, drawing):

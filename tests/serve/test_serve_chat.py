@@ -57,6 +57,26 @@ def test_the_banner_says_when_answers_are_sampled():
     assert "no seed" in decoding_note(GenerationSettings(temperature=1.0, top_p=0.9))
 
 
+def test_image_answer_settings_change_with_set_and_bad_ones_are_refused():
+    from medtune.models.generation import ImageSampling
+    from medtune.serve.chat import ChatCommandError, ChatSession
+
+    session = ChatSession(None, GenerationSettings(modalities=("image",)))
+    assert session.settings.image == ImageSampling(guidance_text=3.0, guidance_image=1.2, temperature=0.7, top_p=0.9)
+    session.set("image_guidance", "1,1")
+    session.set("image_temperature", "0")
+    session.set("image_top_p", "0.5")
+    assert session.settings.image == ImageSampling(guidance_text=1, guidance_image=1, temperature=0, top_p=0.5)
+    assert not session.settings.image.guided
+    assert "image_guidance=1,1 image_temperature=0 image_top_p=0.5" in session.describe()
+    for name, value, message in (("image_guidance", "3", "image_guidance must be two numbers, TEXT,IMAGE"),
+                                 ("image_guidance", "3,-1", "image guidance image scale must be between 0 and 20"),
+                                 ("image_temperature", "hot", "image_temperature must be a number, got 'hot'")):
+        with pytest.raises(ChatCommandError, match=message):
+            session.set(name, value)
+    assert session.settings.image.guidance_text == 1   # a refused value changes nothing
+
+
 def test_dicom_window_and_nifti_slice(tiny_model_dir, generator, tmp_path):
     nibabel = pytest.importorskip("nibabel")
     from medtune.data.images import load_image

@@ -35,11 +35,12 @@ def drawing_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(drawing_dir):
     from medtune.models.build import load_vlm
-    from medtune.models.generation import GenerationSettings, Generator
+    from medtune.models.generation import GenerationSettings, Generator, ImageSampling
 
     torch.set_num_threads(1)
     generator = Generator(load_vlm(drawing_dir))
-    settings = GenerationSettings(max_new_tokens=80, modalities=("image",))
+    # guided (Chameleon's scales), most likely code at each step: what each front end below asks for
+    settings = GenerationSettings(max_new_tokens=80, modalities=("image",), image=ImageSampling(temperature=0))
     return generator.complete([[{"role": "user", "content": [{"type": "text", "text": DRAW[0]["content"]}]}]],
                               [[]], settings)[0]
 
@@ -58,7 +59,8 @@ def test_the_api_returns_the_image_to_the_openai_client(drawing_dir, tiny_model_
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
         answer = client.chat.completions.create(model="tiny-chameleon", messages=DRAW, max_tokens=80,
-                                                temperature=0, extra_body={"modalities": ["image"]})
+                                                temperature=0, extra_body={"modalities": ["image"],
+                                                                           "image_sampling": {"temperature": 0}})
         parts = answer.choices[0].message.content
         assert isinstance(parts, list) and [p["type"] for p in parts] == ["image_url"]
         url = parts[0]["image_url"]["url"]
@@ -68,6 +70,12 @@ def test_the_api_returns_the_image_to_the_openai_client(drawing_dir, tiny_model_
         assert answer.choices[0].finish_reason == "stop"
         text = client.chat.completions.create(model="tiny-chameleon", messages=DRAW, max_tokens=4, temperature=0)
         assert isinstance(text.choices[0].message.content, str)
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="tiny-chameleon", messages=DRAW, max_tokens=80, extra_body={
+                "modalities": ["image"], "image_sampling": {"guidance": 3}})
+        assert refused.value.body["param"] == "image_sampling"
+        assert "unknown field 'guidance' (fields: guidance_text, guidance_image, temperature, top_p)" \
+            in refused.value.body["message"]
     finally:
         stop(process)
     # a model that writes text only answers a request for images with a 400 naming the parameter
@@ -87,7 +95,7 @@ def test_the_api_returns_the_image_to_the_openai_client(drawing_dir, tiny_model_
 @pytest.mark.slow
 def test_chat_saves_the_image_and_prints_its_path(drawing_dir, reference, tmp_path):
     images = tmp_path / "answers"
-    commands = "/set max_tokens 80\n/set modalities image\nDraw a chest X-ray.\n/quit\n"
+    commands = "/set max_tokens 80\n/set modalities image\n/set image_temperature 0\nDraw a chest X-ray.\n/quit\n"
     done = subprocess.run([sys.executable, "-m", "medtune", "chat", str(drawing_dir), "--image-dir", str(images)],
                           input=commands, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300)
     assert done.returncode == 0, done.stderr

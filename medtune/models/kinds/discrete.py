@@ -29,8 +29,9 @@ Choices:
   (Chameleon/Anole: :class:`medtune.models.vqgan.ChameleonVQGANDecoder`, whose weights are not in Hugging Face
   Chameleon checkpoints; attach them from the released ``vqgan.yaml`` + ``vqgan.ckpt`` with
   :meth:`DiscreteVLM.attach_decoder`, and the checkpoint then carries them beside its weights).
-  MedMax/Chameleon generate images with classifier-free guidance over three prompt streams; medtune's
-  generation has none (plain greedy or nucleus sampling over the allowed codes).
+  Image codes are picked as Chameleon's image decoder (which MedMax runs) picks them: classifier-free guidance over
+  three prompt streams, then their own temperature and top-p (:mod:`medtune.models.image_guidance`; the settings
+  are ``GenerationSettings.image``, Chameleon's defaults unless changed).
 """
 from __future__ import annotations
 
@@ -259,9 +260,17 @@ class DiscreteVLM(VLM):
         if "image" in settings.modalities and not self.image_tokenizer.has_decoder:
             raise ValueError("this model has no image decoder attached, so it cannot answer with images; attach "
                              "Chameleon's VQGAN decoder (vqgan.yaml + vqgan.ckpt) first")
+        boi, eoi = self.token_id(self.boi_token), self.token_id(self.eoi_token)
+        streams = None
+        if "image" in settings.modalities and settings.image.guided:
+            from medtune.models.image_guidance import GuidanceStreams
+
+            streams = GuidanceStreams(self.model, bos=self.tokenizer.bos_token_id, boi=boi, eoi=eoi,
+                                      image_ids=self.image_token_ids, pad=self.tokenizer.pad_token_id,
+                                      sampling=settings.image)
         processor = ImageBlockLogitsProcessor(
-            self.image_token_ids, self.token_id(self.boi_token), self.token_id(self.eoi_token),
-            self.image_tokenizer.codes_per_image, self.tokenizer.eos_token_id, settings.modalities)
+            self.image_token_ids, boi, eoi, self.image_tokenizer.codes_per_image, self.tokenizer.eos_token_id,
+            settings.modalities, sampling=settings.image, streams=streams)
         return {"logits_processor": LogitsProcessorList([processor])}
 
     def decode_output(self, ids: list[int]) -> tuple[str, list]:
@@ -378,26 +387,37 @@ def _carried_codes(sample, codes_per_image: int):
 
 class ImageBlockLogitsProcessor:
     """Per row: outside an image, no image codes (and no image start unless images are allowed); inside one,
-    image codes only, exactly ``codes_per_image`` of them, then the end-of-image token. With images alone the
-    answer is one image: it starts at once and the answer ends after it."""
+    exactly ``codes_per_image`` image codes, then the end-of-image token. With images alone the answer is one
+    image: it starts at once and the answer ends after it.
+
+    Inside an image the processor picks each code itself, as Chameleon's image decoder does (guided by
+    ``streams`` when given, then with ``sampling``'s own temperature and top-p; :mod:`medtune.models.image_guidance`)
+    and leaves only that code possible, so the text settings ``generate`` applies afterwards cannot change it."""
 
     def __init__(self, image_ids: list[int], boi: int, eoi: int, codes_per_image: int, eos: int,
-                 modalities: tuple[str, ...]):
+                 modalities: tuple[str, ...], *, sampling=None, streams=None):
         import torch
+
+        from medtune.models.generation import ImageSampling
 
         self.image_ids = torch.tensor(image_ids)
         self.boi, self.eoi, self.eos, self.codes_per_image = boi, eoi, eos, codes_per_image
         self.allow_images, self.image_only = "image" in modalities, modalities == ("image",)
+        self.sampling, self.streams = sampling or ImageSampling(), streams
         self.prompt_length = None
         self.state = None   # per row: codes written in the open image (-1: no image open), images finished
 
     def __call__(self, input_ids, scores):
         import torch
 
+        from medtune.models.image_guidance import pick_code
+
         rows = input_ids.shape[0]
         if self.prompt_length is None:
             self.prompt_length = input_ids.shape[1]
             self.state = [[-1, 0] for _ in range(rows)]
+            if self.streams is not None:
+                self.streams.note_prompt(input_ids)
         elif input_ids.shape[1] > self.prompt_length:
             for row, token in enumerate(input_ids[:, -1].tolist()):
                 codes, done = self.state[row]
@@ -405,15 +425,20 @@ class ImageBlockLogitsProcessor:
                     self.state[row] = [0, done]
                 elif token == self.eoi and codes >= 0:
                     self.state[row] = [-1, done + 1]
+                    if self.streams is not None:
+                        self.streams.close(row)
                 elif codes >= 0:
                     self.state[row][0] = codes + 1
         image_ids = self.image_ids.to(scores.device)
         lowest = torch.finfo(scores.dtype).min
         for row, (codes, done) in enumerate(self.state):
             if 0 <= codes < self.codes_per_image:
-                allowed = scores[row, image_ids].clone()
+                logits = scores[row]
+                if self.streams is not None:
+                    logits = self.streams.guide(row, input_ids[row], logits, codes)
+                picked = image_ids[pick_code(logits[image_ids], self.sampling)]
                 scores[row] = lowest
-                scores[row, image_ids] = allowed
+                scores[row, picked] = 0
             elif codes == self.codes_per_image:
                 scores[row] = lowest
                 scores[row, self.eoi] = 0
