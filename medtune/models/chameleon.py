@@ -31,7 +31,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from medtune.errors import UserError
 
 BOI, EOI, END_OF_TURN, IMAGE = "<racm3:break>", "<eoss>", "<reserved08706>", "<image>"
-CONSOLIDATED, PARAMS = "consolidated.pth", "params.json"
+CONSOLIDATED, PARAMS, CONSOLIDATE_PARAMS = "consolidated.pth", "params.json", "consolidate_params.json"
 
 
 def image_code_token(code: int) -> str:
@@ -128,15 +128,32 @@ def to_chameleon_format(model, out_dir: str | Path) -> Path:
         elif ".self_attn.q_norm." in key or ".self_attn.k_norm." in key:
             value = _norm_to_original(value, key)
         original[new] = value.clone()
+    original["rope.freqs"] = None   # Chameleon recomputes it, and its loader expects the key (MedMax writes None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(original, out / CONSOLIDATED)   # Chameleon's reader expects this torch file
+    partial = out / (CONSOLIDATED + ".partial")
+    torch.save(original, partial)   # Chameleon's reader expects this torch file; renamed once complete
     params = {"dim": config.hidden_size, "n_layers": config.num_hidden_layers, "n_heads": heads,
-              "n_kv_heads": kv_heads, "vocab_size": config.vocab_size, "norm_eps": config.rms_norm_eps,
-              "rope_theta": _rope_theta(config), "qk_normalization": True, "swin_norm": bool(config.swin_norm),
-              "intermediate_size": config.intermediate_size, "max_seq_len": config.max_position_embeddings}
+              **({"n_kv_heads": kv_heads} if kv_heads != heads else {}),   # the converter reads it as GQA
+              "vocab_size": config.vocab_size, "norm_eps": config.rms_norm_eps, "rope_theta": _rope_theta(config),
+              "qk_normalization": True, "swin_norm": bool(config.swin_norm),
+              **_ffn_params(config.hidden_size, config.intermediate_size), "max_seq_len": config.max_position_embeddings}
     (out / PARAMS).write_text(json.dumps({"model": params}, indent=2), encoding="utf-8")
+    (out / CONSOLIDATE_PARAMS).write_text(json.dumps({"model_parallel_size": 1}), encoding="utf-8")
+    partial.replace(out / CONSOLIDATED)
     return out
+
+
+def _ffn_params(dim: int, intermediate: int) -> dict[str, Any]:
+    """``multiple_of`` (and ``ffn_dim_multiplier`` where needed) that make Chameleon's feed-forward width rule,
+    ``multiple_of * ceil(int(multiplier * int(8 * dim / 3)) / multiple_of)``, give ``intermediate``: 256 as
+    released where that works (7B: 4096 -> 11008), else the width itself."""
+    base = int(8 * dim / 3)
+    if 256 * -(-base // 256) == intermediate:
+        return {"multiple_of": 256}
+    if base <= intermediate:
+        return {"multiple_of": intermediate}
+    return {"multiple_of": intermediate, "ffn_dim_multiplier": intermediate / base}
 
 
 def _rope_theta(config) -> float:

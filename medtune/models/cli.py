@@ -81,8 +81,20 @@ def register(subparsers) -> None:
                                              "Chameleon's original layout: consolidated.pth and params.json.")
     chameleon.add_argument("checkpoint", help="a Chameleon-family checkpoint (kind discrete), e.g. a merged MedMax "
                                               "stage")
-    chameleon.add_argument("out", type=Path, help="output folder (models/7b-style: consolidated.pth, params.json)")
+    chameleon.add_argument("out", type=Path, help="output folder (models/7b-style: consolidated.pth, params.json, "
+                                                  "consolidate_params.json)")
     chameleon.set_defaults(func=run_export_chameleon)
+
+    decoder = verbs.add_parser("attach-decoder", help="give a Chameleon-family checkpoint the VQGAN pixel decoder it "
+                                                      "needs to answer with images",
+                               description="Write the pixel decoder of Chameleon's VQGAN (the vqgan.yaml + vqgan.ckpt "
+                                           "of a Chameleon / Anole / MedMax release's tokenizer/ folder, read as "
+                                           "tensors only) into CHECKPOINT as vqgan_decoder.safetensors + .json, "
+                                           "which medtune loads with it from then on. Hugging Face Chameleon "
+                                           "checkpoints (e.g. mint-medmax/medmax_7b_hf) hold only the encoder.")
+    decoder.add_argument("checkpoint", type=Path, help="a local Chameleon-family checkpoint folder (kind discrete)")
+    decoder.add_argument("vqgan", type=Path, help="the folder holding vqgan.yaml and vqgan.ckpt")
+    decoder.set_defaults(func=run_attach_decoder)
     _add_tokenize_images(subparsers)
 
 
@@ -241,6 +253,25 @@ def run_export_chameleon(args: argparse.Namespace) -> int:
     print(f"wrote {out}/consolidated.pth and params.json ({vlm.num_parameters():,} parameters less the VQ, which "
           "Chameleon reads from its tokenizer folder's vqgan.ckpt); copy the original model's tokenizer/ folder "
           "beside it for Chameleon's inference code")
+    return 0
+
+
+def run_attach_decoder(args: argparse.Namespace) -> int:
+    """``medtune model attach-decoder CHECKPOINT VQGAN``: see the verb's description."""
+    from medtune.errors import UserError
+
+    vlm = load_checkpoint(args.checkpoint)
+    if vlm.kind != "discrete":
+        raise UserError(f"{args.checkpoint}: a {vlm.kind} model writes no image codes, so it takes no image decoder")
+    try:
+        vlm.attach_decoder(args.vqgan)
+    except FileNotFoundError as error:   # names the folder already
+        raise UserError(str(error)) from None
+    except ValueError as error:
+        raise UserError(f"{args.vqgan}: {error}") from None
+    vlm.save_decoder(args.checkpoint)
+    print(f"wrote {args.checkpoint}/vqgan_decoder.safetensors and vqgan_decoder.json (from {args.vqgan}): "
+          f"{args.checkpoint} can now answer with images (--modalities image)")
     return 0
 
 

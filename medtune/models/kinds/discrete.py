@@ -332,15 +332,24 @@ class DiscreteVLM(VLM):
 
     def write_beside_weights(self, out_dir) -> None:
         super().write_beside_weights(out_dir)
+        self.save_decoder(out_dir)
+
+    def save_decoder(self, out_dir) -> None:
+        """Hugging Face Chameleon checkpoints have no pixel decoder: write the attached one beside the weights
+        (each file complete or absent: written under a temporary name, then renamed)."""
         decoder = getattr(self.image_tokenizer, "decoder", None)
-        if decoder is not None:   # Hugging Face Chameleon checkpoints have no pixel decoder: carry it along
-            import dataclasses
+        if decoder is None:
+            return
+        import dataclasses
 
-            from safetensors.torch import save_file
+        from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in decoder.state_dict().items()}, str(Path(out_dir) / DECODER_WEIGHTS))
-            (Path(out_dir) / DECODER_CONFIG).write_text(json.dumps(dataclasses.asdict(decoder.config)),
-                                                        encoding="utf-8")
+        out = Path(out_dir)
+        weights, settings = out / (DECODER_WEIGHTS + ".partial"), out / (DECODER_CONFIG + ".partial")
+        save_file({k: v.contiguous() for k, v in decoder.state_dict().items()}, str(weights))
+        settings.write_text(json.dumps(dataclasses.asdict(decoder.config)), encoding="utf-8")
+        settings.replace(out / DECODER_CONFIG)
+        weights.replace(out / DECODER_WEIGHTS)   # last: loading looks for the weights file
 
     def metadata(self) -> dict[str, Any]:
         return {**super().metadata(), "label_rule": self.label_rule,
