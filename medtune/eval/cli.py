@@ -122,8 +122,10 @@ def _add_run(verbs) -> None:
     p.add_argument("--out", type=Path, required=True,
                    help="folder for predictions and the report; running again into it resumes")
     _add_generation_options(p, "the task")
-    p.add_argument("--prompt-style", choices=("plain", "short"), default="plain",
-                   help="plain: the question alone (LLaVA-Med protocol); short: ask for a word or phrase "
+    p.add_argument("--prompt-style", choices=("plain", "short", "llava-med", "med-moe"), default="plain",
+                   help="plain: the question alone; short: ask for a word or phrase; llava-med / med-moe: the "
+                        "prompt of LLaVA-Med's model_vqa.py / Med-MoE's model_vqa_med.py (the question alone, in "
+                        "the conversation mode the checkpoint was imported with, which is checked) "
                         "(default %(default)s)")
     p.add_argument("--num-shards", type=_positive_int, default=1, metavar="N",
                    help="split the questions into N shards, each answered by its own run into the same --out; "
@@ -441,6 +443,7 @@ def _run(args) -> int:
         check_model_path(args.model)
     task = task_from_args(args)
     backend = _backend_from_args(args)
+    _check_seed_prompt(task.prompt_style, backend, args.model)
     if task.protocol == "medmax":
         task = _with_model_tokenizer(task, backend)
     if "medmax" in families:
@@ -463,6 +466,24 @@ def _run(args) -> int:
                         "fix their images and run again (answered questions are kept), or score the partial "
                         "file with `medtune eval score --allow-missing`")
     return 0
+
+
+def _check_seed_prompt(style: str, backend, model) -> None:
+    """A seed's prompt style needs the checkpoint rendered in one of that seed's conversation modes."""
+    from medtune.errors import UserError
+    from medtune.eval.tasks import SEED_PROMPT_TEMPLATES
+
+    allowed = SEED_PROMPT_TEMPLATES.get(style)
+    vlm = getattr(backend, "vlm", None)
+    if allowed is None:
+        return
+    if vlm is None:
+        print(f"--prompt-style {style}: the endpoint's chat template is the server's, so it is not checked",
+              file=sys.stderr)
+    elif vlm.template not in allowed:
+        raise UserError(f"--prompt-style {style}: {model} is prompted with template {vlm.template!r}, not one of "
+                        f"{style}'s conversation modes ({', '.join(allowed)}); import the seed's checkpoint with "
+                        "`medtune model import SOURCE OUT --conv-mode MODE`")
 
 
 def _with_model_tokenizer(task, backend):

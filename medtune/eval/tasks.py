@@ -54,7 +54,12 @@ DEFAULT_SETTINGS = {
     "closed": {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0},
     "mcq": {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0},
 }
-PROMPT_STYLES = ("plain", "short")
+PROMPT_STYLES = ("plain", "short", "llava-med", "med-moe")
+# The seeds' evaluation scripts send the question alone, after the image, in the conversation mode the model was
+# imported with (LLaVA-Med's llava/eval/model_vqa.py --conv-mode; Med-MoE's moellava/eval/model_vqa_med.py with
+# phi / stablelm; their answer instructions are commented out): the templates each style may be rendered in.
+SEED_PROMPT_TEMPLATES = {"llava-med": ("mistral_instruct", "vicuna_v1", "vicuna", "llava_llama_2"),
+                         "med-moe": ("phi", "stablelm")}
 PROTOCOLS = ("medtune", "medmax")
 MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 SHORT_INSTRUCTION = "Answer the question using a single word or phrase."

@@ -301,6 +301,15 @@ def test_a_tower_trained_with_the_model_is_refused_by_name(tmp_path):
         LlavaLayout.read(tmp_path)
 
 
+def test_a_seed_prompt_style_needs_the_seed_s_conversation_mode(imported_dir, tmp_path, capsys):
+    template = json.loads((imported_dir / "medtune.json").read_text())["template"]
+    assert main(["eval", "run", "--task", "vqa-rad", "--data", "data/vqa_rad/testset.json", "--model",
+                 str(imported_dir), "--prompt-style", "med-moe", "--out", str(tmp_path / "eval")]) == 2
+    assert (f"--prompt-style med-moe: {imported_dir} is prompted with template {template!r}, not one of med-moe's "
+            "conversation modes (phi, stablelm)") in capsys.readouterr().err
+    assert not (tmp_path / "eval" / "predictions.jsonl").exists()
+
+
 def test_eval_run_on_an_import_gives_the_seed_s_answers_file(seed, imported_dir, tmp_path):
     """`medtune eval run` on the imported model answers VQA-RAD questions (square images: no pad offset to draw)
     with the text the seed's model_vqa.py loop wrote, greedy, at medtune's answer budgets."""
@@ -308,7 +317,7 @@ def test_eval_run_on_an_import_gives_the_seed_s_answers_file(seed, imported_dir,
 
     seed_answers = {str(json.loads(line)["question_id"]): json.loads(line)["text"]
                     for line in (SEEDS_DIR / seed / "vqa_rad_answers.jsonl").read_text().splitlines()}
-    ours = medtune_answers(imported_dir, set(seed_answers), tmp_path)
+    ours = medtune_answers(imported_dir, set(seed_answers), tmp_path, prompt_style="llava-med")
     assert len(ours) == 6
     if seed == "llava_med":   # the same fast tokenizer decodes: the answers file's text itself
         assert ours == seed_answers

@@ -235,4 +235,4 @@ def test_eval_run_on_an_import_gives_model_vqa_med_s_answers_file(lm, stage, imp
                     for line in (FIXTURE / lm / f"{stage}.vqa_rad_answers.jsonl").read_text().splitlines()}
     asked = {str(q["id"]) for q in json.loads((FIXTURE / "vqa_rad_questions.json").read_text())}
     assert set(seed_answers) == asked and len(asked) == 6
-    assert medtune_answers(imported_dirs[stage], asked, tmp_path) == seed_answers
+    assert medtune_answers(imported_dirs[stage], asked, tmp_path, prompt_style="med-moe") == seed_answers

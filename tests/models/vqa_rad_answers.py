@@ -10,9 +10,9 @@ from medtune.cli import main
 VQA_RAD_IMAGES = Path(__file__).parents[2] / "data" / "vqa_rad" / "images"
 
 
-def medtune_answers(model_dir: Path, question_ids: set[str], work: Path) -> dict[str, str]:
-    """``{question id: answer}`` of ``medtune eval run`` on the imported model at ``model_dir`` over those questions
-    of the bundled test split (converted to canonical JSON Lines in ``work``)."""
+def medtune_answers(model_dir: Path, question_ids: set[str], work: Path, prompt_style: str) -> dict[str, str]:
+    """``{question id: answer}`` of ``medtune eval run --prompt-style STYLE`` on the imported model at
+    ``model_dir`` over those questions of the bundled test split (converted to canonical JSON Lines in ``work``)."""
     converted = work / "test.jsonl"
     assert main(["data", "convert", "--from", "vqa-rad", "--to", "canonical", "data/vqa_rad/testset.json",
                  str(converted)]) == 0
@@ -20,6 +20,6 @@ def medtune_answers(model_dir: Path, question_ids: set[str], work: Path) -> dict
     subset.write_text("".join(line + "\n" for line in converted.read_text().splitlines()
                               if json.loads(line)["id"] in question_ids))
     assert main(["eval", "run", "--data", str(subset), "--gt-format", "canonical", "--image-root",
-                 str(VQA_RAD_IMAGES), "--model", str(model_dir), "--out", str(work / "eval")]) == 0
+                 str(VQA_RAD_IMAGES), "--model", str(model_dir), "--prompt-style", prompt_style, "--out", str(work / "eval")]) == 0
     return {json.loads(line)["id"]: json.loads(line)["prediction"]
             for line in (work / "eval" / "predictions.jsonl").read_text().splitlines()}
