@@ -85,6 +85,18 @@ def register(subparsers) -> None:
                                                   "consolidate_params.json)")
     chameleon.set_defaults(func=run_export_chameleon)
 
+    tower = verbs.add_parser("import-tower", help="write a timm Vision Transformer (e.g. the pathology tower UNI) as a "
+                                                  "transformers vision tower medtune models can use",
+                             description="Read SOURCE, a timm ViT in timm's hub format (config.json with "
+                                         "'architecture', pytorch_model.bin or model.safetensors; e.g. a local "
+                                         "copy of MahmoodLab/UNI), and write OUT: the same network as transformers' "
+                                         "DINOv2 model with its image processor, to name as a model's vision tower "
+                                         "(vision: OUT in a recipe, --vision-tower OUT). Register tokens, q/k norms, "
+                                         "SwiGLU MLPs and attention-pool heads are refused by name.")
+    tower.add_argument("source", type=Path, help="the timm checkpoint folder")
+    tower.add_argument("out", type=Path, help="output folder (a transformers Dinov2Model)")
+    tower.set_defaults(func=run_import_tower)
+
     decoder = verbs.add_parser("attach-decoder", help="give a Chameleon-family checkpoint the VQGAN pixel decoder it "
                                                       "needs to answer with images",
                                description="Write the pixel decoder of Chameleon's VQGAN (the vqgan.yaml + vqgan.ckpt "
@@ -253,6 +265,22 @@ def run_export_chameleon(args: argparse.Namespace) -> int:
     print(f"wrote {out}/consolidated.pth and params.json ({vlm.num_parameters():,} parameters less the VQ, which "
           "Chameleon reads from its tokenizer folder's vqgan.ckpt); copy the original model's tokenizer/ folder "
           "beside it for Chameleon's inference code")
+    return 0
+
+
+def run_import_tower(args: argparse.Namespace) -> int:
+    """``medtune model import-tower SOURCE OUT``: see medtune/models/timm_import.py for the mapping."""
+    from medtune.errors import UserError
+    from medtune.models.timm_import import import_timm_vit, is_timm_checkpoint
+
+    if not is_timm_checkpoint(args.source):
+        raise UserError(f"{args.source}: not a timm checkpoint (a config.json with 'architecture', as timm's hub "
+                        "format writes it)")
+    model = import_timm_vit(args.source, args.out)
+    config = model.config
+    print(f"wrote {args.out}: Dinov2Model, width {config.hidden_size}, {config.num_hidden_layers} blocks, "
+          f"{config.num_attention_heads} heads, {config.image_size}-px images in {config.patch_size}-px patches; "
+          f"use it as a model's vision tower (vision: {args.out})")
     return 0
 
 
