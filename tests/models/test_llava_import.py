@@ -4,7 +4,8 @@ Each fixture (tests/models/fixtures/seeds/NAME, README there) holds a tiny check
 computed on it: the evaluation script's prompt ids for two conversation modes, the padded pixels, the logits of
 a forward pass and 8 greedy ids. ``llava_med``: LLaVA-Med v1.5 (``llava_mistral``, Mistral LM);
 ``llava_1_1_3``: LLaVA 1.1.3, the version PathChat's trainer adapts (``model_type: llava``, which is not
-transformers' Llava; Llama LM, slow sentencepiece tokenizer). The imported model must give the same numbers
+transformers' Llava; Llama LM, slow sentencepiece tokenizer); ``llava_1_2``: LLaVA v1.2.2.post1, LLaVA-1.5's code
+(``model_type: llava_llama``). The imported model must give the same numbers
 through transformers' Llava.
 """
 from __future__ import annotations
@@ -28,7 +29,8 @@ IMAGE_TOKEN_INDEX = -200   # LLaVA's image placeholder id inside its prompt ids
 # mode recorded (-> medtune template)
 SEEDS = {"llava_med": {"lm": "mistral", "mode": ("mistral_instruct", "mistral_instruct"),
                        "other": ("vicuna_v1", "vicuna_v1")},
-         "llava_1_1_3": {"lm": "llama", "mode": ("llava_llama_2", "llava_llama_2"), "other": ("llava_v1", "vicuna")}}
+         "llava_1_1_3": {"lm": "llama", "mode": ("llava_llama_2", "llava_llama_2"), "other": ("llava_v1", "vicuna")},
+         "llava_1_2": {"lm": "llama", "mode": ("llava_v1", "vicuna"), "other": ("vicuna_v1", "vicuna_v1")}}
 
 
 @pytest.fixture(scope="module", params=list(SEEDS))
@@ -106,7 +108,7 @@ def test_pixels_equal_the_seed_s_padding_at_the_centred_offset(seed, imported, r
     with Image.open(SEEDS_DIR / seed / meta["image"]) as image:
         pixels = imported.pixel_values([image.convert("RGB")])[0]
     torch.testing.assert_close(pixels, tensors["pixel_values_centred"], atol=1e-6, rtol=0)
-    if seed == "llava_1_1_3":   # LLaVA pads at the centre
+    if seed != "llava_med":   # LLaVA pads at the centre
         assert meta["pad_offset_drawn"] == 8 and torch.equal(tensors["pixel_values"], tensors["pixel_values_centred"])
     else:   # LLaVA-Med draws the offset (centred or one further); its evaluation's draw here was the other
         assert meta["pad_offset_drawn"] == 9 and not torch.allclose(pixels, tensors["pixel_values"], atol=1e-3)
