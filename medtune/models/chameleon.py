@@ -174,7 +174,7 @@ def from_chameleon_format(directory: str | Path, config) -> dict[str, torch.Tens
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     state: dict[str, torch.Tensor] = {}
     for key, value in original.items():
-        if value is None:   # e.g. rope.freqs, which Chameleon recomputes
+        if value is None or key == "rope.freqs":   # Chameleon recomputes it (None where MedMax's export wrote it)
             continue
         new = _mapped(key, _FROM_ORIGINAL, layer_prefix="layers.", new_prefix="model.layers.")
         if new is None:
@@ -189,3 +189,4 @@ def from_chameleon_format(directory: str | Path, config) -> dict[str, torch.Tens
             value = _norm_from_original(value, kv_heads)
         state[new] = value
     return state
+

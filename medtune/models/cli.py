@@ -55,7 +55,7 @@ def register(subparsers) -> None:
 
     imported = verbs.add_parser("import", help="write a medtune checkpoint from one LLaVA, LLaVA-Med or Med-MoE's "
                                                "own code saved (llava, llava_llama, llava_mistral, llava_phi, "
-                                               "moe_llava_phi)",
+                                               "moe_llava_phi), or a Chameleon-layout release (MedMax, Anole)",
                                 description="Read SOURCE, a checkpoint folder saved by LLaVA's, LLaVA-Med's or "
                                             "Med-MoE's own code (config with mm_vision_tower or mm_image_tower, "
                                             "model.mm_projector.* weights), and write OUT: a composed model "
@@ -63,7 +63,10 @@ def register(subparsers) -> None:
                                             "Med-MoE stage-3 model, with the vision tower the config names, the "
                                             "checkpoint's tokenizer and the chat template of the conversation mode. "
                                             "Settings medtune does not reproduce (anyres, im_start/im_end tokens, "
-                                            "other projectors, top-2 routing) are refused by name.")
+                                            "other projectors, top-2 routing) are refused by name. A release in "
+                                            "Chameleon's own layout (models/7b/consolidated.pth + tokenizer/, e.g. "
+                                            "mint-medmax/medmax_7b) becomes the discrete kind with its VQGAN "
+                                            "decoder attached.")
     imported.add_argument("source", help="the checkpoint folder (or hub name)")
     imported.add_argument("out", type=Path, help="output folder (a medtune checkpoint)")
     imported.add_argument("--vision-tower", help="the tower checkpoint to use instead of the one the config names "
@@ -229,9 +232,20 @@ def run_info(args: argparse.Namespace) -> int:
 
 def run_import(args: argparse.Namespace) -> int:
     """``medtune model import SOURCE OUT``: see medtune/models/llava_import.py for what is read and refused."""
+    from medtune.models.chameleon_import import import_chameleon_release, is_chameleon_release
     from medtune.models.llava_import import import_llava
     from medtune.models.med_moe_import import import_med_moe, is_moe_llava
 
+    if is_chameleon_release(args.source):
+        from medtune.errors import UserError
+
+        if args.vision_tower or args.conv_mode:
+            raise UserError(f"{args.source}: a Chameleon-layout release has no vision tower or LLaVA conversation "
+                            "mode to choose (--vision-tower, --conv-mode)")
+        vlm = import_chameleon_release(args.source, args.out, dtype=args.dtype)
+        print(f"wrote {args.out}: {type(vlm.model).__name__} (kind discrete), {vlm.num_parameters():,} parameters, "
+              f"{vlm.image_tokenizer.codes_per_image} codes per image, VQGAN decoder attached")
+        return 0
     check_model_path(args.source)
     importer = import_med_moe if is_moe_llava(args.source) else import_llava
     vlm = importer(args.source, args.out, vision_tower=args.vision_tower, conv_mode=args.conv_mode, dtype=args.dtype)

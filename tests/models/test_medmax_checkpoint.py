@@ -33,7 +33,7 @@ def reference():
 def medmax():
     torch.set_num_threads(1)
     vlm = load_vlm(FIXTURE / "hf", dtype="float32")
-    vlm.attach_decoder(FIXTURE / "tokenizer")
+    vlm.attach_decoder(FIXTURE / "chameleon" / "tokenizer")
     return vlm
 
 
@@ -71,6 +71,53 @@ def test_the_tokenizer_folder_s_vqgan_decodes_as_chameleon_s_vq_model(medmax, re
     image = np.asarray(medmax.image_tokenizer.decode(reference["codes"][None])[0])
     expected = ((reference["decoded"][0].clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy() * 255
     assert np.abs(image.astype(int) - expected.astype(np.uint8).astype(int)).max() <= 1
+
+
+@pytest.fixture(scope="module")
+def imported_release(tmp_path_factory):
+    """MedMax's Chameleon-layout release (mint-medmax/medmax_7b's layout) through `medtune model import`."""
+    from medtune.cli import main
+
+    out = tmp_path_factory.mktemp("import") / "medmax_7b"
+    assert main(["model", "import", str(FIXTURE / "chameleon"), str(out)]) == 0
+    return load_vlm(out, dtype="float32")
+
+
+def test_the_chameleon_layout_imports_as_the_converter_s_checkpoint(imported_release, medmax, reference):
+    """Every weight (the VQ encoder's too), the settings, the vocabulary map and the tokenizer's ids equal those of
+    the Hugging Face checkpoint MedMax's converter wrote from the same release; the decoder comes along."""
+    ours, theirs = imported_release.model.state_dict(), medmax.model.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert [key for key in ours if not torch.equal(ours[key], theirs[key])] == []
+    for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "rms_norm_eps", "vocab_size", "max_position_embeddings", "swin_norm", "vocabulary_map",
+                 "bos_token_id", "eos_token_id"):
+        assert getattr(imported_release.model.config, name) == getattr(medmax.model.config, name), name
+    assert imported_release.model.config.rope_parameters["rope_theta"] == medmax.model.config.rope_parameters["rope_theta"]
+    for name in ("num_embeddings", "embed_dim", "latent_channels", "resolution", "base_channels", "channel_multiplier"):
+        assert getattr(imported_release.model.config.vq_config, name) == getattr(medmax.model.config.vq_config, name)
+    for text in ("Describe <image> the lung.", "<reserved08706><racm3:break>IMGIMGBZ<eoss>", "  two  spaces\n"):
+        assert imported_release.tokenizer(text).input_ids == medmax.tokenizer(text).input_ids
+    assert imported_release.tokenizer("a", "b").input_ids == medmax.tokenizer("a", "b").input_ids
+    with torch.no_grad():
+        logits = imported_release.model(input_ids=reference["input_ids"]).logits
+        pixels = imported_release.image_tokenizer.decoder(reference["codes"][None])
+    assert torch.allclose(logits, reference["logits"], atol=1e-5, rtol=0)
+    assert torch.allclose(pixels, reference["decoded"], atol=1e-5, rtol=0)
+
+
+def test_a_release_import_takes_no_llava_options_and_one_model_at_a_time(tmp_path, capsys):
+    import shutil
+
+    from medtune.cli import main
+
+    assert main(["model", "import", str(FIXTURE / "chameleon"), str(tmp_path / "a"), "--conv-mode", "vicuna_v1"]) == 2
+    assert "a Chameleon-layout release has no vision tower or LLaVA conversation mode" in capsys.readouterr().err
+    release = tmp_path / "two"
+    shutil.copytree(FIXTURE / "chameleon", release)
+    shutil.copytree(release / "models" / "7b", release / "models" / "30b")
+    assert main(["model", "import", str(release), str(tmp_path / "b")]) == 2
+    assert "2 model folders under models/ (30b, 7b); import one release at a time" in capsys.readouterr().err
 
 
 def _digest(tensor) -> str:
@@ -149,7 +196,7 @@ def test_attach_decoder_makes_the_released_layout_answer_with_images(tmp_path, r
     assert main(["model", "attach-decoder", str(checkpoint), str(tmp_path)]) == 2
     assert f"error: {tmp_path}: neither vqgan_decoder.safetensors nor vqgan.yaml + vqgan.ckpt\n" \
         in capsys.readouterr().err
-    assert main(["model", "attach-decoder", str(checkpoint), str(FIXTURE / "tokenizer")]) == 0
+    assert main(["model", "attach-decoder", str(checkpoint), str(FIXTURE / "chameleon" / "tokenizer")]) == 0
     assert not list(checkpoint.glob("*.partial"))
     vlm = load_vlm(checkpoint, dtype="float32")
     with torch.no_grad():
