@@ -303,14 +303,12 @@ def run_attach_decoder(args: argparse.Namespace) -> int:
     from medtune.errors import UserError
 
     vlm = load_checkpoint(args.checkpoint)
-    if vlm.kind != "discrete":
-        raise UserError(f"{args.checkpoint}: a {vlm.kind} model writes no image codes, so it takes no image decoder")
     try:
         vlm.attach_decoder(args.vqgan)
     except FileNotFoundError as error:   # names the folder already
         raise UserError(str(error)) from None
-    except ValueError as error:
-        raise UserError(f"{args.vqgan}: {error}") from None
+    except ValueError as error:   # a kind without image codes, or a decoder of another size
+        raise UserError(f"{args.checkpoint}: {error}") from None
     vlm.save_decoder(args.checkpoint)
     print(f"wrote {args.checkpoint}/vqgan_decoder.safetensors and vqgan_decoder.json (from {args.vqgan}): "
           f"{args.checkpoint} can now answer with images (--modalities image)")

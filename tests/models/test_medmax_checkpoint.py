@@ -204,3 +204,15 @@ def test_attach_decoder_makes_the_released_layout_answer_with_images(tmp_path, r
     settings = GenerationSettings(max_new_tokens=70, modalities=("image",), image=ImageSampling(temperature=0))
     answer = Generator(vlm).complete([[{"role": "user", "content": "Draw a chest X-ray."}]], [[]], settings)[0]
     assert len(answer.images) == 1 and answer.images[0].size == (32, 32)
+
+
+def test_attach_decoder_refuses_a_model_that_writes_no_image_codes(tmp_path, capsys):
+    from medtune.cli import main
+    from medtune.models.build import build_vlm
+    from medtune.models.presets import tiny_spec
+
+    build_vlm(tiny_spec()).save(tmp_path / "composed")
+    assert main(["model", "attach-decoder", str(tmp_path / "composed"), str(FIXTURE / "chameleon" / "tokenizer")]) == 2
+    assert f"error: {tmp_path / 'composed'}: a composed model writes no image codes, so it takes no image decoder" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "composed" / "vqgan_decoder.safetensors").exists()

@@ -305,6 +305,13 @@ class VLM(ABC):
         write_remote_code(self.model, out)
         write_json(out / MEDTUNE_FILE, self.metadata())
 
+    def attach_decoder(self, source) -> None:
+        """Give the model a pixel decoder for the image codes it writes, where it writes any."""
+        raise ValueError(f"a {self.kind} model writes no image codes, so it takes no image decoder")
+
+    def save_decoder(self, out_dir) -> None:
+        """Write the attached pixel decoder beside the weights (nothing to write for kinds without one)."""
+
     def export_original_format(self, out_dir: str | Path) -> Path:
         """The model in its family's original (non-Hugging Face) checkpoint layout, where one exists."""
         raise ValueError(f"a {self.kind} model has no original format medtune writes (Chameleon-family models do)")
