@@ -55,6 +55,11 @@ class ModelSpec:
     """Attention heads of the attention pool; must divide the vision width (attn_pool only)."""
     vision_feature_layer: int = -2
     """Which hidden state of the tower feeds the projector (-2: the penultimate layer, as in LLaVA)."""
+    vision_feature_source: str = "hidden_states"
+    """``hidden_states`` (``vision_feature_layer`` picks one) or ``last_hidden_state``: the tower's final output,
+    after its last norm (PathChat's; a medtune_vlm model, so not with the mlp2x_gelu projector's Llava)."""
+    projector_query_width: int | None = None
+    """Width of the attention pool's queries when narrower than the tower (PathChat: 768 over 1,024)."""
     vision_feature_select: str = "patch"
     """``patch``: patch tokens only (LLaVA's "default"); ``cls_patch``: CLS + patches ("full")."""
     tokenizer: str | None = None
@@ -90,6 +95,10 @@ class ModelSpec:
                 raise SpecError(f"ModelSpec.{name}: give a checkpoint name/path or a config dict, got {part!r}")
         _check_choice("projector", self.projector, PROJECTOR_NAMES)
         _check_choice("vision_feature_select", self.vision_feature_select, FEATURE_SELECTS)
+        _check_choice("vision_feature_source", self.vision_feature_source, ("hidden_states", "last_hidden_state"))
+        if self.projector_query_width is not None and self.projector != "attn_pool+mlp2x_gelu":
+            raise SpecError("ModelSpec.projector_query_width is the attention pool's: projector "
+                            f"{self.projector!r} has none")
         _check_choice("pad_mode", self.pad_mode, PAD_MODES)
         _check_choice("dtype", self.dtype, DTYPES)
         from medtune.models.templates import TEMPLATE_NAMES  # light: no torch
@@ -301,7 +310,7 @@ def _compose(spec: ModelSpec, tower, llm, tokenizer, strategy: str, tokens_per_i
                   tie_word_embeddings=bool(llm.config.tie_word_embeddings))
     lm_head = llm.get_output_embeddings()
     lm_head_bias = getattr(lm_head, "bias", None) is not None
-    if spec.projector == "mlp2x_gelu" and not lm_head_bias:
+    if spec.projector == "mlp2x_gelu" and not lm_head_bias and spec.vision_feature_source == "hidden_states":
         config, model_class = LlavaConfig(**common), LlavaForConditionalGeneration
     else:
         if spec.projector == "mlp2x_gelu":
@@ -309,7 +318,9 @@ def _compose(spec: ModelSpec, tower, llm, tokenizer, strategy: str, tokens_per_i
             log.warning("the LM head of %s has a bias, which transformers' Llava cannot hold: building a "
                         "medtune_vlm model with the mlp2x_gelu projector instead", llm.config.model_type)
         config = MedtuneVLMConfig(**common, projector_type=spec.projector, projector_queries=spec.projector_queries,
-                                  projector_heads=spec.projector_heads, lm_head_bias=lm_head_bias)
+                                  projector_heads=spec.projector_heads, lm_head_bias=lm_head_bias,
+                                  projector_query_width=spec.projector_query_width,
+                                  vision_feature_source=spec.vision_feature_source)
         model_class = MedtuneVLMForConditionalGeneration
     with torch.device("meta"):
         model = model_class(config)
@@ -321,7 +332,8 @@ def _compose(spec: ModelSpec, tower, llm, tokenizer, strategy: str, tokens_per_i
     else:
         model.model.multi_modal_projector = build_projector(
             spec.projector, tower.config.hidden_size, llm.config.hidden_size,
-            num_queries=spec.projector_queries, num_heads=spec.projector_heads)
+            num_queries=spec.projector_queries, num_heads=spec.projector_heads,
+            query_width=spec.projector_query_width)
     model.generation_config = llm.generation_config
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_meta:

@@ -247,6 +247,13 @@ def run_import(args: argparse.Namespace) -> int:
               f"{vlm.image_tokenizer.codes_per_image} codes per image, VQGAN decoder attached")
         return 0
     check_model_path(args.source)
+    from medtune.models.pathchat_import import import_pathchat, is_pathchat
+
+    if is_pathchat(args.source):
+        vlm = import_pathchat(args.source, args.out, conv_mode=args.conv_mode, dtype=args.dtype)
+        print(f"wrote {args.out}: {type(vlm.model).__name__}, {vlm.num_parameters():,} parameters, template "
+              f"{vlm.template}, {vlm.image_tokens_per_image} image tokens per image")
+        return 0
     importer = import_med_moe if is_moe_llava(args.source) else import_llava
     vlm = importer(args.source, args.out, vision_tower=args.vision_tower, conv_mode=args.conv_mode, dtype=args.dtype)
     print(f"wrote {args.out}: {type(vlm.model).__name__}, {vlm.num_parameters():,} parameters, template "

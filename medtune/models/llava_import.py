@@ -16,7 +16,8 @@ haotian-liu/LLaVA v1.1.3 / main: ``llava_arch.py``, ``clip_encoder.py``, ``multi
 * ``mm_vision_select_layer`` -> the tower's hidden state fed to the projector; ``mm_vision_select_feature``
   ``patch`` (CLS dropped) or ``cls_patch`` (kept);
 * ``mm_projector_type`` ``mlp2x_gelu`` (``mm_projector.0`` / ``.2``, exact GELU) or ``linear``; the others
-  (``mlpNx_gelu`` for N > 2, ``identity``, PathChat's ``attn_pool+*``) are refused;
+  (``mlpNx_gelu`` for N > 2, ``identity``) are refused; PathChat's ``attn_pool+mlp2x_gelu`` checkpoints are
+  read by :mod:`medtune.models.pathchat_import`;
 * ``image_aspect_ratio`` ``pad`` (square with the processor's mean colour) or ``square`` / absent (the tower
   processor's resize and centre crop); ``anyres`` is refused, and so are ``mm_patch_merge_type`` other than
   ``flat``, ``mm_use_im_start_end`` (tokens around each image that medtune's templates do not write) and

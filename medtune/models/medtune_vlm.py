@@ -29,6 +29,8 @@ from torch import nn
 
 from medtune.models.projectors import PROJECTOR_NAMES, build_projector
 
+FEATURE_SOURCES = ("hidden_states", "last_hidden_state")
+
 
 class MedtuneVLMConfig(LlavaConfig):
     """LlavaConfig plus the projector choice.
@@ -37,6 +39,10 @@ class MedtuneVLMConfig(LlavaConfig):
     projector_queries: learned queries of the attention pool (= image tokens per image).
     projector_heads: attention heads of the attention pool; must divide the vision width.
     lm_head_bias: whether the LM head has a bias (Phi does; LLaVA's head never has one).
+    projector_query_width: width of the attention pool's queries when it differs from the tower's (PathChat).
+    vision_feature_source: ``hidden_states`` (LLaVA's: ``vision_feature_layer`` picks one) or
+        ``last_hidden_state`` (the tower's final output, after its last norm: what timm's ``forward_features``
+        gives PathChat's projector).
     """
 
     model_type = "medtune_vlm"
@@ -45,6 +51,8 @@ class MedtuneVLMConfig(LlavaConfig):
     projector_queries: int = 128
     projector_heads: int = 8
     lm_head_bias: bool = False
+    projector_query_width: int | None = None
+    vision_feature_source: str = "hidden_states"
 
     def validate_architecture(self):
         """Part of transformers' strict-config validation: reject settings no model can be built from."""
@@ -52,6 +60,9 @@ class MedtuneVLMConfig(LlavaConfig):
             raise ValueError(f"unknown projector_type {self.projector_type!r}; choose one of {PROJECTOR_NAMES}")
         if self.projector_queries < 1 or self.projector_heads < 1:
             raise ValueError("projector_queries and projector_heads must be positive")
+        if self.vision_feature_source not in FEATURE_SOURCES:
+            raise ValueError(f"unknown vision_feature_source {self.vision_feature_source!r}; choose one of "
+                             f"{FEATURE_SOURCES}")
 
 
 class MedtuneVLMModel(LlavaModel):
@@ -64,9 +75,26 @@ class MedtuneVLMModel(LlavaModel):
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.multi_modal_projector = build_projector(
             config.projector_type, config.vision_config.hidden_size, config.text_config.hidden_size,
-            num_queries=config.projector_queries, num_heads=config.projector_heads)
+            num_queries=config.projector_queries, num_heads=config.projector_heads,
+            query_width=getattr(config, "projector_query_width", None))
         self.language_model = self.build_language_model(config)
         self.post_init()
+
+    def get_image_features(self, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None,
+                           **kwargs):
+        """LLaVA's, or with ``vision_feature_source: last_hidden_state`` the tower's final output."""
+        if getattr(self.config, "vision_feature_source", "hidden_states") == "hidden_states":
+            return super().get_image_features(pixel_values, vision_feature_layer=vision_feature_layer,
+                                              vision_feature_select_strategy=vision_feature_select_strategy,
+                                              **kwargs)
+        for name in ("return_dict", "image_sizes", "output_hidden_states"):
+            kwargs.pop(name, None)
+        outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
+        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
+        selected = outputs.last_hidden_state
+        selected = selected[:, 1:] if strategy == "default" else selected
+        outputs.pooler_output = list(self.multi_modal_projector(selected))
+        return outputs
 
     def build_language_model(self, config: MedtuneVLMConfig):
         """The decoder stack (a transformers base model from the text config); subclasses change its layers."""

@@ -6,7 +6,9 @@
   between the two without renaming.
 - ``attn_pool+mlp2x_gelu``: PathChat's projector. A fixed number of learned queries cross-attend over
   the patch features (layer norms on queries and on context), then LayerNorm → mlp2x_gelu. Every image
-  becomes ``num_queries`` tokens whatever its number of patches.
+  becomes ``num_queries`` tokens whatever its number of patches. The queries may be narrower than the
+  features (``query_width``: PathChat's are 768 wide over a 1,024-wide tower), the MLP then starts from the
+  query width.
 """
 from __future__ import annotations
 
@@ -39,17 +41,21 @@ class MLP2xGeluProjector(nn.Module):
 class AttentionPoolProjector(nn.Module):
     """Learned queries attend over the patch features; (batch, patches, V) -> (batch, num_queries, D)."""
 
-    def __init__(self, vision_width: int, llm_width: int, num_queries: int = 128, num_heads: int = 8):
+    def __init__(self, vision_width: int, llm_width: int, num_queries: int = 128, num_heads: int = 8,
+                 query_width: int | None = None):
         super().__init__()
-        if vision_width % num_heads:
-            raise ValueError(f"attn_pool: vision width {vision_width} is not divisible by {num_heads} heads")
+        width = query_width or vision_width
+        if width % num_heads:
+            raise ValueError(f"attn_pool: query width {width} is not divisible by {num_heads} heads")
         # Small init keeps the queries in the range of layer-normed features at the start of training.
-        self.queries = nn.Parameter(torch.randn(num_queries, vision_width) * 0.02)
-        self.query_norm = nn.LayerNorm(vision_width)
+        self.queries = nn.Parameter(torch.randn(num_queries, width) * 0.02)
+        self.query_norm = nn.LayerNorm(width)
         self.context_norm = nn.LayerNorm(vision_width)
-        self.attention = nn.MultiheadAttention(vision_width, num_heads, batch_first=True)
-        self.output_norm = nn.LayerNorm(vision_width)
-        self.mlp = MLP2xGeluProjector(vision_width, llm_width)
+        # one width: the packed in-projection (the keys every earlier checkpoint has); two: separate ones
+        self.attention = nn.MultiheadAttention(width, num_heads, batch_first=True,
+                                               kdim=vision_width, vdim=vision_width)
+        self.output_norm = nn.LayerNorm(width)
+        self.mlp = MLP2xGeluProjector(width, llm_width)
 
     @property
     def num_queries(self) -> int:
@@ -63,12 +69,12 @@ class AttentionPoolProjector(nn.Module):
 
 
 def build_projector(name: str, vision_width: int, llm_width: int, *, num_queries: int = 128,
-                    num_heads: int = 8) -> nn.Module:
-    """The projector called ``name`` (one of PROJECTOR_NAMES)."""
+                    num_heads: int = 8, query_width: int | None = None) -> nn.Module:
+    """The projector called ``name`` (one of PROJECTOR_NAMES); ``query_width`` is the attention pool's."""
     if name == "linear":
         return LinearProjector(vision_width, llm_width)
     if name == "mlp2x_gelu":
         return MLP2xGeluProjector(vision_width, llm_width)
     if name == "attn_pool+mlp2x_gelu":
-        return AttentionPoolProjector(vision_width, llm_width, num_queries, num_heads)
+        return AttentionPoolProjector(vision_width, llm_width, num_queries, num_heads, query_width)
     raise ValueError(f"unknown projector {name!r}; choose one of {', '.join(PROJECTOR_NAMES)}")

@@ -36,6 +36,7 @@ REFUSED_KEYS = {"reg_token": "register tokens", "attn.q_norm": "q/k normalisatio
                 "mlp.w12": "a SwiGLU MLP", "attn_pool": "an attention-pool head", "norm_pre": "a norm before the blocks",
                 "attn.norm": "a norm inside attention", "mlp.norm": "a norm inside the MLP"}
 LAYER_NORM_EPS = 1e-6   # timm's ViT: partial(nn.LayerNorm, eps=1e-6)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def is_timm_checkpoint(source: str | Path) -> bool:
@@ -48,32 +49,41 @@ def is_timm_checkpoint(source: str | Path) -> bool:
 
 def import_timm_vit(source: str | Path, out: str | Path):
     """Write the timm ViT at ``source`` to ``out`` as a transformers DINOv2 model + image processor; returns it."""
-    from transformers import CLIPImageProcessor, Dinov2Config, Dinov2Model
-
     source, out = Path(source), Path(out)
     settings = json.loads((source / "config.json").read_text(encoding="utf-8"))
     architecture = str(settings.get("architecture", ""))
     if not architecture.startswith("vit_"):
         raise SpecError(f"{source}: timm architecture {architecture!r} is not a Vision Transformer (vit_*); medtune "
                         "maps timm ViTs only")
-    weights = _read_weights(source)
+    cfg = settings.get("pretrained_cfg", {})
+    return write_dinov2(_read_weights(source), out, heads=_heads(settings, architecture, source), where=source,
+                        mean=cfg.get("mean", IMAGENET_MEAN), std=cfg.get("std", IMAGENET_STD),
+                        bicubic=cfg.get("interpolation", "bicubic") == "bicubic")
+
+
+def write_dinov2(weights: dict[str, Any], out: str | Path, *, heads: int, where, mean=IMAGENET_MEAN,
+                 std=IMAGENET_STD, bicubic: bool = True):
+    """timm ViT ``weights`` (timm's names) as a transformers DINOv2 model with ``heads`` heads, saved to ``out`` with
+    an image processor normalising by ``mean`` / ``std`` at the trained size; ``where`` names them in errors."""
+    from transformers import CLIPImageProcessor, Dinov2Config, Dinov2Model
+
     for marker, what in REFUSED_KEYS.items():
         if any(marker in key for key in weights):
-            raise SpecError(f"{source}: this ViT has {what} ({marker}), which the DINOv2 layout does not hold")
+            raise SpecError(f"{where}: this ViT has {what} ({marker}), which the DINOv2 layout does not hold")
     if "cls_token" not in weights:
-        raise SpecError(f"{source}: this ViT has no class token, which the DINOv2 layout requires")
+        raise SpecError(f"{where}: this ViT has no class token, which the DINOv2 layout requires")
     width, depth = weights["cls_token"].shape[-1], 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("blocks."))
     patch = weights["patch_embed.proj.weight"].shape[-1]
     positions = weights["pos_embed"].shape[1] - 1
     side = math.isqrt(positions)
     if side * side != positions:
-        raise SpecError(f"{source}: the position table has {positions + 1} rows: not a class position plus a square "
+        raise SpecError(f"{where}: the position table has {positions + 1} rows: not a class position plus a square "
                         "grid (a ViT without a class position, no_embed_class, is not supported)")
     mlp_width = weights["blocks.0.mlp.fc1.weight"].shape[0]
     if mlp_width % width:
-        raise SpecError(f"{source}: MLP width {mlp_width} is not a whole multiple of the width {width}, which "
+        raise SpecError(f"{where}: MLP width {mlp_width} is not a whole multiple of the width {width}, which "
                         "transformers' DINOv2 config requires (mlp_ratio is an integer)")
-    config = Dinov2Config(hidden_size=width, num_hidden_layers=depth, num_attention_heads=_heads(settings, architecture, source),
+    config = Dinov2Config(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
                           mlp_ratio=mlp_width // width, patch_size=patch,
                           image_size=side * patch, layer_norm_eps=LAYER_NORM_EPS, hidden_act="gelu",
                           qkv_bias="blocks.0.attn.qkv.bias" in weights, layerscale_value=1.0, use_swiglu_ffn=False)
@@ -81,11 +91,9 @@ def import_timm_vit(source: str | Path, out: str | Path):
     state = _dinov2_state(weights, depth, width, model.state_dict())
     model.load_state_dict(state, strict=True)
     model.save_pretrained(out)
-    cfg = settings.get("pretrained_cfg", {})
-    CLIPImageProcessor(size={"shortest_edge": side * patch}, crop_size={"height": side * patch, "width": side * patch},
-                       image_mean=list(cfg.get("mean", (0.485, 0.456, 0.406))),
-                       image_std=list(cfg.get("std", (0.229, 0.224, 0.225))),
-                       resample=3 if cfg.get("interpolation", "bicubic") == "bicubic" else 2,
+    size = side * patch
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                       image_mean=list(mean), image_std=list(std), resample=3 if bicubic else 2,
                        do_convert_rgb=True).save_pretrained(out)
     return model
 

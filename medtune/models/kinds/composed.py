@@ -305,6 +305,9 @@ class TowerFeatureCache:
         import torch
 
         layer = self.config.vision_feature_layer
+        if getattr(self.config, "vision_feature_source", "hidden_states") == "last_hidden_state":
+            final = outputs.last_hidden_state
+            return final[:, 1:] if self.config.vision_feature_select_strategy == "default" else final
         if isinstance(layer, int):
             selected = outputs.hidden_states[layer]
             return selected[:, 1:] if self.config.vision_feature_select_strategy == "default" else selected
