@@ -19,6 +19,7 @@ answer to the shard's predictions file as it comes, and scores the (merged) file
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -125,7 +126,8 @@ def _add_run(verbs) -> None:
     p.add_argument("--prompt-style", choices=("plain", "short", "llava-med", "med-moe"), default="plain",
                    help="plain: the question alone; short: ask for a word or phrase; llava-med / med-moe: the "
                         "prompt of LLaVA-Med's model_vqa.py / Med-MoE's model_vqa_med.py (the question alone, in "
-                        "the conversation mode the checkpoint was imported with, which is checked) "
+                        "the conversation mode the checkpoint was imported with, which is checked); "
+                        "multiple-choice questions keep their options and letter instruction in every style "
                         "(default %(default)s)")
     p.add_argument("--num-shards", type=_positive_int, default=1, metavar="N",
                    help="split the questions into N shards, each answered by its own run into the same --out; "
@@ -442,8 +444,8 @@ def _run(args) -> int:
         from medtune.models.cli import check_model_path
         check_model_path(args.model)
     task = task_from_args(args)
+    _check_seed_prompt(task.prompt_style, args)
     backend = _backend_from_args(args)
-    _check_seed_prompt(task.prompt_style, backend, args.model)
     if task.protocol == "medmax":
         task = _with_model_tokenizer(task, backend)
     if "medmax" in families:
@@ -468,21 +470,25 @@ def _run(args) -> int:
     return 0
 
 
-def _check_seed_prompt(style: str, backend, model) -> None:
-    """A seed's prompt style needs the checkpoint rendered in one of that seed's conversation modes."""
+def _check_seed_prompt(style: str, args) -> None:
+    """A seed's prompt style needs the checkpoint rendered in one of that seed's conversation modes; checked from
+    its medtune.json before the model loads."""
     from medtune.errors import UserError
     from medtune.eval.tasks import SEED_PROMPT_TEMPLATES
 
     allowed = SEED_PROMPT_TEMPLATES.get(style)
-    vlm = getattr(backend, "vlm", None)
     if allowed is None:
         return
-    if vlm is None:
+    if args.endpoint:
         print(f"--prompt-style {style}: the endpoint's chat template is the server's, so it is not checked",
               file=sys.stderr)
-    elif vlm.template not in allowed:
-        raise UserError(f"--prompt-style {style}: {model} is prompted with template {vlm.template!r}, not one of "
-                        f"{style}'s conversation modes ({', '.join(allowed)}); import the seed's checkpoint with "
+        return
+    metadata = Path(args.model) / "medtune.json"
+    template = json.loads(metadata.read_text(encoding="utf-8")).get("template") if metadata.is_file() else None
+    if template not in allowed:
+        shown = f"template {template!r}" if template else "its own chat template (no medtune.json)"
+        raise UserError(f"--prompt-style {style}: {args.model} is prompted with {shown}, not one of {style}'s "
+                        f"conversation modes ({', '.join(allowed)}); import the seed's checkpoint with "
                         "`medtune model import SOURCE OUT --conv-mode MODE`")
 
 

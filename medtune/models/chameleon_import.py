@@ -29,12 +29,12 @@ VQ_NAMES = {"embed_dim": "embed_dim", "n_embed": "num_embeddings", "double_z": "
 
 
 def is_chameleon_release(source: str | Path) -> bool:
-    """A folder in Chameleon's release layout: ``models/<size>/consolidated.pth`` + ``tokenizer/``."""
-    return bool(_release_model_dirs(Path(source))) and (Path(source) / "tokenizer" / "text_tokenizer.json").is_file()
+    """A folder in Chameleon's release layout: ``models/<size>/consolidated*.pth`` (+ ``tokenizer/``)."""
+    return bool(_release_model_dirs(Path(source)))
 
 
 def _release_model_dirs(root: Path) -> list[Path]:
-    return sorted(path.parent for path in root.glob("models/*/" + CONSOLIDATED))
+    return sorted({path.parent for path in root.glob("models/*/consolidated*.pth")})
 
 
 def import_chameleon_release(source: str | Path, out: str | Path, *, dtype: str = "float32"):
@@ -49,13 +49,24 @@ def import_chameleon_release(source: str | Path, out: str | Path, *, dtype: str 
         raise UserError(f"{root}: {len(folders)} model folders under models/ ({', '.join(p.name for p in folders)}); "
                         "import one release at a time")
     folder, tokenizer_dir = folders[0], root / "tokenizer"
+    if not (folder / CONSOLIDATED).is_file():
+        raise UserError(f"{folder}: a sharded release (consolidated.00.pth ...), which medtune does not read; "
+                        "convert it with transformers' Chameleon converter")
+    absent = [name for name in ("text_tokenizer.json", "vqgan.yaml", "vqgan.ckpt") if not (tokenizer_dir / name).is_file()]
+    if absent:
+        raise UserError(f"{root}: a Chameleon release needs tokenizer/{', tokenizer/'.join(absent)} beside models/")
     params = _release_params(folder)
     tokenizer = _release_tokenizer(tokenizer_dir / "text_tokenizer.json")
     config = _release_config(params, folder, tokenizer_dir / "vqgan.yaml", tokenizer)
     state = from_chameleon_format(folder, config)
     vq = read_checkpoint_state_dict(tokenizer_dir / "vqgan.ckpt")
     state.update({f"model.vqmodel.{key}": value for key, value in vq.items() if "decoder" not in key})
-    model = MedtuneChameleonForConditionalGeneration(config)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))   # built in the target dtype: a 7B model in fp32 is 28 GB
+    try:
+        model = MedtuneChameleonForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"{root}: the weights do not fill a Chameleon model of params.json's size (missing "

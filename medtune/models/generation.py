@@ -102,6 +102,11 @@ class GenerationSettings:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def samples(self) -> bool:
+        """Whether anything is drawn at random: the text, or the codes of an image answer."""
+        return not self.greedy or ("image" in self.modalities and self.image.temperature > 0)
+
     def to_dict(self) -> dict:
         """JSON form, recorded with every prediction (the seed only when sampling is seeded)."""
         out = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,

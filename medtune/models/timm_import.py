@@ -50,7 +50,10 @@ def is_timm_checkpoint(source: str | Path) -> bool:
 def import_timm_vit(source: str | Path, out: str | Path):
     """Write the timm ViT at ``source`` to ``out`` as a transformers DINOv2 model + image processor; returns it."""
     source, out = Path(source), Path(out)
-    settings = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    try:
+        settings = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise SpecError(f"{source / 'config.json'}: not valid JSON ({error})") from None
     architecture = str(settings.get("architecture", ""))
     if not architecture.startswith("vit_"):
         raise SpecError(f"{source}: timm architecture {architecture!r} is not a Vision Transformer (vit_*); medtune "
@@ -72,6 +75,13 @@ def write_dinov2(weights: dict[str, Any], out: str | Path, *, heads: int, where,
             raise SpecError(f"{where}: this ViT has {what} ({marker}), which the DINOv2 layout does not hold")
     if "cls_token" not in weights:
         raise SpecError(f"{where}: this ViT has no class token, which the DINOv2 layout requires")
+    if "norm.weight" not in weights:
+        raise SpecError(f"{where}: this ViT has no final norm (norm.*; a global_pool='avg' model keeps fc_norm "
+                        "instead), which the DINOv2 layout ends with")
+    expected = ("pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight")
+    absent = [key for key in expected if key not in weights]
+    if absent:
+        raise SpecError(f"{where}: not the weights of a timm ViT (no {', '.join(absent)})")
     width, depth = weights["cls_token"].shape[-1], 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("blocks."))
     patch = weights["patch_embed.proj.weight"].shape[-1]
     positions = weights["pos_embed"].shape[1] - 1
@@ -79,6 +89,8 @@ def write_dinov2(weights: dict[str, Any], out: str | Path, *, heads: int, where,
     if side * side != positions:
         raise SpecError(f"{where}: the position table has {positions + 1} rows: not a class position plus a square "
                         "grid (a ViT without a class position, no_embed_class, is not supported)")
+    if width % heads:
+        raise SpecError(f"{where}: width {width} is not divisible by {heads} attention heads")
     mlp_width = weights["blocks.0.mlp.fc1.weight"].shape[0]
     if mlp_width % width:
         raise SpecError(f"{where}: MLP width {mlp_width} is not a whole multiple of the width {width}, which "
@@ -124,7 +136,8 @@ def _dinov2_state(weights: dict, depth: int, width: int, template: dict) -> dict
     state = {"embeddings.cls_token": weights["cls_token"], "embeddings.mask_token": torch.zeros_like(
         template["embeddings.mask_token"]), "embeddings.position_embeddings": weights["pos_embed"],
              "embeddings.patch_embeddings.projection.weight": weights["patch_embed.proj.weight"],
-             "embeddings.patch_embeddings.projection.bias": weights["patch_embed.proj.bias"],
+             "embeddings.patch_embeddings.projection.bias": weights.get(   # patch_bias=False: none
+                 "patch_embed.proj.bias", torch.zeros(width)),
              "layernorm.weight": weights["norm.weight"], "layernorm.bias": weights["norm.bias"]}
     for i in range(depth):
         old, new = f"blocks.{i}.", f"encoder.layer.{i}."

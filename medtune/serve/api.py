@@ -412,8 +412,8 @@ class _Job:
     def batch_key(self):
         """Jobs with equal keys can share one generate call; None: this job runs alone."""
         settings = self.request.settings
-        if self.request.stream or (settings.seed is not None and not settings.greedy):
-            return None
+        if self.request.stream or (settings.seed is not None and settings.samples):
+            return None   # a seeded draw is reproducible only alone: batched rows would share the generator
         return settings
 
     def result(self, timeout: float | None = None) -> Completion:

@@ -141,12 +141,16 @@ class ChatSession:
 
 def decoding_note(settings: GenerationSettings) -> str:
     """The banner's second line: how answers are decoded, and the command that changes it."""
+    images = ""
+    if "image" in settings.modalities and settings.image.temperature > 0:
+        images = (f"; image answers are sampled at temperature {settings.image.temperature:g} (Chameleon's), so "
+                  "they vary: /set image_temperature 0 for the most likely codes")
     if settings.greedy:
         return ("greedy decoding (temperature 0): the same question gets the same answer, where the API samples "
-                "at 1 unless asked; /set temperature 0.7 to sample")
+                "at 1 unless asked; /set temperature 0.7 to sample" + images)
     seed = f", seed {settings.seed}" if settings.seed is not None else ", no seed"
     return (f"sampling at temperature {settings.temperature:g}, top_p {settings.top_p:g}{seed}: answers vary; "
-            "/set temperature 0 for greedy decoding")
+            "/set temperature 0 for greedy decoding" + images)
 
 
 def image_sampling(current: ImageSampling, *, image_guidance: str | None = None,

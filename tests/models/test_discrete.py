@@ -332,6 +332,38 @@ def test_a_batch_of_image_answers_is_guided_row_by_row_like_single_prompts(drawi
     assert not np.array_equal(np.asarray(together[0].images[0]), np.asarray(together[1].images[0]))
 
 
+def test_a_row_that_ends_inside_an_image_stops_its_guidance_streams():
+    """A finished, cancelled or stopped row gets padding: its streams close and are not run again."""
+    from medtune.models.generation import ImageSampling
+    from medtune.models.kinds.discrete import ImageBlockLogitsProcessor
+
+    class Streams:
+        def __init__(self):
+            self.guided, self.closed = [], []
+
+        def note_prompt(self, input_ids):
+            pass
+
+        def guide(self, row, input_ids, full, codes):
+            self.guided.append((row, codes))
+            return full
+
+        def close(self, row):
+            self.closed.append(row)
+
+    codes, boi, eoi, eos, pad = [10, 11, 12], 5, 6, 2, 2
+    streams = Streams()
+    processor = ImageBlockLogitsProcessor(codes, boi, eoi, 3, eos, ("image",), sampling=ImageSampling(temperature=0),
+                                          streams=streams)
+    rows = [[1, 7, 8], [1, 7, 8]]
+    for step in ([boi, boi], [10, 10], [pad, 11]):   # row 0 is cancelled after one code; row 1 goes on
+        processor(torch.tensor(rows), torch.zeros(2, 16))
+        rows = [r + [t] for r, t in zip(rows, step)]
+    processor(torch.tensor(rows), torch.zeros(2, 16))
+    assert streams.closed == [0]
+    assert streams.guided == [(0, 0), (1, 0), (0, 1), (1, 1), (1, 2)]
+
+
 def test_image_codes_are_drawn_with_their_own_temperature_and_top_p():
     """The draw follows softmax(logits / temperature) within the top-p nucleus (transformers' warpers, as
     Chameleon chains them): frequencies over many draws match the hand-computed distribution."""

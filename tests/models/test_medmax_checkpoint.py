@@ -118,6 +118,13 @@ def test_a_release_import_takes_no_llava_options_and_one_model_at_a_time(tmp_pat
     shutil.copytree(release / "models" / "7b", release / "models" / "30b")
     assert main(["model", "import", str(release), str(tmp_path / "b")]) == 2
     assert "2 model folders under models/ (30b, 7b); import one release at a time" in capsys.readouterr().err
+    shutil.rmtree(release / "models" / "30b")
+    (release / "tokenizer" / "vqgan.ckpt").unlink()
+    assert main(["model", "import", str(release), str(tmp_path / "c")]) == 2
+    assert "a Chameleon release needs tokenizer/vqgan.ckpt beside models/" in capsys.readouterr().err
+    (release / "models" / "7b" / "consolidated.pth").rename(release / "models" / "7b" / "consolidated.00.pth")
+    assert main(["model", "import", str(release), str(tmp_path / "d")]) == 2
+    assert "a sharded release (consolidated.00.pth ...), which medtune does not read" in capsys.readouterr().err
 
 
 def _digest(tensor) -> str:

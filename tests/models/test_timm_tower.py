@@ -81,6 +81,9 @@ def _variant(tmp_path, *, config=None, extra=None, drop=()):
     (dict(drop=("cls_token",)), "this ViT has no class token"),
     (dict(config={"architecture": "convnext_base"}), "timm architecture 'convnext_base' is not a Vision Transformer"),
     (dict(config={"architecture": "vit_weird_patch8", "model_args": {}}), "cannot tell the number of attention heads"),
+    (dict(drop=("norm.weight", "norm.bias"), extra={"fc_norm.weight": torch.ones(32), "fc_norm.bias": torch.zeros(32)}),
+     "this ViT has no final norm (norm.*; a global_pool='avg' model keeps fc_norm instead)"),
+    (dict(config={"model_args": {"num_heads": 5}}), "width 32 is not divisible by 5 attention heads"),
 ])
 def test_what_the_dinov2_layout_cannot_hold_is_refused_by_name(tmp_path, capsys, change, message):
     source = _variant(tmp_path, **change)

@@ -55,6 +55,14 @@ def test_the_banner_says_when_answers_are_sampled():
     assert decoding_note(GenerationSettings(temperature=0.7, seed=3)) == (
         "sampling at temperature 0.7, top_p 1, seed 3: answers vary; /set temperature 0 for greedy decoding")
     assert "no seed" in decoding_note(GenerationSettings(temperature=1.0, top_p=0.9))
+    # greedy text, but image answers drawn at Chameleon's 0.7: the banner says they vary
+    drawing = decoding_note(GenerationSettings(modalities=("image",)))
+    assert drawing.endswith("; image answers are sampled at temperature 0.7 (Chameleon's), so they vary: "
+                            "/set image_temperature 0 for the most likely codes")
+    from medtune.models.generation import ImageSampling
+
+    assert "image answers" not in decoding_note(GenerationSettings(modalities=("image",),
+                                                                   image=ImageSampling(temperature=0)))
 
 
 def test_image_answer_settings_change_with_set_and_bad_ones_are_refused():

@@ -437,3 +437,17 @@ def test_outside_missing_and_not_an_image_are_one_answer_without_server_paths(ge
     assert not_an_image.status_code == 400 and "not an image file" in error_of(not_an_image)["message"]
     for response in [*answers.values(), not_an_image]:
         assert str(tmp_path) not in response.text and "/tmp" not in response.text
+
+
+def test_a_seeded_request_that_draws_image_codes_runs_alone():
+    """Greedy text with sampled image codes still draws from the seeded generator: batched with another row, its
+    draws would interleave with that row's, so it never shares a generate call."""
+    from medtune.models.generation import GenerationSettings, ImageSampling
+    from medtune.serve.api import ChatRequest, _Job
+
+    def key(**settings):
+        return _Job(ChatRequest([], [], GenerationSettings(**settings))).batch_key()
+
+    assert key(seed=1, modalities=("image",)) is None
+    assert key(seed=1, modalities=("image",), image=ImageSampling(temperature=0)) is not None
+    assert key(seed=1) is not None and key(seed=1, temperature=0.7) is None

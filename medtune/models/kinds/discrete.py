@@ -266,7 +266,7 @@ class DiscreteVLM(VLM):
             from medtune.models.image_guidance import GuidanceStreams
 
             streams = GuidanceStreams(self.model, bos=self.tokenizer.bos_token_id, boi=boi, eoi=eoi,
-                                      image_ids=self.image_token_ids, pad=self.tokenizer.pad_token_id,
+                                      image_ids=self.image_token_ids, pad=_generation_pad(self.tokenizer),
                                       sampling=settings.image)
         processor = ImageBlockLogitsProcessor(
             self.image_token_ids, boi, eoi, self.image_tokenizer.codes_per_image, self.tokenizer.eos_token_id,
@@ -346,10 +346,15 @@ class DiscreteVLM(VLM):
 
         out = Path(out_dir)
         weights, settings = out / (DECODER_WEIGHTS + ".partial"), out / (DECODER_CONFIG + ".partial")
-        save_file({k: v.contiguous() for k, v in decoder.state_dict().items()}, str(weights))
-        settings.write_text(json.dumps(dataclasses.asdict(decoder.config)), encoding="utf-8")
-        settings.replace(out / DECODER_CONFIG)
-        weights.replace(out / DECODER_WEIGHTS)   # last: loading looks for the weights file
+        try:
+            save_file({k: v.contiguous() for k, v in decoder.state_dict().items()}, str(weights))
+            settings.write_text(json.dumps(dataclasses.asdict(decoder.config)), encoding="utf-8")
+            (out / DECODER_WEIGHTS).unlink(missing_ok=True)   # loading looks for the weights: none while swapping
+            settings.replace(out / DECODER_CONFIG)
+            weights.replace(out / DECODER_WEIGHTS)
+        finally:
+            weights.unlink(missing_ok=True)
+            settings.unlink(missing_ok=True)
 
     def metadata(self) -> dict[str, Any]:
         return {**super().metadata(), "label_rule": self.label_rule,
@@ -377,6 +382,11 @@ class DiscreteVLM(VLM):
                 f"({vq.grid[0]} x {vq.grid[1]}), code book {vq.codebook_size:,}, between {self.boi_token} and "
                 f"{self.eoi_token}; template {self.template}, labels {self.label_rule}",
                 f"vocabulary: {len(self.tokenizer):,} tokens"]
+
+
+def _generation_pad(tokenizer) -> int:
+    """The id medtune's Generator pads prompts with (the pad token, else EOS)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _carried_codes(sample, codes_per_image: int):
@@ -409,7 +419,7 @@ class ImageBlockLogitsProcessor:
 
         from medtune.models.generation import ImageSampling
 
-        self.image_ids = torch.tensor(image_ids)
+        self.image_ids, self.image_id_set = torch.tensor(image_ids), set(image_ids)
         self.boi, self.eoi, self.eos, self.codes_per_image = boi, eoi, eos, codes_per_image
         self.allow_images, self.image_only = "image" in modalities, modalities == ("image",)
         self.sampling, self.streams = sampling or ImageSampling(), streams
@@ -436,8 +446,12 @@ class ImageBlockLogitsProcessor:
                     self.state[row] = [-1, done + 1]
                     if self.streams is not None:
                         self.streams.close(row)
-                elif codes >= 0:
+                elif codes >= 0 and token in self.image_id_set:
                     self.state[row][0] = codes + 1
+                elif codes >= 0:   # the row ended inside the block (finished, cancelled, a stop string): padding
+                    self.state[row] = [-1, done + 1]
+                    if self.streams is not None:
+                        self.streams.close(row)
         image_ids = self.image_ids.to(scores.device)
         lowest = torch.finfo(scores.dtype).min
         for row, (codes, done) in enumerate(self.state):
