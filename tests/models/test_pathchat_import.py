@@ -119,3 +119,37 @@ def test_without_its_tower_file_the_import_says_so(tmp_path, capsys):
     assert main(["model", "import", str(source), str(tmp_path / "out")]) == 2
     assert "no vision_tower.pt beside the checkpoint (PathChat's builder loads the tower from it)" \
         in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_import_trains_a_lora_stage_with_a_frozen_tower_and_reloads(imported, tmp_path):
+    """A LoRA stage (tower frozen) trains the projector and the LM, leaves the tower, and the result reloads with
+    PathChat's feature source; the frozen tower's feature cache selects the final-norm tokens as the model does."""
+    import yaml
+    from safetensors.torch import load_file as read
+
+    from medtune.models.build import load_vlm
+
+    from medtune.models.kinds.composed import TowerFeatureCache
+
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    cache = TowerFeatureCache(imported.model.model.vision_tower, imported.model.config)
+    with torch.no_grad():
+        expected = imported.model.model.vision_tower(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(cache(pixels), expected, atol=0, rtol=0)
+    imported.save(tmp_path / "model")
+    recipe = {"model": str(tmp_path / "model"), "output_dir": str(tmp_path / "run"), "report_to": ["none"],
+              "stages": [{"name": "lora", "data": {"path": "bundled:vqa_rad/trainset.json", "format": "vqa-rad",
+                                                   "limit": 4},
+                          "lr": {"projector": 1e-2, "lora": 1e-2}, "lora": {"r": 4, "alpha": 8,
+                                                                           "target_modules": ["q_proj", "v_proj"]},
+                          "max_steps": 2, "batch_size": 2, "max_length": 384, "save_steps": 2, "log_steps": 1}]}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(tmp_path / "recipe.yaml")]) == 0
+    folder = tmp_path / "run" / "stage-0-lora" / "model"
+    trained = load_vlm(folder)
+    assert trained.model.config.vision_feature_source == "last_hidden_state"
+    before, after = read(str(tmp_path / "model" / "model.safetensors")), read(str(folder / "model.safetensors"))
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    assert any("multi_modal_projector" in key for key in changed)
+    assert not any("vision_tower" in key for key in changed)
