@@ -332,6 +332,19 @@ def test_a_batch_of_image_answers_is_guided_row_by_row_like_single_prompts(drawi
     assert not np.array_equal(np.asarray(together[0].images[0]), np.asarray(together[1].images[0]))
 
 
+def test_the_streams_find_each_prompt_after_its_left_padding_even_when_pad_is_bos():
+    from medtune.models.generation import ImageSampling
+    from medtune.models.image_guidance import GuidanceStreams
+
+    def starts(pad, bos, rows):
+        streams = GuidanceStreams(None, bos=bos, boi=5, eoi=6, image_ids=[10, 11], pad=pad, sampling=ImageSampling())
+        streams.note_prompt(torch.tensor(rows))
+        return streams.prompt_starts
+
+    assert starts(pad=2, bos=1, rows=[[2, 2, 1, 7], [1, 7, 8, 9]]) == [2, 0]
+    assert starts(pad=0, bos=0, rows=[[0, 0, 0, 7], [0, 7, 8, 9]]) == [2, 0]   # the last leading 0 is the BOS
+
+
 def test_a_row_that_ends_inside_an_image_stops_its_guidance_streams():
     """A finished, cancelled or stopped row gets padding: its streams close and are not run again."""
     from medtune.models.generation import ImageSampling
