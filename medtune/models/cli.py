@@ -81,7 +81,9 @@ def register(subparsers) -> None:
     chameleon = verbs.add_parser("export-chameleon", help="write a discrete-token (Chameleon/Anole) checkpoint in "
                                                           "Chameleon's original format (consolidated.pth + params.json)",
                                  description="Write CHECKPOINT (a Chameleon-family model, kind discrete) to OUT in "
-                                             "Chameleon's original layout: consolidated.pth and params.json.")
+                                             "Chameleon's original layout: consolidated.pth, params.json and "
+                                             "consolidate_params.json, as Chameleon's loader and MedMax's "
+                                             "converter read them.")
     chameleon.add_argument("checkpoint", help="a Chameleon-family checkpoint (kind discrete), e.g. a merged MedMax "
                                               "stage")
     chameleon.add_argument("out", type=Path, help="output folder (models/7b-style: consolidated.pth, params.json, "
@@ -283,9 +285,9 @@ def run_export_chameleon(args: argparse.Namespace) -> int:
         out = vlm.export_original_format(args.out)
     except ValueError as error:
         raise UserError(f"{args.checkpoint}: {error}") from None
-    print(f"wrote {out}/consolidated.pth and params.json ({vlm.num_parameters():,} parameters less the VQ, which "
-          "Chameleon reads from its tokenizer folder's vqgan.ckpt); copy the original model's tokenizer/ folder "
-          "beside it for Chameleon's inference code")
+    print(f"wrote {out}/consolidated.pth, params.json and consolidate_params.json ({vlm.num_parameters():,} "
+          "parameters less the VQ, which Chameleon reads from its tokenizer folder's vqgan.ckpt); copy the original "
+          "model's tokenizer/ folder beside it for Chameleon's inference code")
     return 0
 
 
