@@ -15,6 +15,8 @@ Facts from Chameleon's inference code, as MedMax vendors and runs it (github.com
   is appended to all three streams.
 * Chameleon runs the streams as separate sequences (its model adapter packs them without padding), so here each
   extra stream runs on its own, batch of one, with its own cache; the *full* stream is ``generate``'s own pass.
+  Where nothing before the image is an image, the *image* stream holds what the *none* stream holds, so it runs
+  once for both (the same logits: the guidance reduces to ``none + s_text * (full - none)``).
 
 The settings are :class:`medtune.models.generation.ImageSampling`. With both scales 1 the mix is the *full* logits,
 so no extra stream runs (``ImageSampling.guided`` is false).
@@ -55,7 +57,8 @@ class GuidanceStreams:
         self.bos, self.boi, self.pad = bos, boi, pad
         self.kept = {bos, boi, eoi, *image_ids}
         self.prompt_starts: list[int] | None = None
-        self.open: dict[int, list] = {}   # row -> [[cache, logits] of the image stream, same of the none stream]
+        self.open: dict[int, list] = {}   # row -> [cache, logits] of the image stream, then of the none stream
+        #                                   (one entry when the two are the same sequence)
 
     def note_prompt(self, input_ids: torch.Tensor) -> None:
         """Where each left-padded prompt starts (generate pads with ``pad``; a pad equal to BOS keeps one BOS)."""
@@ -71,11 +74,14 @@ class GuidanceStreams:
         if codes_written == 0:
             context = input_ids[self.prompt_starts[row]:].tolist()
             image_context = [token for token in context if token in self.kept]
-            self.open[row] = [self._run([image_context]), self._run([[self.bos, self.boi]])]
+            unconditioned = [self.bos, self.boi]
+            # no image before this one: the image stream is the unconditioned stream, run once for both
+            streams = [image_context] if image_context == unconditioned else [image_context, unconditioned]
+            self.open[row] = [self._run([ids]) for ids in streams]
         else:
             latest = [[int(input_ids[-1])]]
             self.open[row] = [self._run(latest, stream[0]) for stream in self.open[row]]
-        (_, image), (_, none) = self.open[row]
+        image, none = self.open[row][0][1], self.open[row][-1][1]
         return guided_logits(full, image.to(full.device), none.to(full.device), self.sampling)
 
     def close(self, row: int) -> None:
