@@ -924,6 +924,7 @@ def serve(model: str, *, host: str, port: int, config_overrides: dict) -> None:
     thread = threading.Thread(target=server.run, name="medtune-serve", daemon=True)
     thread.start()
     wait_until_listening(server, thread, f"medtune serve on {host}:{port}")
-    log.info("serving %s as %r on http://%s:%d/v1", model, config.model_id, host, port)
-    run_until_signalled(server, thread, "medtune serve", on_stop=app.state.worker.stop)
+    run_until_signalled(server, thread, "medtune serve", on_stop=app.state.worker.stop,
+                        ready=lambda: log.info("serving %s as %r on http://%s:%d/v1", model, config.model_id, host,
+                                               port))
     app.state.worker.close(timeout=GRACE_SECONDS)  # a generation still running ends with the process

@@ -36,10 +36,13 @@ def wait_until_listening(server, thread: threading.Thread, what: str) -> None:
 
 
 def run_until_signalled(server, thread: threading.Thread, what: str,
-                        on_stop: Callable[[], None] | None = None) -> None:
+                        on_stop: Callable[[], None] | None = None,
+                        ready: Callable[[], None] | None = None) -> None:
     """Block until SIGTERM or SIGINT (or the server ending by itself), stop ``server`` within about a second, and
     log that ``what`` stopped. ``on_stop`` is called first, to end the app's own long requests (streams) cleanly
-    rather than have uvicorn cancel them. Call from the main thread: only it receives signals."""
+    rather than have uvicorn cancel them. ``ready`` (which logs the "listening" line) is called once the signals
+    are caught, so whoever waits for that line may signal at once (logged earlier, a signal in between would kill
+    the process outright). Call from the main thread: only it receives signals."""
     received: list[str] = []
     stop = threading.Event()
 
@@ -48,6 +51,8 @@ def run_until_signalled(server, thread: threading.Thread, what: str,
         stop.set()
 
     previous = {number: signal.signal(number, on_signal) for number in STOP_SIGNALS}
+    if ready is not None:
+        ready()
     try:
         while thread.is_alive() and not stop.wait(0.1):
             pass

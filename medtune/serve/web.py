@@ -218,6 +218,6 @@ def run_web(args) -> int:
     app.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, share=False,
                                                   ssr_mode=False, show_error=True, quiet=True,
                                                   prevent_thread_lock=True)
-    logging.getLogger(__name__).info("web demo on http://%s:%d", args.host, args.port)
-    run_until_signalled(app.server, app.server.thread, "medtune web")
+    run_until_signalled(app.server, app.server.thread, "medtune web", ready=lambda: logging.getLogger(__name__).info(
+        "web demo on http://%s:%d", args.host, args.port))
     return 0
