@@ -483,8 +483,9 @@ def _check_seed_prompt(style: str, args) -> None:
         print(f"--prompt-style {style}: the endpoint's chat template is the server's, so it is not checked",
               file=sys.stderr)
         return
-    metadata = Path(args.model) / "medtune.json"
-    template = json.loads(metadata.read_text(encoding="utf-8")).get("template") if metadata.is_file() else None
+    from medtune.models.kinds.base import recorded_template
+
+    template = recorded_template(args.model)
     if template not in allowed:
         shown = f"template {template!r}" if template else "its own chat template (no medtune.json)"
         raise UserError(f"--prompt-style {style}: {args.model} is prompted with {shown}, not one of {style}'s "

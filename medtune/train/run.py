@@ -378,10 +378,9 @@ def home_template(recipe: Recipe) -> str | None:
         if recipe.model.get("preset") in MODEL_PRESETS:
             return None   # the preset's model knows its own template
         return recipe.model.get("template", ModelSpec.__dataclass_fields__["template"].default)
-    metadata = Path(recipe.model) / "medtune.json"
-    if metadata.is_file():
-        return json.loads(metadata.read_text(encoding="utf-8")).get("template")
-    return None
+    from medtune.models.kinds.base import recorded_template
+
+    return recorded_template(recipe.model)
 
 
 def _apply_template(vlm, template: str | None, stage_name: str) -> None:

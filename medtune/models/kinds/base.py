@@ -50,6 +50,17 @@ NATIVE_TEMPLATE = "native"
 LORA_COMPONENTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
 
+def recorded_template(checkpoint: str | Path) -> str | None:
+    """The chat template a local medtune checkpoint's ``medtune.json`` records, read without loading the model;
+    None for a folder without one (a checkpoint medtune did not write) or a hub name."""
+    import json
+
+    metadata = Path(checkpoint) / MEDTUNE_FILE
+    if not metadata.is_file():
+        return None
+    return json.loads(metadata.read_text(encoding="utf-8")).get("template")
+
+
 @dataclass(frozen=True)
 class Speedups:
     """Exact speed-ups that apply to a model: each leaves the loss and gradients as they were."""
