@@ -25,11 +25,30 @@ from transformers import (
     LlavaModel,
 )
 from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
+import torch
 from torch import nn
 
 from medtune.models.projectors import PROJECTOR_NAMES, build_projector
 
 FEATURE_SOURCES = ("hidden_states", "last_hidden_state")
+
+
+def selected_features(outputs, config, strategy: str | None = None):
+    """The tower's tokens that feed the projector: LLaVA's choice (the hidden state, or the concatenated hidden
+    states, ``vision_feature_layer`` names) or, with ``vision_feature_source: last_hidden_state``, the tower's final
+    output; without the CLS token for the ``default`` strategy. Used by the model and by medtune's tower-feature
+    cache, so both select alike."""
+    strategy = strategy or config.vision_feature_select_strategy
+
+    def tokens(hidden):
+        return hidden[:, 1:] if strategy == "default" else hidden
+
+    layer = config.vision_feature_layer
+    if getattr(config, "vision_feature_source", "hidden_states") == "last_hidden_state":
+        return tokens(outputs.last_hidden_state)
+    if isinstance(layer, int):
+        return tokens(outputs.hidden_states[layer])
+    return torch.cat([tokens(outputs.hidden_states[index]) for index in layer], dim=-1)
 
 
 class MedtuneVLMConfig(LlavaConfig):
@@ -90,9 +109,7 @@ class MedtuneVLMModel(LlavaModel):
         for name in ("return_dict", "image_sizes", "output_hidden_states"):
             kwargs.pop(name, None)
         outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
-        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
-        selected = outputs.last_hidden_state
-        selected = selected[:, 1:] if strategy == "default" else selected
+        selected = selected_features(outputs, self.config, vision_feature_select_strategy)
         outputs.pooler_output = list(self.multi_modal_projector(selected))
         return outputs
 
@@ -104,10 +121,12 @@ class MedtuneVLMModel(LlavaModel):
 class MedtuneVLMForConditionalGeneration(LlavaForConditionalGeneration):
     config_class = MedtuneVLMConfig
     config: MedtuneVLMConfig
+    inner_model_class = MedtuneVLMModel
+    """The model under the LM head; subclasses with other decoder layers name theirs."""
 
     def __init__(self, config: MedtuneVLMConfig):
         LlavaPreTrainedModel.__init__(self, config)
-        self.model = MedtuneVLMModel(config)
+        self.model = self.inner_model_class(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size,
                                  bias=config.lm_head_bias)
         self.post_init()

@@ -301,17 +301,7 @@ class TowerFeatureCache:
         return torch.stack([self.entries.get(key, computed.get(key)) for key in keys])
 
     def _select(self, outputs):
-        """LLaVA's feature selection: the configured hidden layer, without the CLS token for "default"."""
-        import torch
+        """The model's own feature selection (:func:`medtune.models.medtune_vlm.selected_features`)."""
+        from medtune.models.medtune_vlm import selected_features
 
-        layer = self.config.vision_feature_layer
-        if getattr(self.config, "vision_feature_source", "hidden_states") == "last_hidden_state":
-            final = outputs.last_hidden_state
-            return final[:, 1:] if self.config.vision_feature_select_strategy == "default" else final
-        if isinstance(layer, int):
-            selected = outputs.hidden_states[layer]
-            return selected[:, 1:] if self.config.vision_feature_select_strategy == "default" else selected
-        pool = [outputs.hidden_states[i] for i in layer]
-        if self.config.vision_feature_select_strategy == "default":
-            pool = [hidden[:, 1:] for hidden in pool]
-        return torch.cat(pool, dim=-1)
+        return selected_features(outputs, self.config)

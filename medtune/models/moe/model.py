@@ -17,7 +17,6 @@ This module, medtune_vlm.py and the MoE blocks' modules are also what a checkpoi
 from __future__ import annotations
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
-from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
 from torch import nn
 
 from medtune.models.moe.layers import build_layers, moe_blocks, register_checkpoint_layout
@@ -65,13 +64,7 @@ def register_expert_layout(language_model: nn.Module) -> None:
 class MedtuneMoEVLMForConditionalGeneration(MedtuneVLMForConditionalGeneration):
     config_class = MedtuneMoEVLMConfig
     config: MedtuneMoEVLMConfig
-
-    def __init__(self, config: MedtuneMoEVLMConfig):
-        LlavaPreTrainedModel.__init__(self, config)
-        self.model = MedtuneMoEVLMModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size,
-                                 bias=config.lm_head_bias)
-        self.post_init()
+    inner_model_class = MedtuneMoEVLMModel
 
 
 def register() -> None:
