@@ -157,8 +157,7 @@ class Generator:
         self.vlm = vlm
         self.tokenizer = vlm.tokenizer
         self._lock = threading.Lock()
-        pad = self.tokenizer.pad_token_id
-        self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
+        self.pad_token_id = padding_id(self.tokenizer)
         self.eos_token_ids = _eos_token_ids(vlm)
 
     # -- public API -------------------------------------------------------------------------------------------
@@ -297,6 +296,11 @@ class Generator:
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
+
+def padding_id(tokenizer) -> int:
+    """The id prompts are left-padded with: the tokenizer's pad token, else its EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
 
 
 def _eos_token_ids(vlm) -> list[int]:

@@ -263,10 +263,11 @@ class DiscreteVLM(VLM):
         boi, eoi = self.token_id(self.boi_token), self.token_id(self.eoi_token)
         streams = None
         if "image" in settings.modalities and settings.image.guided:
+            from medtune.models.generation import padding_id
             from medtune.models.image_guidance import GuidanceStreams
 
             streams = GuidanceStreams(self.model, bos=self.tokenizer.bos_token_id, boi=boi, eoi=eoi,
-                                      image_ids=self.image_token_ids, pad=_generation_pad(self.tokenizer),
+                                      image_ids=self.image_token_ids, pad=padding_id(self.tokenizer),
                                       sampling=settings.image)
         processor = ImageBlockLogitsProcessor(
             self.image_token_ids, boi, eoi, self.image_tokenizer.codes_per_image, self.tokenizer.eos_token_id,
@@ -382,11 +383,6 @@ class DiscreteVLM(VLM):
                 f"({vq.grid[0]} x {vq.grid[1]}), code book {vq.codebook_size:,}, between {self.boi_token} and "
                 f"{self.eoi_token}; template {self.template}, labels {self.label_rule}",
                 f"vocabulary: {len(self.tokenizer):,} tokens"]
-
-
-def _generation_pad(tokenizer) -> int:
-    """The id medtune's Generator pads prompts with (the pad token, else EOS)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _carried_codes(sample, codes_per_image: int):
