@@ -153,7 +153,7 @@ def import_llava(source: str | Path, out: str | Path, *, vision_tower: str | Non
     with quiet_transformers():   # ... and that llava_mistral is not a model type it knows
         llm = AutoModelForCausalLM.from_pretrained(str(layout.source), config=text_config,
                                                    dtype=getattr(torch, dtype))
-        tokenizer = _tokenizer_as_loaded(layout)
+        tokenizer = _tokenizer_as_loaded(layout.source, layout.patch_token)
     spec = ModelSpec(vision=tower, llm=str(layout.source), projector=layout.projector,
                      vision_feature_layer=layout.select_layer, vision_feature_select=layout.select_feature,
                      tokenizer=str(layout.source), template=CONV_MODES[mode], pad_mode=layout.pad_mode, dtype=dtype,
@@ -176,14 +176,14 @@ def quiet_transformers():
         hf_logging.set_verbosity(verbosity)
 
 
-def _tokenizer_as_loaded(layout: LlavaLayout):
+def _tokenizer_as_loaded(source: Path, patch_token: bool):
     """The checkpoint's tokenizer with the token LLaVA's loader adds before it resizes the LM's embeddings:
     ``<im_patch>`` where ``mm_use_im_patch_token`` is true or absent (it never appears in a v1 prompt, but it
     holds a row of the embeddings, so medtune's image token must come after it)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(layout.source))
-    if layout.patch_token and IM_PATCH not in tokenizer.get_vocab():
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    if patch_token and IM_PATCH not in tokenizer.get_vocab():
         tokenizer.add_tokens([IM_PATCH], special_tokens=True)
     return tokenizer
 

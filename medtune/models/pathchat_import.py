@@ -26,8 +26,8 @@ import tempfile
 from pathlib import Path
 
 from medtune.errors import SpecError
-from medtune.models.llava_import import (SQUARING, LlavaLayout, _language_model, _tokenizer_as_loaded,
-                                         checkpoint_config, local_folder, quiet_transformers)
+from medtune.models.llava_import import (SQUARING, _language_model, _tokenizer_as_loaded, checkpoint_config,
+                                         local_folder, quiet_transformers)
 
 PROJECTOR = "attn_pool+mlp2x_gelu"
 TOWERS = {"coca_vit-l": 16}   # tower name -> attention heads (timm's ViT-L)
@@ -64,8 +64,6 @@ def import_pathchat(source: str | Path, out: str | Path, *, conv_mode: str | Non
                      for key, value in tensors_named(source / TOWER_WEIGHTS, "").items()}
     projector = {key.split("mm_projector.", 1)[1]: value
                  for key, value in tensors_named(source, "mm_projector.").items()}
-    layout = LlavaLayout.__new__(LlavaLayout)
-    layout.source, layout.patch_token = source, bool(raw.get("mm_use_im_patch_token", True))
     settings = {k: v for k, v in raw.items() if not k.startswith("mm_") and k not in (
         "architectures", "model_type", "_name_or_path", "transformers_version", "use_mm_proj", "image_aspect_ratio",
         "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter", "tokenizer_padding_side", "tokenizer_model_max_length")}
@@ -73,7 +71,7 @@ def import_pathchat(source: str | Path, out: str | Path, *, conv_mode: str | Non
         write_dinov2(tower_weights, tower_dir, heads=TOWERS[raw["mm_vision_tower"]], where=source / TOWER_WEIGHTS)
         llm = AutoModelForCausalLM.from_pretrained(str(source), config=AutoConfig.for_model(language_model, **settings),
                                                    dtype=getattr(torch, dtype))
-        tokenizer = _tokenizer_as_loaded(layout)
+        tokenizer = _tokenizer_as_loaded(source, bool(raw.get("mm_use_im_patch_token", True)))
         queries = projector["attn_pool.query"]
         spec = ModelSpec(vision=tower_dir, llm=str(source), projector=PROJECTOR, projector_queries=queries.shape[0],
                          projector_heads=POOL_HEADS, projector_query_width=queries.shape[1],
