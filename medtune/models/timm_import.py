@@ -39,21 +39,10 @@ LAYER_NORM_EPS = 1e-6   # timm's ViT: partial(nn.LayerNorm, eps=1e-6)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def is_timm_checkpoint(source: str | Path) -> bool:
-    config = Path(source) / "config.json"
-    if not config.is_file():
-        return False
-    settings = json.loads(config.read_text(encoding="utf-8"))
-    return isinstance(settings, dict) and "architecture" in settings and "model_type" not in settings
-
-
 def import_timm_vit(source: str | Path, out: str | Path):
     """Write the timm ViT at ``source`` to ``out`` as a transformers DINOv2 model + image processor; returns it."""
     source, out = Path(source), Path(out)
-    try:
-        settings = json.loads((source / "config.json").read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise SpecError(f"{source / 'config.json'}: not valid JSON ({error})") from None
+    settings = _timm_config(source)
     architecture = str(settings.get("architecture", ""))
     if not architecture.startswith("vit_"):
         raise SpecError(f"{source}: timm architecture {architecture!r} is not a Vision Transformer (vit_*); medtune "
@@ -62,6 +51,21 @@ def import_timm_vit(source: str | Path, out: str | Path):
     return write_dinov2(_read_weights(source), out, heads=_heads(settings, architecture, source), where=source,
                         mean=cfg.get("mean", IMAGENET_MEAN), std=cfg.get("std", IMAGENET_STD),
                         bicubic=cfg.get("interpolation", "bicubic") == "bicubic")
+
+
+def _timm_config(source: Path) -> dict:
+    """``source``'s config.json as timm's hub format writes it (``architecture``, no transformers ``model_type``)."""
+    path = source / "config.json"
+    settings = None
+    if path.is_file():
+        try:
+            settings = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise SpecError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(settings, dict) or "architecture" not in settings or "model_type" in settings:
+        raise SpecError(f"{source}: not a timm checkpoint (a config.json with 'architecture', as timm's hub "
+                        "format writes it)")
+    return settings
 
 
 def write_dinov2(weights: dict[str, Any], out: str | Path, *, heads: int, where, mean=IMAGENET_MEAN,

@@ -97,6 +97,9 @@ def test_a_folder_that_is_not_timm_s_is_refused(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip_vision_model"}))
     assert main(["model", "import-tower", str(tmp_path), str(tmp_path / "out")]) == 2
     assert "not a timm checkpoint (a config.json with 'architecture'" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text("{not json")
+    assert main(["model", "import-tower", str(tmp_path), str(tmp_path / "out")]) == 2
+    assert f"error: {tmp_path / 'config.json'}: not valid JSON (" in capsys.readouterr().err
 
 
 def test_without_model_args_the_head_count_comes_from_the_architecture_s_name(tmp_path):
