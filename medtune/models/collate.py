@@ -94,23 +94,6 @@ class PadCollator:
                          pad_to_multiple_of=self.pad_to_multiple_of)
 
 
-def collate_prompts(prompts: Sequence[dict], pad_token_id: int) -> dict[str, Any]:
-    """Left-padded batch of generation prompts (each from ``encode_prompt``; tensors of shape [1, L] allowed).
-
-    Left padding keeps every prompt's last token in the last column, where generation continues.
-    """
-    flat = []
-    for prompt in prompts:
-        item = dict(prompt)
-        for key in ("input_ids", "attention_mask"):
-            value = item.get(key)
-            if value is not None and hasattr(value, "dim") and value.dim() == 2:
-                item[key] = value[0].tolist()
-        item.pop("labels", None)
-        flat.append(item)
-    return pad_batch(flat, pad_token_id, padding_side="left")
-
-
 @dataclass
 class KeepVisionBusy:
     """Wrap a collator so a batch without images still runs the vision tower (see module docstring)."""
@@ -149,3 +132,54 @@ def add_blank_image(batch: dict, image_token_id: int, tokens_per_image: int, ima
         out[SAMPLE_INDEX] = torch.cat([batch[SAMPLE_INDEX], torch.full_like(extra_ids, -1)], dim=1)
     out["pixel_values"] = torch.zeros(1, 3, image_size, image_size)
     return out
+
+
+# ---- prompts for generation: left padding ------------------------------------------------------------------
+
+
+def flat_ids(value) -> list[int]:
+    """input_ids as a flat list whether the encoder returned a list, a (L,) or a (1, L) tensor."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if value and isinstance(value[0], list):
+        if len(value) != 1:
+            raise ValueError(f"encode_prompt returned {len(value)} rows for one conversation")
+        value = value[0]
+    return [int(v) for v in value]
+
+
+def collate_prompts(encodings: list[dict], pad_token_id: int, model) -> dict:
+    """Prompts for generation as one batch: per-token tensors padded on the left; image tensors concatenated along dim 0.
+
+    input_ids, attention_mask and any other (1, L) per-token tensor a processor returns (token_type_ids,
+    mm_token_type_ids) become (B, L_max), padded on the left; pixel_values (sum of images, ...) in the model's
+    dtype; other tensors (image_sizes, image_grid_thw) are concatenated as they are. Encodings without images
+    contribute nothing to those.
+    """
+    import torch
+
+    rows = [flat_ids(e["input_ids"]) for e in encodings]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, width - len(row):] = 1
+    batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    skip = {"input_ids", "attention_mask", "labels"}
+    for key in sorted({k for e in encodings for k in e} - skip):
+        parts = [torch.as_tensor(e[key]) for e in encodings if e.get(key) is not None]
+        if not parts:
+            continue
+        per_token = len(parts) == len(rows) and all(p.dim() == 2 and p.shape == (1, len(r))
+                                                     for p, r in zip(parts, rows))
+        if per_token:
+            value = torch.zeros((len(rows), width), dtype=parts[0].dtype)
+            for i, (part, row) in enumerate(zip(parts, rows)):
+                value[i, width - len(row):] = part[0]
+        else:
+            value = torch.cat(parts, dim=0)
+        if value.is_floating_point():
+            value = value.to(model.dtype)
+        batch[key] = value
+    return {key: value.to(model.device) for key, value in batch.items()}

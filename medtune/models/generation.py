@@ -26,6 +26,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
+from medtune.models.collate import collate_prompts, flat_ids
 from medtune.models.templates import stop_token_ids
 
 if TYPE_CHECKING:  # heavy imports stay inside functions (this module is imported by CLI modules)
@@ -203,7 +204,7 @@ class Generator:
     def _encode_batch(self, conversations, images, prompts: Sequence[dict] | None = None) -> dict[str, Any]:
         if prompts is None:
             prompts = [self.encode(conv, imgs) for conv, imgs in zip(conversations, images)]
-        return _collate_left_padded(list(prompts), self.pad_token_id, self.vlm.model)
+        return collate_prompts(list(prompts), self.pad_token_id, self.vlm.model)
 
     @property
     def context_length(self) -> int | None:
@@ -311,54 +312,6 @@ def _eos_token_ids(vlm) -> list[int]:
     ids = list(configured) if isinstance(configured, (list, tuple)) else [configured]
     ids += stop_token_ids(getattr(vlm, "template", None) or "", vlm.tokenizer)
     return sorted({i for i in ids if i is not None})
-
-
-def _flat_ids(value) -> list[int]:
-    """input_ids as a flat list whether the encoder returned a list, a (L,) or a (1, L) tensor."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if value and isinstance(value[0], list):
-        if len(value) != 1:
-            raise ValueError(f"encode_prompt returned {len(value)} rows for one conversation")
-        value = value[0]
-    return [int(v) for v in value]
-
-
-def _collate_left_padded(encodings: list[dict], pad_token_id: int, model) -> dict:
-    """One batch: per-token tensors padded on the left; image tensors concatenated along dim 0.
-
-    input_ids, attention_mask and any other (1, L) per-token tensor a processor returns (token_type_ids,
-    mm_token_type_ids) become (B, L_max), padded on the left; pixel_values (sum of images, ...) in the model's
-    dtype; other tensors (image_sizes, image_grid_thw) are concatenated as they are. Encodings without images
-    contribute nothing to those.
-    """
-    import torch
-
-    rows = [_flat_ids(e["input_ids"]) for e in encodings]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, width - len(row):] = 1
-    batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-    skip = {"input_ids", "attention_mask", "labels"}
-    for key in sorted({k for e in encodings for k in e} - skip):
-        parts = [torch.as_tensor(e[key]) for e in encodings if e.get(key) is not None]
-        if not parts:
-            continue
-        per_token = len(parts) == len(rows) and all(p.dim() == 2 and p.shape == (1, len(r))
-                                                     for p, r in zip(parts, rows))
-        if per_token:
-            value = torch.zeros((len(rows), width), dtype=parts[0].dtype)
-            for i, (part, row) in enumerate(zip(parts, rows)):
-                value[i, width - len(row):] = part[0]
-        else:
-            value = torch.cat(parts, dim=0)
-        if value.is_floating_point():
-            value = value.to(model.dtype)
-        batch[key] = value
-    return {key: value.to(model.device) for key, value in batch.items()}
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> int | None:

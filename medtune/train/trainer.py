@@ -127,7 +127,7 @@ class MedtuneTrainer(Trainer):
         plain = not (self.is_fsdp_enabled or self.is_deepspeed_enabled or hasattr(model, "peft_config"))
         if not (plain and weights.is_file()):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        restore_weights(model, resume_from_checkpoint)
+        restore_weights(model, resume_from_checkpoint, model_class=self.vlm.weights_class(model))
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -159,11 +159,12 @@ class GovernThreads(TrainerCallback):
         self.governor.update()
 
 
-def restore_weights(model, checkpoint: str | Path) -> None:
-    """Load a ``save_pretrained`` checkpoint into ``model`` in place, every parameter and buffer accounted for."""
+def restore_weights(model, checkpoint: str | Path, *, model_class: type | None = None) -> None:
+    """Load a ``save_pretrained`` checkpoint into ``model`` in place, every parameter and buffer accounted for;
+    ``model_class`` reads it (default: the model's own class)."""
     # from_pretrained reads safetensors only and applies the model's key mapping; the copy lives on the CPU
     # for the time of load_state_dict.
-    saved = type(model).from_pretrained(str(checkpoint), dtype=next(model.parameters()).dtype, device_map="cpu")
+    saved = (model_class or type(model)).from_pretrained(str(checkpoint), dtype=next(model.parameters()).dtype, device_map="cpu")
     result = model.load_state_dict(saved.state_dict(), strict=False)
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     missing = [name for name in result.missing_keys if name not in tied]

@@ -191,6 +191,23 @@ def test_every_parameter_is_vision_or_llm(vlm):
     assert all(("vqmodel" in name) == (part == "vision") for name, part in parts.items())
 
 
+def test_a_discrete_model_holds_experts_too_and_reloads_with_identical_logits(root, tmp_path):
+    """The experts component on the discrete kind: parts, the record in medtune.json, identical logits after a
+    reload (the MoE blocks are rebuilt before the weights are read)."""
+    from medtune.models.moe.settings import MoESettings
+
+    moe = tiny_chameleon().with_experts(MoESettings.preset("med-moe", layers=[0]))
+    parts = {moe.part_of(name) for name, _ in moe.model.named_parameters()}
+    assert moe.kind == "discrete" and parts == {"vision", "llm", "ffn", "experts", "router"}
+    moe.save(tmp_path)
+    assert json.loads((tmp_path / "medtune.json").read_text())["experts"]["layers"] == [0]
+    loaded = load_vlm(tmp_path)
+    assert loaded.kind == "discrete" and loaded.experts.settings == moe.experts.settings
+    ids = _batch(moe, root, [TWO_IMAGES])["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(loaded.model(input_ids=ids).logits, moe.model(input_ids=ids).logits)
+
+
 def test_chameleon_format_round_trip_gives_identical_weights(vlm, tmp_path):
     from medtune.models.chameleon import from_chameleon_format, to_chameleon_format
 

@@ -168,7 +168,7 @@ def test_settings_reject_bad_values(bad, message):
 
 def test_collate_pads_per_token_tensors_left_and_concatenates_images():
     """Processor outputs beyond input_ids (token_type_ids, image_grid_thw) keep their rows aligned."""
-    from medtune.models.generation import _collate_left_padded
+    from medtune.models.collate import collate_prompts
 
     model = torch.nn.Linear(1, 1)
     model.device, model.dtype = torch.device("cpu"), torch.float32
@@ -177,7 +177,7 @@ def test_collate_pads_per_token_tensors_left_and_concatenates_images():
          "pixel_values": torch.ones(1, 3, 4, 4, dtype=torch.float64), "image_grid_thw": torch.tensor([[1, 2, 2]])},
         {"input_ids": [8], "token_type_ids": torch.tensor([[1]]), "pixel_values": None},
     ]
-    batch = _collate_left_padded(encodings, pad_token_id=0, model=model)
+    batch = collate_prompts(encodings, pad_token_id=0, model=model)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
     assert batch["token_type_ids"].tolist() == [[0, 1, 1], [0, 0, 1]]

@@ -84,12 +84,27 @@ def test_moe_settings_that_differ_from_the_model_s_are_refused(dense):
         moe.with_experts(MoESettings(layers=[0], num_experts=2))
 
 
-def test_a_native_model_cannot_be_given_experts(tmp_path, dense):
-    dense.model.save_pretrained(tmp_path)
-    dense.processor.save_pretrained(tmp_path)
-    native = load_vlm(tmp_path)
-    with pytest.raises(ValueError, match="a native model cannot be given experts"):
-        native.with_experts(MoESettings())
+def test_a_native_model_holds_experts_as_a_component_and_reloads_with_identical_logits(tmp_path, dense):
+    """Plain transformers' Llava (the native kind) keeps its class and kind; medtune.json records the experts,
+    which are rebuilt before the weights load; parts and saved keys are the moe kind's."""
+    dense.model.save_pretrained(tmp_path / "dense")
+    dense.processor.save_pretrained(tmp_path / "dense")
+    native = load_vlm(tmp_path / "dense").with_experts(MoESettings.preset("med-moe", layers=[1]), domain_field="organ")
+    assert native.kind == "native" and type(native.model).__name__ == "LlavaForConditionalGeneration"
+    assert {native.part_of(n) for n, _ in native.model.named_parameters()} == {
+        "vision", "projector", "llm", "ffn", "experts", "router"}
+    native.save(tmp_path / "moe")
+    recorded = json.loads((tmp_path / "moe" / MEDTUNE_FILE).read_text())["experts"]
+    assert recorded["layers"] == [1] and recorded["domain_field"] == "organ"
+    loaded = load_vlm(tmp_path / "moe")
+    assert loaded.kind == "native" and loaded.experts.settings == native.experts.settings
+    assert "organ" in loaded.sample_metadata
+    inputs = _inputs(dense, seed=2)
+    assert torch.equal(_logits(loaded, inputs), _logits(native, inputs))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "moe" / "model.safetensors"), "pt") as handle:
+        assert any(".layers.1.mlp.experts.3.down_proj" in key for key in handle.keys())
 
 
 @pytest.fixture(scope="module")

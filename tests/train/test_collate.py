@@ -85,7 +85,7 @@ def test_left_padded_prompts_generate_what_each_prompt_generates_alone(vlm, samp
     for item in items:
         images = [Image.open(root / ref.path).convert("RGB") for ref in item.images]
         prompts.append(vlm.encode_prompt(to_chat_messages(item)[:1], images))
-    batch = collate_prompts(prompts, vlm.tokenizer.pad_token_id)
+    batch = collate_prompts(prompts, vlm.tokenizer.pad_token_id, vlm.model)
     lengths = [p["input_ids"].shape[1] for p in prompts]
     assert batch["attention_mask"].sum(1).tolist() == lengths
     assert batch["attention_mask"][:, -1].all()  # every prompt ends in the last column

@@ -9,10 +9,14 @@ composed    vision tower + projector + LLM built by medtune   ids with N image-t
 native      a transformers VLM medtune did not compose        its own processor's outputs        the same,
             (Idefics3 / SmolVLM, llava-hf, Qwen2-VL ...)      (in memory)                        by module
 moe         composed, with every k-th FFN upcycled to         as composed, + the domain field    + experts,
-            experts + shared expert + router                  (routing statistics)               router, ffn
+            experts + shared expert + router, saved as        (routing statistics)               router, ffn
+            medtune_moe_vlm
 discrete    a mixed-modal LM reading VQ image codes           ids with [boi] codes [eoi] blocks  vision (the
             (Chameleon / Anole, as MedMax trains them)        (token cache; no pixels)           VQ), llm
 ==========  ================================================  =================================  ==========
+
+Experts are a component any kind can hold (``vlm.experts``, :mod:`medtune.models.moe.experts`); ``moe`` is the
+composed kind with them in medtune's own class, the other kinds keep their class and record them in medtune.json.
 
 The interface every kind implements is :class:`medtune.models.kinds.base.VLM` (its docstring lists the
 questions a caller may ask). Adding a kind means one module here with one ``VLM`` subclass, and one line in

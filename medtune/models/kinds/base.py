@@ -13,8 +13,10 @@ prompt for generation     :meth:`VLM.encode_prompt`
 the token cache           :meth:`VLM.cache_settings` (None: not cacheable), :meth:`VLM.encode_tokens`,
                           :meth:`VLM.inputs_from_tokens` (late image decoding of a cached row)
 batches                   :meth:`VLM.collator` (padding or packing, plus whatever the kind needs)
-trainable parts           :attr:`VLM.parts`, :meth:`VLM.part_of`, :meth:`VLM.module_of`
+trainable parts           :meth:`VLM.trainable_parts`, :meth:`VLM.part_of`, :meth:`VLM.module_of`
 exact speed-ups           :meth:`VLM.exact_speedups`, :meth:`VLM.training_loss`
+losses beside the LM's    :meth:`VLM.auxiliary_loss` (the experts' router losses)
+experts                   :meth:`VLM.with_experts`, ``VLM.experts`` (:class:`medtune.models.moe.experts.Experts`)
 chat template             :meth:`VLM.use_template`
 saving beside the weights :meth:`VLM.save`, :meth:`VLM.write_beside_weights` (the export hook), :meth:`VLM.metadata`
 what a person sees        :meth:`VLM.model_view`, :meth:`VLM.describe`
@@ -30,6 +32,11 @@ Design choices:
   packing, as the batch's ``sample_metadata`` list (one dict per sample, in the order samples appear in the
   batch) with ``sample_index`` ([B, L]: the sample each position holds, -1 for padding).
   :meth:`VLM.training_loss` takes both out before the model's forward, so a model never sees them.
+* Experts are a component, not a kind: any kind whose LLM's decoder layers it knows (:meth:`VLM.decoder_layers`)
+  can have FFNs upcycled to experts (:meth:`VLM.with_experts`); the kind then holds an
+  :class:`~medtune.models.moe.experts.Experts` in ``experts`` and asks it for the parts, losses and reports that
+  depend on the experts alone. A kind whose model class cannot record the experts (a transformers family's own
+  class) records them in medtune.json and rebuilds the layers before loading the weights.
 * Exact speed-ups change time, never results: the default loss computes the LM head only at positions that
   carry a label (``logits_to_keep`` with a boolean mask) and gives the loss of the full forward pass.
 """
@@ -42,7 +49,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
 from medtune.models.batch import IGNORE_INDEX, SAMPLE_INDEX, SAMPLE_METADATA
-from medtune.models.collate import PadCollator
+from medtune.models.collate import PadCollator, collate_prompts
 from medtune.models.packing import PackingCollator
 
 MEDTUNE_FILE = "medtune.json"
@@ -95,6 +102,8 @@ class VLM(ABC):
     """The settings the model was built from (composed models), saved in medtune.json."""
     sample_metadata: tuple[str, ...] = ()
     """Sample metadata fields (``modality``, ``organ``, or a key of ``meta.extra``) carried into batches."""
+    experts: Any = field(default=None, repr=False)
+    """The mixture-of-experts component (:class:`medtune.models.moe.experts.Experts`) once the LLM has experts."""
 
     # ---- loading ----------------------------------------------------------------------------------------
 
@@ -166,16 +175,31 @@ class VLM(ABC):
 
     # ---- trainable parts --------------------------------------------------------------------------------
 
+    def trainable_parts(self) -> tuple[str, ...]:
+        """The kind's :attr:`parts`, and the experts' (``ffn``, ``experts``, ``router``) where it has experts."""
+        return self.parts + (self.experts.parts if self.experts is not None else ())
+
     def part_of(self, parameter_name: str) -> str:
-        """The part (one of :attr:`parts`, or ``lora``) a parameter belongs to, from its dotted name."""
-        components = set(parameter_name.split("."))
-        if components.intersection(LORA_COMPONENTS):
+        """The part (one of :meth:`trainable_parts`, or ``lora``) a parameter belongs to, from its dotted name."""
+        components = parameter_name.split(".")
+        if set(components).intersection(LORA_COMPONENTS):
             return "lora"
-        for part, markers in self.part_markers:
-            if components.intersection(markers):
-                return part
-        raise ValueError(f"parameter {parameter_name!r} belongs to no known part ({', '.join(self.parts)}) of a "
-                         f"{self.kind} model; medtune cannot tell what it should train")
+        part = self.structural_part(components)
+        if part is None:
+            raise ValueError(f"parameter {parameter_name!r} belongs to no known part "
+                             f"({', '.join(self.trainable_parts())}) {self.unknown_part_hint()}")
+        if part == "llm" and self.experts is not None:
+            return self.experts.part_within_llm(components) or part
+        return part
+
+    def structural_part(self, components: list[str]) -> str | None:
+        """The kind's part (vision, projector, llm ...) of a parameter's name components; None if none."""
+        found = set(components)
+        return next((part for part, markers in self.part_markers if found.intersection(markers)), None)
+
+    def unknown_part_hint(self) -> str:
+        """The end of the error for a parameter in no part: where the kind looked."""
+        return f"of a {self.kind} model; medtune cannot tell what it should train"
 
     def lora_scopes(self, on_vision: bool = False, model=None) -> list[str]:
         """Dotted module names in ``model`` (default: this one's) under which LoRA adapters go: the LLM's, and
@@ -211,39 +235,91 @@ class VLM(ABC):
         With ``num_items_in_batch`` the loss is the sum over labelled tokens divided by it (Trainer's gradient
         accumulation), else the mean, exactly as the model's own loss.
         """
+        batch = inputs
         inputs = {key: value for key, value in inputs.items() if key not in (SAMPLE_METADATA, SAMPLE_INDEX)}
         speedups = self.exact_speedups() if speedups is None else speedups
         inputs = self.prepare_training_inputs(model, inputs, speedups)
         labels = inputs.get("labels")
         if not speedups.labelled_positions_head or labels is None:
             outputs = model(**inputs, **_loss_kwargs(num_items_in_batch))
-            return outputs.loss, outputs
-        return labelled_positions_loss(model, inputs, num_items_in_batch)
+            loss = outputs.loss
+        else:
+            loss, outputs = labelled_positions_loss(model, inputs, num_items_in_batch)
+        if self.experts is not None:
+            self.experts.count_training_tokens(model, batch)
+        extra = self.auxiliary_loss(model, inputs, num_items_in_batch)
+        if extra is not None:
+            loss = loss + extra
+            outputs.loss = loss
+        return loss, outputs
+
+    def auxiliary_loss(self, model, inputs: dict[str, Any], num_items_in_batch=None):
+        """What the model adds to any training objective's loss, from the forward pass ``model`` just ran on
+        ``inputs`` (the experts' router losses, when weighted); None when nothing."""
+        if self.experts is None:
+            return None
+        return self.experts.auxiliary_loss(model, inputs, num_items_in_batch)
 
     # ---- other kinds made from this one, and stage reports --------------------------------------------------
 
     def with_experts(self, settings, *, router_state: dict | None = None, domain_field: str = "modality") -> VLM:
-        """This model with mixture-of-experts layers (upcycled from its FFNs), as the ``moe`` kind."""
-        raise ValueError(f"a {self.kind} model cannot be given experts (upcycling works on composed models)")
+        """This model with mixture-of-experts layers upcycled from the FFNs of ``settings``' layers (in place:
+        the FFN weights become the experts'), routing statistics grouped by ``domain_field``. The same settings
+        again are a no-op (a resumed stage), others an error."""
+        from medtune.models.moe.experts import Experts
+        from medtune.models.moe.layers import register_expert_layout
+
+        if self.experts is not None:
+            self.experts.check_settings(settings)
+            return self
+        layers = self.decoder_layers()
+        hidden_size = self.model.config.get_text_config().hidden_size
+        self.experts = Experts.upcycle(layers, settings, hidden_size, router_state=router_state,
+                                       domain_field=domain_field)
+        register_expert_layout(self.model.get_decoder())
+        self.sample_metadata = tuple(dict.fromkeys((*self.sample_metadata, domain_field)))
+        return self
 
     def decoder_layers(self):
-        """The language model's decoder layers (the router stage hooks an FFN's input)."""
-        raise ValueError(f"medtune does not know the decoder layers of a {self.kind} model")
+        """The language model's decoder layers (the router stage hooks an FFN's input; upcycling replaces FFNs):
+        the ``layers`` of the module ``get_decoder()`` returns."""
+        layers = getattr(self.model.get_decoder(), "layers", None)
+        if layers is None:
+            raise ValueError(f"medtune does not know the decoder layers of this {type(self.model).__name__} (its "
+                             "get_decoder() has no `layers`), so it cannot route its tokens or give it experts")
+        return layers
 
     def lora_parameter_targets(self) -> list[str]:
         """Parameter names (not modules) LoRA may adapt beside the linear layers, e.g. fused expert weights."""
-        raise ValueError(f"a {self.kind} model has no expert weights for LoRA (lora.on_experts)")
+        if self.experts is None:
+            raise ValueError(f"a {self.kind} model without experts has no expert weights for LoRA (lora.on_experts)")
+        return self.experts.lora_parameter_targets(self.model)
 
     def write_stage_report(self, directory: str | Path) -> None:
-        """What the kind adds to a training stage's outputs (e.g. routing statistics); nothing by default."""
+        """What the model adds to a training stage's outputs: the experts' routing statistics, where it has any."""
+        if self.experts is not None:
+            self.experts.write_stage_report(self.model, directory)
 
     def observe_prompts(self, conversations: list, images: list, metadata: list[dict]) -> None:
-        """Called by the local eval backend with each batch it answered (and the questions' metadata), for a
-        kind that reports on its prompts (an MoE model: which expert each domain's tokens went to)."""
+        """Called by the local eval backend with each batch it answered (and the questions' metadata). A model
+        with experts runs one forward pass over the prompts (as generation's prefill sees them) to count which
+        expert each domain's prompt tokens go to."""
+        if self.experts is None or not any(self.experts.domain_field in m for m in metadata):
+            return
+        import torch
+
+
+        encodings = [self.encode_prompt(list(c), list(i)) for c, i in zip(conversations, images)]
+        batch = collate_prompts(encodings, self.tokenizer.pad_token_id, self.model)
+        with torch.inference_mode():
+            self.model(**batch, use_cache=False)
+        self.experts.count_prompt_tokens(self.model, batch["attention_mask"], metadata)
 
     def write_eval_report(self, out_dir: str | Path, *, suffix: str = "") -> list[Path]:
-        """Files the kind adds to an evaluation run's report (paths); nothing by default."""
-        return []
+        """Files the model adds to an evaluation run's report (paths): the experts' routing over its prompts."""
+        if self.experts is None:
+            return []
+        return self.experts.write_eval_report(self.model, out_dir, suffix=suffix)
 
     # ---- templates, labels and generation -----------------------------------------------------------------
 
@@ -280,6 +356,12 @@ class VLM(ABC):
         out.mkdir(parents=True, exist_ok=True)
         save_model(self.model, out)
         self.write_beside_weights(out)
+
+    def weights_class(self, model=None) -> type:
+        """The class whose ``from_pretrained`` reads this model's saved weights back (a Trainer checkpoint on
+        resume): ``model``'s own (default: this kind's model), which builds the experts' MoE blocks first where
+        the model has experts its class does not record."""
+        return with_recorded_experts(type(self.model if model is None else model), self.experts)
 
     def write_beside_weights(self, out_dir: str | Path) -> None:
         """The export hook: all a checkpoint holds beside its weights and config, so that it loads and serves
@@ -331,9 +413,12 @@ class VLM(ABC):
         """medtune.json: the kind and the settings preprocessing needs."""
         from medtune import __version__
 
-        return {"medtune_version": __version__, "kind": self.kind, "template": self.template,
-                "image_token": self.image_token, "image_size": self.image_size, "spec": self.spec,
-                "sample_metadata": list(self.sample_metadata)}
+        metadata = {"medtune_version": __version__, "kind": self.kind, "template": self.template,
+                    "image_token": self.image_token, "image_size": self.image_size, "spec": self.spec,
+                    "sample_metadata": list(self.sample_metadata)}
+        if self.experts is not None:
+            metadata["experts"] = self.experts.record()
+        return metadata
 
     # ---- what a person sees -----------------------------------------------------------------------------
 
@@ -356,10 +441,32 @@ class VLM(ABC):
         lines.append(f"kind: {self.kind}; template: {self.template}; image token {self.image_token!r} "
                      f"(id {self.image_token_id}), {self.image_size} px")
         lines.append(f"vocabulary: {len(self.tokenizer):,} tokens")
+        if self.experts is not None:
+            lines.insert(-2, self.experts.describe())
         return lines
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+
+def recorded_experts(metadata: dict[str, Any] | None):
+    """The :class:`~medtune.models.moe.experts.Experts` a checkpoint's medtune.json records; None for none."""
+    record = (metadata or {}).get("experts")
+    if record is None:
+        return None
+    from medtune.models.moe.experts import Experts
+
+    return Experts.from_record(record)
+
+
+def with_recorded_experts(model_class: type, experts) -> type:
+    """``model_class``, or (with ``experts``) the same class building their MoE blocks before it reads a
+    checkpoint's weights."""
+    if experts is None:
+        return model_class
+    from medtune.models.moe.experts import with_expert_layers
+
+    return with_expert_layers(model_class, experts)
 
 
 def metadata_value(meta, key: str):

@@ -189,6 +189,9 @@ class ComposedVLM(VLM):
         return self.model.model.language_model.layers
 
     def with_experts(self, settings, *, router_state: dict | None = None, domain_field: str = "modality"):
+        """The ``moe`` kind: the same parts in ``medtune_moe_vlm``, the class that records its experts."""
+        if self.experts is not None:
+            return super().with_experts(settings)
         from medtune.models.kinds import kind_class
 
         return kind_class("moe").from_dense(self, settings, router_state=router_state, domain_field=domain_field)

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 from medtune.models.batch import IGNORE_INDEX
-from medtune.models.kinds.base import VLM
+from medtune.models.kinds.base import VLM, recorded_experts, with_recorded_experts
 
 LABEL_RULES = ("roles", "first_separator")
 CODES_KEY = "image_tokens"   # MedMax's column for an image's raw codes (meta.extra after reading)
@@ -97,15 +97,18 @@ class DiscreteVLM(VLM):
         from medtune.models.chameleon import MedtuneChameleonForConditionalGeneration
         from medtune.models.templates import get_template
 
-        model = MedtuneChameleonForConditionalGeneration.from_pretrained(source, **model_kwargs).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(source)
         metadata = metadata or {}
+        experts = recorded_experts(metadata)
+        model_class = with_recorded_experts(MedtuneChameleonForConditionalGeneration, experts)
+        model = model_class.from_pretrained(source, **model_kwargs).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(source)
         template = metadata.get("template", "chameleon")
         if not tokenizer.chat_template:
             tokenizer.chat_template = get_template(template).jinja
         vlm = cls.assemble(model, tokenizer, template=template, label_rule=metadata.get("label_rule", "roles"))
         if (Path(source) / DECODER_WEIGHTS).is_file():
             vlm.attach_decoder(Path(source))
+        vlm.experts = experts
         return vlm
 
     def attach_decoder(self, source) -> None:

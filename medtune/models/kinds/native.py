@@ -38,7 +38,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 from medtune.models.batch import IGNORE_INDEX, ROPE_POSITIONS
 from medtune.models.packing import ATTENTION_MODES, token_columns
-from medtune.models.kinds.base import LORA_COMPONENTS, NATIVE_TEMPLATE, VLM
+from medtune.models.kinds.base import NATIVE_TEMPLATE, VLM, recorded_experts, with_recorded_experts
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,19 @@ class NativeVLM(VLM):
     def load(cls, source: str, metadata: dict[str, Any] | None, *, model_kwargs: dict, device: str) -> NativeVLM:
         from transformers import AutoModelForImageTextToText
 
-        model = AutoModelForImageTextToText.from_pretrained(source, **model_kwargs).to(device).eval()
-        return cls.assemble(model, load_processor(source),
-                            sample_metadata=(metadata or {}).get("sample_metadata", ()))
+        # a family's own class cannot hold experts: where medtune.json records some, their MoE blocks are built
+        # before the weights are read
+        experts = recorded_experts(metadata)
+        model_class = AutoModelForImageTextToText
+        if experts is not None:
+            from transformers import AutoConfig
+
+            model_class = with_recorded_experts(model_class._model_mapping[type(AutoConfig.from_pretrained(source))],
+                                                experts)
+        model = model_class.from_pretrained(source, **model_kwargs).to(device).eval()
+        vlm = cls.assemble(model, load_processor(source), sample_metadata=(metadata or {}).get("sample_metadata", ()))
+        vlm.experts = experts
+        return vlm
 
     # ---- samples -> model inputs ------------------------------------------------------------------------
 
@@ -164,17 +174,13 @@ class NativeVLM(VLM):
             return self._layout
         return part_layout(model)
 
-    def part_of(self, parameter_name: str) -> str:
-        components = parameter_name.split(".")
-        if set(components).intersection(LORA_COMPONENTS):
-            return "lora"
-        part = self.layout().part_of(components)
-        if part is None:
-            raise ValueError(f"parameter {parameter_name!r} belongs to no known part ({', '.join(self.parts)}) of "
-                             f"this {type(self.model).__name__}: it is neither in the language model "
-                             "(get_decoder, embeddings, head), the vision tower (get_encoder('image')) nor a module "
-                             "that writes into the language model's width; medtune cannot tell what it should train")
-        return part
+    def structural_part(self, components: list[str]) -> str | None:
+        return self.layout().part_of(components)
+
+    def unknown_part_hint(self) -> str:
+        return (f"of this {type(self.model).__name__}: it is neither in the language model (get_decoder, "
+                "embeddings, head), the vision tower (get_encoder('image')) nor a module that writes into the "
+                "language model's width; medtune cannot tell what it should train")
 
     def module_of(self, part: str, model=None) -> str:
         layout = self.layout(model)

@@ -660,6 +660,13 @@ def register_checkpoint_layout(model_class_name: str, ffn_layout: str = "gated")
     _REGISTERED_LAYOUTS[model_class_name] = ffn_layout
 
 
+
+def register_expert_layout(language_model: nn.Module) -> None:
+    """Per-expert keys on disk for this LLM's class, in the FFN layout of its MoE blocks (gated, or fc for Phi)."""
+    blocks = moe_blocks(language_model)
+    if blocks:
+        register_checkpoint_layout(type(language_model).__name__, blocks[0][1].ffn_layout)
+
 def _expert_converters(ffn_layout: str) -> list:
     from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
 

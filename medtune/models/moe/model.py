@@ -8,7 +8,7 @@ group: routing, experts and the shared expert run in one process, on any device.
 
 Checkpoints are safetensors with every expert under its own keys (``mlp.experts.{e}.gate_proj.weight`` ..., or
 ``mlp.experts.{e}.fc1.weight`` ... for Phi: the layout of released MoE checkpoints), fused into 3-D tensors on
-load. The layout is registered for the class of the inner LLM (:func:`register_expert_layout`), not for this
+load. The layout is registered for the class of the inner LLM (:func:`medtune.models.moe.layers.register_expert_layout`), not for this
 class, because one class can hold LLMs with either FFN layout.
 Importing this module registers ``medtune_moe_vlm`` with AutoConfig, AutoModel and AutoModelForImageTextToText.
 This module, medtune_vlm.py and the MoE blocks' modules are also what a checkpoint carries as remote code
@@ -19,7 +19,7 @@ from __future__ import annotations
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 from torch import nn
 
-from medtune.models.moe.layers import build_layers, moe_blocks, register_checkpoint_layout
+from medtune.models.moe.layers import build_layers, register_expert_layout, upcycle_layers
 from medtune.models.medtune_vlm import MedtuneVLMConfig, MedtuneVLMForConditionalGeneration, MedtuneVLMModel
 from medtune.models.moe.settings import MoESettings
 
@@ -54,17 +54,40 @@ class MedtuneMoEVLMModel(MedtuneVLMModel):
         return language_model
 
 
-def register_expert_layout(language_model: nn.Module) -> None:
-    """Per-expert keys on disk for this LLM's class, in its FFN layout (gated, or fc for Phi)."""
-    blocks = moe_blocks(language_model)
-    if blocks:
-        register_checkpoint_layout(type(language_model).__name__, blocks[0][1].ffn_layout)
-
-
 class MedtuneMoEVLMForConditionalGeneration(MedtuneVLMForConditionalGeneration):
     config_class = MedtuneMoEVLMConfig
     config: MedtuneMoEVLMConfig
     inner_model_class = MedtuneMoEVLMModel
+
+    @classmethod
+    def from_dense(cls, dense: nn.Module, settings: MoESettings, *,
+                   router_state: dict | None = None) -> MedtuneMoEVLMForConditionalGeneration:
+        """Upcycle a dense Llava-layout model (Llava or medtune_vlm): the FFNs of ``settings``' layers become
+        experts. In place: the new model holds ``dense``'s modules (tower, projector, LLM, head), not copies."""
+        import torch
+
+        language_model = dense.model.language_model
+        layers = settings.layer_indices(len(language_model.layers))
+        values = {**dense.config.to_dict(), "moe": settings.to_dict(), "moe_layers": layers,
+                  "projector_type": getattr(dense.config, "projector_type", "mlp2x_gelu"),
+                  "lm_head_bias": dense.lm_head.bias is not None}
+        for key in ("model_type", "architectures", "transformers_version", "auto_map"):
+            values.pop(key, None)
+        config = cls.config_class(**values)
+        with torch.device("meta"):
+            model = cls(config)
+        model.model.vision_tower = dense.model.vision_tower
+        model.model.multi_modal_projector = dense.model.multi_modal_projector
+        model.model.language_model = language_model
+        model.lm_head = dense.lm_head
+        model.generation_config = dense.generation_config
+        upcycle_layers(language_model.layers, settings, config.text_config.hidden_size, router_state=router_state)
+        register_expert_layout(language_model)
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.is_meta:
+                raise RuntimeError(f"upcycling left {name} uninitialised (meta tensor)")
+        model.train(dense.training)
+        return model
 
 
 def register() -> None:

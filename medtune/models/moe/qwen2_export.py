@@ -70,9 +70,13 @@ def _check_exportable(vlm) -> tuple[Any, list[int], dict[int, Any]]:
     from medtune.models.kinds.base import LORA_COMPONENTS
 
     config = vlm.model.config
-    if "experts" not in getattr(vlm, "parts", ()) or getattr(config, "moe", None) is None:   # a model with experts
+    if getattr(vlm, "experts", None) is None:
         raise SpecError(f"native export: needs a medtune MoE model (kind moe), got a {getattr(vlm, 'kind', '?')} "
-                        "model; upcycle it first (a recipe stage's moe section, or vlm.with_experts(settings))")
+                        "model without experts; upcycle it first (a recipe stage's moe section, or "
+                        "vlm.with_experts(settings))")
+    if getattr(config, "moe", None) is None:   # experts held by a family's own class (the native kind)
+        raise SpecError(f"native export: converts a composed model with experts (kind moe); this {vlm.kind} "
+                        f"{type(vlm.model).__name__} with experts has no Qwen2-MoE form medtune writes")
     llm_type = config.text_config.model_type
     if llm_type != "qwen2":
         raise SpecError(f"llm: the native MoE export needs a qwen2 LLM (Qwen2 -> Qwen2-MoE); this model's LLM is "
