@@ -1,13 +1,13 @@
-"""Chat templates: the prompt formats the seed systems train with, as Python renderers and as Jinja.
+"""Chat templates: the prompt formats the seed systems train with, each written once, as Jinja.
 
-Every template exists twice, and a test keeps the two identical for every template:
-
-* ``ChatTemplate.render`` turns OpenAI-style messages into :class:`Segment` s, text pieces flagged
-  ``trainable`` (an assistant reply plus the token that ends it) or not (system prompt, user turns, role
-  markers). Preprocessing uses the flags to build the labels.
-* ``ChatTemplate.jinja`` is the same format as a Jinja ``chat_template``. It is written into the saved
-  tokenizer, so ``tokenizer.apply_chat_template`` in plain transformers, vLLM or SGLang builds exactly the
-  prompt the model was trained on (template drift between training and serving is a common failure).
+* ``ChatTemplate.jinja`` is a Jinja ``chat_template`` whose ``{% generation %}`` blocks hold what the model learns
+  to write (an assistant reply plus the token that ends it). It is written into the saved tokenizer, so
+  ``tokenizer.apply_chat_template`` in plain transformers, vLLM or SGLang builds exactly the prompt the model was
+  trained on (template drift between training and serving is a common failure), and
+  ``return_assistant_tokens_mask=True`` gives the trained tokens there too.
+* ``ChatTemplate.render`` renders it with transformers' own renderer into :class:`Segment` s, text pieces flagged
+  ``trainable`` (inside a generation block) or not (system prompt, user turns, role markers). Preprocessing
+  tokenises the pieces and uses the flags to build the labels.
 
 Messages are dicts ``{"role": "system"|"user"|"assistant", "content": str | [{"type": "text", "text": ...} |
 {"type": "image"}]}``; :func:`to_chat_messages` converts canonical samples. Content parts are joined with a
@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 DEFAULT_IMAGE_TOKEN = "<image>"
 
@@ -64,40 +64,13 @@ class Segment:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Message helpers shared by all renderers
-
-def content_text(content: str | list[dict], image_token: str) -> str:
-    """A message's content as text: parts joined by newlines, image parts replaced by ``image_token``."""
-    if isinstance(content, str):
-        return content
-    pieces = []
-    for part in content:
-        kind = part.get("type")
-        if kind == "image":
-            pieces.append(image_token)
-        elif kind == "text":
-            pieces.append(part.get("text") or "")
-        else:
-            raise ValueError(f"unknown content part type {kind!r} (expected text or image)")
-    return "\n".join(pieces)
-
-
-def count_images(content: str | list[dict]) -> int:
-    return 0 if isinstance(content, str) else sum(1 for part in content if part.get("type") == "image")
-
+# Message helpers
 
 def _check_roles(messages: list[dict]) -> None:
     for index, message in enumerate(messages):
         if message.get("role") not in ("system", "user", "assistant"):
             raise ValueError(f"message {index}: unknown role {message.get('role')!r} "
                              "(expected system, user or assistant)")
-
-
-def _split_system(messages: list[dict], image_token: str) -> tuple[str | None, list[dict]]:
-    """The leading system message's text (None if absent) and the remaining messages."""
-    if messages and messages[0]["role"] == "system":
-        return content_text(messages[0]["content"], image_token), messages[1:]
-    return None, messages
 
 
 def to_chat_messages(messages: Iterable[Any]) -> list[dict]:
@@ -148,20 +121,7 @@ def _jinja_system(default: str | None) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Renderers: (messages, add_generation_prompt, image_token, bos, eos) -> segments
-
-Renderer = Callable[[list[dict], bool, str, str, str], list[Segment]]
-
-
-def _render_plain(messages, add_generation_prompt, image_token, bos, eos) -> list[Segment]:
-    segments = [Segment(bos, False)]
-    for message in messages:
-        if message["role"] == "user":
-            segments.append(Segment(image_token * count_images(message["content"]), False))
-        elif message["role"] == "assistant":
-            segments.append(Segment(content_text(message["content"], image_token) + "\n", True))
-    return segments
-
+# The templates. What a model learns to write sits inside {% generation %} blocks.
 
 _PLAIN_JINJA = _JINJA_PRELUDE + (
     "{{ bos }}"
@@ -169,42 +129,22 @@ _PLAIN_JINJA = _JINJA_PRELUDE + (
     "{%- if message['role'] == 'user' and message['content'] is not string -%}"
     "{%- for part in message['content'] -%}{%- if part['type'] == 'image' -%}{{ image_token }}{%- endif -%}"
     "{%- endfor -%}"
-    "{%- elif message['role'] == 'assistant' -%}{{ render_content(message['content'], image_token) + '\\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- generation -%}{{ render_content(message['content'], image_token) + '\\n' }}{%- endgeneration -%}"
     "{%- endif -%}"
     "{%- endfor -%}"
 )
 
 
-def _user_assistant_renderer(default_system: str, use_bos: bool) -> Renderer:
-    """vicuna / phi / stablelm: "SYSTEM USER: q ASSISTANT: a<eos>USER: ..."."""
-
-    def render(messages, add_generation_prompt, image_token, bos, eos) -> list[Segment]:
-        system, turns = _split_system(messages, image_token)
-        system = default_system if system is None else system
-        segments = [Segment((bos if use_bos else "") + (system + " " if system else ""), False)]
-        for message in turns:
-            text = content_text(message["content"], image_token)
-            if message["role"] == "user":
-                segments.append(Segment(f"USER: {text} ", False))
-            elif message["role"] == "assistant":
-                segments += [Segment("ASSISTANT:", False), Segment(f" {text}{eos}", True)]
-            else:
-                raise ValueError("a system message is only allowed first")
-        if add_generation_prompt:
-            segments.append(Segment("ASSISTANT:", False))
-        return segments
-
-    return render
-
-
 def _user_assistant_jinja(default_system: str, use_bos: bool) -> str:
+    """vicuna / phi / stablelm: "SYSTEM USER: q ASSISTANT: a<eos>USER: ..."."""
     return _JINJA_PRELUDE + _jinja_system(default_system) + (
         ("{{ bos }}" if use_bos else "")
         + "{%- if ns.system -%}{{ ns.system + ' ' }}{%- endif -%}"
         "{%- for message in messages[ns.start:] -%}"
         "{%- if message['role'] == 'user' -%}{{ 'USER: ' + render_content(message['content'], image_token) + ' ' }}"
-        "{%- elif message['role'] == 'assistant' -%}"
-        "{{ 'ASSISTANT: ' + render_content(message['content'], image_token) + eos }}"
+        "{%- elif message['role'] == 'assistant' -%}{{ 'ASSISTANT:' }}"
+        "{%- generation -%}{{ ' ' + render_content(message['content'], image_token) + eos }}{%- endgeneration -%}"
         "{%- else -%}{{ raise_exception('a system message is only allowed first') }}"
         "{%- endif -%}"
         "{%- endfor -%}"
@@ -212,32 +152,9 @@ def _user_assistant_jinja(default_system: str, use_bos: bool) -> str:
     )
 
 
-def _llama_2_renderer(default_system: str | None, bos_between_turns: bool) -> Renderer:
-    """llava_llama_2 / mistral_instruct: "[INST] <<SYS>>..<</SYS>>\\n\\nq [/INST] a </s>"."""
-
-    def render(messages, add_generation_prompt, image_token, bos, eos) -> list[Segment]:
-        system, turns = _split_system(messages, image_token)
-        system = default_system if system is None else system
-        segments = [Segment(bos, False)]
-        first_user = True
-        for message in turns:
-            text = content_text(message["content"], image_token)
-            if message["role"] == "user":
-                if first_user and system:
-                    text = f"<<SYS>>\n{system}\n<</SYS>>\n\n{text}"
-                separator = "" if first_user or not bos_between_turns else bos
-                segments.append(Segment(f"{separator}[INST] {text} [/INST]", False))
-                first_user = False
-            elif message["role"] == "assistant":
-                segments.append(Segment(f" {text} {eos}", True))
-            else:
-                raise ValueError("a system message is only allowed first")
-        return segments  # the prompt already ends at "[/INST]": a generation prompt adds nothing
-
-    return render
-
-
 def _llama_2_jinja(default_system: str | None, bos_between_turns: bool) -> str:
+    """llava_llama_2 / mistral_instruct: "[INST] <<SYS>>..<</SYS>>\\n\\nq [/INST] a </s>"; the prompt already
+    ends at "[/INST]", so a generation prompt adds nothing."""
     separator = "bos" if bos_between_turns else "''"
     return _JINJA_PRELUDE + _jinja_system(default_system) + (
         "{{ bos }}{%- set ns.first = true -%}"
@@ -249,35 +166,16 @@ def _llama_2_jinja(default_system: str | None, bos_between_turns: bool) -> str:
         "{%- if not ns.first -%}{{ " + separator + " }}{%- endif -%}"
         "{{ '[INST] ' + text + ' [/INST]' }}{%- set ns.first = false -%}"
         "{%- elif message['role'] == 'assistant' -%}"
-        "{{ ' ' + render_content(message['content'], image_token) + ' ' + eos }}"
+        "{%- generation -%}{{ ' ' + render_content(message['content'], image_token) + ' ' + eos }}"
+        "{%- endgeneration -%}"
         "{%- else -%}{{ raise_exception('a system message is only allowed first') }}"
         "{%- endif -%}"
         "{%- endfor -%}"
     )
 
 
-def _chatml_renderer(default_system: str | None, use_bos: bool) -> Renderer:
-    """chatml / qwen / internlm2: "<|im_start|>role\\ncontent<|im_end|>\\n"."""
-
-    def render(messages, add_generation_prompt, image_token, bos, eos) -> list[Segment]:
-        segments = [Segment(bos if use_bos else "", False)]
-        if default_system is not None and not (messages and messages[0]["role"] == "system"):
-            segments.append(Segment(f"<|im_start|>system\n{default_system}<|im_end|>\n", False))
-        for message in messages:
-            text = content_text(message["content"], image_token)
-            if message["role"] == "assistant":
-                segments += [Segment("<|im_start|>assistant\n", False), Segment(f"{text}<|im_end|>", True),
-                             Segment("\n", False)]
-            else:
-                segments.append(Segment(f"<|im_start|>{message['role']}\n{text}<|im_end|>\n", False))
-        if add_generation_prompt:
-            segments.append(Segment("<|im_start|>assistant\n", False))
-        return segments
-
-    return render
-
-
 def _chatml_jinja(default_system: str | None, use_bos: bool) -> str:
+    """chatml / qwen / internlm2: "<|im_start|>role\\ncontent<|im_end|>\\n"."""
     default_block = ""
     if default_system is not None:
         default_block = ("{%- if not (messages and messages[0]['role'] == 'system') -%}"
@@ -285,8 +183,13 @@ def _chatml_jinja(default_system: str | None, use_bos: bool) -> str:
                          "{%- endif -%}")
     return _JINJA_PRELUDE + ("{{ bos }}" if use_bos else "") + default_block + (
         "{%- for message in messages -%}"
+        "{%- if message['role'] == 'assistant' -%}{{ '<|im_start|>assistant\\n' }}"
+        "{%- generation -%}{{ render_content(message['content'], image_token) + '<|im_end|>' }}{%- endgeneration -%}"
+        "{{ '\\n' }}"
+        "{%- else -%}"
         "{{ '<|im_start|>' + message['role'] + '\\n' + render_content(message['content'], image_token)"
         " + '<|im_end|>\\n' }}"
+        "{%- endif -%}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
     )
@@ -294,27 +197,13 @@ def _chatml_jinja(default_system: str | None, use_bos: bool) -> str:
 
 CHAMELEON_END_OF_TURN = "<reserved08706>"
 
-
-def _render_chameleon(messages, add_generation_prompt, image_token, bos, eos) -> list[Segment]:
-    system, turns = _split_system(messages, image_token)
-    segments = [Segment(bos + (system + CHAMELEON_END_OF_TURN if system else ""), False)]
-    for message in turns:
-        text = content_text(message["content"], image_token)
-        if message["role"] == "user":
-            segments.append(Segment(text + CHAMELEON_END_OF_TURN, False))
-        elif message["role"] == "assistant":
-            segments.append(Segment(text + eos, True))
-        else:
-            raise ValueError("a system message is only allowed first")
-    return segments
-
-
 _CHAMELEON_JINJA = _JINJA_PRELUDE + _jinja_system(None) + (
     "{{ bos }}{%- if ns.system -%}{{ ns.system + '" + CHAMELEON_END_OF_TURN + "' }}{%- endif -%}"
     "{%- for message in messages[ns.start:] -%}"
     "{%- if message['role'] == 'user' -%}"
     "{{ render_content(message['content'], image_token) + '" + CHAMELEON_END_OF_TURN + "' }}"
-    "{%- elif message['role'] == 'assistant' -%}{{ render_content(message['content'], image_token) + eos }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- generation -%}{{ render_content(message['content'], image_token) + eos }}{%- endgeneration -%}"
     "{%- else -%}{{ raise_exception('a system message is only allowed first') }}"
     "{%- endif -%}"
     "{%- endfor -%}"
@@ -325,26 +214,39 @@ _CHAMELEON_JINJA = _JINJA_PRELUDE + _jinja_system(None) + (
 
 @dataclass(frozen=True)
 class ChatTemplate:
-    """A named prompt format: ``render`` for training, ``jinja`` for the saved tokenizer."""
+    """A named prompt format, written once as a Jinja ``chat_template`` with ``{% generation %}`` blocks."""
 
     name: str
     jinja: str
-    renderer: Renderer
     default_bos: str = "<s>"
     default_eos: str = "</s>"
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False,
                image_token: str = DEFAULT_IMAGE_TOKEN, *, bos_token: str | None = None,
                eos_token: str | None = None) -> list[Segment]:
-        """Segments whose concatenated text equals ``apply_chat_template(..., tokenize=False)``.
+        """Segments whose concatenated text equals ``apply_chat_template(..., tokenize=False)``: the Jinja
+        rendered by transformers' own renderer, cut where its ``{% generation %}`` blocks start and end.
 
         ``bos_token`` / ``eos_token`` default to the template's usual ones; pass the tokenizer's
         (:func:`render_with_tokenizer`) so the text matches the saved checkpoint.
         """
+        from jinja2.exceptions import TemplateError
+        from transformers.utils.chat_template_utils import render_jinja_template
+
         _check_roles(messages)
         bos = self.default_bos if bos_token is None else bos_token
         eos = self.default_eos if eos_token is None else eos_token
-        segments = self.renderer(messages, add_generation_prompt, image_token, bos or "", eos or "")
+        try:
+            texts, spans = render_jinja_template([messages], chat_template=self.jinja, return_assistant_tokens_mask=True,
+                                                 add_generation_prompt=add_generation_prompt, image_token=image_token,
+                                                 bos_token=bos or "", eos_token=eos or "")
+        except TemplateError as error:
+            raise ValueError(str(error)) from None
+        text, segments, at = texts[0], [], 0
+        for start, end in spans[0]:
+            segments += [Segment(text[at:start], False), Segment(text[start:end], True)]
+            at = end
+        segments.append(Segment(text[at:], False))
         return _merge(segments)
 
     def render_text(self, messages: list[dict], add_generation_prompt: bool = False,
@@ -365,29 +267,19 @@ def _merge(segments: list[Segment]) -> list[Segment]:
     return merged
 
 
-def _make(name: str, renderer: Renderer, jinja: str, **defaults) -> ChatTemplate:
-    return ChatTemplate(name=name, jinja=jinja, renderer=renderer, **defaults)
-
-
-_TEMPLATES = {
-    "plain": _make("plain", _render_plain, _PLAIN_JINJA),
-    "vicuna": _make("vicuna", _user_assistant_renderer(_VICUNA_SYSTEM, True), _user_assistant_jinja(_VICUNA_SYSTEM, True)),
-    "vicuna_v1": _make("vicuna_v1", _user_assistant_renderer(_MOE_LLAVA_SYSTEM, True),
-                       _user_assistant_jinja(_MOE_LLAVA_SYSTEM, True)),
-    "phi": _make("phi", _user_assistant_renderer(_MOE_LLAVA_SYSTEM, False),
-                 _user_assistant_jinja(_MOE_LLAVA_SYSTEM, False), default_eos="<|endoftext|>"),
-    "stablelm": _make("stablelm", _user_assistant_renderer(_MOE_LLAVA_SYSTEM, False),
-                      _user_assistant_jinja(_MOE_LLAVA_SYSTEM, False), default_eos="<|endoftext|>"),
-    "llava_llama_2": _make("llava_llama_2", _llama_2_renderer(_LLAVA_LLAMA_2_SYSTEM, True),
-                           _llama_2_jinja(_LLAVA_LLAMA_2_SYSTEM, True)),
-    "mistral_instruct": _make("mistral_instruct", _llama_2_renderer(None, False), _llama_2_jinja(None, False)),
-    "chatml": _make("chatml", _chatml_renderer(None, False), _chatml_jinja(None, False), default_eos="<|im_end|>"),
-    "qwen": _make("qwen", _chatml_renderer(_QWEN_SYSTEM, False), _chatml_jinja(_QWEN_SYSTEM, False),
-                  default_eos="<|im_end|>"),
-    "internlm2": _make("internlm2", _chatml_renderer(None, True), _chatml_jinja(None, True),
-                       default_eos="<|im_end|>"),
-    "chameleon": _make("chameleon", _render_chameleon, _CHAMELEON_JINJA),
-}
+_TEMPLATES = {template.name: template for template in (
+    ChatTemplate("plain", _PLAIN_JINJA),
+    ChatTemplate("vicuna", _user_assistant_jinja(_VICUNA_SYSTEM, True)),
+    ChatTemplate("vicuna_v1", _user_assistant_jinja(_MOE_LLAVA_SYSTEM, True)),
+    ChatTemplate("phi", _user_assistant_jinja(_MOE_LLAVA_SYSTEM, False), default_eos="<|endoftext|>"),
+    ChatTemplate("stablelm", _user_assistant_jinja(_MOE_LLAVA_SYSTEM, False), default_eos="<|endoftext|>"),
+    ChatTemplate("llava_llama_2", _llama_2_jinja(_LLAVA_LLAMA_2_SYSTEM, True)),
+    ChatTemplate("mistral_instruct", _llama_2_jinja(None, False)),
+    ChatTemplate("chatml", _chatml_jinja(None, False), default_eos="<|im_end|>"),
+    ChatTemplate("qwen", _chatml_jinja(_QWEN_SYSTEM, False), default_eos="<|im_end|>"),
+    ChatTemplate("internlm2", _chatml_jinja(None, True), default_eos="<|im_end|>"),
+    ChatTemplate("chameleon", _CHAMELEON_JINJA),
+)}
 
 TEMPLATE_NAMES: tuple[str, ...] = tuple(_TEMPLATES)
 

@@ -100,6 +100,19 @@ def test_trainable_tokens_are_exactly_the_replies(tmp_path, name):
     assert not trainable[0]
 
 
+@pytest.mark.parametrize("name", TEMPLATE_NAMES)
+def test_the_saved_template_marks_the_trained_tokens_for_plain_transformers_too(tmp_path, name):
+    """One source: the saved chat template's generation blocks give apply_chat_template's assistant mask, which
+    equals the tokens medtune trains."""
+    eos = "<|endoftext|>" if name in ("phi", "stablelm") else "</s>"
+    tokenizer = _tokenizer(tmp_path, name, eos=eos)
+    messages = CONVERSATIONS["system_multi_turn_two_images"]
+    ids, trainable = tokenize_segments(render_with_tokenizer(get_template(name), messages, tokenizer), tokenizer)
+    plain = tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+    assert plain["input_ids"] == ids
+    assert plain["assistant_masks"] == [int(t) for t in trainable] and any(trainable)
+
+
 def test_qwen_inserts_default_system_and_chatml_does_not():
     messages = [{"role": "user", "content": "hi"}]
     assert get_template("qwen").render_text(messages).startswith("<|im_start|>system\nYou are a helpful assistant.")
