@@ -93,7 +93,7 @@ def prepared(recipe, samples: int, *, image_memo: bool = True):
 
     from medtune.models.presets import build_preset
     from medtune.train.cache import CachedDataset
-    from medtune.train.data import stage_dataset, training_rows
+    from medtune.train.data import stage_dataset
     from medtune.train.parts import apply_trainable_parts
 
     stage = recipe.stages[0]
@@ -103,7 +103,7 @@ def prepared(recipe, samples: int, *, image_memo: bool = True):
     chosen = sorted(random.Random(0).sample(range(len(dataset)), min(samples, len(dataset))))
     dataset = CachedDataset(dataset.rows.select(chosen), vlm, memo_bytes=None if image_memo else 0)
     model = apply_trainable_parts(vlm, vlm.model, stage.lr)
-    rows = training_rows(dataset, packing=False, max_length=stage.max_length)
+    rows = dataset   # unpacked: the samples are the rows
     return vlm, model, rows, vlm.collator(packing=False, max_length=stage.max_length)
 
 

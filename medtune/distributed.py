@@ -36,3 +36,20 @@ def process_device(device: str = "auto") -> str:
     import torch
 
     return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+
+
+def process_state():
+    """Accelerate's view of this process (rank, main process, barrier); the process group it sets up under
+    torchrun is the one Trainer then uses."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def is_main_process() -> bool:
+    return process_state().is_main_process
+
+
+def barrier() -> None:
+    process_state().wait_for_everyone()

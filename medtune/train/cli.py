@@ -70,7 +70,8 @@ def train_command(args: argparse.Namespace) -> int:
     from medtune.data.files import readable_text_file
     from medtune.paths import recipe_path
     from medtune.train.recipe import load_recipe
-    from medtune.train.run import is_main_process, run_recipe
+    from medtune.distributed import is_main_process
+    from medtune.train.run import run_recipe
 
     options = _reparse(args)
     overrides = list(options.overrides)

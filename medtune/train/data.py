@@ -183,15 +183,3 @@ def count_tokens(dataset) -> tuple[int, int]:
     total = sum(dataset.lengths)
     trained = sum(sum(1 for label in row if label != IGNORE_INDEX) for row in labels)
     return total, trained
-
-
-# ---- batching -------------------------------------------------------------------------------------------
-
-
-def training_rows(dataset, *, packing: bool, max_length: int):
-    """What Trainer iterates: samples, or (packing) rows of samples planned to fill ``max_length``."""
-    if not packing:
-        return dataset
-    from medtune.models.packing import PackedDataset
-
-    return PackedDataset(dataset, max_length, lengths=dataset.lengths)

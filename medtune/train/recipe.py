@@ -39,6 +39,7 @@ import yaml
 
 from medtune.distributed import launched_distributed
 from medtune.errors import RecipeError, suggestion
+from medtune.train.objectives import METHODS, method_of, objective_for
 from medtune.models.moe.settings import MoESettings, RouterTraining   # plain Python, no torch
 
 
@@ -127,8 +128,11 @@ class Stage:
     # medtune.models.moe.settings.MoESettings, plus `preset: default | med-moe` and `router: random | FILE |
     # stage:NAME`, the router file a router stage of this recipe wrote).
     moe: dict | None = None
-    # A router stage: instead of training the model, fit a domain classifier on its hidden states and save it as
-    # the router file an MoE stage loads (medtune.models.moe.settings.RouterTraining).
+    # What the stage optimises (medtune.train.objectives): sft (the default), or router: instead of training
+    # the model, fit a domain classifier on its hidden states and save it as the router file an MoE stage loads.
+    method: str | None = None
+    # The router method's settings (medtune.models.moe.settings.RouterTraining); a stage with this section and no
+    # method is a router stage.
     router: RouterTraining | None = None
     save_steps: int = 500
     eval_steps: int | None = None
@@ -484,8 +488,13 @@ def _stage_problems(recipe: Recipe, stages: list, index: int, names: list) -> li
     problems += _data_problems(stage.data, f"{where}.data")
     if stage.eval_data is not None:
         problems += _data_problems(stage.eval_data, f"{where}.eval_data")
-    if stage.router is not None:
-        return problems + _router_stage_problems(stage, where)
+    try:
+        objective = objective_for(stage)
+    except ValueError:
+        return problems + [f"{where}.method: unknown method {stage.method!r} ({suggestion(stage.method, METHODS)})"]
+    problems += objective.problems(stage, where)
+    if not objective.trains_with_trainer:
+        return problems
     if stage.moe is not None:
         try:
             _, router = moe_settings(stage, where)
@@ -544,22 +553,11 @@ def moe_settings(stage: Stage, where: str = "") -> tuple[MoESettings, str]:
 
 def _router_stage_name_problems(stages: list, index: int, name: str, where: str) -> list[str]:
     earlier = {s.name: s for s in stages[:index] if s is not None}
-    if name in earlier and earlier[name].router is not None:
+    if name in earlier and method_of(earlier[name]) == "router":
         return []
-    routers = [s.name for s in stages[:index] if s is not None and s.router is not None]
+    routers = [s.name for s in stages[:index] if s is not None and method_of(s) == "router"]
     return [f"{where}: no router stage {name!r} before this stage "
             f"(router stages before it: {', '.join(routers) or 'none'})"]
-
-
-def _router_stage_problems(stage: Stage, where: str) -> list[str]:
-    problems = [f"{where}.{key}: a router stage trains only the router; remove {key}"
-                for key in ("moe", "lora") if getattr(stage, key) is not None]
-    if any(getattr(stage.lr, part) for part in PARTS):
-        problems.append(f"{where}.lr: a router stage trains no part of the model (its own rate is router.lr); "
-                        "remove lr")
-    if stage.packing:
-        problems.append(f"{where}.packing: a router stage reads one sample at a time; remove packing")
-    return problems
 
 
 def _moe_parts_problems(recipe: Recipe, stages: list, index: int, where: str) -> list[str]:

@@ -10,6 +10,10 @@ module decides what they are given:
 * checkpoints with a completion marker and rotation among complete ones (:mod:`medtune.train.checkpoints`);
 * what the user sees (:mod:`medtune.train.progress`): a progress bar, metrics.jsonl, TensorBoard, a summary.
 
+What a stage optimises is its objective's (:mod:`medtune.train.objectives`, chosen by the stage's ``method``):
+its settings' checks, the rows and collator, the loss, the report, and whether it writes a model. A method with
+a loop of its own (the ``router`` stage) gets the stage's model and folder and runs instead of Trainer.
+
 Layout of a run::
 
     OUTPUT/stage-0-align/checkpoint-N/   Trainer checkpoints (+ medtune-complete.json), last K kept
@@ -41,7 +45,8 @@ from typing import Any
 from medtune.data.jsonl import write_json
 from medtune.models.sampler import mega_batch_factor
 from medtune.train import checkpoints
-from medtune.distributed import launched_distributed
+from medtune.distributed import barrier, is_main_process, launched_distributed
+from medtune.train.objectives import StageContext, objective_for
 from medtune.train.recipe import Recipe, RecipeError, Stage, check_environment
 
 log = logging.getLogger(__name__)
@@ -59,6 +64,7 @@ class StageResult:
 
     stage: str
     model_dir: str
+    method: str = "sft"
     steps: int = 0
     samples: int = 0
     tokens: int = 0
@@ -79,11 +85,6 @@ class StageResult:
         skipped = sum(self.skipped.values())
         reasons = ", ".join(f"{n} {reason}" for reason, n in self.skipped.items())
         loss = f"{self.train_loss:.4f}" if self.train_loss is not None else "-"
-        if self.router is not None:
-            return (f"stage {self.stage}: router on {self.samples} samples ({', '.join(self.router['classes'])}), "
-                    f"held-out accuracy {self.router['accuracy']:.1%} (majority class "
-                    f"{self.router['majority_accuracy']:.1%}), {skipped} samples skipped"
-                    f"{f' ({reasons})' if reasons else ''}, {self.seconds:.1f}s; router: {self.router['file']}")
         return (f"stage {self.stage}: {self.steps} steps, {self.samples} samples, {self.tokens:,} tokens, "
                 f"{skipped} samples skipped{f' ({reasons})' if reasons else ''}, loss {loss}, "
                 f"{self.seconds:.1f}s; model: {self.model_dir}; last checkpoint: {self.last_checkpoint or '-'}")
@@ -108,39 +109,41 @@ def run_recipe(recipe: Recipe, *, start_stage: int = 0, resume: bool = False) ->
 
 def run_stage(recipe: Recipe, index: int, *, resume: bool = False) -> StageResult:
     """Train stage ``index``: its model, data, Trainer; write ``model/`` and the stage summary."""
-    from medtune.train.data import training_rows
     from medtune.train.progress import quiet_libraries
 
     quiet_libraries()   # one display per phase: medtune's encoding and training bars, not the libraries' own
     stage = recipe.stages[index]
+    objective = objective_for(stage)
     directory = stage_dir(recipe.output_dir, index, stage)
-    if _is_finished(stage, directory):
+    if objective.finished(directory):
         if not resume:
             raise RecipeError(f"stage {stage.name} already finished in {directory}; pass --resume to skip "
                               "finished stages, or choose another --output")
-        return _finished(stage, directory)
-    if stage.router is not None:
-        return run_router_stage(recipe, index)
+        return _finished(stage, directory, objective)
+    if not objective.trains_with_trainer:
+        return _run_own_loop(recipe, index, objective)
     resume_from = _resume_point(directory, stage, resume)
     vlm, base_path = load_stage_model(recipe, index)
     _apply_template(vlm, stage.template or home_template(recipe), stage.name)
     if stage.moe is not None:
         vlm, base_path = _with_experts(recipe, index, vlm), None   # the upcycled model is not on disk yet
-    collator = stage_collator(vlm, stage, f"stages[{index}]")   # a refused packing fails before the data is read
+    # a refused packing fails before the data is read
+    collator = objective.collator(stage_collator(vlm, stage, f"stages[{index}]"), vlm)
     dataset, eval_dataset, tally = _stage_data(recipe, stage, vlm)
     model = _trainable_model(vlm, stage, base_path, directory)
-    rows = training_rows(dataset, packing=bool(stage.packing), max_length=stage.max_length)
-    trainer = build_trainer(recipe, stage, vlm, model, rows, eval_dataset, collator, directory)
+    trainer = build_trainer(recipe, stage, vlm, model, objective.rows(dataset, stage), eval_dataset, collator,
+                            directory, objective=objective)
     started = time.monotonic()
     with _without_kv_cache(model, stage.gradient_checkpointing):
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     save_stage_model(trainer, vlm, stage, directory)
     result = _stage_result(stage, directory, vlm, trainer, output, dataset, tally, resume_from,
                            seconds=time.monotonic() - started)
+    result.method = objective.name
     if is_main_process():
-        vlm.write_stage_report(directory)
+        objective.write_report(vlm, directory)
         write_json(directory / "summary.json", result.__dict__)
-        print(result.line(), flush=True)
+        print(objective.result_line(result), flush=True)
     return result
 
 
@@ -163,38 +166,23 @@ def _without_kv_cache(model, checkpointing: bool):
             configs[key].use_cache = value
 
 
-def _is_finished(stage: Stage, directory: Path) -> bool:
-    """A training stage is finished once its model/ exists; a router stage once its router and summary do."""
-    from medtune.train.router import ROUTER_FILE
-
-    if stage.router is not None:
-        return (directory / ROUTER_FILE).is_file() and (directory / "summary.json").is_file()
-    return (directory / MODEL_DIR).is_dir()
-
-
-def run_router_stage(recipe: Recipe, index: int) -> StageResult:
-    """Fit a router on the current model's hidden states (see medtune.train.router); the model is not changed."""
-    from medtune.data.jsonl import Tally
-    from medtune.train.data import iter_stage_samples
-    from medtune.train.router import ROUTER_FILE, train_router
-
+def _run_own_loop(recipe: Recipe, index: int, objective) -> StageResult:
+    """A stage whose method runs its own loop on the current model (the router): it writes into the stage's
+    folder (the main process only) and leaves the model as it was."""
     stage = recipe.stages[index]
     directory = stage_dir(recipe.output_dir, index, stage)
-    started = time.monotonic()
     vlm, model_path = load_stage_model(recipe, index)
-    vlm.model.eval()
-    tally = Tally()
-    result = StageResult(stage=stage.name, model_dir=str(model_path or "-"))
+    result = StageResult(stage=stage.name, model_dir=str(model_path or "-"), method=objective.name)
+
+    def write_summary(folder: Path, fields: dict) -> None:
+        for key, value in fields.items():
+            setattr(result, key, value)
+        write_json(folder / "summary.json", result.__dict__)
+
     if is_main_process():
-        with checkpoints.atomic_directory(directory) as staging:
-            report = train_router(vlm, iter_stage_samples(stage.data, tally, seed=recipe.seed), stage.router,
-                                  staging, tally=tally, strict=stage.data.strict)
-            result.samples, result.seconds = report["train"]["samples"], time.monotonic() - started
-            result.skipped, result.skipped_examples = dict(tally.skipped), dict(tally.examples)
-            result.router = {"file": str(directory / ROUTER_FILE), "accuracy": report["accuracy"],
-                             "majority_accuracy": report["majority_accuracy"], "classes": report["classes"]}
-            write_json(staging / "summary.json", result.__dict__)
-        print(result.line(), flush=True)
+        objective.fit(StageContext(recipe=recipe, index=index, directory=directory, vlm=vlm, model_path=model_path,
+                                   write_summary=write_summary))
+        print(objective.result_line(result), flush=True)
     barrier()
     return result
 
@@ -271,7 +259,7 @@ def _stage_result(stage: Stage, directory: Path, vlm, trainer, output, dataset, 
         trainable=summarise(trainer.model, vlm.part_of).to_dict(), resumed_from=_str(resume_from))
 
 
-def _finished(stage: Stage, directory: Path) -> StageResult:
+def _finished(stage: Stage, directory: Path, objective) -> StageResult:
     """A finished stage's result, read back from its summary.json (or a bare one if that is missing)."""
     saved = directory / "summary.json"
     fields = json.loads(saved.read_text(encoding="utf-8")) if saved.is_file() else {}
@@ -280,7 +268,7 @@ def _finished(stage: Stage, directory: Path) -> StageResult:
                          **({} if fields else {"stage": stage.name, "model_dir": str(directory / MODEL_DIR)}),
                          already_done=True)
     if is_main_process():
-        print(result.line(), flush=True)
+        print(objective.result_line(result), flush=True)
     return result
 
 
@@ -346,8 +334,8 @@ def load_stage_model(recipe: Recipe, index: int):
 def _stage_model(recipe: Recipe, index: int):
     from medtune.models.build import ModelSpec, build_vlm, load_vlm
 
-    # the last earlier stage that wrote a model (router stages only read theirs)
-    source = next((i for i in range(index - 1, -1, -1) if recipe.stages[i].router is None), None)
+    # the last earlier stage that wrote a model (a router stage only reads its own)
+    source = next((i for i in range(index - 1, -1, -1) if objective_for(recipe.stages[i]).writes_model), None)
     if source is not None:
         previous = stage_dir(recipe.output_dir, source, recipe.stages[source]) / MODEL_DIR
         if not previous.is_dir():
@@ -433,7 +421,8 @@ def save_stage_model(trainer, vlm, stage: Stage, directory: Path) -> None:
 # ---- Trainer --------------------------------------------------------------------------------------------
 
 
-def build_trainer(recipe: Recipe, stage: Stage, vlm, model, dataset, eval_dataset, collator, directory: Path):
+def build_trainer(recipe: Recipe, stage: Stage, vlm, model, dataset, eval_dataset, collator, directory: Path, *,
+                  objective=None):
     from medtune.train.progress import MetricsFileCallback, ProgressBarCallback
     from medtune.train.trainer import MedtuneTrainer
 
@@ -442,6 +431,7 @@ def build_trainer(recipe: Recipe, stage: Stage, vlm, model, dataset, eval_datase
         model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, data_collator=collator,
         processing_class=vlm.processor or vlm.tokenizer, learning_rates=stage.lr,
         keep_last_k=stage.keep_last_k, pad_token_id=vlm.tokenizer.pad_token_id, vlm=vlm,
+        objective=objective if objective is not None else objective_for(stage),
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -526,25 +516,6 @@ def deepspeed_config(zero_stage: int) -> dict:
     return {"zero_optimization": zero, "bf16": {"enabled": "auto"}, "train_batch_size": "auto",
             "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
             "gradient_clipping": "auto"}
-
-
-# ---- processes ------------------------------------------------------------------------------------------
-
-
-def process_state():
-    """Accelerate's view of this process (rank, main process, barrier); the process group it sets up under
-    torchrun is the one Trainer then uses."""
-    from accelerate import PartialState
-
-    return PartialState(cpu=not _has_cuda())
-
-
-def is_main_process() -> bool:
-    return process_state().is_main_process
-
-
-def barrier() -> None:
-    process_state().wait_for_everyone()
 
 
 def read_metrics(path: str | Path) -> list[dict]:

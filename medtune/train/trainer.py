@@ -56,8 +56,11 @@ class MedtuneTrainingArguments(TrainingArguments):
 
 class MedtuneTrainer(Trainer):
     def __init__(self, *args, vlm, learning_rates: LearningRates, keep_last_k: int = 2, pad_token_id: int = 0,
-                 **kwargs):
+                 objective=None, **kwargs):
+        from medtune.train.objectives.sft import SFT
+
         self.vlm = vlm
+        self.objective = objective if objective is not None else SFT()
         self.learning_rates = learning_rates
         self.pad_token_id = pad_token_id
         self.keep_last_k = keep_last_k
@@ -86,7 +89,7 @@ class MedtuneTrainer(Trainer):
         # Trainer divides the loss by the accumulation steps unless the model normalised it by the tokens of the
         # whole accumulated batch, which it does when it accepts loss kwargs (as Trainer.compute_loss assumes).
         items = num_items_in_batch if self.model_accepts_loss_kwargs else None
-        loss, outputs = self.vlm.training_loss(model, inputs, items, speedups=self.speedups)
+        loss, outputs = self.objective.loss(self.vlm, model, inputs, items, speedups=self.speedups)
         if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and items is not None:
             # as Trainer.compute_loss: gradients are averaged over processes, the token count was summed
             scale = self.accelerator.num_processes // self.get_tp_size()

@@ -1,0 +1,87 @@
+"""The objective interface (see :mod:`medtune.train.objectives` for what each method answers)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+MODEL_DIR = "model"
+
+
+@dataclass
+class StageContext:
+    """What a method with its own loop (:meth:`Objective.fit`) is given by the stage runner."""
+
+    recipe: Any
+    index: int
+    directory: Path
+    vlm: Any
+    model_path: Path | None
+    """Where ``vlm`` was loaded from (None: built in memory)."""
+    write_summary: Callable[[Path, dict], None]
+    """Writes the stage's summary.json into a folder, from the summary fields the method filled."""
+
+    @property
+    def stage(self):
+        return self.recipe.stages[self.index]
+
+
+class Objective:
+    """One training method. The defaults are supervised fine-tuning's (the ``sft`` objective is this class)."""
+
+    name: ClassVar[str] = "sft"
+    trains_with_trainer: ClassVar[bool] = True
+    """Whether the stage runs Trainer with this objective's rows, collator and loss (else :meth:`fit`)."""
+    writes_model: ClassVar[bool] = True
+    """Whether a finished stage leaves ``model/``, the model the next stage starts from."""
+
+    # ---- settings ---------------------------------------------------------------------------------------
+
+    def problems(self, stage, where: str) -> list[str]:
+        """What is wrong with ``stage``'s settings for this method (recipe validation; ``where`` is the key
+        path of the stage, e.g. ``stages[2]``). A section of another method is refused by name."""
+        if stage.router is not None:
+            return [f"{where}.router: a router section belongs to method router, not {self.name}; remove it or "
+                    "set method: router"]
+        return []
+
+    # ---- the stage's folder -----------------------------------------------------------------------------
+
+    def finished(self, directory: Path) -> bool:
+        """Whether the stage in ``directory`` is done (a training stage: its ``model/`` exists)."""
+        return (directory / MODEL_DIR).is_dir()
+
+    # ---- training with Trainer --------------------------------------------------------------------------
+
+    def rows(self, dataset, stage):
+        """The encoded stage data as the rows Trainer's data loader reads: the samples, or (packing) rows of
+        samples planned to fill ``max_length``."""
+        if not stage.packing:
+            return dataset
+        from medtune.models.packing import PackedDataset
+
+        return PackedDataset(dataset, stage.max_length, lengths=dataset.lengths)
+
+    def collator(self, collator, vlm):
+        """The batch collator: the kind's (padding or packing), unchanged for SFT."""
+        return collator
+
+    def loss(self, vlm, model, inputs: dict[str, Any], num_items_in_batch=None, speedups=None):
+        """(loss, outputs) of a training batch: the causal-LM loss of the labelled tokens, plus what the
+        kind adds to every objective (:meth:`VLM.auxiliary_loss <medtune.models.kinds.base.VLM.auxiliary_loss>`)."""
+        return vlm.training_loss(model, inputs, num_items_in_batch, speedups=speedups)
+
+    def write_report(self, vlm, directory: Path) -> None:
+        """What the stage adds to its folder beside the summary (the kind's report, e.g. expert usage)."""
+        vlm.write_stage_report(directory)
+
+    def result_line(self, result) -> str:
+        """The one line printed for a finished stage."""
+        return result.line()
+
+    # ---- methods with a loop of their own ---------------------------------------------------------------
+
+    def fit(self, context: StageContext) -> dict[str, Any]:
+        """Run the stage without Trainer; returns the summary fields it fills (only where
+        :attr:`trains_with_trainer` is False)."""
+        raise NotImplementedError(f"method {self.name} trains with Trainer")
