@@ -24,6 +24,13 @@ def bundled_data(*parts: str) -> Path:
     return path
 
 
+def resolve_data_path(path: str) -> Path:
+    """A data path as written in a recipe; ``bundled:vqa_rad/trainset.json`` names the bundled data."""
+    if path.startswith("bundled:"):
+        return bundled_data(*path.removeprefix("bundled:").split("/"))
+    return Path(path).expanduser()
+
+
 def recipe_path(name: str) -> Path:
     """A shipped recipe by name (``demo`` -> recipes/demo.yaml) or the path as given if it exists."""
     if Path(name).is_file():

@@ -229,6 +229,9 @@ class Sample:
     id: str
     messages: list[Message]
     meta: Metadata = field(default_factory=Metadata)
+    rejected: Message | None = None
+    """A preference pair's rejected reply: the alternative to the last message (the chosen reply) after the
+    same prompt. Preference methods (DPO) train on the pair; the others read the conversation as it is."""
 
     def __post_init__(self):
         if not isinstance(self.id, str) or not self.id:
@@ -236,6 +239,16 @@ class Sample:
         if not self.messages:
             raise SchemaError("sample has no messages")
         self.messages = list(self.messages)
+        if self.rejected is not None:
+            if self.rejected.role != "assistant" or self.messages[-1].role != "assistant":
+                raise SchemaError("a preference pair needs an assistant reply last (the chosen one) and an "
+                                  f"assistant 'rejected' reply, got {self.messages[-1].role} and {self.rejected.role}")
+            if self.rejected.content == self.messages[-1].content:
+                raise SchemaError("the rejected reply equals the chosen one: the pair prefers nothing")
+
+    def with_reply(self, reply: Message) -> "Sample":
+        """The same prompt answered by ``reply`` instead of the last message (no pair)."""
+        return Sample(id=self.id, messages=[*self.messages[:-1], reply], meta=self.meta)
 
     @property
     def images(self) -> list[ImageRef]:
@@ -251,13 +264,16 @@ class Sample:
         return next((m.text for m in self.messages if m.role == "user"), "")
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "messages": [m.to_dict() for m in self.messages], "meta": self.meta.to_dict()}
+        out = {"id": self.id, "messages": [m.to_dict() for m in self.messages], "meta": self.meta.to_dict()}
+        if self.rejected is not None:
+            out["rejected"] = self.rejected.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> "Sample":
         if not isinstance(data, dict):
             raise SchemaError(f"a sample must be a JSON object, got {type(data).__name__}")
-        unknown = set(data) - {"id", "messages", "meta"}
+        unknown = set(data) - {"id", "messages", "meta", "rejected"}
         if unknown:
             raise SchemaError(f"sample has unknown keys {sorted(unknown)}")
         sample_id = data.get("id")
@@ -266,8 +282,10 @@ class Sample:
         messages = data.get("messages")
         if not isinstance(messages, list):
             raise SchemaError("sample 'messages' must be a list")
+        rejected = data.get("rejected")
         return cls(id=sample_id, messages=[Message.from_dict(m) for m in messages],
-                   meta=Metadata.from_dict(data.get("meta")))
+                   meta=Metadata.from_dict(data.get("meta")),
+                   rejected=None if rejected is None else Message.from_dict(rejected))
 
 
 def qa_sample(sample_id: str, question: str, answer: str | None, images: list[ImageRef] = (),

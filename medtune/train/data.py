@@ -22,7 +22,8 @@ from typing import Any, Iterator
 
 from medtune.data.jsonl import Tally
 from medtune.models.batch import IGNORE_INDEX
-from medtune.train.recipe import DataSpec, RecipeError, resolve_data_path
+from medtune.errors import RecipeError
+from medtune.paths import resolve_data_path
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 # ---- reading --------------------------------------------------------------------------------------------
 
 
-def iter_stage_samples(spec: DataSpec, tally: Tally, *, seed: int = 0) -> Iterator[tuple[Any, Path]]:
+def iter_stage_samples(spec, tally: Tally, *, seed: int = 0) -> Iterator[tuple[Any, Path]]:
     """``(sample, image_root)`` pairs of a stage's data, at most ``spec.limit`` of them."""
     if spec.mixture is not None:
         from medtune.data.mixture import load_mixture
@@ -64,7 +65,7 @@ def with_image_codes(pairs, codes_file: Path):
         yield sample, root
 
 
-def data_files(spec: DataSpec) -> list[Path]:
+def data_files(spec) -> list[Path]:
     """The files whose content a stage's encoded data depends on (the token cache's key)."""
     codes = [resolve_data_path(spec.image_codes)] if spec.image_codes else []
     if spec.mixture is None:
@@ -81,7 +82,7 @@ def data_files(spec: DataSpec) -> list[Path]:
 # ---- encoding -------------------------------------------------------------------------------------------
 
 
-def stage_dataset(spec: DataSpec, vlm, *, max_length: int, seed: int, cache_dir: str | Path | None,
+def stage_dataset(spec, vlm, *, max_length: int, seed: int, cache_dir: str | Path | None,
                   progress: bool = True):
     """(dataset, tally): encoded rows of a stage's data; ``dataset[i]`` decodes row i's images."""
     try:
@@ -159,7 +160,7 @@ class EncodedDataset:
         return [len(row["input_ids"]) for row in self.rows]
 
 
-def encode_in_memory(spec: DataSpec, vlm, *, max_length: int, tally: Tally, seed: int = 0) -> EncodedDataset:
+def encode_in_memory(spec, vlm, *, max_length: int, tally: Tally, seed: int = 0) -> EncodedDataset:
     from medtune.models.processing import SkipSample
 
     rows = []

@@ -40,6 +40,7 @@ import yaml
 from medtune.distributed import launched_distributed
 from medtune.errors import RecipeError, suggestion
 from medtune.train.objectives import METHODS, method_of, objective_for
+from medtune.train.objectives.dpo import DPOSettings
 from medtune.models.moe.settings import MoESettings, RouterTraining   # plain Python, no torch
 
 
@@ -128,12 +129,15 @@ class Stage:
     # medtune.models.moe.settings.MoESettings, plus `preset: default | med-moe` and `router: random | FILE |
     # stage:NAME`, the router file a router stage of this recipe wrote).
     moe: dict | None = None
-    # What the stage optimises (medtune.train.objectives): sft (the default), or router: instead of training
-    # the model, fit a domain classifier on its hidden states and save it as the router file an MoE stage loads.
+    # What the stage optimises (medtune.train.objectives): sft (the default); dpo (preference pairs); or router:
+    # instead of training the model, fit a domain classifier on its hidden states and save it as the router file
+    # an MoE stage loads.
     method: str | None = None
     # The router method's settings (medtune.models.moe.settings.RouterTraining); a stage with this section and no
     # method is a router stage.
     router: RouterTraining | None = None
+    # The dpo method's settings (medtune.train.objectives.dpo.DPOSettings: beta).
+    dpo: DPOSettings | None = None
     save_steps: int = 500
     eval_steps: int | None = None
     log_steps: int = 10
@@ -788,6 +792,14 @@ TINY_STEPS = 2
 TINY_SAMPLES = 16
 
 
+def tiny_preferences() -> dict:
+    """A DPO stage's tiny data: 32 bundled preference pairs (data/vqa_rad/ATTRIBUTION.md says how they were made)."""
+    from medtune.paths import bundled_data
+
+    return {"path": "bundled:vqa_rad/tiny-preferences.jsonl", "format": "canonical", "limit": TINY_SAMPLES,
+            "image_root": str(bundled_data("vqa_rad", "images"))}
+
+
 def make_tiny(raw: dict) -> dict:
     """The same recipe on the tiny preset model, bundled VQA-RAD and two steps per stage (CPU seconds).
 
@@ -816,7 +828,8 @@ def make_tiny(raw: dict) -> dict:
         # how labels are made is part of what the stage trains: it stays (first_separator: the bundled data's
         # prompts end with the template's end-of-turn token too)
         labels = (stage.get("data") or {}).get("labels") if isinstance(stage.get("data"), dict) else None
-        stage.update(data={**tiny_data, **({"labels": labels} if labels else {})}, max_steps=TINY_STEPS,
+        data = tiny_preferences() if stage.get("method") == "dpo" else tiny_data   # DPO reads pairs
+        stage.update(data={**data, **({"labels": labels} if labels else {})}, max_steps=TINY_STEPS,
                      batch_size=2, grad_accum=1, max_length=256,
                      precision="fp32", save_steps=TINY_STEPS, log_steps=1, dataloader_workers=0)
         stage.pop("eval_data", None)
@@ -831,12 +844,3 @@ def make_tiny(raw: dict) -> dict:
                 ("random", "stage:")):
             stage["moe"] = {**stage["moe"], "router": "random"}   # a router file of the real run is not here
     return raw
-
-
-def resolve_data_path(path: str) -> Path:
-    """A data path as written in a recipe; ``bundled:vqa_rad/trainset.json`` names the bundled data."""
-    if path.startswith("bundled:"):
-        from medtune.paths import bundled_data
-
-        return bundled_data(*path.removeprefix("bundled:").split("/"))
-    return Path(path).expanduser()

@@ -129,8 +129,9 @@ def run_stage(recipe: Recipe, index: int, *, resume: bool = False) -> StageResul
         vlm, base_path = _with_experts(recipe, index, vlm), None   # the upcycled model is not on disk yet
     # a refused packing fails before the data is read
     collator = objective.collator(stage_collator(vlm, stage, f"stages[{index}]"), vlm)
-    dataset, eval_dataset, tally = _stage_data(recipe, stage, vlm)
+    dataset, eval_dataset, tally = _stage_data(recipe, stage, vlm, objective)
     model = _trainable_model(vlm, stage, base_path, directory)
+    objective.prepare(vlm, model, stage)
     trainer = build_trainer(recipe, stage, vlm, model, objective.rows(dataset, stage), eval_dataset, collator,
                             directory, objective=objective)
     started = time.monotonic()
@@ -215,16 +216,14 @@ def _with_experts(recipe: Recipe, index: int, vlm):
     except ValueError as error:
         raise RecipeError(f"stages[{index}].moe: {error}") from None
 
-def _stage_data(recipe: Recipe, stage: Stage, vlm):
-    """(train dataset, eval dataset or None, tally of the training data)."""
-    from medtune.train.data import stage_dataset
-
-    dataset, tally = stage_dataset(stage.data, vlm, max_length=stage.max_length, seed=recipe.seed,
-                                   cache_dir=recipe.cache_dir, progress=is_main_process())
+def _stage_data(recipe: Recipe, stage: Stage, vlm, objective):
+    """(train dataset, eval dataset or None, tally of the training data), encoded as the objective reads them."""
+    dataset, tally = objective.dataset(stage.data, vlm, max_length=stage.max_length, seed=recipe.seed,
+                                       cache_dir=recipe.cache_dir, progress=is_main_process())
     eval_dataset = None
     if stage.eval_data is not None:
-        eval_dataset, _ = stage_dataset(stage.eval_data, vlm, max_length=stage.max_length, seed=recipe.seed,
-                                        cache_dir=recipe.cache_dir, progress=False)
+        eval_dataset, _ = objective.dataset(stage.eval_data, vlm, max_length=stage.max_length, seed=recipe.seed,
+                                            cache_dir=recipe.cache_dir, progress=False)
     return dataset, eval_dataset, tally
 
 

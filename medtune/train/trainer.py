@@ -88,13 +88,18 @@ class MedtuneTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Trainer divides the loss by the accumulation steps unless the model normalised it by the tokens of the
         # whole accumulated batch, which it does when it accepts loss kwargs (as Trainer.compute_loss assumes).
-        items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        items = num_items_in_batch if self.model_accepts_loss_kwargs and self.objective.token_normalised else None
         loss, outputs = self.objective.loss(self.vlm, model, inputs, items, speedups=self.speedups)
         if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and items is not None:
             # as Trainer.compute_loss: gradients are averaged over processes, the token count was summed
             scale = self.accelerator.num_processes // self.get_tp_size()
             loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
         return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:   # a training log: the objective's own metrics since the last one
+            logs = {**logs, **self.objective.pop_metrics()}
+        super().log(logs, start_time)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:

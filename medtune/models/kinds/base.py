@@ -253,6 +253,27 @@ class VLM(ABC):
             outputs.loss = loss
         return loss, outputs
 
+    def labelled_logps(self, model, inputs: dict[str, Any], speedups: Speedups | None = None):
+        """[B] float32: each row's summed log-probability of its labelled tokens (what a preference objective
+        compares), through the same inputs and exact speed-ups as :meth:`training_loss`."""
+        import torch
+
+        inputs = {key: value for key, value in inputs.items() if key not in (SAMPLE_METADATA, SAMPLE_INDEX)}
+        speedups = self.exact_speedups() if speedups is None else speedups
+        inputs = self.prepare_training_inputs(model, inputs, speedups)
+        labels = inputs.pop("labels")
+        targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        keep = targets != IGNORE_INDEX
+        if speedups.labelled_positions_head and bool(keep.any()):
+            logits = model(**inputs, logits_to_keep=keep).logits   # the labelled positions only, in order
+        else:
+            logits = model(**inputs).logits[keep]
+        logits = logits.reshape(-1, logits.shape[-1]).float()
+        token_logps = logits.log_softmax(-1).gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)
+        rows = keep.nonzero()[:, 0]
+        return torch.zeros(labels.shape[0], dtype=torch.float32, device=token_logps.device).index_add(
+            0, rows.to(token_logps.device), token_logps)
+
     def auxiliary_loss(self, model, inputs: dict[str, Any], num_items_in_batch=None):
         """What the model adds to any training objective's loss, from the forward pass ``model`` just ran on
         ``inputs`` (the experts' router losses, when weighted); None when nothing."""

@@ -13,11 +13,13 @@ its settings        :meth:`~Objective.problems`: recipe validation of what the m
 does it train?      :attr:`~Objective.trains_with_trainer` (False: its own loop, :meth:`~Objective.fit`)
 a model for later?  :attr:`~Objective.writes_model` (the next stage starts from the last that wrote one)
 finished?           :meth:`~Objective.finished`
+data                :meth:`~Objective.dataset`: a stage's data encoded (the token cache, or pairs for DPO)
 rows                :meth:`~Objective.rows`: encoded stage data -> what Trainer's data loader yields
 collator            :meth:`~Objective.collator`: the kind's collator, wrapped where the method needs more
 loss                :meth:`~Objective.loss`: the loss of a batch (the model kind adds its own extra losses,
                     such as the experts' router losses, whatever the objective)
-report              :meth:`~Objective.write_report`, :meth:`~Objective.result_line`
+before the first step :meth:`~Objective.prepare` (DPO's reference model)
+report              :meth:`~Objective.write_report`, :meth:`~Objective.result_line`, :meth:`~Objective.pop_metrics`
 ==================  =====================================================================================
 
 Adding a method means one module here with one ``Objective`` subclass and one line in :data:`METHODS`.
@@ -32,6 +34,7 @@ from medtune.train.objectives.base import Objective, StageContext
 METHODS = {
     "sft": "medtune.train.objectives.sft:SFT",
     "router": "medtune.train.objectives.router:RouterFit",
+    "dpo": "medtune.train.objectives.dpo:DPO",
 }
 DEFAULT_METHOD = "sft"
 

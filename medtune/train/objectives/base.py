@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 MODEL_DIR = "model"
+SECTIONS = {"router": "router", "dpo": "dpo"}
+"""A stage's settings sections that belong to one method each (section -> method)."""
 
 
 @dataclass
@@ -32,6 +34,9 @@ class Objective:
     name: ClassVar[str] = "sft"
     trains_with_trainer: ClassVar[bool] = True
     """Whether the stage runs Trainer with this objective's rows, collator and loss (else :meth:`fit`)."""
+    token_normalised: ClassVar[bool] = True
+    """Whether :meth:`loss` divides a sum over labelled tokens by the accumulated batch's count, as transformers'
+    own losses do (Trainer then neither averages over accumulation steps nor rescales across processes)."""
     writes_model: ClassVar[bool] = True
     """Whether a finished stage leaves ``model/``, the model the next stage starts from."""
 
@@ -40,10 +45,9 @@ class Objective:
     def problems(self, stage, where: str) -> list[str]:
         """What is wrong with ``stage``'s settings for this method (recipe validation; ``where`` is the key
         path of the stage, e.g. ``stages[2]``). A section of another method is refused by name."""
-        if stage.router is not None:
-            return [f"{where}.router: a router section belongs to method router, not {self.name}; remove it or "
-                    "set method: router"]
-        return []
+        return [f"{where}.{section}: a {section} section belongs to method {method}, not {self.name}; remove it or "
+                f"set method: {method}" for section, method in SECTIONS.items()
+                if method != self.name and getattr(stage, section) is not None]
 
     # ---- the stage's folder -----------------------------------------------------------------------------
 
@@ -52,6 +56,13 @@ class Objective:
         return (directory / MODEL_DIR).is_dir()
 
     # ---- training with Trainer --------------------------------------------------------------------------
+
+    def dataset(self, spec, vlm, *, max_length: int, seed: int, cache_dir, progress: bool = True):
+        """(dataset, tally): the stage's data encoded by the model's kind (through the token cache where the
+        kind's samples are cacheable)."""
+        from medtune.train.data import stage_dataset
+
+        return stage_dataset(spec, vlm, max_length=max_length, seed=seed, cache_dir=cache_dir, progress=progress)
 
     def rows(self, dataset, stage):
         """The encoded stage data as the rows Trainer's data loader reads: the samples, or (packing) rows of
@@ -70,6 +81,14 @@ class Objective:
         """(loss, outputs) of a training batch: the causal-LM loss of the labelled tokens, plus what the
         kind adds to every objective (:meth:`VLM.auxiliary_loss <medtune.models.kinds.base.VLM.auxiliary_loss>`)."""
         return vlm.training_loss(model, inputs, num_items_in_batch, speedups=speedups)
+
+    def prepare(self, vlm, model, stage) -> None:
+        """Called once before the first step (and before a resumed run loads its checkpoint): what the method
+        keeps of the starting model (nothing for SFT)."""
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Metrics the method logs beside the loss, averaged since the last log (none for SFT)."""
+        return {}
 
     def write_report(self, vlm, directory: Path) -> None:
         """What the stage adds to its folder beside the summary (the kind's report, e.g. expert usage)."""

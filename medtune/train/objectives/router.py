@@ -20,7 +20,8 @@ class RouterFit(Objective):
     writes_model: ClassVar[bool] = False
 
     def problems(self, stage, where: str) -> list[str]:
-        problems = [f"{where}.{key}: a router stage trains only the router; remove {key}"
+        problems = super().problems(stage, where)
+        problems += [f"{where}.{key}: a router stage trains only the router; remove {key}"
                     for key in ("moe", "lora") if getattr(stage, key) is not None]
         if any(getattr(stage.lr, f.name) for f in dataclasses.fields(stage.lr)):
             problems.append(f"{where}.lr: a router stage trains no part of the model (its own rate is router.lr); "

@@ -1,0 +1,182 @@
+"""``dpo``: direct preference optimisation on pairs of replies to the same prompt (Rafailov et al., 2023).
+
+The data are preference samples: a conversation whose last message is the chosen reply, with the rejected reply
+beside it (:attr:`medtune.data.schema.Sample.rejected`). Each pair is encoded twice by the model's kind (the
+prompt with either reply) and a batch of B pairs is one batch of 2B rows, chosen rows first, through the kind's
+own collator, so every kind and its exact speed-ups apply (the LM head runs only where a reply's tokens are).
+
+The loss is DPO's sigmoid form, as TRL's ``DPOTrainer`` computes it by default (``loss_type="sigmoid"``)::
+
+    -log sigmoid(beta * ((log p(chosen) - log p_ref(chosen)) - (log p(rejected) - log p_ref(rejected))))
+
+with ``log p`` the summed log-probability of a reply's tokens, averaged over the pairs of the batch. TRL's loss
+is not called: its trainer owns the batching (its collator, its concatenated forward) that medtune's kinds do
+here, and the formula is one line. The model kind's extra losses (the experts' router losses) are added, from the
+policy's forward.
+
+The reference is the stage's starting model: under LoRA the same model with its adapters disabled (no copy),
+otherwise a frozen copy taken before the first step (before a resumed run loads its checkpoint, so a resumed
+stage keeps the same reference). Logged beside the loss, as TRL names them: ``rewards/chosen`` and
+``rewards/rejected`` (beta times the log-ratio to the reference), ``rewards/margins`` and ``rewards/accuracies``
+(the share of pairs whose chosen reply has the larger reward).
+
+Limits, refused by name in a recipe: packing and length grouping (a pair's two rows must stay in one batch, in
+order) and gradient accumulation (the loss is a mean over one batch's pairs). Pairs are encoded in memory (not
+through the token cache), pixels included.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from medtune.train.objectives.base import Objective
+
+
+@dataclass
+class DPOSettings:
+    """A DPO stage's ``dpo`` section."""
+
+    beta: float = 0.1
+    """The inverse temperature of the implicit reward: larger keeps the policy nearer the reference."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not (
+                math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"beta: must be a number > 0, got {self.beta!r}")
+
+
+class DPO(Objective):
+    name: ClassVar[str] = "dpo"
+    token_normalised: ClassVar[bool] = False   # a mean over the batch's pairs
+
+    def __init__(self) -> None:
+        self.reference = None
+        self.beta = DPOSettings().beta
+        self.metrics: dict[str, list[float]] = {}
+
+    # ---- settings ---------------------------------------------------------------------------------------
+
+    def problems(self, stage, where: str) -> list[str]:
+        problems = super().problems(stage, where)
+        if stage.packing:
+            problems.append(f"{where}.packing: a DPO stage keeps each pair's two rows together; remove packing")
+        if stage.group_by_length:
+            problems.append(f"{where}.group_by_length: a DPO stage keeps each pair's two rows together; remove it")
+        if stage.grad_accum != 1:
+            problems.append(f"{where}.grad_accum: a DPO stage averages its loss over one batch's pairs; use a "
+                            "larger batch_size instead")
+        return problems
+
+    def settings(self, stage) -> DPOSettings:
+        return stage.dpo if stage.dpo is not None else DPOSettings()
+
+    # ---- data -------------------------------------------------------------------------------------------
+
+    def dataset(self, spec, vlm, *, max_length: int, seed: int, cache_dir, progress: bool = True):
+        """(pairs, tally): each preference sample encoded with its chosen and with its rejected reply."""
+        from medtune.data.jsonl import Tally
+        from medtune.errors import RecipeError
+        from medtune.models.processing import SkipSample
+        from medtune.train.data import iter_stage_samples
+
+        tally, pairs = Tally(), []
+        for sample, root in iter_stage_samples(spec, tally, seed=seed):
+            try:
+                if sample.rejected is None:
+                    raise SkipSample("no rejected reply", "a DPO stage reads preference pairs (a 'rejected' reply)")
+                encoded = [vlm.encode_sample(s, root, max_length=max_length, truncation=spec.truncation)
+                           for s in (sample.with_reply(sample.messages[-1]), sample.with_reply(sample.rejected))]
+            except SkipSample as skip:
+                if spec.strict:
+                    raise RecipeError(f"sample {sample.id}: {skip}") from None
+                tally.skip(skip.reason, f"{sample.id}: {skip}")
+                continue
+            pairs.append(tuple(encoded))
+        tally.written += len(pairs)
+        if not pairs:
+            raise RecipeError(f"no usable preference pairs ({tally.summary()})")
+        return PairDataset(pairs), tally
+
+    def rows(self, dataset, stage):
+        return dataset
+
+    def collator(self, collator, vlm):
+        return PairCollator(collator)
+
+    # ---- the loss ---------------------------------------------------------------------------------------
+
+    def prepare(self, vlm, model, stage) -> None:
+        """The reference: the adapters switched off under LoRA, else a frozen copy of the starting model."""
+        self.beta = self.settings(stage).beta
+        if hasattr(getattr(model, "module", model), "disable_adapter"):
+            self.reference = None
+            return
+        self.reference = copy.deepcopy(vlm.model).eval()
+        for parameter in self.reference.parameters():
+            parameter.requires_grad_(False)
+
+    def loss(self, vlm, model, inputs: dict[str, Any], num_items_in_batch=None, speedups=None):
+        import torch
+
+        policy = vlm.labelled_logps(model, inputs, speedups)
+        extra = vlm.auxiliary_loss(model, inputs)   # read from the policy's forward, before the reference's
+        with torch.no_grad():
+            if self.reference is None:
+                with getattr(model, "module", model).disable_adapter():
+                    reference = vlm.labelled_logps(model, inputs, speedups)
+            else:
+                reference = vlm.labelled_logps(self.reference, inputs, speedups)
+        pairs = policy.shape[0] // 2
+        rewards = self.beta * (policy - reference)
+        chosen, rejected = rewards[:pairs], rewards[pairs:]
+        loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+        if extra is not None:
+            loss = loss + extra
+        self._record(chosen.detach(), rejected.detach())
+        return loss, {"loss": loss}
+
+    def _record(self, chosen, rejected) -> None:
+        for name, value in (("rewards/chosen", chosen.mean()), ("rewards/rejected", rejected.mean()),
+                            ("rewards/margins", (chosen - rejected).mean()),
+                            ("rewards/accuracies", (chosen > rejected).float().mean())):
+            self.metrics.setdefault(name, []).append(float(value))
+
+    def pop_metrics(self) -> dict[str, float]:
+        means = {name: sum(values) / len(values) for name, values in self.metrics.items() if values}
+        self.metrics = {}
+        return means
+
+
+class PairDataset:
+    """Encoded preference pairs: ``dataset[i]`` is ``{"chosen": row, "rejected": row}``."""
+
+    def __init__(self, pairs: list[tuple[dict, dict]]):
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        chosen, rejected = self.pairs[index]
+        return {"chosen": chosen, "rejected": rejected}
+
+    @property
+    def rows(self) -> list[dict]:
+        """Every encoded row, chosen and rejected (for token counts)."""
+        return [row for pair in self.pairs for row in pair]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(row["input_ids"]) for row in self.rows]
+
+
+@dataclass
+class PairCollator:
+    """B pairs -> one batch of 2B rows through the kind's collator: the chosen rows, then the rejected rows."""
+
+    collator: Any
+
+    def __call__(self, features: list[dict]) -> dict:
+        return self.collator([f["chosen"] for f in features] + [f["rejected"] for f in features])

@@ -1,0 +1,169 @@
+"""DPO: preference pairs in the canonical schema, the loss against its formula (and log 2 while the policy is the
+reference), a stage that learns to prefer the chosen replies, and what a recipe refuses."""
+from __future__ import annotations
+
+import json
+import math
+import types
+
+import pytest
+
+from medtune.data.schema import Message, Part, Sample, SchemaError
+from medtune.paths import bundled_data
+from medtune.train.recipe import RecipeError, parse_recipe
+
+torch = pytest.importorskip("torch")
+
+torch.set_num_threads(1)
+
+
+def _reply(text: str) -> Message:
+    return Message("assistant", (Part.of_text(text),))
+
+
+def _pairs(n: int):
+    """VQA-RAD's first ``n`` yes/no training questions: chosen = the answer, rejected = the other one."""
+    from medtune.data.formats import read_records, resolve_format
+    from medtune.data.jsonl import Tally
+    from medtune.paths import resolve_data_path
+
+    path = resolve_data_path("bundled:vqa_rad/trainset.json")
+    pairs = []
+    for sample in read_records(resolve_format("vqa-rad", path), path, tally=Tally()):
+        answer = sample.messages[-1].text.strip().lower()
+        if answer in ("yes", "no"):
+            pairs.append(Sample(id=sample.id, messages=[*sample.messages[:-1], _reply(answer)], meta=sample.meta,
+                                rejected=_reply("no" if answer == "yes" else "yes")))
+        if len(pairs) == n:
+            return pairs
+    raise AssertionError("not enough yes/no questions")
+
+
+def _write(pairs, path):
+    path.write_text("".join(json.dumps(p.to_dict()) + "\n" for p in pairs), encoding="utf-8")
+    return path
+
+
+def test_a_preference_pair_round_trips_and_a_pair_that_prefers_nothing_is_refused():
+    pair = _pairs(1)[0]
+    assert Sample.from_dict(json.loads(json.dumps(pair.to_dict()))) == pair
+    assert pair.with_reply(pair.rejected).messages[-1] == pair.rejected and pair.with_reply(pair.rejected).rejected is None
+    with pytest.raises(SchemaError, match="the rejected reply equals the chosen one"):
+        Sample(id="x", messages=pair.messages, rejected=pair.messages[-1])
+    with pytest.raises(SchemaError, match="needs an assistant reply last"):
+        Sample(id="x", messages=pair.messages[:-1], rejected=pair.rejected)
+
+
+def test_the_loss_is_dpo_s_formula_and_log_2_while_the_policy_is_the_reference():
+    from medtune.models.build import build_vlm
+    from medtune.models.presets import tiny_spec
+    from medtune.train.objectives.dpo import DPO, DPOSettings, PairCollator
+
+    vlm = build_vlm(tiny_spec())
+    root = bundled_data("vqa_rad", "images")
+    rows = [{"chosen": vlm.encode_sample(p, root, max_length=256),
+             "rejected": vlm.encode_sample(p.with_reply(p.rejected), root, max_length=256)} for p in _pairs(3)]
+    batch = PairCollator(vlm.collator())(rows)
+    objective = DPO()
+    objective.prepare(vlm, vlm.model, types.SimpleNamespace(dpo=DPOSettings(beta=0.5)))
+    with torch.no_grad():
+        assert float(objective.loss(vlm, vlm.model, batch)[0]) == pytest.approx(math.log(2), abs=1e-6)
+        for parameter in vlm.model.model.language_model.parameters():   # the policy moves away from the reference
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+        loss = float(objective.loss(vlm, vlm.model, batch)[0])
+
+        def logps(model):   # a full forward pass per row, every position's logits: the formula's log p
+            out = []
+            for row in range(batch["input_ids"].shape[0]):
+                inputs = {k: v[row:row + 1] for k, v in batch.items() if k not in ("labels", "pixel_values")}
+                logits = model(**inputs, pixel_values=batch["pixel_values"][row:row + 1]).logits[0, :-1]
+                targets = batch["labels"][row, 1:]
+                kept = targets != -100
+                out.append(logits[kept].log_softmax(-1).gather(-1, targets[kept][:, None]).sum())
+            return torch.stack(out)
+
+        policy, reference = logps(vlm.model), logps(objective.reference)
+    margins = 0.5 * ((policy[:3] - reference[:3]) - (policy[3:] - reference[3:]))
+    assert loss == pytest.approx(float(-torch.nn.functional.logsigmoid(margins).mean()), abs=1e-5)
+    assert loss != pytest.approx(math.log(2), abs=1e-3)
+
+
+def test_a_recipe_refuses_what_would_split_a_pair():
+    def error(**stage):
+        raw = {"model": "m", "output_dir": "o", "stages": [{"name": "p", "method": "dpo", "data": {"path": "x"},
+                                                             "lr": {"llm": 1e-5}, **stage}]}
+        with pytest.raises(RecipeError) as info:
+            parse_recipe(raw)
+        return str(info.value)
+
+    assert "stages[0].packing: a DPO stage keeps each pair's two rows together" in error(packing=True)
+    assert "stages[0].grad_accum: a DPO stage averages its loss over one batch's pairs" in error(grad_accum=2)
+    assert "stages[0].dpo.beta: must be a number > 0, got 0" in error(dpo={"beta": 0})
+    assert "stages[0].dpo: a dpo section belongs to method dpo, not sft" in error(method="sft", dpo={"beta": 0.1})
+
+
+@pytest.mark.slow
+def test_a_dpo_stage_learns_to_prefer_the_chosen_replies(tmp_path):
+    """A short DPO stage on 16 pairs, from the tiny model: the first logged loss is log 2, and after training the
+    policy prefers the chosen reply of most pairs over the reference (the implicit reward's accuracy)."""
+    from medtune.models.build import build_vlm, load_vlm
+    from medtune.models.presets import tiny_spec
+    from medtune.train.objectives.dpo import DPO, DPOSettings, PairCollator
+    from medtune.train.run import read_metrics, run_recipe
+
+    pairs = _pairs(16)
+    data = _write(pairs, tmp_path / "pairs.jsonl")
+    recipe = parse_recipe({
+        "model": {"preset": "tiny"}, "output_dir": str(tmp_path / "run"), "report_to": ["none"],
+        "cache_dir": str(tmp_path / "cache"),
+        "stages": [{"name": "dpo", "method": "dpo", "dpo": {"beta": 0.5},
+                    "data": {"path": str(data), "format": "canonical", "image_root": str(bundled_data("vqa_rad", "images"))},
+                    "lr": {"llm": 2e-3, "projector": 2e-3}, "max_steps": 40, "batch_size": 8, "log_steps": 1,
+                    "schedule": "constant", "warmup_ratio": 0.0, "max_length": 256}]})
+    run_recipe(recipe)
+    stage = tmp_path / "run" / "stage-0-dpo"
+    logged = [m for m in read_metrics(stage / "metrics.jsonl") if "loss" in m]
+    assert logged[0]["loss"] == pytest.approx(math.log(2), abs=1e-4) and "rewards/accuracies" in logged[0]
+    trained = load_vlm(stage / "model")
+    start = build_vlm(tiny_spec())   # the recipe's starting weights: the reference
+    objective = DPO()
+    objective.prepare(start, start.model, types.SimpleNamespace(dpo=DPOSettings(beta=0.5)))
+    root = bundled_data("vqa_rad", "images")
+    rows = [{"chosen": trained.encode_sample(p, root, max_length=256),
+             "rejected": trained.encode_sample(p.with_reply(p.rejected), root, max_length=256)} for p in pairs]
+    with torch.no_grad():
+        objective.loss(trained, trained.model.eval(), PairCollator(trained.collator())(rows))
+    assert objective.pop_metrics()["rewards/accuracies"] >= 0.9
+
+
+@pytest.mark.slow
+def test_a_dpo_stage_resumed_from_a_checkpoint_ends_as_an_uninterrupted_run(tmp_path):
+    """The reference is the stage's starting model, taken before a resumed run loads its checkpoint."""
+    import shutil
+
+    from medtune.models.build import load_vlm
+    from medtune.train.run import run_recipe
+
+    data = _write(_pairs(12), tmp_path / "pairs.jsonl")
+
+    def run(folder, max_steps, resume=False):
+        recipe = parse_recipe({
+            "model": {"preset": "tiny"}, "output_dir": str(folder), "report_to": ["none"],
+            "cache_dir": str(tmp_path / "cache"),
+            "stages": [{"name": "dpo", "method": "dpo",
+                        "data": {"path": str(data), "format": "canonical",
+                                 "image_root": str(bundled_data("vqa_rad", "images"))},
+                        "lr": {"llm": 1e-3}, "max_steps": max_steps, "batch_size": 4, "save_steps": 2,
+                        "schedule": "constant", "warmup_ratio": 0.0, "max_length": 256}]})
+        run_recipe(recipe, resume=resume)
+        return folder / "stage-0-dpo"
+
+    whole = run(tmp_path / "whole", 4)
+    resumed = run(tmp_path / "resumed", 2)
+    shutil.rmtree(resumed / "model")   # as if the run had stopped after checkpoint-2
+    (resumed / "summary.json").unlink()
+    run(tmp_path / "resumed", 4, resume=True)
+    assert json.loads((resumed / "summary.json").read_text())["resumed_from"].endswith("checkpoint-2")
+    a = dict(load_vlm(whole / "model").model.named_parameters())
+    b = dict(load_vlm(resumed / "model").model.named_parameters())
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
