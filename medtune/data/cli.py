@@ -28,7 +28,7 @@ def register(subparsers) -> None:
         description="Work on dataset files in any known format (see docs/data-format.md); each file's format is "
                     "detected from its content unless you name it. `medtune data VERB --help` for each verb.")
     verbs = parser.add_subparsers(dest="data_verb", metavar="VERB")
-    for add_verb in (_add_convert, _add_check, _add_stats, _add_mix, _add_leakage):
+    for add_verb in (_add_convert, _add_check, _add_stats, _add_mix, _add_leakage, _add_preferences):
         add_verb(verbs)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
@@ -399,4 +399,51 @@ def _run_leakage(args) -> int:
     for line in tally.details():
         print(f"  skipped {line}")
     print(tally.summary())
+    return 0
+
+
+# ---- preferences ------------------------------------------------------------------------------------------
+
+def _add_preferences(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "preferences", help="preference pairs (for a DPO stage) from a model's wrong answers on a labelled set",
+        description="For every question of LABELLED that PREDICTIONS (medtune eval run's predictions.jsonl, or a "
+                    "LLaVA-Med / Med-MoE answers file) answers wrong by the strict metric family, write a "
+                    "preference pair to OUT (canonical JSONL): chosen = the reference answer, rejected = the "
+                    "model's answer. Questions answered right or not answered are counted, not paired.")
+    parser.add_argument("labelled", metavar="LABELLED", help="the labelled questions (any known format)")
+    parser.add_argument("predictions", metavar="PREDICTIONS", help="the model's answers, by question id")
+    parser.add_argument("output", metavar="OUT", help="the pairs, canonical JSON Lines (written atomically)")
+    _add_format_option(parser)
+    parser.add_argument("--image-root", metavar="DIR",
+                        help="folder LABELLED's image paths are relative to (default: depends on its format)")
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    parser.set_defaults(func=_run_preferences)
+
+
+def _run_preferences(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from medtune.errors import UserError
+    from medtune.eval.predictions import read_predictions
+    from medtune.eval.preferences import REASONS, preference_pairs
+
+    fmt, detected = _format_of(args.format, args.labelled)
+    image_root = Path(args.image_root) if args.image_root else default_image_root(fmt, args.labelled)
+    predictions = read_predictions(args.predictions, strict=args.strict)
+    tally, counts = Tally(), Counter()
+    pairs = list(preference_pairs(read_records(fmt, args.labelled, tally=tally, strict=args.strict), predictions,
+                                  counts))
+    if not pairs:
+        raise UserError(f"{args.predictions}: no wrong answer among the {sum(counts.values()):,} questions "
+                        f"({', '.join(f'{counts[reason]:,} {reason}' for reason in REASONS)}), so there is no "
+                        "pair to write")
+    write_records("canonical", args.output, pairs, tally=tally)
+    print(f"{args.labelled} ({fmt}{detected}) + {args.predictions} -> {args.output}")
+    print(f"  {counts['pairs']:,} pairs (wrong answers); "
+          + ", ".join(f"{counts[reason]:,} {reason}" for reason in REASONS))
+    for line in tally.details():
+        print(f"  {line}")
+    if default_image_root("canonical", args.output).resolve() != image_root.resolve():
+        print(f"  image paths are relative to {image_root}: use image_root: {image_root} in the DPO stage's data")
     return 0
