@@ -167,3 +167,32 @@ def test_a_dpo_stage_resumed_from_a_checkpoint_ends_as_an_uninterrupted_run(tmp_
     a = dict(load_vlm(whole / "model").model.named_parameters())
     b = dict(load_vlm(resumed / "model").model.named_parameters())
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, moe", [({"preset": "tiny"}, None), ({"preset": "tiny"}, {"layers": [0],
+                                                                                           "num_experts": 2,
+                                                                                           "aux_loss_coef": 0.1}),
+                                        ({"preset": "tiny-qwen2-vl"}, None), ({"preset": "tiny-chameleon"}, None)],
+                         ids=["composed", "moe", "native", "discrete"])
+def test_every_kind_trains_a_dpo_stage_from_its_reference(model, moe, tmp_path):
+    """At the first step the policy is the reference, so DPO's loss is log 2 for every kind; an MoE model adds its
+    router losses to it."""
+    from medtune.train.run import read_metrics, run_recipe
+
+    stage = {"name": "dpo", "method": "dpo", "max_steps": 2, "batch_size": 4, "log_steps": 1, "max_length": 512,
+             "data": {"path": "bundled:vqa_rad/tiny-preferences.jsonl", "format": "canonical", "limit": 8,
+                      "image_root": str(bundled_data("vqa_rad", "images"))},
+             "lr": {"llm": 1e-3, **({"experts": 1e-3} if moe else {})}, **({"moe": moe} if moe else {})}
+    recipe = parse_recipe({"model": model, "output_dir": str(tmp_path / "run"), "report_to": ["none"],
+                           "cache_dir": str(tmp_path / "cache"), "stages": [stage]})
+    run_recipe(recipe)
+    directory = tmp_path / "run" / "stage-0-dpo"
+    first = next(m for m in read_metrics(directory / "metrics.jsonl") if "loss" in m)
+    if moe is None:
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    else:
+        assert first["loss"] > math.log(2) + 1e-3   # log 2 plus the weighted load-balancing loss
+    assert first["rewards/accuracies"] == 0.0 and first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    summary = json.loads((directory / "summary.json").read_text())
+    assert summary["method"] == "dpo" and summary["samples"] == 8 and summary["skipped"] == {}
