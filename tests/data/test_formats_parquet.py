@@ -76,3 +76,25 @@ def test_parquet_is_refused_where_no_reader_takes_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(InputFileError, match="needs pyarrow: pip install pyarrow"):
         list(read_records("mmmu", fixture.path, tally=Tally()))
+
+
+def test_rlaif_v_rows_become_preference_pairs_with_their_images_written_once(tmp_path):
+    """RLAIF-V's release columns (image as a datasets Image, question, chosen, rejected ...): detected from the
+    columns, each row a pair whose rejected reply sits beside the chosen one; a row that prefers nothing is
+    counted, not kept."""
+    path = suite_fixtures.write_parquet(tmp_path / "RLAIF-V-Dataset_000.parquet", {
+        "ds_name": ["RLAIF-V"] * 3, "image": [suite_fixtures.image_cell(suite_fixtures.png_bytes(11), "a.jpg"),
+                                              suite_fixtures.image_cell(suite_fixtures.png_bytes(11), "a.jpg"),
+                                              suite_fixtures.image_cell(suite_fixtures.png_bytes(50), "b.jpg")],
+        "question": ["What is shown?", "Any fracture?", "Describe it."],
+        "chosen": ["A chest X-ray.", "No.", "Same."], "rejected": ["A cat.", "Yes, two.", "Same."],
+        "origin_dataset": ["x"] * 3, "origin_split": ['{"model": "m"}'] * 3, "idx": ["r1", "r2", "r3"],
+        "image_path": ["a.jpg", "a.jpg", "b.jpg"]}, image_columns=("image",))
+    assert detect_format(path) == "rlaif-v"
+    tally = Tally()
+    pairs = list(read_records("rlaif-v", path, tally=tally))
+    assert [p.id for p in pairs] == ["r1", "r2"] and tally.skipped and "prefers nothing" in tally.details()[0]
+    assert [(p.messages[-1].text, p.rejected.text) for p in pairs] == [("A chest X-ray.", "A cat."), ("No.", "Yes, two.")]
+    assert pairs[0].question == "What is shown?" and pairs[0].images == pairs[1].images
+    assert (path.parent / pairs[0].images[0].path).read_bytes() == suite_fixtures.png_bytes(11)
+    assert pairs[0].meta.extra["origin_split"] == '{"model": "m"}'
