@@ -132,13 +132,14 @@ def naive_trainer(args, workdir: Path, clock):
 
 def medtune_trainer(args, workdir: Path, name: str, clock, *, speedups_off: tuple[str, ...] = (),
                     image_memo: bool = True, **stage_changes):
+    from medtune.train.objectives.sft import SFT
     from medtune.train.run import build_trainer
 
     recipe = recipe_for(args, workdir, name, **stage_changes)
     stage = recipe.stages[0]
     vlm, model, rows, collator = prepared(recipe, args.samples, image_memo=image_memo)
     counting = CountingCollator(collator)
-    trainer = build_trainer(recipe, stage, vlm, model, rows, None, counting, workdir / name)
+    trainer = build_trainer(recipe, stage, vlm, model, rows, None, counting, workdir / name, objective=SFT())
     trainer.speedups = dataclasses.replace(trainer.speedups, **{flag: False for flag in speedups_off})
     trainer.add_callback(clock)
     return trainer, counting

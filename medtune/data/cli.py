@@ -15,7 +15,8 @@ from typing import Iterable, Iterator
 
 from medtune.data import checks, convert, leakage, mixture, stats
 from medtune.data.formats import (
-    FORMATS, IncompleteInput, default_image_root, get_format, read_records, resolve_format, write_records,
+    FORMATS, IncompleteInput, default_image_root, get_format, read_records, resolve_format, without_pairs,
+    write_records,
 )
 from medtune.data.jsonl import UNREADABLE_TAIL, Tally, write_json
 from medtune.data.schema import Sample
@@ -98,6 +99,7 @@ def _run_convert(args: argparse.Namespace) -> int:
                                        tally=tally, strict=args.strict, allow_burned_in=args.allow_burned_in)
     elif not args.keep_image_names:
         samples = convert.without_volume_names(samples, args.input)
+    samples = without_pairs(samples, args.target_format, tally)   # counted here, so "nothing usable" sees it
     write_records(args.target_format, args.output, _something_written(_with_progress(samples), tally, args),
                   tally=tally)
     output_root = default_image_root(args.target_format, args.output)

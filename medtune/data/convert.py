@@ -18,6 +18,8 @@ summary says how many were.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import os
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -110,4 +112,4 @@ def burned_in_note(count: int) -> str:
 def _map_images(sample: Sample, convert) -> Sample:
     messages = [Message(m.role, tuple(Part.of_image(convert(p.image)) if p.type == "image" else p
                                       for p in m.content)) for m in sample.messages]
-    return Sample(id=sample.id, messages=messages, meta=sample.meta)
+    return dataclasses.replace(sample, messages=messages)

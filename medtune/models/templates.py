@@ -66,11 +66,23 @@ class Segment:
 # --------------------------------------------------------------------------------------------------------------
 # Message helpers
 
-def _check_roles(messages: list[dict]) -> None:
+def _check_messages(messages: list[dict]) -> None:
+    """Roles, and content that is a string or a list of text (with a string) and image parts."""
     for index, message in enumerate(messages):
         if message.get("role") not in ("system", "user", "assistant"):
             raise ValueError(f"message {index}: unknown role {message.get('role')!r} "
                              "(expected system, user or assistant)")
+        content = message.get("content")
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            raise ValueError(f"message {index}: content must be a string or a list of parts")
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "image" or (kind == "text" and isinstance(part.get("text"), str)):
+                continue
+            raise ValueError(f"message {index}: content parts must be {{type: text, text: ...}} or "
+                             f"{{type: image}}, got {part!r}"[:200])
 
 
 def to_chat_messages(messages: Iterable[Any]) -> list[dict]:
@@ -233,7 +245,7 @@ class ChatTemplate:
         from jinja2.exceptions import TemplateError
         from transformers.utils.chat_template_utils import render_jinja_template
 
-        _check_roles(messages)
+        _check_messages(messages)
         bos = self.default_bos if bos_token is None else bos_token
         eos = self.default_eos if eos_token is None else eos_token
         try:

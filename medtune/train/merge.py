@@ -51,14 +51,14 @@ def merge_checkpoint(checkpoint: str | Path, out: str | Path, *, base: str | Pat
 def _merge_adapters(checkpoint: Path, out: Path, base: str | Path | None) -> None:
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForImageTextToText
 
     from medtune.models.export import save_model
+    from medtune.models.kinds.base import checkpoint_model_class
     from medtune.models.registry import register_model_classes
 
     register_model_classes()
     base = Path(base) if base is not None else _base_of(checkpoint)
-    model = AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32)
+    model = checkpoint_model_class(base).from_pretrained(str(base), dtype=torch.float32)   # experts included
     model = PeftModel.from_pretrained(model, str(checkpoint)).merge_and_unload()
     save_model(model, out)
     # tokenizer (with this stage's chat template), processor and medtune.json come from the checkpoint;

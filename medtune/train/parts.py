@@ -122,8 +122,9 @@ def load_quantized(base: str, bits: str, *, gradient_checkpointing: bool = False
     """The base model reloaded with its LLM quantized for QLoRA (``bits``: "4bit" or "8bit"), on this GPU."""
     import torch
     from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
+    from medtune.models.kinds.base import checkpoint_model_class
     from medtune.models.registry import register_model_classes
 
     register_model_classes()
@@ -131,7 +132,7 @@ def load_quantized(base: str, bits: str, *, gradient_checkpointing: bool = False
         load_in_4bit=bits == "4bit", load_in_8bit=bits == "8bit", bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16,
         llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
-    model = AutoModelForImageTextToText.from_pretrained(
+    model = checkpoint_model_class(base).from_pretrained(
         str(base), quantization_config=config, device_map={"": torch.cuda.current_device()})
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 

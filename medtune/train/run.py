@@ -421,7 +421,7 @@ def save_stage_model(trainer, vlm, stage: Stage, directory: Path) -> None:
 
 
 def build_trainer(recipe: Recipe, stage: Stage, vlm, model, dataset, eval_dataset, collator, directory: Path, *,
-                  objective=None):
+                  objective):
     from medtune.train.progress import MetricsFileCallback, ProgressBarCallback
     from medtune.train.trainer import MedtuneTrainer
 
@@ -430,7 +430,7 @@ def build_trainer(recipe: Recipe, stage: Stage, vlm, model, dataset, eval_datase
         model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, data_collator=collator,
         processing_class=vlm.processor or vlm.tokenizer, learning_rates=stage.lr,
         keep_last_k=stage.keep_last_k, pad_token_id=vlm.tokenizer.pad_token_id, vlm=vlm,
-        objective=objective if objective is not None else objective_for(stage),
+        objective=objective,
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 

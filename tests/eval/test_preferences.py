@@ -48,3 +48,25 @@ def test_no_wrong_answer_writes_nothing_and_says_why(tmp_path, capsys):
     assert ("no wrong answer among the 451 questions (1 answered right, 450 no prediction, 0 empty prediction, "
             "0 no reference answer), so there is no pair to write") in capsys.readouterr().err
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_conversions_keep_a_pair_whole_or_count_it(tmp_path, capsys):
+    """A pair survives --materialise (which rebuilds every sample); a format that cannot hold the rejected reply
+    counts the pair as skipped instead of writing half of it."""
+    import shutil
+
+    pairs = [json.loads(line) for line in bundled_data("vqa_rad", "tiny-preferences.jsonl").read_text().splitlines()[:2]]
+    images = tmp_path / "images"
+    images.mkdir()
+    for pair in pairs:
+        name = pair["messages"][0]["content"][0]["image"]["path"]
+        shutil.copy(bundled_data("vqa_rad", "images", name), images / name)
+    source = tmp_path / "images" / "pairs.jsonl"
+    source.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    out = tmp_path / "images" / "materialised.jsonl"
+    assert main(["data", "convert", "--to", "canonical", str(source), str(out), "--materialise",
+                 str(images / "png")]) == 0
+    assert [json.loads(line)["rejected"] for line in out.read_text().splitlines()] == [p["rejected"] for p in pairs]
+    capsys.readouterr()
+    assert main(["data", "convert", "--to", "llava", str(source), str(tmp_path / "llava.json")]) != 0
+    assert "2 preference pair" in capsys.readouterr().out

@@ -124,6 +124,10 @@ def test_unknown_template_and_role_are_refused():
         get_template("llama9")
     with pytest.raises(ValueError, match="message 0: unknown role 'tool'"):
         get_template("vicuna").render([{"role": "tool", "content": "x"}])
+    with pytest.raises(ValueError, match="message 0: content parts must be"):
+        get_template("chatml").render([{"role": "user", "content": [{"type": "video"}]}])
+    with pytest.raises(ValueError, match="message 0: content parts must be"):
+        get_template("chatml").render([{"role": "user", "content": [{"type": "text", "text": None}]}])
 
 
 def test_canonical_messages_convert_with_images_in_place():

@@ -196,3 +196,14 @@ def test_every_kind_trains_a_dpo_stage_from_its_reference(model, moe, tmp_path):
     assert first["rewards/accuracies"] == 0.0 and first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     summary = json.loads((directory / "summary.json").read_text())
     assert summary["method"] == "dpo" and summary["samples"] == 8 and summary["skipped"] == {}
+
+
+def test_a_dpo_stage_checks_its_label_rule_as_any_stage(tmp_path):
+    from medtune.train.run import run_recipe
+
+    recipe = parse_recipe({"model": {"preset": "tiny"}, "output_dir": str(tmp_path / "run"), "report_to": ["none"],
+                           "stages": [{"name": "dpo", "method": "dpo", "lr": {"llm": 1e-3}, "max_steps": 1,
+                                       "data": {"path": "bundled:vqa_rad/tiny-preferences.jsonl",
+                                                "format": "canonical", "labels": "first_separator"}}]})
+    with pytest.raises(RecipeError, match="data.labels: 'first_separator' applies to discrete-token models only"):
+        run_recipe(recipe)

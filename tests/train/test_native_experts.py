@@ -91,3 +91,26 @@ def _image():
     from PIL import Image
 
     return Image.fromarray(np.random.default_rng(0).integers(0, 256, (36, 40, 3), dtype=np.uint8))
+
+
+@pytest.mark.slow
+def test_a_lora_stage_after_experts_merges_into_a_model_that_keeps_them(tmp_path):
+    """The merge reads the base with its experts: a LoRA stage on the attention leaves every expert weight as the
+    experts stage wrote it."""
+    from medtune.models.build import load_vlm
+
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    stages = [{"name": "moe", "data": {**DATA, "limit": 8}, "max_steps": 2, "lr": {"experts": 1e-3},
+               "moe": {"layers": [0], "num_experts": 2}},
+              {"name": "lora", "data": {**DATA, "limit": 8}, "max_steps": 2, "lr": {"lora": 1e-2}, "lora": lora}]
+    recipe = {"model": {"preset": "tiny-qwen2-vl"}, "output_dir": str(tmp_path / "run"),
+              "cache_dir": str(tmp_path / "cache"), "report_to": ["none"],
+              "defaults": {"batch_size": 2, "max_length": 256, "log_steps": 1}, "stages": stages}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(tmp_path / "recipe.yaml")]) == 0
+    experts = load_vlm(tmp_path / "run" / "stage-0-moe" / "model")
+    merged = load_vlm(tmp_path / "run" / "stage-1-lora" / "model")
+    assert merged.experts is not None and merged.experts.layers == [0]
+    before = dict(experts.model.named_parameters())
+    changed = {merged.part_of(n) for n, p in merged.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"llm"}   # the merged q/v projections, nothing of the experts

@@ -191,7 +191,20 @@ def write_records(fmt: str, path: str | os.PathLike, samples: Iterable[Sample], 
     if not writer.writable:
         writable = [name for name, f in FORMATS.items() if f.writable]
         raise ValueError(f"format {fmt!r} is read only (writable: {', '.join(writable)})")
-    writer.write(path, samples, tally=tally)
+    writer.write(path, without_pairs(samples, fmt, tally), tally=tally)
+
+
+def without_pairs(samples: Iterable[Sample], fmt: str, tally: Tally) -> Iterator[Sample]:
+    """``samples`` for a writer of ``fmt``: a preference pair is counted and left out where ``fmt`` cannot hold its
+    rejected reply (every format but canonical), never written as half a pair."""
+    if fmt == "canonical":
+        yield from samples
+        return
+    for sample in samples:
+        if sample.rejected is not None:
+            tally.skip("preference pair", f"{sample.id}: {fmt} cannot hold the rejected reply (write canonical)")
+            continue
+        yield sample
 
 
 def default_image_root(fmt: str | None, path: str | os.PathLike) -> Path:
@@ -201,4 +214,4 @@ def default_image_root(fmt: str | None, path: str | os.PathLike) -> Path:
 
 
 __all__ = ["FORMATS", "Format", "IncompleteInput", "NothingUsable", "default_image_root", "detect_format",
-           "get_format", "guess_format", "read_records", "resolve_format", "write_records"]
+           "get_format", "guess_format", "read_records", "resolve_format", "without_pairs", "write_records"]

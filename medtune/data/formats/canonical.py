@@ -17,8 +17,9 @@ def read(path: str | os.PathLike, *, tally: Tally, strict: bool = False) -> Iter
 
 
 def sniff(record: dict) -> bool:
-    """Canonical samples: only id, messages and meta, every message a role and a list of typed parts."""
-    if not set(record) <= {"id", "messages", "meta"} or not isinstance(record.get("messages"), list):
+    """Canonical samples: only id, messages, meta (and a pair's rejected reply), every message a role and a list
+    of typed parts."""
+    if not set(record) <= {"id", "messages", "meta", "rejected"} or not isinstance(record.get("messages"), list):
         return False
     for message in record["messages"]:
         if not isinstance(message, dict) or not set(message) <= {"role", "content"} or "role" not in message:

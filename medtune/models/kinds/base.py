@@ -57,15 +57,36 @@ NATIVE_TEMPLATE = "native"
 LORA_COMPONENTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
 
-def recorded_template(checkpoint: str | Path) -> str | None:
-    """The chat template a local medtune checkpoint's ``medtune.json`` records, read without loading the model;
-    None for a folder without one (a checkpoint medtune did not write) or a hub name."""
+def recorded_metadata(checkpoint: str | Path) -> dict[str, Any] | None:
+    """A local medtune checkpoint's ``medtune.json``, read without loading the model; None for a folder without
+    one (a checkpoint medtune did not write) or a hub name."""
     import json
 
     metadata = Path(checkpoint) / MEDTUNE_FILE
     if not metadata.is_file():
         return None
-    return json.loads(metadata.read_text(encoding="utf-8")).get("template")
+    return json.loads(metadata.read_text(encoding="utf-8"))
+
+
+def recorded_template(checkpoint: str | Path) -> str | None:
+    """The chat template a local medtune checkpoint's ``medtune.json`` records (None: see :func:`recorded_metadata`)."""
+    return (recorded_metadata(checkpoint) or {}).get("template")
+
+
+def checkpoint_model_class(source: str | Path, metadata: dict[str, Any] | None = None) -> type:
+    """The class whose ``from_pretrained`` reads ``source``'s weights as saved, for every loader that does not go
+    through the model's kind (merging adapters, QLoRA's quantized base): transformers' Auto class, or, where
+    medtune.json records experts that the checkpoint's own class does not (a native or discrete model with
+    experts), its family's class building the MoE blocks first. ``metadata``: the medtune.json already read."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    experts = recorded_experts(metadata if metadata is not None else recorded_metadata(source))
+    if experts is None:
+        return AutoModelForImageTextToText
+    config = AutoConfig.from_pretrained(source)
+    if getattr(config, "moe", None) is not None:   # medtune_moe_vlm builds its experts from its config
+        return AutoModelForImageTextToText
+    return with_recorded_experts(AutoModelForImageTextToText._model_mapping[type(config)], experts)
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,7 @@ class DiscreteVLM(VLM):
         if not tokenizer.chat_template:
             tokenizer.chat_template = get_template(template).jinja
         vlm = cls.assemble(model, tokenizer, template=template, label_rule=metadata.get("label_rule", "roles"))
+        vlm.sample_metadata = tuple(metadata.get("sample_metadata", ()))
         if (Path(source) / DECODER_WEIGHTS).is_file():
             vlm.attach_decoder(Path(source))
         vlm.experts = experts

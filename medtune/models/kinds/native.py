@@ -38,7 +38,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 from medtune.models.batch import IGNORE_INDEX, ROPE_POSITIONS
 from medtune.models.packing import ATTENTION_MODES, token_columns
-from medtune.models.kinds.base import NATIVE_TEMPLATE, VLM, recorded_experts, with_recorded_experts
+from medtune.models.kinds.base import NATIVE_TEMPLATE, VLM, checkpoint_model_class, recorded_experts
 
 log = logging.getLogger(__name__)
 
@@ -73,20 +73,12 @@ class NativeVLM(VLM):
 
     @classmethod
     def load(cls, source: str, metadata: dict[str, Any] | None, *, model_kwargs: dict, device: str) -> NativeVLM:
-        from transformers import AutoModelForImageTextToText
-
         # a family's own class cannot hold experts: where medtune.json records some, their MoE blocks are built
         # before the weights are read
-        experts = recorded_experts(metadata)
-        model_class = AutoModelForImageTextToText
-        if experts is not None:
-            from transformers import AutoConfig
-
-            model_class = with_recorded_experts(model_class._model_mapping[type(AutoConfig.from_pretrained(source))],
-                                                experts)
+        model_class = checkpoint_model_class(source, metadata or {})
         model = model_class.from_pretrained(source, **model_kwargs).to(device).eval()
         vlm = cls.assemble(model, load_processor(source), sample_metadata=(metadata or {}).get("sample_metadata", ()))
-        vlm.experts = experts
+        vlm.experts = recorded_experts(metadata)
         return vlm
 
     # ---- samples -> model inputs ------------------------------------------------------------------------

@@ -81,6 +81,10 @@ class DPO(Objective):
         from medtune.models.processing import SkipSample
         from medtune.train.data import iter_stage_samples
 
+        try:
+            vlm.use_label_rule(spec.labels)
+        except ValueError as error:
+            raise RecipeError(f"data.{error}") from None
         tally, pairs = Tally(), []
         for sample, root in iter_stage_samples(spec, tally, seed=seed):
             try:
@@ -121,7 +125,10 @@ class DPO(Objective):
         import torch
 
         policy = vlm.labelled_logps(model, inputs, speedups)
-        extra = vlm.auxiliary_loss(model, inputs)   # read from the policy's forward, before the reference's
+        # what the policy's forward recorded (router logits), read before the reference's forward replaces it
+        extra = vlm.auxiliary_loss(model, inputs)
+        if model.training and vlm.experts is not None:
+            vlm.experts.count_training_tokens(model, inputs)
         with torch.no_grad():
             if self.reference is None:
                 with getattr(model, "module", model).disable_adapter():
@@ -134,7 +141,8 @@ class DPO(Objective):
         loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
         if extra is not None:
             loss = loss + extra
-        self._record(chosen.detach(), rejected.detach())
+        if model.training:   # evaluation batches are not this step's pairs
+            self._record(chosen.detach(), rejected.detach())
         return loss, {"loss": loss}
 
     def _record(self, chosen, rejected) -> None:
