@@ -69,6 +69,10 @@ class MedtuneTrainer(Trainer):
         # wrapped forward, nothing outside it
         self.speedups = vlm.exact_speedups(distributed=self.args.world_size > 1 or self.is_fsdp_enabled
                                            or self.is_deepspeed_enabled)
+        if not self.objective.token_normalised:
+            # a mean per micro-batch (DPO's over its pairs): Trainer divides it by the accumulation steps, as it
+            # does for a model that takes no num_items_in_batch
+            self.model_accepts_loss_kwargs = False
 
     def train(self, *args, **kwargs):
         threads = getattr(self.args, "torch_threads", None)
@@ -88,7 +92,7 @@ class MedtuneTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Trainer divides the loss by the accumulation steps unless the model normalised it by the tokens of the
         # whole accumulated batch, which it does when it accepts loss kwargs (as Trainer.compute_loss assumes).
-        items = num_items_in_batch if self.model_accepts_loss_kwargs and self.objective.token_normalised else None
+        items = num_items_in_batch if self.model_accepts_loss_kwargs else None
         loss, outputs = self.objective.loss(self.vlm, model, inputs, items, speedups=self.speedups)
         if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and items is not None:
             # as Trainer.compute_loss: gradients are averaged over processes, the token count was summed

@@ -97,7 +97,6 @@ def test_a_recipe_refuses_what_would_split_a_pair():
         return str(info.value)
 
     assert "stages[0].packing: a DPO stage keeps each pair's two rows together" in error(packing=True)
-    assert "stages[0].grad_accum: a DPO stage averages its loss over one batch's pairs" in error(grad_accum=2)
     assert "stages[0].dpo.beta: must be a number > 0, got 0" in error(dpo={"beta": 0})
     assert "stages[0].dpo: a dpo section belongs to method dpo, not sft" in error(method="sft", dpo={"beta": 0.1})
 
@@ -209,3 +208,26 @@ def test_a_dpo_stage_checks_its_label_rule_as_any_stage(tmp_path):
                                                 "format": "canonical", "labels": "first_separator"}}]})
     with pytest.raises(RecipeError, match="data.labels: 'first_separator' applies to discrete-token models only"):
         run_recipe(recipe)
+
+
+@pytest.mark.slow
+def test_accumulated_micro_batches_train_as_one_batch_of_their_pairs(tmp_path):
+    """Batch 4 against batch 2 with two accumulation steps: the same pairs per update, so the same loss at the
+    first step (each micro-batch's mean divided by the steps; without that the accumulated loss doubles)."""
+    from medtune.train.run import read_metrics, run_recipe
+
+    def first_loss(name, batch_size, grad_accum):
+        recipe = parse_recipe({
+            "model": {"preset": "tiny"}, "output_dir": str(tmp_path / name), "report_to": ["none"],
+            "cache_dir": str(tmp_path / "cache"),
+            "stages": [{"name": "dpo", "method": "dpo", "dpo": {"beta": 0.5}, "log_steps": 1,
+                        "data": {"path": "bundled:vqa_rad/tiny-preferences.jsonl", "format": "canonical",
+                                 "limit": 8, "image_root": str(bundled_data("vqa_rad", "images"))},
+                        "lr": {"llm": 1e-3}, "max_steps": 2, "batch_size": batch_size, "grad_accum": grad_accum,
+                        "schedule": "constant", "warmup_ratio": 0.0, "max_length": 256}]})
+        run_recipe(recipe)
+        return [m["loss"] for m in read_metrics(tmp_path / name / "stage-0-dpo" / "metrics.jsonl") if "loss" in m]
+
+    whole, accumulated = first_loss("whole", 4, 1), first_loss("accumulated", 2, 2)
+    assert whole[0] == pytest.approx(math.log(2), abs=1e-4) and accumulated[0] == pytest.approx(whole[0], rel=1e-5)
+    assert accumulated[1] == pytest.approx(whole[1], rel=1e-3)

@@ -36,7 +36,8 @@ class Objective:
     """Whether the stage runs Trainer with this objective's rows, collator and loss (else :meth:`fit`)."""
     token_normalised: ClassVar[bool] = True
     """Whether :meth:`loss` divides a sum over labelled tokens by the accumulated batch's count, as transformers'
-    own losses do (Trainer then neither averages over accumulation steps nor rescales across processes)."""
+    own losses do (Trainer then neither averages over accumulation steps nor rescales across processes); False:
+    a mean per micro-batch, which Trainer divides by the accumulation steps."""
     writes_model: ClassVar[bool] = True
     """Whether a finished stage leaves ``model/``, the model the next stage starts from."""
 

@@ -21,8 +21,9 @@ stage keeps the same reference). Logged beside the loss, as TRL names them: ``re
 (the share of pairs whose chosen reply has the larger reward).
 
 Limits, refused by name in a recipe: packing and length grouping (a pair's two rows must stay in one batch, in
-order) and gradient accumulation (the loss is a mean over one batch's pairs). Pairs are encoded in memory (not
-through the token cache), pixels included.
+order). With gradient accumulation each micro-batch's mean is divided by the accumulation steps (Trainer's rule
+for losses that are not token sums), so equal micro-batches give the mean over the accumulated pairs. Pairs are
+encoded in memory (not through the token cache), pixels included.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ class DPOSettings:
 
 class DPO(Objective):
     name: ClassVar[str] = "dpo"
-    token_normalised: ClassVar[bool] = False   # a mean over the batch's pairs
+    token_normalised: ClassVar[bool] = False   # a mean over the micro-batch's pairs
 
     def __init__(self) -> None:
         self.reference = None
@@ -64,9 +65,6 @@ class DPO(Objective):
             problems.append(f"{where}.packing: a DPO stage keeps each pair's two rows together; remove packing")
         if stage.group_by_length:
             problems.append(f"{where}.group_by_length: a DPO stage keeps each pair's two rows together; remove it")
-        if stage.grad_accum != 1:
-            problems.append(f"{where}.grad_accum: a DPO stage averages its loss over one batch's pairs; use a "
-                            "larger batch_size instead")
         return problems
 
     def settings(self, stage) -> DPOSettings:
