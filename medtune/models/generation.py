@@ -201,6 +201,15 @@ class Generator:
         encodes once on arrival to check the prompt's length and keeps these instead of the decoded images."""
         return self.vlm.encode_prompt(list(conversation), list(images))
 
+    def sample(self, prompts: Sequence[dict], settings: GenerationSettings) -> tuple[dict[str, Any], Any]:
+        """(the left-padded batch, its output ids [B, prompt + new]) of one ``generate`` call over encoded prompts
+        (:meth:`encode`), for training on the model's own answers (the ids are ordinary tensors, usable in a
+        forward pass with gradients)."""
+        batch = self._encode_batch(None, None, prompts)
+        with self._lock:
+            output = self._run_generate(batch, settings)
+        return batch, output.clone()
+
     def _encode_batch(self, conversations, images, prompts: Sequence[dict] | None = None) -> dict[str, Any]:
         if prompts is None:
             prompts = [self.encode(conv, imgs) for conv, imgs in zip(conversations, images)]

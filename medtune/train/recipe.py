@@ -41,6 +41,7 @@ from medtune.distributed import launched_distributed
 from medtune.errors import RecipeError, suggestion
 from medtune.train.objectives import METHODS, method_of, objective_for
 from medtune.train.objectives.dpo import DPOSettings
+from medtune.train.objectives.grpo import GRPOSettings
 from medtune.models.moe.settings import MoESettings, RouterTraining   # plain Python, no torch
 
 
@@ -129,7 +130,8 @@ class Stage:
     # medtune.models.moe.settings.MoESettings, plus `preset: default | med-moe` and `router: random | FILE |
     # stage:NAME`, the router file a router stage of this recipe wrote).
     moe: dict | None = None
-    # What the stage optimises (medtune.train.objectives): sft (the default); dpo (preference pairs); or router:
+    # What the stage optimises (medtune.train.objectives): sft (the default); dpo (preference pairs); grpo (RL on
+    # the model's own sampled answers, rewarded by the evaluation's metrics); or router:
     # instead of training the model, fit a domain classifier on its hidden states and save it as the router file
     # an MoE stage loads.
     method: str | None = None
@@ -138,6 +140,8 @@ class Stage:
     router: RouterTraining | None = None
     # The dpo method's settings (medtune.train.objectives.dpo.DPOSettings: beta).
     dpo: DPOSettings | None = None
+    # The grpo method's settings (medtune.train.objectives.grpo.GRPOSettings: group_size, beta, rewards ...).
+    grpo: GRPOSettings | None = None
     save_steps: int = 500
     eval_steps: int | None = None
     log_steps: int = 10

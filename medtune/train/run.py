@@ -139,7 +139,7 @@ def run_stage(recipe: Recipe, index: int, *, resume: bool = False) -> StageResul
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     save_stage_model(trainer, vlm, stage, directory)
     result = _stage_result(stage, directory, vlm, trainer, output, dataset, tally, resume_from,
-                           seconds=time.monotonic() - started)
+                           seconds=time.monotonic() - started, objective=objective)
     result.method = objective.name
     if is_main_process():
         objective.write_report(vlm, directory)
@@ -244,11 +244,10 @@ def _trainable_model(vlm, stage: Stage, base_path, directory: Path):
 
 
 def _stage_result(stage: Stage, directory: Path, vlm, trainer, output, dataset, tally, resume_from,
-                  *, seconds: float) -> StageResult:
-    from medtune.train.data import count_tokens
+                  *, seconds: float, objective) -> StageResult:
     from medtune.train.parts import summarise
 
-    _, trained = count_tokens(dataset)
+    _, trained = objective.count_tokens(dataset)
     return StageResult(
         stage=stage.name, model_dir=str(directory / MODEL_DIR), steps=trainer.state.global_step,
         samples=len(dataset), tokens=int(trainer.state.num_input_tokens_seen or 0), trained_tokens=trained,

@@ -94,6 +94,7 @@ class MedtuneTrainer(Trainer):
         # whole accumulated batch, which it does when it accepts loss kwargs (as Trainer.compute_loss assumes).
         items = num_items_in_batch if self.model_accepts_loss_kwargs else None
         loss, outputs = self.objective.loss(self.vlm, model, inputs, items, speedups=self.speedups)
+        self.state.num_input_tokens_seen += self.objective.pop_input_tokens()   # answers it sampled itself
         if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and items is not None:
             # as Trainer.compute_loss: gradients are averaged over processes, the token count was summed
             scale = self.accelerator.num_processes // self.get_tp_size()
@@ -151,6 +152,8 @@ class MedtuneTrainer(Trainer):
     def _track_num_input_tokens(self, inputs) -> None:
         """Packed batches carry no attention mask, or a 4-D block mask (packing mode ``mask``): count the tokens
         that are not padding instead."""
+        if "input_ids" not in inputs:   # prompts an objective completes itself (GRPO): counted where it trains
+            return
         mask = inputs.get("attention_mask")
         if (mask is not None and mask.dim() == 2) or self.args.include_num_input_tokens_seen == "no":
             return super()._track_num_input_tokens(inputs)

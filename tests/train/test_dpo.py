@@ -82,7 +82,7 @@ def test_the_loss_is_dpo_s_formula_and_log_2_while_the_policy_is_the_reference()
                 out.append(logits[kept].log_softmax(-1).gather(-1, targets[kept][:, None]).sum())
             return torch.stack(out)
 
-        policy, reference = logps(vlm.model), logps(objective.reference)
+        policy, reference = logps(vlm.model), logps(objective.reference.frozen)
     margins = 0.5 * ((policy[:3] - reference[:3]) - (policy[3:] - reference[3:]))
     assert loss == pytest.approx(float(-torch.nn.functional.logsigmoid(margins).mean()), abs=1e-5)
     assert loss != pytest.approx(math.log(2), abs=1e-3)

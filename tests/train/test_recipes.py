@@ -68,7 +68,9 @@ def test_recipe_runs_tiny_and_trains_only_its_parts(name, tmp_path):
         for part, tensors in after.items():
             changed = [n for n, t in tensors.items() if not torch.equal(t, before[part][n])]
             if getattr(stage.lr, part) > 0 or part in adapted:
-                assert changed, f"{name} stage {stage.name}: {part} should train"
+                # GRPO learns from answers that score apart; every sampled answer of the tiny random model
+                # scores 0 on the strict metric, so no advantage moves it (tests/train/test_grpo.py trains one)
+                assert changed or stage.method == "grpo", f"{name} stage {stage.name}: {part} should train"
             else:
                 assert changed == [], f"{name} stage {stage.name}: frozen {part} changed: {changed[:3]}"
         # the stage's template, else the recipe model's (a preset model of its own kind brings its own)

@@ -279,6 +279,14 @@ class VLM(ABC):
         compares), through the same inputs and exact speed-ups as :meth:`training_loss`."""
         import torch
 
+        token_logps, rows = self.labelled_token_logps(model, inputs, speedups)
+        return torch.zeros(inputs["labels"].shape[0], dtype=torch.float32, device=token_logps.device).index_add(
+            0, rows, token_logps)
+
+    def labelled_token_logps(self, model, inputs: dict[str, Any], speedups: Speedups | None = None):
+        """(log-probabilities [T] float32, row of each [T]) of every labelled token, in row-major order."""
+        import torch
+
         inputs = {key: value for key, value in inputs.items() if key not in (SAMPLE_METADATA, SAMPLE_INDEX)}
         speedups = self.exact_speedups() if speedups is None else speedups
         inputs = self.prepare_training_inputs(model, inputs, speedups)
@@ -291,9 +299,7 @@ class VLM(ABC):
             logits = model(**inputs).logits[keep]
         logits = logits.reshape(-1, logits.shape[-1]).float()
         token_logps = logits.log_softmax(-1).gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)
-        rows = keep.nonzero()[:, 0]
-        return torch.zeros(labels.shape[0], dtype=torch.float32, device=token_logps.device).index_add(
-            0, rows.to(token_logps.device), token_logps)
+        return token_logps, keep.nonzero()[:, 0].to(token_logps.device)
 
     def auxiliary_loss(self, model, inputs: dict[str, Any], num_items_in_batch=None):
         """What the model adds to any training objective's loss, from the forward pass ``model`` just ran on

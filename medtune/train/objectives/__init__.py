@@ -35,6 +35,7 @@ METHODS = {
     "sft": "medtune.train.objectives.sft:SFT",
     "router": "medtune.train.objectives.router:RouterFit",
     "dpo": "medtune.train.objectives.dpo:DPO",
+    "grpo": "medtune.train.objectives.grpo:GRPO",
 }
 DEFAULT_METHOD = "sft"
 

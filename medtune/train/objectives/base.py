@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 MODEL_DIR = "model"
-SECTIONS = {"router": "router", "dpo": "dpo"}
+SECTIONS = {"router": "router", "dpo": "dpo", "grpo": "grpo"}
 """A stage's settings sections that belong to one method each (section -> method)."""
 
 
@@ -83,6 +83,12 @@ class Objective:
         kind adds to every objective (:meth:`VLM.auxiliary_loss <medtune.models.kinds.base.VLM.auxiliary_loss>`)."""
         return vlm.training_loss(model, inputs, num_items_in_batch, speedups=speedups)
 
+    def count_tokens(self, dataset) -> tuple[int, int]:
+        """(all tokens, trained tokens) of the encoded stage data, for the stage's summary."""
+        from medtune.train.data import count_tokens
+
+        return count_tokens(dataset)
+
     def prepare(self, vlm, model, stage) -> None:
         """Called once before the first step (and before a resumed run loads its checkpoint): what the method
         keeps of the starting model (nothing for SFT)."""
@@ -90,6 +96,11 @@ class Objective:
     def pop_metrics(self) -> dict[str, float]:
         """Metrics the method logs beside the loss, averaged since the last log (none for SFT)."""
         return {}
+
+    def pop_input_tokens(self) -> int:
+        """Tokens the method fed the model since the last call beyond the batch Trainer counted (the answers a
+        method samples itself); none for SFT."""
+        return 0
 
     def write_report(self, vlm, directory: Path) -> None:
         """What the stage adds to its folder beside the summary (the kind's report, e.g. expert usage)."""

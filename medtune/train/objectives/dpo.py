@@ -27,12 +27,12 @@ encoded in memory (not through the token cache), pixels included.
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from medtune.train.objectives.base import Objective
+from medtune.train.objectives.reference import Reference
 
 
 @dataclass
@@ -53,7 +53,7 @@ class DPO(Objective):
     token_normalised: ClassVar[bool] = False   # a mean over the micro-batch's pairs
 
     def __init__(self) -> None:
-        self.reference = None
+        self.reference = Reference()
         self.beta = DPOSettings().beta
         self.metrics: dict[str, list[float]] = {}
 
@@ -112,12 +112,7 @@ class DPO(Objective):
     def prepare(self, vlm, model, stage) -> None:
         """The reference: the adapters switched off under LoRA, else a frozen copy of the starting model."""
         self.beta = self.settings(stage).beta
-        if hasattr(getattr(model, "module", model), "disable_adapter"):
-            self.reference = None
-            return
-        self.reference = copy.deepcopy(vlm.model).eval()
-        for parameter in self.reference.parameters():
-            parameter.requires_grad_(False)
+        self.reference.take(vlm, model)
 
     def loss(self, vlm, model, inputs: dict[str, Any], num_items_in_batch=None, speedups=None):
         import torch
@@ -127,12 +122,7 @@ class DPO(Objective):
         extra = vlm.auxiliary_loss(model, inputs)
         if model.training and vlm.experts is not None:
             vlm.experts.count_training_tokens(model, inputs)
-        with torch.no_grad():
-            if self.reference is None:
-                with getattr(model, "module", model).disable_adapter():
-                    reference = vlm.labelled_logps(model, inputs, speedups)
-            else:
-                reference = vlm.labelled_logps(self.reference, inputs, speedups)
+        reference = self.reference.logps(vlm, model, inputs, speedups)
         pairs = policy.shape[0] // 2
         rewards = self.beta * (policy - reference)
         chosen, rejected = rewards[:pairs], rewards[pairs:]

@@ -1,0 +1,167 @@
+"""GRPO: rewards that are the evaluation's metrics, the loss against its formula on fixed rollouts (both
+normalisations, with the KL to the reference), and a stage that samples, learns and resumes exactly."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import types
+
+import pytest
+
+from medtune.eval.strict import score_item
+from medtune.train.recipe import RecipeError, parse_recipe
+
+torch = pytest.importorskip("torch")
+
+torch.set_num_threads(1)
+
+DATA = {"path": "bundled:vqa_rad/trainset.json", "format": "vqa-rad", "limit": 8}
+
+
+@pytest.mark.parametrize("answer, truth, kind, choices", [
+    ("Yes, there is.", "yes", "closed", None), ("no", "Yes", "closed", None), ("maybe", "yes", "closed", None),
+    ("B", "Lung", "mcq", ["Heart", "Lung"]), ("(A) Heart", "Lung", "mcq", ["Heart", "Lung"]),
+    ("the left lung", "Left lung", "open", None), ("lung", "left lung", "open", None)])
+def test_the_strict_reward_is_the_strict_metric(answer, truth, kind, choices):
+    from medtune.eval.rewards import strict_reward
+
+    scores = score_item(answer, truth, kind, choices)
+    assert strict_reward(answer, truth, kind, choices) == scores.get("accuracy", scores.get("exact"))
+    assert strict_reward(f"<think>x</think><answer>{answer}</answer>", truth, kind, choices) == \
+        strict_reward(answer, truth, kind, choices)
+
+
+def test_the_format_reward_wants_think_then_answer():
+    from medtune.eval.rewards import format_reward
+
+    assert format_reward("<think>the apex is clear</think> <answer>no</answer>", "no", "closed") == 1.0
+    assert format_reward("<answer>no</answer>", "no", "closed") == 0.0
+    assert format_reward("no", "no", "closed") == 0.0
+
+
+def test_settings_are_checked_by_name():
+    def error(grpo):
+        with pytest.raises(RecipeError) as info:
+            parse_recipe({"model": "m", "output_dir": "o", "stages": [
+                {"name": "g", "method": "grpo", "data": {"path": "x"}, "lr": {"llm": 1e-5}, "grpo": grpo}]})
+        return str(info.value)
+
+    assert "grpo.rewards: unknown reward 'exact' (known: strict, format)" in error({"rewards": {"exact": 1.0}})
+    assert "grpo.group_size: must be an integer of at least 2, got 1" in error({"group_size": 1})
+    assert "grpo.normalise: 'mean' is not one of token, sequence" in error({"normalise": "mean"})
+
+
+@pytest.mark.parametrize("normalise", ["token", "sequence"])
+def test_the_loss_is_grpo_s_formula_on_fixed_rollouts(normalise):
+    """Two prompts, two completions each, rewards 1, 0 | 0, 0: the advantages, the KL estimator and the average
+    as the formula gives them, from the policy's and the reference's per-token log-probs."""
+    from medtune.models.build import build_vlm
+    from medtune.models.presets import tiny_spec
+    from medtune.train.objectives.grpo import GRPO, GRPOSettings
+
+    vlm = build_vlm(tiny_spec())
+    objective = GRPO()
+    objective.prepare(vlm, vlm.model, types.SimpleNamespace(grpo=GRPOSettings(group_size=2, beta=0.5,
+                                                                              normalise=normalise)))
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 200, (4, 12), generator=generator)
+    labels = torch.full_like(ids, -100)
+    lengths = [3, 5, 2, 4]
+    for row, n in enumerate(lengths):
+        labels[row, 12 - n:] = ids[row, 12 - n:]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    objective._rollouts = lambda vlm, prompts: (batch, rewards, {"strict": rewards})
+    with torch.no_grad():
+        for parameter in vlm.model.model.language_model.parameters():   # the policy leaves the reference
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+        loss = float(objective.loss(vlm, vlm.model, {"prompts": [{}, {}]})[0])
+
+        def token_logps(model):
+            logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+            targets = labels[:, 1:]
+            kept = targets != -100
+            return [logits[r][kept[r]].log_softmax(-1).gather(-1, targets[r][kept[r]][:, None])[:, 0]
+                    for r in range(4)]
+
+        policy, reference = token_logps(vlm.model), token_logps(objective.reference.frozen)
+    advantages = [(1 - 0.5) / (math.sqrt(0.5) + 1e-4), (0 - 0.5) / (math.sqrt(0.5) + 1e-4), 0.0, 0.0]
+    per_row = [-advantages[r] + 0.5 * (torch.exp(reference[r] - policy[r]) - (reference[r] - policy[r]) - 1)
+               for r in range(4)]
+    if normalise == "token":
+        expected = float(torch.cat(per_row).sum() / sum(lengths))
+    else:
+        expected = float(torch.stack([p.mean() for p in per_row]).mean())
+    assert loss == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def _length_reward(completion, truth, answer_type, choices=None) -> float:
+    return len(completion) / 10   # varies between samples of a random model: advantages that are not 0
+
+
+def _run(folder, max_steps, resume=False):
+    from medtune.train.run import run_recipe
+
+    recipe = parse_recipe({
+        "model": {"preset": "tiny"}, "output_dir": str(folder), "report_to": ["none"],
+        "cache_dir": str(folder.parent / "cache"),
+        "stages": [{"name": "grpo", "method": "grpo", "data": DATA, "lr": {"llm": 1e-3}, "max_steps": max_steps,
+                    "batch_size": 2, "save_steps": 2, "log_steps": 1, "schedule": "constant", "warmup_ratio": 0.0,
+                    "max_length": 256, "grpo": {"group_size": 3, "max_new_tokens": 6, "beta": 0.1,
+                                                "rewards": {"length": 1.0, "strict": 1.0}}}]})
+    run_recipe(recipe, resume=resume)
+    return folder / "stage-0-grpo"
+
+
+@pytest.mark.slow
+def test_a_grpo_stage_samples_learns_and_resumes_exactly(tmp_path, monkeypatch):
+    from medtune.eval import rewards
+    from medtune.models.build import load_vlm
+    from medtune.train.run import read_metrics
+
+    monkeypatch.setitem(rewards.REWARDS, "length", _length_reward)
+    whole = _run(tmp_path / "whole", 4)
+    logged = [m for m in read_metrics(whole / "metrics.jsonl") if "loss" in m]
+    assert logged[0]["kl"] == pytest.approx(0.0, abs=1e-7)   # the first step's policy is the reference
+    assert all(0 < m["completion_length"] <= 6 and m["reward_std"] > 0 for m in logged)
+    assert {"reward", "reward/length", "reward/strict"} <= set(logged[0])
+    summary = json.loads((whole / "summary.json").read_text())
+    assert summary["method"] == "grpo" and summary["samples"] == 8
+
+    resumed = _run(tmp_path / "resumed", 2)
+    shutil.rmtree(resumed / "model")   # as if the run had stopped after checkpoint-2
+    (resumed / "summary.json").unlink()
+    _run(tmp_path / "resumed", 4, resume=True)
+    a = dict(load_vlm(whole / "model").model.named_parameters())
+    b = dict(load_vlm(resumed / "model").model.named_parameters())
+    start = dict(load_vlm(resumed / "checkpoint-2").model.named_parameters())
+    assert any(not torch.equal(a[n], start[n]) for n in a)   # steps 3 and 4 trained
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, moe", [({"preset": "tiny"}, {"layers": [0], "num_experts": 2}),
+                                        ({"preset": "tiny-qwen2-vl"}, None), ({"preset": "tiny-chameleon"}, None)],
+                         ids=["moe", "native", "discrete"])
+def test_every_kind_samples_and_trains_a_grpo_stage(model, moe, tmp_path, monkeypatch):
+    """The rollouts are the kind's own generation and prompts (a native family's token types and image grids,
+    the discrete kind's text-only answers): every kind samples answers, trains on them and saves its model."""
+    from medtune.eval import rewards
+    from medtune.models.build import load_vlm
+    from medtune.train.run import read_metrics, run_recipe
+
+    monkeypatch.setitem(rewards.REWARDS, "length", _length_reward)
+    stage = {"name": "grpo", "method": "grpo", "data": {**DATA, "limit": 4}, "max_steps": 2, "batch_size": 2,
+             "log_steps": 1, "max_length": 512, "lr": {"llm": 1e-2, **({"experts": 1e-2} if moe else {})},
+             "grpo": {"group_size": 2, "max_new_tokens": 4, "beta": 0.0, "rewards": {"length": 1.0}},
+             **({"moe": moe} if moe else {})}
+    run_recipe(parse_recipe({"model": model, "output_dir": str(tmp_path / "run"), "report_to": ["none"],
+                             "cache_dir": str(tmp_path / "cache"), "stages": [stage]}))
+    directory = tmp_path / "run" / "stage-0-grpo"
+    logged = [m for m in read_metrics(directory / "metrics.jsonl") if "loss" in m]
+    assert all(0 < m["completion_length"] <= 4 for m in logged)
+    summary = json.loads((directory / "summary.json").read_text())
+    assert summary["tokens"] > 0 and summary["method"] == "grpo"
+    trained = load_vlm(directory / "model")
+    assert (trained.experts is not None) == (moe is not None)
