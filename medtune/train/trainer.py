@@ -94,7 +94,11 @@ class MedtuneTrainer(Trainer):
         # whole accumulated batch, which it does when it accepts loss kwargs (as Trainer.compute_loss assumes).
         items = num_items_in_batch if self.model_accepts_loss_kwargs else None
         loss, outputs = self.objective.loss(self.vlm, model, inputs, items, speedups=self.speedups)
-        self.state.num_input_tokens_seen += self.objective.pop_input_tokens()   # answers it sampled itself
+        sampled = self.objective.pop_input_tokens()   # answers the objective sampled itself (GRPO)
+        if sampled:
+            import torch
+
+            self.state.num_input_tokens_seen += int(self.accelerator.gather(torch.tensor(sampled)).sum())
         if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and items is not None:
             # as Trainer.compute_loss: gradients are averaged over processes, the token count was summed
             scale = self.accelerator.num_processes // self.get_tp_size()

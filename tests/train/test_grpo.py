@@ -165,3 +165,40 @@ def test_every_kind_samples_and_trains_a_grpo_stage(model, moe, tmp_path, monkey
     assert summary["tokens"] > 0 and summary["method"] == "grpo"
     trained = load_vlm(directory / "model")
     assert (trained.experts is not None) == (moe is not None)
+
+
+def test_each_sampled_answer_trains_up_to_its_end_of_turn():
+    """The rollout batch: left-padded prompts, then each answer's tokens labelled and attended up to and with
+    its first end of turn (an answer that never ends keeps them all); token-type columns extended as text; the
+    rewards in prompt-major order, each prompt's answers scored against its own reference."""
+    from medtune.models.build import build_vlm
+    from medtune.models.presets import tiny_spec
+    from medtune.train.objectives.grpo import GRPO, GRPOSettings
+
+    vlm = build_vlm(tiny_spec())
+    objective = GRPO()
+    objective.prepare(vlm, vlm.model, types.SimpleNamespace(grpo=GRPOSettings(group_size=2, beta=0.0)))
+    end = objective.generator.eos_token_ids[0]
+    yes, no = (vlm.tokenizer.convert_tokens_to_ids(vlm.tokenizer.tokenize(word))[0] for word in ("yes", "no"))
+    prompts = torch.tensor([[0, 5, 6], [0, 5, 6], [7, 8, 9], [7, 8, 9]])
+    batch = {"input_ids": prompts, "attention_mask": (prompts != 0).long(), "token_type_ids": torch.zeros_like(prompts)}
+    new = torch.tensor([[yes, end, 12, 13], [14, 15, 16, 17], [end, 0, 0, 0], [no, 19, end, 0]])
+    objective.generator.sample = lambda encodings, settings: (batch, torch.cat([prompts, new], dim=1))
+    rows = [{"prompt": None, "truth": "yes", "answer_type": "closed", "choices": None},
+            {"prompt": None, "truth": "no", "answer_type": "closed", "choices": None}]
+    training, rewards, _ = objective._rollouts(vlm, rows)
+    assert training["labels"][:, :3].eq(-100).all()
+    assert training["labels"][:, 3:].tolist() == [[yes, end, -100, -100], [14, 15, 16, 17], [end, -100, -100, -100],
+                                                  [no, 19, end, -100]]
+    assert training["attention_mask"].tolist() == [[0, 1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1, 1],
+                                                   [1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0]]
+    assert training["token_type_ids"].shape == (4, 7) and not training["token_type_ids"].any()
+    answers = [vlm.decode_output(row)[0] for row in ([yes], [14, 15, 16, 17], [], [no, 19])]
+    expected = [strict(answers[i], ["yes", "yes", "no", "no"][i]) for i in range(4)]
+    assert rewards.tolist() == expected and expected[0] == 1.0
+
+
+def strict(answer, truth):
+    from medtune.eval.rewards import strict_reward
+
+    return strict_reward(answer, truth, "closed")

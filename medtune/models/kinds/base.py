@@ -283,8 +283,10 @@ class VLM(ABC):
         return torch.zeros(inputs["labels"].shape[0], dtype=torch.float32, device=token_logps.device).index_add(
             0, rows, token_logps)
 
-    def labelled_token_logps(self, model, inputs: dict[str, Any], speedups: Speedups | None = None):
-        """(log-probabilities [T] float32, row of each [T]) of every labelled token, in row-major order."""
+    def labelled_token_logps(self, model, inputs: dict[str, Any], speedups: Speedups | None = None, *,
+                             temperature: float = 1.0):
+        """(log-probabilities [T] float32, row of each [T]) of every labelled token, in row-major order, under the
+        distribution sampled at ``temperature`` (the logits divided by it)."""
         import torch
 
         inputs = {key: value for key, value in inputs.items() if key not in (SAMPLE_METADATA, SAMPLE_INDEX)}
@@ -297,7 +299,7 @@ class VLM(ABC):
             logits = model(**inputs, logits_to_keep=keep).logits   # the labelled positions only, in order
         else:
             logits = model(**inputs).logits[keep]
-        logits = logits.reshape(-1, logits.shape[-1]).float()
+        logits = logits.reshape(-1, logits.shape[-1]).float() / temperature
         token_logps = logits.log_softmax(-1).gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)
         return token_logps, keep.nonzero()[:, 0].to(token_logps.device)
 

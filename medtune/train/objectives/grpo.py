@@ -17,9 +17,12 @@ reference forward runs. Sampling draws from torch's RNG, which Trainer's checkpo
 samples what an uninterrupted one would. Logged per step: ``reward`` (weighted), ``reward/<name>`` per function,
 ``reward_std`` (the mean spread within groups), ``kl`` and ``completion_length``.
 
-Limits: no packing or length grouping (a batch is prompts, not rows); no eval_data (a GRPO stage has no
-validation loss: evaluate its model with ``medtune eval run``); generation runs in the training process (HF
-``generate``, not vLLM); prompts and their images are kept in memory.
+Log-probabilities are taken at the sampling temperature (the logits divided by it), for the policy and the
+reference alike. Limits: no packing or length grouping (a batch is prompts, not rows); no eval_data (a GRPO stage
+has no validation loss: evaluate its model with ``medtune eval run``); generation runs in the training process
+(HF ``generate`` on the unwrapped model: one process, DDP or LoRA, not FSDP or ZeRO-3 sharding, not vLLM); dropout
+(LoRA's included) stays on in the policy's forward while answers are sampled without it, so set it to 0; no
+routing report for models with experts; prompts and their images are kept in memory.
 """
 from __future__ import annotations
 
@@ -58,11 +61,12 @@ class GRPOSettings:
                                                                                        and value < 2):
                 raise ValueError(f"{name}: must be an integer of at least {2 if name == 'group_size' else 1}, "
                                  f"got {value!r}")
-        for name, low in (("beta", 0.0), ("temperature", 1e-6)):
+        for name, low, high in (("beta", 0.0, math.inf), ("temperature", 1e-6, 2.0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                    math.isfinite(value) and value >= low):
-                raise ValueError(f"{name}: must be a number >= {low:g}, got {value!r}")
+                    math.isfinite(value) and low <= value <= high):
+                bounds = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+                raise ValueError(f"{name}: must be a number {bounds}, got {value!r}")
         if not isinstance(self.rewards, dict) or not self.rewards:
             raise ValueError(f"rewards: a mapping of reward names to weights, e.g. {{strict: 1.0}}, got {self.rewards!r}")
         for name, weight in self.rewards.items():
@@ -150,12 +154,13 @@ class GRPO(Objective):
         advantages = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1)
         if model.training:
             self.input_tokens += int(batch["attention_mask"].sum())
-        token_logps, rows = vlm.labelled_token_logps(model, batch, speedups)
+        temperature = self.settings.temperature   # the distribution the answers were sampled from
+        token_logps, rows = vlm.labelled_token_logps(model, batch, speedups, temperature=temperature)
         extra = vlm.auxiliary_loss(model, batch)   # from the policy's forward, before the reference's
         per_token = -torch.exp(token_logps - token_logps.detach()) * advantages.to(token_logps.device)[rows]
         kl = torch.zeros_like(token_logps)
         if self.settings.beta:
-            reference, _ = self.reference.token_logps(vlm, model, batch, speedups)
+            reference, _ = self.reference.token_logps(vlm, model, batch, speedups, temperature=temperature)
             delta = reference - token_logps
             kl = torch.exp(delta) - delta - 1
             per_token = per_token + self.settings.beta * kl
@@ -213,9 +218,10 @@ class GRPO(Objective):
         return (sums[answered] / counts[answered]).mean()
 
     def _record(self, rewards, named, grouped, kl, rows, lengths) -> None:
-        values = {"reward": rewards.mean(), "reward_std": grouped.std(1).mean(),
-                  "kl": kl.mean() if kl.numel() else kl.new_zeros(()), "completion_length": lengths.mean(),
+        values = {"reward": rewards.mean(), "reward_std": grouped.std(1).mean(), "completion_length": lengths.mean(),
                   **{f"reward/{name}": value.mean() for name, value in named.items()}}
+        if self.settings.beta and kl.numel():   # measured only where there is a reference
+            values["kl"] = kl.mean()
         for name, value in values.items():
             self.metrics.setdefault(name, []).append(float(value.detach()))
 

@@ -24,7 +24,7 @@ class Reference:
         for parameter in self.frozen.parameters():
             parameter.requires_grad_(False)
 
-    def token_logps(self, vlm, model, inputs, speedups=None):
+    def token_logps(self, vlm, model, inputs, speedups=None, *, temperature: float = 1.0):
         """:meth:`VLM.labelled_token_logps <medtune.models.kinds.base.VLM.labelled_token_logps>` of the
         reference (``model``: the policy being trained, whose adapters are switched off when there is no copy)."""
         import torch
@@ -32,8 +32,8 @@ class Reference:
         with torch.no_grad():
             if self.frozen is None:
                 with getattr(model, "module", model).disable_adapter():
-                    return vlm.labelled_token_logps(model, inputs, speedups)
-            return vlm.labelled_token_logps(self.frozen, inputs, speedups)
+                    return vlm.labelled_token_logps(model, inputs, speedups, temperature=temperature)
+            return vlm.labelled_token_logps(self.frozen, inputs, speedups, temperature=temperature)
 
     def logps(self, vlm, model, inputs, speedups=None):
         """Per-row sums of :meth:`token_logps`."""
