@@ -161,20 +161,29 @@ class EncodedDataset:
 
 
 def encode_in_memory(spec, vlm, *, max_length: int, tally: Tally, seed: int = 0) -> EncodedDataset:
+    return EncodedDataset(encode_each(
+        spec, lambda sample, root: vlm.encode_sample(sample, root, max_length=max_length, truncation=spec.truncation),
+        tally=tally, seed=seed, what="training samples"))
+
+
+def encode_each(spec, encode, *, tally: Tally, seed: int = 0, what: str) -> list:
+    """``encode(sample, image_root)`` of every sample of the stage's data, kept in memory. A sample it refuses
+    (:class:`~medtune.models.processing.SkipSample`) is counted in ``tally`` with its reason, or stops the run
+    with ``strict``; no usable row at all is an error naming ``what`` was looked for."""
     from medtune.models.processing import SkipSample
 
     rows = []
     for sample, root in iter_stage_samples(spec, tally, seed=seed):
         try:
-            rows.append(vlm.encode_sample(sample, root, max_length=max_length, truncation=spec.truncation))
+            rows.append(encode(sample, root))
         except SkipSample as skip:
             if spec.strict:
                 raise RecipeError(f"sample {sample.id}: {skip}") from None
             tally.skip(skip.reason, f"{sample.id}: {skip}")
     tally.written += len(rows)
     if not rows:
-        raise RecipeError(f"no usable training samples ({tally.summary()})")
-    return EncodedDataset(rows)
+        raise RecipeError(f"no usable {what} ({tally.summary()})")
+    return rows
 
 
 def count_tokens(dataset) -> tuple[int, int]:

@@ -93,9 +93,16 @@ class Objective:
         """Called once before the first step (and before a resumed run loads its checkpoint): what the method
         keeps of the starting model (nothing for SFT)."""
 
+    def record(self, values: dict[str, Any]) -> None:
+        """Add one training batch's metrics (numbers or 0-d tensors) to those :meth:`pop_metrics` averages."""
+        metrics = self.__dict__.setdefault("_metrics", {})
+        for name, value in values.items():
+            metrics.setdefault(name, []).append(float(value.detach() if hasattr(value, "detach") else value))
+
     def pop_metrics(self) -> dict[str, float]:
         """Metrics the method logs beside the loss, averaged since the last log (none for SFT)."""
-        return {}
+        metrics = self.__dict__.pop("_metrics", {})
+        return {name: sum(values) / len(values) for name, values in metrics.items() if values}
 
     def pop_input_tokens(self) -> int:
         """Tokens the method fed the model since the last call beyond the batch Trainer counted (the answers a

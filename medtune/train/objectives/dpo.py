@@ -55,7 +55,6 @@ class DPO(Objective):
     def __init__(self) -> None:
         self.reference = Reference()
         self.beta = DPOSettings().beta
-        self.metrics: dict[str, list[float]] = {}
 
     # ---- settings ---------------------------------------------------------------------------------------
 
@@ -77,29 +76,21 @@ class DPO(Objective):
         from medtune.data.jsonl import Tally
         from medtune.errors import RecipeError
         from medtune.models.processing import SkipSample
-        from medtune.train.data import iter_stage_samples
+        from medtune.train.data import encode_each
 
         try:
             vlm.use_label_rule(spec.labels)
         except ValueError as error:
             raise RecipeError(f"data.{error}") from None
-        tally, pairs = Tally(), []
-        for sample, root in iter_stage_samples(spec, tally, seed=seed):
-            try:
-                if sample.rejected is None:
-                    raise SkipSample("no rejected reply", "a DPO stage reads preference pairs (a 'rejected' reply)")
-                encoded = [vlm.encode_sample(s, root, max_length=max_length, truncation=spec.truncation)
-                           for s in (sample.with_reply(sample.messages[-1]), sample.with_reply(sample.rejected))]
-            except SkipSample as skip:
-                if spec.strict:
-                    raise RecipeError(f"sample {sample.id}: {skip}") from None
-                tally.skip(skip.reason, f"{sample.id}: {skip}")
-                continue
-            pairs.append(tuple(encoded))
-        tally.written += len(pairs)
-        if not pairs:
-            raise RecipeError(f"no usable preference pairs ({tally.summary()})")
-        return PairDataset(pairs), tally
+
+        def encode_pair(sample, root) -> tuple[dict, dict]:
+            if sample.rejected is None:
+                raise SkipSample("no rejected reply", "a DPO stage reads preference pairs (a 'rejected' reply)")
+            return tuple(vlm.encode_sample(s, root, max_length=max_length, truncation=spec.truncation)
+                         for s in (sample.with_reply(sample.messages[-1]), sample.with_reply(sample.rejected)))
+
+        tally = Tally()
+        return PairDataset(encode_each(spec, encode_pair, tally=tally, seed=seed, what="preference pairs")), tally
 
     def rows(self, dataset, stage):
         return dataset
@@ -130,19 +121,10 @@ class DPO(Objective):
         if extra is not None:
             loss = loss + extra
         if model.training:   # evaluation batches are not this step's pairs
-            self._record(chosen.detach(), rejected.detach())
+            self.record({"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+                         "rewards/margins": (chosen - rejected).mean(),
+                         "rewards/accuracies": (chosen > rejected).float().mean()})
         return loss, {"loss": loss}
-
-    def _record(self, chosen, rejected) -> None:
-        for name, value in (("rewards/chosen", chosen.mean()), ("rewards/rejected", rejected.mean()),
-                            ("rewards/margins", (chosen - rejected).mean()),
-                            ("rewards/accuracies", (chosen > rejected).float().mean())):
-            self.metrics.setdefault(name, []).append(float(value))
-
-    def pop_metrics(self) -> dict[str, float]:
-        means = {name: sum(values) / len(values) for name, values in self.metrics.items() if values}
-        self.metrics = {}
-        return means
 
 
 class PairDataset:

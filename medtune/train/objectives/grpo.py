@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from medtune.models.batch import IGNORE_INDEX
+from medtune.train.data import EncodedDataset
 from medtune.train.objectives.base import Objective
 from medtune.train.objectives.reference import Reference
 
@@ -86,7 +87,6 @@ class GRPO(Objective):
         self.reference = Reference()
         self.settings = GRPOSettings()
         self.generator = None
-        self.metrics: dict[str, list[float]] = {}
         self.input_tokens = 0
 
     # ---- settings ---------------------------------------------------------------------------------------
@@ -107,22 +107,11 @@ class GRPO(Objective):
     def dataset(self, spec, vlm, *, max_length: int, seed: int, cache_dir, progress: bool = True):
         """(prompts, tally): each labelled question encoded as a generation prompt, with its reference answer."""
         from medtune.data.jsonl import Tally
-        from medtune.errors import RecipeError
-        from medtune.models.processing import SkipSample, load_images
-        from medtune.models.templates import to_chat_messages
-        from medtune.train.data import iter_stage_samples
+        from medtune.train.data import encode_each
 
-        tally, rows = Tally(), []
-        for sample, root in iter_stage_samples(spec, tally, seed=seed):
-            try:
-                rows.append(_prompt_row(vlm, sample, root, max_length, load_images, to_chat_messages))
-            except SkipSample as skip:
-                if spec.strict:
-                    raise RecipeError(f"sample {sample.id}: {skip}") from None
-                tally.skip(skip.reason, f"{sample.id}: {skip}")
-        tally.written += len(rows)
-        if not rows:
-            raise RecipeError(f"no usable prompts ({tally.summary()})")
+        tally = Tally()
+        rows = encode_each(spec, lambda sample, root: _prompt_row(vlm, sample, root, max_length), tally=tally,
+                           seed=seed, what="prompts")
         return PromptDataset(rows), tally
 
     def rows(self, dataset, stage):
@@ -169,7 +158,7 @@ class GRPO(Objective):
             loss = loss + extra
         if model.training:
             lengths = torch.bincount(rows, minlength=rewards.shape[0]).float()
-            self._record(rewards, named, grouped, kl, rows, lengths)
+            self._record(rewards, named, grouped, kl, lengths)
         return loss, {"loss": loss}
 
     def _rollouts(self, vlm, prompts: list[dict]):
@@ -217,26 +206,21 @@ class GRPO(Objective):
         answered = counts > 0
         return (sums[answered] / counts[answered]).mean()
 
-    def _record(self, rewards, named, grouped, kl, rows, lengths) -> None:
+    def _record(self, rewards, named, grouped, kl, lengths) -> None:
         values = {"reward": rewards.mean(), "reward_std": grouped.std(1).mean(), "completion_length": lengths.mean(),
                   **{f"reward/{name}": value.mean() for name, value in named.items()}}
         if self.settings.beta and kl.numel():   # measured only where there is a reference
             values["kl"] = kl.mean()
-        for name, value in values.items():
-            self.metrics.setdefault(name, []).append(float(value.detach()))
+        self.record(values)
 
     def pop_input_tokens(self) -> int:
         tokens, self.input_tokens = self.input_tokens, 0
         return tokens
 
-    def pop_metrics(self) -> dict[str, float]:
-        means = {name: sum(values) / len(values) for name, values in self.metrics.items() if values}
-        self.metrics = {}
-        return means
 
-
-def _prompt_row(vlm, sample, root, max_length: int, load_images, to_chat_messages) -> dict:
-    from medtune.models.processing import SkipSample
+def _prompt_row(vlm, sample, root, max_length: int) -> dict:
+    from medtune.models.processing import SkipSample, load_images
+    from medtune.models.templates import to_chat_messages
 
     messages = to_chat_messages(sample)
     truth = sample.meta.answer
@@ -259,17 +243,8 @@ def _reward(name: str, text: str, row: dict) -> float:
     return REWARDS[name](text, row["truth"], row["answer_type"], row["choices"])
 
 
-class PromptDataset:
+class PromptDataset(EncodedDataset):
     """Encoded prompts with their reference answers: ``dataset[i]`` is one row (its prompt's tensors inside)."""
-
-    def __init__(self, rows: list[dict]):
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.rows[index]
 
     @property
     def lengths(self) -> list[int]:

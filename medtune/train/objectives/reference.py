@@ -27,20 +27,18 @@ class Reference:
     def token_logps(self, vlm, model, inputs, speedups=None, *, temperature: float = 1.0):
         """:meth:`VLM.labelled_token_logps <medtune.models.kinds.base.VLM.labelled_token_logps>` of the
         reference (``model``: the policy being trained, whose adapters are switched off when there is no copy)."""
-        import torch
-
-        with torch.no_grad():
-            if self.frozen is None:
-                with getattr(model, "module", model).disable_adapter():
-                    return vlm.labelled_token_logps(model, inputs, speedups, temperature=temperature)
-            return vlm.labelled_token_logps(self.frozen, inputs, speedups, temperature=temperature)
+        return self._run(model, lambda m: vlm.labelled_token_logps(m, inputs, speedups, temperature=temperature))
 
     def logps(self, vlm, model, inputs, speedups=None):
         """Per-row sums of :meth:`token_logps`."""
+        return self._run(model, lambda m: vlm.labelled_logps(m, inputs, speedups))
+
+    def _run(self, model, compute):
+        """``compute`` on the reference, without gradients: the frozen copy, else ``model`` with adapters off."""
         import torch
 
         with torch.no_grad():
             if self.frozen is None:
                 with getattr(model, "module", model).disable_adapter():
-                    return vlm.labelled_logps(model, inputs, speedups)
-            return vlm.labelled_logps(self.frozen, inputs, speedups)
+                    return compute(model)
+            return compute(self.frozen)
