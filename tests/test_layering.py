@@ -3,10 +3,10 @@
 Every ``import`` counts, including those inside functions (a lazy import still couples two modules). CLI modules
 are ``medtune/cli.py``, ``medtune/__main__.py`` and each package's ``cli.py``.
 
-Layers, bottom up: the package's ground floor (``medtune``, ``errors``, ``paths``, ``progress``, ``distributed``)
-< ``data`` <
-``models`` < ``train``, ``eval``, ``serve`` (side by side) < ``demo`` < every CLI module. A module may import
-from its own layer or below, never above (batch building lives in ``models`` so the model kinds can use it).
+Layers, bottom up: the package's ground floor (``medtune``, ``errors``, ``paths``, ``progress``, ``distributed``,
+``validation``) < ``data`` < ``models`` < ``train``, ``eval``, ``serve`` (side by side) < ``demo`` < every CLI
+module. A module may import from its own layer or below, never above (batch building lives in ``models`` so the
+model kinds can use it).
 """
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def is_cli(module: str) -> bool:
     return module in ("medtune.cli", "medtune.__main__") or module.endswith(".cli")
 
 
-LAYERS = {"medtune": 0, "errors": 0, "paths": 0, "progress": 0, "distributed": 0, "__main__": 5,
+LAYERS = {"medtune": 0, "errors": 0, "paths": 0, "progress": 0, "distributed": 0, "validation": 0, "__main__": 5,
           "data": 1, "models": 2, "train": 3, "eval": 3, "serve": 3, "demo": 4}
 CLI_LAYER = 5
 

@@ -6,9 +6,10 @@ stage n's output.
 
 Design choices:
 
-* Every section is a dataclass with one comment per field; :func:`parse_recipe` walks the YAML against those
-  type hints, so an unknown key, a wrong type or an impossible combination fails with the key's path, e.g.
-  ``stages[1].lr.projectr: unknown key (did you mean projector?)``. The walk goes on past a problem, and the
+* Every section is a dataclass with one comment per field; :func:`parse_recipe` has pydantic check the YAML
+  against those type hints (:mod:`medtune.validation`: strict scalars, unknown keys refused), so an unknown
+  key, a wrong type or an impossible combination fails with the key's path, e.g.
+  ``stages[1].lr.projectr: unknown key (did you mean projector?)``. Each stage is checked on its own and the
   cross-field rules run on every section that was readable, so one :class:`RecipeError` lists every problem of
   the recipe (one line each, key path first; ``error.problems`` holds them). Nothing heavy is imported here, so
   a bad recipe fails in milliseconds.
@@ -27,9 +28,7 @@ Design choices:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,98 +42,104 @@ from medtune.train.objectives import METHODS, method_of, objective_for
 from medtune.train.objectives.dpo import DPOSettings
 from medtune.train.objectives.grpo import GRPOSettings
 from medtune.models.moe.settings import MoESettings, RouterTraining   # plain Python, no torch
+from medtune.validation import (INVALID, Bool, Int, Mapping, Number, Str, describe, keys, section, unknown_keys,
+                                validate)
 
 
+@section
 @dataclass
 class DataSpec:
     """Where a stage's samples come from: one file in a known format, or a mixture of datasets."""
 
-    path: str | None = None            # a data file (canonical .jsonl, or any format medtune reads)
-    format: str | None = None          # a name from medtune.data.formats.FORMATS; None: detected from the content
-    image_root: str | None = None      # root of relative image paths; default: the data file's directory
-    mixture: str | None = None         # a `medtune mix` YAML or a GMAI-VL list JSON, instead of `path`
-    limit: int | None = None           # use only the first N samples (smoke tests, tiny runs)
+    path: Str | None = None            # a data file (canonical .jsonl, or any format medtune reads)
+    format: Str | None = None          # a name from medtune.data.formats.FORMATS; None: detected from the content
+    image_root: Str | None = None      # root of relative image paths; default: the data file's directory
+    mixture: Str | None = None         # a `medtune mix` YAML or a GMAI-VL list JSON, instead of `path`
+    limit: Int | None = None           # use only the first N samples (smoke tests, tiny runs)
     truncation: Literal["text", "drop"] = "text"   # over-long samples: cut text only, or drop and count
-    strict: bool = False               # stop at the first bad record instead of skipping and counting it
+    strict: Bool = False               # stop at the first bad record instead of skipping and counting it
     # Which tokens train: every reply (roles), or MedMax's rule for discrete-token models: everything after the
     # first end-of-turn token (first_separator).
     labels: Literal["roles", "first_separator"] = "roles"
     # Discrete-token models: precomputed image codes (`medtune tokenize-images` output, or MedMax's Parquet);
     # images without codes there are encoded by the model's VQ.
-    image_codes: str | None = None
+    image_codes: Str | None = None
 
 
+@section
 @dataclass
 class LearningRates:
     """Peak learning rate of each trainable part; 0 freezes the part."""
 
-    vision: float = 0.0      # the vision encoder
-    projector: float = 0.0   # the vision-to-language projector
-    llm: float = 0.0         # the language model, fully fine-tuned (embeddings and head included)
-    lora: float = 0.0        # the LoRA adapters (needs a `lora` section)
+    vision: Number = 0.0     # the vision encoder
+    projector: Number = 0.0  # the vision-to-language projector
+    llm: Number = 0.0        # the language model, fully fine-tuned (embeddings and head included)
+    lora: Number = 0.0       # the LoRA adapters (needs a `lora` section)
     # mixture-of-experts models only (a stage with a `moe` section, or a model made by one):
-    experts: float = 0.0     # the routed experts and the shared expert of every MoE layer
-    router: float = 0.0      # the router (gate) of every MoE layer
-    ffn: float = 0.0         # the FFNs of the layers without experts (Med-MoE trains them in stage 3)
+    experts: Number = 0.0    # the routed experts and the shared expert of every MoE layer
+    router: Number = 0.0     # the router (gate) of every MoE layer
+    ffn: Number = 0.0        # the FFNs of the layers without experts (Med-MoE trains them in stage 3)
 
 
 PARTS = ("vision", "projector", "llm", "lora", "experts", "router", "ffn")
 MOE_PARTS = ("experts", "router", "ffn")
 
 
+@section
 @dataclass
 class LoraSpec:
     """LoRA adapters through PEFT on the language model (and optionally the vision encoder)."""
 
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
+    r: Int = 16
+    alpha: Int = 32
+    dropout: Number = 0.05
     # Linear layer names inside the LLM (and vision tower, with `on_vision`) that get adapters.
-    target_modules: list[str] = field(default_factory=lambda: [
+    target_modules: list[Str] = field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    on_vision: bool = False                 # also adapt the vision tower's matching layers
-    on_experts: bool = False                # MoE models: adapters on every expert's fused weights too (rank r each)
+    on_vision: Bool = False                 # also adapt the vision tower's matching layers
+    on_experts: Bool = False                # MoE models: adapters on every expert's fused weights too (rank r each)
     quantize: Literal["4bit", "8bit"] | None = None   # QLoRA: needs CUDA and bitsandbytes
 
 
+@section
 @dataclass
 class Stage:
     """One training stage: its data, what trains, and the loop settings Trainer receives."""
 
-    name: str
+    name: Str
     data: DataSpec
     lr: LearningRates = field(default_factory=LearningRates)
     lora: LoraSpec | None = None
     eval_data: DataSpec | None = None   # optional held-out data, evaluated every `eval_steps`
-    epochs: float = 1.0                 # passes over the data; ignored when max_steps is set
-    max_steps: int | None = None        # optimizer steps; overrides epochs
+    epochs: Number = 1.0                # passes over the data; ignored when max_steps is set
+    max_steps: Int | None = None        # optimizer steps; overrides epochs
     schedule: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    batch_size: int = 1                 # per device
-    grad_accum: int = 1                 # gradient accumulation steps
-    max_length: int = 2048              # tokens per sample (per packed row with packing)
+    warmup_ratio: Number = 0.03
+    weight_decay: Number = 0.0
+    max_grad_norm: Number = 1.0
+    batch_size: Int = 1                 # per device
+    grad_accum: Int = 1                 # gradient accumulation steps
+    max_length: Int = 2048              # tokens per sample (per packed row with packing)
     # Pack several samples per row, kept apart by: position_ids (restart per sample), mask (an explicit block
     # mask) or flatten (one row, varlen kernels); true = the attention implementation's default (flatten for
     # flash-attention, mask for sdpa, position_ids for flex_attention and eager: medtune.models.packing).
-    packing: bool | Literal["position_ids", "mask", "flatten"] = False
+    packing: Bool | Literal["position_ids", "mask", "flatten"] = False
     # Batch samples of similar length (less padding; not with packing): each epoch's shuffled order is cut into
     # mega-batches of N batches, each sorted by length; true = 50 batches (transformers' choice). A small N keeps
     # batches of mixed kinds of samples and the loss free of a long-period swing (medtune.models.sampler).
-    group_by_length: bool | int = False
+    group_by_length: Bool | Int = False
     precision: Literal["fp32", "bf16"] = "fp32"
-    gradient_checkpointing: bool = False
-    template: str | None = None         # chat template for this stage; default: the recipe model's
+    gradient_checkpointing: Bool = False
+    template: Str | None = None         # chat template for this stage; default: the recipe model's
     # Mixture of experts: the FFNs of the chosen layers become experts before this stage trains (keys of
     # medtune.models.moe.settings.MoESettings, plus `preset: default | med-moe` and `router: random | FILE |
     # stage:NAME`, the router file a router stage of this recipe wrote).
-    moe: dict | None = None
+    moe: Mapping | None = None
     # What the stage optimises (medtune.train.objectives): sft (the default); dpo (preference pairs); grpo (RL on
     # the model's own sampled answers, rewarded by the evaluation's metrics); or router:
     # instead of training the model, fit a domain classifier on its hidden states and save it as the router file
     # an MoE stage loads.
-    method: str | None = None
+    method: Str | None = None
     # The router method's settings (medtune.models.moe.settings.RouterTraining); a stage with this section and no
     # method is a router stage.
     router: RouterTraining | None = None
@@ -142,17 +147,18 @@ class Stage:
     dpo: DPOSettings | None = None
     # The grpo method's settings (medtune.train.objectives.grpo.GRPOSettings: group_size, beta, rewards ...).
     grpo: GRPOSettings | None = None
-    save_steps: int = 500
-    eval_steps: int | None = None
-    log_steps: int = 10
-    keep_last_k: int = 2                # complete checkpoints kept on disk
-    dataloader_workers: int | None = None   # None: chosen from the usable cores (medtune.train.machine; 0 on a CPU)
+    save_steps: Int = 500
+    eval_steps: Int | None = None
+    log_steps: Int = 10
+    keep_last_k: Int = 2                # complete checkpoints kept on disk
+    dataloader_workers: Int | None = None   # None: chosen from the usable cores (medtune.train.machine; 0 on a CPU)
     # None: every usable core less the workers (or MEDTUNE_TORCH_THREADS); free: fewer while other processes keep
     # cores busy (faster on a shared machine, not bit-identical across runs; medtune.train.machine)
-    torch_threads: int | Literal["free"] | None = None
-    compile: bool = False               # torch.compile the model (Trainer's torch_compile; benchmarks/train_speed.py)
+    torch_threads: Int | Literal["free"] | None = None
+    compile: Bool = False               # torch.compile the model (Trainer's torch_compile; benchmarks/train_speed.py)
 
 
+@section
 @dataclass
 class DistributedSpec:
     """How the stage is sharded when launched with torchrun / accelerate launch (1 process: ignored)."""
@@ -160,42 +166,33 @@ class DistributedSpec:
     # ddp: replicate; fsdp2: shard parameters, gradients and optimizer state (FSDP2 via Accelerate);
     # zero2 / zero3: DeepSpeed (optional extra `medtune[deepspeed]`).
     strategy: Literal["ddp", "fsdp2", "zero2", "zero3"] = "ddp"
-    deepspeed_config: str | None = None   # a DeepSpeed JSON of your own instead of the built-in zero2/zero3
-    fsdp_config: dict = field(default_factory=dict)   # extra keys passed to Trainer's fsdp_config
-    backend: str | None = None           # torch.distributed backend (nccl on GPU, gloo on CPU by default)
+    deepspeed_config: Str | None = None   # a DeepSpeed JSON of your own instead of the built-in zero2/zero3
+    fsdp_config: Mapping = field(default_factory=dict)   # extra keys passed to Trainer's fsdp_config
+    backend: Str | None = None           # torch.distributed backend (nccl on GPU, gloo on CPU by default)
 
 
+@section
 @dataclass
 class Recipe:
     """A model and its training stages."""
 
-    model: str | dict                   # a checkpoint path / HF VLM name, or a ModelSpec mapping to compose one
-    output_dir: str
+    model: Str | Mapping                # a checkpoint path / HF VLM name, or a ModelSpec mapping to compose one
+    output_dir: Str
     stages: list[Stage]
-    description: str = ""
-    seed: int = 42
+    description: Str = ""
+    seed: Int = 42
     distributed: DistributedSpec = field(default_factory=DistributedSpec)
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])   # + wandb, mlflow if installed
-    cache_dir: str | None = None        # token cache (default: $MEDTUNE_CACHE/tokens, ~/.cache/medtune/tokens)
-    tiny_preset: str = "tiny"           # the model preset the tiny override (--tiny) swaps in
-    defaults: dict = field(default_factory=dict)   # merged under every stage (already applied once parsed)
+    report_to: list[Str] = field(default_factory=lambda: ["tensorboard"])   # + wandb, mlflow if installed
+    cache_dir: Str | None = None        # token cache (default: $MEDTUNE_CACHE/tokens, ~/.cache/medtune/tokens)
+    tiny_preset: Str = "tiny"           # the model preset the tiny override (--tiny) swaps in
+    defaults: Mapping = field(default_factory=dict)   # merged under every stage (already applied once parsed)
     # eager | sdpa | flex_attention | flash_attention_2, written as model.attn_implementation; None: the model's
     # own choice (transformers picks sdpa where it can)
-    attn_implementation: str | None = field(default=None, metadata={"written_as": "model.attn_implementation"})
+    attn_implementation: Str | None = field(default=None, metadata={"written_as": "model.attn_implementation"})
 
 
 REPORTERS = ("tensorboard", "wandb", "mlflow", "none")
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2")
-
-
-class _Invalid:
-    """What a section with problems builds to: its problems are recorded, its rules are not checked."""
-
-    def __repr__(self) -> str:
-        return "<invalid>"
-
-
-INVALID = _Invalid()
 
 
 def recipe_error(problems: list[str], prefix: str = "") -> RecipeError:
@@ -258,13 +255,18 @@ def parse_recipe(raw: dict) -> Recipe:
     stages = None
     if isinstance(stages_raw, list):
         if defaults:
-            _check_keys(defaults, Stage, "defaults", problems)
+            problems += unknown_keys(defaults, keys(Stage), "defaults")
             # an unknown default is reported once, as defaults.KEY, not again in every stage it merges into
-            defaults = {key: value for key, value in defaults.items() if key in _keys(Stage)}
-        stages = [_convert(_deep_merge(defaults, s) if isinstance(s, dict) else s, Stage, f"stages[{i}]", problems)
-                  for i, s in enumerate(stages_raw)]
-        raw["stages"] = []   # built above, one by one, so that a bad stage leaves the others checkable
-    recipe = _build(Recipe, raw, "", problems)
+            defaults = {key: value for key, value in defaults.items() if key in keys(Stage)}
+        stages = []
+        for index, stage in enumerate(stages_raw):   # one by one, so that a bad stage leaves the others checkable
+            stage, found = validate(Stage, _deep_merge(defaults, stage) if isinstance(stage, dict) else stage,
+                                    f"stages[{index}]")
+            stages.append(stage)
+            problems += found
+        raw["stages"] = []
+    recipe, found = validate(Recipe, raw)
+    problems += found
     if recipe is INVALID:   # the rules still run on what was readable
         recipe = Recipe.__new__(Recipe)
         reporters = raw.get("report_to", [])
@@ -274,7 +276,7 @@ def parse_recipe(raw: dict) -> Recipe:
     if stages is not None:
         recipe.stages = stages
     recipe.attn_implementation = attn_implementation
-    validate(recipe, problems)
+    validate_rules(recipe, problems)
     if problems:
         raise recipe_error(problems)
     return recipe
@@ -303,7 +305,7 @@ def _take_model_settings(raw: dict, problems: list[str]) -> str | None:
                             "model keys build a model)")
         checkpoint = model["checkpoint"]
         if not isinstance(checkpoint, str):
-            problems.append(f"model.checkpoint: expected a checkpoint path or hub name, got {_describe(checkpoint)}")
+            problems.append(f"model.checkpoint: expected a checkpoint path or hub name, got {describe(checkpoint)}")
         model = checkpoint
     raw["model"] = model
     return implementation
@@ -319,154 +321,10 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return merged
 
 
-# ---- typed construction ---------------------------------------------------------------------------------
-
-
-def _join(path: str, key: str | int) -> str:
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    return f"{path}.{key}" if path else key
-
-
-def _keys(cls: type) -> list[str]:
-    """The keys a section takes (fields written elsewhere, such as ``model.attn_implementation``, are not its)."""
-    return [f.name for f in dataclasses.fields(cls) if "written_as" not in f.metadata]
-
-
-def _check_keys(data: dict, cls: type, path: str, problems: list[str]) -> None:
-    known = _keys(cls)
-    for key in data:
-        if key not in known:
-            problems.append(f"{_join(path, str(key))}: unknown key ({suggestion(key, known)})")
-
-
-def _build(cls: type, data: Any, path: str, problems: list[str]):
-    """Make a dataclass ``cls`` from ``data``, checking every field against its type hint; every problem goes to
-    ``problems`` (the walk goes on) and a section with any problem builds to :data:`INVALID`."""
-    if not isinstance(data, dict):
-        problems.append(f"{path or 'recipe'}: expected a mapping, got {_describe(data)}")
-        return INVALID
-    before = len(problems)
-    _check_keys(data, cls, path, problems)
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for f in dataclasses.fields(cls):
-        where = _join(path, f.name)
-        if f.name in data and f.name in _keys(cls):
-            values[f.name] = _convert(data[f.name], hints[f.name], where, problems)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            problems.append(f"{where}: required key is missing")
-    if len(problems) > before or any(_invalid(v) for v in values.values()):
-        return INVALID
-    try:
-        return cls(**values)
-    except ValueError as error:   # a section's own checks (__post_init__); "field: reason" names the key
-        field_name, _, reason = str(error).partition(": ")
-        known = {f.name for f in dataclasses.fields(cls)}
-        problems.append(f"{_join(path, field_name)}: {reason}" if field_name in known and reason
-                        else f"{path}: {error}")
-        return INVALID
-
-
-def _invalid(value: Any) -> bool:
-    return value is INVALID or (isinstance(value, list) and any(item is INVALID for item in value))
-
-
-def _convert(value: Any, hint: Any, path: str, problems: list[str]):
-    """``value`` as ``hint``; a problem is recorded and gives :data:`INVALID`."""
-    try:
-        return _convert_value(value, hint, path, problems)
-    except RecipeError as error:
-        problems.append(str(error))
-        return INVALID
-
-
-def _convert_value(value: Any, hint: Any, path: str, problems: list[str]):
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        if len(options) == 1:
-            return _convert_value(value, options[0], path, problems)
-        for option in options:   # the first option that reads the value without a problem
-            scratch: list[str] = []
-            try:
-                converted = _convert_value(value, option, path, scratch)
-            except RecipeError:
-                continue
-            if not scratch and not _invalid(converted):
-                return converted
-        raise RecipeError(f"{path}: expected {_names(options)}, got {_describe(value)}")
-    if origin is Literal:
-        if value not in args:
-            raise RecipeError(f"{path}: {value!r} is not one of {', '.join(map(str, args))}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise RecipeError(f"{path}: expected a list, got {_describe(value)}")
-        return [_convert(item, args[0], _join(path, i), problems) for i, item in enumerate(value)]
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, path, problems)
-    return _scalar(value, hint, path)
-
-
-def _scalar(value: Any, hint: Any, path: str):
-    if hint is dict:
-        if not isinstance(value, dict):
-            raise RecipeError(f"{path}: expected a mapping, got {_describe(value)}")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise RecipeError(f"{path}: expected true or false, got {_describe(value)}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RecipeError(f"{path}: expected an integer, got {_describe(value)}")
-        return value
-    if hint is float:
-        # YAML reads "2e-3" (no dot) as a string; accept it as the number a person meant.
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"{path}: expected a number, got {_describe(value)}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise RecipeError(f"{path}: expected a string, got {_describe(value)}")
-        return value
-    raise TypeError(f"recipe field {path} has an unsupported type hint {hint!r}")
-
-
-def _type_name(hint: Any) -> str:
-    if hint is type(None):
-        return "null"
-    if dataclasses.is_dataclass(hint) or hint is dict:
-        return "a mapping"
-    if hint is bool:
-        return "true, false"
-    if typing.get_origin(hint) is Literal:
-        return f"one of {', '.join(map(str, typing.get_args(hint)))}"
-    return {str: "a string", int: "an integer", float: "a number"}.get(hint, getattr(hint, "__name__", str(hint)))
-
-
-def _names(options: list) -> str:
-    names = [_type_name(option) for option in options]
-    return ", ".join(names[:-1]) + " or " + names[-1]
-
-
-def _describe(value: Any) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text if len(text) < 40 else text[:37] + '...'}"
-
-
 # ---- cross-field rules ----------------------------------------------------------------------------------
 
 
-def validate(recipe: Recipe, problems: list[str] | None = None) -> None:
+def validate_rules(recipe: Recipe, problems: list[str] | None = None) -> None:
     """Rules no single field can check; each problem names the key to change. With ``problems`` they are
     appended there (sections that could not be read are skipped), else the first is raised."""
     collect = problems is not None
@@ -543,16 +401,15 @@ def moe_settings(stage: Stage, where: str = "") -> tuple[MoESettings, str]:
     preset, router = raw.pop("preset", "default"), raw.pop("router", "random")
     if not isinstance(router, str) or not router:
         raise RecipeError(f"{prefix}moe.router: expected random, a router file or stage:NAME, got {router!r}")
-    known = [f.name for f in dataclasses.fields(MoESettings)]
-    hints = typing.get_type_hints(MoESettings)
+    hints = typing.get_type_hints(MoESettings, include_extras=True)
+    problems = unknown_keys(raw, ["preset", "router", *hints], f"{prefix}moe")
     values = {}
     for key, value in raw.items():
-        if key not in known:
-            raise RecipeError(f"{prefix}moe.{key}: unknown key ({suggestion(key, ['preset', 'router', *known])})")
-        problems: list[str] = []
-        values[key] = _convert_value(value, hints[key], f"{prefix}moe.{key}", problems)
-        if problems:
-            raise RecipeError(problems[0])
+        if key in hints:
+            values[key], found = validate(hints[key], value, f"{prefix}moe.{key}")
+            problems += found
+    if problems:
+        raise RecipeError(problems[0])
     try:
         return MoESettings.preset(str(preset), **values), router
     except ValueError as error:   # the message starts with the key ("moe.num_experts: ...")
@@ -725,12 +582,7 @@ def _model_spec_problems(model: dict) -> list[str]:
 
     if model.get("preset") in MODEL_PRESETS:
         return []   # a preset that builds a model of its own kind: its settings are the builder's arguments
-    known = [f.name for f in fields(ModelSpec)] + ["preset"]
-    problems = []
-    for key in model:
-        if key not in known:
-            hint = suggestion(key, known, list_known=False)
-            problems.append(f"model.{key}: unknown key" + (f" ({hint})" if hint else ""))
+    problems = unknown_keys(model, [f.name for f in fields(ModelSpec)] + ["preset"], "model", list_known=False)
     if "preset" in model and model["preset"] not in PRESET_NAMES:
         problems.append(f"model.preset: {model['preset']!r} is not one of {', '.join(PRESET_NAMES)}")
     if "preset" not in model and not {"vision", "llm"} <= set(model):

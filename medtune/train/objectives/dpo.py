@@ -33,13 +33,15 @@ from typing import Any, ClassVar
 
 from medtune.train.objectives.base import Objective
 from medtune.train.objectives.reference import Reference
+from medtune.validation import Number, section
 
 
+@section
 @dataclass
 class DPOSettings:
     """A DPO stage's ``dpo`` section."""
 
-    beta: float = 0.1
+    beta: Number = 0.1
     """The inverse temperature of the implicit reward: larger keeps the policy nearer the reference."""
 
     def __post_init__(self) -> None:

@@ -34,23 +34,25 @@ from medtune.models.batch import IGNORE_INDEX
 from medtune.train.data import EncodedDataset
 from medtune.train.objectives.base import Objective
 from medtune.train.objectives.reference import Reference
+from medtune.validation import Int, Mapping, Number, Str, section
 
 NORMALISATIONS = ("token", "sequence")
 
 
+@section
 @dataclass
 class GRPOSettings:
     """A GRPO stage's ``grpo`` section."""
 
-    group_size: int = 4
+    group_size: Int = 4
     """Completions sampled per prompt (the group its advantages are normalised in)."""
-    beta: float = 0.04
+    beta: Number = 0.04
     """Weight of the KL term to the reference (0: no reference)."""
-    temperature: float = 1.0
-    max_new_tokens: int = 16
-    rewards: dict = field(default_factory=lambda: {"strict": 1.0})
+    temperature: Number = 1.0
+    max_new_tokens: Int = 16
+    rewards: Mapping = field(default_factory=lambda: {"strict": 1.0})
     """Reward functions (:data:`medtune.eval.rewards.REWARDS`) and their weights."""
-    normalise: str = "token"
+    normalise: Str = "token"
     """``token`` (every completion token of the batch weighs the same) or ``sequence`` (per completion first)."""
 
     def __post_init__(self) -> None:
