@@ -5,9 +5,10 @@ Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (plain, or ``stream
 
 Design choices:
 
-* Requests are validated by hand (``parse_chat_request``) rather than by a pydantic model, so that every bad
-  request gets OpenAI's error shape ``{"error": {"message", "type", "param", "code"}}`` with a message that
-  names the offending field (``messages[0].content[1].image_url``), and the server keeps serving.
+* Requests are validated by a pydantic model (``_ChatBody``: strict types, ranges, the messages' structure;
+  fields it does not read are ignored) and its first error is worded as OpenAI's error shape
+  ``{"error": {"message", "type", "param", "code"}}`` with a message that names the offending field
+  (``messages[0].content[1].image_url``); the server keeps serving.
 * Images arrive as ``image_url`` data URIs (PNG/JPEG/..., or ``application/dicom``) or as file paths under the
   one root the operator allows (``--allowed-image-root``; a path whose real path leaves it is refused with the
   same words as a missing file, and no message shows a server path). Remote URLs are never fetched.
@@ -61,7 +62,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
+                      ValidationError, field_validator)
 
 from medtune.models.generation import Completion, GenerationSettings, ImageSampling
 from medtune.serve.shutdown import GRACE_SECONDS, run_until_signalled, wait_until_listening
@@ -176,6 +180,107 @@ def _shown(value) -> str:
     return _SHORT_REPR.repr(value)
 
 
+def _rule(holds, message: str):
+    """A check pydantic runs after the type: ``message`` (with ``{}`` for the value) when ``holds`` is false."""
+    def check(value):
+        if not holds(value):
+            raise ValueError(message.format(_shown(value)))
+        return value
+    return AfterValidator(check)
+
+
+_Number = StrictInt | StrictFloat   # compared as given: an integer too large for a float is out of range
+
+
+def _tokens(name: str):
+    return Annotated[StrictInt, _rule(lambda n: n >= 1, f"'{name}' must be at least 1, got {{}}")]
+
+
+class _TextPart(BaseModel):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class _ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: Any = None   # checked by decode_image_part, which decodes it
+
+
+class _Message(BaseModel):
+    role: Annotated[Literal["system", "user", "assistant"],
+                    BeforeValidator(lambda role: ROLE_ALIASES.get(role, role) if isinstance(role, str) else role)]
+    content: StrictStr | list[Annotated[_TextPart | _ImagePart, Field(discriminator="type")]]
+
+
+class _ChatBody(BaseModel):
+    """What the server reads of a chat request, checked in this order (fields it does not read are ignored, as
+    OpenAI's clients send more than any one server uses); ``model`` and ``n`` are checked before."""
+
+    max_tokens: _tokens("max_tokens") | None = None
+    max_completion_tokens: _tokens("max_completion_tokens") | None = None
+    temperature: Annotated[_Number, _rule(lambda t: 0 <= t <= 2, "'temperature' must be between 0 and 2, got {}")] \
+        | None = None
+    top_p: Annotated[_Number, _rule(lambda p: 0 < p <= 1, "'top_p' must be greater than 0 and at most 1, got {}")] \
+        | None = None
+    stop: Annotated[StrictStr, Field(min_length=1)] | Annotated[list[Annotated[StrictStr, Field(min_length=1)]],
+                                                                Field(max_length=4)] | None = None
+    seed: Annotated[StrictInt, _rule(lambda seed: SEED_RANGE[0] <= seed <= SEED_RANGE[1],
+                                     f"'seed' must be a 64-bit integer ({SEED_RANGE[0]} to {SEED_RANGE[1]}), got {{}}")] \
+        | None = None
+    modalities: Annotated[list[Literal["text", "image"]], Field(min_length=1)] | None = None
+    image_sampling: dict[str, Any] | None = None   # its fields: _image_sampling
+    stream: StrictBool | None = None
+    stream_options: dict[str, Any] | None = None
+    messages: Annotated[list[_Message], Field(min_length=1)]
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_length(cls, stop):
+        if max(map(len, [stop] if isinstance(stop, str) else stop), default=0) > MAX_STOP_CHARACTERS:
+            raise ValueError(f"each 'stop' string may have at most {MAX_STOP_CHARACTERS} characters")
+        return stop
+
+
+# What a field must be, as its type error says ("'max_tokens' must be an integer, got 'many'")
+_FIELD_RULES = {"max_tokens": "must be an integer", "max_completion_tokens": "must be an integer",
+                "temperature": "must be a number", "top_p": "must be a number",
+                "stop": "must be a non-empty string or a list of at most 4 of them", "seed": "must be an integer",
+                "modalities": "must list text and/or image", "image_sampling": "must be an object",
+                "stream": "must be a boolean", "stream_options": "must be an object"}
+
+
+def _request_error(errors: list[dict], body: dict) -> ApiError:
+    """The first of pydantic's errors about a request, as OpenAI's error naming the field."""
+    first = errors[0]
+    name = first["loc"][0]
+    if name == "messages":
+        return _messages_error(errors, body)
+    if first["type"] == "value_error":   # a _rule or validator: its message is whole
+        return ApiError(400, str(first["ctx"]["error"]), param=name)
+    return ApiError(400, f"'{name}' {_FIELD_RULES[name]}, got {_shown(body.get(name))}", param=name)
+
+
+def _messages_error(errors: list[dict], body: dict) -> ApiError:
+    loc = errors[0]["loc"]
+    if body.get("messages") is None:
+        return ApiError(400, "missing required parameter 'messages'", param="messages")
+    if len(loc) == 1:
+        return ApiError(400, "'messages' must be a non-empty array of message objects", param="messages")
+    where = f"messages[{loc[1]}]"
+    if len(loc) == 2:
+        return ApiError(400, f"{where} must be an object with 'role' and 'content'", param=where)
+    if loc[2] == "role":
+        return ApiError(400, f"{where}.role must be system, user or assistant, got "
+                             f"{_shown(body['messages'][loc[1]].get('role'))}", param=f"{where}.role")
+    # content: a string, or a list of parts (pydantic reports each option; a part's index is the 5th place)
+    parts = [e["loc"][4] for e in errors if e["loc"][:3] == loc[:3] and len(e["loc"]) > 4]
+    if not parts:
+        return ApiError(400, f"{where}.content must be a string or an array of parts", param=f"{where}.content")
+    here = f"{where}.content[{parts[0]}]"
+    return ApiError(400, f"{here} must be {{type: text, text}} or {{type: image_url, image_url: {{url}}}}",
+                    param=here)
+
+
 def parse_chat_request(body: dict, config: ServerConfig) -> ChatRequest:
     """Check a ``/v1/chat/completions`` body and decode its images; raises :class:`ApiError` naming the field."""
     from medtune.data import images as image_io
@@ -188,68 +293,32 @@ def parse_chat_request(body: dict, config: ServerConfig) -> ChatRequest:
                        param="model", code="model_not_found")
     if body.get("n") not in (None, 1):
         raise ApiError(400, "only n=1 is supported", param="n")
-    settings = _parse_settings(body, config)   # before any image is decoded
-    stream = _optional(body, "stream", bool, False)
-    options = _optional(body, "stream_options", dict, {}) or {}
+    try:
+        request = _ChatBody.model_validate(body)
+    except ValidationError as error:
+        raise _request_error(error.errors(include_url=False), body) from None
+    settings = _settings(request, config)   # before any image is decoded
     with image_io.pixel_budget(config.max_request_pixels, "this server's limit per request (--max-request-pixels)"):
-        conversation, images = _parse_messages(body.get("messages"), config)
-    return ChatRequest(conversation, images, settings, stream=stream,
-                       include_usage=bool(options.get("include_usage", False)))
+        conversation, images = _conversation(request.messages, config)
+    return ChatRequest(conversation, images, settings, stream=bool(request.stream),
+                       include_usage=bool((request.stream_options or {}).get("include_usage", False)))
 
 
-def _optional(body: dict, name: str, kind: type | tuple, default):
-    value = body.get(name)
-    if value is None:
-        return default
-    # bool is an int in Python; a JSON true is not a number of tokens
-    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
-        raise ApiError(400, f"'{name}' must be {_kind_name(kind)}, got {_shown(value)}", param=name)
-    return value
-
-
-def _as_tuple(kind) -> tuple:
-    return kind if isinstance(kind, tuple) else (kind,)
-
-
-def _kind_name(kind) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", dict: "an object",
-             list: "an array"}
-    return " or ".join(names.get(k, k.__name__) for k in _as_tuple(kind))
-
-
-def _parse_settings(body: dict, config: ServerConfig) -> GenerationSettings:
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _optional(body, name, int, config.default_max_tokens)
-    if max_tokens < 1:
-        raise ApiError(400, f"'{name}' must be at least 1, got {max_tokens}", param=name)
+def _settings(request: "_ChatBody", config: ServerConfig) -> GenerationSettings:
+    """The decoding settings: the server's limits and defaults on the request's checked values."""
+    name = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+    max_tokens = getattr(request, name)
+    max_tokens = config.default_max_tokens if max_tokens is None else max_tokens
     if max_tokens > config.max_tokens_limit:
         raise ApiError(400, f"'{name}' is {max_tokens}, over this server's limit of {config.max_tokens_limit}",
                        param=name)
-    # compared before float(): an integer too large for a float is still a number out of range, not a crash
-    temperature = _optional(body, "temperature", (int, float), 1.0)
-    if not 0 <= temperature <= 2:
-        raise ApiError(400, f"'temperature' must be between 0 and 2, got {_shown(temperature)}", param="temperature")
-    top_p = _optional(body, "top_p", (int, float), 1.0)
-    if not 0 < top_p <= 1:
-        raise ApiError(400, f"'top_p' must be greater than 0 and at most 1, got {_shown(top_p)}", param="top_p")
-    stop = _optional(body, "stop", (str, list), ())
-    stop = (stop,) if isinstance(stop, str) else tuple(stop)
-    if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise ApiError(400, "'stop' must be a non-empty string or a list of at most 4 of them", param="stop")
-    if max(map(len, stop), default=0) > MAX_STOP_CHARACTERS:
-        raise ApiError(400, f"each 'stop' string may have at most {MAX_STOP_CHARACTERS} characters", param="stop")
-    seed = _optional(body, "seed", int, None)
-    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-        raise ApiError(400, f"'seed' must be a 64-bit integer ({SEED_RANGE[0]} to {SEED_RANGE[1]}), got "
-                            f"{_shown(seed)}", param="seed")
-    modalities = _optional(body, "modalities", list, ["text"])
-    if not modalities or not all(m in ("text", "image") for m in modalities):
-        raise ApiError(400, f"'modalities' must list text and/or image, got {_shown(modalities)}",
-                       param="modalities")
-    image = _image_sampling(_optional(body, "image_sampling", dict, {}))
+    stop = request.stop or ()
     try:
-        return GenerationSettings(max_new_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
-                                  stop=stop, seed=seed, modalities=tuple(modalities), image=image)
+        return GenerationSettings(
+            max_new_tokens=max_tokens, temperature=float(1.0 if request.temperature is None else request.temperature),
+            top_p=float(1.0 if request.top_p is None else request.top_p),
+            stop=(stop,) if isinstance(stop, str) else tuple(stop), seed=request.seed,
+            modalities=tuple(request.modalities or ["text"]), image=_image_sampling(request.image_sampling or {}))
     except ValueError as error:   # what only GenerationSettings checks, e.g. a modality listed twice
         raise ApiError(400, str(error)) from None
 
@@ -274,48 +343,26 @@ def _image_sampling(fields: dict) -> ImageSampling:
     return ImageSampling(**{name: float(value) for name, value in fields.items()})
 
 
-def _parse_messages(messages, config: ServerConfig) -> tuple[list[dict], list]:
-    if messages is None:
-        raise ApiError(400, "missing required parameter 'messages'", param="messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty array of message objects", param="messages")
+def _conversation(messages: list, config: ServerConfig) -> tuple[list[dict], list]:
+    """The checked messages in Generator form, each image decoded in order."""
     conversation, images = [], []
     for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise ApiError(400, f"{where} must be an object with 'role' and 'content'", param=where)
-        role = message.get("role")
-        role = ROLE_ALIASES.get(role) if isinstance(role, str) else None
-        if role is None:
-            raise ApiError(400, f"{where}.role must be system, user or assistant, got {_shown(message.get('role'))}",
-                           param=f"{where}.role")
-        parts = _parse_content(message.get("content"), role, where, config, images)
-        conversation.append({"role": role, "content": parts})
+        content = [_TextPart(type="text", text=message.content)] if isinstance(message.content, str) \
+            else message.content
+        parts = []
+        for j, part in enumerate(content):
+            if part.type == "text":
+                parts.append({"type": "text", "text": part.text})
+                continue
+            here = f"messages[{i}].content[{j}]"
+            if message.role != "user":
+                raise ApiError(400, f"{here}: images are only accepted in user messages", param=here)
+            images.append(decode_image_part(part.image_url, config, f"{here}.image_url"))
+            parts.append({"type": "image"})
+        conversation.append({"role": message.role, "content": parts})
     if not any(m["role"] == "user" for m in conversation):
         raise ApiError(400, "'messages' has no user message", param="messages")
     return conversation, images
-
-
-def _parse_content(content, role: str, where: str, config: ServerConfig, images: list) -> list[dict]:
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    if not isinstance(content, list):
-        raise ApiError(400, f"{where}.content must be a string or an array of parts", param=f"{where}.content")
-    parts = []
-    for j, part in enumerate(content):
-        here = f"{where}.content[{j}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            parts.append({"type": "text", "text": part["text"]})
-        elif kind == "image_url":
-            if role != "user":
-                raise ApiError(400, f"{here}: images are only accepted in user messages", param=here)
-            images.append(decode_image_part(part.get("image_url"), config, f"{here}.image_url"))
-            parts.append({"type": "image"})
-        else:
-            raise ApiError(400, f"{here} must be {{type: text, text}} or {{type: image_url, image_url: {{url}}}}",
-                           param=here)
-    return parts
 
 
 # -- images ---------------------------------------------------------------------------------------------------

@@ -399,6 +399,71 @@ HOSTILE = {
 }
 
 
+# Each request field's rule, as parse_chat_request words it (no model needed): the exact message and param
+FIELD_ERRORS = {
+    "messages missing": ({"messages": None}, "missing required parameter 'messages'", "messages"),
+    "messages an object": ({"messages": {"role": "user"}},
+                           "'messages' must be a non-empty array of message objects", "messages"),
+    "a message that is a string": ({"messages": ["Hi?"]},
+                                   "messages[0] must be an object with 'role' and 'content'", "messages[0]"),
+    "a second message without a role": ({"messages": [{"role": "user", "content": "Hi?"}, {"content": "x"}]},
+                                        "messages[1].role must be system, user or assistant, got None",
+                                        "messages[1].role"),
+    "content a number": ({"messages": [{"role": "user", "content": 3}]},
+                         "messages[0].content must be a string or an array of parts", "messages[0].content"),
+    "a part of an unknown type": ({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Hi?"}, {"type": "audio", "audio": "x"}]}]},
+        "messages[0].content[1] must be {type: text, text} or {type: image_url, image_url: {url}}",
+        "messages[0].content[1]"),
+    "a text part without text": ({"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+                                 "messages[0].content[0] must be {type: text, text} or {type: image_url, image_url: "
+                                 "{url}}", "messages[0].content[0]"),
+    "no user message": ({"messages": [{"role": "developer", "content": "Be brief."}]},
+                        "'messages' has no user message", "messages"),
+    "an image from the assistant": ({"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": [
+        {"type": "image_url", "image_url": {"url": "x.png"}}]}]},
+        "messages[1].content[0]: images are only accepted in user messages", "messages[1].content[0]"),
+    "max_tokens true": ({"max_tokens": True}, "'max_tokens' must be an integer, got True", "max_tokens"),
+    "max_completion_tokens 0": ({"max_completion_tokens": 0}, "'max_completion_tokens' must be at least 1, got 0",
+                                "max_completion_tokens"),
+    "temperature a string": ({"temperature": "0"}, "'temperature' must be a number, got '0'", "temperature"),
+    "top_p 0": ({"top_p": 0}, "'top_p' must be greater than 0 and at most 1, got 0", "top_p"),
+    "five stop strings": ({"stop": ["a", "b", "c", "d", "e"]},
+                          "'stop' must be a non-empty string or a list of at most 4 of them, got ['a', 'b', 'c', 'd', "
+                          "'e']", "stop"),
+    "an empty stop string": ({"stop": ""}, "'stop' must be a non-empty string or a list of at most 4 of them, "
+                                           "got ''", "stop"),
+    "modalities audio": ({"modalities": ["text", "audio"]},
+                         "'modalities' must list text and/or image, got ['text', 'audio']", "modalities"),
+    "stream a string": ({"stream": "yes"}, "'stream' must be a boolean, got 'yes'", "stream"),
+    "stream_options a list": ({"stream_options": [1]}, "'stream_options' must be an object, got [1]",
+                              "stream_options"),
+    "the first bad field is named": ({"temperature": 5, "top_p": 5},
+                                     "'temperature' must be between 0 and 2, got 5", "temperature"),
+}
+
+
+@pytest.mark.parametrize("case", list(FIELD_ERRORS))
+def test_each_request_field_has_its_exact_error(case):
+    from medtune.serve.api import ApiError, ServerConfig, parse_chat_request
+
+    fields, message, param = FIELD_ERRORS[case]
+    with pytest.raises(ApiError) as info:
+        parse_chat_request(ask("Hi?") | fields, ServerConfig(model_id="tiny"))
+    assert (info.value.status, info.value.message, info.value.param) == (400, message, param)
+
+
+def test_fields_the_server_does_not_read_are_ignored():
+    from medtune.serve.api import ServerConfig, parse_chat_request
+
+    extra = {"user": "u-1", "logprobs": False, "frequency_penalty": 0.5, "response_format": {"type": "text"},
+             "tools": [], "metadata": {"a": "b"}}
+    request = parse_chat_request(ask("Hi?", **extra), ServerConfig(model_id="tiny"))
+    plain = parse_chat_request(ask("Hi?"), ServerConfig(model_id="tiny"))
+    assert (request.conversation, request.settings) == (plain.conversation, plain.settings)
+    assert request.conversation == [{"role": "user", "content": [{"type": "text", "text": "Hi?"}]}]
+
+
 @pytest.mark.parametrize("case", list(HOSTILE))
 def test_malformed_requests_are_4xx_in_openai_s_shape(generator, case):
     body, message, param = HOSTILE[case]
