@@ -10,7 +10,8 @@ A medtune predictions file is JSON Lines, one record per answered question::
   off first so the next record starts on a line of its own.
 * Shards: question ``i`` (in task order) belongs to shard ``i % num_shards`` ("modulo", the default: every
   shard gets a similar mix of answer types and lengths, so shards finish together) or to the ``i``-th of
-  ``num_shards`` contiguous blocks ("contiguous": each shard's output is a slice of the task order).
+  ``num_shards`` contiguous blocks ("contiguous": each shard's output is a slice of the task order); chosen,
+  resumed and checked by :mod:`medtune.data.shards`, as tokenize-images' shards are.
 * :func:`merge_predictions` requires every expected id exactly once over all shard files and raises
   :class:`MergeError` naming the missing, duplicated and unexpected ids otherwise. (The Med-MoE scripts pair
   answers with questions by position, so a lost or doubled answer silently shifts every later score.)
@@ -28,25 +29,17 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence, TypeVar
 
 from medtune.data.jsonl import Tally, atomic_open, iter_parsed
+from medtune.data.shards import Coverage, coverage, first_few, shard_rows
 
-SHARD_MODES = ("modulo", "contiguous")
 T = TypeVar("T")
 
 
 class MergeError(ValueError):
     """Shard files do not hold every expected id exactly once; the message names the offending ids."""
 
-    def __init__(self, missing: list[str], duplicated: list[str], unexpected: list[str]):
-        self.missing, self.duplicated, self.unexpected = missing, duplicated, unexpected
-        parts = [f"{len(ids)} {what} ids: {_some(ids)}"
-                 for what, ids in (("missing", missing), ("duplicated", duplicated), ("unexpected", unexpected))
-                 if ids]
-        super().__init__("cannot merge predictions: " + "; ".join(parts))
-
-
-def _some(ids: Sequence[str], limit: int = 20) -> str:
-    shown = ", ".join(ids[:limit])
-    return shown + (f", ... ({len(ids) - limit} more)" if len(ids) > limit else "")
+    def __init__(self, found: Coverage):
+        self.missing, self.duplicated, self.unexpected = found.missing, found.duplicated, found.unexpected
+        super().__init__("cannot merge predictions: " + found.describe("ids"))
 
 
 def prediction_record(question_id: str, prediction: str, *, prompt: str, settings: dict, **extra: Any) -> dict:
@@ -89,7 +82,7 @@ def read_predictions(path: str | os.PathLike, *, tally: Tally | None = None, str
             duplicated.append(question_id)
         out[question_id] = text
     if duplicated:
-        raise ValueError(f"{path}: {len(duplicated)} question ids answered more than once: {_some(duplicated)}")
+        raise ValueError(f"{path}: {len(duplicated)} question ids answered more than once: {first_few(duplicated)}")
     return out
 
 
@@ -138,19 +131,6 @@ def _cut_partial_last_line(path: Path) -> bool:
         return True
 
 
-def shard(items: Sequence[T], num_shards: int, shard_index: int, mode: str = "modulo") -> list[T]:
-    """The part of ``items`` that shard ``shard_index`` of ``num_shards`` answers (see the module docstring)."""
-    if num_shards < 1 or not 0 <= shard_index < num_shards:
-        raise ValueError(f"shard index {shard_index} is not in 0..{num_shards - 1}")
-    if mode == "modulo":
-        return list(items[shard_index::num_shards])
-    if mode == "contiguous":
-        size, extra = divmod(len(items), num_shards)
-        start = shard_index * size + min(shard_index, extra)
-        return list(items[start:start + size + (shard_index < extra)])
-    raise ValueError(f"unknown shard mode {mode!r} (expected one of {', '.join(SHARD_MODES)})")
-
-
 def shard_path(out_dir: str | os.PathLike, num_shards: int, shard_index: int) -> Path:
     """Where a run writes its predictions: ``predictions.jsonl``, or one file per shard when sharded."""
     if num_shards == 1:
@@ -161,7 +141,7 @@ def shard_path(out_dir: str | os.PathLike, num_shards: int, shard_index: int) ->
 def pending(items: Sequence[T], answered: set[str], num_shards: int = 1, shard_index: int = 0,
             mode: str = "modulo", *, key=lambda item: item.id) -> list[T]:
     """This shard's items whose id is not answered yet, in task order (what a resumed run still asks)."""
-    return [item for item in shard(items, num_shards, shard_index, mode) if str(key(item)) not in answered]
+    return [item for item in shard_rows(items, num_shards, shard_index, mode) if str(key(item)) not in answered]
 
 
 def merge_predictions(shard_paths: Sequence[str | os.PathLike], out_path: str | os.PathLike,
@@ -172,18 +152,15 @@ def merge_predictions(shard_paths: Sequence[str | os.PathLike], out_path: str | 
     and nothing is written. Returns the number of records written.
     """
     records: dict[str, dict] = {}
-    duplicated: list[str] = []
+    found: list[str] = []
     for path in shard_paths:
         for question_id, _, record in iter_predictions(path, strict=True):
-            if question_id in records:
-                duplicated.append(question_id)
             records[question_id] = record
+            found.append(question_id)
     order = [str(i) for i in expected_ids] if expected_ids is not None else list(records)
-    expected = set(order)
-    missing = [i for i in order if i not in records]
-    unexpected = [i for i in records if i not in expected]
-    if missing or duplicated or unexpected:
-        raise MergeError(missing, sorted(set(duplicated), key=duplicated.index), unexpected)
+    check = coverage(order, found)
+    if not check.complete:
+        raise MergeError(check)
     with atomic_open(out_path) as handle:
         for question_id in order:
             handle.write(json.dumps(records[question_id], ensure_ascii=False) + "\n")

@@ -47,6 +47,7 @@ from typing import Iterable, Iterator, Sequence
 
 from medtune.data.jsonl import RecordError, Tally
 from medtune.data.schema import ImageRef, Sample
+from medtune.data.shards import shard_rows
 from medtune.eval import predictions as preds
 from medtune.eval.backends import Backend, Request, Settings
 from medtune.eval.metrics import DEFAULT_FAMILIES
@@ -120,7 +121,7 @@ def run_task(task: Task, backend: Backend, out_dir: str | os.PathLike, *, num_sh
     task = LimitedTask.of(task, limit)
     samples = task.samples(strict=strict)
     path = preds.shard_path(out_dir, num_shards, shard_index)
-    mine = preds.shard(samples, num_shards, shard_index, shard_mode)
+    mine = shard_rows(samples, num_shards, shard_index, shard_mode)
     started = time.perf_counter()
     with preds.PredictionWriter(path, resume=resume) as writer:
         if writer.answered:
@@ -263,7 +264,7 @@ def _merged_if_complete(out_dir, samples: list[Sample], num_shards: int, shard_m
     out = Path(out_dir)
     paths = [preds.shard_path(out, num_shards, i) for i in range(num_shards)]
     for index, path in enumerate(paths):
-        if not _complete(path, (s.id for s in preds.shard(samples, num_shards, index, shard_mode))):
+        if not _complete(path, (s.id for s in shard_rows(samples, num_shards, index, shard_mode))):
             return None
     if num_shards == 1:
         return paths[0]

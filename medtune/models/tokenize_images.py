@@ -61,6 +61,7 @@ import pyarrow.parquet as pq
 
 from medtune.data.images import ImageError, load_image
 from medtune.data.jsonl import RecordError, Tally, atomic_open, write_json
+from medtune.data import shards
 from medtune.data.schema import ImageRef
 from medtune.distributed import shard_from_env
 from medtune.errors import UserError
@@ -189,12 +190,6 @@ def _iter_csv(path: Path, tally: Tally, strict: bool) -> Iterator[tuple[str, lis
             yield (record.get("id") or "").strip() or image, [ImageRef(image)]
 
 
-def shard_of(sample_id: str, num_shards: int) -> int:
-    """The shard a sample id belongs to: stable across runs, processes and machines."""
-    digest = hashlib.blake2b(sample_id.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % num_shards
-
-
 def _ref_key(ref: ImageRef) -> str:
     return json.dumps(ref.to_dict(), sort_keys=True)
 
@@ -207,7 +202,7 @@ def _scan(source: Source, num_shards: int, shard_index: int, tally: Tally, stric
     for row in iter_rows(source, tally=tally, strict=strict):
         digest.update(json.dumps([row.position, row.id, row.image_index, _ref_key(row.ref)]).encode() + b"\n")
         total += 1
-        if shard_of(row.id, num_shards) == shard_index:
+        if shards.shard_of(row.id, num_shards) == shard_index:
             mine.append(row)
     return mine, total, digest.hexdigest()
 
@@ -447,8 +442,7 @@ def tokenize_images(input_path: str | os.PathLike, out: str | os.PathLike, token
                             "image_root": str(source.image_root.resolve()), "num_shards": num_shards,
                             "tokenizer": tokenizer.fingerprint()})
     shard = ShardParts(_shard_dir(parts, num_shards, shard_index))
-    finished = shard.finished()
-    pending = [row for row in rows if (row.id, row.image_index) not in finished]
+    pending = shards.pending(rows, shard.finished(), key=lambda row: (row.id, row.image_index))
     result.read, result.resumed = len(rows), len(rows) - len(pending)
     result.tokenized = result.resumed
     label = f"shard {shard_index}/{num_shards}" if num_shards > 1 else "tokenizing"
@@ -557,13 +551,9 @@ def _chunk_index(chunks: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
 
 def _check_complete(positions: np.ndarray, failed: np.ndarray, rows: int, parts: Path) -> None:
     """Every input row is in exactly one chunk or among the unreadable images; nothing else is there."""
-    present = np.concatenate([positions, failed])
-    counts = np.bincount(present, minlength=rows) if len(present) else np.zeros(rows, np.int64)
-    missing, doubled = np.flatnonzero(counts[:rows] == 0), np.flatnonzero(counts[:rows] > 1)
-    if missing.size or doubled.size or len(counts) > rows:
-        raise UserError(f"cannot merge {parts}: {missing.size} input rows missing, {doubled.size} present twice, "
-                        f"{len(counts) - rows if len(counts) > rows else 0} unknown (first missing position: "
-                        f"{missing[:1].tolist()}, first doubled: {doubled[:1].tolist()})")
+    found = shards.coverage(range(rows), np.concatenate([positions, failed]).tolist())
+    if not found.complete:
+        raise UserError(f"cannot merge {parts}: {found.describe('input row positions', limit=5)}")
 
 
 def _gathered(chunks: Sequence[Path], locations: np.ndarray, cache_size: int) -> Iterator[pa.Table]:
@@ -668,5 +658,5 @@ def _unique(path: Path, pairs: Iterable[tuple[Any, Any]]) -> dict[Any, list[int]
 
 __all__ = [
     "CODES_SCHEMA", "ImageRow", "MEDMAX_SCHEMA", "MergeResult", "ShardResult", "Source", "check_output", "iter_rows",
-    "merge_parts", "open_source", "parts_dir", "read_codes", "shard_of", "tokenize_images",
+    "merge_parts", "open_source", "parts_dir", "read_codes", "tokenize_images",
 ]

@@ -4,8 +4,9 @@ import json
 import pytest
 
 from medtune.data.jsonl import RecordError, Tally
+from medtune.data.shards import shard_rows
 from medtune.eval.predictions import (
-    MergeError, PredictionWriter, merge_predictions, prediction_record, read_predictions, shard,
+    MergeError, PredictionWriter, merge_predictions, prediction_record, read_predictions,
 )
 
 
@@ -73,18 +74,22 @@ def test_an_id_answered_twice_in_one_file_is_named(tmp_path):
         read_predictions(path)
 
 
-@pytest.mark.parametrize("mode", ["modulo", "contiguous"])
+@pytest.mark.parametrize("mode", ["modulo", "contiguous", "hash"])
 def test_shards_are_disjoint_and_cover_everything(mode):
     items = list(range(11))
-    parts = [shard(items, 3, i, mode) for i in range(3)]
+    parts = [shard_rows(items, 3, i, mode, key=str) for i in range(3)]
     assert sorted(x for part in parts for x in part) == items
-    assert sorted(len(p) for p in parts) == [3, 4, 4]
+    assert all(part == sorted(part) for part in parts)   # input order kept
     if mode == "contiguous":
         assert parts[0] + parts[1] + parts[2] == items
-    else:
+    elif mode == "modulo":
         assert parts[1] == [1, 4, 7, 10]
+    else:   # by a hash of the key: the same in every run, whatever else the input holds
+        assert parts == [shard_rows(list(range(40)), 3, i, mode, key=str)[:len(parts[i])] for i in range(3)]
+    if mode != "hash":
+        assert sorted(len(p) for p in parts) == [3, 4, 4]
     with pytest.raises(ValueError, match="shard index 3 is not in 0..2"):
-        shard(items, 3, 3, mode)
+        shard_rows(items, 3, 3, mode)
 
 
 def _write(path, ids):
@@ -95,7 +100,7 @@ def _write(path, ids):
 def test_two_merged_shards_equal_one_run(tmp_path):
     ids = [str(i) for i in range(7)]
     whole = _write(tmp_path / "whole.jsonl", ids)
-    shards = [_write(tmp_path / f"shard{k}.jsonl", shard(ids, 2, k)) for k in range(2)]
+    shards = [_write(tmp_path / f"shard{k}.jsonl", shard_rows(ids, 2, k)) for k in range(2)]
     assert merge_predictions(shards, tmp_path / "merged.jsonl", expected_ids=ids) == 7
     assert (tmp_path / "merged.jsonl").read_text() == whole.read_text()
 

@@ -16,6 +16,7 @@ from test_vq import random_images, tiny_chameleon  # noqa: E402
 
 from medtune.cli import main  # noqa: E402
 from medtune.data.images import ImageError, load_image  # noqa: E402
+from medtune.data.shards import shard_of  # noqa: E402
 from medtune.distributed import shard_from_env  # noqa: E402
 from medtune.errors import UserError  # noqa: E402
 from medtune.models import tokenize_images as ti  # noqa: E402
@@ -110,9 +111,9 @@ def test_two_shards_merged_equal_one_shard(dataset, tokenizer, reference_out, tm
 
 def test_shards_are_stable_hashes_of_the_sample_id_and_follow_torchrun(monkeypatch):
     ids = [f"sample-{i}" for i in range(200)]
-    assignment = [ti.shard_of(sample_id, 4) for sample_id in ids]
-    assert assignment == [ti.shard_of(sample_id, 4) for sample_id in ids] and set(assignment) == {0, 1, 2, 3}
-    assert ti.shard_of("synpic100132", 7) == 5  # the same number in every process (Python's hash() is salted)
+    assignment = [shard_of(sample_id, 4) for sample_id in ids]
+    assert assignment == [shard_of(sample_id, 4) for sample_id in ids] and set(assignment) == {0, 1, 2, 3}
+    assert shard_of("synpic100132", 7) == 5  # the same number in every process (Python's hash() is salted)
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "2")
     assert shard_from_env(1, 0) == (3, 2)
@@ -260,6 +261,28 @@ def test_a_folder_and_a_csv_give_the_same_codes_as_the_data_file(dataset, model_
     assert {key[0]: codes for key, codes in ti.read_codes(csv_out).items()} == \
         {f"scans/{name}": codes for (name, _), codes in by_file.items()}
     assert ti.read_codes(csv_out)[("scans/img0.png", 0)] == ours[("s0", 0)]
+
+
+def test_a_merge_names_rows_a_lost_or_copied_chunk_leaves_missing_or_doubled(dataset, tokenizer, tmp_path):
+    out = tmp_path / "codes.parquet"
+    (ti.parts_dir(out)).mkdir(parents=True)
+    (ti.parts_dir(out) / "merge.lock").touch()   # keep the last shard from merging: the test merges
+    for index in range(2):
+        ti.tokenize_images(dataset, out, tokenizer, num_shards=2, shard_index=index, batch_size=1, chunk_rows=3,
+                           progress=False)
+    chunks = sorted(ti.parts_dir(out).glob("shard-*/chunk-*.parquet"))
+    lost = sorted(pq.read_table(chunks[0]).column("position").to_pylist())
+    assert len(lost) == 3
+    chunks[0].rename(chunks[0].with_suffix(".lost"))
+    with pytest.raises(UserError) as missing:
+        ti.merge_parts(out)
+    assert str(missing.value) == (f"cannot merge {ti.parts_dir(out)}: {len(lost)} missing input row positions: "
+                                  f"{', '.join(map(str, lost))}")
+    chunks[0].with_suffix(".lost").rename(chunks[0])
+    (chunks[-1].parent / "chunk-999999.parquet").write_bytes(chunks[0].read_bytes())   # a chunk copied over
+    with pytest.raises(UserError, match=f"{len(lost)} duplicated input row positions: {lost[0]}"):
+        ti.merge_parts(out)
+    assert not out.exists()
 
 
 def test_an_interrupted_merge_is_finished_by_merge_only(dataset, tokenizer, reference_out, tmp_path, capsys):
