@@ -31,12 +31,11 @@ log = logging.getLogger(__name__)
 # ---- reading --------------------------------------------------------------------------------------------
 
 
-def iter_stage_samples(spec, tally: Tally, *, seed: int = 0) -> Iterator[tuple[Any, Path]]:
-    """``(sample, image_root)`` pairs of a stage's data, at most ``spec.limit`` of them."""
+def iter_stage_samples(spec, tally: Tally, *, seed: int = 0, mixture=None) -> Iterator[tuple[Any, Path]]:
+    """``(sample, image_root)`` pairs of a stage's data, at most ``spec.limit`` of them (``mixture``: the stage's
+    mixture when the caller has loaded it already, so that its datasets' formats are detected once)."""
     if spec.mixture is not None:
-        from medtune.data.mixture import load_mixture
-
-        stream = load_mixture(resolve_data_path(spec.mixture)).iter_samples(seed=seed, tally=tally)
+        stream = (mixture or stage_mixture(spec)).iter_samples(seed=seed, tally=tally)
     else:
         from medtune.data.formats import default_image_root, read_records, resolve_format
 
@@ -65,7 +64,14 @@ def with_image_codes(pairs, codes_file: Path):
         yield sample, root
 
 
-def data_files(spec) -> list[Path]:
+def stage_mixture(spec):
+    """The stage's mixture, loaded (each dataset's format detected where the mixture names none)."""
+    from medtune.data.mixture import load_mixture
+
+    return load_mixture(resolve_data_path(spec.mixture))
+
+
+def data_files(spec, mixture=None) -> list[Path]:
     """The files whose content a stage's encoded data depends on (the token cache's key)."""
     codes = [resolve_data_path(spec.image_codes)] if spec.image_codes else []
     if spec.mixture is None:
@@ -73,10 +79,8 @@ def data_files(spec) -> list[Path]:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such data file (stage data.path)")
         return [path, *codes]
-    from medtune.data.mixture import load_mixture
-
-    mixture_file = resolve_data_path(spec.mixture)
-    return [mixture_file, *(Path(d.path) for d in load_mixture(mixture_file).datasets), *codes]
+    mixture = mixture or stage_mixture(spec)
+    return [resolve_data_path(spec.mixture), *(Path(d.path) for d in mixture.datasets), *codes]
 
 
 # ---- encoding -------------------------------------------------------------------------------------------
@@ -94,10 +98,11 @@ def stage_dataset(spec, vlm, *, max_length: int, seed: int, cache_dir: str | Pat
         return encode_in_memory(spec, vlm, max_length=max_length, tally=tally, seed=seed), tally
     from medtune.train.cache import CachedDataset, encode_with_cache
 
-    files = data_files(spec)
+    mixture = stage_mixture(spec) if spec.mixture is not None else None   # read once, for the key and the samples
+    files = data_files(spec, mixture)
     reader_tally = Tally()
     encoded = encode_with_cache(
-        lambda: iter_stage_samples(spec, reader_tally, seed=seed), vlm, data_files=files,
+        lambda: iter_stage_samples(spec, reader_tally, seed=seed, mixture=mixture), vlm, data_files=files,
         cache_dir=cache_dir or default_cache_dir(), max_length=max_length, truncation=spec.truncation,
         # paths, not only contents: relative image paths resolve against the data file's location
         extra={"paths": [str(f.resolve()) for f in files], "format": spec.format, "image_root": spec.image_root,

@@ -202,3 +202,21 @@ def test_datasets_with_the_same_preprocessing_share_one_memo(data, vlm, tmp_path
     resized.image_processor = processor
     assert resized.image_processor.to_json_string() != vlm.image_processor.to_json_string()
     assert CachedDataset(cached.rows, resized).memo is not first_stage.memo
+
+
+def test_a_mixture_stage_reads_its_mixture_and_detects_each_format_once(data, vlm, tmp_path, monkeypatch):
+    from medtune.data import formats, mixture
+    from medtune.train.data import stage_dataset
+    from medtune.train.recipe import DataSpec
+
+    (tmp_path / "mix.yaml").write_text(f"datasets:\n  - name: qa\n    path: {data}\n")
+    calls = {"load_mixture": 0, "detect_format": 0}
+    for module, name in ((mixture, "load_mixture"), (formats, "detect_format")):
+        def counted(*args, _original=getattr(module, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
+    spec = DataSpec(mixture=str(tmp_path / "mix.yaml"))
+    dataset, tally = stage_dataset(spec, vlm, max_length=128, seed=0, cache_dir=tmp_path / "cache", progress=False)
+    assert calls == {"load_mixture": 1, "detect_format": 1}   # the cache key and the samples share one reading
+    assert len(dataset) == 3 and (tally.read, tally.written) == (5, 3)
