@@ -40,6 +40,8 @@ from medtune.distributed import launched_distributed
 from medtune.errors import RecipeError, suggestion
 from medtune.train.objectives import METHODS, method_of, objective_for
 from medtune.train.objectives.dpo import DPOSettings
+from medtune.train.objectives.orpo import ORPOSettings
+from medtune.train.objectives.simpo import SimPOSettings
 from medtune.train.objectives.grpo import GRPOSettings
 from medtune.models.moe.settings import MoESettings, RouterTraining   # plain Python, no torch
 from medtune.validation import (INVALID, Bool, Int, Mapping, Number, Str, describe, keys, section, unknown_keys,
@@ -135,8 +137,8 @@ class Stage:
     # medtune.models.moe.settings.MoESettings, plus `preset: default | med-moe` and `router: random | FILE |
     # stage:NAME`, the router file a router stage of this recipe wrote).
     moe: Mapping | None = None
-    # What the stage optimises (medtune.train.objectives): sft (the default); dpo (preference pairs); grpo (RL on
-    # the model's own sampled answers, rewarded by the evaluation's metrics); or router:
+    # What the stage optimises (medtune.train.objectives): sft (the default); dpo, simpo or orpo (preference
+    # pairs); grpo (RL on the model's own sampled answers, rewarded by the evaluation's metrics); or router:
     # instead of training the model, fit a domain classifier on its hidden states and save it as the router file
     # an MoE stage loads.
     method: Str | None = None
@@ -145,6 +147,9 @@ class Stage:
     router: RouterTraining | None = None
     # The dpo method's settings (medtune.train.objectives.dpo.DPOSettings: beta).
     dpo: DPOSettings | None = None
+    # The simpo and orpo methods' settings (medtune.train.objectives.simpo / .orpo: beta, gamma; beta).
+    simpo: SimPOSettings | None = None
+    orpo: ORPOSettings | None = None
     # The grpo method's settings (medtune.train.objectives.grpo.GRPOSettings: group_size, beta, rewards ...).
     grpo: GRPOSettings | None = None
     save_steps: Int = 500
@@ -645,11 +650,12 @@ def _index(head: str, node: list, item: str) -> int:
 
 
 TINY_STEPS = 2
+PAIR_METHODS = ("dpo", "simpo", "orpo")   # the methods that read preference pairs
 TINY_SAMPLES = 16
 
 
 def tiny_preferences() -> dict:
-    """A DPO stage's tiny data: 32 bundled preference pairs (data/vqa_rad/ATTRIBUTION.md says how they were made)."""
+    """A preference stage's tiny data: 32 bundled preference pairs (data/vqa_rad/ATTRIBUTION.md says how they were made)."""
     from medtune.paths import bundled_data
 
     return {"path": "bundled:vqa_rad/tiny-preferences.jsonl", "format": "canonical", "limit": TINY_SAMPLES,
@@ -684,7 +690,7 @@ def make_tiny(raw: dict) -> dict:
         # how labels are made is part of what the stage trains: it stays (first_separator: the bundled data's
         # prompts end with the template's end-of-turn token too)
         labels = (stage.get("data") or {}).get("labels") if isinstance(stage.get("data"), dict) else None
-        data = tiny_preferences() if stage.get("method") == "dpo" else tiny_data   # DPO reads pairs
+        data = tiny_preferences() if stage.get("method") in PAIR_METHODS else tiny_data   # these read pairs
         stage.update(data={**data, **({"labels": labels} if labels else {})}, max_steps=TINY_STEPS,
                      batch_size=2, grad_accum=1, max_length=256,
                      precision="fp32", save_steps=TINY_STEPS, log_steps=1, dataloader_workers=0)

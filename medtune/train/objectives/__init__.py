@@ -13,7 +13,8 @@ its settings        :meth:`~Objective.problems`: recipe validation of what the m
 does it train?      :attr:`~Objective.trains_with_trainer` (False: its own loop, :meth:`~Objective.fit`)
 a model for later?  :attr:`~Objective.writes_model` (the next stage starts from the last that wrote one)
 finished?           :meth:`~Objective.finished`
-data                :meth:`~Objective.dataset`: a stage's data encoded (the token cache, or pairs for DPO)
+data                :meth:`~Objective.dataset`: a stage's data encoded (the token cache, or pairs for DPO,
+                    SimPO and ORPO)
 rows                :meth:`~Objective.rows`: encoded stage data -> what Trainer's data loader yields
 collator            :meth:`~Objective.collator`: the kind's collator, wrapped where the method needs more
 loss                :meth:`~Objective.loss`: the loss of a batch (the model kind adds its own extra losses,
@@ -35,6 +36,8 @@ METHODS = {
     "sft": "medtune.train.objectives.sft:SFT",
     "router": "medtune.train.objectives.router:RouterFit",
     "dpo": "medtune.train.objectives.dpo:DPO",
+    "simpo": "medtune.train.objectives.simpo:SimPO",
+    "orpo": "medtune.train.objectives.orpo:ORPO",
     "grpo": "medtune.train.objectives.grpo:GRPO",
 }
 DEFAULT_METHOD = "sft"

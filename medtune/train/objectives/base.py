@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 MODEL_DIR = "model"
-SECTIONS = {"router": "router", "dpo": "dpo", "grpo": "grpo"}
+SECTIONS = {"router": "router", "dpo": "dpo", "simpo": "simpo", "orpo": "orpo", "grpo": "grpo"}
 """A stage's settings sections that belong to one method each (section -> method)."""
 
 

@@ -50,26 +50,24 @@ class DPOSettings:
             raise ValueError(f"beta: must be a number > 0, got {self.beta!r}")
 
 
-class DPO(Objective):
-    name: ClassVar[str] = "dpo"
-    token_normalised: ClassVar[bool] = False   # a mean over the micro-batch's pairs
+class PairObjective(Objective):
+    """What every preference objective shares (DPO, SimPO, ORPO): preference pairs as its data, each pair's two
+    rows in one batch (chosen rows first), and a mean over the micro-batch's pairs as its loss."""
 
-    def __init__(self) -> None:
-        self.reference = Reference()
-        self.beta = DPOSettings().beta
+    a_stage: ClassVar[str] = "a preference stage"   # how messages name a stage of the method
+    token_normalised: ClassVar[bool] = False   # a mean over the micro-batch's pairs
 
     # ---- settings ---------------------------------------------------------------------------------------
 
     def problems(self, stage, where: str) -> list[str]:
         problems = super().problems(stage, where)
         if stage.packing:
-            problems.append(f"{where}.packing: a DPO stage keeps each pair's two rows together; remove packing")
+            problems.append(f"{where}.packing: {self.a_stage} keeps each pair's two rows together; remove "
+                            "packing")
         if stage.group_by_length:
-            problems.append(f"{where}.group_by_length: a DPO stage keeps each pair's two rows together; remove it")
+            problems.append(f"{where}.group_by_length: {self.a_stage} keeps each pair's two rows together; "
+                            "remove it")
         return problems
-
-    def settings(self, stage) -> DPOSettings:
-        return stage.dpo if stage.dpo is not None else DPOSettings()
 
     # ---- data -------------------------------------------------------------------------------------------
 
@@ -87,7 +85,7 @@ class DPO(Objective):
 
         def encode_pair(sample, root) -> tuple[dict, dict]:
             if sample.rejected is None:
-                raise SkipSample("no rejected reply", "a DPO stage reads preference pairs (a 'rejected' reply)")
+                raise SkipSample("no rejected reply", f"{self.a_stage} reads preference pairs (a 'rejected' reply)")
             return tuple(vlm.encode_sample(s, root, max_length=max_length, truncation=spec.truncation)
                          for s in (sample.with_reply(sample.messages[-1]), sample.with_reply(sample.rejected)))
 
@@ -100,7 +98,40 @@ class DPO(Objective):
     def collator(self, collator, vlm):
         return PairCollator(collator)
 
-    # ---- the loss ---------------------------------------------------------------------------------------
+    # ---- the policy's side of a batch -------------------------------------------------------------------
+
+    @staticmethod
+    def policy_token_logps(vlm, model, inputs, speedups):
+        """(token log-probabilities, row of each, the kind's extra loss or None) of the policy's forward pass."""
+        token_logps, rows = vlm.labelled_token_logps(model, inputs, speedups)
+        # what the policy's forward recorded (router logits), read before any other forward replaces it
+        extra = vlm.auxiliary_loss(model, inputs)
+        if model.training and vlm.experts is not None:
+            vlm.experts.count_training_tokens(model, inputs)
+        return token_logps, rows, extra
+
+    @staticmethod
+    def per_row(token_logps, rows, n_rows: int, *, mean: bool):
+        """[n_rows]: each row's summed (or, with ``mean``, averaged) log-probability of its labelled tokens."""
+        import torch
+
+        sums = torch.zeros(n_rows, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
+        if not mean:
+            return sums
+        counts = torch.bincount(rows, minlength=n_rows).clamp(min=1).to(sums.dtype)
+        return sums / counts
+
+
+class DPO(PairObjective):
+    name: ClassVar[str] = "dpo"
+    a_stage: ClassVar[str] = "a DPO stage"
+
+    def __init__(self) -> None:
+        self.reference = Reference()
+        self.beta = DPOSettings().beta
+
+    def settings(self, stage) -> DPOSettings:
+        return stage.dpo if stage.dpo is not None else DPOSettings()
 
     def prepare(self, vlm, model, stage) -> None:
         """The reference: the adapters switched off under LoRA, else a frozen copy of the starting model."""
@@ -110,11 +141,8 @@ class DPO(Objective):
     def loss(self, vlm, model, inputs: dict[str, Any], num_items_in_batch=None, speedups=None):
         import torch
 
-        policy = vlm.labelled_logps(model, inputs, speedups)
-        # what the policy's forward recorded (router logits), read before the reference's forward replaces it
-        extra = vlm.auxiliary_loss(model, inputs)
-        if model.training and vlm.experts is not None:
-            vlm.experts.count_training_tokens(model, inputs)
+        token_logps, rows, extra = self.policy_token_logps(vlm, model, inputs, speedups)
+        policy = self.per_row(token_logps, rows, inputs["labels"].shape[0], mean=False)
         reference = self.reference.logps(vlm, model, inputs, speedups)
         pairs = policy.shape[0] // 2
         rewards = self.beta * (policy - reference)
