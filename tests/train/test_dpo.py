@@ -231,3 +231,60 @@ def test_accumulated_micro_batches_train_as_one_batch_of_their_pairs(tmp_path):
     whole, accumulated = first_loss("whole", 4, 1), first_loss("accumulated", 2, 2)
     assert whole[0] == pytest.approx(math.log(2), abs=1e-4) and accumulated[0] == pytest.approx(whole[0], rel=1e-5)
     assert accumulated[1] == pytest.approx(whole[1], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_precomputed_reference_log_probs_train_as_the_reference_model_does(tmp_path):
+    """precompute_reference: one pass of the starting model over the pairs before the first step, then no reference
+    forward and no frozen copy; the losses and the trained weights are those of the stage that runs the reference
+    every step (to float rounding: the pass batches the pairs in order, training shuffles them)."""
+    from medtune.models.build import load_vlm
+    from medtune.train.objectives.dpo import DPO
+    from medtune.train.run import read_metrics, run_recipe
+
+    data = _write(_pairs(12), tmp_path / "pairs.jsonl")
+    released = []
+    original = DPO.rows
+
+    def rows(self, dataset, stage):
+        out = original(self, dataset, stage)
+        released.append((self.reference.frozen is None, dataset.reference_logps is not None))
+        return out
+
+    def run(name, precompute):
+        recipe = parse_recipe({
+            "model": {"preset": "tiny"}, "output_dir": str(tmp_path / name), "report_to": ["none"],
+            "cache_dir": str(tmp_path / "cache"),
+            "stages": [{"name": "dpo", "method": "dpo", "dpo": {"beta": 0.5, "precompute_reference": precompute},
+                        "data": {"path": str(data), "format": "canonical",
+                                 "image_root": str(bundled_data("vqa_rad", "images"))},
+                        "lr": {"llm": 1e-3, "projector": 1e-3}, "max_steps": 6, "batch_size": 4, "log_steps": 1,
+                        "schedule": "constant", "warmup_ratio": 0.0, "max_length": 256}]})
+        run_recipe(recipe)
+        stage = tmp_path / name / "stage-0-dpo"
+        losses = [m["loss"] for m in read_metrics(stage / "metrics.jsonl") if "loss" in m]
+        return losses, dict(load_vlm(stage / "model").model.named_parameters())
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(DPO, "rows", rows):
+        every_step, every_step_weights = run("every-step", False)
+        precomputed, precomputed_weights = run("precomputed", True)
+    assert released == [(False, False), (True, True)]   # the frozen copy is gone once its numbers are
+    assert len(every_step) == 6 and precomputed == pytest.approx(every_step, abs=1e-5)
+    assert precomputed[0] == pytest.approx(math.log(2), abs=1e-5)
+    assert all(torch.allclose(precomputed_weights[n], every_step_weights[n], atol=1e-5) for n in every_step_weights)
+
+
+def test_the_frozen_reference_follows_the_policy_to_its_device():
+    """Trainer places the policy (on a GPU, say); the frozen copy is moved to it before it runs, not left behind."""
+    from medtune.train.objectives.reference import Reference
+
+    reference = Reference()
+    reference.frozen = torch.nn.Linear(2, 2)
+    policy = torch.nn.Linear(2, 2).to("meta")
+    assert reference._run(policy, lambda model: next(model.parameters()).device) == torch.device("meta")
+    assert next(reference.frozen.parameters()).device == torch.device("meta")
+    reference.release()
+    with pytest.raises(RuntimeError, match="released after its log-probabilities were precomputed"):
+        reference._run(policy, lambda model: None)

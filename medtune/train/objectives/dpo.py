@@ -16,9 +16,11 @@ policy's forward.
 
 The reference is the stage's starting model: under LoRA the same model with its adapters disabled (no copy),
 otherwise a frozen copy taken before the first step (before a resumed run loads its checkpoint, so a resumed
-stage keeps the same reference). Logged beside the loss, as TRL names them: ``rewards/chosen`` and
-``rewards/rejected`` (beta times the log-ratio to the reference), ``rewards/margins`` and ``rewards/accuracies``
-(the share of pairs whose chosen reply has the larger reward).
+stage keeps the same reference), moved to the policy's device when it first runs; with ``precompute_reference``
+its log-probabilities of every pair are computed once before the first step and the copy released. Logged beside
+the loss, as TRL names them: ``rewards/chosen`` and ``rewards/rejected`` (beta times the log-ratio to the
+reference), ``rewards/margins`` and ``rewards/accuracies`` (the share of pairs whose chosen reply has the larger
+reward).
 
 Limits, refused by name in a recipe: packing and length grouping (a pair's two rows must stay in one batch, in
 order). With gradient accumulation each micro-batch's mean is divided by the accumulation steps (Trainer's rule
@@ -33,7 +35,7 @@ from typing import Any, ClassVar
 
 from medtune.train.objectives.base import Objective
 from medtune.train.objectives.reference import Reference
-from medtune.validation import Number, section
+from medtune.validation import Bool, Number, section
 
 
 @section
@@ -43,6 +45,9 @@ class DPOSettings:
 
     beta: Number = 0.1
     """The inverse temperature of the implicit reward: larger keeps the policy nearer the reference."""
+    precompute_reference: Bool = False
+    """Compute the reference's log-probabilities of every pair once, before the first step, instead of a reference
+    forward pass per batch; the frozen copy is then released (kept only for ``eval_data``)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not (
@@ -129,6 +134,7 @@ class DPO(PairObjective):
     def __init__(self) -> None:
         self.reference = Reference()
         self.beta = DPOSettings().beta
+        self.policy = None
 
     def settings(self, stage) -> DPOSettings:
         return stage.dpo if stage.dpo is not None else DPOSettings()
@@ -137,13 +143,50 @@ class DPO(PairObjective):
         """The reference: the adapters switched off under LoRA, else a frozen copy of the starting model."""
         self.beta = self.settings(stage).beta
         self.reference.take(vlm, model)
+        self.policy = (vlm, model)
+
+    def collator(self, collator, vlm):
+        self.pair_collator = PairCollator(collator)
+        return self.pair_collator
+
+    def rows(self, dataset, stage):
+        """The pairs; with ``precompute_reference`` each carries its reference log-probabilities, computed here
+        (before the first step: by the starting model) in batches of ``batch_size`` pairs."""
+        if self.settings(stage).precompute_reference:
+            dataset.reference_logps = self._reference_logps(dataset, stage.batch_size)
+            if stage.eval_data is None:   # evaluation batches would need it; training ones no longer do
+                self.reference.release()
+        return dataset
+
+    def _reference_logps(self, dataset, batch_size: int) -> list[tuple[float, float]]:
+        import torch
+
+        from medtune.distributed import is_main_process, process_device
+        from medtune.progress import progress_bar
+
+        vlm, model = self.policy
+        if getattr(model, "hf_device_map", None) is None:   # a quantized model is placed already
+            model.to(process_device())   # where Trainer puts it, so the pass runs on the GPU there is
+        device = next(model.parameters()).device
+        values = []
+        with progress_bar(len(dataset), desc="reference log-probs", unit="pairs", enabled=is_main_process()) as bar:
+            for start in range(0, len(dataset), batch_size):
+                batch = self.pair_collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                logps = self.reference.logps(vlm, model, batch).tolist()
+                pairs = len(logps) // 2
+                values += list(zip(logps[:pairs], logps[pairs:]))
+                bar.update(pairs)
+        return values
 
     def loss(self, vlm, model, inputs: dict[str, Any], num_items_in_batch=None, speedups=None):
         import torch
 
+        reference = inputs.pop(REFERENCE_LOGPS, None)
         token_logps, rows, extra = self.policy_token_logps(vlm, model, inputs, speedups)
         policy = self.per_row(token_logps, rows, inputs["labels"].shape[0], mean=False)
-        reference = self.reference.logps(vlm, model, inputs, speedups)
+        if reference is None:
+            reference = self.reference.logps(vlm, model, inputs, speedups)
         pairs = policy.shape[0] // 2
         rewards = self.beta * (policy - reference)
         chosen, rejected = rewards[:pairs], rewards[pairs:]
@@ -157,18 +200,25 @@ class DPO(PairObjective):
         return loss, {"loss": loss}
 
 
+REFERENCE_LOGPS = "reference_logps"   # a batch key: [2B] precomputed reference log-probabilities, chosen first
+
+
 class PairDataset:
-    """Encoded preference pairs: ``dataset[i]`` is ``{"chosen": row, "rejected": row}``."""
+    """Encoded preference pairs: ``dataset[i]`` is ``{"chosen": row, "rejected": row}``, and ``"reference":
+    (chosen, rejected)`` log-probabilities once :attr:`reference_logps` is set."""
 
     def __init__(self, pairs: list[tuple[dict, dict]]):
         self.pairs = pairs
+        self.reference_logps: list[tuple[float, float]] | None = None
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> dict:
         chosen, rejected = self.pairs[index]
-        return {"chosen": chosen, "rejected": rejected}
+        if self.reference_logps is None:
+            return {"chosen": chosen, "rejected": rejected}
+        return {"chosen": chosen, "rejected": rejected, "reference": self.reference_logps[index]}
 
     @property
     def rows(self) -> list[dict]:
@@ -187,4 +237,10 @@ class PairCollator:
     collator: Any
 
     def __call__(self, features: list[dict]) -> dict:
-        return self.collator([f["chosen"] for f in features] + [f["rejected"] for f in features])
+        batch = self.collator([f["chosen"] for f in features] + [f["rejected"] for f in features])
+        if "reference" in features[0]:
+            import torch
+
+            batch[REFERENCE_LOGPS] = torch.tensor([f["reference"][0] for f in features]
+                                                  + [f["reference"][1] for f in features], dtype=torch.float32)
+        return batch

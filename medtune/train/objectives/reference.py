@@ -33,12 +33,23 @@ class Reference:
         """Per-row sums of :meth:`token_logps`."""
         return self._run(model, lambda m: vlm.labelled_logps(m, inputs, speedups))
 
+    def release(self) -> None:
+        """Drop the frozen copy (its log-probabilities are all computed already); using the reference after this
+        is an error."""
+        self.frozen, self.released = None, True
+
     def _run(self, model, compute):
-        """``compute`` on the reference, without gradients: the frozen copy, else ``model`` with adapters off."""
+        """``compute`` on the reference, without gradients: the frozen copy (moved to the policy's device first:
+        Trainer places the policy, not the copy), else ``model`` with adapters off."""
         import torch
 
+        if getattr(self, "released", False):
+            raise RuntimeError("the reference model was released after its log-probabilities were precomputed")
         with torch.no_grad():
             if self.frozen is None:
                 with getattr(model, "module", model).disable_adapter():
                     return compute(model)
+            device = next(getattr(model, "module", model).parameters()).device
+            if next(self.frozen.parameters()).device != device:
+                self.frozen.to(device)
             return compute(self.frozen)
