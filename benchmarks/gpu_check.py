@@ -34,6 +34,9 @@ Checks:
                   model must load and give finite logits.
 ``eval-batching`` ``medtune eval run`` questions/s at batch 1 vs 32 on the bundled VQA-RAD test split, answers
                   identical.
+``post-training`` a DPO stage (full fine-tuning: its reference is a frozen copy, which must follow the policy to
+                  the GPU), the same with ``precompute_reference``, and a GRPO stage, each a few bf16 steps on the
+                  tiny model and bundled pairs / questions; every loss must be finite.
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CHECKS = ("packed-loss", "mfu", "fsdp2", "zero2", "zero3", "qlora", "eval-batching")
+CHECKS = ("packed-loss", "mfu", "fsdp2", "zero2", "zero3", "qlora", "eval-batching", "post-training")
 BF16_TOLERANCE, FP32_TOLERANCE = 2e-2, 1e-4
 
 
@@ -86,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--only: unknown checks {unknown}")
     rows: list[Row] = list(setup)
     runners = {"packed-loss": check_packed_loss, "mfu": check_mfu, "fsdp2": check_engine, "zero2": check_engine,
-               "zero3": check_engine, "qlora": check_qlora, "eval-batching": check_eval_batching}
+               "zero3": check_engine, "qlora": check_qlora, "eval-batching": check_eval_batching,
+               "post-training": check_post_training}
     for name in chosen:
         started = time.monotonic()
         try:
@@ -535,6 +539,36 @@ def check_eval_batching(name: str, *, cuda: bool, out: Path, steps: int) -> list
     ratio = rows[1].details["questions_per_second"] / rows[0].details["questions_per_second"]
     rows.append(Row(name, f"batch {sizes[1]} / batch 1", "ok" if same else "FAIL",
                     f"{ratio:.2f}x; answers identical: {same}"))
+    return rows
+
+
+# ---- post-training -----------------------------------------------------------------------------------------
+
+
+def check_post_training(name: str, *, cuda: bool, out: Path, steps: int) -> list[Row]:
+    from medtune.train.recipe import parse_recipe, tiny_preferences
+
+    questions = {"path": "bundled:vqa_rad/trainset.json", "format": "vqa-rad", "limit": 16}
+    stages = {"dpo": {"method": "dpo", "data": tiny_preferences()},
+              "dpo, precomputed reference": {"method": "dpo", "dpo": {"precompute_reference": True},
+                                             "data": tiny_preferences()},
+              "grpo": {"method": "grpo", "grpo": {"group_size": 2, "max_new_tokens": 4}, "data": questions}}
+    rows = []
+    for setting, stage in stages.items():
+        folder = out / "post-training" / setting.replace(", ", "-").replace(" ", "-")
+        recipe = parse_recipe({"model": {"preset": "tiny"}, "output_dir": str(folder), "report_to": ["none"],
+                               "cache_dir": str(out / "cache"),
+                               "stages": [{"name": "post", "lr": {"llm": 1e-4}, "max_steps": 3, "batch_size": 4,
+                                           "max_length": 256, "precision": "bf16" if cuda else "fp32",
+                                           "save_steps": 3, **stage}]})
+        if not cuda:
+            rows.append(Row(name, setting, "planned", "recipe checked"))
+            continue
+        from medtune.train.run import run_recipe
+
+        result = run_recipe(recipe)[0]
+        finite = result.train_loss is not None and math.isfinite(result.train_loss)
+        rows.append(Row(name, setting, "ok" if finite else "FAIL", f"{result.steps} steps, loss {result.train_loss}"))
     return rows
 
 

@@ -31,7 +31,9 @@ def test_the_gpu_check_dry_run_builds_every_check_and_passes_on_the_cpu(tmp_path
     # the wheels that travel with the script are installed first (planned, in a dry run), one row each
     assert [(row["setting"], row["status"]) for row in by_check.pop("setup")] == [
         ("bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl", "planned")]
-    assert set(by_check) == {"packed-loss", "mfu", "fsdp2", "zero2", "zero3", "qlora", "eval-batching"}
+    assert set(by_check) == {"packed-loss", "mfu", "fsdp2", "zero2", "zero3", "qlora", "eval-batching", "post-training"}
+    assert [(row["setting"], row["status"]) for row in by_check["post-training"]] == [
+        ("dpo", "planned"), ("dpo, precomputed reference", "planned"), ("grpo", "planned")]
     assert not [row for row in rows if row["status"] == "FAIL"]
     sdpa = next(row for row in by_check["packed-loss"] if row["setting"].startswith("sdpa"))
     assert sdpa["status"] == "ok" and len(sdpa["details"]["packed"]) == 6
