@@ -33,7 +33,8 @@ from typing import Callable, Iterable, Iterator
 from medtune.data.files import readable_text_file
 from medtune.data.formats import (
     canonical, detect, gmai_mmbench, llava, llava_med_vqa, medmax, medmax_eval, medxpertqa, messages, mmmu,
-    omnimedvqa, parquet, pathmmu, pathvqa, pmc_vqa, probmed, quilt_vqa, rlaif_v, slake, vlmevalkit, vqa_rad,
+    omnimedvqa, parquet, pathmmu, pathvqa, pmc_vqa, probmed, quilt_vqa, rlaif_v, slake, vlfeedback, vlmevalkit,
+    vqa_rad,
 )
 from medtune.data.formats.records import iter_records
 from medtune.data.jsonl import UNREADABLE_TAIL, Tally
@@ -90,6 +91,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     _format("vlmevalkit", vlmevalkit, "VLMEvalKit benchmark TSV (index, question, A.., answer, base64 image)"),
     _format("gmai-mmbench", gmai_mmbench, "GMAI-MMBench VLMEvalKit TSV (VAL has answers; never detected)"),
     _format("rlaif-v", rlaif_v, "RLAIF-V preference pairs (image, question, chosen, rejected; Parquet or JSON)"),
+    _format("vlfeedback", vlfeedback, "VLFeedback ranked completions as preference pairs (JSON Lines or Parquet)"),
 )}
 
 
