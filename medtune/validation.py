@@ -36,6 +36,22 @@ Number = Annotated[float, BeforeValidator(_number_from_text), Strict()]   # an i
 Mapping = Annotated[dict, Strict()]
 
 
+_STRICT = {int: Int, bool: Bool, str: Str, float: Number, dict: Mapping}
+
+
+def strict(hint: Any) -> Any:
+    """``hint`` with its scalar types made strict (``int`` -> :data:`Int` ...), through unions and lists: for a
+    plain dataclass that must not import pydantic (a model's settings, which its exported code carries)."""
+    if hint in _STRICT:
+        return _STRICT[hint]
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return typing.Union[tuple(strict(arg) for arg in args)]
+    if origin is list:
+        return list[strict(args[0])]
+    return hint
+
+
 def section(cls: type) -> type:
     """Mark a dataclass as a settings section: validated by pydantic, unknown keys refused."""
     return with_config(ConfigDict(extra="forbid"))(cls)
@@ -161,6 +177,8 @@ def _type_name(hint: Any) -> str:
         return "true, false"
     if typing.get_origin(hint) is Literal:
         return f"one of {', '.join(map(str, typing.get_args(hint)))}"
+    if typing.get_origin(hint) is list:
+        return "a list"
     return {str: "a string", int: "an integer", float: "a number"}.get(hint, getattr(hint, "__name__", str(hint)))
 
 

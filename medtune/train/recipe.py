@@ -42,10 +42,11 @@ from medtune.train.objectives import METHODS, method_of, objective_for
 from medtune.train.objectives.dpo import DPOSettings
 from medtune.train.objectives.orpo import ORPOSettings
 from medtune.train.objectives.simpo import SimPOSettings
+from medtune.train.router import RouterTraining
 from medtune.train.objectives.grpo import GRPOSettings
-from medtune.models.moe.settings import MoESettings, RouterTraining   # plain Python, no torch
-from medtune.validation import (INVALID, Bool, Int, Mapping, Number, Str, describe, keys, section, unknown_keys,
-                                validate)
+from medtune.models.moe.settings import MoESettings   # plain Python, no torch
+from medtune.validation import (INVALID, Bool, Int, Mapping, Number, Str, describe, keys, section, strict,
+                                unknown_keys, validate)
 
 
 @section
@@ -142,7 +143,7 @@ class Stage:
     # instead of training the model, fit a domain classifier on its hidden states and save it as the router file
     # an MoE stage loads.
     method: Str | None = None
-    # The router method's settings (medtune.models.moe.settings.RouterTraining); a stage with this section and no
+    # The router method's settings (medtune.train.router.RouterTraining); a stage with this section and no
     # method is a router stage.
     router: RouterTraining | None = None
     # The dpo method's settings (medtune.train.objectives.dpo.DPOSettings: beta).
@@ -411,7 +412,7 @@ def moe_settings(stage: Stage, where: str = "") -> tuple[MoESettings, str]:
     values = {}
     for key, value in raw.items():
         if key in hints:
-            values[key], found = validate(hints[key], value, f"{prefix}moe.{key}")
+            values[key], found = validate(strict(hints[key]), value, f"{prefix}moe.{key}")
             problems += found
     if problems:
         raise RecipeError(problems[0])

@@ -5,7 +5,7 @@ stage-2 model, loads the same weights into the gate of every MoE layer and freez
 part of its repository, and the file's path is written into its model code. Here the router is a stage of
 the recipe, and its file is what the MoE stage names (``moe.router: stage:NAME``).
 
-Choices, each a setting of :class:`medtune.models.moe.settings.RouterTraining`:
+Choices, each a setting of :class:`RouterTraining` (a router stage's ``router`` section):
 
 * What the classifier sees: the input of decoder layer ``layer``'s FFN (by default layer 0, the first MoE
   layer), i.e. exactly what the router is applied to in the MoE stage, token by token. With ``pooling: token``
@@ -30,12 +30,13 @@ import json
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from medtune.data.jsonl import Tally, write_json
 from medtune.errors import RecipeError
-from medtune.models.moe.settings import RouterTraining
+from medtune.validation import Int, Number, Str, section
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,49 @@ ROUTER_FILE = "router.safetensors"
 REPORT_FILE = "router.json"
 BATCH = 8
 TOKENS_PER_STEP = 4096
+
+
+@section
+@dataclass
+class RouterTraining:
+    """A router stage: a domain classifier trained on hidden states of the current model, saved as a router
+    file an MoE stage loads (Med-MoE trains its router beforehand and freezes it in stage 3)."""
+
+    label: Str = "modality"
+    """The sample metadata field that names the domain: modality, organ, or a key of meta.extra."""
+    classes: list[Str] = field(default_factory=list)
+    """Domains in expert order (expert i is class i); empty: the labels found in the data, sorted."""
+    num_experts: Int | None = None
+    """Rows of the router (the MoE stage's num_experts); default: one per class. Rows beyond the classes have
+    no examples, so training only pushes their logits down: no token starts on those experts."""
+    layer: Int = 0
+    """The decoder layer whose FFN input the router sees (the first MoE layer: Med-MoE loads the same router
+    into every MoE layer)."""
+    pooling: Str = "token"
+    """``token``: every token is an example labelled with its sample's domain, as routing is applied;
+    ``mean``: one example per sample, its tokens' mean (closer to Med-MoE's notebook, which pooled)."""
+    held_out: Number = 0.2
+    """Share of *images* held out for the report (every question about an image stays on one side)."""
+    epochs: Int = 30
+    lr: Number = 1e-2
+    seed: Int = 0
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            raise ValueError("label: name a metadata field (modality, organ, ...)")
+        if self.pooling not in ("token", "mean"):
+            raise ValueError(f"pooling: {self.pooling!r} is not one of token, mean")
+        if not 0 < self.held_out < 1:
+            raise ValueError(f"held_out: must be in (0, 1), got {self.held_out}")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes: {self.classes} repeats a class")
+        if self.num_experts is not None and self.classes and self.num_experts < len(self.classes):
+            raise ValueError(f"num_experts: {self.num_experts} experts cannot hold {len(self.classes)} classes")
+        for name, low in (("epochs", 1), ("layer", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name}: must be at least {low}, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
 
 
 def train_router(vlm, samples, spec: RouterTraining, out_dir: Path, *, tally: Tally, strict: bool = False) -> dict:

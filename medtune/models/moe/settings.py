@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from medtune.validation import Bool, Int, Number, Str, section
 
 LAYER_MODES = ("sparse", "first_half", "second_half", "dense")
 INITS = ("faithful", "preserving")
@@ -32,38 +31,38 @@ PRESETS = ("default", "med-moe")
 class MoESettings:
     """How a dense LLM's FFNs become mixtures of experts (one docstring per field; checked on creation)."""
 
-    layers: Str | list[Int] = "sparse"
+    layers: str | list[int] = "sparse"
     """``sparse`` (every ``every``-th layer from ``offset``), ``first_half``, ``second_half``, ``dense``, or
     explicit layer indices."""
-    every: Int = 2
+    every: int = 2
     """sparse: the step between MoE layers."""
-    offset: Int = 0
+    offset: int = 0
     """sparse: the first MoE layer (Med-MoE and MoE-LLaVA's sparse mode: layers 0, 2, 4 ...)."""
-    num_experts: Int = 4
-    top_k: Int = 1
-    shared_expert: Bool = True
+    num_experts: int = 4
+    top_k: int = 1
+    shared_expert: bool = True
     """Keep the dense FFN as an always-on shared ("meta") expert added to the routed output."""
-    shared_expert_gate: Bool = False
+    shared_expert_gate: bool = False
     """False: the shared expert has weight 1 (Med-MoE); True: sigmoid(Linear(hidden, 1)) as Qwen2-MoE."""
-    renormalize: Bool = False
+    renormalize: bool = False
     """Renormalise the top-k routing weights to sum to 1 (Med-MoE: the chosen expert's softmax probability)."""
-    capacity_factor: Number | None = None
+    capacity_factor: float | None = None
     """None: dropless (no token is ever dropped); else each expert takes at most
     ceil(factor * tokens * top_k / experts) tokens and the overflow is dropped and counted."""
-    aux_loss_coef: Number = 0.0
+    aux_loss_coef: float = 0.0
     """Weight of the load-balancing loss (Med-MoE computes it and weights it 0)."""
-    z_loss_coef: Number = 0.0
+    z_loss_coef: float = 0.0
     """Weight of the router z-loss (mean squared log-sum-exp of the router logits)."""
-    init: Str = "preserving"
+    init: str = "preserving"
     """``faithful``: experts are exact copies of the FFN (Med-MoE; with the shared expert a layer starts at
     (1 + p)·FFN(x)); ``preserving``: at step 0 every layer's output equals the dense FFN's."""
-    expert_noise: Number = 0.0
+    expert_noise: float = 0.0
     """Std of Gaussian noise added to each expert copy, relative to each weight's std (0: exact copies)."""
-    router_bias: Bool = True
+    router_bias: bool = True
     """Med-MoE's router is Linear(hidden, experts, bias=True)."""
-    experts_implementation: Str = "grouped_mm"
+    experts_implementation: str = "grouped_mm"
     """transformers' experts kernels: ``eager`` (a loop over experts), ``grouped_mm``, ``batched_mm``."""
-    seed: Int = 0
+    seed: int = 0
     """Seed of everything that starts random (router, expert noise)."""
 
     def __post_init__(self) -> None:
@@ -143,46 +142,3 @@ class MoESettings:
 MED_MOE = {"layers": "sparse", "every": 2, "offset": 0, "num_experts": 4, "top_k": 1, "shared_expert": True,
            "shared_expert_gate": False, "renormalize": False, "capacity_factor": None, "aux_loss_coef": 0.0,
            "z_loss_coef": 0.0, "init": "faithful", "expert_noise": 0.0, "router_bias": True}
-
-
-@section
-@dataclass
-class RouterTraining:
-    """A router stage: a domain classifier trained on hidden states of the current model, saved as a router
-    file an MoE stage loads (Med-MoE trains its router beforehand and freezes it in stage 3)."""
-
-    label: Str = "modality"
-    """The sample metadata field that names the domain: modality, organ, or a key of meta.extra."""
-    classes: list[Str] = field(default_factory=list)
-    """Domains in expert order (expert i is class i); empty: the labels found in the data, sorted."""
-    num_experts: Int | None = None
-    """Rows of the router (the MoE stage's num_experts); default: one per class. Rows beyond the classes have
-    no examples, so training only pushes their logits down: no token starts on those experts."""
-    layer: Int = 0
-    """The decoder layer whose FFN input the router sees (the first MoE layer: Med-MoE loads the same router
-    into every MoE layer)."""
-    pooling: Str = "token"
-    """``token``: every token is an example labelled with its sample's domain, as routing is applied;
-    ``mean``: one example per sample, its tokens' mean (closer to Med-MoE's notebook, which pooled)."""
-    held_out: Number = 0.2
-    """Share of *images* held out for the report (every question about an image stays on one side)."""
-    epochs: Int = 30
-    lr: Number = 1e-2
-    seed: Int = 0
-
-    def __post_init__(self) -> None:
-        if not self.label:
-            raise ValueError("label: name a metadata field (modality, organ, ...)")
-        if self.pooling not in ("token", "mean"):
-            raise ValueError(f"pooling: {self.pooling!r} is not one of token, mean")
-        if not 0 < self.held_out < 1:
-            raise ValueError(f"held_out: must be in (0, 1), got {self.held_out}")
-        if len(set(self.classes)) != len(self.classes):
-            raise ValueError(f"classes: {self.classes} repeats a class")
-        if self.num_experts is not None and self.classes and self.num_experts < len(self.classes):
-            raise ValueError(f"num_experts: {self.num_experts} experts cannot hold {len(self.classes)} classes")
-        for name, low in (("epochs", 1), ("layer", 0)):
-            if getattr(self, name) < low:
-                raise ValueError(f"{name}: must be at least {low}, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr: must be > 0, got {self.lr}")

@@ -38,10 +38,9 @@ class RouterFit(Objective):
     def fit(self, context: StageContext) -> dict[str, Any]:
         """Fit the router on the stage's data (main process only) into the stage folder, written atomically."""
         from medtune.data.jsonl import Tally
-        from medtune.models.moe.settings import RouterTraining
         from medtune.train import checkpoints
         from medtune.train.data import iter_stage_samples
-        from medtune.train.router import ROUTER_FILE, train_router
+        from medtune.train.router import ROUTER_FILE, RouterTraining, train_router
 
         stage, started = context.stage, time.monotonic()
         context.vlm.model.eval()
