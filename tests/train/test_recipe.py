@@ -41,6 +41,15 @@ def test_unknown_key_is_named_with_a_suggestion():
     ({"precision": "fp16"}, "stages[0].precision: 'fp16' is not one of fp32, bf16"),
     ({"packing": "yes"}, "stages[0].packing: expected true, false or one of position_ids, mask, flatten, got str 'yes'"),
     ({"data": "captions.jsonl"}, "stages[0].data: expected a mapping, got str 'captions.jsonl'"),
+    ({"lr": {"llm": 1e-3, "experts": 1e-3}, "moe": {"num_experts": "4"}},
+     "stages[0].moe.num_experts: expected an integer, got str '4'"),
+    ({"lr": {"llm": 1e-3, "experts": 1e-3}, "moe": {"layers": [0, "a"]}},
+     "stages[0].moe.layers: expected a string or a list, got list [0, 'a']"),
+    ({"lr": {"llm": 1e-3, "experts": 1e-3}, "moe": {"shared_expert": 1}},
+     "stages[0].moe.shared_expert: expected true or false, got int 1"),
+    ({"router": {"epochs": 2.5}}, "stages[0].router.epochs: expected an integer, got float 2.5"),
+    ({"lora": {"r": 8, "target_modules": ["q_proj", 3]}, "lr": {"lora": 1e-3}},
+     "stages[0].lora.target_modules[1]: expected a string, got int 3"),
 ])
 def test_wrong_types_name_the_key(change, message):
     assert error_of(minimal(**change)) == message
