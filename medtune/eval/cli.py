@@ -25,8 +25,7 @@ import sys
 from pathlib import Path
 
 from medtune.distributed import process_device, shard_from_env   # environment only: no torch at import
-
-JUDGE_KEY_ENV = "MEDTUNE_JUDGE_API_KEY"
+from medtune.eval.judge import JUDGE_KEY_ENV   # plain Python
 
 
 def register(subparsers) -> None:

@@ -31,6 +31,7 @@ Does the candidate answer mean the same as the reference answer? Reply with exac
 _INCORRECT = re.compile(r"\bINCORRECT\b", re.IGNORECASE)
 _CORRECT = re.compile(r"\bCORRECT\b", re.IGNORECASE)
 _RETRY_STATUS = {429, 500, 502, 503, 504}
+JUDGE_KEY_ENV = "MEDTUNE_JUDGE_API_KEY"   # the judge endpoint's API key, never written in a file
 
 
 class JudgeError(RuntimeError):

@@ -2,6 +2,7 @@
 normalisations, with the KL to the reference), and a stage that samples, learns and resumes exactly."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -9,7 +10,6 @@ import types
 
 import pytest
 
-from medtune.eval.strict import score_item
 from medtune.train.recipe import RecipeError, parse_recipe
 
 torch = pytest.importorskip("torch")
@@ -19,25 +19,73 @@ torch.set_num_threads(1)
 DATA = {"path": "bundled:vqa_rad/trainset.json", "format": "vqa-rad", "limit": 8}
 
 
-@pytest.mark.parametrize("answer, truth, kind, choices", [
-    ("Yes, there is.", "yes", "closed", None), ("no", "Yes", "closed", None), ("maybe", "yes", "closed", None),
-    ("B", "Lung", "mcq", ["Heart", "Lung"]), ("(A) Heart", "Lung", "mcq", ["Heart", "Lung"]),
-    ("the left lung", "Left lung", "open", None), ("lung", "left lung", "open", None)])
-def test_the_strict_reward_is_the_strict_metric(answer, truth, kind, choices):
-    from medtune.eval.rewards import strict_reward
+ANSWERS = [   # (completion, truth, answer type, choices, label)
+    ("Yes, there is.", "yes", "closed", None, None), ("no", "Yes", "closed", None, None),
+    ("maybe", "yes", "closed", None, None), ("<think>apex clear</think><answer>no</answer>", "no", "closed", None, None),
+    ("B", "Lung", "mcq", ["Heart", "Lung"], "B"), ("(A) Heart", "Lung", "mcq", ["Heart", "Lung"], "B"),
+    ("Lung", "Lung", "mcq", ["Heart", "Lung"], "B"), ("the left lung", "Left lung", "open", None, None),
+    ("lung", "left lung", "open", None, None), ("<answer>liver</answer>", "liver", "open", None, None)]
 
-    scores = score_item(answer, truth, kind, choices)
-    assert strict_reward(answer, truth, kind, choices) == scores.get("accuracy", scores.get("exact"))
-    assert strict_reward(f"<think>x</think><answer>{answer}</answer>", truth, kind, choices) == \
-        strict_reward(answer, truth, kind, choices)
+
+def _items():
+    from medtune.eval.metrics import Item
+
+    return [Item(str(i), f"question {i}?", truth, kind, answer, choices, answer_label=label)
+            for i, (answer, truth, kind, choices, label) in enumerate(ANSWERS)]
+
+
+@pytest.mark.parametrize("name, family", [("strict", "strict"), ("strict-closed", "strict"),
+                                          ("mcq-letter", "letter"), ("vlmevalkit", "vlmevalkit"),
+                                          ("medmax", "medmax"), ("judge", "judge")])
+def test_each_reward_averages_to_its_metric_family_s_reported_accuracy(name, family):
+    """The mean reward over a set of answers, per answer type, is what medtune eval reports for them (the
+    family's headline row, in %); the <answer> block is what is scored."""
+    from judge_helpers import fake_endpoint
+
+    from medtune.eval.judge import Judge
+    from medtune.eval.metrics import aggregate, score_items
+    from medtune.eval.rewards import answer_text, rewards
+
+    def judge():   # a judge that says CORRECT exactly when the reference is in the answer
+        replies = ["CORRECT" if truth.lower() in answer_text(answer).lower() else "INCORRECT"
+                   for answer, truth, kind, _, _ in ANSWERS if kind == "open"]
+        return Judge("http://judge.test/v1", "grader", transport=fake_endpoint(replies, []))
+
+    items = _items()
+    got = rewards(name, items, judge=judge() if family in ("judge", "medmax") else None)
+    scored = [dataclasses.replace(item, prediction=answer_text(item.prediction)) for item in items]
+    reported = {(row.answer_type, row.metric): row.estimate.value
+                for row in aggregate("t", scored, score_items(scored, [family],
+                                                              judge=judge() if family in ("judge", "medmax") else None))
+                if row.group_by == "all"}
+    from medtune.eval.metrics import HEADLINE
+
+    checked = 0
+    for answer_type, metric in HEADLINE[family].items():
+        if (answer_type, metric) not in reported or (name == "strict-closed" and answer_type != "closed"):
+            continue
+        mine = [r for r, item in zip(got, items) if item.answer_type == answer_type]
+        assert 100 * sum(mine) / len(mine) == pytest.approx(reported[answer_type, metric])
+        checked += 1
+    assert checked >= 1
+    if name == "strict-closed":
+        assert [r for r, item in zip(got, items) if item.answer_type != "closed"] == [0.0] * 6
+    assert got != [got[0]] * len(got)   # the answers are told apart
 
 
 def test_the_format_reward_wants_think_then_answer():
-    from medtune.eval.rewards import format_reward
+    from medtune.eval.metrics import Item
+    from medtune.eval.rewards import rewards
 
-    assert format_reward("<think>the apex is clear</think> <answer>no</answer>", "no", "closed") == 1.0
-    assert format_reward("<answer>no</answer>", "no", "closed") == 0.0
-    assert format_reward("no", "no", "closed") == 0.0
+    texts = ["<think>the apex is clear</think> <answer>no</answer>", "<answer>no</answer>", "no"]
+    assert rewards("format", [Item(str(i), "q?", "no", "closed", t) for i, t in enumerate(texts)]) == [1.0, 0.0, 0.0]
+
+
+def test_the_judge_reward_needs_an_endpoint():
+    from medtune.eval.rewards import rewards
+
+    with pytest.raises(ValueError, match="the judge reward needs a judge endpoint"):
+        rewards("judge", _items())
 
 
 def test_settings_are_checked_by_name():
@@ -47,7 +95,11 @@ def test_settings_are_checked_by_name():
                 {"name": "g", "method": "grpo", "data": {"path": "x"}, "lr": {"llm": 1e-5}, "grpo": grpo}]})
         return str(info.value)
 
-    assert "grpo.rewards: unknown reward 'exact' (known: strict, format)" in error({"rewards": {"exact": 1.0}})
+    assert ("grpo.rewards: unknown reward 'exact' (known: strict, strict-closed, mcq-letter, vlmevalkit, medmax, "
+            "judge, format)") in error({"rewards": {"exact": 1.0}})
+    assert "grpo.judge: the judge reward needs a judge endpoint" in error({"rewards": {"judge": 1.0}})
+    assert "grpo.judge: give base_url and model (strings) only, got ['model', 'url']" in error(
+        {"rewards": {"judge": 1.0}, "judge": {"url": "http://x/v1", "model": "m"}})
     assert "grpo.group_size: must be an integer of at least 2, got 1" in error({"group_size": 1})
     assert "grpo.normalise: 'mean' is not one of token, sequence" in error({"normalise": "mean"})
 
@@ -96,8 +148,8 @@ def test_the_loss_is_grpo_s_formula_on_fixed_rollouts(normalise):
     assert loss == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
-def _length_reward(completion, truth, answer_type, choices=None) -> float:
-    return len(completion) / 10   # varies between samples of a random model: advantages that are not 0
+def _length_reward(items, *, judge=None) -> list[float]:
+    return [len(item.prediction) / 10 for item in items]   # varies between a random model's samples: advantages
 
 
 def _run(folder, max_steps, resume=False):
@@ -184,8 +236,10 @@ def test_each_sampled_answer_trains_up_to_its_end_of_turn():
     batch = {"input_ids": prompts, "attention_mask": (prompts != 0).long(), "token_type_ids": torch.zeros_like(prompts)}
     new = torch.tensor([[yes, end, 12, 13], [14, 15, 16, 17], [end, 0, 0, 0], [no, 19, end, 0]])
     objective.generator.sample = lambda encodings, settings: (batch, torch.cat([prompts, new], dim=1))
-    rows = [{"prompt": None, "truth": "yes", "answer_type": "closed", "choices": None},
-            {"prompt": None, "truth": "no", "answer_type": "closed", "choices": None}]
+    from medtune.eval.metrics import Item
+
+    rows = [{"prompt": None, "item": Item("a", "Is it?", "yes", "closed", "")},
+            {"prompt": None, "item": Item("b", "Is it?", "no", "closed", "")}]
     training, rewards, _ = objective._rollouts(vlm, rows)
     assert training["labels"][:, :3].eq(-100).all()
     assert training["labels"][:, 3:].tolist() == [[yes, end, -100, -100], [14, 15, 16, 17], [end, -100, -100, -100],
@@ -199,6 +253,7 @@ def test_each_sampled_answer_trains_up_to_its_end_of_turn():
 
 
 def strict(answer, truth):
-    from medtune.eval.rewards import strict_reward
+    """The strict metric's closed accuracy of one answer, as medtune eval scores it."""
+    from medtune.eval.strict import score_item
 
-    return strict_reward(answer, truth, "closed")
+    return score_item(answer, truth, "closed")["accuracy"]

@@ -3,8 +3,9 @@
 Each step takes a batch of labelled prompts (a question and its reference answer), samples ``group_size``
 completions of each with the model's own generation (:meth:`medtune.models.generation.Generator.sample`; the
 discrete kind's generation never writes image codes into a text answer), scores every completion with the
-recipe's rewards (:mod:`medtune.eval.rewards`: ``strict`` is the strict metric family, ``format`` the
-``<think>/<answer>`` layout; weighted and summed), and normalises each reward within its group into an advantage
+recipe's rewards (:mod:`medtune.eval.rewards`: ``strict``, ``strict-closed``, ``mcq-letter``, ``vlmevalkit``,
+``medmax`` and ``judge`` are the metric families' per-answer figures, ``format`` the ``<think>/<answer>``
+layout; weighted and summed), and normalises each reward within its group into an advantage
 ``(r - mean) / (std + 1e-4)``. The loss is GRPO's: per completion token ``-(ratio * advantage) + beta * KL``, with
 ``ratio = exp(log p - log p.detach())`` (one update per rollout, so the ratio is 1 and PPO's clipping never acts)
 and the KL to the reference written as ``exp(ref - log p) - (ref - log p) - 1`` (the estimator GRPO uses).
@@ -52,6 +53,9 @@ class GRPOSettings:
     max_new_tokens: Int = 16
     rewards: Mapping = field(default_factory=lambda: {"strict": 1.0})
     """Reward functions (:data:`medtune.eval.rewards.REWARDS`) and their weights."""
+    judge: Mapping | None = None
+    """``{base_url, model}`` of an OpenAI-compatible judge, for the ``judge`` reward (and ``medmax``'s open
+    answers); its key comes from $MEDTUNE_JUDGE_API_KEY."""
     normalise: Str = "token"
     """``token`` (every completion token of the batch weighs the same) or ``sequence`` (per completion first)."""
 
@@ -77,6 +81,12 @@ class GRPOSettings:
                 raise ValueError(f"rewards: unknown reward {name!r} (known: {', '.join(REWARDS)})")
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
                 raise ValueError(f"rewards.{name}: the weight must be a number, got {weight!r}")
+        if "judge" in self.rewards and self.judge is None:
+            raise ValueError("judge: the judge reward needs a judge endpoint, e.g. {base_url: http://127.0.0.1:8000/v1, "
+                             "model: NAME}")
+        if self.judge is not None and (set(self.judge) != {"base_url", "model"} or not all(
+                isinstance(v, str) and v for v in self.judge.values())):
+            raise ValueError(f"judge: give base_url and model (strings) only, got {sorted(self.judge)}")
         if self.normalise not in NORMALISATIONS:
             raise ValueError(f"normalise: {self.normalise!r} is not one of {', '.join(NORMALISATIONS)}")
 
@@ -132,6 +142,14 @@ class GRPO(Objective):
 
         self.settings = stage.grpo if stage.grpo is not None else GRPOSettings()
         self.generator = Generator(vlm)
+        self.judge = None
+        if self.settings.judge is not None:
+            import os
+
+            from medtune.eval.judge import JUDGE_KEY_ENV, Judge
+
+            self.judge = Judge(self.settings.judge["base_url"], self.settings.judge["model"],
+                               api_key=os.environ.get(JUDGE_KEY_ENV))
         if self.settings.beta:
             self.reference.take(vlm, model)
 
@@ -166,8 +184,11 @@ class GRPO(Objective):
     def _rollouts(self, vlm, prompts: list[dict]):
         """The training batch of every prompt's ``group_size`` completions (labels on the completion tokens, up to
         and with the end of turn), its rewards [B * G] and the rewards per function."""
+        import dataclasses
+
         import torch
 
+        from medtune.eval.rewards import rewards as rewards_of
         from medtune.models.generation import GenerationSettings
 
         settings = self.settings
@@ -185,8 +206,9 @@ class GRPO(Objective):
         after_end = (ends.long().cumsum(1) - ends.long()) > 0
         kept = ~after_end
         texts = [vlm.decode_output(row[mask].tolist())[0] for row, mask in zip(new, kept)]
-        named = {name: torch.tensor([_reward(name, text, prompts[i // settings.group_size])
-                                     for i, text in enumerate(texts)]) for name in settings.rewards}
+        answers = [dataclasses.replace(prompts[i // settings.group_size]["item"], prediction=text)
+                   for i, text in enumerate(texts)]
+        named = {name: torch.tensor(rewards_of(name, answers, judge=self.judge)) for name in settings.rewards}
         rewards = sum(weight * named[name] for name, weight in settings.rewards.items())
         labels = torch.full_like(output, IGNORE_INDEX)
         labels[:, width:] = torch.where(kept, new, IGNORE_INDEX)
@@ -221,6 +243,8 @@ class GRPO(Objective):
 
 
 def _prompt_row(vlm, sample, root, max_length: int) -> dict:
+    from medtune.data.schema import ANSWER_LABEL
+    from medtune.eval.metrics import Item
     from medtune.models.processing import SkipSample, load_images
     from medtune.models.templates import to_chat_messages
 
@@ -235,14 +259,11 @@ def _prompt_row(vlm, sample, root, max_length: int) -> dict:
     length = int(prompt["input_ids"].shape[-1])
     if length > max_length:
         raise SkipSample("too long", f"the prompt has {length} tokens, over max_length {max_length}")
-    return {"prompt": prompt, "truth": truth, "answer_type": sample.meta.answer_type, "choices": sample.meta.choices,
-            "length": length}
-
-
-def _reward(name: str, text: str, row: dict) -> float:
-    from medtune.eval.rewards import REWARDS
-
-    return REWARDS[name](text, row["truth"], row["answer_type"], row["choices"])
+    meta = sample.meta
+    item = Item(id=sample.id, question=sample.question, answer=truth, answer_type=meta.answer_type or "open",
+                prediction="", choices=meta.choices, organ=meta.organ, modality=meta.modality,
+                answer_label=meta.extra.get(ANSWER_LABEL))   # what the rewards score each completion against
+    return {"prompt": prompt, "item": item, "length": length}
 
 
 class PromptDataset(EncodedDataset):
