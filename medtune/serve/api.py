@@ -209,7 +209,9 @@ class _ImagePart(BaseModel):
 class _Message(BaseModel):
     role: Annotated[Literal["system", "user", "assistant"],
                     BeforeValidator(lambda role: ROLE_ALIASES.get(role, role) if isinstance(role, str) else role)]
-    content: StrictStr | list[Annotated[_TextPart | _ImagePart, Field(discriminator="type")]]
+    # fail_fast: the first bad item ends the check (a list of a million bad items would make a million errors)
+    content: StrictStr | Annotated[list[Annotated[_TextPart | _ImagePart, Field(discriminator="type")]],
+                                   Field(fail_fast=True)]
 
 
 class _ChatBody(BaseModel):
@@ -227,11 +229,11 @@ class _ChatBody(BaseModel):
     seed: Annotated[StrictInt, _rule(lambda seed: SEED_RANGE[0] <= seed <= SEED_RANGE[1],
                                      f"'seed' must be a 64-bit integer ({SEED_RANGE[0]} to {SEED_RANGE[1]}), got {{}}")] \
         | None = None
-    modalities: Annotated[list[Literal["text", "image"]], Field(min_length=1)] | None = None
+    modalities: Annotated[list[Literal["text", "image"]], Field(min_length=1, fail_fast=True)] | None = None
     image_sampling: dict[str, Any] | None = None   # its fields: _image_sampling
     stream: StrictBool | None = None
     stream_options: dict[str, Any] | None = None
-    messages: Annotated[list[_Message], Field(min_length=1)]
+    messages: Annotated[list[_Message], Field(min_length=1, fail_fast=True)]
 
     @field_validator("stop")
     @classmethod
@@ -293,6 +295,8 @@ def parse_chat_request(body: dict, config: ServerConfig) -> ChatRequest:
                        param="model", code="model_not_found")
     if body.get("n") not in (None, 1):
         raise ApiError(400, "only n=1 is supported", param="n")
+    if body.get("max_completion_tokens") is not None:   # OpenAI's newer name wins; max_tokens is not read
+        body = {key: value for key, value in body.items() if key != "max_tokens"}
     try:
         request = _ChatBody.model_validate(body)
     except ValidationError as error:

@@ -453,6 +453,33 @@ def test_each_request_field_has_its_exact_error(case):
     assert (info.value.status, info.value.message, info.value.param) == (400, message, param)
 
 
+def test_a_million_bad_items_cost_one_error_not_a_million():
+    """pydantic stops a list at its first bad item (fail_fast): a body of many bad messages, parts or modalities
+    is refused at once, without building an error per item."""
+    from medtune.serve.api import ApiError, ServerConfig, parse_chat_request
+
+    config = ServerConfig(model_id="tiny")
+    for fields, param in (({"messages": [1] * 200_000}, "messages[0]"),
+                          ({"messages": [{"role": "user", "content": [1] * 200_000}]}, "messages[0].content[0]"),
+                          ({"modalities": ["audio"] * 200_000}, "modalities")):
+        body = ask("Hi?") | fields
+        tracemalloc.start()
+        started = time.perf_counter()
+        with pytest.raises(ApiError) as info:
+            parse_chat_request(body, config)
+        seconds = time.perf_counter() - started
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert info.value.param == param and seconds < 1.0 and peak < 20_000_000, (param, seconds, peak)
+
+
+def test_max_completion_tokens_wins_over_max_tokens():
+    from medtune.serve.api import ServerConfig, parse_chat_request
+
+    request = parse_chat_request(ask("Hi?", max_tokens="many", max_completion_tokens=5), ServerConfig(model_id="tiny"))
+    assert request.settings.max_new_tokens == 5
+
+
 def test_fields_the_server_does_not_read_are_ignored():
     from medtune.serve.api import ServerConfig, parse_chat_request
 

@@ -65,7 +65,7 @@ def test_the_loss_is_dpo_s_formula_and_log_2_while_the_policy_is_the_reference()
              "rejected": vlm.encode_sample(p.with_reply(p.rejected), root, max_length=256)} for p in _pairs(3)]
     batch = PairCollator(vlm.collator())(rows)
     objective = DPO()
-    objective.prepare(vlm, vlm.model, types.SimpleNamespace(dpo=DPOSettings(beta=0.5)))
+    objective.prepare(vlm, vlm.model, types.SimpleNamespace(dpo=DPOSettings(beta=0.5), precision="fp32"))
     with torch.no_grad():
         assert float(objective.loss(vlm, vlm.model, batch)[0]) == pytest.approx(math.log(2), abs=1e-6)
         for parameter in vlm.model.model.language_model.parameters():   # the policy moves away from the reference
@@ -288,3 +288,29 @@ def test_the_frozen_reference_follows_the_policy_to_its_device():
     reference.release()
     with pytest.raises(RuntimeError, match="released after its log-probabilities were precomputed"):
         reference._run(policy, lambda model: None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora, precompute", [(False, False), (True, True), (False, True)],
+                         ids=["frozen copy", "lora, precomputed", "frozen copy, precomputed"])
+def test_in_bf16_the_reference_runs_in_the_policy_s_autocast(lora, precompute, tmp_path):
+    """The policy starts as the reference: in bf16 the first loss is log 2 only if the reference's forward (the
+    frozen copy, the adapters-off model, or the pass that precomputes it) runs in the bf16 autocast that
+    Accelerate wraps the policy's forward in."""
+    from medtune.train.recipe import bf16_supported
+    from medtune.train.run import read_metrics, run_recipe
+
+    if not bf16_supported("cpu"):
+        pytest.skip("this CPU has no bf16 autocast (no avx512_bf16 / AMX)")
+    data = _write(_pairs(4), tmp_path / "pairs.jsonl")   # one batch: a precomputing pass pads as the step does
+    trained = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "lr": {"lora": 1e-3}} if lora else {"lr": {"llm": 1e-3}}
+    recipe = parse_recipe({
+        "model": {"preset": "tiny"}, "output_dir": str(tmp_path / "run"), "report_to": ["none"],
+        "stages": [{"name": "dpo", "method": "dpo", "dpo": {"beta": 0.5, "precompute_reference": precompute},
+                    "data": {"path": str(data), "format": "canonical",
+                             "image_root": str(bundled_data("vqa_rad", "images"))},
+                    "precision": "bf16", "max_steps": 1, "batch_size": 4, "log_steps": 1, "max_length": 256,
+                    **trained}]})
+    run_recipe(recipe)
+    logged = [m for m in read_metrics(tmp_path / "run" / "stage-0-dpo" / "metrics.jsonl") if "loss" in m]
+    assert logged[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)

@@ -142,7 +142,7 @@ class DPO(PairObjective):
     def prepare(self, vlm, model, stage) -> None:
         """The reference: the adapters switched off under LoRA, else a frozen copy of the starting model."""
         self.beta = self.settings(stage).beta
-        self.reference.take(vlm, model)
+        self.reference.take(vlm, model, bf16=stage.precision == "bf16")
         self.policy = (vlm, model)
 
     def collator(self, collator, vlm):

@@ -151,7 +151,7 @@ class GRPO(Objective):
             self.judge = Judge(self.settings.judge["base_url"], self.settings.judge["model"],
                                api_key=os.environ.get(JUDGE_KEY_ENV))
         if self.settings.beta:
-            self.reference.take(vlm, model)
+            self.reference.take(vlm, model, bf16=stage.precision == "bf16")
 
     def loss(self, vlm, model, inputs: dict[str, Any], num_items_in_batch=None, speedups=None):
         import torch
@@ -209,6 +209,8 @@ class GRPO(Objective):
         answers = [dataclasses.replace(prompts[i // settings.group_size]["item"], prediction=text)
                    for i, text in enumerate(texts)]
         named = {name: torch.tensor(rewards_of(name, answers, judge=self.judge)) for name in settings.rewards}
+        if self.judge is not None:
+            self.judge.records.clear()   # the verdicts are in the rewards; kept, they would grow every step
         rewards = sum(weight * named[name] for name, weight in settings.rewards.items())
         labels = torch.full_like(output, IGNORE_INDEX)
         labels[:, width:] = torch.where(kept, new, IGNORE_INDEX)

@@ -6,6 +6,7 @@ objective's ``prepare`` before a resumed run loads its checkpoint, so a resumed 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 
@@ -14,9 +15,13 @@ class Reference:
 
     def __init__(self) -> None:
         self.frozen = None
+        self.bf16 = False
 
-    def take(self, vlm, model) -> None:
-        """Remember the starting model (nothing to copy when ``model`` carries adapters)."""
+    def take(self, vlm, model, *, bf16: bool = False) -> None:
+        """Remember the starting model (nothing to copy when ``model`` carries adapters); ``bf16``: the stage
+        trains in bf16 autocast, whose wrapping of the forward the reference's passes then mirror (Accelerate
+        wraps the policy's forward; the frozen copy, and the policy before Trainer prepares it, are not)."""
+        self.bf16 = bf16
         if hasattr(getattr(model, "module", model), "disable_adapter"):
             self.frozen = None
             return
@@ -45,11 +50,33 @@ class Reference:
 
         if getattr(self, "released", False):
             raise RuntimeError("the reference model was released after its log-probabilities were precomputed")
+        device = next(getattr(model, "module", model).parameters()).device
         with torch.no_grad():
             if self.frozen is None:
-                with getattr(model, "module", model).disable_adapter():
+                with getattr(model, "module", model).disable_adapter(), _autocast_forward(model, device, self.bf16):
                     return compute(model)
-            device = next(getattr(model, "module", model).parameters()).device
             if next(self.frozen.parameters()).device != device:
                 self.frozen.to(device)
-            return compute(self.frozen)
+            with _autocast_forward(self.frozen, device, self.bf16):
+                return compute(self.frozen)
+
+
+@contextlib.contextmanager
+def _autocast_forward(module, device, enabled: bool):
+    """``module``'s forward in bf16 autocast, as Accelerate wraps the policy's forward (only the forward: inputs
+    the kind prepares outside it, such as frozen image features, stay as the policy's are). Wrapping a forward
+    Accelerate has wrapped already changes nothing."""
+    if not enabled:
+        yield
+        return
+    import torch
+
+    own = module.__dict__.get("forward")
+    module.forward = torch.autocast(device.type, dtype=torch.bfloat16)(module.forward)
+    try:
+        yield
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
