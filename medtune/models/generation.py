@@ -204,10 +204,12 @@ class Generator:
     def sample(self, prompts: Sequence[dict], settings: GenerationSettings) -> tuple[dict[str, Any], Any]:
         """(the left-padded batch, its output ids [B, prompt + new]) of one ``generate`` call over encoded prompts
         (:meth:`encode`), for training on the model's own answers (the ids are ordinary tensors, usable in a
-        forward pass with gradients)."""
+        forward pass with gradients). Image placeholder tokens are never sampled: an answer holding one could not
+        be fed back with its prompt's images."""
         batch = self._encode_batch(None, None, prompts)
+        suppressed = self.vlm.placeholder_token_ids()
         with self._lock:
-            output = self._run_generate(batch, settings)
+            output = self._run_generate(batch, settings, extra={"suppress_tokens": suppressed} if suppressed else None)
         return batch, output.clone()
 
     def _encode_batch(self, conversations, images, prompts: Sequence[dict] | None = None) -> dict[str, Any]:
@@ -224,7 +226,7 @@ class Generator:
 
     # -- decoding ---------------------------------------------------------------------------------------------
 
-    def _run_generate(self, batch: dict, settings: GenerationSettings, streamer=None, cancel=None):
+    def _run_generate(self, batch: dict, settings: GenerationSettings, streamer=None, cancel=None, extra=None):
         import torch
         from transformers import StoppingCriteriaList
 
@@ -232,7 +234,7 @@ class Generator:
         kwargs = dict(batch, max_new_tokens=settings.max_new_tokens, do_sample=not settings.greedy,
                       pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_ids,
                       stopping_criteria=criteria, streamer=streamer, use_cache=True,
-                      **self.vlm.generation_kwargs(settings))
+                      **self.vlm.generation_kwargs(settings), **(extra or {}))
         if settings.stop:
             kwargs.update(stop_strings=list(settings.stop), tokenizer=self.tokenizer)
         if settings.greedy:

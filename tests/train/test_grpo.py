@@ -257,3 +257,36 @@ def strict(answer, truth):
     from medtune.eval.strict import score_item
 
     return score_item(answer, truth, "closed")["accuracy"]
+
+
+def test_sampling_for_training_never_writes_an_image_placeholder():
+    """A model that most wants to write <image> (its head row raised): generate would, Generator.sample does not,
+    since an answer holding a placeholder cannot be fed back with the prompt's images (a GRPO step crashed on it)."""
+    from medtune.models.build import build_vlm
+    from medtune.models.generation import GenerationSettings, Generator
+    from medtune.models.presets import tiny_spec
+    from medtune.models.processing import load_images
+    from medtune.paths import bundled_data
+
+    vlm = build_vlm(tiny_spec())
+    with torch.no_grad():
+        vlm.model.lm_head.weight[vlm.image_token_id] *= 50
+    sample = next(iter(_questions(1)))
+    prompt = vlm.encode_prompt([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.question}]}],
+                               load_images(sample.images, bundled_data("vqa_rad", "images")))
+    generator = Generator(vlm)
+    settings = GenerationSettings(max_new_tokens=6, temperature=1.0, top_p=1.0, seed=0)
+    batch, output = generator.sample([prompt, prompt], settings)
+    new = output[:, batch["input_ids"].shape[1]:]
+    assert vlm.image_token_id in generator._run_generate(batch, settings)[:, batch["input_ids"].shape[1]:]
+    assert vlm.image_token_id not in new and vlm.placeholder_token_ids() == [vlm.image_token_id]
+
+
+def _questions(n: int):
+    from medtune.data.formats import read_records
+    from medtune.data.jsonl import Tally
+    from medtune.paths import resolve_data_path
+
+    path = resolve_data_path("bundled:vqa_rad/trainset.json")
+    samples = read_records("vqa-rad", path, tally=Tally())
+    return [next(samples) for _ in range(n)]

@@ -386,6 +386,15 @@ class VLM(ABC):
             raise ValueError(f"a {self.kind} model writes text only; it cannot answer with images")
         return {}
 
+    def placeholder_token_ids(self) -> list[int]:
+        """The tokens that stand for an image's (or a video's) features in a prompt: a sampled answer that
+        contains one cannot be trained on (its count no longer matches the images), so sampling for training
+        suppresses them."""
+        config = self.model.config
+        found = {self.image_token_id, getattr(config, "image_token_id", None), getattr(config, "image_token_index", None),
+                 getattr(config, "video_token_id", None)}
+        return sorted(i for i in found if isinstance(i, int) and i >= 0)
+
     def decode_output(self, ids: list[int]) -> tuple[str, list]:
         """(text, images) of generated token ids; the text without special tokens."""
         return self.tokenizer.decode(ids, skip_special_tokens=True), []
