@@ -314,3 +314,33 @@ def test_in_bf16_the_reference_runs_in_the_policy_s_autocast(lora, precompute, t
     run_recipe(recipe)
     logged = [m for m in read_metrics(tmp_path / "run" / "stage-0-dpo" / "metrics.jsonl") if "loss" in m]
     assert logged[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_a_frozen_tower_encodes_each_pair_s_image_once():
+    """The chosen and the rejected row of a pair hold the same image: with the tower frozen the composed kind's
+    feature cache runs the tower once per distinct image of the batch (once per pair at most, for the policy and
+    the reference together), and the loss is the one full forward passes give."""
+    from medtune.models.build import build_vlm
+    from medtune.models.presets import tiny_spec
+    from medtune.train.objectives.dpo import DPO, DPOSettings, PairCollator
+
+    vlm = build_vlm(tiny_spec())
+    vlm.model.model.vision_tower.requires_grad_(False)
+    root = bundled_data("vqa_rad", "images")
+    pairs = _pairs(3)
+    batch = PairCollator(vlm.collator())([{"chosen": vlm.encode_sample(p, root, max_length=256),
+                                           "rejected": vlm.encode_sample(p.with_reply(p.rejected), root, max_length=256)}
+                                          for p in pairs])
+    speedups = vlm.exact_speedups()
+    assert speedups.frozen_vision_features
+    distinct = len({p.images[0].path for p in pairs})
+    objective = DPO()
+    objective.prepare(vlm, vlm.model, types.SimpleNamespace(dpo=DPOSettings(beta=0.5), precision="fp32"))
+    with torch.no_grad():
+        for parameter in vlm.model.model.language_model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+        fast = float(objective.loss(vlm, vlm.model, dict(batch), speedups=speedups)[0])
+        plain = float(objective.loss(vlm, vlm.model, dict(batch), speedups=type(speedups)())[0])
+    # the policy's 2B rows and the reference's 2B rows: the tower ran once per distinct image for all of them
+    assert (vlm._features.misses, vlm._features.hits) == (distinct, 4 * len(pairs) - distinct)
+    assert fast == pytest.approx(plain, abs=1e-6)
