@@ -63,15 +63,28 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
 STEPS, SAVE_EVERY, KILL_AFTER, SAMPLES, BATCH = 16, 4, 8, 24, 2
 
 
-def write_recipe(path: Path) -> Path:
+def stage_for(method: str) -> dict:
+    """One stage of ``method`` on bundled data: SFT on VQA-RAD questions, DPO on the bundled preference pairs,
+    GRPO on VQA-RAD questions rewarded by answer length (a reward a random model's samples differ in, registered
+    by the training process itself: see TRAIN_VERB)."""
+    from medtune.paths import bundled_data
+
+    questions = {"path": "bundled:vqa_rad/trainset.json", "format": "vqa-rad", "limit": SAMPLES}
+    return {"sft": {"data": questions},
+            "dpo": {"method": "dpo", "data": {"path": "bundled:vqa_rad/tiny-preferences.jsonl", "format": "canonical",
+                                              "limit": SAMPLES, "image_root": str(bundled_data("vqa_rad", "images"))}},
+            "grpo": {"method": "grpo", "data": questions,
+                     "grpo": {"group_size": 2, "max_new_tokens": 4, "beta": 0.04, "rewards": {"length": 1.0}}},
+            }[method]
+
+
+def write_recipe(path: Path, method: str = "sft") -> Path:
     recipe = {
         "model": {"preset": "tiny"}, "output_dir": str(path.parent / "unused"), "report_to": ["none"], "seed": 3,
         "stages": [{
-            "name": "sft", "data": {"path": "bundled:vqa_rad/trainset.json", "format": "vqa-rad",
-                                    "limit": SAMPLES},
-            "lr": {"projector": 1e-3, "llm": 1e-3}, "max_steps": STEPS, "batch_size": BATCH,
+            "name": method, "lr": {"projector": 1e-3, "llm": 1e-3}, "max_steps": STEPS, "batch_size": BATCH,
             "save_steps": SAVE_EVERY, "keep_last_k": 2, "log_steps": 1, "max_length": 256,
-            "warmup_ratio": 0.1,
+            "warmup_ratio": 0.1, **stage_for(method),
         }],
     }
     path.write_text(yaml.safe_dump(recipe))
@@ -79,7 +92,9 @@ def write_recipe(path: Path) -> Path:
 
 
 # `medtune train` through its own parser only, so this test does not depend on the other stages' verbs
-TRAIN_VERB = ("import argparse, sys; from medtune.train import cli; parser = argparse.ArgumentParser(); "
+TRAIN_VERB = ("import argparse, sys; from medtune.train import cli; from medtune.eval import rewards; "
+              "rewards.REWARDS['length'] = lambda items, judge=None: [len(i.prediction) / 10 for i in items]; "
+              "parser = argparse.ArgumentParser(); "
               "cli.register(parser.add_subparsers()); args = parser.parse_args(sys.argv[1:]); "
               "sys.exit(args.func(args))")
 
@@ -95,28 +110,31 @@ def environment() -> dict:
     return {**environ, "MEDTUNE_TORCH_THREADS": "2", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def final_weights(output: Path) -> dict:
+def final_weights(output: Path, method: str) -> dict:
     from safetensors.torch import load_file
 
-    return load_file(output / "stage-0-sft" / "model" / "model.safetensors")
+    return load_file(output / f"stage-0-{method}" / "model" / "model.safetensors")
 
 
 @pytest.mark.slow
-def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path):
-    recipe = write_recipe(tmp_path / "recipe.yaml")
+@pytest.mark.parametrize("method", ["sft", "dpo", "grpo"])
+def test_resume_after_kill_9_matches_an_uninterrupted_run(method, tmp_path):
+    """For every method: the same data order, RNG states (GRPO's sampling included) and optimizer state, so the
+    resumed run ends bitwise where the uninterrupted one does."""
+    recipe = write_recipe(tmp_path / "recipe.yaml", method)
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     subprocess.run(train_command(recipe, reference), check=True, env=environment(), capture_output=True)
 
     process = subprocess.Popen(train_command(recipe, killed), env=environment(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = killed / "stage-0-sft" / f"checkpoint-{KILL_AFTER}" / checkpoints.COMPLETE_MARKER
+    marker = killed / f"stage-0-{method}" / f"checkpoint-{KILL_AFTER}" / checkpoints.COMPLETE_MARKER
     deadline = time.monotonic() + 300
     while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    stage = killed / "stage-0-sft"
+    stage = killed / f"stage-0-{method}"
     assert not (stage / "model").exists()
     latest = checkpoints.latest_complete_checkpoint(stage)
     resumed_at = checkpoints.checkpoint_step(latest)
@@ -129,15 +147,17 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path):
     summary = json.loads((stage / "summary.json").read_text())
     assert summary["resumed_from"] == str(latest) and summary["steps"] == STEPS
 
-    expected, got = final_weights(reference), final_weights(killed)
+    expected, got = final_weights(reference, method), final_weights(killed, method)
     assert expected.keys() == got.keys()
     # bitwise: same data order (seeded sampler + skipped batches), same RNG states, same optimizer state
     mismatched = [name for name in expected if not (expected[name] == got[name]).all()]
     assert mismatched == []
     # the metrics file reads as one run: every step once, in order
-    steps = [json.loads(line)["step"] for line in (stage / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(line)]
-    assert steps == list(range(1, STEPS + 1))
+    logged = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert [m["step"] for m in logged] == list(range(1, STEPS + 1))
+    if method == "grpo":   # the sampled answers' rewards differed, so the steps moved the weights
+        assert any(m["reward_std"] > 0 for m in logged)
     # the last K complete checkpoints are kept
     assert [p.name for p in checkpoints.list_checkpoints(stage)] == [f"checkpoint-{STEPS - SAVE_EVERY}",
                                                                       f"checkpoint-{STEPS}"]
