@@ -84,7 +84,10 @@ def pairs(n: int) -> list:
     raise SystemExit(f"only {len(out)} yes/no questions")
 
 
-def run_medtune(args, workdir: Path, base: Path, data: Path, *, precompute: bool) -> dict:
+def run_medtune(args, workdir: Path, base: Path, data: Path, name: str, stage: dict,
+                per_step: int | None = None) -> dict:
+    """``medtune train`` of one stage (``stage``: what differs from the shared settings) on the pairs' questions,
+    with a clock added to its Trainer."""
     from medtune.paths import bundled_data
     from medtune.train import run as run_module
     from medtune.train.recipe import parse_recipe
@@ -97,23 +100,21 @@ def run_medtune(args, workdir: Path, base: Path, data: Path, *, precompute: bool
         trainer.add_callback(timer)
         return trainer
 
-    name = "medtune precompute" if precompute else "medtune"
     recipe = parse_recipe({
         "model": str(base), "output_dir": str(workdir / name.replace(" ", "-")), "report_to": ["none"], "seed": 0,
-        "stages": [{"name": "dpo", "method": "dpo", "dpo": {"beta": BETA, "precompute_reference": precompute},
-                    "data": {"path": str(data), "format": "canonical",
+        "stages": [{"data": {"path": str(data), "format": "canonical",
                              "image_root": str(bundled_data("vqa_rad", "images"))},
                     "lr": {"llm": LR, "projector": LR}, "max_steps": args.steps, "batch_size": args.batch_size,
                     "schedule": "constant", "warmup_ratio": 0.0, "weight_decay": 0.0, "log_steps": 1,
                     "save_steps": 10 * args.steps, "max_length": 512, "torch_threads": args.threads,
-                    "dataloader_workers": 0}]})
+                    "dataloader_workers": 0, **stage}]})
     started = time.perf_counter()
     run_module.build_trainer = with_clock
     try:
         run_module.run_recipe(recipe)
     finally:
         run_module.build_trainer = build
-    return _result(name, timer, started, args)
+    return _result(name, timer, started, args, per_step)
 
 
 def run_trl(args, workdir: Path, base: Path, samples: list) -> dict:
@@ -156,39 +157,6 @@ def _result(name: str, timer, started: float, args, per_step: int | None = None)
     steps = len(timer.times) - args.warmup
     return {"name": name, "samples_per_s": steps * (per_step or args.batch_size) / timed, "setup": first - started,
             "losses": timer.losses, "rewards": timer.rewards}
-
-
-def run_medtune_grpo(args, workdir: Path, base: Path, data: Path) -> dict:
-    from medtune.paths import bundled_data
-    from medtune.train import run as run_module
-    from medtune.train.recipe import parse_recipe
-
-    timer = clock()
-    build = run_module.build_trainer
-
-    def with_clock(*a, **k):
-        trainer = build(*a, **k)
-        trainer.add_callback(timer)
-        return trainer
-
-    recipe = parse_recipe({
-        "model": str(base), "output_dir": str(workdir / "medtune-grpo"), "report_to": ["none"], "seed": 0,
-        "stages": [{"name": "grpo", "method": "grpo",
-                    "grpo": {"group_size": args.group, "beta": 0.04, "temperature": 1.0,
-                             "max_new_tokens": args.new_tokens, "rewards": {"strict": 1.0}},
-                    "data": {"path": str(data), "format": "canonical",
-                             "image_root": str(bundled_data("vqa_rad", "images"))},
-                    "lr": {"llm": LR, "projector": LR}, "max_steps": args.steps, "batch_size": args.batch_size,
-                    "schedule": "constant", "warmup_ratio": 0.0, "weight_decay": 0.0, "log_steps": 1,
-                    "save_steps": 10 * args.steps, "max_length": 512, "torch_threads": args.threads,
-                    "dataloader_workers": 0}]})
-    started = time.perf_counter()
-    run_module.build_trainer = with_clock
-    try:
-        run_module.run_recipe(recipe)
-    finally:
-        run_module.build_trainer = build
-    return _result("medtune grpo", timer, started, args, per_step=args.batch_size * args.group)
 
 
 def run_trl_grpo(args, workdir: Path, base: Path, samples: list) -> dict:
@@ -254,11 +222,18 @@ def main(argv: list[str] | None = None) -> None:
     samples = pairs(args.pairs)
     data = workdir / "pairs.jsonl"
     data.write_text("".join(json.dumps(s.to_dict()) + "\n" for s in samples), encoding="utf-8")
+    def dpo(precompute: bool) -> dict:
+        return {"name": "dpo", "method": "dpo", "dpo": {"beta": BETA, "precompute_reference": precompute}}
+
+    grpo = {"name": "grpo", "method": "grpo", "grpo": {"group_size": args.group, "beta": 0.04, "temperature": 1.0,
+                                                      "max_new_tokens": args.new_tokens, "rewards": {"strict": 1.0}}}
     configurations = {"trl": lambda: run_trl(args, workdir, base, samples),
-                      "medtune": lambda: run_medtune(args, workdir, base, data, precompute=False),
-                      "medtune precompute": lambda: run_medtune(args, workdir, base, data, precompute=True),
+                      "medtune": lambda: run_medtune(args, workdir, base, data, "medtune", dpo(False)),
+                      "medtune precompute": lambda: run_medtune(args, workdir, base, data, "medtune precompute",
+                                                                dpo(True)),
                       "trl grpo": lambda: run_trl_grpo(args, workdir, base, samples),
-                      "medtune grpo": lambda: run_medtune_grpo(args, workdir, base, data)}
+                      "medtune grpo": lambda: run_medtune(args, workdir, base, data, "medtune grpo", grpo,
+                                                          per_step=args.batch_size * args.group)}
     results = [run() for name, run in configurations.items() if not args.only or name in args.only]
     print_table([r for r in results if "grpo" not in r["name"]], args, "DPO", "pairs")
     print_table([r for r in results if "grpo" in r["name"]], args, "GRPO", "answers")
