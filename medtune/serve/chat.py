@@ -29,10 +29,12 @@ from medtune.models.generation import GenerationSettings, ImageSampling
 
 HELP = """commands:
   /image PATH           talk about another image (PNG/JPEG, DICOM, NIfTI); starts a new conversation
+  /add-image PATH       add an image to this conversation (a second view, a prior study): it goes with your
+                        next message, after the images before it
   /set NAME VALUE       change a setting: temperature, top_p, max_tokens, seed, modalities, window, slice;
                         for image answers: image_guidance TEXT,IMAGE, image_temperature, image_top_p
   /settings             show the current settings
-  /reset                forget the conversation (the image stays)
+  /reset                forget the conversation (its images stay)
   /help                 this text
   /quit                 leave (also Ctrl-D)
 anything else is sent to the model as your next message"""
@@ -54,27 +56,33 @@ class ChatSession:
     window: str | None = None
     slice: int | None = None
     messages: list[dict] = field(default_factory=list)
-    images: list = field(default_factory=list)
-    image: Any = None  # the current PIL image, sent with the next question when the conversation is new
-    image_name: str | None = None
+    images: list = field(default_factory=list)   # the images sent so far, in the order the messages hold them
+    named: list = field(default_factory=list)    # (name, PIL image) of every image of this conversation
+    pending: list = field(default_factory=list)  # images not sent yet: they go with the next message
     image_dir: Path = Path("medtune-chat-images")
     answers: int = 0   # answers given so far (names saved images)
 
     def load_image(self, path: str) -> None:
-        """Make ``path`` the current image and start a new conversation about it."""
-        self.image = load_image_file(path, window=self.window, slice=self.slice)
-        self.image_name = path
+        """Make ``path`` the conversation's only image and start a new conversation about it."""
+        self.named = [(path, load_image_file(path, window=self.window, slice=self.slice))]
         self.reset()
 
+    def add_image(self, path: str) -> None:
+        """Add ``path`` to the conversation: it goes with the next message, after the images before it."""
+        image = load_image_file(path, window=self.window, slice=self.slice)
+        self.named.append((path, image))
+        self.pending.append(image)
+
     def reset(self) -> None:
+        """Forget the messages; the conversation's images go with the next message again."""
         self.messages, self.images = [], []
+        self.pending = [image for _, image in self.named]
 
     def ask(self, text: str):
-        """Add the user's message and return the stream of the answer; the answer is recorded at its end."""
-        content: list[dict] = [{"type": "text", "text": text}]
-        if self.image is not None and not self.images:
-            content.insert(0, {"type": "image"})
-            self.images = [self.image]
+        """Add the user's message (with the images not sent yet) and return the stream of the answer; the answer
+        is recorded at its end."""
+        content = [{"type": "image"} for _ in self.pending] + [{"type": "text", "text": text}]
+        self.images, self.pending = [*self.images, *self.pending], []
         self.messages.append({"role": "user", "content": content})
         return self.generator.stream(self.messages, self.images, self.settings)
 
@@ -131,7 +139,7 @@ class ChatSession:
         s = self.settings
         described = (f"temperature={s.temperature} top_p={s.top_p} max_tokens={s.max_new_tokens} seed={s.seed} "
                      f"modalities={','.join(s.modalities)} window={self.window} slice={self.slice} "
-                     f"image={self.image_name}")
+                     f"image={','.join(name for name, _ in self.named) or None}")
         if "image" in s.modalities:
             i = s.image
             described += (f" image_guidance={i.guidance_text:g},{i.guidance_image:g} "
@@ -223,6 +231,11 @@ def handle_command(session: ChatSession, line: str, out: TextIO) -> bool:
             raise ChatCommandError("usage: /image PATH")
         session.load_image(rest)
         print(f"image: {rest} (new conversation)", file=out)
+    elif name == "add-image":
+        if not rest:
+            raise ChatCommandError("usage: /add-image PATH")
+        session.add_image(rest)
+        print(f"image {len(session.named)}: {rest} (sent with your next message)", file=out)
     elif name == "set":
         setting, _, value = rest.partition(" ")
         if not value.strip():
@@ -304,8 +317,9 @@ def run_chat(args) -> int:
         vlm.generation_kwargs(settings)   # a model that cannot write images says so now, not at the first answer
     except ValueError as error:
         raise UserError(f"--modalities {args.modalities}: {error}") from None
-    session = ChatSession(Generator(vlm), settings, window=args.window, slice=args.slice, image=image,
-                          image_name=args.image, image_dir=args.image_dir)
+    session = ChatSession(Generator(vlm), settings, window=args.window, slice=args.slice,
+                          named=[(args.image, image)] if image is not None else [], image_dir=args.image_dir)
+    session.reset()   # the --image goes with the first message
     interactive = sys.stdin.isatty()
     print(f"medtune chat: {args.model}" + (f" with image {args.image}" if args.image else "")
           + ". Type /help for commands, /quit to leave.", flush=True)

@@ -264,3 +264,20 @@ def test_still_answers_after_bad_requests(server, client, generator):
                                                   {"type": "text", "text": "Still there?"}]}])
     assert response.choices[0].message.content == expected
     assert json.loads(httpx.get(server["url"] + "/health").text)["waiting"] == 0
+
+
+def test_several_images_in_one_message_are_all_used_in_order(server, generator):
+    """Two image_url parts (a frontal and a lateral view) become two images of one prompt, in their order: the
+    answer and the prompt's token count are the Generator's for the same two images."""
+    frontal, lateral = noise_image(21, (44, 40)), noise_image(22, (40, 44))
+    expected = reference(generator, "Compare the two views.", [frontal, lateral], max_new_tokens=10)
+    response = post(server, {"model": MODEL_ID, "temperature": 0, "max_tokens": 10, "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(png_bytes(frontal))}},
+                                     {"type": "image_url", "image_url": {"url": data_uri(png_bytes(lateral))}},
+                                     {"type": "text", "text": "Compare the two views."}]}]})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["choices"][0]["message"]["content"] == expected.text
+    assert body["usage"]["prompt_tokens"] == expected.prompt_tokens
+    one = reference(generator, "Compare the two views.", [frontal], max_new_tokens=10)
+    assert expected.prompt_tokens > one.prompt_tokens   # the second image's tokens are in the prompt

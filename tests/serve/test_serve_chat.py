@@ -128,3 +128,32 @@ def test_missing_model_folder_is_a_one_line_error(verb, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == (f"medtune {verb}: error: no model checkpoint at {tmp_path / 'no-such-model'} "
                                      "(a folder with config.json)")
+
+
+def test_add_image_sends_another_view_with_the_next_message_in_order(tiny_model_dir, generator, tmp_path):
+    """/add-image adds rather than replaces: the second image goes with the next message, after the first one
+    (as two image parts in order, the way the API takes them); /reset sends both again; /image starts over."""
+    from medtune.data.images import load_image
+
+    noise_image(5, (48, 36)).save(tmp_path / "frontal.png")
+    noise_image(9, (40, 40)).save(tmp_path / "lateral.png")
+    result = run_chat([str(tiny_model_dir), "--image", str(tmp_path / "frontal.png"), "--max-tokens", "6"], [
+        "Any effusion?", f"/add-image {tmp_path / 'lateral.png'}", "And on the lateral view?", "/reset",
+        "Compare the views.", f"/image {tmp_path / 'lateral.png'}", "What is shown?", "/add-image", "/settings"])
+    assert result.returncode == 0, result.stderr
+    frontal, lateral = load_image("frontal.png", tmp_path), load_image("lateral.png", tmp_path)
+    first = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Any effusion?"}]}]
+    answer1 = ask(generator, first, [frontal], 6)
+    second = [*first, {"role": "assistant", "content": answer1},
+              {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And on the lateral view?"}]}]
+    both = [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                         {"type": "text", "text": "Compare the views."}]}]
+    alone = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
+    expected = [answer1, ask(generator, second, [frontal, lateral], 6), ask(generator, both, [frontal, lateral], 6),
+                ask(generator, alone, [lateral], 6)]
+    answers = [line.removeprefix("assistant: ") for line in result.stdout.splitlines()
+               if line.startswith("assistant: ")]
+    assert answers == expected
+    assert f"image 2: {tmp_path / 'lateral.png'} (sent with your next message)" in result.stdout
+    assert "error: usage: /add-image PATH" in result.stdout
+    assert f"image={tmp_path / 'lateral.png'}" in result.stdout.splitlines()[-1]
