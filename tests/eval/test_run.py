@@ -234,3 +234,34 @@ def test_score_of_a_limited_run_scores_the_questions_it_asked(reference, tmp_pat
     assert f"1 of {LIMIT} questions have no prediction (ids: {missing})" in capsys.readouterr().err
     assert main(["eval", "score", str(partial), "--task", "vqa-rad", "--allow-missing"]) == 0
     assert f"{LIMIT} questions scored, 1 without prediction" in capsys.readouterr().out
+
+
+def test_samples_with_several_images_are_answered_with_all_of_them_in_order(model_dir, vlm, tmp_path):
+    """`medtune eval run --data` on canonical samples holding two or three images (a current and a prior study):
+    each is asked with all its images, in their order (the record keeps them), and answered as the Generator
+    answers that prompt."""
+    from medtune.data.images import load_image
+    from medtune.models.generation import GenerationSettings, Generator
+
+    root = Path(__file__).parents[2] / "data" / "vqa_rad" / "images"
+    names = sorted(p.name for p in root.iterdir())[:3]
+    meta = Metadata(answer="yes", answer_type="closed")
+    samples = [qa_sample("pair-1", "Has it changed since the prior study?", "yes", images=[ImageRef(names[0]),
+                                                                                          ImageRef(names[1])], meta=meta),
+               qa_sample("pair-2", "Has it changed since the prior study?", "yes", images=[ImageRef(names[1]),
+                                                                                          ImageRef(names[0])], meta=meta),
+               qa_sample("three", "Which view shows it best?", "yes", images=[ImageRef(n) for n in names], meta=meta)]
+    data = tmp_path / "studies.jsonl"
+    write_samples(data, samples)
+    assert main(["eval", "run", "--data", str(data), "--gt-format", "canonical", "--image-root", str(root),
+                 "--model", str(model_dir), "--device", "cpu", "--metrics", "strict", "--out", str(tmp_path / "out")]) == 0
+    records = predictions(tmp_path / "out")
+    generator = Generator(vlm)
+    for sample in samples:
+        record = records[sample.id]
+        assert record["images"] == [image.to_dict() for image in sample.images]
+        images = [load_image(ref, root) for ref in sample.images]
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": sample.question}]
+        expected = generator.complete([[{"role": "user", "content": content}]], [images],
+                                      GenerationSettings(max_new_tokens=record["settings"]["max_new_tokens"]))[0]
+        assert record["prediction"] == expected.text
