@@ -73,6 +73,9 @@ class ChatSession:
         self.named.append((path, image))
         self.pending.append(image)
 
+    def __post_init__(self) -> None:
+        self.reset()   # the conversation's images go with the first message
+
     def reset(self) -> None:
         """Forget the messages; the conversation's images go with the next message again."""
         self.messages, self.images = [], []
@@ -85,6 +88,17 @@ class ChatSession:
         self.images, self.pending = [*self.images, *self.pending], []
         self.messages.append({"role": "user", "content": content})
         return self.generator.stream(self.messages, self.images, self.settings)
+
+    def withdraw(self) -> int:
+        """Take back the last message, which the model could not answer (e.g. more images than it takes), with the
+        images it brought: they leave the conversation, so the next message can be answered. Their count."""
+        message = self.messages.pop()
+        brought = sum(1 for part in message["content"] if part["type"] == "image")
+        if brought:
+            kept = len(self.images) - brought
+            self.images = self.images[:kept]
+            self.named = self.named[:kept] + self.named[kept + brought:]
+        return brought
 
     def record_answer(self, text: str) -> None:
         self.messages.append({"role": "assistant", "content": text})
@@ -271,8 +285,9 @@ def chat_loop(session: ChatSession, lines: Iterable[str], out: TextIO) -> None:
                 pieces.append(delta)
                 print(delta, end="", file=out, flush=True)
         except ValueError as error:  # the model cannot take this conversation (e.g. too many images)
-            session.messages.pop()
-            print(f"\nerror: {error}", file=out, flush=True)
+            dropped = session.withdraw()
+            note = f" (its {dropped} image{'s' * (dropped > 1)} left the conversation)" if dropped else ""
+            print(f"\nerror: {error}{note}", file=out, flush=True)
             continue
         print(file=out, flush=True)
         images = getattr(getattr(stream, "completion", None), "images", None) or []
@@ -319,7 +334,6 @@ def run_chat(args) -> int:
         raise UserError(f"--modalities {args.modalities}: {error}") from None
     session = ChatSession(Generator(vlm), settings, window=args.window, slice=args.slice,
                           named=[(args.image, image)] if image is not None else [], image_dir=args.image_dir)
-    session.reset()   # the --image goes with the first message
     interactive = sys.stdin.isatty()
     print(f"medtune chat: {args.model}" + (f" with image {args.image}" if args.image else "")
           + ". Type /help for commands, /quit to leave.", flush=True)

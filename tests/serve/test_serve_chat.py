@@ -157,3 +157,31 @@ def test_add_image_sends_another_view_with_the_next_message_in_order(tiny_model_
     assert f"image 2: {tmp_path / 'lateral.png'} (sent with your next message)" in result.stdout
     assert "error: usage: /add-image PATH" in result.stdout
     assert f"image={tmp_path / 'lateral.png'}" in result.stdout.splitlines()[-1]
+
+
+def test_a_message_the_model_cannot_take_leaves_with_its_images(monkeypatch):
+    """A model that takes one image: the message that brings a second one is refused, and it and that image leave
+    the conversation, so the next message (and /reset) are answered, not refused again."""
+    import io
+
+    from medtune.serve import chat
+    from medtune.serve.chat import ChatSession, chat_loop
+
+    class OneImage:
+        def stream(self, messages, images, settings):
+            places = sum(part["type"] == "image" for m in messages if isinstance(m["content"], list)
+                         for part in m["content"])
+            assert places == len(images), (places, len(images))
+            if len(images) > 1:
+                raise ValueError("this model takes one image")
+            return iter([f"ok with {len(images)} image(s)"])
+
+    monkeypatch.setattr(chat, "load_image_file", lambda path, window=None, slice=None: f"pixels of {path}")
+    session = ChatSession(OneImage(), GenerationSettings(), named=[("a.png", "pixels of a.png")])
+    out = io.StringIO()
+    chat_loop(session, ["hi", "/add-image b.png", "compare", "just text", "/reset", "again"], out)
+    lines = out.getvalue().splitlines()
+    assert "error: this model takes one image (its 1 image left the conversation)" in lines
+    assert [line for line in lines if line.startswith("assistant: ok")] == [
+        "assistant: ok with 1 image(s)", "assistant: ok with 1 image(s)", "assistant: ok with 1 image(s)"]
+    assert session.named == [("a.png", "pixels of a.png")]

@@ -260,7 +260,7 @@ def strict(answer, truth):
 
 
 def test_sampling_for_training_never_writes_an_image_placeholder():
-    """A model that most wants to write <image> (its head row raised): generate would, Generator.sample does not,
+    """A model that most wants to write <image> (+100 on its logit): generate would, Generator.sample does not,
     since an answer holding a placeholder cannot be fed back with the prompt's images (a GRPO step crashed on it)."""
     from medtune.models.build import build_vlm
     from medtune.models.generation import GenerationSettings, Generator
@@ -269,8 +269,12 @@ def test_sampling_for_training_never_writes_an_image_placeholder():
     from medtune.paths import bundled_data
 
     vlm = build_vlm(tiny_spec())
-    with torch.no_grad():
-        vlm.model.lm_head.weight[vlm.image_token_id] *= 50
+
+    def prefer_the_placeholder(module, inputs, logits):
+        logits[..., vlm.image_token_id] += 100.0
+        return logits
+
+    vlm.model.lm_head.register_forward_hook(prefer_the_placeholder)
     sample = next(iter(_questions(1)))
     prompt = vlm.encode_prompt([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.question}]}],
                                load_images(sample.images, bundled_data("vqa_rad", "images")))
