@@ -19,8 +19,9 @@ off its gradients). Configurations:
   (each draws its own), so rewards are comparable only on average.
 
 Timed: steps ``--warmup``+1 to the last (by default after the first epoch, once every image has been decoded),
-from the end of each optimizer step (a TrainerCallback in both), so model loading, data preparation and the
-precomputing pass are left out (their seconds are printed apart as ``setup s``). ``first loss`` is the first
+from the end of each optimizer step (a TrainerCallback in both), so model loading, data preparation, the
+precomputing pass and the warm-up steps are left out (their seconds are printed apart as ``setup s``). TRL's
+configs default to bf16 (autocast on a CPU too); both sides run in fp32 here. ``first loss`` is the first
 step's: log 2 in all three (the policy starts as its reference). Both draw the pairs in the same order (Trainer's
 seeded sampler), so the per-step losses are comparable: ``max |loss - trl|`` is the largest difference.
 TRL is not a medtune dependency; install it beside the venv:
@@ -143,7 +144,7 @@ def run_trl(args, workdir: Path, base: Path, samples: list) -> dict:
                        max_steps=args.steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
                        weight_decay=0.0, beta=BETA, logging_steps=1, report_to=[], save_strategy="no", seed=0,
                        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True,
-                       max_length=None)
+                       bf16=False, max_length=None)   # TRL's default is bf16; medtune's stage runs in fp32
     timer = clock()
     trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=processor,
                          callbacks=[timer])
@@ -152,7 +153,7 @@ def run_trl(args, workdir: Path, base: Path, samples: list) -> dict:
 
 
 def _result(name: str, timer, started: float, args, per_step: int | None = None) -> dict:
-    first = timer.times[args.warmup - 1]
+    first = timer.times[args.warmup - 1]   # --warmup is at least 1
     timed = timer.times[-1] - first
     steps = len(timer.times) - args.warmup
     return {"name": name, "samples_per_s": steps * (per_step or args.batch_size) / timed, "setup": first - started,
@@ -189,7 +190,8 @@ def run_trl_grpo(args, workdir: Path, base: Path, samples: list) -> dict:
                         num_generations=args.group, max_completion_length=args.new_tokens, temperature=1.0, beta=0.04,
                         max_steps=args.steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
                         weight_decay=0.0, logging_steps=1, report_to=[], save_strategy="no", seed=0,
-                        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True)
+                        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True,
+                        bf16=False)
     timer = clock()
     trainer = GRPOTrainer(model=model, reward_funcs=[strict], args=config, train_dataset=Dataset.from_list(rows),
                           processing_class=processor, callbacks=[timer])
@@ -203,13 +205,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs", type=int, default=64)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--warmup", type=int, default=8,
-                        help="steps left out of the timing (default: the first epoch, which decodes every image)")
+                        help="steps left out of the timing, at least 1 (default: the first epoch, which decodes every "
+                             "image)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--group", type=int, default=4, help="GRPO: answers sampled per question")
     parser.add_argument("--new-tokens", type=int, default=8, help="GRPO: at most this many tokens per answer")
     parser.add_argument("--only", nargs="*", help="run only these configurations (names as printed)")
     args = parser.parse_args(argv)
+    if not 1 <= args.warmup < args.steps:
+        parser.error("--warmup must be at least 1 and below --steps")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.disable(logging.WARNING)
     from medtune.models.presets import build_preset
@@ -257,11 +262,12 @@ def print_table(results: list[dict], args, method: str, unit: str) -> None:
     print("-" * len(header))
     for row in results:
         losses = row["losses"]
-        gap = max(abs(a - b) for a, b in zip(losses, base["losses"]))
+        # GRPO's losses come from each run's own samples: not comparable step by step
+        gap = "-" if method == "GRPO" else f"{max(abs(a - b) for a, b in zip(losses, base['losses'])):.2e}"
         rewards = row.get("rewards")
         reward = f"{sum(rewards) / len(rewards):.3f}" if rewards else "-"
         print(f"{row['name']:<20} {row['samples_per_s']:>10.2f} {row['samples_per_s'] / base['samples_per_s']:>10.2f} "
-              f"{losses[0]:>10.6f} {sum(losses) / len(losses):>9.6f} {gap:>22.2e} {reward:>11} {row['setup']:>8.1f}")
+              f"{losses[0]:>10.6f} {sum(losses) / len(losses):>9.6f} {gap:>22} {reward:>11} {row['setup']:>8.1f}")
     if method == "DPO":
         print(f"(log 2 = {math.log(2):.4f})")
 
