@@ -8,8 +8,9 @@ reply's average log-probability per labelled token, the odds of a reply are ``ex
 
 where NLL(chosen) is the cross-entropy of the chosen replies' labelled tokens, averaged over those tokens of the
 batch (the paper's SFT term; TRL's ``ORPOTrainer`` takes the prompt's tokens into it too). The odds-ratio term is
-TRL's ``odds_ratio_loss`` (``beta`` being the paper's lambda, default 0.1);
-the model kind's extra losses (the experts' router losses) are added. ``log(1 - exp(p))`` is computed without
+TRL's ``odds_ratio_loss`` (``beta`` being the paper's lambda, default 0.1; written here rather than called, as
+for SimPO, and checked against TRL's on fixed logits); the model kind's extra losses (the experts' router losses)
+are added. ``log(1 - exp(p))`` is computed without
 cancellation, and a reply the model is certain of (``p`` within 1e-12 of 0, where the odds are infinite) is
 taken at ``p = -1e-12``. Logged: ``nll_loss``, ``log_odds_ratio`` (the mean log sigmoid term),
 ``log_odds_chosen`` (the mean log odds ratio), and ``rewards/*`` (beta times the average log-probability), as

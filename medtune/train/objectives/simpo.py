@@ -8,9 +8,12 @@ the rejected one by a margin ``gamma``::
 
 averaged over the pairs of the batch; the model kind's extra losses (the experts' router losses) are added. This
 is TRL's ``CPOTrainer`` with ``loss_type="simpo"``, ``cpo_alpha=0`` and no label smoothing (its ``simpo_gamma``
-is ``gamma`` here). No reference model is kept, so a SimPO stage needs no second copy of the model and one
-forward pass per batch. Logged as TRL names them: ``rewards/chosen``, ``rewards/rejected`` (beta times the
-average log-probability), ``rewards/margins``, ``rewards/accuracies``.
+is ``gamma`` here; TRL's function is not called: TRL is not a medtune dependency, its trainer owns batching that
+medtune's kinds do here, and given the kind's per-row log-probabilities the loss is one line, checked against
+TRL's on fixed logits in ``tests/train/test_preference_losses.py``). No reference model is kept, so a SimPO
+stage needs no second copy of the model and one forward pass per batch. Logged as TRL names them:
+``rewards/chosen``, ``rewards/rejected`` (beta times the average log-probability), ``rewards/margins``,
+``rewards/accuracies``.
 
 Defaults: ``beta`` 2.0 and ``gamma`` 1.0 (a gamma-to-beta ratio of 0.5), the setting SimPO's authors use for
 Llama-3-8B (their repository, princeton-nlp/SimPO); TRL's defaults (beta 0.1, gamma 0.5) are CPO's.
