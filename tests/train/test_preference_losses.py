@@ -104,7 +104,8 @@ def test_a_reference_free_stage_learns_to_prefer_the_chosen_replies(method, sett
     from medtune.models.build import build_vlm, load_vlm
     from medtune.models.presets import tiny_spec
     from medtune.paths import bundled_data
-    from medtune.train.objectives.dpo import PairCollator, PairObjective
+    from medtune.models.kinds.base import per_row
+    from medtune.train.objectives.dpo import PairCollator
     from medtune.train.run import read_metrics, run_recipe
 
     pairs = _pairs(16)
@@ -127,7 +128,7 @@ def test_a_reference_free_stage_learns_to_prefer_the_chosen_replies(method, sett
         batch = PairCollator(vlm.collator())(rows)
         with torch.no_grad():
             token_logps, row_of = vlm.labelled_token_logps(vlm.model.eval(), batch)
-        mean = PairObjective.per_row(token_logps, row_of, 2 * len(pairs), mean=True)
+        mean = per_row(token_logps, row_of, 2 * len(pairs), mean=True)
         return mean[:len(pairs)], mean[len(pairs):]
 
     before, after = averages(build_vlm(tiny_spec())), averages(load_vlm(stage / "model"))

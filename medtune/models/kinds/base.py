@@ -57,6 +57,17 @@ NATIVE_TEMPLATE = "native"
 LORA_COMPONENTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
 
+def per_row(values, rows, n_rows: int, *, mean: bool = False):
+    """[n_rows]: the sum (or, with ``mean``, the mean) of per-token ``values`` by the row each token is in
+    (``rows``, as :meth:`VLM.labelled_token_logps` gives them); a row without tokens sums to 0."""
+    import torch
+
+    sums = torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, rows, values)
+    if not mean:
+        return sums
+    return sums / torch.bincount(rows, minlength=n_rows).clamp(min=1).to(sums.dtype)
+
+
 def recorded_metadata(checkpoint: str | Path) -> dict[str, Any] | None:
     """A local medtune checkpoint's ``medtune.json``, read without loading the model; None for a folder without
     one (a checkpoint medtune did not write) or a hub name."""
@@ -277,11 +288,8 @@ class VLM(ABC):
     def labelled_logps(self, model, inputs: dict[str, Any], speedups: Speedups | None = None):
         """[B] float32: each row's summed log-probability of its labelled tokens (what a preference objective
         compares), through the same inputs and exact speed-ups as :meth:`training_loss`."""
-        import torch
-
         token_logps, rows = self.labelled_token_logps(model, inputs, speedups)
-        return torch.zeros(inputs["labels"].shape[0], dtype=torch.float32, device=token_logps.device).index_add(
-            0, rows, token_logps)
+        return per_row(token_logps, rows, inputs["labels"].shape[0])
 
     def labelled_token_logps(self, model, inputs: dict[str, Any], speedups: Speedups | None = None, *,
                              temperature: float = 1.0):

@@ -115,16 +115,11 @@ class PairObjective(Objective):
             vlm.experts.count_training_tokens(model, inputs)
         return token_logps, rows, extra
 
-    @staticmethod
-    def per_row(token_logps, rows, n_rows: int, *, mean: bool):
-        """[n_rows]: each row's summed (or, with ``mean``, averaged) log-probability of its labelled tokens."""
-        import torch
-
-        sums = torch.zeros(n_rows, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
-        if not mean:
-            return sums
-        counts = torch.bincount(rows, minlength=n_rows).clamp(min=1).to(sums.dtype)
-        return sums / counts
+    def record_rewards(self, chosen, rejected) -> None:
+        """Log a training batch's implicit rewards of its chosen and rejected replies, as TRL names them."""
+        self.record({"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+                     "rewards/margins": (chosen - rejected).mean(),
+                     "rewards/accuracies": (chosen > rejected).float().mean()})
 
 
 class DPO(PairObjective):
@@ -182,9 +177,11 @@ class DPO(PairObjective):
     def loss(self, vlm, model, inputs: dict[str, Any], num_items_in_batch=None, speedups=None):
         import torch
 
+        from medtune.models.kinds.base import per_row
+
         reference = inputs.pop(REFERENCE_LOGPS, None)
         token_logps, rows, extra = self.policy_token_logps(vlm, model, inputs, speedups)
-        policy = self.per_row(token_logps, rows, inputs["labels"].shape[0], mean=False)
+        policy = per_row(token_logps, rows, inputs["labels"].shape[0])
         if reference is None:
             reference = self.reference.logps(vlm, model, inputs, speedups)
         pairs = policy.shape[0] // 2
@@ -194,9 +191,7 @@ class DPO(PairObjective):
         if extra is not None:
             loss = loss + extra
         if model.training:   # evaluation batches are not this step's pairs
-            self.record({"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
-                         "rewards/margins": (chosen - rejected).mean(),
-                         "rewards/accuracies": (chosen > rejected).float().mean()})
+            self.record_rewards(chosen, rejected)
         return loss, {"loss": loss}
 
 

@@ -225,12 +225,12 @@ class GRPO(Objective):
     def _average(self, per_token, rows, completions: int):
         import torch
 
+        from medtune.models.kinds.base import per_row
+
         if self.settings.normalise == "token":
             return per_token.sum() / max(per_token.numel(), 1)
-        sums = torch.zeros(completions, device=per_token.device).index_add(0, rows, per_token)
-        counts = torch.bincount(rows, minlength=completions).to(per_token.device)
-        answered = counts > 0
-        return (sums[answered] / counts[answered]).mean()
+        answered = torch.bincount(rows, minlength=completions) > 0
+        return per_row(per_token, rows, completions, mean=True)[answered].mean()
 
     def _record(self, rewards, named, grouped, kl, lengths) -> None:
         values = {"reward": rewards.mean(), "reward_std": grouped.std(1).mean(), "completion_length": lengths.mean(),

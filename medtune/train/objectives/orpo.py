@@ -62,10 +62,12 @@ class ORPO(PairObjective):
     def loss(self, vlm, model, inputs: dict[str, Any], num_items_in_batch=None, speedups=None):
         import torch
 
+        from medtune.models.kinds.base import per_row
+
         token_logps, rows, extra = self.policy_token_logps(vlm, model, inputs, speedups)
         n_rows = inputs["labels"].shape[0]
         pairs = n_rows // 2
-        mean = self.per_row(token_logps, rows, n_rows, mean=True).clamp(max=-1e-12)
+        mean = per_row(token_logps, rows, n_rows, mean=True).clamp(max=-1e-12)
         chosen, rejected = mean[:pairs], mean[pairs:]
         nll = -token_logps[rows < pairs].mean()
         log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
@@ -74,8 +76,6 @@ class ORPO(PairObjective):
         if extra is not None:
             loss = loss + extra
         if model.training:
-            self.record({"nll_loss": nll, "log_odds_ratio": ratio.mean(), "log_odds_chosen": log_odds.mean(),
-                         "rewards/chosen": self.beta * chosen.mean(), "rewards/rejected": self.beta * rejected.mean(),
-                         "rewards/margins": self.beta * (chosen - rejected).mean(),
-                         "rewards/accuracies": (chosen > rejected).float().mean()})
+            self.record({"nll_loss": nll, "log_odds_ratio": ratio.mean(), "log_odds_chosen": log_odds.mean()})
+            self.record_rewards(self.beta * chosen, self.beta * rejected)
         return loss, {"loss": loss}

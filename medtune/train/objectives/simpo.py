@@ -62,15 +62,15 @@ class SimPO(PairObjective):
     def loss(self, vlm, model, inputs: dict[str, Any], num_items_in_batch=None, speedups=None):
         import torch
 
+        from medtune.models.kinds.base import per_row
+
         token_logps, rows, extra = self.policy_token_logps(vlm, model, inputs, speedups)
-        rewards = self.beta * self.per_row(token_logps, rows, inputs["labels"].shape[0], mean=True)
+        rewards = self.beta * per_row(token_logps, rows, inputs["labels"].shape[0], mean=True)
         pairs = rewards.shape[0] // 2
         chosen, rejected = rewards[:pairs], rewards[pairs:]
         loss = -torch.nn.functional.logsigmoid(chosen - rejected - self.gamma).mean()
         if extra is not None:
             loss = loss + extra
         if model.training:
-            self.record({"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
-                         "rewards/margins": (chosen - rejected).mean(),
-                         "rewards/accuracies": (chosen > rejected).float().mean()})
+            self.record_rewards(chosen, rejected)
         return loss, {"loss": loss}
